@@ -1,0 +1,57 @@
+"""Tiny, randomly initialised models and a character-level tokenizer, built inside the tests (no downloads)."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from softprompt.models import BaseModel, freeze, load_base
+
+SPECIALS = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over printable ASCII plus a few CJK characters, with EOS/PAD and a chat template."""
+    chars = list(dict.fromkeys(string.printable + "你好世界中文"))
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    fast.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>"]})
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
+    return freeze(LlamaForCausalLM(config))
+
+
+def tiny_base(seed: int = 0, hidden: int = 32, layers: int = 2) -> BaseModel:
+    tokenizer = tiny_tokenizer()
+    return BaseModel(model=tiny_llama(len(tokenizer), seed, hidden, layers), tokenizer=tokenizer, name="tiny-llama")
+
+
+def save_tiny(base: BaseModel, folder: Path) -> Path:
+    """Save a tiny model + tokenizer as a Hugging Face folder, loadable with --model FOLDER."""
+    base.model.save_pretrained(folder)
+    base.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def reload_tiny(folder: Path) -> BaseModel:
+    return load_base(str(folder), device="cpu", dtype="float32")
