@@ -1,0 +1,117 @@
+"""The client half of serving on vLLM: [soft prompt ; token embeddings] sent as base64 `prompt_embeds`.
+
+vLLM cannot run here, so a stub HTTP server on loopback receives the request, decodes the payload as vLLM does
+(base64 -> torch.load) and the test checks shape, dtype and values row by row.
+"""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from softprompt.adapter import load_adapter, save_adapter
+from softprompt.prompt import SoftPrompt
+from softprompt.templates import Template, encode_text
+from softprompt.vllm_client import (build_prompt_embeds, complete, completion_payload, decode_prompt_embeds,
+                                    encode_prompt_embeds)
+
+
+@pytest.fixture()
+def stub_vllm():
+    """A loopback HTTP server standing in for `vllm serve --enable-prompt-embeds`; records what it receives."""
+    received = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server naming)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            received.append((self.path, body))
+            if body["model"] == "unknown":
+                data = json.dumps({"error": {"message": "The model `unknown` does not exist."}}).encode()
+                self.send_response(404)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
+            embeds = decode_prompt_embeds(body["prompt_embeds"])
+            reply = {"object": "text_completion", "model": body["model"],
+                     "choices": [{"index": 0, "text": f"rows={embeds.shape[0]}", "finish_reason": "length"}]}
+            data = json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", received
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def test_payload_is_soft_prompt_then_token_embeddings(tiny, tmp_path, stub_vllm):
+    url, received = stub_vllm
+    prompt = SoftPrompt.initialise(tiny, "random", num_virtual_tokens=5, seed=3)
+    save_adapter(tmp_path / "task", prompt.embeddings, tiny, template=Template("Review: {instruction}\nLabel:"))
+    adapter = load_adapter(tmp_path / "task", tiny)
+
+    reply = complete(url, "tiny-llama", tiny, adapter, instruction="good film", max_tokens=3, seed=7, stop=["\n"])
+
+    ids = encode_text(tiny.tokenizer, "Review: good film\nLabel:")
+    assert reply["choices"][0]["text"] == f"rows={5 + len(ids)}"
+    path, body = received[0]
+    assert path == "/v1/completions"
+    assert body["model"] == "tiny-llama" and body["prompt"] == ""
+    assert body["max_tokens"] == 3 and body["seed"] == 7 and body["stop"] == ["\n"] and body["temperature"] == 0.0
+    embeds = decode_prompt_embeds(body["prompt_embeds"])
+    assert embeds.shape == (5 + len(ids), tiny.hidden_size)
+    assert embeds.dtype == torch.float32
+    assert torch.equal(embeds[:5], adapter.embeddings)
+    table = tiny.model.get_input_embeddings().weight
+    assert torch.equal(embeds[5:], table[torch.tensor(ids)])
+
+
+def test_chat_messages_use_the_adapter_template(tiny, tmp_path, stub_vllm):
+    url, received = stub_vllm
+    prompt = SoftPrompt.initialise(tiny, "random", num_virtual_tokens=4, seed=1)
+    save_adapter(tmp_path / "chat", prompt.embeddings, tiny, template=Template("chat"))
+    adapter = load_adapter(tmp_path / "chat", tiny)
+    messages = [{"role": "user", "content": "hi"}]
+
+    complete(url + "/v1", "m", tiny, adapter, messages=messages)
+
+    ids = encode_text(tiny.tokenizer, tiny.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                          add_generation_prompt=True))
+    embeds = decode_prompt_embeds(received[0][1]["prompt_embeds"])
+    table = tiny.model.get_input_embeddings().weight
+    assert torch.equal(embeds, torch.cat([adapter.embeddings, table[torch.tensor(ids)]]))
+
+
+def test_dtype_cast_and_base_model_without_adapter(tiny):
+    ids = encode_text(tiny.tokenizer, "abc")
+    embeds = build_prompt_embeds(tiny, None, ids, dtype=torch.bfloat16)
+    assert embeds.shape == (3, tiny.hidden_size) and embeds.dtype == torch.bfloat16
+    roundtrip = decode_prompt_embeds(encode_prompt_embeds(embeds))
+    assert roundtrip.dtype == torch.bfloat16 and torch.equal(roundtrip, embeds)
+    body = completion_payload("m", tiny, None, text="abc")
+    assert torch.equal(decode_prompt_embeds(body["prompt_embeds"]),
+                       tiny.model.get_input_embeddings().weight[torch.tensor(ids)])
+
+
+def test_bad_inputs(tiny, stub_vllm):
+    with pytest.raises(ValueError, match="exactly one of"):
+        completion_payload("m", tiny, None, text="a", instruction="b")
+    with pytest.raises(ValueError, match=r"expected \[N, 32\]"):
+        build_prompt_embeds(tiny, torch.zeros(3, 7), [5])
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        build_prompt_embeds(tiny, None, [])
+    url, _ = stub_vllm
+    with pytest.raises(RuntimeError, match=r"HTTP 404: .*The model `unknown` does not exist"):
+        complete(url, "unknown", tiny, None, text="abc")
