@@ -1,0 +1,365 @@
+"""The generation engine: mixed-task, batch-invariant decoding on top of cached soft-prompt keys/values.
+
+A `DecodeBatch` holds the live rows of one batch. Per layer its keys/values are [B, kv_heads, T, head_dim], each row
+laid out as
+
+    [left pads | that row's cached soft-prompt KV | prompt tokens | pads | generated tokens]
+
+with a key mask [B, T] marking real entries. Every row has explicit position ids: virtual tokens 0..N_i-1, then its
+real text tokens N_i, N_i+1, ... (pads are never counted). Keys are stored already rotated, and masked keys have no
+effect, so a row's result does not depend on its batch-mates, on padding, or on which adapter (or none) the other
+rows use. Prompts are right-padded inside a prefill block so that no query ever sees only pads.
+
+`Engine` wraps a `PromptCache` and runs offline continuous batching (`generate`) or one streamed request (`stream`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapter import Adapter
+from .detokenize import Detokenizer
+from .forward import cache_tensors, lm_logits, make_cache, positions_from_mask, run_body
+from .kvcache import PromptCache, UnknownAdapterError
+from .models import BaseModel
+from .sampling import check_params, make_generator, next_tokens
+from .templates import Template, encode_text
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    """One prompt to continue. Requests are compared by identity (the same prompt twice is two requests)."""
+
+    prompt_ids: list[int]          # the templated prompt's token ids (placed right after the soft prompt)
+    adapter: str | None = None     # a name in the PromptCache; None = the base model
+    max_new_tokens: int = 128
+    temperature: float = 0.0       # 0 = greedy
+    top_k: int = 0                 # 0 = off
+    top_p: float = 1.0
+    seed: int | None = None        # per-request generator: sampled output does not depend on batch-mates
+    stop: Sequence[str] = ()       # stop strings; generation also stops at EOS
+    id: object = None              # caller's handle
+    truncate: bool = False         # too long for the context: drop the prompt's left side instead of raising
+
+
+@dataclass(eq=False)
+class TokenEvent:
+    """What one decode step yields per live row."""
+
+    request: GenerationRequest
+    token_id: int
+    text: str                      # newly final text (incremental detokenisation, stop strings cut off)
+    finish_reason: str | None      # None while running, "stop" (EOS / stop string) or "length"
+    logits: torch.Tensor | None = None  # fp32 [V] on CPU, only when the batch was built with keep_logits=True
+
+
+@dataclass(eq=False)
+class GenerationResult:
+    """A finished request."""
+
+    request: GenerationRequest
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0         # prompt length after any truncation (virtual tokens not counted)
+
+
+@dataclass(eq=False)
+class _Row:
+    request: GenerationRequest
+    generator: torch.Generator
+    detok: Detokenizer
+    next_pos: int
+    prompt_tokens: int
+    last_token: int = -1
+    generated: list[int] = field(default_factory=list)
+    finish: str | None = None
+
+
+def eos_ids(base: BaseModel) -> set[int]:
+    """Token ids that end generation: the tokenizer's EOS plus the model's generation-config EOS ids."""
+    ids = set()
+    if base.tokenizer.eos_token_id is not None:
+        ids.add(int(base.tokenizer.eos_token_id))
+    gen = getattr(base.model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra:
+        ids.update(int(i) for i in extra)
+    return ids
+
+
+def context_length(base: BaseModel) -> int | None:
+    """The model's maximum number of positions (None when the config does not say)."""
+    return getattr(base.model.config, "max_position_embeddings", None)
+
+
+def fit_prompt(request: GenerationRequest, num_virtual_tokens: int, context: int | None) -> list[int]:
+    """Validate a request against the model's context; return its prompt ids (left-truncated only if asked)."""
+    check_params(request.temperature, request.top_k, request.top_p, request.max_new_tokens)
+    ids = list(request.prompt_ids)
+    if not ids:
+        raise ValueError("a generation request needs at least one prompt token")
+    total = num_virtual_tokens + len(ids) + request.max_new_tokens
+    if context is None or total <= context:
+        return ids
+    room = context - num_virtual_tokens - request.max_new_tokens
+    if request.truncate and room >= 1:
+        return ids[-room:]
+    raise ValueError(
+        f"prompt too long: {num_virtual_tokens} virtual tokens + {len(ids)} prompt tokens + max_new_tokens "
+        f"{request.max_new_tokens} = {total} exceeds the model's context of {context} tokens; shorten the prompt, "
+        "lower max_new_tokens" + (", or ask for truncation" if not request.truncate else "")
+    )
+
+
+class DecodeBatch:
+    """Live rows of a mixed-task batch (see the module docstring for the layout).
+
+    Rows leave as soon as they finish (EOS, a stop string or max_new_tokens): after `add` or `step` returns,
+    only unfinished rows remain. `remove` drops rows early (cancelled requests).
+    """
+
+    def __init__(self, base: BaseModel, prompt_cache: PromptCache, keep_logits: bool = False):
+        self.base = base
+        self.prompt_cache = prompt_cache
+        self.keep_logits = keep_logits
+        self.rows: list[_Row] = []
+        self.cache = None            # transformers DynamicCache over the per-layer [B, kv_heads, T, head_dim] tensors
+        self.mask: torch.Tensor | None = None  # [B, T] 1 = real key
+        self.eos = eos_ids(base)
+        self.context = context_length(base)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def requests(self) -> list[GenerationRequest]:
+        return [row.request for row in self.rows]
+
+    @torch.no_grad()
+    def add(self, requests: list[GenerationRequest]) -> list[TokenEvent]:
+        """Prefill new rows (batched, any mix of adapters), merge them into the live batch, return first tokens."""
+        if not requests:
+            return []
+        live = {id(row.request) for row in self.rows}
+        prompts, ns = [], []
+        for request in requests:
+            if id(request) in live:
+                raise ValueError(f"request {request.id!r} is already in this batch")
+            if request.adapter not in self.prompt_cache:
+                raise UnknownAdapterError(f"request {request.id!r} names adapter {request.adapter!r}, which is not "
+                                          f"loaded (loaded: {', '.join(self.prompt_cache.names()) or 'none'})")
+            n = self.prompt_cache.num_virtual_tokens(request.adapter)
+            prompts.append(fit_prompt(request, n, self.context))
+            ns.append(n)
+        kv, mask, logits = self._prefill(requests, prompts, ns)
+        self._merge(kv, mask)
+        new_rows = [_Row(request, make_generator(request.seed), Detokenizer(self.base.tokenizer, request.stop),
+                         next_pos=n + len(ids), prompt_tokens=len(ids))
+                    for request, ids, n in zip(requests, prompts, ns)]
+        self.rows.extend(new_rows)
+        events = self._accept(new_rows, logits)
+        self._drop_finished()
+        return events
+
+    @torch.no_grad()
+    def step(self) -> list[TokenEvent]:
+        """One decode step for all live rows."""
+        if not self.rows:
+            return []
+        device = self.base.device
+        ids = torch.tensor([[row.last_token] for row in self.rows], device=device)
+        pos = torch.tensor([[row.next_pos] for row in self.rows], device=device)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        embeds = self.base.model.get_input_embeddings()(ids)
+        hidden, _ = run_body(self.base.model, embeds, self.mask, pos, cache=self.cache, use_cache=True)
+        logits = lm_logits(self.base.model, hidden[:, -1])
+        for row in self.rows:
+            row.next_pos += 1
+        events = self._accept(self.rows, logits)
+        self._drop_finished()
+        return events
+
+    def remove(self, requests) -> None:
+        """Drop rows (finished or cancelled); requests not in the batch are ignored."""
+        gone = {id(r) for r in requests}
+        self._keep([i for i, row in enumerate(self.rows) if id(row.request) not in gone])
+
+    def _prefill(self, requests, prompts: list[list[int]], ns: list[int]):
+        """Run new rows' prompts on top of their cached soft prompts; return (kv, key mask, last-token logits)."""
+        device, model = self.base.device, self.base.model
+        batch, n_max, l_max = len(requests), max(ns), max(len(p) for p in prompts)
+        pad = self.base.tokenizer.pad_token_id or 0
+        ids = torch.full((batch, l_max), pad, dtype=torch.long, device=device)
+        block_mask = torch.zeros(batch, l_max, dtype=torch.long, device=device)
+        prefix_mask = torch.zeros(batch, n_max, dtype=torch.long, device=device)
+        for b, prompt in enumerate(prompts):
+            ids[b, :len(prompt)] = torch.tensor(prompt, device=device)
+            block_mask[b, :len(prompt)] = 1
+            prefix_mask[b, n_max - ns[b]:] = 1
+        prefix = None
+        if n_max:
+            kvs = [self.prompt_cache.get(r.adapter)[0] for r in requests]
+            shape_kv = next(kv for kv in kvs if kv is not None)
+            prefix = []
+            for layer, (k0, v0) in enumerate(shape_kv):
+                k = k0.new_zeros(batch, k0.shape[1], n_max, k0.shape[3])
+                v = v0.new_zeros(batch, v0.shape[1], n_max, v0.shape[3])
+                for b, kv in enumerate(kvs):
+                    if kv is not None:
+                        k[b, :, n_max - ns[b]:] = kv[layer][0][0]
+                        v[b, :, n_max - ns[b]:] = kv[layer][1][0]
+                prefix.append((k, v))
+        mask = torch.cat([prefix_mask, block_mask], dim=1)
+        offset = torch.tensor(ns, device=device)
+        embeds = model.get_input_embeddings()(ids)
+        hidden, cache = run_body(model, embeds, mask, positions_from_mask(block_mask, offset),
+                                 cache=make_cache(prefix), use_cache=True)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+        logits = lm_logits(model, hidden[torch.arange(batch, device=device), last])
+        return cache_tensors(cache), mask, logits
+
+    def _merge(self, kv, mask: torch.Tensor) -> None:
+        """Append new rows' keys/values to the live batch, left-padding whichever side is shorter."""
+        if not self.rows:
+            self.cache, self.mask = make_cache(kv), mask
+            return
+        old = cache_tensors(self.cache)
+        t_old, t_new = self.mask.shape[1], mask.shape[1]
+        t = max(t_old, t_new)
+
+        def left_pad(x: torch.Tensor, dim: int, width: int) -> torch.Tensor:
+            if width == 0:
+                return x
+            shape = list(x.shape)
+            shape[dim] = width
+            return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+        merged = [(torch.cat([left_pad(ko, 2, t - t_old), left_pad(kn, 2, t - t_new)]),
+                   torch.cat([left_pad(vo, 2, t - t_old), left_pad(vn, 2, t - t_new)]))
+                  for (ko, vo), (kn, vn) in zip(old, kv)]
+        self.mask = torch.cat([left_pad(self.mask, 1, t - t_old), left_pad(mask, 1, t - t_new)])
+        self.cache = make_cache(merged)
+
+    def _accept(self, rows: list[_Row], logits: torch.Tensor) -> list[TokenEvent]:
+        """Choose each row's next token, detokenise it, decide whether the row is finished."""
+        settings = [(r.request.temperature, r.request.top_k, r.request.top_p) for r in rows]
+        tokens = next_tokens(logits, settings, [r.generator for r in rows])
+        events = []
+        for index, (row, token) in enumerate(zip(rows, tokens)):
+            row.generated.append(token)
+            row.last_token = token
+            if token in self.eos:
+                text, row.finish = row.detok.flush(), "stop"
+            else:
+                text, stopped = row.detok.push(token)
+                if stopped:
+                    row.finish = "stop"
+                elif len(row.generated) >= row.request.max_new_tokens:
+                    text, row.finish = text + row.detok.flush(), "length"
+            kept = logits[index].float().cpu() if self.keep_logits else None
+            events.append(TokenEvent(row.request, token, text, row.finish, kept))
+        return events
+
+    def _drop_finished(self) -> None:
+        if any(row.finish for row in self.rows):
+            self._keep([i for i, row in enumerate(self.rows) if not row.finish])
+
+    def _keep(self, keep: list[int]) -> None:
+        """Keep only the given rows; trim leading columns that are padding in every remaining row."""
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache, self.mask = None, None
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        first = int(mask.any(0).nonzero()[0])
+        self.mask = mask[:, first:]
+        self.cache = make_cache([(k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:])
+                                 for k, v in cache_tensors(self.cache)])
+
+
+class Engine:
+    """Owns a PromptCache; runs offline continuous batching and single streamed requests."""
+
+    def __init__(self, base: BaseModel, adapters: dict[str, Adapter] | None = None,
+                 default_template: Template | None = None):
+        self.base = base
+        self.prompt_cache = PromptCache(base, default_template)
+        for name, adapter in (adapters or {}).items():
+            self.prompt_cache.add(name, adapter)
+
+    def add_adapter(self, name: str, adapter: Adapter) -> None:
+        self.prompt_cache.add(name, adapter)
+
+    def remove_adapter(self, name: str) -> None:
+        self.prompt_cache.remove(name)
+
+    def template(self, adapter: str | None) -> Template:
+        return self.prompt_cache.template(adapter)
+
+    def encode(self, instruction: str, input: str = "", adapter: str | None = None) -> list[int]:
+        """Prompt token ids of a record, formatted with the adapter's template."""
+        text = self.template(adapter).prompt(instruction, input, self.base.tokenizer)
+        return encode_text(self.base.tokenizer, text)
+
+    def encode_chat(self, messages: list[dict], adapter: str | None = None) -> list[int]:
+        text = self.template(adapter).chat_prompt(messages, self.base.tokenizer)
+        return encode_text(self.base.tokenizer, text)
+
+    def check(self, request: GenerationRequest) -> None:
+        """Raise the error `DecodeBatch.add` would raise for this request, before any work is done."""
+        if request.adapter not in self.prompt_cache:
+            raise UnknownAdapterError(f"request {request.id!r} names adapter {request.adapter!r}, which is not "
+                                      f"loaded (loaded: {', '.join(self.prompt_cache.names()) or 'none'})")
+        fit_prompt(request, self.prompt_cache.num_virtual_tokens(request.adapter), context_length(self.base))
+
+    def generate(self, requests: list[GenerationRequest], batch_size: int = 8,
+                 progress: bool = False) -> list[GenerationResult]:
+        """Run all requests with continuous batching (finished rows leave, queued ones join); results in order."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for request in requests:
+            self.check(request)
+        results = {id(r): GenerationResult(r, "") for r in requests}
+        queue, batch = deque(requests), DecodeBatch(self.base, self.prompt_cache)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(requests), desc="generate", unit="req")
+        while queue or len(batch):
+            if queue and len(batch) < batch_size:
+                take = [queue.popleft() for _ in range(min(batch_size - len(batch), len(queue)))]
+                events = batch.add(take)
+            else:
+                events = batch.step()
+            for event in events:
+                result = results[id(event.request)]
+                result.text += event.text
+                result.token_ids.append(event.token_id)
+                if event.finish_reason:
+                    result.finish_reason = event.finish_reason
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        for result in results.values():
+            n = self.prompt_cache.num_virtual_tokens(result.request.adapter)
+            result.prompt_tokens = len(fit_prompt(result.request, n, context_length(self.base)))
+        return [results[id(r)] for r in requests]
+
+    def stream(self, request: GenerationRequest) -> Iterator[TokenEvent]:
+        """Generate one request, yielding each token as it is produced."""
+        self.check(request)
+        batch = DecodeBatch(self.base, self.prompt_cache)
+        yield from batch.add([request])
+        while len(batch):
+            yield from batch.step()

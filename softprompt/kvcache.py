@@ -1,0 +1,107 @@
+"""The soft-prompt KV cache: each adapter's virtual-token keys/values, computed once and reused for every request.
+
+The virtual tokens come first, at positions 0..N-1, so their keys/values never depend on the request that follows.
+Generation, chat, evaluation and serving therefore run the N virtual tokens through the model once per loaded
+adapter (`forward.prompt_kv`) and put those tensors in front of every row that uses the adapter, instead of
+re-running them on every call as PEFT does.
+
+The cache also records the template each adapter was trained with, so every caller formats prompts identically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import forward
+from .adapter import Adapter, AdapterError
+from .forward import Kv
+from .models import BaseModel
+from .templates import Template
+
+
+@dataclass
+class CachedPrompt:
+    """One adapter's soft prompt in ready-to-use form."""
+
+    kv: Kv                    # per layer (keys, values) [1, kv_heads, N, head_dim], model dtype, model device
+    last_hidden: torch.Tensor  # the last virtual token's hidden state (predicts the first text token)
+    num_virtual_tokens: int
+    template: Template
+    adapter: Adapter
+
+
+def adapter_template(adapter: Adapter | None, default: Template) -> Template:
+    """The template an adapter was saved with; `default` for the base model or an adapter without softprompt.json
+    (e.g. one written by PEFT)."""
+    if adapter is not None and "template" in (adapter.extra or {}):
+        return adapter.template
+    return default
+
+
+class UnknownAdapterError(ValueError):
+    """A request names an adapter that is not loaded."""
+
+
+class PromptCache:
+    """Per-adapter keys/values of the virtual tokens (forward.prompt_kv), computed once when an adapter is added and
+    reused for every request and batch. The name None always means the base model (no soft prompt)."""
+
+    def __init__(self, base: BaseModel, default_template: Template | None = None):
+        self.base = base
+        self.default_template = default_template or Template()
+        self._entries: dict[str, CachedPrompt] = {}
+
+    def add(self, name: str, adapter: Adapter) -> None:
+        """Compute and store the adapter's virtual-token KV (replaces an entry of the same name)."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"an adapter needs a non-empty string name, got {name!r}")
+        emb = adapter.embeddings
+        where = adapter.path or name
+        if emb.ndim != 2 or emb.shape[0] < 1:
+            raise AdapterError(f"{where}: soft prompt has shape {tuple(emb.shape)}, expected [N >= 1, hidden]")
+        if emb.shape[1] != self.base.hidden_size:
+            raise AdapterError(f"{where}: adapter hidden size {emb.shape[1]} does not fit the base model "
+                               f"{self.base.name} (hidden size {self.base.hidden_size})")
+        with torch.no_grad():
+            kv, last = forward.prompt_kv(self.base.model, emb.to(self.base.device))
+        kv = [(k.detach(), v.detach()) for k, v in kv]
+        self._entries[name] = CachedPrompt(kv, last.detach(), emb.shape[0],
+                                           adapter_template(adapter, self.default_template), adapter)
+
+    def remove(self, name: str) -> None:
+        if name not in self._entries:
+            raise UnknownAdapterError(f"no adapter named {name!r} is loaded "
+                                      f"(loaded: {', '.join(self.names()) or 'none'})")
+        del self._entries[name]
+
+    def get(self, name: str | None) -> tuple[Kv | None, int]:
+        """(per-layer KV [1, kv_heads, N, head_dim], N) of an adapter; (None, 0) for the base model."""
+        if name is None:
+            return None, 0
+        entry = self.entry(name)
+        return entry.kv, entry.num_virtual_tokens
+
+    def entry(self, name: str) -> CachedPrompt:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise UnknownAdapterError(f"no adapter named {name!r} is loaded "
+                                      f"(loaded: {', '.join(self.names()) or 'none'})") from None
+
+    def template(self, name: str | None) -> Template:
+        """The template to format prompts for this adapter (the default one for the base model)."""
+        return self.default_template if name is None else self.entry(name).template
+
+    def num_virtual_tokens(self, name: str | None) -> int:
+        return 0 if name is None else self.entry(name).num_virtual_tokens
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name is None or name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
