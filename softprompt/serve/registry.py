@@ -1,0 +1,192 @@
+"""The adapters a server offers: every adapter sub-folder of one directory, under its folder name.
+
+Names are validated (1-64 of letters, digits, '.', '_', '-', starting with a letter or digit; no '..'), paths are
+resolved inside the adapters directory only (no absolute paths, no traversal, no symlink escape), and only
+safetensors are read (adapter.load_adapter). `base` is reserved for the base model itself.
+
+The soft-prompt KV of each adapter lives in the engine's PromptCache, which the scheduler's worker thread reads
+between decode steps; so the registry changes it only through `run_on_worker` (Scheduler.run), never directly
+from a request thread.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..adapter import CONFIG_FILE, WEIGHTS_FILE, Adapter, AdapterError, load_adapter
+from ..templates import Template
+
+BASE_NAME = "base"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class RegistryError(ValueError):
+    """A bad adapter name or path (status 400), an unknown one (404) or a name clash (409)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def validate_name(name: object) -> str:
+    """Return `name` if it is a usable adapter name, else raise RegistryError."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        raise RegistryError(f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting "
+                            "with a letter or digit (no '/', no '..', not an absolute path)")
+    if name == BASE_NAME:
+        raise RegistryError(f"the name {BASE_NAME!r} is reserved for the base model", status=409)
+    return name
+
+
+@dataclass
+class Entry:
+    adapter: Adapter
+    path: Path
+    stamp: tuple  # (mtime_ns, size) of the weights file, to notice a re-saved adapter on rescan
+
+
+class AdapterRegistry:
+    """Name -> adapter folder, kept in step with the engine's PromptCache."""
+
+    def __init__(self, base, prompt_cache, root: str | Path | None = None,
+                 run_on_worker: Callable[[Callable], object] | None = None):
+        self.base = base
+        self.cache = prompt_cache
+        self.root = Path(root).resolve() if root is not None else None
+        if self.root is not None and not self.root.is_dir():
+            raise RegistryError(f"adapters folder not found: {root}")
+        self.run = run_on_worker or (lambda fn: fn())
+        self.entries: dict[str, Entry] = {}
+        self.lock = threading.RLock()
+
+    # ---- lookups -------------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        with self.lock:
+            return sorted(self.entries)
+
+    def has(self, name: str) -> bool:
+        return name == BASE_NAME or name in self.entries
+
+    def adapter(self, name: str) -> Adapter | None:
+        """The adapter served as `name` (None for the base model); RegistryError(404) when unknown."""
+        if name == BASE_NAME:
+            return None
+        with self.lock:
+            entry = self.entries.get(name)
+        if entry is None:
+            raise RegistryError(f"The model `{name}` does not exist.", status=404)
+        return entry.adapter
+
+    def template(self, name: str, base_template: Template) -> Template:
+        adapter = self.adapter(name)
+        return adapter.template if adapter is not None else base_template
+
+    # ---- paths ---------------------------------------------------------------------------------------------
+    def resolve(self, name: str, path: str | None = None) -> Path:
+        """The folder for `name`: `path` (relative to the adapters folder) or the folder called `name`."""
+        if self.root is None:
+            raise RegistryError("this server was started without an adapters folder (--adapters)")
+        rel = name if path is None else path
+        if not isinstance(rel, str) or not rel or os.path.isabs(rel) or rel.startswith(("~", "\\")) \
+                or "\\" in rel or ":" in rel or any(part in ("..", ".") for part in rel.split("/")) or "\x00" in rel:
+            raise RegistryError(f"invalid adapter path {rel!r}: give a folder inside the adapters folder, relative "
+                                "to it (no absolute paths, no '..')")
+        full = (self.root / rel).resolve()
+        if full != self.root and self.root not in full.parents:
+            raise RegistryError(f"invalid adapter path {rel!r}: it leads outside the adapters folder")
+        return full
+
+    # ---- changes -------------------------------------------------------------------------------------------
+    def add(self, name: str, path: str | None = None, replace: bool = False) -> Adapter:
+        """Load the adapter folder and serve it as `name` (its soft-prompt KV is computed once, here)."""
+        validate_name(name)
+        folder = self.resolve(name, path)
+        with self.lock:
+            if name in self.entries and not replace:
+                raise RegistryError(f"an adapter named {name!r} is already served (pass replace to swap it)", 409)
+        if not folder.is_dir():
+            raise RegistryError(f"adapter folder not found: {folder.name} (in the adapters folder)", status=404)
+        try:
+            adapter = load_adapter(folder, self.base)
+        except AdapterError as err:
+            raise RegistryError(str(err).replace(str(self.root), "<adapters>")) from err
+        self._install(name, adapter, folder)
+        return adapter
+
+    def _install(self, name: str, adapter: Adapter, folder: Path) -> None:
+        def apply():
+            if name in self.cache.names():
+                self.cache.remove(name)
+            self.cache.add(name, adapter)
+
+        self.run(apply)
+        with self.lock:
+            self.entries[name] = Entry(adapter, folder, _stamp(folder))
+
+    def remove(self, name: str) -> None:
+        """Stop serving `name`. Requests already running keep their copy of its KV and finish normally."""
+        if name == BASE_NAME:
+            raise RegistryError("the base model cannot be removed", status=409)
+        with self.lock:
+            if name not in self.entries:
+                raise RegistryError(f"The model `{name}` does not exist.", status=404)
+            del self.entries[name]
+        self.run(lambda: self.cache.remove(name))
+
+    def rescan(self) -> dict:
+        """Make the served set equal the adapter folders on disk: add new ones, reload re-saved ones, remove
+        vanished ones. Folders that cannot be served are listed under `skipped` with the reason (never dropped
+        silently); hidden folders (save_adapter's temporary ones start with '.') are ignored."""
+        if self.root is None:
+            raise RegistryError("this server was started without an adapters folder (--adapters)")
+        added, reloaded, removed, skipped = [], [], [], {}
+        found = set()
+        for child in sorted(self.root.iterdir()):
+            if not child.is_dir() or child.name.startswith("."):
+                continue
+            name = child.name
+            if not (child / CONFIG_FILE).is_file():
+                skipped[name] = f"no {CONFIG_FILE} (not an adapter folder)"
+                continue
+            try:
+                validate_name(name)
+                self.resolve(name)
+            except RegistryError as err:
+                skipped[name] = str(err)
+                continue
+            found.add(name)
+            with self.lock:
+                entry = self.entries.get(name)
+            if entry is not None and entry.path == child.resolve() and entry.stamp == _stamp(child):
+                continue
+            try:
+                self.add(name, replace=True)
+            except RegistryError as err:
+                skipped[name] = str(err)
+                found.discard(name)
+                continue
+            (reloaded if entry is not None else added).append(name)
+        for name in self.names():
+            with self.lock:
+                entry = self.entries.get(name)
+            if entry is None:
+                continue
+            own_folder = entry.path == self.root / name  # served under its folder name, so rescan manages it
+            vanished = not (entry.path / CONFIG_FILE).is_file()
+            if vanished or (own_folder and name not in found):
+                self.remove(name)
+                removed.append(name)
+        return {"added": added, "reloaded": reloaded, "removed": removed, "skipped": skipped}
+
+
+def _stamp(folder: Path) -> tuple:
+    try:
+        st = (folder / WEIGHTS_FILE).stat()
+        return (st.st_mtime_ns, st.st_size)
+    except OSError:
+        return (None, None)

@@ -1,0 +1,404 @@
+"""`softprompt serve`: the real server on loopback, driven by the official `openai` client (unmodified).
+
+A tiny random Llama serves three tiny adapters (three templates). Every answer is compared with the same request run
+alone through the engine (what `softprompt generate` runs), so a mixed-up or batch-dependent answer fails.
+"""
+
+import concurrent.futures
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from softprompt.adapter import load_adapter, save_adapter
+from softprompt.engine import Engine, GenerationRequest
+from softprompt.prompt import SoftPrompt
+from softprompt.serve.app import create_app
+from softprompt.serve.registry import AdapterRegistry, RegistryError, validate_name
+from softprompt.templates import Template, encode_text
+
+TEMPLATES = {"alpha": ("reference", 4), "beta": ("chat", 6), "gamma": ("Q: {instruction}\nA:", 3)}
+
+
+def make_adapter(base, folder: Path, name: str, template: str, n: int, seed: int = 0) -> None:
+    prompt = SoftPrompt.initialise(base, "random", num_virtual_tokens=n, seed=seed)
+    # Random tiny-model prompts are far off scale; scale them up so adapters visibly change the output.
+    save_adapter(folder / name, prompt.embeddings * 8, base, template=Template(template))
+
+
+@pytest.fixture(scope="module")
+def adapters_dir(tiny, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("adapters")
+    for seed, (name, (template, n)) in enumerate(TEMPLATES.items()):
+        make_adapter(tiny, folder, name, template, n, seed)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engine(tiny, adapters_dir):
+    return Engine(tiny, {n: load_adapter(adapters_dir / n, tiny) for n in TEMPLATES}, Template("reference"))
+
+
+class LiveServer:
+    """uvicorn on 127.0.0.1, a free port, in a background thread."""
+
+    def __init__(self, app):
+        self.app = app
+        self.state = app.state.softprompt
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def server(tiny, adapters_dir):
+    with LiveServer(create_app(tiny, adapters_dir, max_tokens_cap=64)) as live:
+        yield live
+
+
+def alone(engine, ids, adapter, max_new_tokens, **kw):
+    """The reference: one request alone through the engine."""
+    return engine.generate([GenerationRequest(ids, adapter=adapter, max_new_tokens=max_new_tokens, **kw)],
+                           batch_size=1)[0]
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+# ---- the happy paths -----------------------------------------------------------------------------------------
+def test_models_and_health(server):
+    assert sorted(m.id for m in server.client.models.list().data) == ["alpha", "base", "beta", "gamma"]
+    card = httpx.get(server.url + "/v1/models/beta").json()
+    assert card["num_virtual_tokens"] == 6 and card["max_model_len"] == 512
+    health = httpx.get(server.url + "/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("model", ["base", "alpha", "gamma"])
+def test_completion_equals_engine_alone(server, engine, tiny, model):
+    text = "The cat sat on"
+    out = server.client.completions.create(model=model, prompt=text, max_tokens=12, temperature=0)
+    ids = encode_text(tiny.tokenizer, text)
+    ref = alone(engine, ids, None if model == "base" else model, 12)
+    assert out.choices[0].text == ref.text
+    assert out.choices[0].finish_reason == ref.finish_reason
+    assert out.model == model and out.object == "text_completion"
+    assert out.usage.prompt_tokens == len(ids)  # virtual tokens are not counted
+    assert out.usage.completion_tokens == len(ref.token_ids)
+    assert out.usage.total_tokens == len(ids) + len(ref.token_ids)
+
+
+@pytest.mark.parametrize("model", ["alpha", "beta", "base"])
+def test_chat_equals_generate_with_the_adapter_template(server, engine, tiny, model):
+    messages = [{"role": "user", "content": "Name a colour."}]
+    out = server.client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0)
+    key = None if model == "base" else model
+    ids = engine.encode_chat(messages, key)
+    if model == "alpha":  # reference template: a single user message is the instruction
+        assert ids == encode_text(tiny.tokenizer, "Human: Name a colour.\n\nAssistant: ")
+    if model == "beta":  # the base model's chat template
+        assert ids == encode_text(tiny.tokenizer, "<|user|>Name a colour.\n<|assistant|>")
+    assert ids == engine.encode("Name a colour.", adapter=key)  # generate's instruction path formats identically
+    ref = alone(engine, ids, key, 10)
+    assert out.choices[0].message.content == ref.text and out.choices[0].message.role == "assistant"
+    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == len(ref.token_ids)
+
+
+def test_streaming_completion_and_chat(server, engine):
+    chunks = list(server.client.completions.create(model="gamma", prompt="abc", max_tokens=20, temperature=0,
+                                                   stream=True, stream_options={"include_usage": True}))
+    whole = server.client.completions.create(model="gamma", prompt="abc", max_tokens=20, temperature=0)
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert len(texts) > 1 and "".join(texts) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+    messages = [{"role": "user", "content": "hi"}]
+    stream = server.client.chat.completions.create(model="beta", messages=messages, max_tokens=15, temperature=0,
+                                                   stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    ref = alone(engine, engine.encode_chat(messages, "beta"), "beta", 15)
+    assert content == ref.text and chunks[-1].choices[0].finish_reason == ref.finish_reason
+
+
+def test_stop_strings_and_seeded_sampling(server, engine, tiny):
+    ids = encode_text(tiny.tokenizer, "xyz")
+    full = alone(engine, ids, "alpha", 30).text
+    assert len(full) > 6, "the reference answer is too short to cut"
+    stop = full[3:5]
+    out = server.client.completions.create(model="alpha", prompt="xyz", max_tokens=30, temperature=0, stop=stop)
+    assert out.choices[0].text == full[:full.index(stop)] and out.choices[0].finish_reason == "stop"
+
+    kw = dict(model="gamma", prompt="xyz", max_tokens=12, temperature=1.0, top_p=0.9, seed=11)
+    first = server.client.completions.create(**kw).choices[0].text
+    assert server.client.completions.create(**kw).choices[0].text == first
+    assert first == alone(engine, ids, "gamma", 12, temperature=1.0, top_p=0.9, seed=11).text
+
+
+def test_concurrent_mixed_adapters_match_requests_run_alone(server, engine, tiny):
+    jobs = [(model, f"prompt {i} {'x' * (i % 5)}", 6 + i % 9)
+            for i, model in enumerate(["alpha", "beta", "gamma", "base"] * 4)]
+    before = server.state.scheduler.snapshot()["max_live"]
+
+    def call(job):
+        model, text, k = job
+        return server.client.completions.create(model=model, prompt=text, max_tokens=k, temperature=0)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(call, jobs))
+    for (model, text, k), out in zip(jobs, outs):
+        ref = alone(engine, encode_text(tiny.tokenizer, text), None if model == "base" else model, k)
+        assert out.choices[0].text == ref.text, (model, text)
+        assert out.usage.completion_tokens == len(ref.token_ids)
+    assert max(before, server.state.scheduler.snapshot()["max_live"]) > 1  # they really shared batches
+
+
+# ---- errors --------------------------------------------------------------------------------------------------
+def test_malformed_json_and_missing_fields(server):
+    r = httpx.post(server.url + "/v1/completions", content=b'{"model": "alpha", "prompt": ',
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400
+    err = error_of(r)
+    assert err["type"] == "invalid_request_error" and err["code"] == "invalid_json"
+    assert err["message"].startswith("We could not parse the JSON body of your request")
+
+    r = httpx.post(server.url + "/v1/completions", json={"model": "alpha"})
+    assert r.status_code == 400
+    assert error_of(r) == {"message": "Missing required parameter: 'prompt'.", "type": "invalid_request_error",
+                           "param": "prompt", "code": "missing_required_parameter"}
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400 and error_of(r)["param"] == "model"
+    r = httpx.post(server.url + "/v1/completions", json=["not", "an", "object"])
+    assert r.status_code == 400 and error_of(r)["message"] == "The request body must be a JSON object."
+
+
+def test_openai_client_sees_openai_errors(server):
+    client = server.client
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    assert info.value.status_code == 404
+    assert info.value.body == {"message": "The model `nope` does not exist.", "type": "invalid_request_error",
+                               "param": "model", "code": "model_not_found"}
+
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="alpha", prompt="x", max_tokens=65)
+    assert info.value.body["param"] == "max_tokens"
+    assert "max_tokens is too large: 65. This server allows at most 64" in info.value.body["message"]
+
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="alpha", prompt="y" * 500, max_tokens=10)
+    assert info.value.body["code"] == "context_length_exceeded"
+    assert "maximum context length is 512 tokens. However, you requested 514 tokens" in info.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as info:  # chat without max_tokens: no room left for an answer
+        client.chat.completions.create(model="base", messages=[{"role": "user", "content": "z" * 520}])
+    assert info.value.body["code"] == "context_length_exceeded"
+
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="alpha", prompt="x", extra_body={"frobnicate": 1})
+    assert info.value.body["code"] == "unknown_parameter" and info.value.body["param"] == "frobnicate"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="alpha", prompt="x", n=2)
+    assert info.value.body["message"] == "Invalid value for 'n': only n=1 is supported"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="alpha", messages=[])
+    assert info.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="alpha", prompt="", max_tokens=3)
+    assert info.value.body["message"] == "prompt is empty: give at least one token of text"
+    r = httpx.get(server.url + "/v1/nothing-here")
+    assert r.status_code == 404 and error_of(r)["message"] == "Not Found"
+
+
+@contextlib.contextmanager
+def slow_server(tiny, adapters_dir, delay: float, **kw):
+    """A server whose decode steps take at least `delay` seconds, so timing-dependent paths are deterministic."""
+    with LiveServer(create_app(tiny, adapters_dir, **kw)) as live:
+        batch = live.state.scheduler.batch
+        step = batch.step
+        batch.step = lambda: (time.sleep(delay), step())[1]
+        yield live
+
+
+def wait_for(predicate, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def test_overload_gets_429_then_503_when_stopped(tiny, adapters_dir):
+    with slow_server(tiny, adapters_dir, 0.05, max_batch=1, max_queue=1) as live:
+        sched = live.state.scheduler
+        body = {"model": "alpha", "prompt": "long", "max_tokens": 400, "temperature": 0, "stream": True}
+        with httpx.Client(timeout=30) as http:
+            with http.stream("POST", live.url + "/v1/completions", json=body) as running:
+                next(running.iter_lines())  # row 1 is live and holds the only batch slot
+                with http.stream("POST", live.url + "/v1/completions", json=body) as queued:
+                    wait_for(lambda: sched.snapshot()["waiting"] == 1)  # row 2 fills the queue
+                    with pytest.raises(openai.RateLimitError) as info:
+                        live.client.completions.create(model="beta", prompt="x", max_tokens=3)
+                    assert info.value.status_code == 429
+                    assert info.value.response.headers["retry-after"] == "1"
+                    assert info.value.body["type"] == "rate_limit_error"
+                    assert info.value.body["code"] == "server_overloaded"
+                    assert queued.status_code == 200
+        wait_for(lambda: sched.snapshot()["running"] == 0 and sched.snapshot()["waiting"] == 0)
+        assert sched.snapshot()["rejected"] == 1 and sched.snapshot()["cancelled"] == 2
+        sched.stop()
+        with pytest.raises(openai.InternalServerError) as info:
+            live.client.completions.create(model="alpha", prompt="x", max_tokens=3)
+        assert info.value.status_code == 503 and info.value.body["code"] == "unavailable"
+        assert httpx.get(live.url + "/health").status_code == 503
+
+
+def test_client_disconnect_cancels_its_row(tiny, adapters_dir):
+    with slow_server(tiny, adapters_dir, 0.05) as live:
+        sched = live.state.scheduler
+        body = {"model": "gamma", "prompt": "go", "max_tokens": 300, "temperature": 0}
+        with httpx.Client(timeout=30) as http:
+            with http.stream("POST", live.url + "/v1/completions", json={**body, "stream": True}) as r:
+                next(r.iter_lines())
+        wait_for(lambda: sched.snapshot()["cancelled"] == 1 and sched.snapshot()["running"] == 0, timeout=10)
+        # Not streamed: the client gives up waiting (a read timeout closes the connection).
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(live.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+        wait_for(lambda: sched.snapshot()["cancelled"] == 2 and sched.snapshot()["running"] == 0, timeout=10)
+        assert sched.snapshot()["tokens"] < 150  # far fewer than the 2 x 300 asked for
+
+
+# ---- adapters at runtime -------------------------------------------------------------------------------------
+def test_add_remove_rescan_adapters(tiny, tmp_path):
+    folder = tmp_path / "adapters"
+    make_adapter(tiny, folder, "one", "reference", 2, seed=5)
+    with LiveServer(create_app(tiny, folder)) as live:
+        url, client = live.url, live.client
+        make_adapter(tiny, folder, "two", "Q: {instruction}\nA:", 3, seed=6)
+        r = httpx.post(url + "/v1/adapters", json={"name": "two"})
+        assert r.status_code == 201 and r.json()["id"] == "two" and r.json()["num_virtual_tokens"] == 3
+        out = client.completions.create(model="two", prompt="hey", max_tokens=8, temperature=0)
+        ref = Engine(tiny, {"two": load_adapter(folder / "two", tiny)})
+        assert out.choices[0].text == alone(ref, encode_text(tiny.tokenizer, "hey"), "two", 8).text
+        r = httpx.post(url + "/v1/adapters", json={"name": "two"})
+        assert r.status_code == 409 and error_of(r)["code"] == "conflict"
+        r = httpx.post(url + "/v1/adapters", json={"name": "alias", "path": "two"})
+        assert r.status_code == 201
+
+        r = httpx.delete(url + "/v1/adapters/two")
+        assert r.status_code == 200 and r.json() == {"id": "two", "object": "model", "deleted": True}
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="two", prompt="hey", max_tokens=2)
+        assert httpx.delete(url + "/v1/adapters/two").status_code == 404
+
+        make_adapter(tiny, folder, "three", "reference", 2, seed=7)
+        (folder / "not-an-adapter").mkdir()
+        (folder / "bad name").mkdir()
+        (folder / "bad name" / "adapter_config.json").write_text("{}")
+        import shutil
+        shutil.rmtree(folder / "one")
+        report = httpx.post(url + "/v1/adapters/rescan").json()
+        assert report["added"] == ["three", "two"] and report["removed"] == ["one"]
+        assert report["skipped"]["not-an-adapter"] == "no adapter_config.json (not an adapter folder)"
+        assert "invalid adapter name 'bad name'" in report["skipped"]["bad name"]
+        assert sorted(m.id for m in client.models.list().data) == ["alias", "base", "three", "two"]
+
+
+def test_adapter_names_and_paths_are_validated(tiny, tmp_path):
+    folder = tmp_path / "adapters"
+    make_adapter(tiny, folder, "ok", "reference", 2)
+    outside = tmp_path / "outside"
+    make_adapter(tiny, tmp_path, "outside", "reference", 2)
+    (folder / "link").symlink_to(outside)
+    (folder / "pickled").mkdir()
+    (folder / "pickled" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 2}))
+    (folder / "pickled" / "adapter_model.bin").write_bytes(b"\x80\x04not really")
+    with LiveServer(create_app(tiny, folder)) as live:
+        assert "link" in live.state.scan["skipped"]  # a symlink leading outside is never served
+        cases = [({"name": "../ok"}, 400, "invalid adapter name '../ok'"),
+                 ({"name": "a/b"}, 400, "invalid adapter name 'a/b'"),
+                 ({"name": "/etc"}, 400, "invalid adapter name '/etc'"),
+                 ({"name": "base"}, 409, "the name 'base' is reserved for the base model"),
+                 ({"name": "x", "path": "/etc"}, 400, "invalid adapter path '/etc'"),
+                 ({"name": "x", "path": "../outside"}, 400, "invalid adapter path '../outside'"),
+                 ({"name": "x", "path": "link"}, 400, "it leads outside the adapters folder"),
+                 ({"name": "x", "path": "missing"}, 404, "adapter folder not found: missing"),
+                 ({"name": "x", "path": "pickled"}, 400, "only adapter_model.bin (pickle) found; softprompt "
+                                                         "reads safetensors only"),
+                 ({"name": "x", "extra": 1}, 400, "Unrecognized request argument supplied: extra")]
+        for body, status, message in cases:
+            r = httpx.post(live.url + "/v1/adapters", json=body)
+            assert r.status_code == status and message in error_of(r)["message"], (body, r.text)
+        assert httpx.delete(live.url + "/v1/adapters/base").status_code == 409
+        assert httpx.delete(live.url + "/v1/adapters/bad%20name").status_code == 400
+        assert sorted(m.id for m in live.client.models.list().data) == ["base", "ok"]
+
+
+def test_registry_unit(tiny, tmp_path):
+    for bad in ["", ".hidden", "a..b", "a/b", "../x", "-x", "x" * 65, "ä", None, 3]:
+        with pytest.raises(RegistryError):
+            validate_name(bad)
+    assert validate_name("task_1.v2-final") == "task_1.v2-final"
+    with pytest.raises(RegistryError, match="adapters folder not found"):
+        AdapterRegistry(tiny, None, tmp_path / "missing")
+
+
+# ---- the CLI -------------------------------------------------------------------------------------------------
+def test_cli_serves_a_model_folder(tiny_dir, adapters_dir, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w+")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "softprompt", "serve", "--model", str(tiny_dir), "--adapters",
+                             str(adapters_dir), "--port", str(port), "--device", "cpu", "--log-level", "warning"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, "the server did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        assert sorted(m.id for m in client.models.list().data) == ["alpha", "base", "beta", "gamma"]
+        out = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}],
+                                             max_tokens=4, temperature=0)
+        assert out.usage.completion_tokens >= 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
+    assert "serving 4 models: base, alpha, beta, gamma" in (tmp_path / "serve.log").read_text()
