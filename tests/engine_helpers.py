@@ -1,0 +1,60 @@
+"""Shared by the generation tests: a tiny model with peaked, context-dependent logits, random adapters, and the
+reference every engine output is checked against — a step-by-step greedy loop with no cache at all."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from helpers import tiny_tokenizer
+from softprompt.adapter import Adapter
+from softprompt.engine import eos_ids
+from softprompt.forward import lm_logits, run_body
+from softprompt.models import BaseModel, freeze
+
+
+def peaked_base(seed: int = 0, hidden: int = 32, layers: int = 2, max_positions: int = 512) -> BaseModel:
+    """A tiny Llama whose greedy choice has a wide margin (large-init weights, a scaled-up untied LM head), so
+    equality tests are not at the mercy of near-ties, and whose output depends strongly on the context."""
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+        tie_word_embeddings=False, initializer_range=0.25, attn_implementation="sdpa",
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+        model.model.embed_tokens.weight.normal_(0, 1.0)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return BaseModel(model=freeze(model), tokenizer=tokenizer, name="peaked-llama")
+
+
+def random_adapter(n: int, hidden: int = 32, seed: int = 0) -> Adapter:
+    generator = torch.Generator().manual_seed(seed)
+    return Adapter(embeddings=torch.randn(n, hidden, generator=generator), config={"num_virtual_tokens": n})
+
+
+@torch.no_grad()
+def reference_greedy(base: BaseModel, prompt: torch.Tensor | None, ids: list[int], max_new_tokens: int):
+    """Greedy decoding by re-running [soft prompt ; tokens so far] from scratch at every step (no cache).
+    Returns (token ids, per-step logits [steps, V])."""
+    model, ids, out, logits = base.model, list(ids), [], []
+    stop = eos_ids(base)
+    for _ in range(max_new_tokens):
+        embeds = model.get_input_embeddings()(torch.tensor([ids], device=base.device))
+        if prompt is not None:
+            embeds = torch.cat([prompt.to(embeds.dtype).to(base.device).unsqueeze(0), embeds], dim=1)
+        length = embeds.shape[1]
+        mask = torch.ones(1, length, dtype=torch.long, device=base.device)
+        hidden, _ = run_body(model, embeds, mask, torch.arange(length, device=base.device).unsqueeze(0))
+        step = lm_logits(model, hidden[:, -1])[0]
+        token = int(step.argmax())
+        out.append(token)
+        logits.append(step.cpu())
+        ids.append(token)
+        if token in stop:
+            break
+    return out, torch.stack(logits)

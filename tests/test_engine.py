@@ -1,0 +1,240 @@
+"""The generation engine: equal to a no-cache greedy loop, batch-invariant, mixed-task, soft-prompt KV cached once."""
+
+import random
+
+import pytest
+import torch
+
+import softprompt.forward
+from engine_helpers import peaked_base, random_adapter, reference_greedy
+from softprompt.adapter import AdapterError
+from softprompt.detokenize import Detokenizer
+from softprompt.engine import DecodeBatch, Engine, GenerationRequest
+from softprompt.kvcache import PromptCache, UnknownAdapterError
+from softprompt.sampling import filter_logits
+
+SIZES = {"a3": 3, "a7": 7, "a12": 12}
+
+
+@pytest.fixture(scope="module")
+def base():
+    return peaked_base()
+
+
+@pytest.fixture(scope="module")
+def adapters():
+    return {name: random_adapter(n, seed=i) for i, (name, n) in enumerate(SIZES.items())}
+
+
+@pytest.fixture(scope="module")
+def engine(base, adapters):
+    return Engine(base, adapters)
+
+
+def prompt_of(adapters, name):
+    return None if name is None else adapters[name].embeddings
+
+
+def texts(rng, count):
+    words = ["tell", "me", "about", "cats", "a", "long", "story", "why", "sky", "blue", "你好", "2+2=?"]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(1, 9))) for _ in range(count)]
+
+
+def run_alone(engine, request, keep_logits=False):
+    """Tokens (and per-step logits) of one request decoded in a batch of its own."""
+    batch = DecodeBatch(engine.base, engine.prompt_cache, keep_logits=keep_logits)
+    events = batch.add([request])
+    while len(batch):
+        events += batch.step()
+    return [e.token_id for e in events], [e.logits for e in events]
+
+
+@pytest.mark.parametrize("adapter", [None, "a3", "a12"])
+def test_greedy_equals_no_cache_loop_token_for_token(engine, base, adapters, adapter):
+    for text in ["hello", "what is the capital of France?"]:
+        ids = engine.encode(text, adapter=adapter)
+        tokens, logits = run_alone(engine, GenerationRequest(ids, adapter=adapter, max_new_tokens=20), True)
+        ref_tokens, ref_logits = reference_greedy(base, prompt_of(adapters, adapter), ids, 20)
+        assert tokens == ref_tokens
+        assert torch.allclose(torch.stack(logits), ref_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_is_batch_invariant_with_left_padding(engine):
+    rng = random.Random(0)
+    for trial in range(12):
+        adapter = rng.choice([None, "a7"])
+        prompts = texts(rng, rng.randint(2, 5))
+        requests = [GenerationRequest(engine.encode(t, adapter=adapter), adapter=adapter, max_new_tokens=10)
+                    for t in prompts]
+        batch = DecodeBatch(engine.base, engine.prompt_cache, keep_logits=True)
+        events = batch.add(requests)
+        while len(batch):
+            events += batch.step()
+        for request in requests:
+            alone, alone_logits = run_alone(engine, request, True)
+            mine = [e for e in events if e.request is request]
+            assert [e.token_id for e in mine] == alone, f"trial {trial}"
+            assert torch.allclose(torch.stack([e.logits for e in mine]), torch.stack(alone_logits), atol=1e-4)
+
+
+def test_mixed_task_batch_equals_each_row_alone(engine, base, adapters):
+    rng = random.Random(1)
+    names = [None, "a3", "a7", "a12", None, "a12", "a3"]
+    requests = [GenerationRequest(engine.encode(t, adapter=n), adapter=n, max_new_tokens=12, id=i)
+                for i, (t, n) in enumerate(zip(texts(rng, len(names)), names))]
+    results = engine.generate(requests, batch_size=len(requests))
+    for request, result in zip(requests, results):
+        ref, _ = reference_greedy(base, prompt_of(adapters, request.adapter), request.prompt_ids, 12)
+        assert result.token_ids == ref
+        assert result.token_ids == run_alone(engine, request)[0]
+        assert result.text == engine.base.tokenizer.decode(ref, skip_special_tokens=True)
+
+
+def test_continuous_batching_rows_join_and_leave(engine):
+    """Rows with different lengths finish at different steps; queued rows join a live batch (merge, trim)."""
+    rng = random.Random(2)
+    names = ["a12", None, "a3", "a7", None, "a12", "a3", "a7"]
+    requests = [GenerationRequest(engine.encode(t, adapter=n), adapter=n, max_new_tokens=rng.randint(1, 15))
+                for t, n in zip(texts(rng, len(names)), names)]
+    results = engine.generate(requests, batch_size=3)
+    for request, result in zip(requests, results):
+        assert result.token_ids == run_alone(engine, request)[0]
+        assert len(result.token_ids) <= request.max_new_tokens
+
+
+def test_remove_cancels_a_row_without_disturbing_the_others(engine):
+    requests = [GenerationRequest(engine.encode(t, adapter=n), adapter=n, max_new_tokens=8)
+                for t, n in [("first one", "a3"), ("second", None), ("the third request", "a12")]]
+    batch = DecodeBatch(engine.base, engine.prompt_cache)
+    events = batch.add(requests)
+    events += batch.step()
+    batch.remove([requests[2]])
+    assert batch.requests == requests[:2]
+    while len(batch):
+        events += batch.step()
+    for request in requests[:2]:
+        assert [e.token_id for e in events if e.request is request] == run_alone(engine, request)[0]
+
+
+def test_soft_prompt_kv_computed_once_per_adapter(base, adapters, monkeypatch):
+    calls = []
+    original = softprompt.forward.prompt_kv
+
+    def counting(model, prompt):
+        calls.append(prompt.shape[0])
+        return original(model, prompt)
+
+    monkeypatch.setattr(softprompt.forward, "prompt_kv", counting)
+    engine = Engine(base, adapters)
+    assert sorted(calls) == sorted(SIZES.values())
+    for _ in range(2):
+        requests = [GenerationRequest(engine.encode(t, adapter=n), adapter=n, max_new_tokens=4)
+                    for t in ["x", "yy zz"] for n in SIZES]
+        engine.generate(requests, batch_size=4)
+        list(engine.stream(requests[0]))
+    assert sorted(calls) == sorted(SIZES.values())
+    kv, n = engine.prompt_cache.get("a7")
+    assert n == 7 and kv[0][0].shape[2] == 7
+    assert engine.prompt_cache.get(None) == (None, 0)
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_batch_mates(engine):
+    def request(seed, text="tell me a story", adapter="a7"):
+        return GenerationRequest(engine.encode(text, adapter=adapter), adapter=adapter, max_new_tokens=15,
+                                 temperature=1.5, top_k=40, top_p=0.95, seed=seed)
+
+    alone = engine.generate([request(7)])[0].token_ids
+    assert engine.generate([request(7)])[0].token_ids == alone
+    mates = [request(s, t, a) for s, t, a in [(1, "why", None), (None, "a long long prompt here", "a3")]]
+    in_batch = engine.generate([mates[0], request(7), mates[1]], batch_size=3)[1].token_ids
+    assert in_batch == alone
+    others = {tuple(engine.generate([request(s)])[0].token_ids) for s in range(8, 12)}
+    assert len(others | {tuple(alone)}) > 1  # seeds matter
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])
+    assert torch.isfinite(filter_logits(logits, 1.0, 2, 1.0)).tolist() == [True, True, False, False, False]
+    probs = torch.softmax(logits, -1)  # 0.64, 0.24, 0.09, ...: the first two hold 0.88 of the mass
+    kept = torch.isfinite(filter_logits(logits, 1.0, 0, 0.85)).tolist()
+    assert kept == [True, True, False, False, False] and probs[:2].sum() > 0.85
+    assert torch.isfinite(filter_logits(logits, 1.0, 0, 0.5)).tolist() == [True, False, False, False, False]
+
+
+def test_stop_strings_cut_the_answer(engine):
+    ids = engine.encode("tell me about cats", adapter="a3")
+    full = engine.generate([GenerationRequest(ids, adapter="a3", max_new_tokens=20)])[0]
+    assert full.finish_reason == "length" and len(full.text) >= 10
+    stop = full.text[5:8]
+    cut = full.text[:full.text.find(stop)]
+    result = engine.generate([GenerationRequest(ids, adapter="a3", max_new_tokens=20, stop=["@@never", stop])])[0]
+    assert result.text == cut and result.finish_reason == "stop"
+    streamed = [e.text for e in engine.stream(GenerationRequest(ids, adapter="a3", max_new_tokens=20, stop=[stop]))]
+    assert "".join(streamed) == cut
+
+
+def test_eos_stops_and_is_not_in_the_text(adapters):
+    base = peaked_base()
+    engine = Engine(base, adapters)
+    ids = engine.encode("tell me about cats", adapter="a7")
+    tokens = engine.generate([GenerationRequest(ids, adapter="a7", max_new_tokens=12)])[0].token_ids
+    eos = tokens[4]
+    base.model.generation_config.eos_token_id = [base.tokenizer.eos_token_id, eos]
+    result = Engine(base, adapters).generate([GenerationRequest(ids, adapter="a7", max_new_tokens=12)])[0]
+    first = tokens.index(eos)
+    assert result.token_ids == tokens[:first + 1] and result.finish_reason == "stop"
+    assert result.text == base.tokenizer.decode(tokens[:first])
+
+
+def test_prompt_longer_than_context_is_an_error_or_truncated_on_request(engine):
+    ids = engine.encode("x" * 480, adapter="a12")
+    with pytest.raises(ValueError, match=r"prompt too long: 12 virtual tokens \+ 500 prompt tokens \+ "
+                                         r"max_new_tokens 32 = 544 exceeds the model's context of 512 tokens"):
+        engine.generate([GenerationRequest(ids, adapter="a12", max_new_tokens=32)])
+    result = engine.generate([GenerationRequest(ids, adapter="a12", max_new_tokens=32, truncate=True)])[0]
+    assert result.prompt_tokens == 512 - 12 - 32 and len(result.token_ids) == 32
+
+
+def test_bad_requests_and_adapters_are_named(engine, base):
+    with pytest.raises(UnknownAdapterError, match="names adapter 'nope', which is not loaded"):
+        engine.generate([GenerationRequest([5, 6], adapter="nope")])
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        engine.generate([GenerationRequest([])])
+    with pytest.raises(ValueError, match="top_p must be in"):
+        engine.generate([GenerationRequest([5], temperature=1.0, top_p=0.0)])
+    with pytest.raises(AdapterError, match="adapter hidden size 16 does not fit the base model peaked-llama"):
+        PromptCache(base).add("small", random_adapter(4, hidden=16))
+
+
+class FakeTokenizer:
+    """Decodes ids to fixed pieces; id 9 is half of a multi-byte character."""
+
+    pieces = {1: "Hel", 2: "lo", 3: " wor", 4: "ld", 5: "!", 9: "\ufffd", 10: "é"}
+
+    def decode(self, ids, skip_special_tokens=True):
+        text = "".join(self.pieces[i] for i in ids)
+        return text.replace("\ufffdé", "é")
+
+
+def test_detokenizer_holds_back_partial_characters_and_stop_prefixes():
+    detok = Detokenizer(FakeTokenizer(), stop=["world"])
+    assert detok.push(1) == ("Hel", False)
+    assert detok.push(2) == ("lo", False)
+    assert detok.push(3) == (" ", False)   # " wor" could begin "world"
+    assert detok.push(4) == ("", True)
+    assert detok.text == "Hello "
+    detok = Detokenizer(FakeTokenizer(), stop=["xyz"])
+    assert detok.push(1) == ("Hel", False)
+    assert detok.push(9) == ("", False)   # incomplete character held back
+    assert detok.push(10) == ("é", False)
+    assert detok.flush() == ""
+
+
+def test_bfloat16_engine_runs_and_matches_its_own_no_cache_loop(adapters):
+    base = peaked_base()
+    base.model.to(torch.bfloat16)
+    engine = Engine(base, adapters)
+    ids = engine.encode("hello", adapter="a3")
+    result = engine.generate([GenerationRequest(ids, adapter="a3", max_new_tokens=5)])[0]
+    assert engine.prompt_cache.get("a3")[0][0][0].dtype == torch.bfloat16
+    assert result.token_ids == reference_greedy(base, adapters["a3"].embeddings, ids, 5)[0]
