@@ -11,18 +11,18 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from softprompt.adapter import load_adapter, save_adapter
 from softprompt.engine import Engine, GenerationRequest
+from softprompt.generate import generate
 from softprompt.prompt import SoftPrompt
+from softprompt.serve import BackgroundServer
 from softprompt.serve.app import create_app
 from softprompt.serve.registry import AdapterRegistry, RegistryError, validate_name
 from softprompt.templates import Template, encode_text
@@ -49,29 +49,14 @@ def engine(tiny, adapters_dir):
     return Engine(tiny, {n: load_adapter(adapters_dir / n, tiny) for n in TEMPLATES}, Template("reference"))
 
 
-class LiveServer:
-    """uvicorn on 127.0.0.1, a free port, in a background thread."""
-
-    def __init__(self, app):
-        self.app = app
-        self.state = app.state.softprompt
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+class LiveServer(BackgroundServer):
+    """The server on 127.0.0.1, a free port, in a background thread, plus an openai client for it."""
 
     def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+        super().__enter__()
+        self.state = self.app.state.softprompt
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0, timeout=60)
         return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +101,7 @@ def test_completion_equals_engine_alone(server, engine, tiny, model):
 
 
 @pytest.mark.parametrize("model", ["alpha", "beta", "base"])
-def test_chat_equals_generate_with_the_adapter_template(server, engine, tiny, model):
+def test_chat_equals_generate_with_the_adapter_template(server, engine, tiny, adapters_dir, model):
     messages = [{"role": "user", "content": "Name a colour."}]
     out = server.client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0)
     key = None if model == "base" else model
@@ -128,6 +113,8 @@ def test_chat_equals_generate_with_the_adapter_template(server, engine, tiny, mo
     assert ids == engine.encode("Name a colour.", adapter=key)  # generate's instruction path formats identically
     ref = alone(engine, ids, key, 10)
     assert out.choices[0].message.content == ref.text and out.choices[0].message.role == "assistant"
+    adapter = None if model == "base" else adapters_dir / model
+    assert generate("Name a colour.", base=tiny, adapter=adapter, greedy=True, max_new_tokens=10) == ref.text
     assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == len(ref.token_ids)
 
 
@@ -360,6 +347,17 @@ def test_adapter_names_and_paths_are_validated(tiny, tmp_path):
         assert httpx.delete(live.url + "/v1/adapters/base").status_code == 409
         assert httpx.delete(live.url + "/v1/adapters/bad%20name").status_code == 400
         assert sorted(m.id for m in live.client.models.list().data) == ["base", "ok"]
+
+
+def test_api_key(tiny, adapters_dir):
+    with LiveServer(create_app(tiny, adapters_dir, api_key="s3cret")) as live:
+        with pytest.raises(openai.AuthenticationError) as info:
+            live.client.models.list()
+        assert info.value.status_code == 401 and info.value.body["code"] == "invalid_api_key"
+        assert httpx.post(live.url + "/v1/adapters/rescan").status_code == 401
+        assert httpx.get(live.url + "/health").status_code == 200
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="s3cret", max_retries=0)
+        assert "alpha" in [m.id for m in client.models.list().data]
 
 
 def test_registry_unit(tiny, tmp_path):

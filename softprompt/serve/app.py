@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import hmac
 import json
 import time
 import uuid
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
@@ -88,11 +89,13 @@ class ServerState:
 
 
 def create_app(base, adapters_dir=None, *, template: Template | None = None, max_batch: int = 16,
-               max_queue: int = 64, max_tokens_cap: int = 2048, max_model_len: int | None = None) -> FastAPI:
+               max_queue: int = 64, max_tokens_cap: int = 2048, max_model_len: int | None = None,
+               api_key: str | None = None) -> FastAPI:
     """Build the server for `base` (a models.BaseModel) and the adapter folders under `adapters_dir`.
 
-    `template`: the default template (for `base` and adapters saved without one). The worker thread starts and
-    stops with the app's lifespan.
+    `template`: the default template (for `base` and adapters saved without one). `api_key`: when set, every
+    endpoint but /health needs `Authorization: Bearer <api_key>`. The worker thread starts and stops with the app's
+    lifespan.
     """
     state = ServerState(base, adapters_dir, template=template, max_batch=max_batch, max_queue=max_queue,
                         max_tokens_cap=max_tokens_cap, max_model_len=max_model_len)
@@ -105,7 +108,15 @@ def create_app(base, adapters_dir=None, *, template: Template | None = None, max
         finally:
             await run_in_threadpool(state.scheduler.stop)
 
-    app = FastAPI(title="softprompt", lifespan=lifespan, docs_url=None, redoc_url=None)
+    async def authorise(request: Request):
+        if api_key is None or request.url.path == "/health":
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "Incorrect API key provided.", type="authentication_error", code="invalid_api_key")
+
+    app = FastAPI(title="softprompt", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  dependencies=[Depends(authorise)])
     app.state.softprompt = state
     _install_error_handlers(app)
 
