@@ -1,0 +1,115 @@
+"""From records to padded tensors with little wasted compute.
+
+- `encode_records`: tokenise with the template (templates.encode_example), labels -100 on the prompt.
+- `epoch_plan`: the records of each optimiser step for one epoch. Records are shuffled, then grouped by length
+  inside large "mega-batches" (as Hugging Face's group_by_length does), so a step holds records of similar length;
+  the order of steps is shuffled again. It depends only on (seed, epoch), which makes resuming exact.
+- `shard`: one process's share of a step (sorted by length, dealt round-robin, so processes get similar work).
+- `micro_batches`: packs a share into batches whose padded size (rows x longest row) stays within a token budget.
+  The loss is normalised over the whole step, so how a step is split never changes the result, only the speed.
+- `collate`: right padding, mask 0 and label -100 on pads.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from .data import DataError, Record
+from .templates import Template, encode_example
+
+MEGA_BATCH_STEPS = 50  # steps' worth of records sorted together when grouping by length
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    labels: list[int]
+    where: str
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def label_count(self) -> int:
+        return sum(1 for t in self.labels if t != -100)
+
+
+def encode_records(records: list[Record], tokenizer, template: Template, max_length: int,
+                   skip_bad: bool = False) -> tuple[list[Example], list[str], int]:
+    """Tokenise records. Returns (examples, skipped reasons, number truncated to max_length).
+
+    A record whose prompt alone fills max_length raises DataError naming the record (or is skipped and reported
+    with skip_bad).
+    """
+    examples, skipped, truncated = [], [], 0
+    for record in records:
+        try:
+            ids, labels, cut = encode_example(template, tokenizer, record.instruction, record.input, record.output,
+                                              max_length)
+        except ValueError as err:
+            message = f"{record.where}: {err}; raise --max-length or shorten the record"
+            if not skip_bad:
+                raise DataError(message) from err
+            skipped.append(message)
+            continue
+        truncated += cut
+        examples.append(Example(ids, labels, record.where))
+    return examples, skipped, truncated
+
+
+def epoch_plan(lengths: list[int], step_records: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
+    """Indices of the records of each step of one epoch (the last step may be smaller)."""
+    order = list(range(len(lengths)))
+    rng = random.Random(seed * 1_000_003 + epoch)
+    if shuffle:
+        rng.shuffle(order)
+    mega = step_records * MEGA_BATCH_STEPS
+    grouped = []
+    for start in range(0, len(order), mega):
+        grouped += sorted(order[start:start + mega], key=lambda i: -lengths[i])
+    steps = [grouped[i:i + step_records] for i in range(0, len(grouped), step_records)]
+    if shuffle:
+        rng.shuffle(steps)
+    return steps
+
+
+def shard(step: list[int], lengths: list[int], rank: int, world: int) -> list[int]:
+    """This process's records of a step."""
+    ordered = sorted(step, key=lambda i: (-lengths[i], i))
+    return ordered[rank::world]
+
+
+def micro_batches(indices: list[int], lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Split records (any order) into batches with rows x longest-row <= max_tokens (a longer row goes alone)."""
+    ordered = sorted(indices, key=lambda i: (-lengths[i], i))
+    batches, current = [], []
+    for i in ordered:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and longest * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def collate(examples: list[Example], pad_id: int, device=None) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels (-100 on pads)."""
+    width = max(len(e) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids[row, :len(e)] = torch.tensor(e.ids)
+        mask[row, :len(e)] = 1
+        labels[row, :len(e)] = torch.tensor(e.labels)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+
+
+def steps_per_epoch(n_records: int, step_records: int) -> int:
+    return -(-n_records // step_records)

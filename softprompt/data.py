@@ -1,0 +1,265 @@
+"""Training records: load JSON / JSONL / CSV / Parquet files, `datasets.save_to_disk` folders or in-memory lists,
+map field names, check every record, and turn classification labels into answer words.
+
+Every record keeps where it came from (`file:line` for JSONL, `file: record i` elsewhere) so that any later error
+(a prompt that fills max_length, say) names it. Bad records raise `DataError`, or with `skip_bad=True` are counted
+and listed in `Records.skipped`: nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+FORMATS = ("json", "jsonl", "csv", "parquet", "disk")
+
+
+class DataError(ValueError):
+    """A data file or record that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Which source fields hold the instruction, the (optional) input and the output."""
+
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+
+    @classmethod
+    def parse(cls, spec: str | dict | None) -> "Fields":
+        """From 'instruction=sentence,output=label' (or a dict); unnamed roles keep their defaults."""
+        if isinstance(spec, Fields):
+            return spec
+        if not spec:
+            return cls()
+        pairs = spec if isinstance(spec, dict) else dict(_split_pair(p) for p in spec.split(",") if p.strip())
+        unknown = set(pairs) - {"instruction", "input", "output"}
+        if unknown:
+            raise DataError(f"unknown field role(s) {', '.join(sorted(unknown))}: use instruction=, input=, output=")
+        return cls(**pairs)
+
+
+def _split_pair(part: str) -> tuple[str, str]:
+    if "=" not in part:
+        raise DataError(f"field mapping {part!r} must look like role=name, e.g. instruction=sentence")
+    role, name = part.split("=", 1)
+    return role.strip(), name.strip()
+
+
+@dataclass
+class Record:
+    """One training example, already mapped to the template's roles."""
+
+    instruction: str
+    input: str
+    output: str
+    where: str  # "file:line" or "file: record i"
+
+
+@dataclass
+class Records:
+    """Loaded records plus the ones skipped (each as 'where: why')."""
+
+    items: list[Record]
+    source: str
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def load_records(source, fields: Fields | str | dict | None = None, label_words: list[str] | None = None,
+                 skip_bad: bool = False, limit: int | None = None) -> Records:
+    """Load and validate training records.
+
+    source: a path (.json array, .jsonl, .csv, .parquet, or a `save_to_disk` folder) or a list of dicts.
+    fields: the source field names of instruction / input / output (default the same names). The input field may
+    be missing; instruction and output may not.
+    label_words: for classification data — an integer label i in the output field becomes label_words[i], so
+    {"sentence": ..., "label": 1} with fields 'instruction=sentence,output=label' and ['negative', 'positive']
+    becomes instruction=sentence, output='positive'.
+    limit: keep only the first `limit` good records.
+    """
+    fields = Fields.parse(fields)
+    if isinstance(source, (list, tuple)):
+        name, rows = "<records>", ((f"<records>: record {i}", row) for i, row in enumerate(source))
+    else:
+        path = Path(source)
+        name, rows = str(path), _read_rows(path)
+    items, skipped = [], []
+    for where, row in rows:
+        try:
+            items.append(_to_record(row, where, fields, label_words))
+        except DataError as err:
+            if not skip_bad:
+                raise
+            skipped.append(str(err))
+        if limit is not None and len(items) >= limit:
+            break
+    if not items:
+        detail = f" ({len(skipped)} skipped as bad)" if skipped else ""
+        raise DataError(f"{name}: no usable records{detail}")
+    return Records(items, name, skipped)
+
+
+def _to_record(row, where: str, fields: Fields, label_words: list[str] | None) -> Record:
+    if isinstance(row, DataError):
+        raise row
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object with fields, got {type(row).__name__}")
+    values = {}
+    for role in ("instruction", "input", "output"):
+        key = getattr(fields, role)
+        value = row.get(key)
+        if value is None:
+            if role == "input":
+                values[role] = ""
+                continue
+            present = ", ".join(map(str, row)) or "none"
+            raise DataError(f"{where}: missing field {key!r} (the {role}; fields present: {present})")
+        if role == "output" and label_words is not None:
+            value = _label_word(value, label_words, where, key)
+        elif not isinstance(value, str):
+            raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__} {value!r}")
+        values[role] = value
+    if not values["instruction"].strip():
+        raise DataError(f"{where}: field {fields.instruction!r} is empty")
+    if not values["output"]:
+        raise DataError(f"{where}: field {fields.output!r} is empty")
+    return Record(values["instruction"], values["input"], values["output"], where)
+
+
+def _label_word(value, label_words: list[str], where: str, key: str) -> str:
+    if isinstance(value, str):
+        if value.strip().lstrip("-").isdigit():
+            value = int(value)
+        elif value in label_words:
+            return value
+        else:
+            raise DataError(f"{where}: label {value!r} in field {key!r} is neither an index nor one of the "
+                            f"label words {label_words}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DataError(f"{where}: label in field {key!r} must be an integer index, got {type(value).__name__}")
+    if not 0 <= value < len(label_words):
+        raise DataError(f"{where}: label {value} in field {key!r} is out of range for {len(label_words)} "
+                        f"label words {label_words}")
+    return label_words[value]
+
+
+def detect_format(path: Path) -> str:
+    if path.is_dir():
+        return "disk"
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix in ("json", "jsonl", "csv", "parquet"):
+        return suffix
+    if suffix == "ndjson":
+        return "jsonl"
+    raise DataError(f"{path}: unknown data format {path.suffix!r}: use .json, .jsonl, .csv, .parquet or a "
+                    "datasets save_to_disk folder")
+
+
+def _read_rows(path: Path) -> Iterator[tuple[str, object]]:
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    fmt = detect_format(path)
+    if fmt == "jsonl":
+        return _read_jsonl(path)
+    if fmt == "json":
+        return _read_json(path)
+    if fmt == "csv":
+        return _read_csv(path)
+    if fmt == "parquet":
+        return _read_table(path, _parquet_rows(path))
+    return _read_table(path, _disk_rows(path))
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
+    with open(path, encoding="utf-8") as handle:
+        try:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{path}:{number}", json.loads(line)
+                except json.JSONDecodeError as err:
+                    yield f"{path}:{number}", DataError(f"{path}:{number}: malformed JSON: {err.msg} "
+                                                        f"(column {err.colno})")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not UTF-8 text: {err}") from err
+
+
+def _read_json(path: Path) -> Iterator[tuple[str, object]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: malformed JSON: {err.msg} (column {err.colno})") from err
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text: {err}") from err
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of records (use .jsonl for one record per line)")
+    return ((f"{path}: record {i}", row) for i, row in enumerate(data))
+
+
+def _read_csv(path: Path) -> Iterator[tuple[str, object]]:
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        try:
+            for row in reader:
+                # line_num is the physical line where the row ends; the header is line 1
+                where = f"{path}:{reader.line_num}"
+                if None in row:
+                    yield where, DataError(f"{where}: more values than the header has columns")
+                    continue
+                yield where, {k: v for k, v in row.items() if v is not None}
+        except (UnicodeDecodeError, csv.Error) as err:
+            raise DataError(f"{path}: cannot read CSV: {err}") from err
+
+
+def _parquet_rows(path: Path) -> Iterable[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises many types for a corrupt file
+        raise DataError(f"{path}: cannot read Parquet: {err}") from err
+
+
+def _disk_rows(path: Path) -> Iterable[dict]:
+    from datasets import load_from_disk
+
+    try:
+        data = load_from_disk(str(path))
+    except Exception as err:  # datasets raises FileNotFoundError / ValueError variants
+        raise DataError(f"{path}: not a datasets save_to_disk folder: {err}") from err
+    if hasattr(data, "keys") and not hasattr(data, "column_names"):  # DatasetDict
+        if "train" not in data:
+            raise DataError(f"{path}: a DatasetDict without a 'train' split (splits: {', '.join(data)})")
+        data = data["train"]
+    return data
+
+
+def _read_table(path: Path, rows: Iterable[dict]) -> Iterator[tuple[str, object]]:
+    return ((f"{path}: record {i}", row) for i, row in enumerate(rows))
+
+
+def split_holdout(records: Records, fraction: float, seed: int) -> tuple[Records, Records]:
+    """Hold out a random `fraction` of the records (at least one) as an evaluation split."""
+    if not 0 < fraction < 1:
+        raise DataError(f"eval fraction must be between 0 and 1, got {fraction}")
+    n_eval = max(1, round(len(records.items) * fraction))
+    if n_eval >= len(records.items):
+        raise DataError(f"{records.source}: {len(records.items)} records are too few to hold out {fraction:.0%} "
+                        "for evaluation")
+    order = list(range(len(records.items)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    train = [r for i, r in enumerate(records.items) if i not in held]
+    evals = [r for i, r in enumerate(records.items) if i in held]
+    return Records(train, records.source, records.skipped), Records(evals, f"{records.source} (held out)")
