@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 
+from softprompt import forward
 from softprompt.adapter import load_adapter, save_adapter
 from softprompt.engine import Engine, GenerationRequest
 from softprompt.generate import generate
@@ -151,10 +152,13 @@ def test_stop_strings_and_seeded_sampling(server, engine, tiny):
     assert first == alone(engine, ids, "gamma", 12, temperature=1.0, top_p=0.9, seed=11).text
 
 
-def test_concurrent_mixed_adapters_match_requests_run_alone(server, engine, tiny):
+def test_concurrent_mixed_adapters_match_requests_run_alone(server, engine, tiny, monkeypatch):
     jobs = [(model, f"prompt {i} {'x' * (i % 5)}", 6 + i % 9)
             for i, model in enumerate(["alpha", "beta", "gamma", "base"] * 4)]
     before = server.state.scheduler.snapshot()["max_live"]
+    kv_runs = []
+    real_prompt_kv = forward.prompt_kv
+    monkeypatch.setattr(forward, "prompt_kv", lambda *a, **k: kv_runs.append(1) or real_prompt_kv(*a, **k))
 
     def call(job):
         model, text, k = job
@@ -167,6 +171,7 @@ def test_concurrent_mixed_adapters_match_requests_run_alone(server, engine, tiny
         assert out.choices[0].text == ref.text, (model, text)
         assert out.usage.completion_tokens == len(ref.token_ids)
     assert max(before, server.state.scheduler.snapshot()["max_live"]) > 1  # they really shared batches
+    assert kv_runs == []  # the soft-prompt KV computed when each adapter was added is reused, never recomputed
 
 
 # ---- errors --------------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable
 
 from ..adapter import CONFIG_FILE, WEIGHTS_FILE, Adapter, AdapterError, load_adapter
-from ..templates import Template
 
 BASE_NAME = "base"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -81,10 +80,6 @@ class AdapterRegistry:
         if entry is None:
             raise RegistryError(f"The model `{name}` does not exist.", status=404)
         return entry.adapter
-
-    def template(self, name: str, base_template: Template) -> Template:
-        adapter = self.adapter(name)
-        return adapter.template if adapter is not None else base_template
 
     # ---- paths ---------------------------------------------------------------------------------------------
     def resolve(self, name: str, path: str | None = None) -> Path:
