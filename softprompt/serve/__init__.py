@@ -47,6 +47,8 @@ def register(subparsers) -> None:
                         help="require `Authorization: Bearer KEY` on every endpoint but /health (also read from "
                              "$SOFTPROMPT_API_KEY); the adapter endpoints change what is served, so set one when "
                              "the server is reachable by others")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; on a small shared CPU 1 is often fastest)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                         help="uvicorn log level")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
@@ -65,6 +67,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.max_queue < 0:
         raise ValueError("--max-queue must be >= 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError("--threads must be >= 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     base = load_base(args.model, device=args.device, dtype=args.dtype)
     app = create_app(base, args.adapters, template=Template(CHAT if args.chat_template else REFERENCE), max_batch=args.max_batch,
                      max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap, max_model_len=args.max_model_len,
