@@ -185,7 +185,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
                 if not line.strip():
                     continue
                 try:
-                    yield f"{path}:{number}", json.loads(line)
+                    yield f"{path}:{number}", json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as err:
                     yield f"{path}:{number}", DataError(f"{path}:{number}: malformed JSON: {err.msg} "
                                                         f"(column {err.colno})")

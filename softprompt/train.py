@@ -154,7 +154,10 @@ def train(config: TrainConfig) -> TrainResult:
     if config.resume:
         start, state = _resume(config, prompt, optimizer, state)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # transformers only checkpoints in training mode; the frozen weights are unaffected
     mode = "concat" if config.gradient_checkpointing else "kv"
     scaler = torch.amp.GradScaler(device.type, enabled=base.dtype == torch.float16)
@@ -260,7 +263,7 @@ def train(config: TrainConfig) -> TrainResult:
         logger.close()
     accelerator.wait_for_everyone()
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
         model.eval()
     return TrainResult(str(out), summary["steps"], last_loss, state["best_eval_loss"], state["best_step"], stopped,
                        run_tokens / run_time if run_time else 0.0, len(examples), len(eval_examples), skipped,
