@@ -1,0 +1,272 @@
+"""`softprompt eval`: does a soft prompt help? Loss, perplexity, accuracy, exact match and ROUGE-L, base vs adapters.
+
+For every evaluated model (the base model and/or each adapter), batched:
+- loss and perplexity on the answer tokens (answer + EOS, exactly the tokens training learns), via forward.label_nll;
+- with `choices`: rank classification — for each record and each choice, the NLL of the choice's *full* token
+  sequence (+ EOS) after the templated prompt; the lowest wins. All (record, choice) pairs are scored in the same
+  token-budget batches. Plus exact match of the greedy answer;
+- without choices: exact match and ROUGE-L (rouge.py) of greedy answers from the generation engine.
+
+An adapter is always evaluated with the template saved in it, so training and evaluation format records the same
+way. The base model uses `template` (default: the first adapter's template, so base and adapter see the same text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from . import batching, forward
+from .adapter import Adapter, load_adapter
+from .data import DataError, Fields, Record, load_records
+from .engine import Engine, GenerationRequest
+from .kvcache import adapter_template
+from .models import BaseModel, load_base
+from .rouge import exact_match, rouge_l
+from .templates import Template, encode_example, encode_text
+
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+def load_eval_records(data, fields=None, label_field: str | None = None, label_words: list[str] | None = None,
+                      limit: int | None = None) -> list[Record]:
+    """Records as training reads them (data.load_records); `label_field` maps integer labels to `label_words`."""
+    fields, mapping = Fields.parse(fields), None
+    if label_field:
+        if not label_words:
+            raise ValueError("--label-field needs label words: pass --choices (or an adapter saved with label words)")
+        fields, mapping = Fields(fields.instruction, fields.input, label_field), label_words
+    return load_records(data, fields, mapping, limit=limit).items
+
+
+def nll_per_example(base: BaseModel, prompt: torch.Tensor | None, examples: list[batching.Example],
+                    batch_size: int, max_batch_tokens: int, bar=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL of each example's label tokens and its label count, batched by rows and by a token budget."""
+    lengths = [len(e) for e in examples]
+    nll = torch.zeros(len(examples), dtype=torch.float64)
+    counts = torch.zeros(len(examples), dtype=torch.long)
+    batches = [b[i:i + batch_size] for b in batching.micro_batches(list(range(len(examples))), lengths,
+                                                                     max_batch_tokens)
+               for i in range(0, len(b), batch_size)]
+    with torch.no_grad():
+        for rows in batches:
+            batch = batching.collate([examples[i] for i in rows], base.tokenizer.pad_token_id, base.device)
+            row_nll, row_counts = forward.label_nll(base.model, prompt, batch["input_ids"], batch["attention_mask"],
+                                                    batch["labels"])
+            nll[rows] = row_nll.double().cpu()
+            counts[rows] = row_counts.cpu()
+            if bar is not None:
+                bar.update(len(rows))
+    return nll, counts
+
+
+def _encode(template: Template, tokenizer, record: Record, output: str, max_length: int) -> batching.Example:
+    try:
+        ids, labels, cut = encode_example(template, tokenizer, record.instruction, record.input, output, max_length)
+    except ValueError as err:
+        raise DataError(f"{record.where}: {err}; raise --max-length or shorten the record") from err
+    if cut:
+        raise DataError(f"{record.where}: prompt + answer {output!r} is longer than --max-length {max_length}")
+    return batching.Example(ids, labels, record.where)
+
+
+def score_model(base: BaseModel, adapter: Adapter | None, template: Template, records: list[Record],
+                choices: list[str] | None, generations: list[str] | None, batch_size: int, max_batch_tokens: int,
+                max_length: int, progress: bool = False) -> dict:
+    """Metrics of one model (the base when `adapter` is None) on `records`; `generations`: its greedy answers."""
+    tok = base.tokenizer
+    prompt = adapter.embeddings.to(base.device, base.dtype) if adapter is not None else None
+    examples = [_encode(template, tok, r, r.output, max_length) for r in records]
+    pairs = [_encode(template, tok, r, c, max_length) for r in records for c in choices] if choices else []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(examples) + len(pairs), desc="score", unit="seq", leave=False)
+    nll, counts = nll_per_example(base, prompt, examples + pairs, batch_size, max_batch_tokens, bar)
+    if bar is not None:
+        bar.close()
+    loss = float(nll[:len(examples)].sum() / counts[:len(examples)].sum())
+    result = {"n": len(records), "loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+    predicted = None
+    if choices:
+        scores = nll[len(examples):].view(len(records), len(choices))
+        predicted = [choices[i] for i in scores.argmin(dim=1).tolist()]
+        gold = [choices.index(r.output) for r in records]
+        result["accuracy"] = sum(choices[g] == p for g, p in zip(gold, predicted)) / len(records)
+        result["predicted_counts"] = {c: predicted.count(c) for c in choices}
+    if generations is not None:
+        result["exact_match"] = sum(exact_match(g, r.output) for g, r in zip(generations, records)) / len(records)
+        if not choices:
+            result["rouge_l"] = sum(rouge_l(g, r.output) for g, r in zip(generations, records)) / len(records)
+    result["examples"] = [
+        {"where": r.where, "instruction": r.instruction, "input": r.input, "output": r.output,
+         **({"choice": predicted[i]} if predicted else {}),
+         **({"generation": generations[i]} if generations is not None else {})}
+        for i, r in enumerate(records)
+    ]
+    return result
+
+
+def evaluate(data, model: str | BaseModel | None = None, adapters: list[str | Path] = (), compare_base: bool = False,
+             choices: list[str] | None = None, max_new_tokens: int | None = None, batch_size: int = 16,
+             max_batch_tokens: int = 4096, max_length: int = 2048, fields=None, label_field: str | None = None,
+             template: str | None = None, limit: int | None = None, device: str | None = None,
+             dtype: str = "auto", progress: bool = False) -> dict:
+    """Evaluate the base model (when `compare_base` or no adapters are given) and each adapter on `data` (a path
+    or a list of dicts). `max_new_tokens=0` skips greedy generation. Returns a JSON-ready dict whose `results`
+    holds one entry per model, each with `adapter` (None for the base), `n`, `loss`, `perplexity`, and `accuracy`
+    (with choices), `exact_match`, `rouge_l` (without choices), `examples` (per record: gold, prediction)."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    base = model if isinstance(model, BaseModel) else load_base(model, device=device, dtype=dtype)
+    loaded = {str(path): load_adapter(path, base) for path in adapters}
+    choices = _clean_choices(choices)
+    label_words = choices or next((a.label_words for a in loaded.values() if a.label_words), None)
+    records = load_eval_records(data, fields, label_field, label_words, limit)
+    if choices:
+        for r in records:
+            if r.output not in choices:
+                raise DataError(f"{r.where}: the answer {r.output!r} is not one of the choices {choices}")
+    first = next(iter(loaded.values()), None)
+    base_template = Template(template) if template else adapter_template(first, Template())
+    models: list[tuple[str | None, Adapter | None, Template]] = []
+    if compare_base or not loaded:
+        models.append((None, None, base_template))
+    models += [(name, a, adapter_template(a, Template())) for name, a in loaded.items()]
+
+    if max_new_tokens is None:
+        longest = max((len(encode_text(base.tokenizer, c)) for c in choices), default=0)
+        max_new_tokens = longest + 2 if choices else DEFAULT_MAX_NEW_TOKENS
+    generations = _generate(base, base_template, models, records, max_new_tokens, batch_size, progress) \
+        if max_new_tokens else {}
+
+    results = []
+    for name, adapter, tmpl in models:
+        start = time.perf_counter()
+        metrics = score_model(base, adapter, tmpl, records, choices, generations.get(name), batch_size,
+                              max_batch_tokens, max_length, progress)
+        results.append({"adapter": name, "template": tmpl.spec, **metrics,
+                        "seconds": round(time.perf_counter() - start + generations.get(("time", name), 0.0), 2)})
+    source = data if isinstance(data, (str, Path)) else "<records>"
+    return {"data": str(source), "model": base.name, "n": len(records), "choices": choices,
+            "max_new_tokens": max_new_tokens, "results": results}
+
+
+def _generate(base: BaseModel, base_template: Template, models, records: list[Record], max_new_tokens: int,
+              batch_size: int, progress: bool) -> dict:
+    """Greedy answers of every model; one Engine, so each adapter's soft-prompt KV is computed once."""
+    engine = Engine(base, {name: a for name, a, _ in models if a is not None}, default_template=base_template)
+    out: dict = {}
+    for name, _, _ in models:
+        start = time.perf_counter()
+        requests = [GenerationRequest(prompt_ids=engine.encode(r.instruction, r.input, name), adapter=name,
+                                      max_new_tokens=max_new_tokens) for r in records]
+        out[name] = [g.text.strip() for g in engine.generate(requests, batch_size=batch_size, progress=progress)]
+        out[("time", name)] = time.perf_counter() - start
+    return out
+
+
+def _clean_choices(choices) -> list[str] | None:
+    if choices is None:
+        return None
+    if isinstance(choices, str):
+        choices = choices.split(",")
+    choices = [c.strip() for c in choices]
+    if len(choices) < 2 or not all(choices):
+        raise ValueError(f"--choices needs at least two non-empty comma-separated answers, got {choices}")
+    if len(set(choices)) != len(choices):
+        raise ValueError(f"--choices has duplicates: {choices}")
+    return choices
+
+
+METRICS = [("n", "n", "{:d}"), ("loss", "loss (answer tokens)", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
+           ("accuracy", "accuracy (rank classification)", "{:.1%}"), ("exact_match", "exact match (greedy)", "{:.1%}"),
+           ("rouge_l", "ROUGE-L (greedy)", "{:.3f}"), ("seconds", "seconds", "{:.1f}")]
+
+
+def model_label(result: dict) -> str:
+    return "base" if result["adapter"] is None else str(result["adapter"])
+
+
+def format_table(results: list[dict], labels: list[str] | None = None) -> str:
+    """Metrics as rows, models side by side as columns."""
+    labels = labels or [model_label(r) for r in results]
+    rows = [[title] + [fmt.format(r[key]) if r.get(key) is not None else "-" for r in results]
+            for key, title, fmt in METRICS if any(key in r for r in results)]
+    header = ["metric"] + labels
+    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(row) for row in rows])
+
+
+def format_examples(results: list[dict], count: int, labels: list[str] | None = None) -> str:
+    """A few records with each model's answer (greedy generation, else the ranked choice)."""
+    labels = labels or [model_label(r) for r in results]
+    lines = []
+    for i in range(min(count, results[0]["n"] if results else 0)):
+        ex = results[0]["examples"][i]
+        lines.append(f"[{ex['where']}] {ex['instruction']}" + (f" | {ex['input']}" if ex["input"] else ""))
+        lines.append(f"    expected: {ex['output']!r}")
+        for label, r in zip(labels, results):
+            e = r["examples"][i]
+            answer = e.get("generation", e.get("choice"))
+            lines.append(f"    {label}: {answer!r}" + (f" (ranked choice: {e['choice']})" if "generation" in e and
+                                                        "choice" in e else ""))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = evaluate(args.data, args.model, args.adapter or [], args.compare_base, args.choices, args.max_new_tokens,
+                      args.batch_size, args.max_batch_tokens, args.max_length, args.fields, args.label_field,
+                      args.template, args.limit, args.device, args.dtype, progress=not args.no_progress)
+    print(f"{report['data']}: {report['n']} records, model {report['model']}")
+    print(format_table(report["results"]))
+    if args.examples:
+        print("\nexamples:")
+        print(format_examples(report["results"], args.examples))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="evaluate the base model and/or adapters: loss, perplexity, accuracy, exact match, ROUGE-L",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help="evaluation records: .json, .jsonl, .csv, .parquet or a save_to_disk folder")
+    p.add_argument("--model", help="base model: folder, .gguf file, hub id, or omitted for the embedded default")
+    p.add_argument("--adapter", action="extend", nargs="+", metavar="DIR",
+                   help="adapter folder(s) to evaluate (repeatable); each uses the template saved with it")
+    p.add_argument("--compare-base", action="store_true",
+                   help="also evaluate the base model without a soft prompt (always done when no --adapter is given)")
+    p.add_argument("--choices", help="comma-separated answers, e.g. negative,positive: adds rank-classification "
+                   "accuracy (full answer sequences scored); every record's answer must be one of them")
+    p.add_argument("--max-new-tokens", type=int, help="greedy answer length for exact match / ROUGE-L (default: "
+                   f"longest choice + 2 with --choices, else {DEFAULT_MAX_NEW_TOKENS}; 0 skips generation)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass and per generation batch")
+    p.add_argument("--max-batch-tokens", type=int, default=4096,
+                   help="token budget of one scoring forward pass (rows x longest row)")
+    p.add_argument("--max-length", type=int, default=2048, help="longest prompt + answer in tokens (longer: error)")
+    p.add_argument("--fields", help="source field names, e.g. 'instruction=sentence' (as in softprompt train)")
+    p.add_argument("--label-field", help="a field of integer class labels; label i becomes choice i (--choices, "
+                   "or the adapter's saved label words)")
+    p.add_argument("--template", help="prompt format for the base model (default: the first adapter's template, "
+                   "else 'reference'); adapters always use their saved template")
+    p.add_argument("--limit", type=int, help="evaluate only the first N records")
+    p.add_argument("--examples", type=int, default=3, help="print this many records with each model's answer")
+    p.add_argument("--json", metavar="OUT", help="write all metrics and per-record answers to this JSON file")
+    p.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=run)
