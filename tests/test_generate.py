@@ -217,3 +217,9 @@ def test_default_model_answers_and_matches_no_cache_loop(default_base):
     ids = engine.encode("Name a colour.", adapter="p")
     result = engine.generate([GenerationRequest(ids, adapter="p", max_new_tokens=6)])[0]
     assert result.token_ids == reference_greedy(default_base, adapter.embeddings, ids, 6)[0]
+    # A mixed batch (adapter and base rows, different prompt lengths) gives each row's solo output.
+    rows = [("Name a colour.", "p"), ("Write one sentence about the sea and the sky.", None), ("Hi", "p")]
+    requests = [GenerationRequest(engine.encode(t, adapter=a), adapter=a, max_new_tokens=6) for t, a in rows]
+    together = [r.token_ids for r in engine.generate(requests, batch_size=3)]
+    assert together == [engine.generate([r])[0].token_ids for r in requests]
+    assert together[0] == result.token_ids
