@@ -75,7 +75,14 @@ def resolve_device(device: str | None = None) -> torch.device:
     """'auto' or None picks CUDA when available, else CPU."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N ({err})") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} was requested but CUDA is not available here "
+                           "(no GPU, or a CPU-only torch build); use --device cpu or auto")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
