@@ -152,6 +152,7 @@ class DecodeBatch:
         for request in requests:
             if id(request) in live:
                 raise ValueError(f"request {request.id!r} is already in this batch")
+            live.add(id(request))
             if request.adapter not in self.prompt_cache:
                 raise UnknownAdapterError(f"request {request.id!r} names adapter {request.adapter!r}, which is not "
                                           f"loaded (loaded: {', '.join(self.prompt_cache.names()) or 'none'})")

@@ -223,3 +223,9 @@ def test_default_model_answers_and_matches_no_cache_loop(default_base):
     together = [r.token_ids for r in engine.generate(requests, batch_size=3)]
     assert together == [engine.generate([r])[0].token_ids for r in requests]
     assert together[0] == result.token_ids
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_request_without_cuda_is_a_clear_error(env, capsys):
+    assert main(["generate", "--model", env.model, "--device", "cuda", "hi"]) == 2
+    assert "device 'cuda' was requested but CUDA is not available here" in capsys.readouterr().err
