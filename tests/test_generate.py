@@ -229,3 +229,15 @@ def test_default_model_answers_and_matches_no_cache_loop(default_base):
 def test_cuda_request_without_cuda_is_a_clear_error(env, capsys):
     assert main(["generate", "--model", env.model, "--device", "cuda", "hi"]) == 2
     assert "device 'cuda' was requested but CUDA is not available here" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_streamed_pieces_never_split_a_character_with_a_byte_level_tokenizer(default_base):
+    from softprompt.detokenize import Detokenizer
+
+    text = "Café 你好世界 😀 naïve — done."
+    ids = encode_text(default_base.tokenizer, text)
+    detok = Detokenizer(default_base.tokenizer, stop=["done"])
+    pieces = [detok.push(i)[0] for i in ids]
+    assert all("\ufffd" not in p for p in pieces) and len([p for p in pieces if p]) > 5
+    assert "".join(pieces) == text[:text.index("done")] and detok.text == text[:text.index("done")]
