@@ -241,3 +241,19 @@ def test_streamed_pieces_never_split_a_character_with_a_byte_level_tokenizer(def
     pieces = [detok.push(i)[0] for i in ids]
     assert all("\ufffd" not in p for p in pieces) and len([p for p in pieces if p]) > 5
     assert "".join(pieces) == text[:text.index("done")] and detok.text == text[:text.index("done")]
+
+
+def test_adapter_written_by_peft_uses_the_reference_template(env, tmp_path):
+    peft = pytest.importorskip("peft")
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    wrapped = peft.get_peft_model(reload_tiny(env.model).model, config)
+    with torch.no_grad():
+        wrapped.prompt_encoder["default"].embedding.weight.normal_(0, 1.0)
+    wrapped.save_pretrained(tmp_path / "peft-adapter")
+    assert not (tmp_path / "peft-adapter" / "softprompt.json").exists()
+    prompt = load_adapter(tmp_path / "peft-adapter").embeddings
+    ids = encode_text(env.base.tokenizer, Template().prompt("tell me about cats", "", env.base.tokenizer))
+    tokens, _ = reference_greedy(env.base, prompt, ids, 10)
+    got = generate("tell me about cats", base=env.base, adapter=tmp_path / "peft-adapter", greedy=True,
+                   max_new_tokens=10)
+    assert got == env.base.tokenizer.decode(tokens, skip_special_tokens=True)
