@@ -263,9 +263,15 @@ def test_overload_gets_429_then_503_when_stopped(tiny, adapters_dir):
         body = {"model": "alpha", "prompt": "long", "max_tokens": 400, "temperature": 0, "stream": True}
         with httpx.Client(timeout=30) as http:
             with http.stream("POST", live.url + "/v1/completions", json=body) as running:
-                next(running.iter_lines())  # row 1 is live and holds the only batch slot
+                lines = running.iter_lines()  # (kept: a discarded line iterator closes the connection)
+                next(lines)  # row 1 is live and holds the only batch slot
                 with http.stream("POST", live.url + "/v1/completions", json=body) as queued:
                     wait_for(lambda: sched.snapshot()["waiting"] == 1)  # row 2 fills the queue
+                # closed before it got a token: its queue place is freed while row 1 still runs
+                wait_for(lambda: sched.snapshot()["cancelled"] == 1 and sched.snapshot()["waiting"] == 0)
+                assert sched.snapshot()["running"] == 1
+                with http.stream("POST", live.url + "/v1/completions", json=body) as queued:
+                    wait_for(lambda: sched.snapshot()["waiting"] == 1)
                     with pytest.raises(openai.RateLimitError) as info:
                         live.client.completions.create(model="beta", prompt="x", max_tokens=3)
                     assert info.value.status_code == 429
@@ -274,7 +280,7 @@ def test_overload_gets_429_then_503_when_stopped(tiny, adapters_dir):
                     assert info.value.body["code"] == "server_overloaded"
                     assert queued.status_code == 200
         wait_for(lambda: sched.snapshot()["running"] == 0 and sched.snapshot()["waiting"] == 0)
-        assert sched.snapshot()["rejected"] == 1 and sched.snapshot()["cancelled"] == 2
+        assert sched.snapshot()["rejected"] == 1 and sched.snapshot()["cancelled"] == 3
         sched.stop()
         with pytest.raises(openai.InternalServerError) as info:
             live.client.completions.create(model="alpha", prompt="x", max_tokens=3)

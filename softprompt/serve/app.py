@@ -226,7 +226,7 @@ async def _run(request: Request, state: ServerState, body, key: str | None, prom
             state.scheduler.cancel(job)
 
     if body.stream:
-        return _EventStream(reply.stream(events), on_close=cancel_all, media_type="text/event-stream",
+        return _EventStream(reply.stream(events), events, on_close=cancel_all, media_type="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     watcher = asyncio.create_task(_watch_disconnect(request, events))
     try:
@@ -248,16 +248,25 @@ async def _watch_disconnect(request: Request, events: asyncio.Queue) -> None:
 
 
 class _EventStream(StreamingResponse):
-    """A streaming response that runs `on_close` however it ends (finished, client gone, error)."""
+    """A streaming response that notices a disconnect even while no token is being sent (e.g. the request still
+    waits for a batch slot), and runs `on_close` however it ends (finished, client gone, error)."""
 
-    def __init__(self, content, on_close, **kwargs):
+    def __init__(self, content, events: asyncio.Queue, on_close, **kwargs):
         super().__init__(content, **kwargs)
-        self.on_close = on_close
+        self.events, self.on_close = events, on_close
 
     async def __call__(self, scope, receive, send):
+        async def watch():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.on_close()
+            self.events.put_nowait((-1, ClientGone()))  # ends the event generator
+
+        watcher = asyncio.create_task(watch())
         try:
             await super().__call__(scope, receive, send)
         finally:
+            watcher.cancel()
             self.on_close()
 
 
@@ -315,6 +324,8 @@ class _Reply:
         remaining = len(self.jobs)
         while remaining:
             index, item = await events.get()
+            if isinstance(item, ClientGone):
+                return
             if isinstance(item, BaseException):
                 yield _sse(_as_api_error(item).body())
                 break

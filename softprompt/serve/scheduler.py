@@ -138,13 +138,13 @@ class Scheduler:
                     calls = list(self.calls)
                     self.calls.clear()
                     cancelled = [j for j in self.live.values() if j.cancelled]
+                    if any(j.cancelled for j in self.waiting):  # free their queue places at once
+                        for job in [j for j in self.waiting if j.cancelled]:
+                            self._finish(job, cancelled=True)
+                        self.waiting = collections.deque(j for j in self.waiting if not j.cancelled)
                     admit = []
                     while self.waiting and len(self.live) + len(admit) < self.max_batch:
-                        job = self.waiting.popleft()
-                        if job.cancelled:
-                            self._finish(job, cancelled=True)
-                        else:
-                            admit.append(job)
+                        admit.append(self.waiting.popleft())
                 for fn, future in calls:
                     try:
                         future.set_result(fn())
