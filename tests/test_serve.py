@@ -426,3 +426,22 @@ def test_cli_serves_a_model_folder(tiny_dir, adapters_dir, tmp_path):
         proc.wait(timeout=20)
         log.close()
     assert "serving 4 models: base, alpha, beta, gamma" in (tmp_path / "serve.log").read_text()
+
+
+@pytest.mark.slow
+def test_real_model_chat_equals_generate(default_base, tmp_path):
+    """SmolLM2 (byte-level BPE): a chat answer streamed over HTTP equals `generate` for the same instruction."""
+    prompt = SoftPrompt.initialise(default_base, "text", init_text="Answer briefly and correctly.")
+    save_adapter(tmp_path / "brief", prompt.embeddings, default_base, init="text",
+                 init_text="Answer briefly and correctly.", template=Template("chat"))
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    with LiveServer(create_app(default_base, tmp_path)) as live:
+        chunks = live.client.chat.completions.create(model="brief", messages=messages, max_tokens=12, temperature=0,
+                                                     stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+        out = live.client.chat.completions.create(model="base", messages=messages, max_tokens=12, temperature=0)
+    assert streamed == generate("What is the capital of France?", base=default_base, adapter=tmp_path / "brief",
+                                greedy=True, max_new_tokens=12)
+    assert out.choices[0].message.content == generate("What is the capital of France?", base=default_base,
+                                                      greedy=True, max_new_tokens=12)
+    assert streamed.strip()
