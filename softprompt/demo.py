@@ -30,7 +30,7 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def run_demo(out: str | Path = DEFAULT_OUT, model: str | BaseModel | None = None, steps: int = 60,
+def run_demo(out: str | Path = DEFAULT_OUT, model: str | BaseModel | None = None, steps: int = 100,
              batch_size: int = 16, lr: float = 3e-2, num_virtual_tokens: int = 20, init: str = "labels",
              train_records: int | None = None, examples: int = 4, seed: int = 0, progress: bool = True,
              print_fn=print) -> dict:
@@ -109,7 +109,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
     p.add_argument("--model", help="base model (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--steps", type=int, default=60, help="optimiser steps (default 60)")
+    p.add_argument("--steps", type=int, default=100, help="optimiser steps (default 100)")
     p.add_argument("--batch-size", type=int, default=16, help="records per step (default 16)")
     p.add_argument("--lr", type=float, default=3e-2, help="peak learning rate (default 0.03)")
     p.add_argument("--num-virtual-tokens", type=int, default=20, help="soft-prompt length (default 20)")

@@ -34,14 +34,16 @@ DEFAULT_MAX_NEW_TOKENS = 128
 
 
 def load_eval_records(data, fields=None, label_field: str | None = None, label_words: list[str] | None = None,
-                      limit: int | None = None) -> list[Record]:
-    """Records as training reads them (data.load_records); `label_field` maps integer labels to `label_words`."""
+                      limit: int | None = None, skip_bad: bool = False) -> tuple[list[Record], list[str]]:
+    """Records as training reads them (data.load_records), plus the skipped ones ('where: why') with `skip_bad`;
+    `label_field` maps integer labels to `label_words`."""
     fields, mapping = Fields.parse(fields), None
     if label_field:
         if not label_words:
             raise ValueError("--label-field needs label words: pass --choices (or an adapter saved with label words)")
         fields, mapping = Fields(fields.instruction, fields.input, label_field), label_words
-    return load_records(data, fields, mapping, limit=limit).items
+    loaded = load_records(data, fields, mapping, skip_bad=skip_bad, limit=limit)
+    return loaded.items, loaded.skipped
 
 
 def nll_per_example(base: BaseModel, prompt: torch.Tensor | None, examples: list[batching.Example],
@@ -117,9 +119,9 @@ def evaluate(data, model: str | BaseModel | None = None, adapters: list[str | Pa
              choices: list[str] | None = None, max_new_tokens: int | None = None, batch_size: int = 16,
              max_batch_tokens: int = 4096, max_length: int = 2048, fields=None, label_field: str | None = None,
              template: str | None = None, limit: int | None = None, device: str | None = None,
-             dtype: str = "auto", progress: bool = False) -> dict:
+             dtype: str = "auto", skip_bad: bool = False, progress: bool = False) -> dict:
     """Evaluate the base model (when `compare_base` or no adapters are given) and each adapter on `data` (a path
-    or a list of dicts). `max_new_tokens=0` skips greedy generation. Returns a JSON-ready dict whose `results`
+    or a list of dicts). `max_new_tokens=0` skips greedy generation; `skip_bad` skips (and lists) bad records. Returns a JSON-ready dict whose `results`
     holds one entry per model, each with `adapter` (None for the base), `n`, `loss`, `perplexity`, and `accuracy`
     (with choices), `exact_match`, `rouge_l` (without choices), `examples` (per record: gold, prediction)."""
     if batch_size < 1:
@@ -128,7 +130,7 @@ def evaluate(data, model: str | BaseModel | None = None, adapters: list[str | Pa
     loaded = {str(path): load_adapter(path, base) for path in adapters}
     choices = _clean_choices(choices)
     label_words = choices or next((a.label_words for a in loaded.values() if a.label_words), None)
-    records = load_eval_records(data, fields, label_field, label_words, limit)
+    records, skipped = load_eval_records(data, fields, label_field, label_words, limit, skip_bad)
     if choices:
         for r in records:
             if r.output not in choices:
@@ -155,7 +157,7 @@ def evaluate(data, model: str | BaseModel | None = None, adapters: list[str | Pa
                         "seconds": round(time.perf_counter() - start + generations.get(("time", name), 0.0), 2)})
     source = data if isinstance(data, (str, Path)) else "<records>"
     return {"data": str(source), "model": base.name, "n": len(records), "choices": choices,
-            "max_new_tokens": max_new_tokens, "results": results}
+            "max_new_tokens": max_new_tokens, "skipped": skipped, "results": results}
 
 
 def _generate(base: BaseModel, base_template: Template, models, records: list[Record], max_new_tokens: int,
@@ -224,7 +226,10 @@ def format_examples(results: list[dict], count: int, labels: list[str] | None = 
 def run(args: argparse.Namespace) -> int:
     report = evaluate(args.data, args.model, args.adapter or [], args.compare_base, args.choices, args.max_new_tokens,
                       args.batch_size, args.max_batch_tokens, args.max_length, args.fields, args.label_field,
-                      args.template, args.limit, args.device, args.dtype, progress=not args.no_progress)
+                      args.template, args.limit, args.device, args.dtype, args.skip_bad,
+                      progress=not args.no_progress)
+    for reason in report["skipped"]:
+        print(f"skipped: {reason}")
     print(f"{report['data']}: {report['n']} records, model {report['model']}")
     print(format_table(report["results"]))
     if args.examples:
@@ -263,6 +268,8 @@ def register(subparsers) -> None:
     p.add_argument("--template", help="prompt format for the base model (default: the first adapter's template, "
                    "else 'reference'); adapters always use their saved template")
     p.add_argument("--limit", type=int, help="evaluate only the first N records")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and list) bad records instead of stopping at the "
+                   "first one")
     p.add_argument("--examples", type=int, default=3, help="print this many records with each model's answer")
     p.add_argument("--json", metavar="OUT", help="write all metrics and per-record answers to this JSON file")
     p.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")

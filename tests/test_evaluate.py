@@ -121,6 +121,8 @@ def test_errors_name_the_record(tiny):
     bad = RECORDS[:2] + [{"instruction": "x", "output": "maybe"}]
     with pytest.raises(DataError, match=r"<records>: record 2: the answer 'maybe' is not one of the choices"):
         evaluate(bad, tiny, choices="ab,ac", max_new_tokens=0)
+    report = evaluate(RECORDS[:2] + [{"instruction": "x", "output": ""}], tiny, max_new_tokens=0, skip_bad=True)
+    assert report["n"] == 2 and report["skipped"] == ["<records>: record 2: field 'output' is empty"]
     with pytest.raises(ValueError, match="--label-field needs label words"):
         evaluate([{"sentence": "x", "label": 1}], tiny, fields="instruction=sentence", label_field="label")
     with pytest.raises(ValueError, match="at least two"):
