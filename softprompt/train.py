@@ -43,14 +43,14 @@ class TrainConfig:
     out: str
     model: str | BaseModel | None = None
     num_virtual_tokens: int = 20
-    init: str = "vocab"
+    init: str | None = None  # None: "labels" when label_words are given, else "vocab"
     init_text: str | None = None
     label_words: list[str] | None = None
     template: str = "reference"
     fields: str | dict | None = None  # e.g. "instruction=sentence" (source field per role)
     label_field: str | None = None  # integer labels here become label_words[i] as the output
-    lr: float = 3e-2
-    optimizer: str = "adamw"
+    lr: float = 0.3  # with Adafactor: the cap on the step relative to the prompt's scale (see README)
+    optimizer: str = "adafactor"
     weight_decay: float = 0.0
     schedule: str = "cosine"
     warmup_steps: int | None = None  # None: 5% of the steps
@@ -143,10 +143,11 @@ def train(config: TrainConfig) -> TrainResult:
     warmup = config.warmup_steps if config.warmup_steps is not None else int(0.05 * total)
     eval_every = config.eval_every or config.save_every
 
-    prompt = SoftPrompt.initialise(base, config.init, config.num_virtual_tokens, config.init_text, label_words,
+    init = config.init or ("labels" if label_words else "vocab")
+    prompt = SoftPrompt.initialise(base, init, config.num_virtual_tokens, config.init_text, label_words,
                                    config.seed)
     optimizer = build_optimizer(config.optimizer, [prompt.embeddings], config.lr, config.weight_decay)
-    adapter_kwargs = {"init": config.init, "init_text": prompt.init_text, "template": template,
+    adapter_kwargs = {"init": init, "init_text": prompt.init_text, "template": template,
                       "label_words": label_words}
     state = {"best_eval_loss": None, "best_step": None, "bad_evals": 0, "tokens": 0,
              "records": len(examples), "step_records": step_records, "seed": config.seed}

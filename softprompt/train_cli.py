@@ -45,13 +45,15 @@ def register(subparsers) -> None:
     g.add_argument("--num-virtual-tokens", type=int, default=d.num_virtual_tokens,
                    help="soft-prompt length (with --init text, default: the init text's token count if omitted)")
     g.add_argument("--init", choices=INIT_METHODS, default=d.init, help="initialisation: embeddings of --init-text, "
-                   "sampled frequent-vocabulary rows, random at the embedding scale, or the --label-words")
+                   "sampled frequent-vocabulary rows, random at the embedding scale, or the --label-words (default: "
+                   "labels when --label-words is given, else vocab)")
     g.add_argument("--init-text", help="text whose token embeddings initialise the prompt (--init text)")
     g.add_argument("--dtype", default=d.dtype, help="auto (bf16 on GPUs that support it, else fp32), float32, "
                    "bfloat16, float16")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the accelerate process's device)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (Adafactor: the cap on each step relative to the prompt's RMS; AdamW: "
+                   "absolute, try 3e-2)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="optimiser")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="decoupled weight decay")
     g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="LR decay after warmup")
