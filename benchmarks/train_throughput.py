@@ -157,7 +157,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--num-virtual-tokens", type=int, default=13)
-    parser.add_argument("--max-batch-tokens", type=int, default=4096)
+    parser.add_argument("--max-batch-tokens", type=int, default=384,
+                        help="softprompt token budget per forward; 384 keeps peak memory at the recipe's level")
     parser.add_argument("--threads", type=int, help="torch threads in both runs (default: torch's choice)")
     parser.add_argument("--child", choices=["recipe", "softprompt"], help=argparse.SUPPRESS)
     parser.add_argument("--child-data", help=argparse.SUPPRESS)
