@@ -11,6 +11,7 @@ the model's own knowledge of what a word is), not a list of memorised answers.
 from __future__ import annotations
 
 import random
+from itertools import zip_longest
 
 QUESTION = "Which compass direction does this word point to?"
 TEMPLATE = "reference"  # the default prompt format: "Human: {question}\n{word}\n\nAssistant: "
@@ -60,7 +61,7 @@ def record(word: str, category: str) -> dict:
 
 def make_records(num_train: int = 400, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Training records (train words, shuffled and repeated to `num_train`) and one evaluation record per held-out
-    word. Deterministic for a given seed."""
+    word (categories interleaved). Deterministic for a given seed."""
     train_words, eval_words = word_split()
     rng = random.Random(seed)
     train: list[dict] = []
@@ -68,4 +69,7 @@ def make_records(num_train: int = 400, seed: int = 0) -> tuple[list[dict], list[
         batch = train_words[:]
         rng.shuffle(batch)
         train.extend(record(w, c) for w, c in batch)
-    return train[:num_train], [record(w, c) for w, c in eval_words]
+    # Evaluation records round-robin over the categories, so the first few shown cover every direction.
+    by_category = [[(w, c) for w, c in eval_words if c == category] for category in RULE]
+    interleaved = [pair for group in zip_longest(*by_category) for pair in group if pair is not None]
+    return train[:num_train], [record(w, c) for w, c in interleaved]

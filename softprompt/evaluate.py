@@ -213,7 +213,7 @@ def format_examples(results: list[dict], count: int, labels: list[str] | None = 
     lines = []
     for i in range(min(count, results[0]["n"] if results else 0)):
         ex = results[0]["examples"][i]
-        lines.append(f"[{ex['where']}] {ex['instruction']}" + (f" | {ex['input']}" if ex["input"] else ""))
+        lines.append(f"[{Path(ex['where']).name}] {ex['instruction']}" + (f" | {ex['input']}" if ex["input"] else ""))
         lines.append(f"    expected: {ex['output']!r}")
         for label, r in zip(labels, results):
             e = r["examples"][i]
