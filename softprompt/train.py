@@ -175,80 +175,85 @@ def train(config: TrainConfig) -> TrainResult:
     window = {"nll": 0.0, "labels": 0, "tokens": 0, "time": time.perf_counter()}
     run_tokens, run_time, stopped, last_loss, done = 0, 0.0, "completed", None, start
 
-    for step in range(start, total):
-        epoch, index = divmod(step, per_epoch)
-        if epoch not in plans:
-            plans = {epoch: batching.epoch_plan(lengths, step_records, config.seed, epoch)}
-        records = plans[epoch][index]
-        label_total = sum(examples[i].label_count for i in records)
-        mine = batching.shard(records, lengths, rank, world)
-        tick = time.perf_counter()
-        for lr_group in optimizer.param_groups:
-            lr_group["lr"] = lr_at(step, total, config.lr, warmup, config.schedule)
-        nll_sum = torch.zeros((), device=device)
-        for micro in batching.micro_batches(mine, lengths, config.max_batch_tokens):
-            batch = batching.collate([examples[i] for i in micro], tokenizer.pad_token_id, device)
-            nll, _ = forward.label_nll(model, prompt(), batch["input_ids"], batch["attention_mask"],
-                                       batch["labels"], mode=mode)
-            loss = nll.sum() / label_total
-            scaler.scale(loss).backward()
-            nll_sum += nll.sum().detach().float()
-        grad = prompt.embeddings.grad
-        if grad is None:
-            grad = prompt.embeddings.grad = torch.zeros_like(prompt.embeddings)
-        if world > 1:
-            grad.copy_(accelerator.reduce(grad, reduction="sum"))
-            nll_sum = accelerator.reduce(nll_sum, reduction="sum")
-        step_loss = nll_sum.item() / label_total
-        scaler.unscale_(optimizer)
-        if not math.isfinite(step_loss) or not torch.isfinite(grad).all():
-            _stop_on_nan(out, step + 1, step_loss, bar)
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([prompt.embeddings], config.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+    try:
+        for step in range(start, total):
+            epoch, index = divmod(step, per_epoch)
+            if epoch not in plans:
+                plans = {epoch: batching.epoch_plan(lengths, step_records, config.seed, epoch)}
+            records = plans[epoch][index]
+            label_total = sum(examples[i].label_count for i in records)
+            mine = batching.shard(records, lengths, rank, world)
+            tick = time.perf_counter()
+            for lr_group in optimizer.param_groups:
+                lr_group["lr"] = lr_at(step, total, config.lr, warmup, config.schedule)
+            nll_sum = torch.zeros((), device=device)
+            for micro in batching.micro_batches(mine, lengths, config.max_batch_tokens):
+                batch = batching.collate([examples[i] for i in micro], tokenizer.pad_token_id, device)
+                nll, _ = forward.label_nll(model, prompt(), batch["input_ids"], batch["attention_mask"],
+                                           batch["labels"], mode=mode)
+                loss = nll.sum() / label_total
+                scaler.scale(loss).backward()
+                nll_sum += nll.sum().detach().float()
+            grad = prompt.embeddings.grad
+            if grad is None:
+                grad = prompt.embeddings.grad = torch.zeros_like(prompt.embeddings)
+            if world > 1:
+                grad.copy_(accelerator.reduce(grad, reduction="sum"))
+                nll_sum = accelerator.reduce(nll_sum, reduction="sum")
+            step_loss = nll_sum.item() / label_total
+            scaler.unscale_(optimizer)
+            if not math.isfinite(step_loss) or not torch.isfinite(grad).all():
+                _stop_on_nan(out, step + 1, step_loss, bar)
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([prompt.embeddings], config.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
 
-        done = step + 1
-        step_tokens = sum(lengths[i] for i in records)
-        elapsed = time.perf_counter() - tick
-        run_tokens, run_time, last_loss = run_tokens + step_tokens, run_time + elapsed, step_loss
-        state["tokens"] += step_tokens
-        window["nll"] += step_loss * label_total
-        window["labels"] += label_total
-        window["tokens"] += step_tokens
-        if bar is not None:
-            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{run_tokens / max(run_time, 1e-9):.0f}")
-            bar.update(1)
-        if done % config.log_every == 0 or done == total:
-            now = time.perf_counter()
-            logger.log("train", done, epoch=round(done / per_epoch, 4), loss=window["nll"] / window["labels"],
-                       lr=optimizer.param_groups[0]["lr"], tokens_per_s=window["tokens"] / (now - window["time"]),
-                       tokens=state["tokens"])
-            window = {"nll": 0.0, "labels": 0, "tokens": 0, "time": now}
-        if eval_examples and (done % eval_every == 0 or done == total):
-            eval_loss = evaluate_loss(model, prompt, eval_examples, config.max_batch_tokens, tokenizer.pad_token_id,
-                                      accelerator)
-            improved = state["best_eval_loss"] is None or eval_loss < state["best_eval_loss"]
-            state.update(best_eval_loss=eval_loss if improved else state["best_eval_loss"],
-                         best_step=done if improved else state["best_step"],
-                         bad_evals=0 if improved else state["bad_evals"] + 1)
-            logger.log("eval", done, eval_loss=eval_loss, best_eval_loss=state["best_eval_loss"])
-            if main and improved:
-                from .adapter import save_adapter
+            done = step + 1
+            step_tokens = sum(lengths[i] for i in records)
+            elapsed = time.perf_counter() - tick
+            run_tokens, run_time, last_loss = run_tokens + step_tokens, run_time + elapsed, step_loss
+            state["tokens"] += step_tokens
+            window["nll"] += step_loss * label_total
+            window["labels"] += label_total
+            window["tokens"] += step_tokens
+            if bar is not None:
+                bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{run_tokens / max(run_time, 1e-9):.0f}")
+                bar.update(1)
+            if done % config.log_every == 0 or done == total:
+                now = time.perf_counter()
+                logger.log("train", done, epoch=round(done / per_epoch, 4), loss=window["nll"] / window["labels"],
+                           lr=optimizer.param_groups[0]["lr"], tokens_per_s=window["tokens"] / (now - window["time"]),
+                           tokens=state["tokens"])
+                window = {"nll": 0.0, "labels": 0, "tokens": 0, "time": now}
+            if eval_examples and (done % eval_every == 0 or done == total):
+                eval_loss = evaluate_loss(model, prompt, eval_examples, config.max_batch_tokens, tokenizer.pad_token_id,
+                                          accelerator)
+                improved = state["best_eval_loss"] is None or eval_loss < state["best_eval_loss"]
+                state.update(best_eval_loss=eval_loss if improved else state["best_eval_loss"],
+                             best_step=done if improved else state["best_step"],
+                             bad_evals=0 if improved else state["bad_evals"] + 1)
+                logger.log("eval", done, eval_loss=eval_loss, best_eval_loss=state["best_eval_loss"])
+                if main and improved:
+                    from .adapter import save_adapter
 
-                save_adapter(out / "best", prompt.embeddings, base, **adapter_kwargs,
-                             extra={"step": done, "eval_loss": eval_loss})
-            if config.early_stopping and state["bad_evals"] >= config.early_stopping:
-                stopped = "early_stopping"
-        if done % config.save_every == 0 or done == total or stopped != "completed":
-            if main:
-                checkpoint.save_checkpoint(out, done, prompt.embeddings, base, adapter_kwargs, optimizer,
-                                           {**state, "epoch": epoch}, config.keep_checkpoints)
-            accelerator.wait_for_everyone()
-        if stopped != "completed":
-            break
+                    save_adapter(out / "best", prompt.embeddings, base, **adapter_kwargs,
+                                 extra={"step": done, "eval_loss": eval_loss})
+                if config.early_stopping and state["bad_evals"] >= config.early_stopping:
+                    stopped = "early_stopping"
+            if done % config.save_every == 0 or done == total or stopped != "completed":
+                if main:
+                    checkpoint.save_checkpoint(out, done, prompt.embeddings, base, adapter_kwargs, optimizer,
+                                               {**state, "epoch": epoch}, config.keep_checkpoints)
+                accelerator.wait_for_everyone()
+            if stopped != "completed":
+                break
 
+    finally:
+        if config.gradient_checkpointing:
+            (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+            model.eval()
     if bar is not None:
         bar.close()
     final_emb = prompt.embeddings
@@ -263,9 +268,6 @@ def train(config: TrainConfig) -> TrainResult:
         checkpoint.write_adapter_into(out, final_emb, base, {**adapter_kwargs, "extra": {"training": summary}})
         logger.close()
     accelerator.wait_for_everyone()
-    if config.gradient_checkpointing:
-        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
-        model.eval()
     return TrainResult(str(out), summary["steps"], last_loss, state["best_eval_loss"], state["best_step"], stopped,
                        run_tokens / run_time if run_time else 0.0, len(examples), len(eval_examples), skipped,
                        truncated)
