@@ -73,7 +73,7 @@ def test_demo_cli(tiny_dir, tmp_path, capsys):
 def test_real_model_fails_zero_shot_and_demo_runs(default_base, tmp_path):
     """A shortened demo on SmolLM2-135M: the zero-shot model is at chance on the compass game (it cannot know the
     rule); the full-length run's improvement is measured in the README, not here."""
-    results = run_demo(tmp_path / "demo", default_base, steps=2, batch_size=4, progress=False, print_fn=lambda s: None)
+    results = run_demo(tmp_path / "demo", default_base, steps=1, batch_size=2, progress=False, print_fn=lambda s: None)
     assert results["before"]["accuracy"] <= 0.4
     assert results["before"]["exact_match"] <= 0.1
     assert results["after"]["n"] == results["before"]["n"]
