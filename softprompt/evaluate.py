@@ -83,24 +83,30 @@ def score_model(base: BaseModel, adapter: Adapter | None, template: Template, re
     """Metrics of one model (the base when `adapter` is None) on `records`; `generations`: its greedy answers."""
     tok = base.tokenizer
     prompt = adapter.embeddings.to(base.device, base.dtype) if adapter is not None else None
-    examples = [_encode(template, tok, r, r.output, max_length) for r in records]
-    pairs = [_encode(template, tok, r, c, max_length) for r in records for c in choices] if choices else []
+    if choices:
+        # The gold answer is one of the choices, so its (record, choice) pair also gives the loss.
+        examples = [_encode(template, tok, r, c, max_length) for r in records for c in choices]
+    else:
+        examples = [_encode(template, tok, r, r.output, max_length) for r in records]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(examples) + len(pairs), desc="score", unit="seq", leave=False)
-    nll, counts = nll_per_example(base, prompt, examples + pairs, batch_size, max_batch_tokens, bar)
+        bar = tqdm(total=len(examples), desc="score", unit="seq", leave=False)
+    nll, counts = nll_per_example(base, prompt, examples, batch_size, max_batch_tokens, bar)
     if bar is not None:
         bar.close()
-    loss = float(nll[:len(examples)].sum() / counts[:len(examples)].sum())
-    result = {"n": len(records), "loss": loss, "perplexity": math.exp(min(loss, 700.0))}
     predicted = None
     if choices:
-        scores = nll[len(examples):].view(len(records), len(choices))
+        gold = torch.tensor([choices.index(r.output) for r in records])
+        scores = nll.view(len(records), len(choices))
+        rows = torch.arange(len(records))
+        nll, counts = scores[rows, gold], counts.view(len(records), len(choices))[rows, gold]
         predicted = [choices[i] for i in scores.argmin(dim=1).tolist()]
-        gold = [choices.index(r.output) for r in records]
-        result["accuracy"] = sum(choices[g] == p for g, p in zip(gold, predicted)) / len(records)
+    loss = float(nll.sum() / counts.sum())
+    result = {"n": len(records), "loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+    if choices:
+        result["accuracy"] = sum(choices[g] == p for g, p in zip(gold.tolist(), predicted)) / len(records)
         result["predicted_counts"] = {c: predicted.count(c) for c in choices}
     if generations is not None:
         result["exact_match"] = sum(exact_match(g, r.output) for g, r in zip(generations, records)) / len(records)
@@ -121,8 +127,8 @@ def evaluate(data, model: str | BaseModel | None = None, adapters: list[str | Pa
              template: str | None = None, limit: int | None = None, device: str | None = None,
              dtype: str = "auto", skip_bad: bool = False, progress: bool = False) -> dict:
     """Evaluate the base model (when `compare_base` or no adapters are given) and each adapter on `data` (a path
-    or a list of dicts). `max_new_tokens=0` skips greedy generation; `skip_bad` skips (and lists) bad records. Returns a JSON-ready dict whose `results`
-    holds one entry per model, each with `adapter` (None for the base), `n`, `loss`, `perplexity`, and `accuracy`
+    or a list of dicts). `max_new_tokens=0` skips greedy generation; `skip_bad` skips (and lists) bad records.
+    Returns a JSON-ready dict whose `results` holds one entry per model, each with `adapter` (None for the base), `n`, `loss`, `perplexity`, and `accuracy`
     (with choices), `exact_match`, `rouge_l` (without choices), `examples` (per record: gold, prediction)."""
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
