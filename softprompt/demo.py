@@ -87,14 +87,17 @@ def run_demo(out: str | Path = DEFAULT_OUT, model: str | BaseModel | None = None
     }
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     curve = out / "loss_curve.png"
-    print_fn(f"\nDone in {done - start:.0f} s ({results['seconds']['cpu_total']:.0f} s of CPU time). In {out}/:\n"
+    cpu = results["seconds"]["cpu_total"]
+    print_fn(f"\nDone in {done - start:.0f} s ({cpu:.0f} s of CPU time). In {out}/:\n"
              f"  adapter (PEFT format)   {out}/adapter_config.json, {out}/adapter_model.safetensors\n"
              f"  training metrics        {out}/metrics.jsonl\n"
              + (f"  loss curve              {curve}\n" if curve.exists() else "")
              + f"  before/after metrics    {out / RESULTS_FILE}\n"
              f"  task data               {train_file}, {eval_file}\n"
-             f"Next: softprompt inspect {out}   |   softprompt generate --adapter {out} ...   |   "
-             f"softprompt eval --data {eval_file} --adapter {out} --compare-base --choices {','.join(demo_task.CHOICES)}")
+             f"Next:\n  softprompt inspect {out}\n"
+             f"  softprompt generate --adapter {out} --greedy {json.dumps(demo_task.QUESTION)} --input koala\n"
+             f"  softprompt eval --data {eval_file} --adapter {out} --compare-base "
+             f"--choices {','.join(demo_task.CHOICES)}")
     return results
 
 

@@ -128,8 +128,9 @@ def evaluate(data, model: str | BaseModel | None = None, adapters: list[str | Pa
              dtype: str = "auto", skip_bad: bool = False, progress: bool = False) -> dict:
     """Evaluate the base model (when `compare_base` or no adapters are given) and each adapter on `data` (a path
     or a list of dicts). `max_new_tokens=0` skips greedy generation; `skip_bad` skips (and lists) bad records.
-    Returns a JSON-ready dict whose `results` holds one entry per model, each with `adapter` (None for the base), `n`, `loss`, `perplexity`, and `accuracy`
-    (with choices), `exact_match`, `rouge_l` (without choices), `examples` (per record: gold, prediction)."""
+    Returns a JSON-ready dict whose `results` holds one entry per model, each with `adapter` (None for the base),
+    `n`, `loss`, `perplexity`, and `accuracy` (with choices), `exact_match`, `rouge_l` (without choices), `examples`
+    (per record: gold, prediction)."""
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     base = model if isinstance(model, BaseModel) else load_base(model, device=device, dtype=dtype)
@@ -151,8 +152,10 @@ def evaluate(data, model: str | BaseModel | None = None, adapters: list[str | Pa
     if max_new_tokens is None:
         longest = max((len(encode_text(base.tokenizer, c)) for c in choices), default=0)
         max_new_tokens = longest + 2 if choices else DEFAULT_MAX_NEW_TOKENS
-    generations = _generate(base, base_template, models, records, max_new_tokens, batch_size, progress) \
-        if max_new_tokens else {}
+    generations, gen_seconds = {}, {}
+    if max_new_tokens:
+        generations, gen_seconds = _generate(base, base_template, models, records, max_new_tokens, batch_size,
+                                             progress)
 
     results = []
     for name, adapter, tmpl in models:
@@ -160,24 +163,25 @@ def evaluate(data, model: str | BaseModel | None = None, adapters: list[str | Pa
         metrics = score_model(base, adapter, tmpl, records, choices, generations.get(name), batch_size,
                               max_batch_tokens, max_length, progress)
         results.append({"adapter": name, "template": tmpl.spec, **metrics,
-                        "seconds": round(time.perf_counter() - start + generations.get(("time", name), 0.0), 2)})
+                        "seconds": round(time.perf_counter() - start + gen_seconds.get(name, 0.0), 2)})
     source = data if isinstance(data, (str, Path)) else "<records>"
     return {"data": str(source), "model": base.name, "n": len(records), "choices": choices,
             "max_new_tokens": max_new_tokens, "skipped": skipped, "results": results}
 
 
 def _generate(base: BaseModel, base_template: Template, models, records: list[Record], max_new_tokens: int,
-              batch_size: int, progress: bool) -> dict:
-    """Greedy answers of every model; one Engine, so each adapter's soft-prompt KV is computed once."""
+              batch_size: int, progress: bool) -> tuple[dict, dict]:
+    """Greedy answers of every model and the seconds each took; one Engine, so each adapter's soft-prompt KV is
+    computed once."""
     engine = Engine(base, {name: a for name, a, _ in models if a is not None}, default_template=base_template)
-    out: dict = {}
+    out, seconds = {}, {}
     for name, _, _ in models:
         start = time.perf_counter()
         requests = [GenerationRequest(prompt_ids=engine.encode(r.instruction, r.input, name), adapter=name,
                                       max_new_tokens=max_new_tokens) for r in records]
         out[name] = [g.text.strip() for g in engine.generate(requests, batch_size=batch_size, progress=progress)]
-        out[("time", name)] = time.perf_counter() - start
-    return out
+        seconds[name] = time.perf_counter() - start
+    return out, seconds
 
 
 def _clean_choices(choices) -> list[str] | None:

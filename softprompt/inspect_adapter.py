@@ -73,7 +73,8 @@ def format_report(info: dict) -> str:
         f"  peft_type {cfg.get('peft_type')}, task_type {cfg.get('task_type')}, init {cfg.get('prompt_tuning_init')}"
         + (f" ({cfg.get('prompt_tuning_init_text')!r})" if cfg.get("prompt_tuning_init_text") else ""),
         f"  base model: {cfg.get('base_model_name_or_path')}",
-        f"  template: {info['template']!r}" + (f", label words: {extra['label_words']}" if extra.get("label_words") else ""),
+        f"  template: {info['template']!r}"
+        + (f", label words: {extra['label_words']}" if extra.get("label_words") else ""),
         f"  size on disk: {info['size_bytes']:,} bytes ({', '.join(f'{k} {v:,}' for k, v in info['files'].items())})",
         f"  virtual tokens: {info['num_virtual_tokens']} x hidden {info['hidden_size']} = "
         f"{info['trainable_parameters']:,} trainable parameters",
