@@ -95,7 +95,7 @@ def run_demo(out: str | Path = DEFAULT_OUT, model: str | BaseModel | None = None
              + f"  before/after metrics    {out / RESULTS_FILE}\n"
              f"  task data               {train_file}, {eval_file}\n"
              f"Next:\n  softprompt inspect {out}\n"
-             f"  softprompt generate --adapter {out} --greedy {json.dumps(demo_task.QUESTION)} --input koala\n"
+             f"  softprompt generate --adapter {out} --greedy {json.dumps(demo_task.QUESTION)} --input tiger\n"
              f"  softprompt eval --data {eval_file} --adapter {out} --compare-base "
              f"--choices {','.join(demo_task.CHOICES)}")
     return results
