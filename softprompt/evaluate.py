@@ -217,18 +217,24 @@ def format_table(results: list[dict], labels: list[str] | None = None) -> str:
     return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(row) for row in rows])
 
 
+def _short(text, width: int = 160) -> str:
+    shown = repr(text)
+    return shown if len(shown) <= width else shown[:width - 4] + "...'"
+
+
 def format_examples(results: list[dict], count: int, labels: list[str] | None = None) -> str:
-    """A few records with each model's answer (greedy generation, else the ranked choice)."""
+    """A few records with each model's answer (greedy generation, else the ranked choice); long texts shortened."""
     labels = labels or [model_label(r) for r in results]
     lines = []
     for i in range(min(count, results[0]["n"] if results else 0)):
         ex = results[0]["examples"][i]
-        lines.append(f"[{Path(ex['where']).name}] {ex['instruction']}" + (f" | {ex['input']}" if ex["input"] else ""))
-        lines.append(f"    expected: {ex['output']!r}")
+        question = ex["instruction"] + (f" | {ex['input']}" if ex["input"] else "")
+        lines.append(f"[{Path(ex['where']).name}] {_short(question)[1:-1]}")
+        lines.append(f"    expected: {_short(ex['output'])}")
         for label, r in zip(labels, results):
             e = r["examples"][i]
             answer = e.get("generation", e.get("choice"))
-            lines.append(f"    {label}: {answer!r}" + (f" (ranked choice: {e['choice']})" if "generation" in e and
+            lines.append(f"    {label}: {_short(answer)}" + (f" (ranked choice: {e['choice']})" if "generation" in e and
                                                         "choice" in e else ""))
     return "\n".join(lines)
 

@@ -172,3 +172,6 @@ def test_table_and_examples_format():
     text = format_examples(results, 1, ["before", "after"])
     assert text.splitlines() == ["[f:1] hi", "    expected: 'x'", "    before: 'y' (ranked choice: x)",
                                  "    after: 'x' (ranked choice: x)"]
+    results[0]["examples"][0] = dict(results[0]["examples"][0], generation="y" * 500)
+    long_line = format_examples(results, 1, ["before", "after"]).splitlines()[2]
+    assert long_line == "    before: '" + "y" * 155 + "...' (ranked choice: x)"
