@@ -6,7 +6,8 @@ template, with forward.label_nll, the same forward path training uses.
 
     python benchmarks/sst2_quality.py --train-records 2000 --eval-records 500            # the defaults
     python benchmarks/sst2_quality.py --train-records 400 --eval-records 200 \
-        --run "adamw-3e-2:" --run "adamw-1e-2:lr=0.01" --run "adafactor:optimizer=adafactor,lr=0.3"
+        --run "adamw-3e-2:optimizer=adamw,lr=0.03" --run "adafactor:optimizer=adafactor,lr=0.3"
+    python benchmarks/sst2_quality.py --adapter runs/sst2 --train-records 2000 --eval-records 500  # evaluate only
 
 Each --run is NAME:key=value,... overriding TrainConfig fields. Last line: a JSON object with zero_shot and each
 run's accuracy.
