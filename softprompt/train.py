@@ -107,9 +107,6 @@ def train(config: TrainConfig) -> TrainResult:
     if config.threads:
         torch.set_num_threads(config.threads)
     out = Path(config.out)
-    base = config.model if isinstance(config.model, BaseModel) else load_base(
-        config.model, device=config.device or str(accelerator.device), dtype=config.dtype)
-    model, tokenizer, device = base.model, base.tokenizer, base.device
     template = Template(config.template)
 
     label_words = _label_words(config.label_words)
@@ -125,6 +122,10 @@ def train(config: TrainConfig) -> TrainResult:
     elif config.eval_fraction:
         train_recs, eval_recs = split_holdout(train_recs, config.eval_fraction, config.seed)
     skipped = list(train_recs.skipped) + (list(eval_recs.skipped) if eval_recs else [])
+    # the model is loaded after the records, so bad data fails fast
+    base = config.model if isinstance(config.model, BaseModel) else load_base(
+        config.model, device=config.device or str(accelerator.device), dtype=config.dtype)
+    model, tokenizer, device = base.model, base.tokenizer, base.device
     examples, bad, truncated = batching.encode_records(train_recs.items, tokenizer, template, config.max_length,
                                                        config.skip_bad)
     skipped += bad
