@@ -263,3 +263,18 @@ def test_two_processes_match_one_at_the_same_global_batch(base, tmp_path):
     one = train(config(tmp_path / "one", base, batch_size=4, max_steps=6, lr=0.3))
     assert torch.allclose(emb(one.adapter_dir), emb(tmp_path / "two"), atol=1e-5)
     assert not torch.equal(emb(one.adapter_dir), SoftPrompt.initialise(base, "random", 4).embeddings.detach())
+
+
+def test_tensorboard_is_optional(tmp_path):
+    from softprompt.metrics import MetricsLogger
+
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="--tensorboard needs the tensorboard package: pip install tensorboard"):
+            MetricsLogger(tmp_path, tensorboard=True)
+    else:
+        logger = MetricsLogger(tmp_path, tensorboard=True)
+        logger.log("train", 1, loss=1.0)
+        logger.close()
+        assert any((tmp_path / "tensorboard").iterdir())
