@@ -4,13 +4,20 @@ The data flow, one module per arrow:
 records (data) -> template/tokenise (templates, batching) -> [soft prompt ; token embeddings] (prompt, forward)
 -> frozen model (models) -> loss (forward) -> adapter file (adapter) -> generate / serve (kvcache, engine, serve).
 
-The one-call-per-step API (imported lazily, so `import softprompt` stays light):
+One call per step (each verb's function lives in the module of the same name):
+
+    from softprompt import load_base
+    from softprompt.train import TrainConfig, train
+    from softprompt.evaluate import evaluate
+    from softprompt.generate import generate
 
     base = load_base()                                           # embedded SmolLM2-135M-Instruct, or a name/folder
     train(TrainConfig(data="alpaca.jsonl", out="runs/a", model=base))
     evaluate("heldout.jsonl", model=base, adapters=["runs/a"], compare_base=True)
     generate("Give three tips for staying healthy.", base=base, adapter="runs/a")
-    Engine(base, {"a": load_adapter("runs/a", base)})           # batched, mixed-adapter generation
+
+`TrainConfig`, `Engine`, `GenerationRequest`, `generate_batch` and `run_demo` are also importable from here
+(lazily, so `import softprompt` stays light).
 """
 
 from importlib import import_module
@@ -22,12 +29,12 @@ from .templates import Template
 
 __version__ = "0.1.0"
 
+# Functions named like their module (train, evaluate, generate, inspect_adapter) are not re-exported: importing
+# the submodule would rebind the package attribute to the module.
 _LAZY = {
-    "TrainConfig": "softprompt.train", "train": "softprompt.train",
-    "evaluate": "softprompt.evaluate",
-    "generate": "softprompt.generate", "generate_batch": "softprompt.generate",
+    "TrainConfig": "softprompt.train",
+    "generate_batch": "softprompt.generate",
     "Engine": "softprompt.engine", "GenerationRequest": "softprompt.engine",
-    "inspect_adapter": "softprompt.inspect_adapter",
     "run_demo": "softprompt.demo",
 }
 
