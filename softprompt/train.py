@@ -17,20 +17,19 @@ summed across processes with one all-reduce. See checkpoint.py for the output fo
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import batching, checkpoint, forward
-from .data import DataError, Fields, Records, load_records, split_holdout
+from .data import DataError, Fields, load_records, split_holdout
 from .metrics import MetricsLogger
 from .models import BaseModel, describe_parameters, load_base
-from .prompt import INIT_METHODS, SoftPrompt
-from .schedule import OPTIMIZERS, SCHEDULES, build_optimizer, lr_at
+from .prompt import SoftPrompt
+from .schedule import build_optimizer, lr_at
 from .templates import Template
 
 

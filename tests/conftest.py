@@ -1,11 +1,29 @@
+import os
 import sys
 from pathlib import Path
 
-import pytest
+# Before torch is imported: with the default (active) wait policy, OpenMP threads spin for each other, which makes
+# tiny models up to ~100x slower whenever anything else uses the CPU.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import save_tiny, tiny_base  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread_for_tiny_models(request):
+    """Tiny models run fastest on one thread; tests marked slow (the real model) keep every core."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

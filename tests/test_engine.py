@@ -16,15 +16,6 @@ from softprompt.sampling import filter_logits
 SIZES = {"a3": 3, "a7": 7, "a12": 12}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy machine two threads spin-wait for each other (~100x
-    slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def base():

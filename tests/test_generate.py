@@ -1,6 +1,5 @@
 """`softprompt generate` / `softprompt chat` and their Python API: outputs, batch files, templates, errors."""
 
-import importlib.util
 import io
 import json
 import subprocess
@@ -14,30 +13,15 @@ from engine_helpers import peaked_base, random_adapter, reference_greedy
 from helpers import reload_tiny, save_tiny
 from softprompt.adapter import load_adapter, save_adapter
 from softprompt.chat import Conversation, chat_loop
-from softprompt import cli
 from softprompt.cli import main
 from softprompt.engine import GenerationRequest
 from softprompt.generate import add_adapter, build_engine, generate, generate_batch
 from softprompt.templates import Template, encode_text
 
 USER_TEMPLATE = "Q: {instruction} {input}\nA:"
-MISSING_VERBS = [m for m in cli.VERBS.values() if importlib.util.find_spec(m) is None]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy machine two threads spin-wait for each other (~100x
-    slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
-
-@pytest.fixture(autouse=True)
-def importable_verbs(monkeypatch):
-    """Let cli.main run while other verbs' modules are still being written (a no-op once they all exist)."""
-    monkeypatch.setattr(cli, "VERBS", {v: m for v, m in cli.VERBS.items() if m not in MISSING_VERBS})
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +179,6 @@ def test_chat_template_conversation_keeps_turns(env):
     assert request.prompt_ids == encode_text(env.base.tokenizer, expected)
 
 
-@pytest.mark.skipif(bool(MISSING_VERBS), reason=f"verb modules not written yet: {MISSING_VERBS}")
 def test_chat_cli_reads_stdin(env):
     proc = subprocess.run(
         [sys.executable, "-m", "softprompt", "chat", "--model", env.model, "--adapter", str(env.adapters / "alpha"),

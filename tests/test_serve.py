@@ -17,7 +17,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 
 from softprompt import forward
 from softprompt.adapter import load_adapter, save_adapter
@@ -31,14 +30,6 @@ from softprompt.templates import Template, encode_text
 
 TEMPLATES = {"alpha": ("reference", 4), "beta": ("chat", 6), "gamma": ("Q: {instruction}\nA:", 3)}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one torch thread (on a busy 2-core machine two threads spin-wait for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_adapter(base, folder: Path, name: str, template: str, n: int, seed: int = 0) -> None:

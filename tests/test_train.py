@@ -40,7 +40,6 @@ def trainable_base(seed: int = 0) -> BaseModel:
 
 @pytest.fixture(scope="module")
 def base():
-    torch.set_num_threads(1)
     return trainable_base()
 
 
