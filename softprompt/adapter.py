@@ -131,12 +131,7 @@ def load_adapter(path: str | Path, base=None) -> Adapter:
     config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     if not config_path.is_file():
         raise AdapterError(f"{config_path}: missing (not an adapter folder)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterError(f"{config_path}: not valid JSON: {err}") from err
-    if not isinstance(config, dict):
-        raise AdapterError(f"{config_path}: expected a JSON object")
+    config = _read_json_object(config_path)
     peft_type = config.get("peft_type")
     if peft_type != "PROMPT_TUNING":
         raise AdapterError(f"{config_path}: peft_type is {peft_type!r}; softprompt loads only PROMPT_TUNING adapters")
@@ -162,20 +157,18 @@ def load_adapter(path: str | Path, base=None) -> Adapter:
     if base is not None and emb.shape[1] != base.hidden_size:
         raise AdapterError(f"{path}: adapter hidden size {emb.shape[1]} does not fit the base model "
                            f"{base.name} (hidden size {base.hidden_size})")
-    extra = _read_extra(path / EXTRA_FILE)
+    extra = _read_json_object(path / EXTRA_FILE) if (path / EXTRA_FILE).is_file() else {}
     return Adapter(
         embeddings=emb.to(torch.float32), config=config, template=Template.from_json(extra.get("template")),
         label_words=extra.get("label_words"), extra=extra, path=str(path),
     )
 
 
-def _read_extra(path: Path) -> dict:
-    if not path.is_file():
-        return {}
+def _read_json_object(path: Path) -> dict:
     try:
-        extra = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterError(f"{path}: not valid JSON: {err}") from err
-    if not isinstance(extra, dict):
+    if not isinstance(value, dict):
         raise AdapterError(f"{path}: expected a JSON object")
-    return extra
+    return value

@@ -134,6 +134,20 @@ def _to_record(row, where: str, fields: Fields, label_words: list[str] | None) -
     return Record(values["instruction"], values["input"], values["output"], where)
 
 
+def parse_words(words, flag: str, minimum: int = 1) -> list[str] | None:
+    """A comma-separated string (or a list) of answer words, stripped; each non-empty, no duplicates."""
+    if words is None:
+        return None
+    if isinstance(words, str):
+        words = words.split(",")
+    words = [w.strip() for w in words]
+    if len(words) < minimum or not all(words):
+        raise ValueError(f"{flag} needs at least {minimum} non-empty comma-separated word(s), got {words}")
+    if len(set(words)) != len(words):
+        raise ValueError(f"{flag} has duplicates: {words}")
+    return words
+
+
 def _label_word(value, label_words: list[str], where: str, key: str) -> str:
     if isinstance(value, str):
         if value.strip().lstrip("-").isdigit():

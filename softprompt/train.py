@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from . import batching, checkpoint, forward
-from .data import DataError, Fields, load_records, split_holdout
+from .data import DataError, Fields, load_records, parse_words, split_holdout
 from .metrics import MetricsLogger
 from .models import BaseModel, describe_parameters, load_base
 from .prompt import SoftPrompt
@@ -108,7 +108,7 @@ def train(config: TrainConfig) -> TrainResult:
     out = Path(config.out)
     template = Template(config.template)
 
-    label_words = _label_words(config.label_words)
+    label_words = parse_words(config.label_words, "--label-words")
     fields, mapping = Fields.parse(config.fields), None
     if config.label_field:
         if not label_words:
@@ -292,15 +292,6 @@ def evaluate_loss(model, prompt: SoftPrompt, examples: list[batching.Example], m
     return (totals[0] / totals[1]).item()
 
 
-def _label_words(words) -> list[str] | None:
-    if words is None:
-        return None
-    if isinstance(words, str):
-        words = words.split(",")
-    words = [w.strip() for w in words]
-    if not all(words):
-        raise ValueError(f"label words must be non-empty, got {words}")
-    return words
 
 
 def _resume(config: TrainConfig, prompt: SoftPrompt, optimizer, state: dict) -> tuple[int, dict]:
