@@ -23,7 +23,7 @@ import torch
 
 from . import batching, forward
 from .adapter import Adapter, load_adapter
-from .data import DataError, Fields, Record, load_records
+from .data import DataError, Fields, Record, load_records, parse_words
 from .engine import Engine, GenerationRequest
 from .kvcache import adapter_template
 from .models import BaseModel, load_base
@@ -135,7 +135,7 @@ def evaluate(data, model: str | BaseModel | None = None, adapters: list[str | Pa
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     base = model if isinstance(model, BaseModel) else load_base(model, device=device, dtype=dtype)
     loaded = {str(path): load_adapter(path, base) for path in adapters}
-    choices = _clean_choices(choices)
+    choices = parse_words(choices, "--choices", minimum=2)
     label_words = choices or next((a.label_words for a in loaded.values() if a.label_words), None)
     records, skipped = load_eval_records(data, fields, label_field, label_words, limit, skip_bad)
     if choices:
@@ -184,17 +184,6 @@ def _generate(base: BaseModel, base_template: Template, models, records: list[Re
     return out, seconds
 
 
-def _clean_choices(choices) -> list[str] | None:
-    if choices is None:
-        return None
-    if isinstance(choices, str):
-        choices = choices.split(",")
-    choices = [c.strip() for c in choices]
-    if len(choices) < 2 or not all(choices):
-        raise ValueError(f"--choices needs at least two non-empty comma-separated answers, got {choices}")
-    if len(set(choices)) != len(choices):
-        raise ValueError(f"--choices has duplicates: {choices}")
-    return choices
 
 
 METRICS = [("n", "n", "{:d}"), ("loss", "loss (answer tokens)", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
