@@ -125,7 +125,7 @@ def test_errors_name_the_record(tiny):
     assert report["n"] == 2 and report["skipped"] == ["<records>: record 2: field 'output' is empty"]
     with pytest.raises(ValueError, match="--label-field needs label words"):
         evaluate([{"sentence": "x", "label": 1}], tiny, fields="instruction=sentence", label_field="label")
-    with pytest.raises(ValueError, match="at least two"):
+    with pytest.raises(ValueError, match="--choices needs at least 2 non-empty comma-separated words"):
         evaluate(RECORDS, tiny, choices="ab")
 
 
