@@ -1,20 +1,10 @@
 import json
 
 import pytest
-import torch
 
 from softprompt import cli, demo_task
 from softprompt.adapter import load_adapter
 from softprompt.demo import RESULTS_FILE, run_demo
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (two threads spin-wait for each other on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_task_is_deterministic_with_disjoint_words():

@@ -14,15 +14,6 @@ from softprompt.templates import Template, encode_text
 TEMPLATE = "Q: {instruction} {input} A:"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (two threads spin-wait for each other on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def oracle_nll(base, prompt, template, record, answer):
     """Summed NLL of answer + EOS after the prompt, from full logits of the concatenated sequence (an independent
     path: textbook concatenation, LM head everywhere, log-softmax by hand)."""

@@ -9,15 +9,6 @@ from softprompt.inspect_adapter import base_for, format_report, inspect_adapter
 from softprompt.models import DEFAULT_MODEL, DEFAULT_MODEL_NAME
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (two threads spin-wait for each other on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def vocab_rows_adapter(base, tmp_path, ids, scale=1.0):
     table = base.model.get_input_embeddings().weight.detach()
     emb = table[torch.tensor(ids)] * scale
