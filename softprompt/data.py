@@ -142,7 +142,8 @@ def parse_words(words, flag: str, minimum: int = 1) -> list[str] | None:
         words = words.split(",")
     words = [w.strip() for w in words]
     if len(words) < minimum or not all(words):
-        raise ValueError(f"{flag} needs at least {minimum} non-empty comma-separated word{'s' if minimum > 1 else ''}, got {words}")
+        plural = "s" if minimum > 1 else ""
+        raise ValueError(f"{flag} needs at least {minimum} non-empty comma-separated word{plural}, got {words}")
     if len(set(words)) != len(words):
         raise ValueError(f"{flag} has duplicates: {words}")
     return words

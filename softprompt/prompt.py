@@ -29,7 +29,8 @@ class SoftPrompt(nn.Module):
     def __init__(self, embeddings: torch.Tensor, init: str = "random", init_text: str | None = None):
         super().__init__()
         if embeddings.ndim != 2 or embeddings.shape[0] < 1:
-            raise ValueError(f"a soft prompt needs shape [num_virtual_tokens >= 1, hidden], got {tuple(embeddings.shape)}")
+            raise ValueError("a soft prompt needs shape [num_virtual_tokens >= 1, hidden], "
+                             f"got {tuple(embeddings.shape)}")
         self.embeddings = nn.Parameter(embeddings.detach().to(torch.float32).clone())
         self.init = init
         self.init_text = init_text

@@ -52,8 +52,9 @@ def register(subparsers) -> None:
                    "bfloat16, float16")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the accelerate process's device)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (Adafactor: the cap on each step relative to the prompt's RMS; AdamW: "
-                   "absolute, try 3e-2)")
+    g.add_argument("--lr", type=float, default=d.lr,
+                   help="peak learning rate (Adafactor: the cap on each step relative to the prompt's RMS; "
+                        "AdamW: absolute, try 3e-2)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="optimiser")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="decoupled weight decay")
     g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="LR decay after warmup")

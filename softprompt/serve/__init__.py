@@ -74,8 +74,9 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     base = load_base(args.model, device=args.device, dtype=args.dtype)
-    app = create_app(base, args.adapters, template=Template(CHAT if args.chat_template else REFERENCE), max_batch=args.max_batch,
-                     max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap, max_model_len=args.max_model_len,
+    template = Template(CHAT if args.chat_template else REFERENCE)
+    app = create_app(base, args.adapters, template=template, max_batch=args.max_batch, max_queue=args.max_queue,
+                     max_tokens_cap=args.max_tokens_cap, max_model_len=args.max_model_len,
                      api_key=args.api_key or os.environ.get("SOFTPROMPT_API_KEY") or None)
     state = app.state.softprompt
     names = ["base"] + state.registry.names()
