@@ -96,7 +96,9 @@ def save_adapter(out_dir: str | Path, embeddings, base, *, init: str | None = No
         tensor.shape[0], tensor.shape[1], base.name if base is not None else None,
         getattr(cfg, "num_hidden_layers", None), getattr(cfg, "num_attention_heads", None), init, init_text,
     )
-    meta = {"template": (template or Template()).to_json(), "label_words": label_words, **(extra or {})}
+    # PEFT's config only knows TEXT / SAMPLE_VOCAB / RANDOM; the exact method (e.g. "labels") is kept here.
+    meta = {"template": (template or Template()).to_json(), "label_words": label_words, "init": init,
+            **(extra or {})}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:

@@ -70,7 +70,8 @@ def format_report(info: dict) -> str:
     cfg, extra = info["config"], info["softprompt"]
     lines = [
         f"adapter: {info['path']}",
-        f"  peft_type {cfg.get('peft_type')}, task_type {cfg.get('task_type')}, init {cfg.get('prompt_tuning_init')}"
+        f"  peft_type {cfg.get('peft_type')}, task_type {cfg.get('task_type')}, init "
+        f"{extra.get('init') or cfg.get('prompt_tuning_init')}"
         + (f" ({cfg.get('prompt_tuning_init_text')!r})" if cfg.get("prompt_tuning_init_text") else ""),
         f"  base model: {cfg.get('base_model_name_or_path')}",
         f"  template: {info['template']!r}"

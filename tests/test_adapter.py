@@ -37,6 +37,7 @@ def test_saved_folder_has_peft_layout(tmp_path, tiny):
     assert torch.equal(tensors["prompt_embeddings"], prompt.embeddings.detach())
     loaded = load_adapter(out, tiny)
     assert loaded.template == Template("Q: {instruction}") and loaded.label_words == ["no", "yes"]
+    assert config["prompt_tuning_init"] == "RANDOM" and loaded.extra["init"] == "random"
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folders left behind
 
 
