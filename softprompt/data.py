@@ -183,7 +183,7 @@ def _read_rows(path: Path) -> Iterator[tuple[str, object]]:
         raise DataError(f"data file not found: {path}")
     fmt = detect_format(path)
     if fmt == "jsonl":
-        return _read_jsonl(path)
+        return read_jsonl(path)
     if fmt == "json":
         return _read_json(path)
     if fmt == "csv":
@@ -193,7 +193,9 @@ def _read_rows(path: Path) -> Iterator[tuple[str, object]]:
     return _read_table(path, _disk_rows(path))
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
+def read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
+    """("file:line", parsed object) per non-blank line; a malformed line yields a DataError in place of the object
+    (the caller raises it, or counts it as skipped)."""
     with open(path, encoding="utf-8") as handle:
         try:
             for number, line in enumerate(handle, 1):

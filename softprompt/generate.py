@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .adapter import Adapter, load_adapter
+from .data import read_jsonl
 from .engine import Engine, GenerationRequest
 from .models import BaseModel, load_base
 from .templates import CHAT, Template
@@ -117,17 +118,12 @@ def read_batch(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"batch file not found: {path}")
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {number}: not valid JSON: {err}") from err
-            check_record(record, f"{path} line {number}")
-            record["_where"] = f"{path} line {number}"
-            records.append(record)
+    for where, record in read_jsonl(path):
+        if isinstance(record, Exception):
+            raise record
+        check_record(record, where)
+        record["_where"] = where
+        records.append(record)
     return records
 
 

@@ -116,13 +116,13 @@ def test_api_batch_seeds_rows_independently(env):
 
 
 BAD_BATCHES = [
-    ('{"instruction": "x"}\n{"instruction": "y", "adapter": "nope"}\n', "line 2: unknown adapter 'nope': no folder"),
-    ('{"instruction": "x"}\n\n{not json\n', "line 3: not valid JSON"),
-    ('{"input": "x"}\n', "line 1: missing 'instruction' (a string)"),
-    ('["x"]\n', "line 1: expected a JSON object with 'instruction', got list"),
-    ('{"instruction": "x", "adapter": "../alpha"}\n', "line 1: adapter '../alpha' must be the name of a folder "
+    ('{"instruction": "x"}\n{"instruction": "y", "adapter": "nope"}\n', ":2: unknown adapter 'nope': no folder"),
+    ('{"instruction": "x"}\n\n{not json\n', ":3: malformed JSON: Expecting property name enclosed in double quotes"),
+    ('{"input": "x"}\n', ":1: missing 'instruction' (a string)"),
+    ('["x"]\n', ":1: expected a JSON object with 'instruction', got list"),
+    ('{"instruction": "x", "adapter": "../alpha"}\n', ":1: adapter '../alpha' must be the name of a folder "
                                                       "under --adapters-dir"),
-    ('{"instruction": "' + "x" * 600 + '"}\n', "line 1: prompt too long: 0 virtual tokens + 620 prompt tokens"),
+    ('{"instruction": "' + "x" * 600 + '"}\n', ":1: prompt too long: 0 virtual tokens + 620 prompt tokens"),
 ]
 
 
@@ -132,7 +132,7 @@ def test_bad_batch_files_are_named(env, tmp_path, capsys, content, message):
     batch.write_text(content, encoding="utf-8")
     rc = main(["generate", "--model", env.model, "--batch", str(batch), "--adapters-dir", str(env.adapters)])
     err = capsys.readouterr().err
-    assert rc == 2 and "softprompt generate: error: " in err and f"{batch} {message}" in err
+    assert rc == 2 and "softprompt generate: error: " in err and f"{batch}{message}" in err
 
 
 def test_bad_adapters_and_prompts_are_clear_errors(env, tmp_path, capsys):
@@ -151,7 +151,7 @@ def test_bad_adapters_and_prompts_are_clear_errors(env, tmp_path, capsys):
     batch = tmp_path / "b.jsonl"
     batch.write_text('{"instruction": "x", "adapter": "alpha"}\n')
     assert main(["generate", "--model", env.model, "--batch", str(batch)]) == 2
-    assert "line 1: names adapter 'alpha' but no --adapters-dir was given" in capsys.readouterr().err
+    assert f"{batch}:1: names adapter 'alpha' but no --adapters-dir was given" in capsys.readouterr().err
     assert main(["generate", "--model", env.model, "--greedy", "--max-new-tokens", "4", "--truncate", "x" * 600]) == 0
 
 
