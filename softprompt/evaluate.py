@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import batching, forward
+from . import batching
 from .adapter import Adapter, load_adapter
 from .data import DataError, Fields, Record, load_records, parse_words
 from .engine import Engine, GenerationRequest
@@ -44,27 +44,6 @@ def load_eval_records(data, fields=None, label_field: str | None = None, label_w
         fields, mapping = Fields(fields.instruction, fields.input, label_field), label_words
     loaded = load_records(data, fields, mapping, skip_bad=skip_bad, limit=limit)
     return loaded.items, loaded.skipped
-
-
-def nll_per_example(base: BaseModel, prompt: torch.Tensor | None, examples: list[batching.Example],
-                    batch_size: int, max_batch_tokens: int, bar=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed NLL of each example's label tokens and its label count, batched by rows and by a token budget."""
-    lengths = [len(e) for e in examples]
-    nll = torch.zeros(len(examples), dtype=torch.float64)
-    counts = torch.zeros(len(examples), dtype=torch.long)
-    batches = [b[i:i + batch_size] for b in batching.micro_batches(list(range(len(examples))), lengths,
-                                                                     max_batch_tokens)
-               for i in range(0, len(b), batch_size)]
-    with torch.no_grad():
-        for rows in batches:
-            batch = batching.collate([examples[i] for i in rows], base.tokenizer.pad_token_id, base.device)
-            row_nll, row_counts = forward.label_nll(base.model, prompt, batch["input_ids"], batch["attention_mask"],
-                                                    batch["labels"])
-            nll[rows] = row_nll.double().cpu()
-            counts[rows] = row_counts.cpu()
-            if bar is not None:
-                bar.update(len(rows))
-    return nll, counts
 
 
 def _encode(template: Template, tokenizer, record: Record, output: str, max_length: int) -> batching.Example:
@@ -93,7 +72,8 @@ def score_model(base: BaseModel, adapter: Adapter | None, template: Template, re
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(examples), desc="score", unit="seq", leave=False)
-    nll, counts = nll_per_example(base, prompt, examples, batch_size, max_batch_tokens, bar)
+    nll, counts = batching.nll_per_example(base.model, prompt, examples, tok.pad_token_id, max_batch_tokens,
+                                           batch_size, bar)
     if bar is not None:
         bar.close()
     predicted = None

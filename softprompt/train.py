@@ -278,15 +278,10 @@ def evaluate_loss(model, prompt: SoftPrompt, examples: list[batching.Example], m
                   accelerator=None) -> float:
     """Mean NLL per answer token over `examples` (split across processes when there are several)."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    lengths = [len(e) for e in examples]
-    mine = batching.shard(list(range(len(examples))), lengths, rank, world)
+    mine = batching.shard(list(range(len(examples))), [len(e) for e in examples], rank, world)
+    nll, counts = batching.nll_per_example(model, prompt(), [examples[i] for i in mine], pad_id, max_tokens)
     device = model.get_input_embeddings().weight.device
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    for micro in batching.micro_batches(mine, lengths, max_tokens):
-        batch = batching.collate([examples[i] for i in micro], pad_id, device)
-        nll, counts = forward.label_nll(model, prompt(), batch["input_ids"], batch["attention_mask"],
-                                        batch["labels"])
-        totals += torch.stack([nll.sum().double(), counts.sum().double()])
+    totals = torch.stack([nll.sum(), counts.sum().double()]).to(device)
     if world > 1:
         totals = accelerator.reduce(totals, reduction="sum")
     return (totals[0] / totals[1]).item()
