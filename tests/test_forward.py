@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from softprompt.forward import label_nll, text_logits
+from softprompt.forward import SharedPrefix, head_nll, label_nll, lm_logits, text_logits
 
 torch.manual_seed(0)
 
@@ -76,3 +76,37 @@ def test_first_text_token_is_predicted_from_the_last_virtual_token(tiny):
 def test_without_prompt_equals_the_plain_model(tiny):
     ids, mask = _rows(tiny, [5, 5])
     assert torch.allclose(text_logits(tiny.model, None, ids, mask), tiny.model(input_ids=ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("cap", [None, 3.0])
+def test_fused_head_nll_equals_autograd_cross_entropy(tiny, cap, monkeypatch):
+    monkeypatch.setattr(tiny.model.config, "final_logit_softcapping", cap, raising=False)
+    hidden = (torch.randn(11, tiny.hidden_size) * 3).requires_grad_()
+    targets = torch.randint(0, len(tiny.tokenizer), (11,))
+    upstream = torch.rand(11)
+    fused = head_nll(tiny.model, hidden, targets, chunk=4)  # 3 chunks, the last one short
+    (fused_grad,) = torch.autograd.grad((fused * upstream).sum(), hidden)
+    plain = F.cross_entropy(lm_logits(tiny.model, hidden), targets, reduction="none")
+    (plain_grad,) = torch.autograd.grad((plain * upstream).sum(), hidden)
+    assert torch.allclose(fused, plain, atol=1e-5)
+    assert torch.allclose(fused_grad, plain_grad, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(head_nll(tiny.model, hidden, targets, chunk=4), plain, atol=1e-5)
+    assert head_nll(tiny.model, hidden[:0], targets[:0]).shape == (0,)
+
+
+def test_shared_prefix_gives_the_gradient_of_per_batch_prompt_runs(tiny):
+    prompt = (torch.randn(3, tiny.hidden_size) * 0.1).requires_grad_()
+    batches = [_rows(tiny, [6, 4]), _rows(tiny, [9]), _rows(tiny, [2, 2, 3])]
+    for ids, mask in batches:
+        nll, _ = label_nll(tiny.model, prompt, ids, mask, ids.masked_fill(mask == 0, -100))
+        nll.sum().backward()
+    expected, prompt.grad = prompt.grad, None
+    prefix = SharedPrefix(tiny.model, prompt)
+    for ids, mask in batches:
+        nll, _ = label_nll(tiny.model, prompt, ids, mask, ids.masked_fill(mask == 0, -100), prefix=prefix)
+        nll.sum().backward()
+    assert prompt.grad is None  # nothing reaches the prompt before the one backward through the virtual tokens
+    prefix.backward()
+    assert torch.allclose(prompt.grad, expected, atol=1e-6)
+    assert expected.abs().sum() > 0
