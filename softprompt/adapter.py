@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -27,6 +28,17 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 EXTRA_FILE = "softprompt.json"
 TENSOR_KEY = "prompt_embeddings"
 PEFT_VERSION = "0.21.2"
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_adapter_name(name: object) -> str:
+    """Return `name` if it can name an adapter (a folder under an adapters directory, a served model name), else
+    raise ValueError. One rule for batch files and the server."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        raise ValueError(f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
+                         "letter or digit (no '/', no '..', not an absolute path)")
+    return name
 
 
 class AdapterError(ValueError):

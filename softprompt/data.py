@@ -43,6 +43,18 @@ class Fields:
             raise DataError(f"unknown field role(s) {', '.join(sorted(unknown))}: use instruction=, input=, output=")
         return cls(**pairs)
 
+    @classmethod
+    def with_labels(cls, spec: str | dict | None, label_field: str | None, label_words: list[str] | None,
+                    words_flag: str) -> tuple["Fields", list[str] | None]:
+        """Fields plus the label mapping for load_records: with `label_field`, that field's integer label i becomes
+        the output word label_words[i]. `words_flag` names the option that gives the words, for the error."""
+        fields = cls.parse(spec)
+        if not label_field:
+            return fields, None
+        if not label_words:
+            raise ValueError(f"--label-field needs label words: pass {words_flag} (the word for label 0, 1, ...)")
+        return cls(fields.instruction, fields.input, label_field), label_words
+
 
 def _split_pair(part: str) -> tuple[str, str]:
     if "=" not in part:

@@ -37,11 +37,8 @@ def load_eval_records(data, fields=None, label_field: str | None = None, label_w
                       limit: int | None = None, skip_bad: bool = False) -> tuple[list[Record], list[str]]:
     """Records as training reads them (data.load_records), plus the skipped ones ('where: why') with `skip_bad`;
     `label_field` maps integer labels to `label_words`."""
-    fields, mapping = Fields.parse(fields), None
-    if label_field:
-        if not label_words:
-            raise ValueError("--label-field needs label words: pass --choices (or an adapter saved with label words)")
-        fields, mapping = Fields(fields.instruction, fields.input, label_field), label_words
+    fields, mapping = Fields.with_labels(fields, label_field, label_words,
+                                         "--choices (or an adapter saved with label words)")
     loaded = load_records(data, fields, mapping, skip_bad=skip_bad, limit=limit)
     return loaded.items, loaded.skipped
 

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .adapter import Adapter, load_adapter
+from .adapter import Adapter, check_adapter_name, load_adapter
 from .data import read_jsonl
 from .engine import Engine, GenerationRequest
 from .models import BaseModel, load_base
@@ -78,13 +78,6 @@ def generate(instruction: str, input: str = "", *, base: BaseModel | None = None
     return "".join(pieces)
 
 
-def check_adapter_name(name: object, where: str) -> str:
-    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
-        raise ValueError(f"{where}: adapter {name!r} must be the name of a folder under --adapters-dir "
-                         "(no path separators, not '.' or '..')")
-    return name
-
-
 def check_record(record: object, where: str) -> dict:
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object with 'instruction', got {type(record).__name__}")
@@ -93,7 +86,10 @@ def check_record(record: object, where: str) -> dict:
     if "input" in record and record["input"] is not None and not isinstance(record["input"], str):
         raise ValueError(f"{where}: 'input' must be a string")
     if record.get("adapter") is not None:
-        check_adapter_name(record["adapter"], where)
+        try:
+            check_adapter_name(record["adapter"])
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}; it names a folder under --adapters-dir") from None
     return record
 
 

@@ -109,11 +109,7 @@ def train(config: TrainConfig) -> TrainResult:
     template = Template(config.template)
 
     label_words = parse_words(config.label_words, "--label-words")
-    fields, mapping = Fields.parse(config.fields), None
-    if config.label_field:
-        if not label_words:
-            raise ValueError("--label-field needs --label-words (the word for label 0, 1, ...)")
-        fields, mapping = Fields(fields.instruction, fields.input, config.label_field), label_words
+    fields, mapping = Fields.with_labels(config.fields, config.label_field, label_words, "--label-words")
     train_recs = load_records(config.data, fields, mapping, config.skip_bad, config.limit)
     eval_recs = None
     if config.eval_data is not None:

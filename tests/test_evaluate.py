@@ -114,7 +114,7 @@ def test_errors_name_the_record(tiny):
         evaluate(bad, tiny, choices="ab,ac", max_new_tokens=0)
     report = evaluate(RECORDS[:2] + [{"instruction": "x", "output": ""}], tiny, max_new_tokens=0, skip_bad=True)
     assert report["n"] == 2 and report["skipped"] == ["<records>: record 2: field 'output' is empty"]
-    with pytest.raises(ValueError, match="--label-field needs label words"):
+    with pytest.raises(ValueError, match=r"--label-field needs label words: pass --choices \(or an adapter saved with label words\)"):
         evaluate([{"sentence": "x", "label": 1}], tiny, fields="instruction=sentence", label_field="label")
     with pytest.raises(ValueError, match="--choices needs at least 2 non-empty comma-separated words"):
         evaluate(RECORDS, tiny, choices="ab")

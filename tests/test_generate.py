@@ -120,8 +120,10 @@ BAD_BATCHES = [
     ('{"instruction": "x"}\n\n{not json\n', ":3: malformed JSON: Expecting property name enclosed in double quotes"),
     ('{"input": "x"}\n', ":1: missing 'instruction' (a string)"),
     ('["x"]\n', ":1: expected a JSON object with 'instruction', got list"),
-    ('{"instruction": "x", "adapter": "../alpha"}\n', ":1: adapter '../alpha' must be the name of a folder "
-                                                      "under --adapters-dir"),
+    ('{"instruction": "x", "adapter": "../alpha"}\n', ":1: invalid adapter name '../alpha': use 1-64 letters, "
+                                                      "digits, '.', '_' or '-', starting with a letter or digit (no "
+                                                      "'/', no '..', not an absolute path); it names a folder under "
+                                                      "--adapters-dir"),
     ('{"instruction": "' + "x" * 600 + '"}\n', ":1: prompt too long: 0 virtual tokens + 620 prompt tokens"),
 ]
 

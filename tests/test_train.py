@@ -209,7 +209,7 @@ def test_bad_input_errors_name_the_record(base, tmp_path):
         train(config(tmp_path / "o", base, data=str(data), max_length=50))
     result = train(config(tmp_path / "o", base, data=str(data), max_length=50, skip_bad=True, max_steps=1))
     assert len(result.skipped) == 1 and result.train_records == 1
-    with pytest.raises(ValueError, match="--label-field needs --label-words"):
+    with pytest.raises(ValueError, match=r"--label-field needs label words: pass --label-words \(the word for label 0, 1, ...\)"):
         train(config(tmp_path / "o", base, label_field="label"))
 
 

@@ -12,16 +12,14 @@ from a request thread.
 from __future__ import annotations
 
 import os
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..adapter import CONFIG_FILE, WEIGHTS_FILE, Adapter, AdapterError, load_adapter
+from ..adapter import CONFIG_FILE, WEIGHTS_FILE, Adapter, AdapterError, check_adapter_name, load_adapter
 
 BASE_NAME = "base"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class RegistryError(ValueError):
@@ -34,9 +32,10 @@ class RegistryError(ValueError):
 
 def validate_name(name: object) -> str:
     """Return `name` if it is a usable adapter name, else raise RegistryError."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
-        raise RegistryError(f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting "
-                            "with a letter or digit (no '/', no '..', not an absolute path)")
+    try:
+        check_adapter_name(name)
+    except ValueError as err:
+        raise RegistryError(str(err)) from None
     if name == BASE_NAME:
         raise RegistryError(f"the name {BASE_NAME!r} is reserved for the base model", status=409)
     return name
