@@ -22,8 +22,8 @@ from .models import BaseModel, load_base
 
 DEFAULT_OUT = "softprompt-demo"
 RESULTS_FILE = "demo_results.json"
-# The recipe measured for this task (88.6% held-out accuracy in 100 steps, README); pinned so that the demo does not change
-# when train.py's general-purpose defaults are retuned.
+# The recipe measured for this task (88.6% held-out accuracy in 100 steps, see README); pinned so that the demo does
+# not change when train.py's general-purpose defaults are retuned.
 DEMO_OPTIMIZER = "adamw"
 
 
