@@ -17,6 +17,7 @@ from helpers import tiny_tokenizer
 from softprompt import checkpoint, forward
 from softprompt import train as train_module
 from softprompt.adapter import load_adapter
+from softprompt.attention import use_grouped_sdpa
 from softprompt.batching import encode_records
 from softprompt.data import DataError, load_records
 from softprompt.models import BaseModel, freeze
@@ -35,7 +36,9 @@ def trainable_base(seed: int = 0) -> BaseModel:
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=True, initializer_range=0.2, attn_implementation="sdpa")
-    return BaseModel(freeze(LlamaForCausalLM(config)), tok, "tiny-llama-trainable")
+    model = LlamaForCausalLM(config)
+    assert use_grouped_sdpa(model)  # the attention load_base gives a model
+    return BaseModel(freeze(model), tok, "tiny-llama-trainable")
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +82,18 @@ def test_kv_and_concat_modes_train_the_same(base, tmp_path):
     b = train(config(tmp_path / "gc", base, max_steps=3, gradient_checkpointing=True))
     assert not base.model.training
     assert torch.allclose(emb(a.adapter_dir), emb(b.adapter_dir), atol=1e-5)
+
+
+def test_micro_batch_split_changes_nothing_and_the_prompt_runs_once_per_step(base, tmp_path, monkeypatch):
+    runs, real = [], forward.prompt_kv
+    forwards, real_nll = [], forward.label_nll
+    monkeypatch.setattr(forward, "prompt_kv", lambda *a, **k: runs.append(1) or real(*a, **k))
+    monkeypatch.setattr(forward, "label_nll", lambda *a, **k: forwards.append(1) or real_nll(*a, **k))
+    split = train(config(tmp_path / "split", base, max_steps=3, max_batch_tokens=40))
+    assert len(forwards) >= 9  # 3 steps of 4 records, at least 3 micro-batches each ...
+    assert len(runs) == 3  # ... and one run of the virtual tokens per step
+    whole = train(config(tmp_path / "whole", base, max_steps=3, max_batch_tokens=4096))
+    assert torch.allclose(emb(split.adapter_dir), emb(whole.adapter_dir), atol=1e-5)
 
 
 class Crash(Exception):
