@@ -24,11 +24,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from softprompt.adapter import Adapter  # noqa: E402
-from softprompt.engine import DecodeBatch, Engine, GenerationRequest  # noqa: E402
-from softprompt.forward import lm_logits, run_body  # noqa: E402
-from softprompt.models import load_base  # noqa: E402
-from softprompt.prompt import SoftPrompt  # noqa: E402
+from softprompt.formats.adapter import Adapter  # noqa: E402
+from softprompt.inference.engine import DecodeBatch, Engine, GenerationRequest  # noqa: E402
+from softprompt.core.forward import lm_logits, run_body  # noqa: E402
+from softprompt.core.models import load_base  # noqa: E402
+from softprompt.core.prompt import SoftPrompt  # noqa: E402
 
 INSTRUCTIONS = [
     "What is the capital of France?", "Give three tips for staying healthy.", "Explain photosynthesis briefly.",

@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 
-from softprompt.adapter import load_adapter, save_adapter
-from softprompt.engine import Engine, GenerationRequest
-from softprompt.models import load_base
-from softprompt.prompt import SoftPrompt
+from softprompt.formats.adapter import load_adapter, save_adapter
+from softprompt.inference.engine import Engine, GenerationRequest
+from softprompt.core.models import load_base
+from softprompt.core.prompt import SoftPrompt
 from softprompt.serve import BackgroundServer
 from softprompt.serve.app import create_app
-from softprompt.templates import Template, encode_text
+from softprompt.data.templates import Template, encode_text
 
 INSTRUCTIONS = [
     "Give three tips for staying healthy.", "What is the capital of France?", "Translate 'good morning' to Spanish.",
@@ -47,9 +47,9 @@ INSTRUCTIONS = [
 ]
 # name -> (init method, init text, virtual tokens, template)
 ADAPTERS = {
-    "sentiment": ("text", "Classify the sentiment of the review as positive or negative.", None, "reference"),
+    "sentiment": ("text", "Classify the sentiment of the review as positive or negative.", None, "human-assistant"),
     "translate": ("text", "Translate the text faithfully.", 16, "chat"),
-    "vocab": ("vocab", None, 20, "reference"),
+    "vocab": ("vocab", None, 20, "human-assistant"),
     "qa": ("random", None, 8, "Question: {instruction}\nAnswer:"),
 }
 
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         models = list(ADAPTERS) + ["base"]
         requests = build_requests(args.requests, models, args.max_tokens)
 
-        engine = Engine(base, adapters, Template("reference"))
+        engine = Engine(base, adapters, Template("human-assistant"))
         print(f"sequential: {len(requests)} requests one at a time through the engine ...", file=sys.stderr, flush=True)
         reference, seq_latencies, seq_time = run_sequential(engine, base.tokenizer, requests)
 

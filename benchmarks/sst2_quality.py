@@ -28,7 +28,7 @@ WORDS = ["negative", "positive"]
 @torch.no_grad()
 def accuracy(base, embeddings, rows, template: str, words: list[str], max_tokens: int = 2048) -> float:
     from softprompt import batching, forward
-    from softprompt.templates import Template, encode_example
+    from softprompt.data.templates import Template, encode_example
 
     tpl = Template(template)
     examples = []
@@ -75,8 +75,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from softprompt.models import load_base
-    from softprompt.train import TrainConfig, train
+    from softprompt.core.models import load_base
+    from softprompt.training.config import TrainConfig
+    from softprompt.training.loop import train
 
     rows = [json.loads(line) for _, line in zip(range(args.train_records + args.eval_records), open(args.data))]
     train_rows, eval_rows = rows[:args.train_records], rows[args.train_records:]
@@ -86,7 +87,7 @@ def main() -> None:
     results["zero_shot"] = round(accuracy(base, None, eval_rows, args.template, WORDS), 4)
     print(json.dumps({"zero_shot": results["zero_shot"], "seconds": round(time.perf_counter() - start)}), flush=True)
     if args.adapter:
-        from softprompt.adapter import load_adapter
+        from softprompt.formats.adapter import load_adapter
 
         adapter = load_adapter(args.adapter, base)
         results["adapter"] = round(accuracy(base, adapter.embeddings, eval_rows, adapter.template.spec,
@@ -100,7 +101,7 @@ def main() -> None:
                              threads=args.threads, **overrides)
         start = time.perf_counter()
         result = train(config)
-        from softprompt.adapter import load_adapter
+        from softprompt.formats.adapter import load_adapter
 
         acc = accuracy(base, load_adapter(config.out).embeddings, eval_rows, args.template, WORDS)
         results[name] = {"accuracy": round(acc, 4), "train_loss": result.train_loss, "steps": result.steps,

@@ -33,7 +33,7 @@ INIT_TEXT = "The following is a conversation between a person and a robot."
 
 
 def read_records(path: str, n: int) -> list[dict]:
-    from softprompt.data import load_records
+    from softprompt.data.records import load_records
 
     recs = load_records(path, limit=n)
     return [{"instruction": r.instruction, "input": r.input, "output": r.output} for r in recs.items]
@@ -46,7 +46,7 @@ def run_recipe(args, records: list[dict], out: Path) -> dict:
     from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from softprompt.models import resolve_model_path
+    from softprompt.core.models import resolve_model_path
 
     path, _ = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -81,9 +81,10 @@ def run_recipe(args, records: list[dict], out: Path) -> dict:
 
 
 def run_softprompt(args, records: list[dict], out: Path) -> dict:
-    from softprompt.metrics import read_metrics
-    from softprompt.models import load_base
-    from softprompt.train import TrainConfig, train
+    from softprompt.training.metrics import read_metrics
+    from softprompt.core.models import load_base
+    from softprompt.training.config import TrainConfig
+    from softprompt.training.loop import train
 
     base = load_base(args.model, device="cpu", dtype="float32")
     config = TrainConfig(data=records, out=str(out / "adapter"), model=base, init="text", init_text=INIT_TEXT,
@@ -132,13 +133,13 @@ def spawn(args, which: str, data: str) -> dict:
 
 def final_losses(args, records: list[dict], adapters: dict[str, str]) -> dict[str, float]:
     """Mean answer-token NLL of each final prompt on the training records, scored by the same code."""
-    from softprompt.adapter import load_adapter
-    from softprompt.batching import encode_records
-    from softprompt.data import load_records
-    from softprompt.models import load_base
-    from softprompt.prompt import SoftPrompt
-    from softprompt.templates import Template
-    from softprompt.train import evaluate_loss
+    from softprompt.formats.adapter import load_adapter
+    from softprompt.data.batching import encode_records
+    from softprompt.data.records import load_records
+    from softprompt.core.models import load_base
+    from softprompt.core.prompt import SoftPrompt
+    from softprompt.data.templates import Template
+    from softprompt.training.scoring import evaluate_loss
 
     base = load_base(args.model, device="cpu", dtype="float32")
     examples, _, _ = encode_records(load_records(records).items, base.tokenizer, Template(), args.max_length)
@@ -175,10 +176,10 @@ def gemm_ceiling(args, records: list[dict]) -> dict:
     not softprompt's budget."""
     import torch
 
-    from softprompt.batching import encode_records
-    from softprompt.data import load_records
-    from softprompt.models import load_base
-    from softprompt.templates import Template
+    from softprompt.data.batching import encode_records
+    from softprompt.data.records import load_records
+    from softprompt.core.models import load_base
+    from softprompt.data.templates import Template
 
     base = load_base(args.model, device="cpu", dtype="float32")
     examples, _, _ = encode_records(load_records(records).items, base.tokenizer, Template(), args.max_length)
@@ -213,7 +214,7 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    from softprompt.metrics import plot_curves
+    from softprompt.training.metrics import plot_curves
 
     per_file, speedups, memory = {}, [], []
     for data in args.data:

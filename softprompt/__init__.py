@@ -1,48 +1,43 @@
 """softprompt: prompt tuning for frozen causal language models.
 
-The data flow, one module per arrow:
-records (data) -> template/tokenise (templates, batching) -> [soft prompt ; token embeddings] (prompt, forward)
--> frozen model (models) -> loss (forward) -> adapter file (adapter) -> generate / serve (kvcache, engine, serve).
+One call per step:
 
-One call per step (each verb's function lives in the module of the same name):
-
-    from softprompt import load_base
-    from softprompt.train import TrainConfig, train
-    from softprompt.evaluate import evaluate
-    from softprompt.generate import generate
+    from softprompt import TrainConfig, evaluate, generate, load_base, train
 
     base = load_base()                                           # embedded SmolLM2-135M-Instruct, or a name/folder
     train(TrainConfig(data="alpaca.jsonl", out="runs/a", model=base))
     evaluate("heldout.jsonl", model=base, adapters=["runs/a"], compare_base=True)
     generate("Give three tips for staying healthy.", base=base, adapter="runs/a")
 
-`TrainConfig`, `Engine`, `GenerationRequest`, `generate_batch` and `run_demo` are also importable from here
-(lazily, so `import softprompt` stays light).
+The package is layered (see docs/architecture.md): `core`, `data` and `formats` at the bottom; `training`,
+`inference`, `evaluation` and `serve` above them; `demo` and `cli` on top. Every name below is imported lazily, so
+`import softprompt` (and `softprompt --help`) stays light.
 """
 
 from importlib import import_module
 
-from .adapter import Adapter, AdapterError, load_adapter, save_adapter
-from .models import BaseModel, ModelNotFoundError, describe_parameters, load_base
-from .prompt import SoftPrompt
-from .templates import Template
-
 __version__ = "0.1.0"
 
-# Functions named like their module (train, evaluate, generate, inspect_adapter) are not re-exported: importing
-# the submodule would rebind the package attribute to the module.
-_LAZY = {
-    "TrainConfig": "softprompt.train",
-    "generate_batch": "softprompt.generate",
-    "Engine": "softprompt.engine", "GenerationRequest": "softprompt.engine",
-    "run_demo": "softprompt.demo",
+_PUBLIC = {
+    "FrozenModel": "softprompt.core.models", "ModelNotFoundError": "softprompt.core.models",
+    "load_base": "softprompt.core.models", "describe_parameters": "softprompt.core.models",
+    "SoftPrompt": "softprompt.core.prompt",
+    "Template": "softprompt.data.templates",
+    "Adapter": "softprompt.formats.adapter", "AdapterError": "softprompt.formats.adapter",
+    "load_adapter": "softprompt.formats.adapter", "save_adapter": "softprompt.formats.adapter",
+    "TrainConfig": "softprompt.training.config", "TrainResult": "softprompt.training.loop",
+    "train": "softprompt.training.loop",
+    "Engine": "softprompt.inference.engine", "GenerationRequest": "softprompt.inference.engine",
+    "generate": "softprompt.inference.generate", "generate_batch": "softprompt.inference.generate",
+    "evaluate": "softprompt.evaluation.evaluate", "inspect_adapter": "softprompt.evaluation.inspect",
+    "create_app": "softprompt.serve.app",
+    "run_demo": "softprompt.demo.run",
 }
 
-__all__ = ["Adapter", "AdapterError", "BaseModel", "ModelNotFoundError", "SoftPrompt", "Template",
-           "describe_parameters", "load_adapter", "load_base", "save_adapter", *_LAZY]
+__all__ = sorted(_PUBLIC)
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
+    if name in _PUBLIC:
+        return getattr(import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'softprompt' has no attribute {name!r}")

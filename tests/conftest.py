@@ -28,7 +28,7 @@ def one_thread_for_tiny_models(request):
 
 @pytest.fixture(scope="session")
 def tiny():
-    """A tiny random Llama with a character-level tokenizer (a models.BaseModel)."""
+    """A tiny random Llama with a character-level tokenizer (a models.FrozenModel)."""
     return tiny_base()
 
 
@@ -41,6 +41,6 @@ def tiny_dir(tmp_path_factory, tiny):
 @pytest.fixture(scope="session")
 def default_base():
     """The real embedded default model, SmolLM2-135M-Instruct (converted once and cached)."""
-    from softprompt.models import load_base
+    from softprompt.core.models import load_base
 
     return load_base(device="cpu", dtype="float32")

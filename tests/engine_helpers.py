@@ -7,13 +7,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from helpers import tiny_tokenizer
-from softprompt.adapter import Adapter
-from softprompt.engine import eos_ids
-from softprompt.forward import lm_logits, run_body
-from softprompt.models import BaseModel, freeze
+from softprompt.formats.adapter import Adapter
+from softprompt.inference.engine import eos_ids
+from softprompt.core.forward import lm_logits, run_body
+from softprompt.core.models import FrozenModel, freeze
 
 
-def peaked_base(seed: int = 0, hidden: int = 32, layers: int = 2, max_positions: int = 512) -> BaseModel:
+def peaked_base(seed: int = 0, hidden: int = 32, layers: int = 2, max_positions: int = 512) -> FrozenModel:
     """A tiny Llama whose greedy choice has a wide margin (large-init weights, a scaled-up untied LM head), so
     equality tests are not at the mercy of near-ties, and whose output depends strongly on the context."""
     tokenizer = tiny_tokenizer()
@@ -29,7 +29,7 @@ def peaked_base(seed: int = 0, hidden: int = 32, layers: int = 2, max_positions:
         model.lm_head.weight.mul_(8.0)
         model.model.embed_tokens.weight.normal_(0, 1.0)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return BaseModel(model=freeze(model), tokenizer=tokenizer, name="peaked-llama")
+    return FrozenModel(model=freeze(model), tokenizer=tokenizer, name="peaked-llama")
 
 
 def random_adapter(n: int, hidden: int = 32, seed: int = 0) -> Adapter:
@@ -38,7 +38,7 @@ def random_adapter(n: int, hidden: int = 32, seed: int = 0) -> Adapter:
 
 
 @torch.no_grad()
-def reference_greedy(base: BaseModel, prompt: torch.Tensor | None, ids: list[int], max_new_tokens: int):
+def reference_greedy(base: FrozenModel, prompt: torch.Tensor | None, ids: list[int], max_new_tokens: int):
     """Greedy decoding by re-running [soft prompt ; tokens so far] from scratch at every step (no cache).
     Returns (token ids, per-step logits [steps, V])."""
     model, ids, out, logits = base.model, list(ids), [], []

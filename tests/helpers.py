@@ -9,8 +9,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from softprompt.attention import use_grouped_sdpa
-from softprompt.models import BaseModel, freeze, load_base
+from softprompt.core import forward
+from softprompt.core.attention import use_grouped_sdpa
+from softprompt.core.models import FrozenModel, freeze, load_base
 
 SPECIALS = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
@@ -44,17 +45,25 @@ def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2
     return freeze(model)
 
 
-def tiny_base(seed: int = 0, hidden: int = 32, layers: int = 2) -> BaseModel:
+def tiny_base(seed: int = 0, hidden: int = 32, layers: int = 2) -> FrozenModel:
     tokenizer = tiny_tokenizer()
-    return BaseModel(model=tiny_llama(len(tokenizer), seed, hidden, layers), tokenizer=tokenizer, name="tiny-llama")
+    return FrozenModel(model=tiny_llama(len(tokenizer), seed, hidden, layers), tokenizer=tokenizer, name="tiny-llama")
 
 
-def save_tiny(base: BaseModel, folder: Path) -> Path:
+def save_tiny(base: FrozenModel, folder: Path) -> Path:
     """Save a tiny model + tokenizer as a Hugging Face folder, loadable with --model FOLDER."""
     base.model.save_pretrained(folder)
     base.tokenizer.save_pretrained(folder)
     return folder
 
 
-def reload_tiny(folder: Path) -> BaseModel:
+def reload_tiny(folder: Path) -> FrozenModel:
     return load_base(str(folder), device="cpu", dtype="float32")
+
+
+def text_logits(model, prompt: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                mode: str = "kv") -> torch.Tensor:
+    """Full logits at the text positions [B, L, V] with the soft prompt in front (the library only ever applies the
+    LM head where it needs it; tests compare whole logit tensors)."""
+    hidden, _ = forward.text_hidden(model, prompt, input_ids, attention_mask, mode)
+    return forward.lm_logits(model, hidden)

@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import reload_tiny, tiny_base
-from softprompt.adapter import AdapterError, load_adapter, save_adapter
-from softprompt.forward import text_logits
-from softprompt.prompt import SoftPrompt
-from softprompt.templates import Template
+from softprompt.formats.adapter import AdapterError, load_adapter, save_adapter
+from helpers import text_logits
+from softprompt.core.prompt import SoftPrompt
+from softprompt.data.templates import Template
 
 peft = pytest.importorskip("peft")
 
@@ -68,7 +68,7 @@ def test_peft_saved_adapter_loads_in_softprompt_with_equal_logits(tmp_path):
 
     base = tiny_base(seed=2)
     adapter = load_adapter(tmp_path / "peft", base)
-    assert adapter.num_virtual_tokens == 5 and adapter.template == Template("reference")
+    assert adapter.num_virtual_tokens == 5 and adapter.template == Template("human-assistant")
     ids, mask = _batch(base.tokenizer, ["Human: two\n\nAssistant: ", "Human: three words\n\nAssistant: x"])
     ours = text_logits(base.model, adapter.embeddings, ids, mask)
     theirs = peft_model(input_ids=ids, attention_mask=mask).logits[:, 5:]

@@ -5,8 +5,9 @@ import copy
 import pytest
 import torch
 
-from softprompt import attention
-from softprompt.forward import label_nll, text_logits
+from softprompt.core import attention
+from helpers import text_logits
+from softprompt.core.forward import label_nll
 
 
 def _batch(tiny):

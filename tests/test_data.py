@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from softprompt import batching
-from softprompt.data import DataError, Fields, load_records, split_holdout
-from softprompt.templates import Template
+from softprompt.data import batching
+from softprompt.data.records import DataError, Fields, load_records, split_holdout
+from softprompt.data.templates import Template
 
 ROWS = [{"instruction": "Add", "input": "1 2", "output": "3"}, {"instruction": "Greet", "output": "hi"}]
 

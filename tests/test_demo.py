@@ -2,9 +2,10 @@ import json
 
 import pytest
 
-from softprompt import cli, demo_task
-from softprompt.adapter import load_adapter
-from softprompt.demo import RESULTS_FILE, run_demo
+from softprompt import cli
+from softprompt.demo import task as demo_task
+from softprompt.formats.adapter import load_adapter
+from softprompt.demo.run import RESULTS_FILE, run_demo
 
 
 def test_task_is_deterministic_with_disjoint_words():

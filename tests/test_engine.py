@@ -5,13 +5,13 @@ import random
 import pytest
 import torch
 
-import softprompt.forward
+import softprompt.core.forward
 from engine_helpers import peaked_base, random_adapter, reference_greedy
-from softprompt.adapter import AdapterError
-from softprompt.detokenize import Detokenizer
-from softprompt.engine import DecodeBatch, Engine, GenerationRequest
-from softprompt.kvcache import PromptCache, UnknownAdapterError
-from softprompt.sampling import filter_logits
+from softprompt.formats.adapter import AdapterError
+from softprompt.inference.detokenize import Detokenizer
+from softprompt.inference.engine import DecodeBatch, Engine, GenerationRequest
+from softprompt.inference.prompt_cache import PromptCache, UnknownAdapterError
+from softprompt.inference.sampling import filter_logits
 
 SIZES = {"a3": 3, "a7": 7, "a12": 12}
 
@@ -119,13 +119,13 @@ def test_remove_cancels_a_row_without_disturbing_the_others(engine):
 
 def test_soft_prompt_kv_computed_once_per_adapter(base, adapters, monkeypatch):
     calls = []
-    original = softprompt.forward.prompt_kv
+    original = softprompt.core.forward.prompt_kv
 
     def counting(model, prompt):
         calls.append(prompt.shape[0])
         return original(model, prompt)
 
-    monkeypatch.setattr(softprompt.forward, "prompt_kv", counting)
+    monkeypatch.setattr(softprompt.core.forward, "prompt_kv", counting)
     engine = Engine(base, adapters)
     assert sorted(calls) == sorted(SIZES.values())
     for _ in range(2):

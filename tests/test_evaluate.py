@@ -4,12 +4,13 @@ import math
 import pytest
 import torch
 
-from softprompt import cli, forward
-from softprompt.adapter import load_adapter, save_adapter
-from softprompt.data import DataError
-from softprompt.evaluate import evaluate, format_examples, format_table
-from softprompt.rouge import exact_match, lcs_length, rouge_l, tokenize
-from softprompt.templates import Template, encode_text
+from helpers import text_logits
+from softprompt import cli
+from softprompt.formats.adapter import load_adapter, save_adapter
+from softprompt.data.records import DataError
+from softprompt.evaluation.evaluate import evaluate, format_examples, format_table
+from softprompt.evaluation.rouge import exact_match, lcs_length, rouge_l, tokenize
+from softprompt.data.templates import Template, encode_text
 
 TEMPLATE = "Q: {instruction} {input} A:"
 
@@ -21,7 +22,7 @@ def oracle_nll(base, prompt, template, record, answer):
     p_ids = encode_text(tok, template.prompt(record["instruction"], record.get("input", ""), tok))
     a_ids = encode_text(tok, template.target(answer, tok))
     ids = torch.tensor([p_ids + a_ids])
-    logits = forward.text_logits(base.model, prompt, ids, torch.ones_like(ids), mode="concat")[0]
+    logits = text_logits(base.model, prompt, ids, torch.ones_like(ids), mode="concat")[0]
     logp = logits.log_softmax(-1)
     return -sum(float(logp[len(p_ids) + j - 1, t]) for j, t in enumerate(a_ids))
 
@@ -32,7 +33,7 @@ def oracle_greedy(base, template, record, steps):
     out = []
     for _ in range(steps):
         t = torch.tensor([ids + out])
-        nxt = int(forward.text_logits(base.model, None, t, torch.ones_like(t))[0, -1].argmax())
+        nxt = int(text_logits(base.model, None, t, torch.ones_like(t))[0, -1].argmax())
         if nxt == tok.eos_token_id:
             break
         out.append(nxt)
@@ -80,7 +81,7 @@ def test_base_uses_the_adapter_template_and_compare_base_comes_first(tiny, tmp_p
     assert base["template"] == TEMPLATE
     total = sum(oracle_nll(tiny, None, Template(TEMPLATE), r, r["output"]) for r in RECORDS[:3])
     assert base["loss"] == pytest.approx(total / 9, rel=1e-4)
-    reference = evaluate(RECORDS[:3], tiny, [], template="reference", max_new_tokens=0)["results"][0]
+    reference = evaluate(RECORDS[:3], tiny, [], template="human-assistant", max_new_tokens=0)["results"][0]
     assert reference["loss"] != pytest.approx(base["loss"], rel=1e-3)
 
 

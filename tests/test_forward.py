@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from softprompt.forward import SharedPrefix, head_nll, label_nll, lm_logits, text_logits
+from helpers import text_logits
+from softprompt.core.forward import SharedPrefix, head_nll, label_nll, lm_logits
 
 torch.manual_seed(0)
 

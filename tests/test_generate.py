@@ -11,12 +11,12 @@ import torch
 
 from engine_helpers import peaked_base, random_adapter, reference_greedy
 from helpers import reload_tiny, save_tiny
-from softprompt.adapter import load_adapter, save_adapter
-from softprompt.chat import Conversation, chat_loop
+from softprompt.formats.adapter import load_adapter, save_adapter
+from softprompt.inference.chat import Conversation, chat_loop
 from softprompt.cli import main
-from softprompt.engine import GenerationRequest
-from softprompt.generate import add_adapter, build_engine, generate, generate_batch
-from softprompt.templates import Template, encode_text
+from softprompt.inference.engine import GenerationRequest
+from softprompt.inference.generate import add_adapter, build_engine, generate, generate_batch
+from softprompt.data.templates import Template, encode_text
 
 USER_TEMPLATE = "Q: {instruction} {input}\nA:"
 
@@ -55,12 +55,12 @@ def test_api_greedy_answer_equals_no_cache_loop(env):
 def test_templates_saved_reference_and_chat(env):
     engine = build_engine(env.base)
     names = {n: add_adapter(engine, env.adapters / n) for n in ["alpha", "beta", "peft"]}
-    assert [engine.template(names[n]).spec for n in ["alpha", "beta", "peft"]] == ["reference", USER_TEMPLATE,
-                                                                                  "reference"]
-    assert engine.template(None).spec == "reference"
+    assert [engine.template(names[n]).spec for n in ["alpha", "beta", "peft"]] == ["human-assistant", USER_TEMPLATE,
+                                                                                  "human-assistant"]
+    assert engine.template(None).spec == "human-assistant"
     chat = build_engine(env.base, chat_template=True)
     names = {n: add_adapter(chat, env.adapters / n) for n in ["alpha", "beta", "peft"]}
-    assert [chat.template(names[n]).spec for n in ["alpha", "beta", "peft"]] == ["reference", USER_TEMPLATE, "chat"]
+    assert [chat.template(names[n]).spec for n in ["alpha", "beta", "peft"]] == ["human-assistant", USER_TEMPLATE, "chat"]
     assert chat.encode("hi") == encode_text(env.base.tokenizer, "<|user|>hi\n<|assistant|>")
 
 
@@ -218,7 +218,7 @@ def test_cuda_request_without_cuda_is_a_clear_error(env, capsys):
 
 @pytest.mark.slow
 def test_streamed_pieces_never_split_a_character_with_a_byte_level_tokenizer(default_base):
-    from softprompt.detokenize import Detokenizer
+    from softprompt.inference.detokenize import Detokenizer
 
     text = "Café 你好世界 😀 naïve — done."
     ids = encode_text(default_base.tokenizer, text)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from softprompt import cli
-from softprompt.adapter import save_adapter
-from softprompt.inspect_adapter import base_for, format_report, inspect_adapter
-from softprompt.models import DEFAULT_MODEL, DEFAULT_MODEL_NAME
+from softprompt.formats.adapter import save_adapter
+from softprompt.evaluation.inspect import base_for, format_report, inspect_adapter
+from softprompt.core.models import DEFAULT_MODEL, DEFAULT_MODEL_NAME
 
 
 def vocab_rows_adapter(base, tmp_path, ids, scale=1.0):

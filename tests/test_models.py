@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-import softprompt.models as models
-from softprompt.adapter import save_adapter
-from softprompt.forward import text_logits
-from softprompt.models import ModelNotFoundError, load_base
-from softprompt.prompt import SoftPrompt
+import softprompt.core.models as models
+from softprompt.formats.adapter import save_adapter
+from helpers import text_logits
+from softprompt.core.models import ModelNotFoundError, load_base
+from softprompt.core.prompt import SoftPrompt
 
 
 def test_missing_default_model_says_what_to_install(monkeypatch):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from softprompt.adapter import save_adapter
-from softprompt.models import count_parameters, describe_parameters
-from softprompt.prompt import SoftPrompt
+from softprompt.formats.adapter import load_adapter, save_adapter
+from softprompt.core.models import count_parameters, describe_parameters
+from softprompt.core.prompt import SoftPrompt
 
 
 def test_text_init_tiles_and_truncates(tiny):
@@ -55,7 +55,7 @@ def test_unknown_init_is_rejected(tiny):
 def test_from_adapter_transfers_a_prompt(tmp_path, tiny):
     source = SoftPrompt.initialise(tiny, "random", num_virtual_tokens=4, seed=5)
     save_adapter(tmp_path / "a", source.embeddings, tiny)
-    copy = SoftPrompt.from_adapter(tmp_path / "a", tiny)
+    copy = load_adapter(tmp_path / "a", tiny).soft_prompt()
     assert torch.equal(copy.embeddings, source.embeddings) and copy.embeddings.requires_grad
 
 

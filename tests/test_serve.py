@@ -18,17 +18,17 @@ import httpx
 import openai
 import pytest
 
-from softprompt import forward
-from softprompt.adapter import load_adapter, save_adapter
-from softprompt.engine import Engine, GenerationRequest
-from softprompt.generate import generate
-from softprompt.prompt import SoftPrompt
+from softprompt.core import forward
+from softprompt.formats.adapter import load_adapter, save_adapter
+from softprompt.inference.engine import Engine, GenerationRequest
+from softprompt.inference.generate import generate
+from softprompt.core.prompt import SoftPrompt
 from softprompt.serve import BackgroundServer
 from softprompt.serve.app import create_app
 from softprompt.serve.registry import AdapterRegistry, RegistryError, validate_name
-from softprompt.templates import Template, encode_text
+from softprompt.data.templates import Template, encode_text
 
-TEMPLATES = {"alpha": ("reference", 4), "beta": ("chat", 6), "gamma": ("Q: {instruction}\nA:", 3)}
+TEMPLATES = {"alpha": ("human-assistant", 4), "beta": ("chat", 6), "gamma": ("Q: {instruction}\nA:", 3)}
 
 
 
@@ -48,7 +48,7 @@ def adapters_dir(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(tiny, adapters_dir):
-    return Engine(tiny, {n: load_adapter(adapters_dir / n, tiny) for n in TEMPLATES}, Template("reference"))
+    return Engine(tiny, {n: load_adapter(adapters_dir / n, tiny) for n in TEMPLATES}, Template("human-assistant"))
 
 
 class LiveServer(BackgroundServer):
@@ -297,7 +297,7 @@ def test_client_disconnect_cancels_its_row(tiny, adapters_dir):
 # ---- adapters at runtime -------------------------------------------------------------------------------------
 def test_add_remove_rescan_adapters(tiny, tmp_path):
     folder = tmp_path / "adapters"
-    make_adapter(tiny, folder, "one", "reference", 2, seed=5)
+    make_adapter(tiny, folder, "one", "human-assistant", 2, seed=5)
     with LiveServer(create_app(tiny, folder)) as live:
         url, client = live.url, live.client
         make_adapter(tiny, folder, "two", "Q: {instruction}\nA:", 3, seed=6)
@@ -317,7 +317,7 @@ def test_add_remove_rescan_adapters(tiny, tmp_path):
             client.completions.create(model="two", prompt="hey", max_tokens=2)
         assert httpx.delete(url + "/v1/adapters/two").status_code == 404
 
-        make_adapter(tiny, folder, "three", "reference", 2, seed=7)
+        make_adapter(tiny, folder, "three", "human-assistant", 2, seed=7)
         (folder / "not-an-adapter").mkdir()
         (folder / "bad name").mkdir()
         (folder / "bad name" / "adapter_config.json").write_text("{}")
@@ -332,9 +332,9 @@ def test_add_remove_rescan_adapters(tiny, tmp_path):
 
 def test_adapter_names_and_paths_are_validated(tiny, tmp_path):
     folder = tmp_path / "adapters"
-    make_adapter(tiny, folder, "ok", "reference", 2)
+    make_adapter(tiny, folder, "ok", "human-assistant", 2)
     outside = tmp_path / "outside"
-    make_adapter(tiny, tmp_path, "outside", "reference", 2)
+    make_adapter(tiny, tmp_path, "outside", "human-assistant", 2)
     (folder / "link").symlink_to(outside)
     (folder / "pickled").mkdir()
     (folder / "pickled" / "adapter_config.json").write_text(json.dumps(

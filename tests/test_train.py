@@ -14,22 +14,26 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from helpers import tiny_tokenizer
-from softprompt import checkpoint, forward
-from softprompt import train as train_module
-from softprompt.adapter import load_adapter
-from softprompt.attention import use_grouped_sdpa
-from softprompt.batching import encode_records
-from softprompt.data import DataError, load_records
-from softprompt.models import BaseModel, freeze
-from softprompt.prompt import SoftPrompt
-from softprompt.templates import Template
-from softprompt.train import TrainConfig, evaluate_loss, train
+from softprompt.core import forward
+from softprompt.formats import checkpoint
+from softprompt.cli import train as train_cli
+from softprompt.training import loop as train_module
+from softprompt.formats.adapter import load_adapter
+from softprompt.core.attention import use_grouped_sdpa
+from softprompt.data.batching import encode_records
+from softprompt.data.records import DataError, load_records
+from softprompt.core.models import FrozenModel, freeze
+from softprompt.core.prompt import SoftPrompt
+from softprompt.data.templates import Template
+from softprompt.training.config import TrainConfig
+from softprompt.training.loop import train
+from softprompt.training.scoring import evaluate_loss
 
 RECORDS = [{"instruction": f"question {i}", "input": "x" * (i % 4), "output": "abab" if i % 2 else "cdcd"}
            for i in range(16)]
 
 
-def trainable_base(seed: int = 0) -> BaseModel:
+def trainable_base(seed: int = 0) -> FrozenModel:
     """A tiny Llama whose weights are large enough (init std 0.2) that a soft prompt can move its outputs."""
     torch.manual_seed(seed)
     tok = tiny_tokenizer()
@@ -38,7 +42,7 @@ def trainable_base(seed: int = 0) -> BaseModel:
                          tie_word_embeddings=True, initializer_range=0.2, attn_implementation="sdpa")
     model = LlamaForCausalLM(config)
     assert use_grouped_sdpa(model)  # the attention load_base gives a model
-    return BaseModel(freeze(model), tok, "tiny-llama-trainable")
+    return FrozenModel(freeze(model), tok, "tiny-llama-trainable")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +65,7 @@ def test_loss_decreases_and_outputs_are_written(base, tmp_path):
     cfg = config(tmp_path / "run", base, eval_fraction=0.25, eval_every=4, max_steps=20)
     result = train(cfg)
     held = load_records(RECORDS)
-    _, held = __import__("softprompt.data", fromlist=["split_holdout"]).split_holdout(held, 0.25, cfg.seed)
+    _, held = __import__("softprompt.data.records", fromlist=["split_holdout"]).split_holdout(held, 0.25, cfg.seed)
     examples, _, _ = encode_records(held.items, base.tokenizer, Template(), 256)
     initial = SoftPrompt.initialise(base, "random", 4, seed=cfg.seed)
     before = evaluate_loss(base.model, initial, examples, 64, base.tokenizer.pad_token_id)
@@ -154,7 +158,8 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 from test_train import RECORDS, trainable_base
-from softprompt.train import TrainConfig, train
+from softprompt.training.config import TrainConfig
+from softprompt.training.loop import train
 train(TrainConfig(data=RECORDS * 50, out={out!r}, model=trainable_base(), num_virtual_tokens=4, init="random",
                   lr=0.1, batch_size=4, max_steps=10000, save_every=1, keep_checkpoints=2, progress=False))
 """
@@ -239,7 +244,7 @@ def test_label_field_and_user_template_are_saved(base, tmp_path):
 
 def test_cli_help_documents_every_flag_and_runs(base, tmp_path, tiny_dir):
     parser = argparse.ArgumentParser(prog="softprompt")
-    train_module.register(parser.add_subparsers(dest="verb"))
+    train_cli.register(parser.add_subparsers(dest="verb"))
     sub = parser._subparsers._group_actions[0].choices["train"]
     for action in sub._actions:
         assert action.help, f"{action.option_strings} has no help"
@@ -259,7 +264,8 @@ DDP_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 from test_train import RECORDS, trainable_base
-from softprompt.train import TrainConfig, train
+from softprompt.training.config import TrainConfig
+from softprompt.training.loop import train
 train(TrainConfig(data=RECORDS, out={out!r}, model=trainable_base(), num_virtual_tokens=4, init="random", lr=0.3,
                   batch_size={batch}, max_steps=6, progress=False, max_batch_tokens=64, threads=1))
 """
@@ -280,7 +286,7 @@ def test_two_processes_match_one_at_the_same_global_batch(base, tmp_path):
 
 
 def test_tensorboard_is_optional(tmp_path):
-    from softprompt.metrics import MetricsLogger
+    from softprompt.training.metrics import MetricsLogger
 
     try:
         import tensorboard  # noqa: F401

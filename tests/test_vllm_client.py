@@ -11,10 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from softprompt.adapter import load_adapter, save_adapter
-from softprompt.prompt import SoftPrompt
-from softprompt.templates import Template, encode_text
-from softprompt.vllm_client import (build_prompt_embeds, complete, completion_payload, decode_prompt_embeds,
+from softprompt.formats.adapter import load_adapter, save_adapter
+from softprompt.core.prompt import SoftPrompt
+from softprompt.data.templates import Template, encode_text
+from softprompt.serve.vllm_client import (build_prompt_embeds, complete, completion_payload, decode_prompt_embeds,
                                     encode_prompt_embeds)
 
 

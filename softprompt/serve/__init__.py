@@ -58,9 +58,9 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..models import load_base
-    from ..templates import CHAT, REFERENCE, Template
-    from .app import create_app
+    from softprompt.core.models import load_base
+    from softprompt.data.templates import CHAT, HUMAN_ASSISTANT, Template
+    from softprompt.serve.app import create_app
 
     for flag in ("max_batch", "max_tokens_cap"):
         if getattr(args, flag) < 1:
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     base = load_base(args.model, device=args.device, dtype=args.dtype)
-    template = Template(CHAT if args.chat_template else REFERENCE)
+    template = Template(CHAT if args.chat_template else HUMAN_ASSISTANT)
     app = create_app(base, args.adapters, template=template, max_batch=args.max_batch, max_queue=args.max_queue,
                      max_tokens_cap=args.max_tokens_cap, max_model_len=args.max_model_len,
                      api_key=args.api_key or os.environ.get("SOFTPROMPT_API_KEY") or None)

@@ -26,12 +26,12 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import DecodeBatch, GenerationRequest, context_length
-from ..kvcache import PromptCache, UnknownAdapterError
-from ..templates import Template, TemplateError, encode_text
-from .registry import BASE_NAME, AdapterRegistry, RegistryError, validate_name
-from .scheduler import Job, Overloaded, Scheduler, Unavailable
-from .schemas import AdapterAdd, APIError, ChatRequest, CompletionRequest, validation_error
+from softprompt.inference.engine import DecodeBatch, GenerationRequest, context_length
+from softprompt.inference.prompt_cache import PromptCache, UnknownAdapterError
+from softprompt.data.templates import Template, TemplateError, encode_text
+from softprompt.serve.registry import BASE_NAME, AdapterRegistry, RegistryError, validate_name
+from softprompt.serve.scheduler import Job, Overloaded, Scheduler, Unavailable
+from softprompt.serve.schemas import AdapterAdd, APIError, ChatRequest, CompletionRequest, validation_error
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -91,7 +91,7 @@ class ServerState:
 def create_app(base, adapters_dir=None, *, template: Template | None = None, max_batch: int = 16,
                max_queue: int = 64, max_tokens_cap: int = 2048, max_model_len: int | None = None,
                api_key: str | None = None) -> FastAPI:
-    """Build the server for `base` (a models.BaseModel) and the adapter folders under `adapters_dir`.
+    """Build the server for `base` (a models.FrozenModel) and the adapter folders under `adapters_dir`.
 
     `template`: the default template (for `base` and adapters saved without one). `api_key`: when set, every
     endpoint but /health needs `Authorization: Bearer <api_key>`. The worker thread starts and stops with the app's

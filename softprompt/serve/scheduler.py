@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..engine import DecodeBatch, GenerationRequest, TokenEvent
+from softprompt.inference.engine import DecodeBatch, GenerationRequest, TokenEvent
 
 
 class Overloaded(RuntimeError):
@@ -41,7 +41,6 @@ class Job:
     cancelled: bool = False
     finished: bool = False
     tokens: int = 0
-    submitted: float = field(default_factory=time.monotonic)
 
 
 class Scheduler:

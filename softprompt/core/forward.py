@@ -205,10 +205,3 @@ class _FusedHeadNLL(torch.autograd.Function):
     def backward(ctx, grad_nll):
         (d_hidden,) = ctx.saved_tensors
         return grad_nll.unsqueeze(1).to(d_hidden.dtype) * d_hidden, None, None, None, None, None
-
-
-def text_logits(model, prompt: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                mode: str = "kv") -> torch.Tensor:
-    """Full logits at the text positions [B, L, V] — for tests and small inspections, not for training."""
-    hidden, _ = text_hidden(model, prompt, input_ids, attention_mask, mode)
-    return lm_logits(model, hidden)

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapter import Adapter
-from .detokenize import Detokenizer
-from .forward import cache_tensors, lm_logits, make_cache, positions_from_mask, run_body
-from .kvcache import PromptCache, UnknownAdapterError
-from .models import BaseModel
-from .sampling import check_params, make_generator, next_tokens
-from .templates import Template, encode_text
+from softprompt.formats.adapter import Adapter
+from softprompt.inference.detokenize import Detokenizer
+from softprompt.core.forward import cache_tensors, lm_logits, make_cache, positions_from_mask, run_body
+from softprompt.inference.prompt_cache import PromptCache, UnknownAdapterError
+from softprompt.core.models import FrozenModel
+from softprompt.inference.sampling import check_params, make_generator, next_tokens
+from softprompt.data.templates import Template, encode_text
 
 
 @dataclass(eq=False)
@@ -80,7 +80,7 @@ class _Row:
     finish: str | None = None
 
 
-def eos_ids(base: BaseModel) -> set[int]:
+def eos_ids(base: FrozenModel) -> set[int]:
     """Token ids that end generation: the tokenizer's EOS plus the model's generation-config EOS ids."""
     ids = set()
     if base.tokenizer.eos_token_id is not None:
@@ -94,7 +94,7 @@ def eos_ids(base: BaseModel) -> set[int]:
     return ids
 
 
-def context_length(base: BaseModel) -> int | None:
+def context_length(base: FrozenModel) -> int | None:
     """The model's maximum number of positions (None when the config does not say)."""
     return getattr(base.model.config, "max_position_embeddings", None)
 
@@ -125,7 +125,7 @@ class DecodeBatch:
     only unfinished rows remain. `remove` drops rows early (cancelled requests).
     """
 
-    def __init__(self, base: BaseModel, prompt_cache: PromptCache, keep_logits: bool = False):
+    def __init__(self, base: FrozenModel, prompt_cache: PromptCache, keep_logits: bool = False):
         self.base = base
         self.prompt_cache = prompt_cache
         self.keep_logits = keep_logits
@@ -291,7 +291,7 @@ class DecodeBatch:
 class Engine:
     """Owns a PromptCache; runs offline continuous batching and single streamed requests."""
 
-    def __init__(self, base: BaseModel, adapters: dict[str, Adapter] | None = None,
+    def __init__(self, base: FrozenModel, adapters: dict[str, Adapter] | None = None,
                  default_template: Template | None = None):
         self.base = base
         self.prompt_cache = PromptCache(base, default_template)
@@ -300,9 +300,6 @@ class Engine:
 
     def add_adapter(self, name: str, adapter: Adapter) -> None:
         self.prompt_cache.add(name, adapter)
-
-    def remove_adapter(self, name: str) -> None:
-        self.prompt_cache.remove(name)
 
     def template(self, adapter: str | None) -> Template:
         return self.prompt_cache.template(adapter)

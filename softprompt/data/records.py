@@ -15,9 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-FORMATS = ("json", "jsonl", "csv", "parquet", "disk")
-
-
 class DataError(ValueError):
     """A data file or record that cannot be used."""
 

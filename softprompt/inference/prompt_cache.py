@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import forward
-from .adapter import Adapter, AdapterError
-from .forward import Kv
-from .models import BaseModel
-from .templates import Template
+from softprompt.core import forward
+from softprompt.formats.adapter import Adapter, AdapterError
+from softprompt.core.forward import Kv
+from softprompt.core.models import FrozenModel
+from softprompt.data.templates import Template
 
 
 @dataclass
@@ -26,18 +26,9 @@ class CachedPrompt:
     """One adapter's soft prompt in ready-to-use form."""
 
     kv: Kv                    # per layer (keys, values) [1, kv_heads, N, head_dim], model dtype, model device
-    last_hidden: torch.Tensor  # the last virtual token's hidden state (predicts the first text token)
     num_virtual_tokens: int
     template: Template
     adapter: Adapter
-
-
-def adapter_template(adapter: Adapter | None, default: Template) -> Template:
-    """The template an adapter was saved with; `default` for the base model or an adapter without softprompt.json
-    (e.g. one written by PEFT)."""
-    if adapter is not None and "template" in (adapter.extra or {}):
-        return adapter.template
-    return default
 
 
 class UnknownAdapterError(ValueError):
@@ -48,7 +39,7 @@ class PromptCache:
     """Per-adapter keys/values of the virtual tokens (forward.prompt_kv), computed once when an adapter is added and
     reused for every request and batch. The name None always means the base model (no soft prompt)."""
 
-    def __init__(self, base: BaseModel, default_template: Template | None = None):
+    def __init__(self, base: FrozenModel, default_template: Template | None = None):
         self.base = base
         self.default_template = default_template or Template()
         self._entries: dict[str, CachedPrompt] = {}
@@ -65,10 +56,10 @@ class PromptCache:
             raise AdapterError(f"{where}: adapter hidden size {emb.shape[1]} does not fit the base model "
                                f"{self.base.name} (hidden size {self.base.hidden_size})")
         with torch.no_grad():
-            kv, last = forward.prompt_kv(self.base.model, emb.to(self.base.device))
+            kv, _ = forward.prompt_kv(self.base.model, emb.to(self.base.device))
         kv = [(k.detach(), v.detach()) for k, v in kv]
-        self._entries[name] = CachedPrompt(kv, last.detach(), emb.shape[0],
-                                           adapter_template(adapter, self.default_template), adapter)
+        self._entries[name] = CachedPrompt(kv, emb.shape[0],
+                                           adapter.template_or(self.default_template), adapter)
 
     def remove(self, name: str) -> None:
         if name not in self._entries:

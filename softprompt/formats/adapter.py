@@ -21,7 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .templates import Template
+from softprompt.core.prompt import SoftPrompt
+from softprompt.data.templates import Template
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -60,6 +61,14 @@ class Adapter:
     def num_virtual_tokens(self) -> int:
         return self.embeddings.shape[0]
 
+    def soft_prompt(self) -> SoftPrompt:
+        """A trainable copy of this adapter's prompt, e.g. to continue training it or transfer it to a new task."""
+        return SoftPrompt(self.embeddings, init=f"adapter:{self.path}")
+
+    def template_or(self, default: Template) -> Template:
+        """The template this adapter was saved with; `default` when it has none (e.g. a folder written by PEFT)."""
+        return self.template if "template" in (self.extra or {}) else default
+
 
 def peft_config(num_virtual_tokens: int, token_dim: int, base_name: str, num_layers: int | None,
                 num_heads: int | None, init: str = "RANDOM", init_text: str | None = None) -> dict:
@@ -94,7 +103,7 @@ def save_adapter(out_dir: str | Path, embeddings, base, *, init: str | None = No
     """Write a PEFT-format adapter folder atomically (a temp folder renamed into place).
 
     `embeddings` is a prompt.SoftPrompt (its init method and text are recorded) or a [N, hidden] tensor;
-    `base` is a models.BaseModel (for the base name and shape fields) or None.
+    `base` is a models.FrozenModel (for the base name and shape fields) or None.
     """
     out_dir = Path(out_dir)
     if isinstance(embeddings, torch.nn.Module):

@@ -24,7 +24,7 @@ import urllib.request
 
 import torch
 
-from .templates import Template, encode_text
+from softprompt.data.templates import Template, encode_text
 
 
 def prompt_text(template: Template, tokenizer, *, instruction: str | None = None, input: str = "",

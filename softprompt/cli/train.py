@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from .prompt import INIT_METHODS
-from .schedule import OPTIMIZERS, SCHEDULES
+from softprompt.core.prompt import INIT_METHODS
+from softprompt.training.optim import OPTIMIZERS, SCHEDULES
 
 
 def register(subparsers) -> None:
-    from .train import TrainConfig
+    from softprompt.training.config import TrainConfig
 
     d = TrainConfig(data="", out="")
     p = subparsers.add_parser(
@@ -32,7 +32,7 @@ def register(subparsers) -> None:
                    "word i of --label-words (e.g. --label-field label --label-words negative,positive)")
     g.add_argument("--label-words", help="comma-separated answer words for the classes (for --label-field and "
                    "--init labels)")
-    g.add_argument("--template", default=d.template, help="prompt format: 'reference' (Human: ...\\n\\nAssistant: ), "
+    g.add_argument("--template", default=d.template, help="prompt format: 'human-assistant' (Human: ...\\n\\nAssistant: ), "
                    "'chat' (the base model's chat template), or a string with {instruction} and optionally {input}; "
                    "saved with the adapter")
     g.add_argument("--max-length", type=int, default=d.max_length, help="truncate prompt+answer to this many tokens")
@@ -91,7 +91,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+    from softprompt.training.config import TrainConfig
+    from softprompt.training.loop import train
 
     config = TrainConfig(
         data=args.data, out=args.out, model=args.model, num_virtual_tokens=args.num_virtual_tokens, init=args.init,

@@ -2,10 +2,11 @@
 
 Python API:
 
-    from softprompt.train import TrainConfig, train
+    from softprompt.training.config import TrainConfig
+    from softprompt.training.loop import train
     result = train(TrainConfig(data="alpaca.jsonl", out="runs/alpaca"))          # a file or folder ...
     result = train(TrainConfig(data=[{"instruction": "Hi", "output": "Hello"}],   # ... or in-memory records
-                               out="runs/x", model=base, max_steps=50))           # and a preloaded BaseModel
+                               out="runs/x", model=base, max_steps=50))           # and a preloaded FrozenModel
     result.adapter_dir, result.best_eval_loss, result.steps
 
 The loop is a lean one on accelerate (device placement, process group): one optimiser step takes
@@ -24,60 +25,17 @@ from pathlib import Path
 
 import torch
 
-from . import batching, checkpoint, forward
-from .data import DataError, Fields, load_records, parse_words, split_holdout
-from .metrics import MetricsLogger
-from .models import BaseModel, describe_parameters, load_base
-from .prompt import SoftPrompt
-from .schedule import build_optimizer, lr_at
-from .templates import Template
-
-
-@dataclass
-class TrainConfig:
-    """Everything `softprompt train` accepts. `data` / `eval_data`: a path or a list of dicts; `model`: a name,
-    folder, .gguf file, or a preloaded models.BaseModel."""
-
-    data: str | list[dict]
-    out: str
-    model: str | BaseModel | None = None
-    num_virtual_tokens: int = 20
-    init: str | None = None  # None: "labels" when label_words are given, else "vocab"
-    init_text: str | None = None
-    label_words: list[str] | None = None
-    template: str = "reference"
-    fields: str | dict | None = None  # e.g. "instruction=sentence" (source field per role)
-    label_field: str | None = None  # integer labels here become label_words[i] as the output
-    lr: float = 0.3  # with Adafactor: the cap on the step relative to the prompt's scale (see README)
-    optimizer: str = "adafactor"
-    weight_decay: float = 0.0
-    schedule: str = "cosine"
-    warmup_steps: int | None = None  # None: 5% of the steps
-    epochs: float = 1.0
-    max_steps: int | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 256
-    max_batch_tokens: int = 1024  # ~0.95 MB of saved activations per token on SmolLM2-135M (fp32)
-    max_grad_norm: float | None = 1.0
-    eval_data: str | list[dict] | None = None
-    eval_fraction: float = 0.0
-    eval_every: int | None = None  # None: with every checkpoint
-    save_every: int = 100
-    log_every: int = 10
-    keep_checkpoints: int = 2
-    early_stopping: int | None = None  # evaluations without improvement before stopping
-    final: str = "best"  # "best": the best-eval adapter goes to OUT when there is an eval split; "last": last step
-    resume: str | None = None
-    seed: int = 0
-    limit: int | None = None
-    gradient_checkpointing: bool = False
-    dtype: str = "auto"
-    device: str | None = None
-    threads: int | None = None
-    skip_bad: bool = False
-    tensorboard: bool = False
-    progress: bool = True
+from softprompt.data import batching
+from softprompt.formats import checkpoint
+from softprompt.core import forward
+from softprompt.data.records import DataError, Fields, load_records, parse_words, split_holdout
+from softprompt.training.config import TrainConfig
+from softprompt.training.metrics import MetricsLogger
+from softprompt.core.models import FrozenModel, describe_parameters, load_base
+from softprompt.core.prompt import SoftPrompt
+from softprompt.training.optim import build_optimizer, lr_at
+from softprompt.training.scoring import evaluate_loss
+from softprompt.data.templates import Template
 
 
 @dataclass
@@ -118,7 +76,7 @@ def train(config: TrainConfig) -> TrainResult:
         train_recs, eval_recs = split_holdout(train_recs, config.eval_fraction, config.seed)
     skipped = list(train_recs.skipped) + (list(eval_recs.skipped) if eval_recs else [])
     # the model is loaded after the records, so bad data fails fast
-    base = config.model if isinstance(config.model, BaseModel) else load_base(
+    base = config.model if isinstance(config.model, FrozenModel) else load_base(
         config.model, device=config.device or str(accelerator.device), dtype=config.dtype)
     model, tokenizer, device = base.model, base.tokenizer, base.device
     examples, bad, truncated = batching.encode_records(train_recs.items, tokenizer, template, config.max_length,
@@ -236,7 +194,7 @@ def train(config: TrainConfig) -> TrainResult:
                              bad_evals=0 if improved else state["bad_evals"] + 1)
                 logger.log("eval", done, eval_loss=eval_loss, best_eval_loss=state["best_eval_loss"])
                 if main and improved:
-                    from .adapter import save_adapter
+                    from softprompt.formats.adapter import save_adapter
 
                     save_adapter(out / "best", prompt.embeddings, base, **adapter_kwargs,
                                  extra={"step": done, "eval_loss": eval_loss})
@@ -258,7 +216,7 @@ def train(config: TrainConfig) -> TrainResult:
         bar.close()
     final_emb = prompt.embeddings
     if config.final == "best" and state["best_step"] is not None:
-        from .adapter import load_adapter
+        from softprompt.formats.adapter import load_adapter
 
         final_emb = load_adapter(out / "best").embeddings if main else final_emb
     summary = {"steps": done, "train_loss": last_loss,
@@ -273,24 +231,8 @@ def train(config: TrainConfig) -> TrainResult:
                        truncated)
 
 
-@torch.no_grad()
-def evaluate_loss(model, prompt: SoftPrompt, examples: list[batching.Example], max_tokens: int, pad_id: int,
-                  accelerator=None) -> float:
-    """Mean NLL per answer token over `examples` (split across processes when there are several)."""
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    mine = batching.shard(list(range(len(examples))), [len(e) for e in examples], rank, world)
-    nll, counts = batching.nll_per_example(model, prompt(), [examples[i] for i in mine], pad_id, max_tokens)
-    device = model.get_input_embeddings().weight.device
-    totals = torch.stack([nll.sum(), counts.sum().double()]).to(device)
-    if world > 1:
-        totals = accelerator.reduce(totals, reduction="sum")
-    return (totals[0] / totals[1]).item()
-
-
-
-
 def _resume(config: TrainConfig, prompt: SoftPrompt, optimizer, state: dict) -> tuple[int, dict]:
-    from .adapter import load_adapter
+    from softprompt.formats.adapter import load_adapter
 
     folder = checkpoint.resolve_resume(config.resume)
     tensors, saved = checkpoint.load_checkpoint(folder)
@@ -326,6 +268,3 @@ def _progress(enabled: bool, total: int, start: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-
-
-from .train_cli import register  # noqa: E402,F401  (the `train` verb lives next door to keep this file small)

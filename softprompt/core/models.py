@@ -30,7 +30,7 @@ class ModelNotFoundError(RuntimeError):
 
 
 @dataclass
-class BaseModel:
+class FrozenModel:
     """A frozen causal LM, its tokenizer and the name adapters record as their base."""
 
     model: torch.nn.Module
@@ -155,7 +155,7 @@ def resolve_model_path(model: str | None) -> tuple[str, str]:
 
 
 def load_base(model: str | None = None, *, device: str | None = None, dtype: str | torch.dtype | None = None,
-              attn_implementation: str | None = "sdpa") -> BaseModel:
+              attn_implementation: str | None = "sdpa") -> FrozenModel:
     """Load a causal LM frozen (eval mode, requires_grad False everywhere) with its tokenizer.
 
     `model`: None or "default" for the embedded SmolLM2-135M-Instruct, a local directory, a hub id, or a .gguf file.
@@ -163,7 +163,7 @@ def load_base(model: str | None = None, *, device: str | None = None, dtype: str
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .attention import use_grouped_sdpa
+    from softprompt.core.attention import use_grouped_sdpa
 
     path, name = resolve_model_path(model)
     dev = resolve_device(device)
@@ -185,7 +185,7 @@ def load_base(model: str | None = None, *, device: str | None = None, dtype: str
     net.to(dev)
     if attn_implementation == "sdpa":
         use_grouped_sdpa(net)
-    return BaseModel(model=freeze(net), tokenizer=prepare_tokenizer(tokenizer), name=name)
+    return FrozenModel(model=freeze(net), tokenizer=prepare_tokenizer(tokenizer), name=name)
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .adapter import CONFIG_FILE, EXTRA_FILE, WEIGHTS_FILE, save_adapter
+from softprompt.formats.adapter import CONFIG_FILE, EXTRA_FILE, WEIGHTS_FILE, save_adapter
 
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "trainer_state.json"

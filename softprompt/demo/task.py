@@ -14,7 +14,7 @@ import random
 from itertools import zip_longest
 
 QUESTION = "Which compass direction does this word point to?"
-TEMPLATE = "reference"  # the default prompt format: "Human: {question}\n{word}\n\nAssistant: "
+TEMPLATE = "human-assistant"  # the default prompt format: "Human: {question}\n{word}\n\nAssistant: "
 RULE = {"animal": "north", "fruit": "south", "vehicle": "east", "instrument": "west"}
 CHOICES = list(RULE.values())
 

@@ -2,7 +2,7 @@
 
 Python API: `generate(instruction, ...) -> str` and `generate_batch(records, ...) -> list[dict]`.
 The prompt template is the one saved with the adapter; for the base model or an adapter without one (e.g. written
-by PEFT) it is the reference template ("Human: ...\\n\\nAssistant: "), or the model's chat template on request.
+by PEFT) it is the human-assistant template ("Human: ...\\n\\nAssistant: "), or the model's chat template on request.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-from .adapter import Adapter, check_adapter_name, load_adapter
-from .data import read_jsonl
-from .engine import Engine, GenerationRequest
-from .models import BaseModel, load_base
-from .templates import CHAT, Template
+from softprompt.formats.adapter import Adapter, check_adapter_name, load_adapter
+from softprompt.data.records import read_jsonl
+from softprompt.inference.engine import Engine, GenerationRequest
+from softprompt.core.models import FrozenModel, load_base
+from softprompt.data.templates import CHAT, Template
 
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_K = 50
@@ -35,8 +35,8 @@ def sampling(greedy: bool = False, temperature: float | None = None, top_k: int 
             "top_p": DEFAULT_TOP_P if top_p is None else float(top_p)}
 
 
-def build_engine(base: BaseModel, chat_template: bool = False) -> Engine:
-    return Engine(base, default_template=Template(CHAT if chat_template else "reference"))
+def build_engine(base: FrozenModel, chat_template: bool = False) -> Engine:
+    return Engine(base, default_template=Template(CHAT if chat_template else "human-assistant"))
 
 
 def add_adapter(engine: Engine, adapter: str | Path | Adapter | None) -> str | None:
@@ -53,11 +53,11 @@ def add_adapter(engine: Engine, adapter: str | Path | Adapter | None) -> str | N
     return name
 
 
-def _base(base: BaseModel | None, model: str | None, device: str | None, dtype: str | None) -> BaseModel:
+def _base(base: FrozenModel | None, model: str | None, device: str | None, dtype: str | None) -> FrozenModel:
     return base if base is not None else load_base(model, device=device, dtype=dtype)
 
 
-def generate(instruction: str, input: str = "", *, base: BaseModel | None = None, model: str | None = None,
+def generate(instruction: str, input: str = "", *, base: FrozenModel | None = None, model: str | None = None,
              adapter: str | Path | Adapter | None = None, chat_template: bool = False, greedy: bool = False,
              temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, stop: list[str] | tuple = (),
@@ -123,7 +123,7 @@ def read_batch(path: str | Path) -> list[dict]:
     return records
 
 
-def generate_batch(records: list[dict], *, base: BaseModel | None = None, model: str | None = None,
+def generate_batch(records: list[dict], *, base: FrozenModel | None = None, model: str | None = None,
                    adapter: str | Path | Adapter | None = None, adapters_dir: str | Path | None = None,
                    chat_template: bool = False, greedy: bool = False, temperature: float | None = None,
                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,

@@ -3,8 +3,8 @@
 One implementation shared by train, eval, generate and serve, and saved with every adapter, so that a soft prompt
 is always used with the formatting it was trained on.
 
-- `reference`: the reference recipe's format — "Human: " + instruction + "\\n" + input (stripped), then
-  "\\n\\nAssistant: "; the target is the output followed by EOS.
+- `human-assistant` (the default): "Human: " + instruction + "\\n" + input (stripped), then "\\n\\nAssistant: ";
+  the target is the output followed by EOS. (`reference`, its name in older adapter folders, is accepted too.)
 - `chat`: the base model's own chat template (a single user message holding instruction and input).
 - any other string: a user template with `{instruction}` and `{input}` placeholders, e.g.
   "Review: {instruction}\\nSentiment:".
@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-REFERENCE = "reference"
+HUMAN_ASSISTANT = "human-assistant"
+LEGACY_NAMES = {"reference": HUMAN_ASSISTANT}  # names older softprompt.json files may hold
 CHAT = "chat"
 
 
@@ -26,14 +27,16 @@ class TemplateError(ValueError):
 class Template:
     """A named or user-written prompt format."""
 
-    spec: str = REFERENCE
+    spec: str = HUMAN_ASSISTANT
 
     def __post_init__(self) -> None:
-        if self.spec in (REFERENCE, CHAT):
+        if self.spec in LEGACY_NAMES:
+            object.__setattr__(self, "spec", LEGACY_NAMES[self.spec])
+        if self.spec in (HUMAN_ASSISTANT, CHAT):
             return
         if "{instruction}" not in self.spec:
             raise TemplateError(
-                f"template {self.spec!r} must be 'reference', 'chat', or a string containing {{instruction}} "
+                f"template {self.spec!r} must be 'human-assistant', 'chat', or a string containing {{instruction}} "
                 "(and optionally {input})"
             )
         try:
@@ -43,7 +46,7 @@ class Template:
 
     def prompt(self, instruction: str, input: str = "", tokenizer=None) -> str:
         """The text the model sees before the answer."""
-        if self.spec == REFERENCE:
+        if self.spec == HUMAN_ASSISTANT:
             body = instruction.strip()
             if input and input.strip():
                 body = f"{body}\n{input.strip()}"
@@ -80,7 +83,7 @@ class Template:
 
     @classmethod
     def from_json(cls, value: str | None) -> "Template":
-        return cls(value or REFERENCE)
+        return cls(value or HUMAN_ASSISTANT)
 
 
 def encode_example(template: Template, tokenizer, instruction: str, input: str, output: str,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .adapter import load_adapter
-from .models import DEFAULT_MODEL, DEFAULT_MODEL_NAME, load_base
+from softprompt.formats.adapter import load_adapter
+from softprompt.core.models import DEFAULT_MODEL, DEFAULT_MODEL_NAME, load_base
 
 
 def nearest_tokens(embeddings: torch.Tensor, table: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +33,7 @@ def base_for(adapter_config: dict, model: str | None) -> str | None:
 
 
 def inspect_adapter(path: str | Path, base=None, top_k: int = 5) -> dict:
-    """A JSON-ready description of an adapter folder. `base` (a models.BaseModel) is needed for nearest tokens."""
+    """A JSON-ready description of an adapter folder. `base` (a models.FrozenModel) is needed for nearest tokens."""
     path = Path(path)
     adapter = load_adapter(path, base)
     emb = adapter.embeddings

@@ -8,6 +8,8 @@
 - `micro_batches`: packs a share into batches whose padded size (rows x longest row) stays within a token budget.
   The loss is normalised over the whole step, so how a step is split never changes the result, only the speed.
 - `collate`: right padding, mask 0 and label -100 on pads.
+
+Nothing here runs a model: scoring batches lives in training/scoring.py.
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import forward
-from .data import DataError, Record
-from .templates import Template, encode_example
+from softprompt.data.records import DataError, Record
+from softprompt.data.templates import Template, encode_example
 
 MEGA_BATCH_STEPS = 50  # steps' worth of records sorted together when grouping by length
 
@@ -110,29 +111,6 @@ def collate(examples: list[Example], pad_id: int, device=None) -> dict[str, torc
         labels[row, :len(e)] = torch.tensor(e.labels)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
-
-
-def nll_per_example(model, prompt: torch.Tensor | None, examples: list[Example], pad_id: int, max_tokens: int,
-                    max_rows: int | None = None, bar=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed NLL of each example's label tokens and its label count (float64 / long, on the CPU), computed without
-    gradients in length-grouped batches of at most `max_tokens` padded tokens (and `max_rows` rows)."""
-    lengths = [len(e) for e in examples]
-    batches = micro_batches(list(range(len(examples))), lengths, max_tokens)
-    if max_rows:
-        batches = [b[i:i + max_rows] for b in batches for i in range(0, len(b), max_rows)]
-    device = model.get_input_embeddings().weight.device
-    nll = torch.zeros(len(examples), dtype=torch.float64)
-    counts = torch.zeros(len(examples), dtype=torch.long)
-    with torch.no_grad():
-        for rows in batches:
-            batch = collate([examples[i] for i in rows], pad_id, device)
-            row_nll, row_counts = forward.label_nll(model, prompt, batch["input_ids"], batch["attention_mask"],
-                                                    batch["labels"])
-            nll[rows] = row_nll.double().cpu()
-            counts[rows] = row_counts.cpu()
-            if bar is not None:
-                bar.update(len(rows))
-    return nll, counts
 
 
 def steps_per_epoch(n_records: int, step_records: int) -> int:

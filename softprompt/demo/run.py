@@ -16,9 +16,9 @@ import json
 import time
 from pathlib import Path
 
-from . import demo_task
-from .evaluate import evaluate, format_examples, format_table
-from .models import BaseModel, load_base
+from softprompt.demo import task as demo_task
+from softprompt.evaluation.evaluate import evaluate, format_examples, format_table
+from softprompt.core.models import FrozenModel, load_base
 
 DEFAULT_OUT = "softprompt-demo"
 RESULTS_FILE = "demo_results.json"
@@ -33,16 +33,17 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def run_demo(out: str | Path = DEFAULT_OUT, model: str | BaseModel | None = None, steps: int = 100,
+def run_demo(out: str | Path = DEFAULT_OUT, model: str | FrozenModel | None = None, steps: int = 100,
              batch_size: int = 16, lr: float = 3e-2, num_virtual_tokens: int = 20, init: str = "labels",
              train_records: int | None = None, examples: int = 4, seed: int = 0, progress: bool = True,
              print_fn=print) -> dict:
     """Run the demo; returns the metrics written to OUT/demo_results.json."""
-    from .train import TrainConfig, train
+    from softprompt.training.config import TrainConfig
+    from softprompt.training.loop import train
 
     start, cpu_start = time.perf_counter(), time.process_time()
     out = Path(out)
-    base = model if isinstance(model, BaseModel) else load_base(model)
+    base = model if isinstance(model, FrozenModel) else load_base(model)
     loaded = time.perf_counter()
     train_rows, eval_rows = demo_task.make_records(train_records or steps * batch_size, seed)
     data_dir = out / "data"
@@ -77,7 +78,7 @@ def run_demo(out: str | Path = DEFAULT_OUT, model: str | BaseModel | None = None
     print_fn("\n" + format_table([before, after], labels))
     print_fn("\nexamples (held-out words):\n" + format_examples([before, after], examples, labels))
     results = {
-        "task": "compass game (softprompt.demo_task)", "model": base.name, "template": demo_task.TEMPLATE,
+        "task": "compass game (softprompt.demo.task)", "model": base.name, "template": demo_task.TEMPLATE,
         "choices": demo_task.CHOICES, "train_records": len(train_rows), "eval_records": len(eval_rows),
         "steps": trained.steps, "batch_size": batch_size, "lr": lr, "num_virtual_tokens": num_virtual_tokens,
         "init": init, "optimizer": DEMO_OPTIMIZER, "train_loss": trained.train_loss,

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-from . import batching
-from .adapter import Adapter, load_adapter
-from .data import DataError, Fields, Record, load_records, parse_words
-from .engine import Engine, GenerationRequest
-from .kvcache import adapter_template
-from .models import BaseModel, load_base
-from .rouge import exact_match, rouge_l
-from .templates import Template, encode_example, encode_text
+from softprompt.data import batching
+from softprompt.formats.adapter import Adapter, load_adapter
+from softprompt.data.records import DataError, Fields, Record, load_records, parse_words
+from softprompt.inference.engine import Engine, GenerationRequest
+from softprompt.core.models import FrozenModel, load_base
+from softprompt.evaluation.rouge import exact_match, rouge_l
+from softprompt.training.scoring import nll_per_example
+from softprompt.data.templates import Template, encode_example, encode_text
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -53,7 +53,7 @@ def _encode(template: Template, tokenizer, record: Record, output: str, max_leng
     return batching.Example(ids, labels, record.where)
 
 
-def score_model(base: BaseModel, adapter: Adapter | None, template: Template, records: list[Record],
+def score_model(base: FrozenModel, adapter: Adapter | None, template: Template, records: list[Record],
                 choices: list[str] | None, generations: list[str] | None, batch_size: int, max_batch_tokens: int,
                 max_length: int, progress: bool = False) -> dict:
     """Metrics of one model (the base when `adapter` is None) on `records`; `generations`: its greedy answers."""
@@ -69,7 +69,7 @@ def score_model(base: BaseModel, adapter: Adapter | None, template: Template, re
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(examples), desc="score", unit="seq", leave=False)
-    nll, counts = batching.nll_per_example(base.model, prompt, examples, tok.pad_token_id, max_batch_tokens,
+    nll, counts = nll_per_example(base.model, prompt, examples, tok.pad_token_id, max_batch_tokens,
                                            batch_size, bar)
     if bar is not None:
         bar.close()
@@ -98,7 +98,7 @@ def score_model(base: BaseModel, adapter: Adapter | None, template: Template, re
     return result
 
 
-def evaluate(data, model: str | BaseModel | None = None, adapters: list[str | Path] = (), compare_base: bool = False,
+def evaluate(data, model: str | FrozenModel | None = None, adapters: list[str | Path] = (), compare_base: bool = False,
              choices: list[str] | None = None, max_new_tokens: int | None = None, batch_size: int = 16,
              max_batch_tokens: int = 4096, max_length: int = 2048, fields=None, label_field: str | None = None,
              template: str | None = None, limit: int | None = None, device: str | None = None,
@@ -110,7 +110,7 @@ def evaluate(data, model: str | BaseModel | None = None, adapters: list[str | Pa
     (per record: gold, prediction)."""
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    base = model if isinstance(model, BaseModel) else load_base(model, device=device, dtype=dtype)
+    base = model if isinstance(model, FrozenModel) else load_base(model, device=device, dtype=dtype)
     loaded = {str(path): load_adapter(path, base) for path in adapters}
     choices = parse_words(choices, "--choices", minimum=2)
     label_words = choices or next((a.label_words for a in loaded.values() if a.label_words), None)
@@ -120,11 +120,11 @@ def evaluate(data, model: str | BaseModel | None = None, adapters: list[str | Pa
             if r.output not in choices:
                 raise DataError(f"{r.where}: the answer {r.output!r} is not one of the choices {choices}")
     first = next(iter(loaded.values()), None)
-    base_template = Template(template) if template else adapter_template(first, Template())
+    base_template = Template(template) if template else (first.template_or(Template()) if first else Template())
     models: list[tuple[str | None, Adapter | None, Template]] = []
     if compare_base or not loaded:
         models.append((None, None, base_template))
-    models += [(name, a, adapter_template(a, Template())) for name, a in loaded.items()]
+    models += [(name, a, a.template_or(Template())) for name, a in loaded.items()]
 
     if max_new_tokens is None:
         longest = max((len(encode_text(base.tokenizer, c)) for c in choices), default=0)
@@ -146,7 +146,7 @@ def evaluate(data, model: str | BaseModel | None = None, adapters: list[str | Pa
             "max_new_tokens": max_new_tokens, "skipped": skipped, "results": results}
 
 
-def _generate(base: BaseModel, base_template: Template, models, records: list[Record], max_new_tokens: int,
+def _generate(base: FrozenModel, base_template: Template, models, records: list[Record], max_new_tokens: int,
               batch_size: int, progress: bool) -> tuple[dict, dict]:
     """Greedy answers of every model and the seconds each took; one Engine, so each adapter's soft-prompt KV is
     computed once."""
@@ -248,7 +248,7 @@ def register(subparsers) -> None:
     p.add_argument("--label-field", help="a field of integer class labels; label i becomes choice i (--choices, "
                    "or the adapter's saved label words)")
     p.add_argument("--template", help="prompt format for the base model (default: the first adapter's template, "
-                   "else 'reference'); adapters always use their saved template")
+                   "else 'human-assistant'); adapters always use their saved template")
     p.add_argument("--limit", type=int, help="evaluate only the first N records")
     p.add_argument("--skip-bad", action="store_true", help="skip (and list) bad records instead of stopping at the "
                    "first one")

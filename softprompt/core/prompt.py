@@ -6,12 +6,11 @@ Initialisation strategies:
 - `random`: Gaussian with the embedding table's own mean and std (not N(0, 1), which is far off scale);
 - `labels`: the task's label words (embeddings averaged over sub-tokens), the rest filled as `vocab`
   (Lester et al. 2021);
-- from an existing adapter (prompt transfer), see `SoftPrompt.from_adapter`.
+- from an existing adapter (prompt transfer): `formats.adapter.load_adapter(path).soft_prompt()`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -50,7 +49,7 @@ class SoftPrompt(nn.Module):
     def initialise(cls, base, method: str = "text", num_virtual_tokens: int | None = None,
                    init_text: str | None = None, label_words: list[str] | None = None,
                    seed: int = 0) -> "SoftPrompt":
-        """Build a fresh soft prompt for `base` (a models.BaseModel) with one of INIT_METHODS."""
+        """Build a fresh soft prompt for `base` (a models.FrozenModel) with one of INIT_METHODS."""
         table = base.model.get_input_embeddings().weight.detach().float().cpu()
         generator = torch.Generator().manual_seed(seed)
         if method == "text":
@@ -77,17 +76,8 @@ class SoftPrompt(nn.Module):
             rest = table[_sample_vocab(table.shape[0], n - len(rows), base.tokenizer, generator)]
             vectors = torch.cat([torch.stack(rows), rest]) if len(rest) else torch.stack(rows)
         else:
-            raise ValueError(f"unknown init {method!r}: use one of {', '.join(INIT_METHODS)} or an adapter folder")
+            raise ValueError(f"unknown init {method!r}: use one of {', '.join(INIT_METHODS)}")
         return cls(vectors, init=method).to(base.device)
-
-    @classmethod
-    def from_adapter(cls, path: str | Path, base=None) -> "SoftPrompt":
-        """Load the prompt of a saved adapter (softprompt's or PEFT's), e.g. to continue or transfer it."""
-        from .adapter import load_adapter
-
-        adapter = load_adapter(path, base)
-        prompt = cls(adapter.embeddings, init=f"adapter:{path}")
-        return prompt.to(base.device) if base is not None else prompt
 
 
 def _word_ids(tokenizer, word: str) -> list[int]:

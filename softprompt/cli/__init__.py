@@ -11,13 +11,13 @@ import importlib
 import sys
 
 VERBS = {
-    "demo": "softprompt.demo",
-    "train": "softprompt.train",
-    "eval": "softprompt.evaluate",
-    "generate": "softprompt.generate",
-    "chat": "softprompt.chat",
+    "demo": "softprompt.demo.run",
+    "train": "softprompt.cli.train",
+    "eval": "softprompt.evaluation.evaluate",
+    "generate": "softprompt.inference.generate",
+    "chat": "softprompt.inference.chat",
     "serve": "softprompt.serve",
-    "inspect": "softprompt.inspect_adapter",
+    "inspect": "softprompt.evaluation.inspect",
 }
 
 

@@ -2,7 +2,7 @@
 
 Reads one message per line from stdin (so it also works with piped input), prints each answer as it is generated
 followed by a newline. `/reset` forgets the conversation, `/quit` (or end of input) leaves. With the model's chat
-template every turn is sent; other templates (reference, user templates, an adapter's saved one) have no notion of
+template every turn is sent; other templates (human-assistant, user templates, an adapter's saved one) have no notion of
 turns, so only the latest message is used.
 """
 
@@ -11,10 +11,10 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from .engine import Engine, GenerationRequest
-from .generate import add_adapter, add_model_args, add_sampling_args, build_engine, sampling
-from .models import load_base
-from .templates import CHAT
+from softprompt.inference.engine import Engine, GenerationRequest
+from softprompt.inference.generate import add_adapter, add_model_args, add_sampling_args, build_engine, sampling
+from softprompt.core.models import load_base
+from softprompt.data.templates import CHAT
 
 
 class Conversation:
