@@ -1,13 +1,14 @@
 """SST-2 quality of prompt tuning on SmolLM2-135M: zero-shot vs trained soft prompts (a small sweep).
 
-Train on the first --train-records records of sst2_train.jsonl, evaluate accuracy on the next --eval-records (never
-trained on). A record is classified by comparing the summed log-probability of each label word (+ EOS) after the
-template, with forward.label_nll, the same forward path training uses.
+Train on the first --train-records records of --data (the GLUE SST-2 train split as JSONL), evaluate accuracy on
+the next --eval-records (never trained on). A record is classified by comparing the summed log-probability of each
+label word (+ EOS) after the template, with forward.label_nll, the same forward path training uses.
 
-    python benchmarks/sst2_quality.py --train-records 2000 --eval-records 500            # the defaults
-    python benchmarks/sst2_quality.py --train-records 400 --eval-records 200 \
+    python benchmarks/sst2_quality.py --data path/to/sst2_train.jsonl --train-records 2000 --eval-records 500
+    python benchmarks/sst2_quality.py --data path/to/sst2_train.jsonl --train-records 400 --eval-records 200 \
         --run "adamw-3e-2:optimizer=adamw,lr=0.03" --run "adafactor:optimizer=adafactor,lr=0.3"
-    python benchmarks/sst2_quality.py --adapter runs/sst2 --train-records 2000 --eval-records 500  # evaluate only
+    python benchmarks/sst2_quality.py --data path/to/sst2_train.jsonl --adapter runs/sst2 \
+        --train-records 2000 --eval-records 500                                          # evaluate only
 
 Each --run is NAME:key=value,... overriding TrainConfig fields. Last line: a JSON object with zero_shot and each
 run's accuracy.
@@ -62,7 +63,9 @@ def parse_run(spec: str) -> tuple[str, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="../shared/data/sst2_train.jsonl")
+    parser.add_argument("--data", required=True, metavar="FILE.jsonl",
+                        help="SST-2 records as JSONL, one {\"sentence\": ..., \"label\": 0|1} per line (the GLUE "
+                             "SST-2 train split); the first --train-records train, the next --eval-records evaluate")
     parser.add_argument("--train-records", type=int, default=2000)
     parser.add_argument("--eval-records", type=int, default=500)
     parser.add_argument("--template", default=TEMPLATE)

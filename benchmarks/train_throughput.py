@@ -7,8 +7,8 @@ linear decay), so the losses are comparable; each run is a separate child proces
 own. After both, the two final prompts are scored on the same records with the same code (PEFT's adapter is loaded
 by softprompt), and both loss curves go to a PNG.
 
-    python benchmarks/train_throughput.py --records 64 --data ../shared/data/alpaca_en.jsonl \
-        ../shared/data/alpaca_zh.jsonl --out /tmp/bench_train
+    python benchmarks/train_throughput.py --records 64 --data path/to/alpaca_en.jsonl \
+        path/to/alpaca_zh.jsonl --out /tmp/bench_train
 
 Last line: a JSON object with speedup (softprompt tokens/s / recipe tokens/s, geometric mean over the data files),
 memory_ratio (softprompt peak RSS / recipe peak RSS, the worst over data files) and per-file details, including
@@ -197,8 +197,9 @@ def gemm_ceiling(args, records: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", nargs="+", default=["../shared/data/alpaca_en.jsonl",
-                                                      "../shared/data/alpaca_zh.jsonl"], help="JSONL files")
+    parser.add_argument("--data", nargs="+", metavar="FILE.jsonl",
+                        help="required: one or more Alpaca-style JSONL files (records with instruction, optional "
+                             "input, output), e.g. alpaca_en.jsonl alpaca_zh.jsonl; the first --records of each")
     parser.add_argument("--records", type=int, default=64, help="first N records of each file")
     parser.add_argument("--model", help="base model (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--out", default="/tmp/bench_train", help="scratch folder")
@@ -213,6 +214,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args)
+    if not args.data:
+        parser.error("the following arguments are required: --data")
 
     from softprompt.training.metrics import plot_curves
 
