@@ -1,7 +1,6 @@
-"""The `softprompt` command line: one verb per module (litgpt style).
-
-Each verb module defines `register(subparsers)`, which adds its parser and sets `func` to the function that
-runs it with the parsed arguments.
+"""The `softprompt` command line: one module per verb (cli/<verb>.py), each with `register(subparsers)` and
+`run(args)`. The flags come from the library's config dataclasses (cli/args.py), so each option is declared once,
+next to the code that uses it. Building the parser imports no torch: `softprompt --help` answers at once.
 """
 
 from __future__ import annotations
@@ -11,13 +10,13 @@ import importlib
 import sys
 
 VERBS = {
-    "demo": "softprompt.demo.run",
+    "demo": "softprompt.cli.demo",
     "train": "softprompt.cli.train",
-    "eval": "softprompt.evaluation.evaluate",
-    "generate": "softprompt.inference.generate",
-    "chat": "softprompt.inference.chat",
-    "serve": "softprompt.serve",
-    "inspect": "softprompt.evaluation.inspect",
+    "eval": "softprompt.cli.eval",
+    "generate": "softprompt.cli.generate",
+    "chat": "softprompt.cli.chat",
+    "serve": "softprompt.cli.serve",
+    "inspect": "softprompt.cli.inspect",
 }
 
 
@@ -30,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for module in VERBS.values():
         importlib.import_module(module).register(subparsers)
+    for sub in subparsers.choices.values():
+        sub.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     return parser
 
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError) as err:
-        if getattr(args, "debug", False):
+        if args.debug:
             raise
         print(f"softprompt {args.verb}: error: {err}", file=sys.stderr)
         return 2

@@ -5,3 +5,6 @@
 - `prompt`: the soft prompt (N trainable vectors) and its initialisations;
 - `forward`: [soft prompt ; tokens] -> frozen body -> loss on answer tokens; the prompt's keys/values.
 """
+
+# Declared here (torch-free) so that config dataclasses can offer them as choices without importing torch.
+INIT_METHODS = ("text", "vocab", "random", "labels")

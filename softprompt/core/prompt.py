@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-INIT_METHODS = ("text", "vocab", "random", "labels")
+from softprompt.core import INIT_METHODS
 DEFAULT_INIT_TEXT = "The following is a conversation between a person and a robot."
 # Frequent tokens: BPE vocabularies assign low ids to merges seen most often, so the first ids after the special
 # tokens approximate "the 5,000 most frequent tokens" of Lester et al. without needing corpus counts.

@@ -13,8 +13,6 @@ way. The base model uses `template` (default: the first adapter's template, so b
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -27,10 +25,9 @@ from softprompt.data.records import DataError, Fields, Record, load_records, par
 from softprompt.inference.engine import Engine, GenerationRequest
 from softprompt.core.models import FrozenModel, load_base
 from softprompt.evaluation.rouge import exact_match, rouge_l
+from softprompt.evaluation.config import DEFAULT_MAX_NEW_TOKENS, EvalConfig
 from softprompt.training.scoring import nll_per_example
 from softprompt.data.templates import Template, encode_example, encode_text
-
-DEFAULT_MAX_NEW_TOKENS = 128
 
 
 def load_eval_records(data, fields=None, label_field: str | None = None, label_words: list[str] | None = None,
@@ -98,56 +95,70 @@ def score_model(base: FrozenModel, adapter: Adapter | None, template: Template, 
     return result
 
 
-def evaluate(data, model: str | FrozenModel | None = None, adapters: list[str | Path] = (), compare_base: bool = False,
-             choices: list[str] | None = None, max_new_tokens: int | None = None, batch_size: int = 16,
-             max_batch_tokens: int = 4096, max_length: int = 2048, fields=None, label_field: str | None = None,
-             template: str | None = None, limit: int | None = None, device: str | None = None,
-             dtype: str = "auto", skip_bad: bool = False, progress: bool = False) -> dict:
+def evaluate(data, model: str | FrozenModel | None = None, adapters: list[str | Path] = (), **options) -> dict:
     """Evaluate the base model (when `compare_base` or no adapters are given) and each adapter on `data` (a path
-    or a list of dicts). `max_new_tokens=0` skips greedy generation; `skip_bad` skips (and lists) bad records.
-    Returns a JSON-ready dict whose `results` holds one entry per model, each with `adapter` (None for the base),
-    `n`, `loss`, `perplexity`, and `accuracy` (with choices), `exact_match`, `rouge_l` (without choices), `examples`
-    (per record: gold, prediction)."""
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    base = model if isinstance(model, FrozenModel) else load_base(model, device=device, dtype=dtype)
-    loaded = {str(path): load_adapter(path, base) for path in adapters}
-    choices = parse_words(choices, "--choices", minimum=2)
-    label_words = choices or next((a.label_words for a in loaded.values() if a.label_words), None)
-    records, skipped = load_eval_records(data, fields, label_field, label_words, limit, skip_bad)
-    if choices:
-        for r in records:
-            if r.output not in choices:
-                raise DataError(f"{r.where}: the answer {r.output!r} is not one of the choices {choices}")
-    first = next(iter(loaded.values()), None)
-    base_template = Template(template) if template else (first.template_or(Template()) if first else Template())
-    models: list[tuple[str | None, Adapter | None, Template]] = []
-    if compare_base or not loaded:
-        models.append((None, None, base_template))
-    models += [(name, a, a.template_or(Template())) for name, a in loaded.items()]
+    or a list of dicts); `options` are EvalConfig's fields (e.g. choices, max_new_tokens=0 to skip greedy
+    generation, skip_bad). Returns a JSON-ready dict whose `results` holds one entry per model, each with `adapter`
+    (None for the base), `n`, `loss`, `perplexity`, and `accuracy` (with choices), `exact_match`, `rouge_l` (without
+    choices), `examples` (per record: gold, prediction)."""
+    return evaluate_config(EvalConfig(data=data, model=model, adapters=list(adapters), **options))
 
+
+def evaluate_config(config: EvalConfig) -> dict:
+    """`evaluate` for a ready EvalConfig."""
+    base = config.model if isinstance(config.model, FrozenModel) else load_base(
+        config.model, device=config.device, dtype=config.dtype)
+    adapters = {str(path): load_adapter(path, base) for path in config.adapters}
+    choices = parse_words(config.choices, "--choices", minimum=2)
+    records, skipped = _records(config, choices, adapters)
+    models, base_template = _models(config, adapters)
+    max_new_tokens = config.max_new_tokens
     if max_new_tokens is None:
-        longest = max((len(encode_text(base.tokenizer, c)) for c in choices), default=0)
+        longest = max((len(encode_text(base.tokenizer, c)) for c in choices), default=0) if choices else 0
         max_new_tokens = longest + 2 if choices else DEFAULT_MAX_NEW_TOKENS
     generations, gen_seconds = {}, {}
     if max_new_tokens:
-        generations, gen_seconds = _generate(base, base_template, models, records, max_new_tokens, batch_size,
-                                             progress)
-
+        generations, gen_seconds = _generate(base, base_template, models, records, max_new_tokens, config.batch_size,
+                                             config.progress)
     results = []
-    for name, adapter, tmpl in models:
+    for name, adapter, template in models:
         start = time.perf_counter()
-        metrics = score_model(base, adapter, tmpl, records, choices, generations.get(name), batch_size,
-                              max_batch_tokens, max_length, progress)
-        results.append({"adapter": name, "template": tmpl.spec, **metrics,
+        metrics = score_model(base, adapter, template, records, choices, generations.get(name), config.batch_size,
+                              config.max_batch_tokens, config.max_length, config.progress)
+        results.append({"adapter": name, "template": template.spec, **metrics,
                         "seconds": round(time.perf_counter() - start + gen_seconds.get(name, 0.0), 2)})
-    source = data if isinstance(data, (str, Path)) else "<records>"
+    source = config.data if isinstance(config.data, (str, Path)) else "<records>"
     return {"data": str(source), "model": base.name, "n": len(records), "choices": choices,
             "max_new_tokens": max_new_tokens, "skipped": skipped, "results": results}
 
 
-def _generate(base: FrozenModel, base_template: Template, models, records: list[Record], max_new_tokens: int,
-              batch_size: int, progress: bool) -> tuple[dict, dict]:
+def _records(config: EvalConfig, choices: list[str] | None, adapters: dict[str, Adapter]
+             ) -> tuple[list[Record], list[str]]:
+    """The evaluation records (labels mapped to --choices or an adapter's saved label words) and the skipped ones."""
+    label_words = choices or next((a.label_words for a in adapters.values() if a.label_words), None)
+    records, skipped = load_eval_records(config.data, config.fields, config.label_field, label_words, config.limit,
+                                         config.skip_bad)
+    for r in records if choices else ():
+        if r.output not in choices:
+            raise DataError(f"{r.where}: the answer {r.output!r} is not one of the choices {choices}")
+    return records, skipped
+
+
+def _models(config: EvalConfig, adapters: dict[str, Adapter]
+            ) -> tuple[list[tuple[str | None, Adapter | None, Template]], Template]:
+    """(name, adapter, template) of each model to evaluate, the base model first, and the base model's template:
+    --template, else the first adapter's, so base and adapter see the same text. Adapters use their saved one."""
+    first = next(iter(adapters.values()), None)
+    base_template = Template(config.template) if config.template else (
+        first.template_or(Template()) if first else Template())
+    models: list[tuple[str | None, Adapter | None, Template]] = []
+    if config.compare_base or not adapters:
+        models.append((None, None, base_template))
+    return models + [(name, a, a.template_or(Template())) for name, a in adapters.items()], base_template
+
+
+def _generate(base: FrozenModel, base_template: Template, models, records: list[Record], max_new_tokens: int, batch_size: int,
+              progress: bool) -> tuple[dict, dict]:
     """Greedy answers of every model and the seconds each took; one Engine, so each adapter's soft-prompt KV is
     computed once."""
     engine = Engine(base, {name: a for name, a, _ in models if a is not None}, default_template=base_template)
@@ -203,59 +214,3 @@ def format_examples(results: list[dict], count: int, labels: list[str] | None = 
             lines.append(f"    {label}: {_short(answer)}" + (f" (ranked choice: {e['choice']})" if "generation" in e and
                                                         "choice" in e else ""))
     return "\n".join(lines)
-
-
-def run(args: argparse.Namespace) -> int:
-    report = evaluate(args.data, args.model, args.adapter or [], args.compare_base, args.choices, args.max_new_tokens,
-                      args.batch_size, args.max_batch_tokens, args.max_length, args.fields, args.label_field,
-                      args.template, args.limit, args.device, args.dtype, args.skip_bad,
-                      progress=not args.no_progress)
-    for reason in report["skipped"]:
-        print(f"skipped: {reason}")
-    print(f"{report['data']}: {report['n']} records, model {report['model']}")
-    print(format_table(report["results"]))
-    if args.examples:
-        print("\nexamples:")
-        print(format_examples(report["results"], args.examples))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "eval", help="evaluate the base model and/or adapters: loss, perplexity, accuracy, exact match, ROUGE-L",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--data", required=True, metavar="FILE",
-                   help="evaluation records: .json, .jsonl, .csv, .parquet or a save_to_disk folder")
-    p.add_argument("--model", help="base model: folder, .gguf file, hub id, or omitted for the embedded default")
-    p.add_argument("--adapter", action="extend", nargs="+", metavar="DIR",
-                   help="adapter folder(s) to evaluate (repeatable); each uses the template saved with it")
-    p.add_argument("--compare-base", action="store_true",
-                   help="also evaluate the base model without a soft prompt (always done when no --adapter is given)")
-    p.add_argument("--choices", help="comma-separated answers, e.g. negative,positive: adds rank-classification "
-                   "accuracy (full answer sequences scored); every record's answer must be one of them")
-    p.add_argument("--max-new-tokens", type=int, help="greedy answer length for exact match / ROUGE-L (default: "
-                   f"longest choice + 2 with --choices, else {DEFAULT_MAX_NEW_TOKENS}; 0 skips generation)")
-    p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass and per generation batch")
-    p.add_argument("--max-batch-tokens", type=int, default=4096,
-                   help="token budget of one scoring forward pass (rows x longest row)")
-    p.add_argument("--max-length", type=int, default=2048, help="longest prompt + answer in tokens (longer: error)")
-    p.add_argument("--fields", help="source field names, e.g. 'instruction=sentence' (as in softprompt train)")
-    p.add_argument("--label-field", help="a field of integer class labels; label i becomes choice i (--choices, "
-                   "or the adapter's saved label words)")
-    p.add_argument("--template", help="prompt format for the base model (default: the first adapter's template, "
-                   "else 'human-assistant'); adapters always use their saved template")
-    p.add_argument("--limit", type=int, help="evaluate only the first N records")
-    p.add_argument("--skip-bad", action="store_true", help="skip (and list) bad records instead of stopping at the "
-                   "first one")
-    p.add_argument("--examples", type=int, default=3, help="print this many records with each model's answer")
-    p.add_argument("--json", metavar="OUT", help="write all metrics and per-record answers to this JSON file")
-    p.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.set_defaults(func=run)

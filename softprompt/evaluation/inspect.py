@@ -7,7 +7,6 @@ and the vocabulary tokens whose input embeddings are nearest by cosine similarit
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -95,29 +94,3 @@ def format_report(info: dict) -> str:
                                      for n in entry["nearest"])
         lines.append(line)
     return "\n".join(lines)
-
-
-def run(args: argparse.Namespace) -> int:
-    adapter = load_adapter(args.adapter)  # fail fast on a bad folder, before loading a model
-    base = None
-    if args.top_k > 0:
-        base = load_base(base_for(adapter.config, args.model), device=args.device, dtype="float32")
-    info = inspect_adapter(args.adapter, base, args.top_k)
-    print(json.dumps(info, indent=2, ensure_ascii=False) if args.json else format_report(info))
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "inspect", help="show an adapter's config, size and what its virtual tokens are near in the vocabulary",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("adapter", help="adapter folder (softprompt- or PEFT-written prompt-tuning adapter)")
-    p.add_argument("--model", default=None,
-                   help="base model whose vocabulary to compare against (default: the adapter's recorded base; "
-                        "the embedded default for SmolLM2-135M-Instruct)")
-    p.add_argument("--top-k", type=int, default=5,
-                   help="nearest vocabulary tokens to list per virtual token (0: skip, and do not load a model)")
-    p.add_argument("--device", default="cpu", help="device for the similarity search (default cpu)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
-    p.set_defaults(func=run)

@@ -2,19 +2,15 @@
 
 Reads one message per line from stdin (so it also works with piped input), prints each answer as it is generated
 followed by a newline. `/reset` forgets the conversation, `/quit` (or end of input) leaves. With the model's chat
-template every turn is sent; other templates (human-assistant, user templates, an adapter's saved one) have no notion of
-turns, so only the latest message is used.
+template every turn is sent; other templates (human-assistant, user templates, an adapter's saved one) have no
+notion of turns, so only the latest message is used.
 """
 
 from __future__ import annotations
 
-import sys
 from typing import TextIO
 
 from softprompt.inference.engine import Engine, GenerationRequest
-from softprompt.inference.generate import add_adapter, add_model_args, add_sampling_args, build_engine, sampling
-from softprompt.core.models import load_base
-from softprompt.data.templates import CHAT
 
 
 class Conversation:
@@ -89,27 +85,3 @@ def chat_loop(conversation: Conversation, stdin: TextIO, stdout: TextIO, stderr:
             stderr.write("assistant> ")
             stderr.flush()
         conversation.reply(text, stdout)
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "chat", help="chat interactively with a base model and an optional adapter (streamed answers)",
-        description="Read messages from stdin, one per line; print each answer as it is generated. "
-                    "Commands: /reset forgets the conversation, /quit leaves.")
-    add_model_args(parser)
-    parser.add_argument("--adapter", default=None, help="adapter folder (PEFT format); default: the base model")
-    parser.add_argument("--system", default=None, help="a system message (used with the chat template only)")
-    add_sampling_args(parser)
-    parser.set_defaults(func=run)
-
-
-def run(args) -> int:
-    settings = sampling(args.greedy, args.temperature, args.top_k, args.top_p)
-    base = load_base(args.model, device=args.device, dtype=args.dtype)
-    engine = build_engine(base, args.chat_template)
-    name = add_adapter(engine, args.adapter)
-    if engine.template(name).spec != CHAT:
-        print("softprompt chat: this template has no turns; each message is answered on its own "
-              "(use --chat-template for multi-turn with the base model's chat template)", file=sys.stderr)
-    conversation = Conversation(engine, name, settings, args.max_new_tokens, args.stop, args.seed, args.system)
-    return chat_loop(conversation, sys.stdin, sys.stdout, sys.stderr)

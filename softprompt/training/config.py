@@ -1,9 +1,22 @@
-"""`TrainConfig`: everything `softprompt train` accepts, in one place. Imports nothing heavy (no torch), so the
-command line can build its flags from it."""
+"""`TrainConfig`: every option of `softprompt train`, each declared once with its help text and valid range.
+
+The command line builds its flags from these fields; `TrainConfig(...)` checks every value when it is made, so
+the Python API refuses what the command line refuses. Imports nothing heavy (no torch).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from softprompt.core import INIT_METHODS
+from softprompt.options import (SEED_MAX, check_options, device_option, dtype_option, model_option, option,
+                                progress_option, threads_option)
+
+OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULES = ("cosine", "linear", "constant")
+FINAL_CHOICES = ("best", "last")
+
+DATA, PROMPT, OPTIM, OUTPUT = "data", "model and prompt", "optimisation", "logging, evaluation, checkpoints"
 
 
 @dataclass
@@ -11,43 +24,83 @@ class TrainConfig:
     """Everything `softprompt train` accepts. `data` / `eval_data`: a path or a list of dicts; `model`: a name,
     folder, .gguf file, or a preloaded core.models.FrozenModel."""
 
-    data: str | list[dict]
-    out: str
-    model: str | object | None = None  # a name or folder, or a preloaded core.models.FrozenModel
-    num_virtual_tokens: int = 20
-    init: str | None = None  # None: "labels" when label_words are given, else "vocab"
-    init_text: str | None = None
-    label_words: list[str] | None = None
-    template: str = "human-assistant"
-    fields: str | dict | None = None  # e.g. "instruction=sentence" (source field per role)
-    label_field: str | None = None  # integer labels here become label_words[i] as the output
-    lr: float = 0.3  # with Adafactor: the cap on the step relative to the prompt's scale (see README)
-    optimizer: str = "adafactor"
-    weight_decay: float = 0.0
-    schedule: str = "cosine"
-    warmup_steps: int | None = None  # None: 5% of the steps
-    epochs: float = 1.0
-    max_steps: int | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 256
-    max_batch_tokens: int = 1024  # ~0.95 MB of saved activations per token on SmolLM2-135M (fp32)
-    max_grad_norm: float | None = 1.0
-    eval_data: str | list[dict] | None = None
-    eval_fraction: float = 0.0
-    eval_every: int | None = None  # None: with every checkpoint
-    save_every: int = 100
-    log_every: int = 10
-    keep_checkpoints: int = 2
-    early_stopping: int | None = None  # evaluations without improvement before stopping
-    final: str = "best"  # "best": the best-eval adapter goes to OUT when there is an eval split; "last": last step
-    resume: str | None = None
-    seed: int = 0
-    limit: int | None = None
-    gradient_checkpointing: bool = False
-    dtype: str = "auto"
-    device: str | None = None
-    threads: int | None = None
-    skip_bad: bool = False
-    tensorboard: bool = False
-    progress: bool = True
+    data: str | list[dict] = option(
+        help="training records: .json (array), .jsonl, .csv, .parquet, or a datasets save_to_disk folder",
+        metavar="FILE_OR_DIR", group=DATA)
+    out: str = option(help="output folder (the final adapter, checkpoints, metrics)", metavar="DIR", group=OUTPUT)
+    model: str | object | None = model_option()
+    num_virtual_tokens: int = option(
+        20, "soft-prompt length (with --init text: the init text's token count when not given)", minimum=1,
+        maximum=4096, group=PROMPT)
+    init: str | None = option(
+        None, "initialisation: embeddings of --init-text, sampled frequent-vocabulary rows, random at the embedding "
+              "scale, or the --label-words (default: labels when --label-words is given, else vocab)",
+        choices=INIT_METHODS, group=PROMPT)
+    init_text: str | None = option(None, "text whose token embeddings initialise the prompt (--init text)",
+                                   group=PROMPT)
+    label_words: str | list[str] | None = option(
+        None, "comma-separated answer words for the classes (for --label-field and --init labels)", group=DATA)
+    template: str = option(
+        "human-assistant", "prompt format: 'human-assistant' (Human: ...\\n\\nAssistant: ), 'chat' (the base "
+                           "model's chat template), or a string with {instruction} and optionally {input}; saved "
+                           "with the adapter", group=DATA)
+    fields: str | dict | None = option(
+        None, "source field names, e.g. 'instruction=sentence,input=context,output=answer' (defaults instruction / "
+              "input / output; the input field is optional)", group=DATA)
+    label_field: str | None = option(
+        None, "a field holding integer class labels; label i becomes the output word i of --label-words "
+              "(e.g. --label-field label --label-words negative,positive)", group=DATA)
+    lr: float = option(
+        0.3, "peak learning rate (Adafactor: the cap on each step relative to the prompt's RMS; AdamW: absolute, "
+             "try 3e-2)", above=0, group=OPTIM)
+    optimizer: str = option("adafactor", "optimiser", choices=OPTIMIZERS, group=OPTIM)
+    weight_decay: float = option(0.0, "decoupled weight decay", minimum=0, maximum=1, group=OPTIM)
+    schedule: str = option("cosine", "learning-rate decay after warmup", choices=SCHEDULES, group=OPTIM)
+    warmup_steps: int | None = option(None, "linear warmup steps (default: 5% of the steps)", minimum=0,
+                                      group=OPTIM)
+    epochs: float = option(1.0, "passes over the training data", above=0, maximum=10_000, group=OPTIM)
+    max_steps: int | None = option(None, "optimiser steps (overrides --epochs)", minimum=1, group=OPTIM)
+    batch_size: int = option(
+        8, "records per process per step and accumulation round; a step covers batch-size x grad-accum x "
+           "processes records", minimum=1, group=OPTIM)
+    grad_accum: int = option(1, "gradient accumulation factor", minimum=1, group=OPTIM)
+    max_length: int = option(256, "truncate prompt + answer to this many tokens", minimum=2, group=DATA)
+    max_batch_tokens: int = option(
+        1024, "token budget of one forward pass (rows x longest row); a step's records are packed into such "
+              "micro-batches, which never changes the result, only speed and memory", minimum=1, group=OPTIM)
+    max_grad_norm: float | None = option(1.0, "gradient clipping by global norm (0: off)", minimum=0, group=OPTIM)
+    eval_data: str | list[dict] | None = option(
+        None, "evaluation records (same formats); the eval loss is computed every --eval-every steps and the best "
+              "adapter kept", metavar="FILE", group=DATA)
+    eval_fraction: float = option(
+        0.0, "hold out this fraction of --data as the evaluation split (when --eval-data is not given)", minimum=0,
+        maximum=0.9, group=DATA)
+    eval_every: int | None = option(None, "evaluate every N steps (default: --save-every)", minimum=1,
+                                    group=OUTPUT)
+    save_every: int = option(100, "write a checkpoint every N steps", minimum=1, group=OUTPUT)
+    log_every: int = option(10, "log loss, learning rate and tokens/s every N steps", minimum=1, group=OUTPUT)
+    keep_checkpoints: int = option(2, "newest checkpoints kept", minimum=1, group=OUTPUT)
+    early_stopping: int | None = option(None, "stop after N evaluations without improvement", minimum=1,
+                                        metavar="N", group=OUTPUT)
+    final: str = option(
+        "best", "adapter written to --out: the best-eval one (when there is an eval split) or the last step's",
+        choices=FINAL_CHOICES, group=OUTPUT)
+    resume: str | None = option(
+        None, "continue from a checkpoint folder, or from an output folder's newest good checkpoint (same data, "
+              "batch size and seed)", metavar="DIR", group=OUTPUT)
+    seed: int = option(0, "seed for initialisation, data order and hold-out", minimum=0, maximum=SEED_MAX,
+                       group=OPTIM)
+    limit: int | None = option(None, "use only the first N good records of --data", minimum=1, group=DATA)
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, ~30% "
+                                                 "slower)", group=OPTIM)
+    dtype: str = dtype_option()
+    device: str | None = option(None, "cpu, cuda, cuda:1, ... (default: the accelerate process's device)",
+                                group="model")
+    threads: int | None = threads_option()
+    skip_bad: bool = option(False, "skip (and count and report) bad records instead of stopping at the first one",
+                            group=DATA)
+    tensorboard: bool = option(False, "also write TensorBoard logs to OUT/tensorboard", group=OUTPUT)
+    progress: bool = progress_option()
+
+    def __post_init__(self) -> None:
+        check_options(self)

@@ -1,0 +1,57 @@
+"""`softprompt eval`: flags generated from evaluation.config.EvalConfig, plus how the report is shown."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from dataclasses import dataclass
+
+from softprompt.cli.args import add_options, config_from_args
+from softprompt.evaluation.config import EvalConfig
+from softprompt.options import check_options, option
+
+HELP = "evaluate the base model and/or adapters: loss, perplexity, accuracy, exact match, ROUGE-L"
+DESCRIPTION = ("Evaluate the base model and/or adapters on records. Every model gets the loss and perplexity of the "
+               "answer tokens; with --choices, rank-classification accuracy (each choice's full token sequence "
+               "scored after the prompt); greedy answers give exact match and ROUGE-L. An adapter always uses the "
+               "template saved with it.")
+
+
+@dataclass
+class Report:
+    """How the command line shows the evaluation (options of the CLI only)."""
+
+    examples: int = option(3, "print this many records with each model's answer", minimum=0, group="report")
+    json: str | None = option(None, "write all metrics and per-record answers to this JSON file", metavar="OUT",
+                              group="report")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help=HELP, description=DESCRIPTION)
+    add_options(parser, EvalConfig)
+    add_options(parser, Report)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from softprompt.evaluation.evaluate import evaluate_config, format_examples, format_table
+
+    shown = config_from_args(Report, args)
+    report = evaluate_config(config_from_args(EvalConfig, args))
+    for reason in report["skipped"]:
+        print(f"skipped: {reason}")
+    print(f"{report['data']}: {report['n']} records, model {report['model']}")
+    print(format_table(report["results"]))
+    if shown.examples:
+        print("\nexamples:")
+        print(format_examples(report["results"], shown.examples))
+    if shown.json:
+        Path(shown.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(shown.json).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"wrote {shown.json}")
+    return 0

@@ -1,0 +1,43 @@
+"""Options of `softprompt serve`, each declared once (help text and valid range). Imports nothing heavy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from softprompt.options import (chat_template_option, check_options, device_option, dtype_option, model_option,
+                                option, threads_option)
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+LIMITS, ACCESS = "limits", "access"
+
+
+@dataclass
+class ServeConfig:
+    """How `softprompt serve` runs: the model, the adapters folder, the address, limits and access control."""
+
+    model: str | None = model_option()
+    adapters: str | None = option(
+        None, "folder whose adapter sub-folders are served under their folder names (rescanned by POST "
+              "/v1/adapters/rescan); without it only `base` is served", metavar="DIR", group="model")
+    device: str = device_option()
+    dtype: str = dtype_option()
+    chat_template: bool = chat_template_option()
+    threads: int | None = threads_option()
+    host: str = option("127.0.0.1", "address to listen on (the default, loopback, is reachable from this machine "
+                                    "only)", group=ACCESS)
+    port: int = option(8000, "TCP port to listen on (0 = any free port)", minimum=0, maximum=65535, group=ACCESS)
+    api_key: str | None = option(
+        None, "require `Authorization: Bearer KEY` on every endpoint but /health (also read from "
+              "$SOFTPROMPT_API_KEY)", metavar="KEY", group=ACCESS)
+    max_batch: int = option(16, "most requests decoded together in one batch", minimum=1, maximum=4096,
+                            group=LIMITS)
+    max_queue: int = option(64, "most requests waiting for a batch slot; beyond it requests get HTTP 429",
+                            minimum=0, maximum=1_000_000, group=LIMITS)
+    max_tokens_cap: int = option(2048, "largest max_tokens a request may ask for (larger ones get HTTP 400)",
+                                 minimum=1, maximum=1_000_000, group=LIMITS)
+    max_model_len: int | None = option(None, "context length to enforce (default: the model's "
+                                             "max_position_embeddings)", minimum=1, group=LIMITS)
+    log_level: str = option("info", "uvicorn log level", choices=LOG_LEVELS, group="output")
+
+    def __post_init__(self) -> None:
+        check_options(self)
