@@ -20,22 +20,25 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from softprompt.data import batching
-from softprompt.formats import checkpoint
 from softprompt.core import forward
-from softprompt.data.records import DataError, Fields, load_records, parse_words, split_holdout
-from softprompt.training.config import TrainConfig
-from softprompt.training.metrics import MetricsLogger
 from softprompt.core.models import FrozenModel, describe_parameters, load_base
 from softprompt.core.prompt import SoftPrompt
+from softprompt.data import batching
+from softprompt.data.records import DataError, Fields, load_records, parse_words, split_holdout
+from softprompt.data.templates import Template
+from softprompt.formats import checkpoint
+from softprompt.formats.adapter import load_adapter, save_adapter
+from softprompt.training.config import TrainConfig
+from softprompt.training.metrics import MetricsLogger
 from softprompt.training.optim import build_optimizer, lr_at
 from softprompt.training.scoring import evaluate_loss
-from softprompt.data.templates import Template
 
 
 @dataclass
@@ -53,20 +56,155 @@ class TrainResult:
     truncated: int = 0
 
 
+@dataclass
+class TrainState:
+    """What a checkpoint's trainer_state.json carries and a resume restores. The field order is the JSON's key
+    order; records / step_records / seed identify the run (a resume must match them)."""
+
+    best_eval_loss: float | None
+    best_step: int | None
+    bad_evals: int
+    tokens: int
+    records: int
+    step_records: int
+    seed: int
+
+    def for_checkpoint(self, epoch: int) -> dict:
+        return {**asdict(self), "epoch": epoch}
+
+
+@dataclass
+class LogWindow:
+    """Train steps since the last "train" metrics row."""
+
+    started: float
+    nll: float = 0.0
+    labels: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class EpochPlans:
+    """The current epoch's step-by-step record order (one epoch cached; epochs are visited in order)."""
+
+    lengths: list[int]
+    step_records: int
+    seed: int
+    epoch: int | None = None
+    plan: list[list[int]] = field(default_factory=list)
+
+    def records(self, step: int, per_epoch: int) -> list[int]:
+        epoch, index = divmod(step, per_epoch)
+        if epoch != self.epoch:
+            self.epoch, self.plan = epoch, batching.epoch_plan(self.lengths, self.step_records, self.seed, epoch)
+        return self.plan[index]
+
+
+@dataclass
+class Run:
+    """What the set-up produced, plus the counters the loop moves forward."""
+
+    config: TrainConfig
+    accelerator: Any
+    base: FrozenModel
+    out: Path
+    examples: list
+    eval_examples: list
+    lengths: list[int]
+    skipped: list[str]
+    truncated: int
+    prompt: SoftPrompt
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    adapter_kwargs: dict
+    mode: str  # "kv" or "concat" (see forward.label_nll)
+    per_epoch: int
+    total: int
+    warmup: int
+    eval_every: int
+    start: int
+    state: TrainState
+    plans: EpochPlans
+    logger: MetricsLogger | None = None
+    bar: Any = None
+    window: LogWindow | None = None
+    done: int = 0  # steps completed
+    epoch: int = 0  # the epoch of the last step's records
+    last_loss: float | None = None
+    run_tokens: int = 0  # tokens and seconds of this process's steps in this invocation (not since a resume)
+    run_time: float = 0.0
+    stopped: str = "completed"
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Train a soft prompt as configured; returns where the adapter went and how training went."""
+    run = _setup(config)
+    with _activation_checkpointing(run.base.model, config.gradient_checkpointing):
+        for step in range(run.start, run.total):
+            _optimiser_step(run, step)
+            _log(run)
+            if run.eval_examples and _due(run.done, run.eval_every, run.total):
+                _evaluate(run)
+            if _due(run.done, config.save_every, run.total) or run.stopped != "completed":
+                _save_checkpoint(run)
+            if run.stopped != "completed":
+                break
+    return _finish(run)
+
+
+def _due(done: int, every: int, total: int) -> bool:
+    return done % every == 0 or done == total
+
+
+def _setup(config: TrainConfig) -> Run:
+    """Records, model, encoded examples, prompt, optimiser, a resume if asked for, metrics and the start lines."""
     from accelerate import Accelerator
 
     # accelerate only sets up CPU process groups (gloo) when told it runs on CPU
     on_cpu = config.device == "cpu" or (config.device is None and not torch.cuda.is_available())
     accelerator = Accelerator(cpu=on_cpu)
-    rank, world = accelerator.process_index, accelerator.num_processes
     if config.threads:
         torch.set_num_threads(config.threads)
-    out = Path(config.out)
     template = Template(config.template)
-
     label_words = parse_words(config.label_words, "--label-words")
+    train_recs, eval_recs = _load_records(config, label_words)
+    # the model is loaded after the records, so bad data fails fast
+    base = config.model if isinstance(config.model, FrozenModel) else load_base(
+        config.model, device=config.device or str(accelerator.device), dtype=config.dtype)
+    examples, eval_examples, skipped, truncated = _encode(config, base, template, train_recs, eval_recs)
+    lengths = [len(e) for e in examples]
+
+    step_records = config.batch_size * config.grad_accum * accelerator.num_processes
+    per_epoch = batching.steps_per_epoch(len(examples), step_records)
+    total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
+    init = config.init or ("labels" if label_words else "vocab")
+    prompt = SoftPrompt.initialise(base, init, config.num_virtual_tokens, config.init_text, label_words,
+                                   config.seed)
+    optimizer = build_optimizer(config.optimizer, [prompt.embeddings], config.lr, config.weight_decay)
+    state = TrainState(best_eval_loss=None, best_step=None, bad_evals=0, tokens=0, records=len(examples),
+                       step_records=step_records, seed=config.seed)
+    start = 0
+    if config.resume:
+        start, state = _resume(config, prompt, optimizer, state)
+    run = Run(config=config, accelerator=accelerator, base=base, out=Path(config.out), examples=examples,
+              eval_examples=eval_examples, lengths=lengths, skipped=skipped, truncated=truncated, prompt=prompt,
+              optimizer=optimizer, adapter_kwargs={"init": init, "init_text": prompt.init_text, "template": template,
+                                                   "label_words": label_words},
+              scaler=torch.amp.GradScaler(base.device.type, enabled=base.dtype == torch.float16),
+              mode="concat" if config.gradient_checkpointing else "kv", per_epoch=per_epoch, total=total,
+              warmup=config.warmup_steps if config.warmup_steps is not None else int(0.05 * total),
+              eval_every=config.eval_every or config.save_every, start=start, done=start, state=state,
+              plans=EpochPlans(lengths, step_records, config.seed))
+    _start_reporting(run)
+    return run
+
+
+def _load_records(config: TrainConfig, label_words):
+    """The training records and the evaluation ones (from --eval-data, a held-out fraction, or None)."""
     fields, mapping = Fields.with_labels(config.fields, config.label_field, label_words, "--label-words")
     train_recs = load_records(config.data, fields, mapping, config.skip_bad, config.limit)
     eval_recs = None
@@ -74,172 +212,33 @@ def train(config: TrainConfig) -> TrainResult:
         eval_recs = load_records(config.eval_data, fields, mapping, config.skip_bad)
     elif config.eval_fraction:
         train_recs, eval_recs = split_holdout(train_recs, config.eval_fraction, config.seed)
+    return train_recs, eval_recs
+
+
+def _encode(config: TrainConfig, base: FrozenModel, template: Template, train_recs, eval_recs):
+    """Tokenised (train examples, eval examples, skipped records' reasons, truncated count)."""
     skipped = list(train_recs.skipped) + (list(eval_recs.skipped) if eval_recs else [])
-    # the model is loaded after the records, so bad data fails fast
-    base = config.model if isinstance(config.model, FrozenModel) else load_base(
-        config.model, device=config.device or str(accelerator.device), dtype=config.dtype)
-    model, tokenizer, device = base.model, base.tokenizer, base.device
-    examples, bad, truncated = batching.encode_records(train_recs.items, tokenizer, template, config.max_length,
-                                                       config.skip_bad)
+    examples, bad, truncated = batching.encode_records(train_recs.items, base.tokenizer, template,
+                                                       config.max_length, config.skip_bad)
     skipped += bad
     eval_examples = []
     if eval_recs is not None:
-        eval_examples, bad, _ = batching.encode_records(eval_recs.items, tokenizer, template, config.max_length,
-                                                        config.skip_bad)
+        eval_examples, bad, _ = batching.encode_records(eval_recs.items, base.tokenizer, template,
+                                                        config.max_length, config.skip_bad)
         skipped += bad
     if not examples:
         raise DataError(f"{train_recs.source}: no usable records after tokenisation ({len(skipped)} skipped)")
-    lengths = [len(e) for e in examples]
-
-    step_records = config.batch_size * config.grad_accum * world
-    per_epoch = batching.steps_per_epoch(len(examples), step_records)
-    total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
-    warmup = config.warmup_steps if config.warmup_steps is not None else int(0.05 * total)
-    eval_every = config.eval_every or config.save_every
-
-    init = config.init or ("labels" if label_words else "vocab")
-    prompt = SoftPrompt.initialise(base, init, config.num_virtual_tokens, config.init_text, label_words,
-                                   config.seed)
-    optimizer = build_optimizer(config.optimizer, [prompt.embeddings], config.lr, config.weight_decay)
-    adapter_kwargs = {"init": init, "init_text": prompt.init_text, "template": template,
-                      "label_words": label_words}
-    state = {"best_eval_loss": None, "best_step": None, "bad_evals": 0, "tokens": 0,
-             "records": len(examples), "step_records": step_records, "seed": config.seed}
-    start = 0
-    if config.resume:
-        start, state = _resume(config, prompt, optimizer, state)
-    if config.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()  # transformers only checkpoints in training mode; the frozen weights are unaffected
-    mode = "concat" if config.gradient_checkpointing else "kv"
-    scaler = torch.amp.GradScaler(device.type, enabled=base.dtype == torch.float16)
-
-    main = accelerator.is_main_process
-    logger = MetricsLogger(out, main, config.tensorboard, resume_step=start if config.resume else None)
-    if main:
-        print(describe_parameters(model, prompt))
-        print(f"train: {len(examples)} records ({truncated} truncated to {config.max_length} tokens), "
-              f"eval: {len(eval_examples)}, {world} process(es), {step_records} records/step, "
-              f"{total} steps, device {device}, dtype {base.dtype}", flush=True)
-    bar = _progress(config.progress and main, total, start)
-    plans: dict[int, list[list[int]]] = {}
-    window = {"nll": 0.0, "labels": 0, "tokens": 0, "time": time.perf_counter()}
-    run_tokens, run_time, stopped, last_loss, done = 0, 0.0, "completed", None, start
-
-    try:
-        for step in range(start, total):
-            epoch, index = divmod(step, per_epoch)
-            if epoch not in plans:
-                plans = {epoch: batching.epoch_plan(lengths, step_records, config.seed, epoch)}
-            records = plans[epoch][index]
-            label_total = sum(examples[i].label_count for i in records)
-            mine = batching.shard(records, lengths, rank, world)
-            tick = time.perf_counter()
-            for lr_group in optimizer.param_groups:
-                lr_group["lr"] = lr_at(step, total, config.lr, warmup, config.schedule)
-            nll_sum = torch.zeros((), device=device)
-            # kv mode: the virtual tokens run once per step, not once per micro-batch (see forward.SharedPrefix)
-            prefix = forward.SharedPrefix(model, prompt()) if mode == "kv" else None
-            for micro in batching.micro_batches(mine, lengths, config.max_batch_tokens):
-                batch = batching.collate([examples[i] for i in micro], tokenizer.pad_token_id, device)
-                nll, _ = forward.label_nll(model, prompt(), batch["input_ids"], batch["attention_mask"],
-                                           batch["labels"], mode=mode, prefix=prefix)
-                loss = nll.sum() / label_total
-                scaler.scale(loss).backward()
-                nll_sum += nll.sum().detach().float()
-            if prefix is not None:
-                prefix.backward()
-            grad = prompt.embeddings.grad
-            if grad is None:
-                grad = prompt.embeddings.grad = torch.zeros_like(prompt.embeddings)
-            if world > 1:
-                grad.copy_(accelerator.reduce(grad, reduction="sum"))
-                nll_sum = accelerator.reduce(nll_sum, reduction="sum")
-            step_loss = nll_sum.item() / label_total
-            scaler.unscale_(optimizer)
-            if not math.isfinite(step_loss) or not torch.isfinite(grad).all():
-                _stop_on_nan(out, step + 1, step_loss, bar)
-            if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_([prompt.embeddings], config.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-
-            done = step + 1
-            step_tokens = sum(lengths[i] for i in records)
-            elapsed = time.perf_counter() - tick
-            run_tokens, run_time, last_loss = run_tokens + step_tokens, run_time + elapsed, step_loss
-            state["tokens"] += step_tokens
-            window["nll"] += step_loss * label_total
-            window["labels"] += label_total
-            window["tokens"] += step_tokens
-            if bar is not None:
-                bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{run_tokens / max(run_time, 1e-9):.0f}")
-                bar.update(1)
-            if done % config.log_every == 0 or done == total:
-                now = time.perf_counter()
-                logger.log("train", done, epoch=round(done / per_epoch, 4), loss=window["nll"] / window["labels"],
-                           lr=optimizer.param_groups[0]["lr"], tokens_per_s=window["tokens"] / (now - window["time"]),
-                           tokens=state["tokens"])
-                window = {"nll": 0.0, "labels": 0, "tokens": 0, "time": now}
-            if eval_examples and (done % eval_every == 0 or done == total):
-                eval_loss = evaluate_loss(model, prompt, eval_examples, config.max_batch_tokens, tokenizer.pad_token_id,
-                                          accelerator)
-                improved = state["best_eval_loss"] is None or eval_loss < state["best_eval_loss"]
-                state.update(best_eval_loss=eval_loss if improved else state["best_eval_loss"],
-                             best_step=done if improved else state["best_step"],
-                             bad_evals=0 if improved else state["bad_evals"] + 1)
-                logger.log("eval", done, eval_loss=eval_loss, best_eval_loss=state["best_eval_loss"])
-                if main and improved:
-                    from softprompt.formats.adapter import save_adapter
-
-                    save_adapter(out / "best", prompt.embeddings, base, **adapter_kwargs,
-                                 extra={"step": done, "eval_loss": eval_loss})
-                if config.early_stopping and state["bad_evals"] >= config.early_stopping:
-                    stopped = "early_stopping"
-            if done % config.save_every == 0 or done == total or stopped != "completed":
-                if main:
-                    checkpoint.save_checkpoint(out, done, prompt.embeddings, base, adapter_kwargs, optimizer,
-                                               {**state, "epoch": epoch}, config.keep_checkpoints)
-                accelerator.wait_for_everyone()
-            if stopped != "completed":
-                break
-
-    finally:
-        if config.gradient_checkpointing:
-            (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
-            model.eval()
-    if bar is not None:
-        bar.close()
-    final_emb = prompt.embeddings
-    if config.final == "best" and state["best_step"] is not None:
-        from softprompt.formats.adapter import load_adapter
-
-        final_emb = load_adapter(out / "best").embeddings if main else final_emb
-    summary = {"steps": done, "train_loss": last_loss,
-               "best_eval_loss": state["best_eval_loss"], "best_step": state["best_step"], "stopped": stopped,
-               "final": config.final if state["best_step"] is not None else "last"}
-    if main:
-        checkpoint.write_adapter_into(out, final_emb, base, {**adapter_kwargs, "extra": {"training": summary}})
-        logger.close()
-    accelerator.wait_for_everyone()
-    return TrainResult(str(out), summary["steps"], last_loss, state["best_eval_loss"], state["best_step"], stopped,
-                       run_tokens / run_time if run_time else 0.0, len(examples), len(eval_examples), skipped,
-                       truncated)
+    return examples, eval_examples, skipped, truncated
 
 
-def _resume(config: TrainConfig, prompt: SoftPrompt, optimizer, state: dict) -> tuple[int, dict]:
-    from softprompt.formats.adapter import load_adapter
-
+def _resume(config: TrainConfig, prompt: SoftPrompt, optimizer, state: TrainState) -> tuple[int, TrainState]:
+    """Load a checkpoint's prompt, optimiser state and RNG; returns (its step, its training state)."""
     folder = checkpoint.resolve_resume(config.resume)
     tensors, saved = checkpoint.load_checkpoint(folder)
     for key in ("records", "step_records", "seed"):
-        if saved.get(key) != state[key]:
+        if saved.get(key) != getattr(state, key):
             raise ValueError(f"--resume {folder}: the checkpoint was made with {key}={saved.get(key)}, this run has "
-                             f"{state[key]}; resume with the same data, batch size, processes and seed")
+                             f"{getattr(state, key)}; resume with the same data, batch size, processes and seed")
     embeddings = load_adapter(folder).embeddings
     if embeddings.shape != prompt.embeddings.shape:
         raise ValueError(f"--resume {folder}: prompt shape {tuple(embeddings.shape)} differs from this run's "
@@ -249,7 +248,159 @@ def _resume(config: TrainConfig, prompt: SoftPrompt, optimizer, state: dict) -> 
     checkpoint.load_optimizer_state(optimizer, tensors, saved.pop("optimizer"))
     checkpoint.restore_rng(tensors)
     print(f"resuming from {folder} (step {saved['step']})", flush=True)
-    return saved["step"], {k: saved.get(k, v) for k, v in state.items()}
+    return saved["step"], TrainState(**{k: saved.get(k, v) for k, v in asdict(state).items()})
+
+
+def _start_reporting(run: Run) -> None:
+    """Open metrics.jsonl (trimmed to the resumed step), print the run's outline, start the progress bar."""
+    config = run.config
+    run.logger = MetricsLogger(run.out, run.main, config.tensorboard,
+                               resume_step=run.start if config.resume else None)
+    if run.main:
+        print(describe_parameters(run.base.model, run.prompt))
+        print(f"train: {len(run.examples)} records ({run.truncated} truncated to {config.max_length} tokens), "
+              f"eval: {len(run.eval_examples)}, {run.accelerator.num_processes} process(es), "
+              f"{run.state.step_records} records/step, {run.total} steps, device {run.base.device}, "
+              f"dtype {run.base.dtype}", flush=True)
+    run.bar = _progress(config.progress and run.main, run.total, run.start)
+    run.window = LogWindow(started=time.perf_counter())
+
+
+@contextmanager
+def _activation_checkpointing(model, enabled: bool):
+    """Recompute activations in the backward pass while training (--gradient-checkpointing); always undone."""
+    if not enabled:
+        yield
+        return
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # transformers only checkpoints in training mode; the frozen weights are unaffected
+    try:
+        yield
+    finally:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+        model.eval()
+
+
+def _optimiser_step(run: Run, step: int) -> None:
+    """One optimiser step (0-based `step`) over its records, then the step's bookkeeping."""
+    config, prompt, optimizer, scaler = run.config, run.prompt, run.optimizer, run.scaler
+    records = run.plans.records(step, run.per_epoch)
+    label_total = sum(run.examples[i].label_count for i in records)
+    mine = batching.shard(records, run.lengths, run.accelerator.process_index, run.accelerator.num_processes)
+    tick = time.perf_counter()
+    for lr_group in optimizer.param_groups:
+        lr_group["lr"] = lr_at(step, run.total, config.lr, run.warmup, config.schedule)
+    nll_sum = _accumulate_gradients(run, mine, label_total)
+    grad = prompt.embeddings.grad
+    if grad is None:
+        grad = prompt.embeddings.grad = torch.zeros_like(prompt.embeddings)
+    if run.accelerator.num_processes > 1:
+        grad.copy_(run.accelerator.reduce(grad, reduction="sum"))
+        nll_sum = run.accelerator.reduce(nll_sum, reduction="sum")
+    step_loss = nll_sum.item() / label_total
+    scaler.unscale_(optimizer)
+    if not math.isfinite(step_loss) or not torch.isfinite(grad).all():
+        _stop_on_nan(run.out, step + 1, step_loss, run.bar)
+    if config.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_([prompt.embeddings], config.max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+    run.done, run.epoch, run.last_loss = step + 1, run.plans.epoch, step_loss
+    step_tokens = sum(run.lengths[i] for i in records)
+    run.run_tokens += step_tokens
+    run.run_time += time.perf_counter() - tick
+    run.state.tokens += step_tokens
+    run.window.nll += step_loss * label_total
+    run.window.labels += label_total
+    run.window.tokens += step_tokens
+    if run.bar is not None:
+        run.bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{run.run_tokens / max(run.run_time, 1e-9):.0f}")
+        run.bar.update(1)
+
+
+def _accumulate_gradients(run: Run, mine: list[int], label_total: int) -> torch.Tensor:
+    """Forward and backward over this process's records in micro-batches; returns their summed NLL. Each
+    micro-batch's loss is divided by the whole step's answer-token count, so the gradients add up to the step's."""
+    model, prompt, device = run.base.model, run.prompt, run.base.device
+    nll_sum = torch.zeros((), device=device)
+    # kv mode: the virtual tokens run once per step, not once per micro-batch (see forward.SharedPrefix)
+    prefix = forward.SharedPrefix(model, prompt()) if run.mode == "kv" else None
+    for micro in batching.micro_batches(mine, run.lengths, run.config.max_batch_tokens):
+        batch = batching.collate([run.examples[i] for i in micro], run.base.tokenizer.pad_token_id, device)
+        nll, _ = forward.label_nll(model, prompt(), batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                   mode=run.mode, prefix=prefix)
+        loss = nll.sum() / label_total
+        run.scaler.scale(loss).backward()
+        nll_sum += nll.sum().detach().float()
+    if prefix is not None:
+        prefix.backward()
+    return nll_sum
+
+
+def _log(run: Run) -> None:
+    """Every --log-every steps and at the end: a "train" row averaged over the steps since the last one."""
+    done, window = run.done, run.window
+    if not _due(done, run.config.log_every, run.total):
+        return
+    now = time.perf_counter()
+    run.logger.log("train", done, epoch=round(done / run.per_epoch, 4), loss=window.nll / window.labels,
+                   lr=run.optimizer.param_groups[0]["lr"], tokens_per_s=window.tokens / (now - window.started),
+                   tokens=run.state.tokens)
+    run.window = LogWindow(started=now)
+
+
+def _evaluate(run: Run) -> None:
+    """Eval loss; an improvement is saved to OUT/best, --early-stopping non-improvements in a row stop the run."""
+    config, state, done = run.config, run.state, run.done
+    eval_loss = evaluate_loss(run.base.model, run.prompt, run.eval_examples, config.max_batch_tokens,
+                              run.base.tokenizer.pad_token_id, run.accelerator)
+    improved = state.best_eval_loss is None or eval_loss < state.best_eval_loss
+    if improved:
+        state.best_eval_loss, state.best_step, state.bad_evals = eval_loss, done, 0
+    else:
+        state.bad_evals += 1
+    run.logger.log("eval", done, eval_loss=eval_loss, best_eval_loss=state.best_eval_loss)
+    if run.main and improved:
+        save_adapter(run.out / "best", run.prompt.embeddings, run.base, **run.adapter_kwargs,
+                     extra={"step": done, "eval_loss": eval_loss})
+    if config.early_stopping and state.bad_evals >= config.early_stopping:
+        run.stopped = "early_stopping"
+
+
+def _save_checkpoint(run: Run) -> None:
+    """OUT/checkpoints/step-NNNNNN from the main process; every process waits for it."""
+    if run.main:
+        checkpoint.save_checkpoint(run.out, run.done, run.prompt.embeddings, run.base, run.adapter_kwargs,
+                                   run.optimizer, run.state.for_checkpoint(run.epoch), run.config.keep_checkpoints)
+    run.accelerator.wait_for_everyone()
+
+
+def _finish(run: Run) -> TrainResult:
+    """Write the final adapter (the best-eval one or the last step's) into OUT and summarise the run."""
+    config, state = run.config, run.state
+    if run.bar is not None:
+        run.bar.close()
+    final_emb = run.prompt.embeddings
+    if config.final == "best" and state.best_step is not None and run.main:
+        final_emb = load_adapter(run.out / "best").embeddings
+    summary = {"steps": run.done, "train_loss": run.last_loss, "best_eval_loss": state.best_eval_loss,
+               "best_step": state.best_step, "stopped": run.stopped,
+               "final": config.final if state.best_step is not None else "last"}
+    if run.main:
+        checkpoint.write_adapter_into(run.out, final_emb, run.base,
+                                      {**run.adapter_kwargs, "extra": {"training": summary}})
+        run.logger.close()
+    run.accelerator.wait_for_everyone()
+    return TrainResult(adapter_dir=str(run.out), steps=run.done, train_loss=run.last_loss,
+                       best_eval_loss=state.best_eval_loss, best_step=state.best_step, stopped=run.stopped,
+                       tokens_per_second=run.run_tokens / run.run_time if run.run_time else 0.0,
+                       train_records=len(run.examples), eval_records=len(run.eval_examples), skipped=run.skipped,
+                       truncated=run.truncated)
 
 
 def _stop_on_nan(out: Path, step: int, loss: float, bar) -> None:
