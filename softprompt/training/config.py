@@ -94,8 +94,7 @@ class TrainConfig:
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, ~30% "
                                                  "slower)", group=OPTIM)
     dtype: str = dtype_option()
-    device: str | None = option(None, "cpu, cuda, cuda:1, ... (default: the accelerate process's device)",
-                                group="model")
+    device: str | None = device_option()
     threads: int | None = threads_option()
     skip_bad: bool = option(False, "skip (and count and report) bad records instead of stopping at the first one",
                             group=DATA)

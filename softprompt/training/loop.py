@@ -165,7 +165,8 @@ def _setup(config: TrainConfig) -> Run:
     from accelerate import Accelerator
 
     # accelerate only sets up CPU process groups (gloo) when told it runs on CPU
-    on_cpu = config.device == "cpu" or (config.device is None and not torch.cuda.is_available())
+    auto = config.device in (None, "auto")  # auto: the device accelerate gives this process
+    on_cpu = config.device == "cpu" or (auto and not torch.cuda.is_available())
     accelerator = Accelerator(cpu=on_cpu)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -174,7 +175,7 @@ def _setup(config: TrainConfig) -> Run:
     train_recs, eval_recs = _load_records(config, label_words)
     # the model is loaded after the records, so bad data fails fast
     base = config.model if isinstance(config.model, FrozenModel) else load_base(
-        config.model, device=config.device or str(accelerator.device), dtype=config.dtype)
+        config.model, device=str(accelerator.device) if auto else config.device, dtype=config.dtype)
     examples, eval_examples, skipped, truncated = _encode(config, base, template, train_recs, eval_recs)
     lengths = [len(e) for e in examples]
 
