@@ -10,7 +10,6 @@ Only safetensors are read: never pickle.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from softprompt.core.prompt import SoftPrompt
 from softprompt.data.templates import Template
+from softprompt.formats.folders import replace_folder
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -125,25 +125,12 @@ def save_adapter(out_dir: str | Path, embeddings, base, *, init: str | None = No
     try:
         save_file({TENSOR_KEY: tensor}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / EXTRA_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-        _replace_dir(tmp, out_dir)
+        (tmp / EXTRA_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        replace_folder(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move folder src to dst; an existing dst is swapped out first, so dst is always either old or new."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def load_adapter(path: str | Path, base=None) -> Adapter:

@@ -7,9 +7,9 @@ Layout of an output folder:
         trainer_state.json           step, epoch, optimiser hyper-parameters, early-stopping counters, ...
     OUT/best/                                                              the adapter with the best eval loss
 
-A checkpoint is assembled in a hidden staging folder and renamed into place in one step, so a reader sees either
-the previous complete checkpoint or the new complete one. Older checkpoints are removed only after that. No pickle:
-tensors go to safetensors, everything else to JSON.
+A checkpoint is assembled in a hidden staging folder and renamed into place in one step (folders.replace_folder),
+so a reader sees either the previous complete checkpoint or the new complete one. Older checkpoints are removed only
+after that. No pickle: tensors go to safetensors, everything else to JSON.
 """
 
 from __future__ import annotations
@@ -24,24 +24,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from softprompt.formats.adapter import CONFIG_FILE, EXTRA_FILE, WEIGHTS_FILE, save_adapter
+from softprompt.formats.folders import fsync_dir, replace_folder
 
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "trainer_state.json"
 CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -100,21 +88,7 @@ def save_checkpoint(out_dir: str | Path, step: int, embeddings: torch.Tensor, ba
     save_file(tensors, str(staging / STATE_TENSORS), metadata={"format": "pt"})
     with open(staging / STATE_JSON, "w", encoding="utf-8") as handle:
         json.dump({**state, "step": step, "optimizer": optim_meta}, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    for name in (WEIGHTS_FILE, STATE_TENSORS):
-        with open(staging / name, "rb") as handle:
-            os.fsync(handle.fileno())
-    _fsync_dir(staging)
-    if final.exists():  # re-saving a step after a resume: swap the old one out first
-        old = root / f".old-step-{step:06d}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, final)
-    _fsync_dir(root)
+    replace_folder(staging, final)  # fsyncs the files, swaps out an earlier save of this step (after a resume)
     if keep is not None:
         for old in list_checkpoints(out_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -160,10 +134,10 @@ def write_adapter_into(out_dir: str | Path, embeddings: torch.Tensor, base, adap
     staging = out_dir / ".staging-final"
     if staging.exists():
         shutil.rmtree(staging)
-    save_adapter(staging, embeddings, base, **adapter_kwargs)
+    save_adapter(staging, embeddings, base, **adapter_kwargs)  # fsync'ed by replace_folder
     # Weights last: a folder is only an adapter once its safetensors file is there.
     for name in (EXTRA_FILE, CONFIG_FILE, WEIGHTS_FILE):
         os.replace(staging / name, out_dir / name)
     shutil.rmtree(staging, ignore_errors=True)
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     return out_dir
