@@ -12,11 +12,14 @@ is always used with the formatting it was trained on.
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 
 HUMAN_ASSISTANT = "human-assistant"
 LEGACY_NAMES = {"reference": HUMAN_ASSISTANT}  # names older softprompt.json files may hold
 CHAT = "chat"
+PLACEHOLDERS = ("instruction", "input")  # the only fields a user template may name, each plain: {instruction}
+_FORMATTER = string.Formatter()
 
 
 class TemplateError(ValueError):
@@ -30,19 +33,28 @@ class Template:
     spec: str = HUMAN_ASSISTANT
 
     def __post_init__(self) -> None:
+        if not isinstance(self.spec, str):
+            raise TemplateError(f"a template must be a string, got {type(self.spec).__name__} {self.spec!r:.60}")
         if self.spec in LEGACY_NAMES:
             object.__setattr__(self, "spec", LEGACY_NAMES[self.spec])
         if self.spec in (HUMAN_ASSISTANT, CHAT):
             return
-        if "{instruction}" not in self.spec:
+        try:
+            placeholders = [(name, spec, conv) for _, name, spec, conv in _FORMATTER.parse(self.spec)
+                            if name is not None]
+        except ValueError as err:
+            raise TemplateError(f"template {self.spec!r} has a stray brace ({err}); write a literal brace as "
+                                "{{ or }}") from err
+        for name, spec, conv in placeholders:
+            if name not in PLACEHOLDERS or spec or conv:
+                text = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+                raise TemplateError(f"template {self.spec!r} has the placeholder {text}; only {{instruction}} and "
+                                    "{input} are allowed (no index, attribute, conversion or format spec)")
+        if not any(name == "instruction" for name, _, _ in placeholders):
             raise TemplateError(
                 f"template {self.spec!r} must be 'human-assistant', 'chat', or a string containing {{instruction}} "
                 "(and optionally {input})"
             )
-        try:
-            self.spec.format(instruction="", input="")
-        except (KeyError, IndexError, ValueError) as err:
-            raise TemplateError(f"template {self.spec!r} has an unknown placeholder or stray brace: {err}") from err
 
     def prompt(self, instruction: str, input: str = "", tokenizer=None) -> str:
         """The text the model sees before the answer."""

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from softprompt.core.prompt import SoftPrompt
-from softprompt.data.templates import Template
+from softprompt.data.templates import Template, TemplateError
 from softprompt.formats.folders import replace_folder
 
 CONFIG_FILE = "adapter_config.json"
@@ -29,6 +29,15 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 EXTRA_FILE = "softprompt.json"
 TENSOR_KEY = "prompt_embeddings"
 PEFT_VERSION = "0.21.2"
+
+# The largest |value| a loaded soft prompt may hold. A prompt lives in the base model's input-embedding space, where
+# values are O(1): token embeddings are initialised with std ~0.02 and trained rows stay well under 1; prompts
+# initialised from vocabulary rows and trained at the usual learning rates (0.01-0.3) stay within a few units. (Models
+# that scale embeddings, e.g. Gemma by sqrt(hidden) ~ 50-60, do so inside the forward pass, after the prompt is fed
+# in.) 1e4 is three to four orders of magnitude above any real prompt, so nothing trained is refused, and still well
+# inside float16's range (max 65504), so a prompt that passes stays finite when cast to a half-precision base model.
+# Anything larger is a corrupt or hand-made file, which would only produce garbage (or inf after the first norm).
+MAX_ABS_VALUE = 1e4
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -158,20 +167,69 @@ def load_adapter(path: str | Path, base=None) -> Adapter:
     if TENSOR_KEY not in tensors:
         raise AdapterError(f"{weights_path}: no tensor {TENSOR_KEY!r} (found: {', '.join(tensors) or 'none'})")
     emb = tensors[TENSOR_KEY]
+    _check_embeddings(emb, weights_path, config, config_path)
+    if base is not None and emb.shape[1] != base.hidden_size:
+        raise AdapterError(f"{path}: adapter hidden size {emb.shape[1]} does not fit the base model "
+                           f"{base.name} (hidden size {base.hidden_size})")
+    extra_path = path / EXTRA_FILE
+    extra = _read_json_object(extra_path) if extra_path.is_file() else {}
+    template, label_words = _check_extra(extra, extra_path)
+    return Adapter(
+        embeddings=emb.to(torch.float32), config=config, template=template,
+        label_words=label_words, extra=extra, path=str(path),
+    )
+
+
+def _check_embeddings(emb: torch.Tensor, weights_path: Path, config: dict, config_path: Path) -> None:
+    """Refuse a prompt tensor that cannot be a soft prompt: wrong rank or size, not floating point, inf / NaN, or
+    values far outside any embedding space (see MAX_ABS_VALUE)."""
     n = config.get("num_virtual_tokens")
     if emb.ndim != 2 or (n is not None and emb.shape[0] != n):
         raise AdapterError(f"{weights_path}: {TENSOR_KEY} has shape {tuple(emb.shape)}, "
                            f"expected [num_virtual_tokens={n}, hidden]")
-    if not torch.isfinite(emb).all():
+    if emb.shape[0] == 0 or emb.shape[1] == 0:
+        raise AdapterError(f"{weights_path}: {TENSOR_KEY} has shape {tuple(emb.shape)}: a soft prompt needs at "
+                           "least one virtual token of at least one dimension")
+    token_dim = config.get("token_dim")
+    if isinstance(token_dim, int) and not isinstance(token_dim, bool) and token_dim != emb.shape[1]:
+        raise AdapterError(f"{weights_path}: {TENSOR_KEY} has hidden size {emb.shape[1]} but {config_path.name} "
+                           f"field 'token_dim' says {token_dim}")
+    if not emb.is_floating_point():
+        raise AdapterError(f"{weights_path}: {TENSOR_KEY} has dtype {str(emb.dtype).replace('torch.', '')}; "
+                           "a soft prompt must be a floating-point tensor")
+    values = emb.to(torch.float32)
+    if not torch.isfinite(values).all():
         raise AdapterError(f"{weights_path}: {TENSOR_KEY} contains NaN or inf")
-    if base is not None and emb.shape[1] != base.hidden_size:
-        raise AdapterError(f"{path}: adapter hidden size {emb.shape[1]} does not fit the base model "
-                           f"{base.name} (hidden size {base.hidden_size})")
-    extra = _read_json_object(path / EXTRA_FILE) if (path / EXTRA_FILE).is_file() else {}
-    return Adapter(
-        embeddings=emb.to(torch.float32), config=config, template=Template.from_json(extra.get("template")),
-        label_words=extra.get("label_words"), extra=extra, path=str(path),
-    )
+    largest = values.abs().max().item()
+    if largest > MAX_ABS_VALUE:
+        raise AdapterError(f"{weights_path}: {TENSOR_KEY} holds a value of magnitude {largest:.3g}, above the "
+                           f"{MAX_ABS_VALUE:g} any embedding could have (a corrupt or hand-made file?)")
+
+
+def _check_extra(extra: dict, extra_path: Path) -> tuple[Template, list[str] | None]:
+    """The template and label words of softprompt.json, checked now rather than at the first request."""
+    spec = extra.get("template")
+    if spec is not None and not isinstance(spec, str):
+        raise AdapterError(f"{extra_path}: field 'template' must be a string, got {type(spec).__name__} {_short(spec)}")
+    try:
+        template = Template.from_json(spec)
+    except TemplateError as err:
+        raise AdapterError(f"{extra_path}: field 'template': {err}") from err
+    words = extra.get("label_words")
+    if words is not None:
+        if not isinstance(words, list):
+            raise AdapterError(f"{extra_path}: field 'label_words' must be a list of strings or null, got "
+                               f"{type(words).__name__} {_short(words)}")
+        bad = [w for w in words if not isinstance(w, str) or not w]
+        if bad:
+            raise AdapterError(f"{extra_path}: field 'label_words' must hold non-empty strings, got {_short(bad[0])}")
+    return template, words
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """repr(value) cut to `limit` characters, for one-line error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _read_json_object(path: Path) -> dict:
@@ -179,6 +237,8 @@ def _read_json_object(path: Path) -> dict:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterError(f"{path}: not valid JSON: {err}") from err
+    except OSError as err:
+        raise AdapterError(f"{path}: cannot read: {err.strerror or err}") from err
     if not isinstance(value, dict):
         raise AdapterError(f"{path}: expected a JSON object")
     return value
