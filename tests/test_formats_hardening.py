@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from softprompt.data.records import DataError, load_records
 from softprompt.data.templates import Template, TemplateError
 from softprompt.formats import adapter as adapter_module
 from softprompt.formats import checkpoint, folders
@@ -190,3 +191,54 @@ def test_errors_name_the_file_without_needing_the_absolute_path(tmp_path, tiny):
     shown = str(caught.value).replace(str(tmp_path), "<adapters>")
     assert shown.startswith("<adapters>/sst2/softprompt.json: field 'template': template '{instruction.upper}' has "
                             "the placeholder {instruction.upper}")
+
+
+# ---- data files: byte-order marks and text that is not UTF-8 -----------------------------------------------------
+
+BOM = b"\xef\xbb\xbf"
+
+
+@pytest.mark.parametrize("name, body", [
+    ("d.jsonl", b'{"instruction": "caf\xc3\xa9", "output": "b"}\n{"instruction": "c", "output": "d"}\n'),
+    ("d.json", b'[{"instruction": "caf\xc3\xa9", "output": "b"}, {"instruction": "c", "output": "d"}]'),
+    ("d.csv", b'instruction,output\r\ncaf\xc3\xa9,b\r\nc,d\r\n'),
+])
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path, name, body):
+    (tmp_path / name).write_bytes(BOM + body)
+    records = load_records(tmp_path / name)
+    assert [(r.instruction, r.output) for r in records.items] == [("café", "b"), ("c", "d")]
+    if name != "d.json":
+        assert records.items[0].where == f"{tmp_path / name}:{1 if name == 'd.jsonl' else 2}"
+
+
+def test_jsonl_files_joined_with_their_byte_order_marks_load(tmp_path):
+    line = b'{"instruction": "a", "output": "b"}\n'
+    (tmp_path / "d.jsonl").write_bytes(BOM + line + BOM + line)
+    assert len(load_records(tmp_path / "d.jsonl")) == 2
+
+
+@pytest.mark.parametrize("name, body, line, column", [
+    ("d.jsonl", b'{"instruction": "a", "output": "b"}\n\n{"instruction": "caf\xe9", "output": "d"}\n', 3, 21),
+    ("d.json", b'[\n {"instruction": "a", "output": "b"},\n {"instruction": "caf\xe9", "output": "d"}\n]', 3, 22),
+    ("d.csv", b'instruction,output\na,b\n"two\nlines",c\ncaf\xe9,d\n', 5, 4),
+])
+def test_text_that_is_not_utf8_names_the_line(tmp_path, name, body, line, column):
+    (tmp_path / name).write_bytes(body)
+    with pytest.raises(DataError) as caught:
+        load_records(tmp_path / name)
+    assert str(caught.value) == (f"{tmp_path / name}:{line}: not UTF-8 text: byte 0xe9 at column {column}; save "
+                                 "the file as UTF-8")
+
+
+def test_a_large_latin1_file_names_the_line_past_the_first_read_chunk(tmp_path):
+    rows = [json.dumps({"instruction": f"q{i}", "output": "a"}).encode() + b"\n" for i in range(5000)]
+    rows.append('{"instruction": "déjà", "output": "b"}\n'.encode("latin-1"))
+    (tmp_path / "d.jsonl").write_bytes(b"".join(rows))
+    with pytest.raises(DataError, match=r"d.jsonl:5001: not UTF-8 text: byte 0xe9 at column 19"):
+        load_records(tmp_path / "d.jsonl")
+
+
+def test_a_utf16_file_is_named_as_such(tmp_path):
+    (tmp_path / "d.csv").write_text("instruction,output\nhi,b\n", encoding="utf-16")
+    with pytest.raises(DataError, match=r"d.csv:1: not UTF-8 text: byte 0xff at column 1 \(it looks like UTF-16\)"):
+        load_records(tmp_path / "d.csv")

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+BOM = "\ufeff"  # a UTF-8 byte-order mark, which some editors (Excel, Notepad) put at the start of a file
+
+
 class DataError(ValueError):
     """A data file or record that cannot be used."""
 
@@ -204,10 +207,13 @@ def _read_rows(path: Path) -> Iterator[tuple[str, object]]:
 
 def read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
     """("file:line", parsed object) per non-blank line; a malformed line yields a DataError in place of the object
-    (the caller raises it, or counts it as skipped)."""
-    with open(path, encoding="utf-8") as handle:
+    (the caller raises it, or counts it as skipped). A UTF-8 byte-order mark is ignored, at the start of the file
+    and of any line (files joined with `cat`)."""
+    with open(path, encoding="utf-8-sig") as handle:
         try:
             for number, line in enumerate(handle, 1):
+                if line.startswith(BOM):
+                    line = line[1:]
                 if not line.strip():
                     continue
                 try:
@@ -216,16 +222,16 @@ def read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
                     yield f"{path}:{number}", DataError(f"{path}:{number}: malformed JSON: {err.msg} "
                                                         f"(column {err.colno})")
         except UnicodeDecodeError as err:
-            raise DataError(f"{path}: not UTF-8 text: {err}") from err
+            raise not_utf8(path, err) from err
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, object]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: malformed JSON: {err.msg} (column {err.colno})") from err
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text: {err}") from err
+        raise not_utf8(path, err) from err
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -234,7 +240,7 @@ def _read_json(path: Path) -> Iterator[tuple[str, object]]:
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, object]]:
-    with open(path, encoding="utf-8", newline="") as handle:
+    with open(path, encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle)
         try:
             for row in reader:
@@ -244,8 +250,30 @@ def _read_csv(path: Path) -> Iterator[tuple[str, object]]:
                     yield where, DataError(f"{where}: more values than the header has columns")
                     continue
                 yield where, {k: v for k, v in row.items() if v is not None}
-        except (UnicodeDecodeError, csv.Error) as err:
-            raise DataError(f"{path}: cannot read CSV: {err}") from err
+        except UnicodeDecodeError as err:
+            raise not_utf8(path, err) from err
+        except csv.Error as err:
+            raise DataError(f"{path}:{reader.line_num}: cannot read CSV: {err}") from err
+
+
+def not_utf8(path: Path, err: UnicodeDecodeError) -> DataError:
+    """The DataError for a file that is not UTF-8, naming the line (and column) of its first bad byte.
+
+    The decoder's own offset is into whatever chunk it was decoding, so the file is scanned again, line by line
+    (a newline byte never occurs inside a UTF-8 character, so lines can be decoded one at a time)."""
+    try:
+        with open(path, "rb") as handle:
+            for number, raw in enumerate(handle, 1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as bad:
+                    column = len(raw[:bad.start].decode("utf-8")) + 1
+                    hint = " (it looks like UTF-16)" if number == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+                    return DataError(f"{path}:{number}: not UTF-8 text: byte 0x{raw[bad.start]:02x} at column "
+                                     f"{column}{hint}; save the file as UTF-8")
+    except OSError:
+        pass
+    return DataError(f"{path}: not UTF-8 text: {err}; save the file as UTF-8")
 
 
 def _parquet_rows(path: Path) -> Iterable[dict]:
