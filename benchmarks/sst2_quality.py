@@ -28,7 +28,8 @@ WORDS = ["negative", "positive"]
 
 @torch.no_grad()
 def accuracy(base, embeddings, rows, template: str, words: list[str], max_tokens: int = 2048) -> float:
-    from softprompt import batching, forward
+    from softprompt.core import forward
+    from softprompt.data import batching
     from softprompt.data.templates import Template, encode_example
 
     tpl = Template(template)
