@@ -7,7 +7,10 @@ batch-mates (the DecodeBatch guarantees that). Each TokenEvent goes back to the 
 `loop.call_soon_threadsafe`.
 
 The waiting queue is bounded: `submit` raises Overloaded (answered 429) when it is full, and Unavailable (503) when
-the worker is not running; memory therefore stays bounded whatever the load.
+the worker is not running; memory therefore stays bounded whatever the load. A request's jobs (one per prompt) are
+submitted together or not at all (`submit_many`): they are accepted when those of them that cannot take a free
+batch slot fit in the queue, so up to `capacity` (max_batch + max_queue) jobs fit on an idle server, and a request
+with more can never be served (the app answers it 400 before submitting).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class Scheduler:
         self.max_batch, self.max_queue, self.idle_wait = max_batch, max_queue, idle_wait
         self.waiting: collections.deque[Job] = collections.deque()
         self.live: dict[int, Job] = {}  # id(request) -> job
+        self.admitting = 0  # jobs taken from `waiting` whose prefill is running (not yet in `live`)
         self.calls: collections.deque = collections.deque()
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
@@ -88,17 +92,28 @@ class Scheduler:
     def alive(self) -> bool:
         return self.running and self.thread is not None and self.thread.is_alive()
 
+    @property
+    def capacity(self) -> int:
+        """The most jobs one request may have: more could never be accepted, even by an idle server."""
+        return self.max_batch + self.max_queue
+
     def submit(self, job: Job) -> None:
+        self.submit_many([job])
+
+    def submit_many(self, jobs: list[Job]) -> None:
+        """Queue all of `jobs` or none: Overloaded when those that cannot take a free batch slot do not fit in the
+        queue, Unavailable when the worker is not running."""
         with self.cond:
             if not self.alive:
                 raise Unavailable("the generation worker is not running" +
                                   (f" (it failed: {self.error})" if self.error else ""))
-            if len(self.waiting) >= self.max_queue:
+            free = max(0, self.max_batch - len(self.live) - self.admitting)
+            if len(self.waiting) + len(jobs) - free > self.max_queue:
                 self.stats["rejected"] += 1
                 raise Overloaded(f"the server is busy: {len(self.live)} requests running and {len(self.waiting)} "
                                  "waiting (the queue is full); retry later")
-            self.waiting.append(job)
-            self.stats["submitted"] += 1
+            self.waiting.extend(jobs)
+            self.stats["submitted"] += len(jobs)
             self.cond.notify_all()
 
     def cancel(self, job: Job) -> None:
@@ -144,6 +159,7 @@ class Scheduler:
                     admit = []
                     while self.waiting and len(self.live) + len(admit) < self.max_batch:
                         admit.append(self.waiting.popleft())
+                    self.admitting = len(admit)
                 for fn, future in calls:
                     try:
                         future.set_result(fn())
@@ -152,7 +168,11 @@ class Scheduler:
                 if cancelled:
                     self._drop(cancelled, cancelled=True)
                 if admit:
-                    self._admit(admit)
+                    try:
+                        self._admit(admit)
+                    finally:
+                        with self.cond:
+                            self.admitting = 0
                 if self.live:
                     self._step()
         except BaseException as err:  # noqa: BLE001 (a bug in the worker must not hang every client)
