@@ -1,12 +1,19 @@
 """The adapters a server offers: every adapter sub-folder of one directory, under its folder name.
 
 Names are validated (1-64 of letters, digits, '.', '_', '-', starting with a letter or digit; no '..'), paths are
-resolved inside the adapters directory only (no absolute paths, no traversal, no symlink escape), and only
-safetensors are read (adapter.load_adapter). `base` is reserved for the base model itself.
+resolved inside the adapters directory only (no absolute paths, no traversal, no symlink escape: neither a folder
+nor a file inside it may be a symbolic link leading outside the adapters folder), and only safetensors are read
+(adapter.load_adapter). `base` is reserved for the base model itself.
+
+A folder that cannot be served (whatever load_adapter or the prompt cache raise for it) never blocks the others: a
+scan skips it with the reason, and `add` answers a RegistryError (400) with the reason. Messages never show the
+adapters folder's absolute path (it is written `<adapters>`).
 
 The soft-prompt KV of each adapter lives in the engine's PromptCache, which the scheduler's worker thread reads
 between decode steps; so the registry changes it only through `run_on_worker` (Scheduler.run), never directly
-from a request thread.
+from a request thread. Replacing an adapter is atomic: PromptCache.add swaps the entry in one assignment, so every
+request is served by the old or the new soft prompt (requests already admitted keep the old one to the end).
+Changes (add, remove, rescan) are serialised by one lock.
 """
 
 from __future__ import annotations
@@ -60,7 +67,17 @@ class AdapterRegistry:
             raise RegistryError(f"adapters folder not found: {root}")
         self.run = run_on_worker or (lambda fn: fn())
         self.entries: dict[str, Entry] = {}
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()      # guards `entries` (short holds, lookups)
+        self.changes = threading.RLock()   # one change (add / remove / rescan) at a time
+        self._roots = sorted({str(self.root), str(Path(root).absolute()), str(root)} if root is not None else (),
+                             key=len, reverse=True)
+
+    def clean(self, message: str) -> str:
+        """A message with the adapters folder's absolute path replaced by `<adapters>`."""
+        for root in self._roots:
+            if root and root not in (".", "/"):
+                message = message.replace(root, "<adapters>")
+        return message
 
     # ---- lookups -------------------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -95,30 +112,44 @@ class AdapterRegistry:
             raise RegistryError(f"invalid adapter path {rel!r}: it leads outside the adapters folder")
         return full
 
+    def check_files(self, folder: Path) -> None:
+        """Refuse a folder with a file (or sub-folder) that is a symbolic link leading outside the adapters folder."""
+        for entry in os.scandir(folder):
+            if not entry.is_symlink():
+                continue
+            target = Path(os.path.realpath(entry.path))
+            if target != self.root and self.root not in target.parents:
+                raise RegistryError(f"invalid adapter folder {folder.name!r}: {entry.name} is a symbolic link leading "
+                                    "outside the adapters folder")
+
     # ---- changes -------------------------------------------------------------------------------------------
     def add(self, name: str, path: str | None = None, replace: bool = False) -> Adapter:
-        """Load the adapter folder and serve it as `name` (its soft-prompt KV is computed once, here)."""
+        """Load the adapter folder and serve it as `name` (its soft-prompt KV is computed once, here). Anything
+        wrong with the folder is a RegistryError with the reason (400; 404 when missing, 409 on a name clash)."""
         validate_name(name)
         folder = self.resolve(name, path)
-        with self.lock:
-            if name in self.entries and not replace:
-                raise RegistryError(f"an adapter named {name!r} is already served (pass replace to swap it)", 409)
-        if not folder.is_dir():
-            raise RegistryError(f"adapter folder not found: {folder.name} (in the adapters folder)", status=404)
-        try:
-            adapter = load_adapter(folder, self.base)
-        except AdapterError as err:
-            raise RegistryError(str(err).replace(str(self.root), "<adapters>")) from err
-        self._install(name, adapter, folder)
-        return adapter
+        with self.changes:
+            with self.lock:
+                if name in self.entries and not replace:
+                    raise RegistryError(f"an adapter named {name!r} is already served (pass replace to swap it)",
+                                        409)
+            if not folder.is_dir():
+                raise RegistryError(f"adapter folder not found: {folder.name} (in the adapters folder)", status=404)
+            try:
+                self.check_files(folder)
+                adapter = load_adapter(folder, self.base)
+                self._install(name, adapter, folder)
+            except RegistryError:
+                raise
+            except Exception as err:  # noqa: BLE001 (AdapterError, OSError, torch's RuntimeError, ...: a bad folder)
+                reason = str(err) if isinstance(err, AdapterError) else f"{type(err).__name__}: {err}"
+                raise RegistryError(self.clean(f"cannot serve {folder.name!r}: {reason}")) from err
+            return adapter
 
     def _install(self, name: str, adapter: Adapter, folder: Path) -> None:
-        def apply():
-            if name in self.cache.names():
-                self.cache.remove(name)
-            self.cache.add(name, adapter)
-
-        self.run(apply)
+        # PromptCache.add computes the KV first, then replaces any entry of that name in one assignment: there is
+        # never a moment when `name` is missing (removing first would fail the requests arriving meanwhile).
+        self.run(lambda: self.cache.add(name, adapter))
         with self.lock:
             self.entries[name] = Entry(adapter, folder, _stamp(folder))
 
@@ -126,11 +157,12 @@ class AdapterRegistry:
         """Stop serving `name`. Requests already running keep their copy of its KV and finish normally."""
         if name == BASE_NAME:
             raise RegistryError("the base model cannot be removed", status=409)
-        with self.lock:
-            if name not in self.entries:
-                raise RegistryError(f"The model `{name}` does not exist.", status=404)
-            del self.entries[name]
-        self.run(lambda: self.cache.remove(name))
+        with self.changes:
+            with self.lock:
+                if name not in self.entries:
+                    raise RegistryError(f"The model `{name}` does not exist.", status=404)
+                del self.entries[name]
+            self.run(lambda: self.cache.remove(name) if name in self.cache else None)
 
     def rescan(self) -> dict:
         """Make the served set equal the adapter folders on disk: add new ones, reload re-saved ones, remove
@@ -138,32 +170,37 @@ class AdapterRegistry:
         silently); hidden folders (save_adapter's temporary ones start with '.') are ignored."""
         if self.root is None:
             raise RegistryError("this server was started without an adapters folder (--adapters)")
+        with self.changes:
+            return self._rescan()
+
+    def _rescan(self) -> dict:
         added, reloaded, removed, skipped = [], [], [], {}
         found = set()
-        for child in sorted(self.root.iterdir()):
-            if not child.is_dir() or child.name.startswith("."):
-                continue
+        try:
+            children = sorted(self.root.iterdir())
+        except OSError as err:
+            raise RegistryError(self.clean(f"cannot read the adapters folder: {err}")) from err
+        for child in children:
             name = child.name
-            if not (child / CONFIG_FILE).is_file():
-                skipped[name] = f"no {CONFIG_FILE} (not an adapter folder)"
-                continue
             try:
+                if name.startswith(".") or not child.is_dir():
+                    continue
+                if not (child / CONFIG_FILE).is_file():
+                    skipped[name] = f"no {CONFIG_FILE} (not an adapter folder)"
+                    continue
                 validate_name(name)
                 self.resolve(name)
-            except RegistryError as err:
-                skipped[name] = str(err)
+                with self.lock:
+                    entry = self.entries.get(name)
+                if entry is not None and entry.path == child.resolve() and entry.stamp == _stamp(child):
+                    found.add(name)
+                    continue
+                self.add(name, replace=True)
+            except Exception as err:  # noqa: BLE001 (one bad folder never blocks the others)
+                skipped[name] = self.clean(str(err) if isinstance(err, (RegistryError, AdapterError))
+                                           else f"{type(err).__name__}: {err}")
                 continue
             found.add(name)
-            with self.lock:
-                entry = self.entries.get(name)
-            if entry is not None and entry.path == child.resolve() and entry.stamp == _stamp(child):
-                continue
-            try:
-                self.add(name, replace=True)
-            except RegistryError as err:
-                skipped[name] = str(err)
-                found.discard(name)
-                continue
             (reloaded if entry is not None else added).append(name)
         for name in self.names():
             with self.lock:
@@ -171,7 +208,10 @@ class AdapterRegistry:
             if entry is None:
                 continue
             own_folder = entry.path == self.root / name  # served under its folder name, so rescan manages it
-            vanished = not (entry.path / CONFIG_FILE).is_file()
+            try:
+                vanished = not (entry.path / CONFIG_FILE).is_file()
+            except OSError:
+                vanished = True
             if vanished or (own_folder and name not in found):
                 self.remove(name)
                 removed.append(name)
