@@ -1,17 +1,33 @@
-"""Request bodies of the OpenAI-compatible endpoints, and OpenAI's error shape.
+"""Request and response bodies of the OpenAI-compatible endpoints, and OpenAI's error shape.
 
 Fields OpenAI defines but softprompt does not implement (n > 1, logprobs, echo, penalties, ...) are accepted only
 at their neutral value; anything else is a 400 naming the field, never silently ignored. Unknown fields are 400s
 too, except a few purely informational ones clients send (user, metadata, store).
+
+Types are strict: `max_tokens: "4"` or `max_tokens: true` is a 400, not 4 or 1 (an integer is accepted where a
+number is expected). Every string in a body must be valid Unicode (a lone UTF-16 surrogate such as "\\ud800" is a
+400 naming the field), and bodies nest at most MAX_JSON_DEPTH levels (`decode_body`).
+
+Sampling is kept numerically safe in float32: a temperature below TEMPERATURE_EPSILON means greedy decoding (as 0
+does), and a top_p below TOP_P_EPSILON keeps only the most likely token (`sampling()`).
+
+The response models (Completion, ChatCompletion, their streamed chunks, ModelCard, ErrorResponse, ...) are what
+/openapi.json publishes; the server builds its answers as plain dicts of exactly these shapes.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 MAX_STOP = 16
+MAX_JSON_DEPTH = 32           # levels of nested objects/arrays a request body may have
+TEMPERATURE_EPSILON = 1e-4    # temperature below it: greedy (logits / tiny temperature overflows float32)
+TOP_P_EPSILON = 1e-6          # top_p below it: only the most likely token (top_p rounds to 0 in float32)
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what torch.Generator.manual_seed accepts
+TOP_K_MAX = 2 ** 31 - 1
 
 
 class APIError(Exception):
@@ -28,25 +44,27 @@ class APIError(Exception):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)  # not OpenAI's, but vLLM's and common
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False,
+                               description=f"0 (or below {TEMPERATURE_EPSILON}) = greedy")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False,
+                         description=f"below {TOP_P_EPSILON}: only the most likely token")
+    top_k: int = Field(default=0, ge=0, le=TOP_K_MAX, description="0 = off (not OpenAI's; vLLM's)")
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(default=0.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(default=0.0, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     metadata: dict[str, Any] | None = None
@@ -56,14 +74,24 @@ class _Common(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return [s for s in stops if s]
 
+    def sampling(self) -> tuple[float, int, float]:
+        """(temperature, top_k, top_p) for the engine, numerically safe in float32: a temperature below
+        TEMPERATURE_EPSILON is greedy (0) and a top_p below TOP_P_EPSILON keeps only the top token (top_k 1)."""
+        if self.temperature < TEMPERATURE_EPSILON:
+            return 0.0, 0, 1.0
+        if self.top_p < TOP_P_EPSILON:
+            return self.temperature, 1, 1.0
+        return self.temperature, self.top_k, self.top_p
+
     @model_validator(mode="after")
     def _supported(self):
         if len(self.stop_list()) > MAX_STOP:
             raise ValueError(f"stop: at most {MAX_STOP} stop strings are supported")
         if self.n != 1:
             raise ValueError("n: only n=1 is supported")
-        if self.presence_penalty or self.frequency_penalty:
-            raise ValueError("presence_penalty/frequency_penalty: only 0 is supported")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise ValueError(f"{name}: only 0 is supported")
         if self.logit_bias:
             raise ValueError("logit_bias: not supported")
         if self.stream_options is not None and not self.stream:
@@ -100,7 +128,7 @@ class CompletionRequest(_Common):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[dict], None] = None
@@ -143,6 +171,9 @@ class ChatRequest(_Common):
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def limit_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
     def as_dicts(self) -> list[dict]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
 
@@ -150,16 +181,29 @@ class ChatRequest(_Common):
 class AdapterAdd(BaseModel):
     """POST /v1/adapters: serve the folder `path` (relative to the adapters folder; default: `name`) as `name`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str
     path: str | None = None
     replace: bool = False
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "any"}
+
+
+def _field_part(part) -> bool:
+    """Whether a pydantic error-location element names a field or an index (not a union member's type tag such
+    as 'str', 'list[str]' or 'function-after[...]')."""
+    if isinstance(part, int):
+        return True
+    text = str(part)
+    return not ("[" in text or text.startswith(("function-", "union", "lax-or-strict", "json-or-python"))
+                or text in _TYPE_TAGS or text.startswith("constrained-"))
+
+
 def validation_error(err: ValidationError) -> APIError:
     """The first pydantic error as an OpenAI-style 400 naming the field."""
     first = err.errors()[0]
-    loc = [str(x) for x in first.get("loc", ()) if not str(x).startswith(("function-after", "union"))]
+    loc = [str(x) for x in first.get("loc", ()) if _field_part(x)]
     param = ".".join(loc) or None
     if first.get("type") == "missing":
         return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
@@ -173,3 +217,220 @@ def validation_error(err: ValidationError) -> APIError:
             param, message = message.split(": ", 1)
     return APIError(400, f"Invalid value for '{param}': {message}" if param else message, param=param,
                     code="invalid_value")
+
+
+# ---- raw bodies ----------------------------------------------------------------------------------------------
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def decode_body(raw: bytes) -> dict:
+    """Parse a request body into a JSON object, or raise a 400 APIError: malformed JSON (incl. NaN/Infinity),
+    invalid UTF-8, nesting deeper than MAX_JSON_DEPTH, or a string (value or key) that is not valid Unicode (a lone
+    surrogate, which no tokenizer can take), naming the field."""
+    try:
+        data = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise APIError(400, f"The request body is nested too deeply (at most {MAX_JSON_DEPTH} levels).",
+                       code="invalid_json") from None
+    except (ValueError, UnicodeError) as err:  # JSONDecodeError, UnicodeDecodeError, too many int digits, NaN
+        raise APIError(400, f"We could not parse the JSON body of your request: {err}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    check_tree(data)
+    return data
+
+
+def _path(node) -> str | None:
+    parts = []
+    while node is not None:
+        node, key = node
+        parts.append(key if isinstance(key, str) else str(key))
+    return ".".join(reversed(parts)) or None
+
+
+def _valid_text(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_tree(data) -> None:
+    """Walk a parsed body without recursion: depth limit and valid Unicode everywhere (see decode_body)."""
+    stack = [(data, None, 0)]  # (value, path as (parent_path, key) links, depth)
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            if not _valid_text(value):
+                param = _path(path)
+                raise APIError(400, f"Invalid value for '{param}': the text contains a lone UTF-16 surrogate (such as "
+                                    "\\ud800), which is not valid Unicode", param=param, code="invalid_value")
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth >= MAX_JSON_DEPTH:
+            top = path
+            while top is not None and top[0] is not None:
+                top = top[0]
+            param = _path(top)
+            raise APIError(400, f"The request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)"
+                                + (f" in '{param}'." if param else "."), param=param, code="invalid_value")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str) and not _valid_text(key):
+                param = _path(path)
+                raise APIError(400, "A key in the request body" + (f" (in '{param}')" if param else "")
+                               + " contains a lone UTF-16 surrogate, which is not valid Unicode", param=param,
+                               code="invalid_value")
+            stack.append((item, (path, key), depth + 1))
+
+
+# ---- responses (what /openapi.json publishes) ----------------------------------------------------------------
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error: {"error": {"message", "type", "param", "code"}} (OpenAI's shape)."""
+
+    error: ErrorBody
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: FinishReason
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: FinishReason | None
+
+
+class CompletionChunk(BaseModel):
+    """One `data:` event of a streamed completion (the last one, with stream_options.include_usage, has no
+    choices and the usage); the stream ends with `data: [DONE]`, or an ErrorResponse event if generation fails."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One `data:` event of a streamed chat completion (see CompletionChunk)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None
+    num_virtual_tokens: int
+    max_model_len: int | None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class AdapterDeleted(BaseModel):
+    id: str
+    object: Literal["model"]
+    deleted: bool
+
+
+class RescanReport(BaseModel):
+    added: list[str]
+    reloaded: list[str]
+    removed: list[str]
+    skipped: dict[str, str] = Field(description="folder name -> why it is not served")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    model: str
+    adapters: int
+    scheduler: dict[str, Any]
+
+
+REQUEST_MODELS = (CompletionRequest, ChatRequest, AdapterAdd)
+RESPONSE_MODELS = (ErrorResponse, Completion, CompletionChunk, ChatCompletion, ChatCompletionChunk, ModelCard,
+                   ModelList, AdapterDeleted, RescanReport, Health)
