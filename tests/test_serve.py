@@ -298,7 +298,7 @@ def test_client_disconnect_cancels_its_row(tiny, adapters_dir):
 def test_add_remove_rescan_adapters(tiny, tmp_path):
     folder = tmp_path / "adapters"
     make_adapter(tiny, folder, "one", "human-assistant", 2, seed=5)
-    with LiveServer(create_app(tiny, folder)) as live:
+    with LiveServer(create_app(tiny, folder, allow_admin=True)) as live:
         url, client = live.url, live.client
         make_adapter(tiny, folder, "two", "Q: {instruction}\nA:", 3, seed=6)
         r = httpx.post(url + "/v1/adapters", json={"name": "two"})
@@ -340,7 +340,7 @@ def test_adapter_names_and_paths_are_validated(tiny, tmp_path):
     (folder / "pickled" / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 2}))
     (folder / "pickled" / "adapter_model.bin").write_bytes(b"\x80\x04not really")
-    with LiveServer(create_app(tiny, folder)) as live:
+    with LiveServer(create_app(tiny, folder, allow_admin=True)) as live:
         assert "link" in live.state.scan["skipped"]  # a symlink leading outside is never served
         cases = [({"name": "../ok"}, 400, "invalid adapter name '../ok'"),
                  ({"name": "a/b"}, 400, "invalid adapter name 'a/b'"),

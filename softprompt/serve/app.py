@@ -4,9 +4,19 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Endpoints: GET /health, GET /v1/models[/{name}], POST /v1/completions, POST /v1/chat/completions (both with
-`stream`), POST /v1/adapters, DELETE /v1/adapters/{name}, POST /v1/adapters/rescan. Requests for any mix of
-adapters share one continuously batched DecodeBatch (scheduler.py). Errors use OpenAI's shape
-{"error": {"message", "type", "param", "code"}}.
+`stream`), and the admin endpoints POST /v1/adapters, DELETE /v1/adapters/{name}, POST /v1/adapters/rescan (off
+unless allow_admin=True: 403). Requests for any mix of adapters share one continuously batched DecodeBatch
+(scheduler.py). Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}; a mistake in a request is
+a 4xx, never a 5xx (and never FastAPI's 422). /openapi.json publishes the request and response models (schemas.py)
+and is open even with an api_key (it carries no secrets).
+
+Status codes: 400 invalid request (param names the field), 401 wrong/missing API key, 403 admin endpoints disabled
+or a cross-origin request, 404 unknown model/adapter, 409 name clash, 413 body over max_request_bytes, 415 body not
+JSON, 421 Host header not this server (DNS rebinding), 429 queue full (Retry-After), 503 worker stopped.
+
+Requests are validated completely (JSON, schema, model, template, tokens, context, capacity) before any response
+starts, so a streamed request either gets a 400 or a 200 stream. Parsing, templating and tokenising run in a thread
+pool, never on the event loop, so a large body never stalls other clients or /health.
 """
 
 from __future__ import annotations
@@ -21,23 +31,37 @@ import uuid
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from softprompt.inference.engine import DecodeBatch, GenerationRequest, context_length
 from softprompt.inference.prompt_cache import PromptCache, UnknownAdapterError
 from softprompt.data.templates import Template, TemplateError, encode_text
 from softprompt.serve.registry import BASE_NAME, AdapterRegistry, RegistryError, validate_name
 from softprompt.serve.scheduler import Job, Overloaded, Scheduler, Unavailable
-from softprompt.serve.schemas import AdapterAdd, APIError, ChatRequest, CompletionRequest, validation_error
+from softprompt.serve.schemas import (REQUEST_MODELS, RESPONSE_MODELS, AdapterAdd, APIError, ChatRequest,
+                                      CompletionRequest, decode_body, validation_error)
+from softprompt.serve.security import Guard, too_large_message
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+CLIENT_ERRORS = (ValueError, TypeError, UnicodeError, RecursionError)  # raised by request content: 400, never 500
 
 
 class ClientGone(Exception):
     """The client closed the connection before its answer was ready."""
+
+
+class Prepared:
+    """A fully validated generation request: the body, the adapter key and the prompts' ids and token budgets."""
+
+    def __init__(self, body, key: str | None, prompts: list[list[int]], limits: list[int]):
+        self.body, self.key, self.prompts, self.limits = body, key, prompts, limits
 
 
 class ServerState:
@@ -70,12 +94,24 @@ class ServerState:
             raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
         return None if model == BASE_NAME else model
 
-    def max_tokens(self, asked: int | None, default: int | None, used: int) -> int:
+    def lookup(self, model: str) -> tuple[str | None, int, Template]:
+        """(cache key, number of virtual tokens, template) of a served model, read from one cache entry (so an
+        adapter swapped meanwhile gives the old or the new values, never a mix); 404 when unknown or removed."""
+        key = self.adapter_key(model)
+        if key is None:
+            return None, 0, self.cache.default_template
+        try:
+            entry = self.cache.entry(key)
+        except UnknownAdapterError:
+            raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found") from None
+        return key, entry.num_virtual_tokens, entry.template
+
+    def max_tokens(self, asked: int | None, default: int | None, used: int, param: str = "max_tokens") -> int:
         """The completion budget: checked against the server cap and the context left after `used` tokens."""
         if asked is not None and asked > self.max_tokens_cap:
             raise APIError(400, f"max_tokens is too large: {asked}. This server allows at most "
                                 f"{self.max_tokens_cap} completion tokens (--max-tokens-cap).",
-                           param="max_tokens", code="invalid_value")
+                           param=param, code="invalid_value")
         room = self.context - used if self.context else self.max_tokens_cap
         limit = asked if asked is not None else min(default or self.max_tokens_cap, self.max_tokens_cap, room)
         if self.context and (used + limit > self.context or limit < 1):
@@ -83,20 +119,179 @@ class ServerState:
             raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, you "
                                 f"requested {used + limit} tokens ({used} in the prompt, including the adapter's "
                                 f"virtual tokens; {limit} for the completion). Please reduce the prompt or "
-                                "max_tokens.", param="messages" if asked is None else "max_tokens",
+                                "max_tokens.", param="messages" if asked is None else param,
                            code="context_length_exceeded")
         return limit
+
+    def check_capacity(self, count: int) -> None:
+        """A request with more prompts than the server can ever hold at once is a 400 (not a 429: retrying
+        cannot help)."""
+        sched = self.scheduler
+        if count > sched.capacity:
+            raise APIError(400, f"Invalid value for 'prompt': {count} prompts in one request can never be served: this "
+                                f"server runs at most {sched.max_batch} requests at once and queues at most "
+                                f"{sched.max_queue} (--max-batch, --max-queue), so send at most {sched.capacity} "
+                                "prompts per request.", param="prompt", code="invalid_value")
+
+    # ---- request preparation (runs in the thread pool) -----------------------------------------------------
+    def prepare_completion(self, raw: bytes) -> Prepared:
+        body = _validate(raw, CompletionRequest)
+        key, n, _ = self.lookup(body.model)
+        texts = body.prompts()
+        self.check_capacity(len(texts))
+        prompts = []
+        for index, text in enumerate(texts):
+            ids = encode_text(self.tokenizer, text)
+            if not ids:
+                raise APIError(400, "prompt is empty: give at least one token of text",
+                               param="prompt" if isinstance(body.prompt, str) else f"prompt.{index}")
+            prompts.append(ids)
+        limits = [self.max_tokens(body.max_tokens, DEFAULT_COMPLETION_TOKENS, n + len(ids)) for ids in prompts]
+        return Prepared(body, key, prompts, limits)
+
+    def prepare_chat(self, raw: bytes) -> Prepared:
+        body = _validate(raw, ChatRequest)
+        key, n, template = self.lookup(body.model)
+        messages = body.as_dicts()
+        try:
+            text = template.chat_prompt(messages, self.tokenizer)
+        except APIError:
+            raise
+        except Exception as err:  # noqa: BLE001 (TemplateError, or the model's jinja chat template refusing it)
+            raise APIError(400, f"the conversation cannot be formatted: {err}" if not isinstance(err, TemplateError)
+                           else str(err), param="messages") from err
+        ids = encode_text(self.tokenizer, text)
+        if not ids:
+            raise APIError(400, "the formatted conversation is empty", param="messages")
+        limit = self.max_tokens(body.limit(), None, n + len(ids), param=body.limit_param())
+        return Prepared(body, key, [ids], [limit])
+
+
+def _validate(raw: bytes, model):
+    data = decode_body(raw)
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise validation_error(err) from None
+
+
+def _as_client_error(err: BaseException) -> APIError:
+    """An exception raised while handling a request's content, as the 4xx it stands for."""
+    if isinstance(err, APIError):
+        return err
+    if isinstance(err, RegistryError):
+        code = {404: "model_not_found", 409: "conflict"}.get(err.status, "invalid_value")
+        return APIError(err.status, str(err), code=code)
+    if isinstance(err, UnknownAdapterError):
+        return APIError(404, str(err), param="model", code="model_not_found")
+    if isinstance(err, RecursionError):
+        return APIError(400, "The request is nested too deeply.", code="invalid_value")
+    if isinstance(err, UnicodeError):
+        return APIError(400, f"The request contains text that is not valid Unicode: {err}", code="invalid_value")
+    return APIError(400, f"Invalid request: {err}", code="invalid_value")
+
+
+async def _in_thread(fn, *args):
+    """Run request handling in the thread pool; its client mistakes come back as APIErrors (4xx)."""
+    try:
+        return await run_in_threadpool(fn, *args)
+    except (APIError, RegistryError) + CLIENT_ERRORS as err:
+        raise _as_client_error(err) from err
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, read up to `limit` bytes (413 beyond, also for chunked bodies without a Content-Length)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, too_large_message(limit), code="request_too_large", headers={"Connection": "close"})
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# ---- OpenAPI -------------------------------------------------------------------------------------------------
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(name: str, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+_ERRORS = {
+    400: "invalid request (`param` names the field)", 401: "missing or wrong API key",
+    403: "admin endpoints disabled, or a cross-origin request", 404: "unknown model or adapter",
+    409: "name clash", 413: "request body too large", 415: "request body is not JSON",
+    421: "Host header not this server", 429: "the queue is full (Retry-After)", 503: "the worker is not running",
+}
+
+
+def _errors(*codes: int) -> dict:
+    return {code: _json("ErrorResponse", _ERRORS[code]) for code in codes}
+
+
+def _body(name: str) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": _ref(name)}}}}
+
+
+def _generation_responses(name: str, chunk: str) -> dict:
+    return {200: {"description": f"a {name}; with `stream: true`, server-sent events: `data: <{chunk}>` per chunk, "
+                                 "then `data: [DONE]`",
+                  "content": {"application/json": {"schema": _ref(name)},
+                              "text/event-stream": {"schema": {"type": "string",
+                                                               "description": f"data: {chunk} JSON lines"},
+                                                    "x-event-schema": _ref(chunk)}}},
+            **_errors(400, 401, 403, 404, 413, 415, 421, 429, 503)}
+
+
+def _openapi(app: FastAPI, api_key: str | None):
+    def openapi():
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        _, defs = models_json_schema([(m, "validation") for m in REQUEST_MODELS + RESPONSE_MODELS],
+                                     ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {})
+        schemas = components.setdefault("schemas", {})
+        schemas.pop("HTTPValidationError", None)
+        schemas.pop("ValidationError", None)
+        schemas.update(defs.get("$defs", {}))
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+                if api_key is not None and operation.get("operationId", "").startswith("health"):
+                    continue
+                if api_key is not None:
+                    operation["security"] = [{"bearer": []}]
+        if api_key is not None:
+            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        if not schemas:
+            components.pop("schemas")
+        app.openapi_schema = schema
+        return schema
+
+    return openapi
 
 
 def create_app(base, adapters_dir=None, *, template: Template | None = None, max_batch: int = 16,
                max_queue: int = 64, max_tokens_cap: int = 2048, max_model_len: int | None = None,
-               api_key: str | None = None) -> FastAPI:
+               api_key: str | None = None, allow_admin: bool = False,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, allowed_hosts: list[str] | None = None,
+               allow_origins: list[str] | None = None) -> FastAPI:
     """Build the server for `base` (a models.FrozenModel) and the adapter folders under `adapters_dir`.
 
     `template`: the default template (for `base` and adapters saved without one). `api_key`: when set, every
-    endpoint but /health needs `Authorization: Bearer <api_key>`. The worker thread starts and stops with the app's
-    lifespan.
+    endpoint but /health (and /openapi.json, which carries no secrets) needs `Authorization: Bearer <api_key>`.
+    `allow_admin`: enable POST /v1/adapters, DELETE /v1/adapters/{name} and POST /v1/adapters/rescan (otherwise
+    403; with an api_key they need it too). `max_request_bytes`: the largest request body (413 beyond).
+    `allowed_hosts`: Host names the server may be called as besides loopback names and the address a connection
+    arrives on (["*"]: any; others get 421, against DNS rebinding). `allow_origins`: web origins allowed to call it
+    (adds CORS; default none: a request carrying another Origin gets 403). The worker thread starts and stops with
+    the app's lifespan.
     """
+    if max_request_bytes < 1:
+        raise ValueError("max_request_bytes must be >= 1")
     state = ServerState(base, adapters_dir, template=template, max_batch=max_batch, max_queue=max_queue,
                         max_tokens_cap=max_tokens_cap, max_model_len=max_model_len)
 
@@ -112,110 +307,111 @@ def create_app(base, adapters_dir=None, *, template: Template | None = None, max
         if api_key is None or request.url.path == "/health":
             return
         given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), f"Bearer {api_key}".encode()):
             raise APIError(401, "Incorrect API key provided.", type="authentication_error", code="invalid_api_key")
 
-    app = FastAPI(title="softprompt", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  dependencies=[Depends(authorise)])
-    app.state.softprompt = state
-    _install_error_handlers(app)
+    async def require_admin():
+        if not allow_admin:
+            raise APIError(403, "Adapter administration is disabled on this server: start it with --allow-admin "
+                                "(create_app(..., allow_admin=True)) to add, remove or rescan adapters over HTTP"
+                                + (" (and set --api-key when others can reach it)." if api_key is None else "."),
+                           type="permission_error", code="admin_disabled")
 
-    @app.get("/health")
+    app = FastAPI(title="softprompt", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  dependencies=[Depends(authorise)],
+                  description="OpenAI-compatible server for soft-prompt adapters on one frozen base model.")
+    app.state.softprompt = state
+    app.openapi = _openapi(app, api_key)
+    _install_error_handlers(app)
+    app.add_middleware(Guard, allowed_hosts=allowed_hosts, allow_origins=allow_origins,
+                       max_request_bytes=max_request_bytes)
+    if allow_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type"])
+
+    @app.get("/health", responses={200: _json("Health", "the worker is running"),
+                                   503: _json("Health", "the worker is not running")})
     async def health():
         stats = state.scheduler.snapshot()
         body = {"status": "ok" if stats["alive"] else "unavailable", "model": base.name,
                 "adapters": len(state.registry.names()), "scheduler": stats}
         return JSONResponse(body, status_code=200 if stats["alive"] else 503)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: _json("ModelList", "the served models"), **_errors(401, 403, 421)})
     async def models():
         names = [BASE_NAME] + state.registry.names()
-        return {"object": "list", "data": [state.model_card(n) for n in names if state.registry.has(n)]}
+        cards = []
+        for name in names:
+            with contextlib.suppress(RegistryError):  # removed meanwhile
+                cards.append(state.model_card(name))
+        return {"object": "list", "data": cards}
 
-    @app.get("/v1/models/{name}")
+    @app.get("/v1/models/{name}", responses={200: _json("ModelCard", "one served model"),
+                                              **_errors(401, 403, 404, 421)})
     async def model(name: str):
         state.adapter_key(name)
-        return state.model_card(name)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await _parse(request, CompletionRequest)
-        key = state.adapter_key(body.model)
-        n = state.cache.num_virtual_tokens(key)
-        prompts = [encode_text(state.tokenizer, p) for p in body.prompts()]
-        if any(not ids for ids in prompts):
-            raise APIError(400, "prompt is empty: give at least one token of text", param="prompt")
-        limits = [state.max_tokens(body.max_tokens, DEFAULT_COMPLETION_TOKENS, n + len(ids)) for ids in prompts]
-        return await _run(request, state, body, key, prompts, limits, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await _parse(request, ChatRequest)
-        key = state.adapter_key(body.model)
         try:
-            text = state.cache.template(key).chat_prompt(body.as_dicts(), state.tokenizer)
-        except UnknownAdapterError:
-            raise APIError(404, f"The model `{body.model}` does not exist.", param="model", code="model_not_found")
-        except TemplateError as err:
-            raise APIError(400, str(err), param="messages") from err
-        ids = encode_text(state.tokenizer, text)
-        if not ids:
-            raise APIError(400, "the formatted conversation is empty", param="messages")
-        limit = state.max_tokens(body.limit(), None, state.cache.num_virtual_tokens(key) + len(ids))
-        return await _run(request, state, body, key, [ids], [limit], chat=True)
+            return state.model_card(name)
+        except RegistryError as err:
+            raise APIError(404, str(err), param="model", code="model_not_found") from None
 
-    @app.post("/v1/adapters", status_code=201)
+    @app.post("/v1/completions", openapi_extra=_body("CompletionRequest"),
+              responses=_generation_responses("Completion", "CompletionChunk"))
+    async def completions(request: Request):
+        raw = await _read_body(request, max_request_bytes)
+        prepared = await _in_thread(state.prepare_completion, raw)
+        return await _run(request, state, prepared, chat=False)
+
+    @app.post("/v1/chat/completions", openapi_extra=_body("ChatRequest"),
+              responses=_generation_responses("ChatCompletion", "ChatCompletionChunk"))
+    async def chat_completions(request: Request):
+        raw = await _read_body(request, max_request_bytes)
+        prepared = await _in_thread(state.prepare_chat, raw)
+        return await _run(request, state, prepared, chat=True)
+
+    admin = [Depends(require_admin)]
+
+    @app.post("/v1/adapters", status_code=201, dependencies=admin, openapi_extra=_body("AdapterAdd"),
+              responses={201: _json("ModelCard", "the adapter is served"),
+                         **_errors(400, 401, 403, 404, 409, 413, 415, 421)})
     async def add_adapter(request: Request):
-        body = await _parse(request, AdapterAdd)
-        await run_in_threadpool(state.registry.add, body.name, body.path, body.replace)
+        raw = await _read_body(request, max_request_bytes)
+        body = await _in_thread(_validate, raw, AdapterAdd)
+        await _in_thread(state.registry.add, body.name, body.path, body.replace)
         return JSONResponse(state.model_card(body.name), status_code=201)
 
-    @app.delete("/v1/adapters/{name}")
+    @app.delete("/v1/adapters/{name}", dependencies=admin,
+                responses={200: _json("AdapterDeleted", "the adapter is no longer served"),
+                           **_errors(400, 401, 403, 404, 409, 421)})
     async def remove_adapter(name: str):
         if name != BASE_NAME:
             validate_name(name)
-        await run_in_threadpool(state.registry.remove, name)
+        await _in_thread(state.registry.remove, name)
         return {"id": name, "object": "model", "deleted": True}
 
-    @app.post("/v1/adapters/rescan")
+    @app.post("/v1/adapters/rescan", dependencies=admin,
+              responses={200: _json("RescanReport", "what changed, and the folders not served with the reason"),
+                         **_errors(400, 401, 403, 415, 421)})
     async def rescan():
-        return await run_in_threadpool(state.registry.rescan)
+        return await _in_thread(state.registry.rescan)
 
     return app
 
 
-async def _parse(request: Request, model):
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise APIError(400, f"We could not parse the JSON body of your request: {err}", code="invalid_json")
-    if not isinstance(data, dict):
-        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        raise validation_error(err) from None
-
-
-async def _run(request: Request, state: ServerState, body, key: str | None, prompts: list[list[int]],
-               limits: list[int], chat: bool):
+async def _run(request: Request, state: ServerState, prepared: Prepared, chat: bool):
     """Submit one job per prompt, then answer as JSON or as server-sent events."""
+    body, key, prompts = prepared.body, prepared.key, prepared.prompts
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     jobs = []
-    for index, (ids, limit) in enumerate(zip(prompts, limits)):
-        greedy = body.temperature == 0
-        gen = GenerationRequest(prompt_ids=ids, adapter=key, max_new_tokens=limit, temperature=body.temperature,
-                                top_k=0 if greedy else body.top_k, top_p=1.0 if greedy else body.top_p,
-                                seed=body.seed, stop=body.stop_list(), id=index)
+    temperature, top_k, top_p = body.sampling()
+    for index, (ids, limit) in enumerate(zip(prompts, prepared.limits)):
+        gen = GenerationRequest(prompt_ids=ids, adapter=key, max_new_tokens=limit, temperature=temperature,
+                                top_k=top_k, top_p=top_p, seed=body.seed, stop=body.stop_list(), id=index)
         jobs.append(Job(gen, lambda item, i=index: events.put_nowait((i, item)), loop))
     try:
-        for job in jobs:
-            state.scheduler.submit(job)
+        state.scheduler.submit_many(jobs)
     except (Overloaded, Unavailable) as err:
-        for job in jobs:
-            state.scheduler.cancel(job)
         status, kind = (429, "rate_limit_error") if isinstance(err, Overloaded) else (503, "server_error")
         raise APIError(status, str(err), type=kind, code="server_overloaded" if status == 429 else "unavailable",
                        headers={"Retry-After": "1"})
@@ -357,26 +553,37 @@ def _as_api_error(err: BaseException) -> APIError:
     return APIError(500, f"generation failed: {err}", type="server_error", code="internal_error")
 
 
+class ErrorJSON(JSONResponse):
+    """Errors are rendered ASCII-only, so an echoed piece of a request (a model name, a key) can never fail to
+    encode."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def _error_response(err: APIError) -> Response:
+    return ErrorJSON(err.body(), status_code=err.status, headers=err.headers)
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request, err: APIError):
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+        return _error_response(err)
 
     @app.exception_handler(RegistryError)
     async def registry_error(request, err: RegistryError):
-        code = {404: "model_not_found", 409: "conflict"}.get(err.status, "invalid_value")
-        return JSONResponse(APIError(err.status, str(err), code=code).body(), status_code=err.status)
+        return _error_response(_as_client_error(err))
 
     @app.exception_handler(RequestValidationError)
     async def request_validation(request, err: RequestValidationError):
-        return JSONResponse(APIError(400, str(err)).body(), status_code=400)
+        return _error_response(APIError(400, str(err)))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, err: StarletteHTTPException):
-        return JSONResponse(APIError(err.status_code, str(err.detail)).body(), status_code=err.status_code,
-                            headers=getattr(err, "headers", None))
+        return _error_response(APIError(err.status_code, str(err.detail), headers=getattr(err, "headers", None)))
 
     @app.exception_handler(Exception)
     async def internal(request, err: Exception):
-        return JSONResponse(APIError(500, f"internal error: {err!r}", type="server_error",
-                                     code="internal_error").body(), status_code=500)
+        if isinstance(err, CLIENT_ERRORS):  # raised by what the request contained: the client's mistake
+            return _error_response(_as_client_error(err))
+        return _error_response(APIError(500, f"internal error: {err!r}", type="server_error", code="internal_error"))
