@@ -131,7 +131,7 @@ def test_wrong_kind_of_adapter(tmp_path, tiny):
     out = _adapter(tmp_path, tiny)
     config = json.loads((out / "adapter_config.json").read_text())
     (out / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LORA"}))
-    with pytest.raises(AdapterError, match=r"peft_type is 'LORA'; softprompt loads only PROMPT_TUNING adapters"):
+    with pytest.raises(AdapterError, match=r"peft_type is 'LORA'; softprompt loads only PROMPT_TUNING, PREFIX_TUNING, P_TUNING adapters"):
         load_adapter(out)
     (out / "adapter_config.json").write_text(json.dumps({**config, "task_type": "SEQ_CLS"}))
     with pytest.raises(AdapterError, match=r"task_type is 'SEQ_CLS'; expected CAUSAL_LM"):

@@ -2,9 +2,16 @@
 
 - `models`: load a base model (folder, hub id, GGUF file or the embedded default), device and dtype choice;
 - `attention`: grouped-query attention without key/value copies on the CPU;
-- `prompt`: the soft prompt (N trainable vectors) and its initialisations;
-- `forward`: [soft prompt ; tokens] -> frozen body -> loss on answer tokens; the prompt's keys/values.
+- `prompt`: the trainable soft prompts of each method (prompt tuning, prefix tuning, P-tuning) and their
+  initialisations;
+- `forward`: [soft prompt ; tokens] -> frozen body -> loss on answer tokens; a soft prompt's per-layer keys/values
+  (whatever its method).
 """
 
 # Declared here (torch-free) so that config dataclasses can offer them as choices without importing torch.
 INIT_METHODS = ("text", "vocab", "random", "labels")
+
+# The prompt-learning methods (PEFT's PROMPT_TUNING, PREFIX_TUNING and P_TUNING) and P-tuning's encoder kinds.
+METHODS = ("prompt", "prefix", "ptuning")
+PEFT_TYPES = {"prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING", "ptuning": "P_TUNING"}
+ENCODER_TYPES = ("mlp", "lstm")

@@ -16,11 +16,21 @@ forward pass, so no [labels x vocabulary] logits tensor is kept for the backward
 
 Within one optimiser step every micro-batch sees the same prompt, so training computes the virtual tokens' keys/values
 once per step (`SharedPrefix`) and back-propagates into the prompt once, after the last micro-batch.
+
+Every prompt-learning method is, downstream, the same thing: per-layer keys/values of N virtual positions (`prompt_kv`).
+Only their producer differs (`Virtual`: a method and its saved tensor):
+- `prompt` (prompt tuning) and `ptuning` (P-tuning, whose saved tensor is its encoder's output): [N, hidden] input
+  embeddings, run through the model; the last virtual token's hidden state predicts the first text token;
+- `prefix` (prefix tuning / P-tuning v2): [N, layers * 2 * kv_heads * head_dim], the keys/values themselves, laid out
+  as PEFT lays them out (`prefix_kv`). Nothing is run, and there is no last virtual hidden state: as in PEFT, the first
+  text token is not predicted (labels shift inside the text). Text positions start at N either way, as PEFT's prefix
+  forward gives them (cache_position N, N+1, ...).
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -75,12 +85,81 @@ def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def prompt_kv(model, prompt: torch.Tensor) -> tuple[Kv, torch.Tensor]:
-    """Keys/values of the virtual tokens at positions 0..N-1 (batch 1), and the last virtual token's hidden state.
+@dataclass(frozen=True)
+class Virtual:
+    """A soft prompt of any method in its saved form: `tensor` is PEFT's `prompt_embeddings` (see the module
+    docstring for the shapes). A plain tensor passed where a Virtual is expected means prompt tuning."""
+
+    tensor: torch.Tensor
+    method: str = "prompt"
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.tensor.shape[0]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.tensor.shape
+
+    @property
+    def embeds_input(self) -> bool:
+        """True when the tensor is input embeddings (prompt, ptuning); False for prefix keys/values."""
+        return self.method != "prefix"
+
+
+def as_virtual(prompt: "torch.Tensor | Virtual | None") -> "Virtual | None":
+    return prompt if prompt is None or isinstance(prompt, Virtual) else Virtual(prompt)
+
+
+def prefix_layout(model) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a prefix for a model (or its transformers config), as PEFT 0.21 sizes it
+    (utils/other.py, _prepare_prompt_learning_config): grouped-query models get num_key_value_heads x head_dim per
+    layer."""
+    config = getattr(model, "config", model)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return layers, kv_heads, head_dim
+
+
+def prefix_width(model) -> int:
+    """Width of one virtual position of a prefix: layers x 2 (key, value) x kv_heads x head_dim."""
+    layers, kv_heads, head_dim = prefix_layout(model)
+    return layers * 2 * kv_heads * head_dim
+
+
+def prefix_kv(model, flat: torch.Tensor) -> Kv:
+    """Per-layer keys/values [1, kv_heads, N, head_dim] (model dtype) of a prefix [N, layers * 2 * kv_heads * head_dim].
+    PEFT's layout (peft_model.get_prompt): per position, layer 0 keys, layer 0 values, layer 1 keys, ..."""
+    layers, kv_heads, head_dim = prefix_layout(model)
+    if flat.ndim != 2 or flat.shape[1] != layers * 2 * kv_heads * head_dim:
+        raise ValueError(f"a prefix for this model needs shape [N, {layers * 2 * kv_heads * head_dim}] "
+                         f"({layers} layers x 2 x {kv_heads} kv heads x {head_dim}), got {tuple(flat.shape)}")
+    weight = model.get_input_embeddings().weight
+    per = flat.to(weight.device, weight.dtype).view(flat.shape[0], layers * 2, kv_heads, head_dim).permute(1, 2, 0, 3)
+    return [(per[2 * i].unsqueeze(0), per[2 * i + 1].unsqueeze(0)) for i in range(layers)]
+
+
+def flat_prefix(kv: Kv) -> torch.Tensor:
+    """The inverse of prefix_kv: per-layer keys/values [1, kv_heads, N, head_dim] -> [N, layers * 2 * kv_heads *
+    head_dim] (fp32). E.g. a prefix initialised with the keys/values some real tokens produce."""
+    stacked = torch.stack([t[0] for pair in kv for t in pair])  # [layers * 2, kv_heads, N, head_dim]
+    return stacked.permute(2, 0, 1, 3).reshape(stacked.shape[2], -1).float()
+
+
+def prompt_kv(model, prompt: "torch.Tensor | Virtual") -> tuple[Kv, torch.Tensor | None]:
+    """Keys/values of the virtual tokens at positions 0..N-1 (batch 1), and the last virtual token's hidden state
+    (None for a prefix, which has none).
 
     They do not depend on what follows, so generation computes them once per adapter; training recomputes them each
     step (they carry the gradient to the prompt).
     """
+    prompt = as_virtual(prompt)
+    if not prompt.embeds_input:
+        return prefix_kv(model, prompt.tensor), None
+    prompt = prompt.tensor
     dtype = model.get_input_embeddings().weight.dtype
     embeds = prompt.to(dtype).unsqueeze(0)
     n = embeds.shape[1]
@@ -98,33 +177,39 @@ class SharedPrefix:
     pass, minus (passes - 1) forward/backward runs of the virtual tokens.
     """
 
-    def __init__(self, model, prompt: torch.Tensor):
+    def __init__(self, model, prompt: "torch.Tensor | Virtual"):
         self._kv, self._last = prompt_kv(model, prompt)
         self.kv: Kv = [(k.detach().requires_grad_(), v.detach().requires_grad_()) for k, v in self._kv]
-        self.last = self._last.detach().requires_grad_()
+        self.last = self._last.detach().requires_grad_() if self._last is not None else None
 
     def backward(self) -> None:
-        sources = [t for pair in self._kv for t in pair] + [self._last]
-        copies = [t for pair in self.kv for t in pair] + [self.last]
+        last = [(self._last, self.last)] if self._last is not None else []
+        sources = [t for pair in self._kv for t in pair] + [s for s, _ in last]
+        copies = [t for pair in self.kv for t in pair] + [c for _, c in last]
         used = [(s, c.grad) for s, c in zip(sources, copies) if c.grad is not None]
         if used:
             torch.autograd.backward([s for s, _ in used], [g for _, g in used])
 
 
-def text_hidden(model, prompt: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                mode: str = "kv", prefix: SharedPrefix | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def text_hidden(model, prompt: "torch.Tensor | Virtual | None", input_ids: torch.Tensor,
+                attention_mask: torch.Tensor, mode: str = "kv", prefix: SharedPrefix | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Hidden states at the text positions [B, L, H] with the soft prompt in front, plus the hidden state that
-    predicts the first text token (the last virtual token's; None without a prompt). `prefix` (kv mode): the
-    prompt's keys/values already computed, instead of running the virtual tokens here."""
+    predicts the first text token (the last virtual token's; None without a prompt or with a prefix). `prefix` (kv
+    mode): the prompt's keys/values already computed, instead of running the virtual tokens here."""
     embeds = model.get_input_embeddings()(input_ids)
+    prompt = as_virtual(prompt)
     if prompt is None:
         hidden, _ = run_body(model, embeds, attention_mask, positions_from_mask(attention_mask))
         return hidden, None
-    batch, n = input_ids.shape[0], prompt.shape[0]
+    batch, n = input_ids.shape[0], prompt.num_virtual_tokens
     ones = torch.ones(batch, n, dtype=attention_mask.dtype, device=attention_mask.device)
     full_mask = torch.cat([ones, attention_mask], dim=1)
     if mode == "concat":
-        p = prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        if not prompt.embeds_input:
+            raise ValueError("a prefix-tuning prompt has no input embeddings to concatenate (mode 'concat', used with "
+                             "gradient checkpointing); use mode 'kv'")
+        p = prompt.tensor.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
         hidden, _ = run_body(model, torch.cat([p, embeds], dim=1), full_mask, positions_from_mask(full_mask))
         return hidden[:, n:], hidden[0, n - 1]
     if mode != "kv":
@@ -135,13 +220,14 @@ def text_hidden(model, prompt: torch.Tensor | None, input_ids: torch.Tensor, att
     return hidden, last
 
 
-def label_nll(model, prompt: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def label_nll(model, prompt: "torch.Tensor | Virtual | None", input_ids: torch.Tensor, attention_mask: torch.Tensor,
               labels: torch.Tensor, mode: str = "kv", prefix: SharedPrefix | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row summed negative log-likelihood of the label tokens and per-row label counts.
 
     labels follow the Hugging Face convention: same shape as input_ids, -100 where there is nothing to learn; the
-    token at t is predicted from position t-1 (from the last virtual token for t = 0).
+    token at t is predicted from position t-1 (from the last virtual token for t = 0; for a prefix, or without a
+    prompt, the token at t = 0 is not scored, as in PEFT).
     """
     hidden, last = text_hidden(model, prompt, input_ids, attention_mask, mode, prefix)
     if last is not None:

@@ -1,6 +1,18 @@
-"""The soft prompt: N trainable virtual-token vectors (fp32) placed in front of a frozen model's token embeddings.
+"""The trainable soft prompts of the prompt-learning family, each an nn.Module whose `forward()` returns the tensor an
+adapter saves (PEFT's `prompt_embeddings`) and whose `virtual()` hands that to core.forward:
 
-Initialisation strategies:
+- `SoftPrompt` (method `prompt`, prompt tuning): N trainable virtual-token vectors (fp32) placed in front of a frozen
+  model's token embeddings;
+- `PrefixEncoder` (method `prefix`, prefix tuning / P-tuning v2): per-layer keys and values of N virtual positions,
+  learned directly [N, layers * 2 * kv_heads * head_dim], or, with `projection`, produced while training by PEFT's
+  two-layer MLP (Linear, tanh, Linear) from N vectors; either way the saved tensor is the keys/values;
+- `PromptEncoder` (method `ptuning`, P-tuning): N vectors reparameterised by PEFT's MLP (3 linear layers with ReLU) or
+  bidirectional LSTM + MLP; the saved tensor is the encoder's output, [N, hidden], as PEFT saves P_TUNING adapters.
+
+`build_prompt(base, method, ...)` makes any of them.
+
+Initialisation strategies (for a prefix: the keys/values the initial vectors produce when run through the model, so
+a fresh prefix starts where the same prompt-tuning init starts; for P-tuning: the encoder's input vectors):
 - `text`: embeddings of a tokenised init text (N defaults to its token count; tiled or truncated otherwise);
 - `vocab`: embedding rows sampled from frequent tokens;
 - `random`: Gaussian with the embedding table's own mean and std (not N(0, 1), which is far off scale);
@@ -15,7 +27,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from softprompt.core import INIT_METHODS
+from softprompt.core import ENCODER_TYPES, INIT_METHODS, METHODS
+from softprompt.core.forward import Virtual, flat_prefix, prefix_layout, prompt_kv
+
 DEFAULT_INIT_TEXT = "The following is a conversation between a person and a robot."
 # Frequent tokens: BPE vocabularies assign low ids to merges seen most often, so the first ids after the special
 # tokens approximate "the 5,000 most frequent tokens" of Lester et al. without needing corpus counts.
@@ -24,6 +38,8 @@ FREQUENT_VOCAB = 5000
 
 class SoftPrompt(nn.Module):
     """N learned embedding vectors, kept in fp32 whatever the base model's dtype."""
+
+    method = "prompt"
 
     def __init__(self, embeddings: torch.Tensor, init: str = "random", init_text: str | None = None):
         super().__init__()
@@ -44,6 +60,13 @@ class SoftPrompt(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self.embeddings
+
+    def virtual(self) -> Virtual:
+        return Virtual(self(), self.method)
+
+    def peft_fields(self) -> dict:
+        """Method-specific adapter_config.json fields."""
+        return {}
 
     @classmethod
     def initialise(cls, base, method: str = "text", num_virtual_tokens: int | None = None,
@@ -93,3 +116,122 @@ def _sample_vocab(vocab_size: int, n: int, tokenizer, generator: torch.Generator
     if n > len(pool):
         picks = torch.randint(len(pool), (n,), generator=generator)
     return torch.tensor(pool)[picks]
+
+
+class PrefixEncoder(nn.Module):
+    """Prefix tuning: keys/values of N virtual positions for every layer, fp32.
+
+    Without projection the trainable tensor is the prefix itself, `embedding` [N, width]; with projection it is
+    `embedding` [N, hidden] and PEFT's `transform` (Linear(hidden, encoder_hidden_size), tanh,
+    Linear(encoder_hidden_size, width)). width = layers x 2 x kv_heads x head_dim (forward.prefix_layout).
+    """
+
+    method = "prefix"
+
+    def __init__(self, start: torch.Tensor, width: int, projection: bool = False,
+                 encoder_hidden_size: int | None = None, init: str = "random", init_text: str | None = None,
+                 seed: int = 0):
+        super().__init__()
+        if start.ndim != 2 or start.shape[0] < 1:
+            raise ValueError(f"a prefix needs shape [num_virtual_tokens >= 1, ...], got {tuple(start.shape)}")
+        self.projection = projection
+        self.width = width
+        self.init, self.init_text = init, init_text
+        self.embedding = nn.Parameter(start.detach().to(torch.float32).clone())
+        self.encoder_hidden_size = encoder_hidden_size
+        if projection:
+            if not encoder_hidden_size:
+                raise ValueError("a projected prefix needs its encoder_hidden_size")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.transform = nn.Sequential(nn.Linear(start.shape[1], self.encoder_hidden_size), nn.Tanh(),
+                                               nn.Linear(self.encoder_hidden_size, width))
+        else:
+            if start.shape[1] != width:
+                raise ValueError(f"a prefix for this model needs shape [N, {width}], got {tuple(start.shape)}")
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.embedding.shape[0]
+
+    def forward(self) -> torch.Tensor:
+        return self.transform(self.embedding) if self.projection else self.embedding
+
+    def virtual(self) -> Virtual:
+        return Virtual(self(), self.method)
+
+    def peft_fields(self) -> dict:
+        return {"prefix_projection": self.projection, "encoder_hidden_size": self.encoder_hidden_size}
+
+
+class PromptEncoder(nn.Module):
+    """P-tuning: N vectors `embedding` [N, hidden] through PEFT's prompt encoder (peft/tuners/p_tuning/model.py):
+    `mlp`: Linear(hidden, e), ReLU, Linear(e, e), ReLU, Linear(e, hidden); `lstm`: a 2-layer bidirectional LSTM of
+    hidden size e, then Linear(2e, 2e), ReLU, Linear(2e, hidden). Only the output is saved."""
+
+    method = "ptuning"
+
+    def __init__(self, start: torch.Tensor, encoder_hidden_size: int | None = None, encoder_type: str = "mlp",
+                 init: str = "random", init_text: str | None = None, seed: int = 0):
+        super().__init__()
+        if encoder_type not in ENCODER_TYPES:
+            raise ValueError(f"unknown encoder type {encoder_type!r}: use one of {', '.join(ENCODER_TYPES)}")
+        if start.ndim != 2 or start.shape[0] < 1:
+            raise ValueError(f"a P-tuning prompt needs shape [num_virtual_tokens >= 1, hidden], got "
+                             f"{tuple(start.shape)}")
+        hidden = start.shape[1]
+        self.encoder_type = encoder_type
+        self.encoder_hidden_size = e = encoder_hidden_size or hidden
+        self.init, self.init_text = init, init_text
+        self.embedding = nn.Parameter(start.detach().to(torch.float32).clone())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if encoder_type == "lstm":
+                self.lstm_head = nn.LSTM(hidden, e, num_layers=2, bidirectional=True, batch_first=True)
+                self.mlp_head = nn.Sequential(nn.Linear(2 * e, 2 * e), nn.ReLU(), nn.Linear(2 * e, hidden))
+            else:
+                self.mlp_head = nn.Sequential(nn.Linear(hidden, e), nn.ReLU(), nn.Linear(e, e), nn.ReLU(),
+                                              nn.Linear(e, hidden))
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.embedding.shape[0]
+
+    def forward(self) -> torch.Tensor:
+        if self.encoder_type == "lstm":
+            return self.mlp_head(self.lstm_head(self.embedding.unsqueeze(0))[0])[0]
+        return self.mlp_head(self.embedding)
+
+    def virtual(self) -> Virtual:
+        return Virtual(self(), self.method)
+
+    def peft_fields(self) -> dict:
+        return {"encoder_reparameterization_type": self.encoder_type.upper(),
+                "encoder_hidden_size": self.encoder_hidden_size}
+
+
+def build_prompt(base, method: str = "prompt", init: str = "vocab", num_virtual_tokens: int | None = None,
+                 init_text: str | None = None, label_words: list[str] | None = None, seed: int = 0, *,
+                 prefix_projection: bool = False, encoder_hidden_size: int | None = None,
+                 encoder_type: str = "mlp") -> nn.Module:
+    """A fresh trainable soft prompt of `method` (see METHODS) for `base` (a models.FrozenModel), on its device."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    start = SoftPrompt.initialise(base, init, num_virtual_tokens, init_text, label_words, seed)
+    if method == "prompt":
+        return start
+    if method == "ptuning":
+        return PromptEncoder(start.embeddings, encoder_hidden_size, encoder_type, start.init, start.init_text,
+                             seed).to(base.device)
+    layers, kv_heads, head_dim = prefix_layout(base.model)
+    width = layers * 2 * kv_heads * head_dim
+    # PEFT's default encoder_hidden_size for a prefix is its token_dim, kv_heads x head_dim (recorded either way)
+    encoder_hidden_size = encoder_hidden_size or kv_heads * head_dim
+    if prefix_projection:
+        vectors = start.embeddings
+    else:
+        with torch.no_grad():
+            kv, _ = prompt_kv(base.model, start.embeddings)
+        vectors = flat_prefix(kv)
+    return PrefixEncoder(vectors, width, prefix_projection, encoder_hidden_size, start.init, start.init_text,
+                         seed).to(base.device)

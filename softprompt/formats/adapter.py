@@ -1,8 +1,10 @@
-"""Adapter folders in PEFT's prompt-tuning format, readable by `peft.PeftModel.from_pretrained` and vice versa.
+"""Adapter folders in PEFT's prompt-learning formats, readable by `peft.PeftModel.from_pretrained` and vice versa.
 
 A folder holds:
-- `adapter_config.json` — the keys PEFT writes (peft_type PROMPT_TUNING, task_type CAUSAL_LM, ...);
-- `adapter_model.safetensors` — one fp32 tensor `prompt_embeddings` [num_virtual_tokens, hidden];
+- `adapter_config.json` — the keys PEFT writes (peft_type PROMPT_TUNING, PREFIX_TUNING or P_TUNING, task_type
+  CAUSAL_LM, ...; see methods.py for each method's fields);
+- `adapter_model.safetensors` — one fp32 tensor `prompt_embeddings`: [num_virtual_tokens, hidden] input embeddings
+  (prompt tuning, P-tuning) or [num_virtual_tokens, num_layers * 2 * token_dim] keys/values (prefix tuning);
 - `softprompt.json` (optional, softprompt's own) — template, label words, training summary.
 Only safetensors are read: never pickle.
 """
@@ -20,9 +22,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from softprompt.core.prompt import SoftPrompt
+from softprompt.core.forward import Virtual
+from softprompt.core.prompt import PrefixEncoder, SoftPrompt
 from softprompt.data.templates import Template, TemplateError
 from softprompt.formats.folders import replace_folder
+from softprompt.formats.methods import METHOD_OF, base_width, config_fields, expected_width, method_of, misfit
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -36,6 +40,8 @@ PEFT_VERSION = "0.21.2"
 # that scale embeddings, e.g. Gemma by sqrt(hidden) ~ 50-60, do so inside the forward pass, after the prompt is fed
 # in.) 1e4 is three to four orders of magnitude above any real prompt, so nothing trained is refused, and still well
 # inside float16's range (max 65504), so a prompt that passes stays finite when cast to a half-precision base model.
+# A prefix adapter (keys/values inside the layers) is held to the same bound: real keys and values are activations
+# of a normalised residual stream, at most tens or a few hundreds in magnitude.
 # Anything larger is a corrupt or hand-made file, which would only produce garbage (or inf after the first norm).
 MAX_ABS_VALUE = 1e4
 
@@ -57,9 +63,9 @@ class AdapterError(ValueError):
 
 @dataclass
 class Adapter:
-    """A loaded soft prompt and what was saved with it."""
+    """A loaded soft prompt (of any method) and what was saved with it."""
 
-    embeddings: torch.Tensor  # fp32 [N, hidden]
+    embeddings: torch.Tensor  # fp32 PEFT prompt_embeddings: [N, hidden], or [N, layers * 2 * token_dim] for a prefix
     config: dict
     template: Template = field(default_factory=Template)
     label_words: list[str] | None = None
@@ -70,8 +76,21 @@ class Adapter:
     def num_virtual_tokens(self) -> int:
         return self.embeddings.shape[0]
 
-    def soft_prompt(self) -> SoftPrompt:
-        """A trainable copy of this adapter's prompt, e.g. to continue training it or transfer it to a new task."""
+    @property
+    def method(self) -> str:
+        """prompt, prefix or ptuning (from the config's peft_type)."""
+        return method_of(self.config) or "prompt"
+
+    def virtual(self, device=None) -> Virtual:
+        """What core.forward puts in front of the text for this adapter."""
+        return Virtual(self.embeddings if device is None else self.embeddings.to(device), self.method)
+
+    def soft_prompt(self) -> torch.nn.Module:
+        """A trainable copy of this adapter's prompt, e.g. to continue training it or transfer it to a new task: a
+        core.prompt.SoftPrompt (a P-tuning adapter's embeddings become a plain prompt: its encoder is not saved), or
+        a PrefixEncoder holding the prefix itself."""
+        if self.method == "prefix":
+            return PrefixEncoder(self.embeddings, self.embeddings.shape[1], init=f"adapter:{self.path}")
         return SoftPrompt(self.embeddings, init=f"adapter:{self.path}")
 
     def template_or(self, default: Template) -> Template:
@@ -80,8 +99,18 @@ class Adapter:
 
 
 def peft_config(num_virtual_tokens: int, token_dim: int, base_name: str, num_layers: int | None,
-                num_heads: int | None, init: str = "RANDOM", init_text: str | None = None) -> dict:
-    """The adapter_config.json PEFT 0.21 writes for a causal-LM prompt-tuning adapter."""
+                num_heads: int | None, init: str = "RANDOM", init_text: str | None = None, *,
+                method: str = "prompt", model_config=None, peft_fields: dict | None = None) -> dict:
+    """The adapter_config.json PEFT 0.21 writes for a causal-LM adapter of `method` (prompt tuning by default;
+    prefix and ptuning take their shape fields from `model_config` and their encoder fields from `peft_fields`)."""
+    if method != "prompt":
+        common = {"auto_mapping": None, "base_model_name_or_path": base_name, "inference_mode": True,
+                  "modules_to_save": None, "num_transformer_submodules": 1, "num_virtual_tokens": num_virtual_tokens,
+                  "peft_version": PEFT_VERSION, "revision": None, "task_type": "CAUSAL_LM"}
+        fields = config_fields(method, model_config, peft_fields)
+        if model_config is None:  # unknown base: what the tensor itself says
+            fields["token_dim"] = token_dim if method == "ptuning" else None
+        return dict(sorted({**common, **fields}.items()))
     peft_init = {"text": "TEXT", "vocab": "SAMPLE_VOCAB"}.get(init, "RANDOM")
     if peft_init == "TEXT" and not init_text:
         raise ValueError("init 'text' needs its init text to be recorded (PEFT refuses TEXT without it)")
@@ -108,23 +137,33 @@ def peft_config(num_virtual_tokens: int, token_dim: int, base_name: str, num_lay
 
 def save_adapter(out_dir: str | Path, embeddings, base, *, init: str | None = None,
                  init_text: str | None = None, template: Template | None = None,
-                 label_words: list[str] | None = None, extra: dict | None = None) -> Path:
+                 label_words: list[str] | None = None, extra: dict | None = None, method: str | None = None,
+                 peft_fields: dict | None = None) -> Path:
     """Write a PEFT-format adapter folder atomically (a temp folder renamed into place).
 
-    `embeddings` is a prompt.SoftPrompt (its init method and text are recorded) or a [N, hidden] tensor;
-    `base` is a models.FrozenModel (for the base name and shape fields) or None.
+    `embeddings` is a core.prompt module of any method (its output is saved; its method, encoder fields, init
+    method and text are recorded) or the tensor to save, of `method` (default prompt) with `peft_fields` (e.g.
+    prefix_projection, encoder_hidden_size); `base` is a models.FrozenModel (for the base name and shape fields) or
+    None.
     """
     out_dir = Path(out_dir)
     if isinstance(embeddings, torch.nn.Module):
         init = init or embeddings.init
         init_text = init_text or embeddings.init_text
-        embeddings = embeddings.embeddings
+        method = method or embeddings.method
+        peft_fields = peft_fields or embeddings.peft_fields()
+        with torch.no_grad():
+            embeddings = embeddings()
+    method = method or "prompt"
     init = init or "random"
     tensor = embeddings.detach().to(device="cpu", dtype=torch.float32).contiguous()
     cfg = getattr(base.model, "config", None) if base is not None else None
+    if base is not None and tensor.shape[1] != base_width(method, base):
+        raise ValueError(misfit(method, tensor.shape[1], base))
     config = peft_config(
         tensor.shape[0], tensor.shape[1], base.name if base is not None else None,
         getattr(cfg, "num_hidden_layers", None), getattr(cfg, "num_attention_heads", None), init, init_text,
+        method=method, model_config=cfg, peft_fields=peft_fields,
     )
     # PEFT's config only knows TEXT / SAMPLE_VOCAB / RANDOM; the exact method (e.g. "labels") is kept here.
     meta = {"template": (template or Template()).to_json(), "label_words": label_words, "init": init,
@@ -143,7 +182,8 @@ def save_adapter(out_dir: str | Path, embeddings, base, *, init: str | None = No
 
 
 def load_adapter(path: str | Path, base=None) -> Adapter:
-    """Read a softprompt- or PEFT-written prompt-tuning adapter folder; check it fits `base` when given."""
+    """Read a softprompt- or PEFT-written prompt-tuning, prefix-tuning or P-tuning adapter folder; check it fits
+    `base` when given."""
     path = Path(path)
     if not path.is_dir():
         raise AdapterError(f"adapter folder not found: {path}")
@@ -152,8 +192,12 @@ def load_adapter(path: str | Path, base=None) -> Adapter:
         raise AdapterError(f"{config_path}: missing (not an adapter folder)")
     config = _read_json_object(config_path)
     peft_type = config.get("peft_type")
-    if peft_type != "PROMPT_TUNING":
-        raise AdapterError(f"{config_path}: peft_type is {peft_type!r}; softprompt loads only PROMPT_TUNING adapters")
+    if peft_type not in METHOD_OF:
+        raise AdapterError(f"{config_path}: peft_type is {peft_type!r}; softprompt loads only "
+                           f"{', '.join(METHOD_OF)} adapters")
+    if config.get("num_transformer_submodules") not in (None, 1):
+        raise AdapterError(f"{config_path}: num_transformer_submodules is {config.get('num_transformer_submodules')!r}"
+                           "; a causal LM adapter has 1")
     if config.get("task_type") not in (None, "CAUSAL_LM"):
         raise AdapterError(f"{config_path}: task_type is {config.get('task_type')!r}; expected CAUSAL_LM")
     if not weights_path.is_file():
@@ -168,9 +212,9 @@ def load_adapter(path: str | Path, base=None) -> Adapter:
         raise AdapterError(f"{weights_path}: no tensor {TENSOR_KEY!r} (found: {', '.join(tensors) or 'none'})")
     emb = tensors[TENSOR_KEY]
     _check_embeddings(emb, weights_path, config, config_path)
-    if base is not None and emb.shape[1] != base.hidden_size:
-        raise AdapterError(f"{path}: adapter hidden size {emb.shape[1]} does not fit the base model "
-                           f"{base.name} (hidden size {base.hidden_size})")
+    method = METHOD_OF[peft_type]
+    if base is not None and emb.shape[1] != base_width(method, base):
+        raise AdapterError(f"{path}: {misfit(method, emb.shape[1], base)}")
     extra_path = path / EXTRA_FILE
     extra = _read_json_object(extra_path) if extra_path.is_file() else {}
     template, label_words = _check_extra(extra, extra_path)
@@ -190,10 +234,14 @@ def _check_embeddings(emb: torch.Tensor, weights_path: Path, config: dict, confi
     if emb.shape[0] == 0 or emb.shape[1] == 0:
         raise AdapterError(f"{weights_path}: {TENSOR_KEY} has shape {tuple(emb.shape)}: a soft prompt needs at "
                            "least one virtual token of at least one dimension")
-    token_dim = config.get("token_dim")
-    if isinstance(token_dim, int) and not isinstance(token_dim, bool) and token_dim != emb.shape[1]:
+    method = method_of(config) or "prompt"
+    width = expected_width(method, config)
+    if width is not None and width != emb.shape[1]:
+        if method == "prefix":
+            raise AdapterError(f"{weights_path}: {TENSOR_KEY} has width {emb.shape[1]} but {config_path.name} "
+                               f"fields num_layers x 2 x token_dim say {width}")
         raise AdapterError(f"{weights_path}: {TENSOR_KEY} has hidden size {emb.shape[1]} but {config_path.name} "
-                           f"field 'token_dim' says {token_dim}")
+                           f"field 'token_dim' says {width}")
     if not emb.is_floating_point():
         raise AdapterError(f"{weights_path}: {TENSOR_KEY} has dtype {str(emb.dtype).replace('torch.', '')}; "
                            "a soft prompt must be a floating-point tensor")

@@ -91,9 +91,11 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(out_dir: str | Path, step: int, embeddings: torch.Tensor, base, adapter_kwargs: dict,
-                    optimizer: torch.optim.Optimizer, state: dict, keep: int | None = 2) -> Path:
+                    optimizer: torch.optim.Optimizer, state: dict, keep: int | None = 2,
+                    tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write OUT/checkpoints/step-NNNNNN atomically, with checksums, and prune all but the newest `keep` (None
-    keeps all)."""
+    keeps all). `tensors`: more training-state tensors to keep (e.g. a prompt encoder's weights, which the
+    adapter, holding only the encoder's output, does not)."""
     root = Path(out_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -101,8 +103,10 @@ def save_checkpoint(out_dir: str | Path, step: int, embeddings: torch.Tensor, ba
     if staging.exists():
         shutil.rmtree(staging)
     save_adapter(staging, embeddings, base, **adapter_kwargs)
+    extra = dict(tensors or {})
     tensors, optim_meta = optimizer_state(optimizer)
     tensors.update(rng_tensors())
+    tensors.update(extra)
     save_file(tensors, str(staging / STATE_TENSORS), metadata={"format": "pt"})
     with open(staging / STATE_JSON, "w", encoding="utf-8") as handle:
         json.dump({**state, "step": step, "optimizer": optim_meta}, handle, indent=2)

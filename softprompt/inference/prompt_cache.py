@@ -1,9 +1,10 @@
 """The soft-prompt KV cache: each adapter's virtual-token keys/values, computed once and reused for every request.
 
 The virtual tokens come first, at positions 0..N-1, so their keys/values never depend on the request that follows.
-Generation, chat, evaluation and serving therefore run the N virtual tokens through the model once per loaded
-adapter (`forward.prompt_kv`) and put those tensors in front of every row that uses the adapter, instead of
-re-running them on every call as PEFT does.
+Generation, chat, evaluation and serving therefore compute each loaded adapter's keys/values once
+(`forward.prompt_kv`: prompt-tuning and P-tuning adapters run their N virtual tokens through the model; a prefix
+adapter's tensor already is the keys/values) and put them in front of every row that uses the adapter, instead of
+re-running them on every call as PEFT does. Downstream of this cache every method is the same.
 
 The cache also records the template each adapter was trained with, so every caller formats prompts identically.
 """
@@ -16,6 +17,7 @@ import torch
 
 from softprompt.core import forward
 from softprompt.formats.adapter import Adapter, AdapterError
+from softprompt.formats.methods import base_width, misfit
 from softprompt.core.forward import Kv
 from softprompt.core.models import FrozenModel
 from softprompt.data.templates import Template
@@ -29,6 +31,10 @@ class CachedPrompt:
     num_virtual_tokens: int
     template: Template
     adapter: Adapter
+
+    @property
+    def method(self) -> str:
+        return self.adapter.method
 
 
 class UnknownAdapterError(ValueError):
@@ -48,15 +54,15 @@ class PromptCache:
         """Compute and store the adapter's virtual-token KV (replaces an entry of the same name)."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"an adapter needs a non-empty string name, got {name!r}")
-        emb = adapter.embeddings
+        emb, method = adapter.embeddings, adapter.method
         where = adapter.path or name
+        width = base_width(method, self.base)
         if emb.ndim != 2 or emb.shape[0] < 1:
-            raise AdapterError(f"{where}: soft prompt has shape {tuple(emb.shape)}, expected [N >= 1, hidden]")
-        if emb.shape[1] != self.base.hidden_size:
-            raise AdapterError(f"{where}: adapter hidden size {emb.shape[1]} does not fit the base model "
-                               f"{self.base.name} (hidden size {self.base.hidden_size})")
+            raise AdapterError(f"{where}: soft prompt has shape {tuple(emb.shape)}, expected [N >= 1, {width}]")
+        if emb.shape[1] != width:
+            raise AdapterError(f"{where}: {misfit(method, emb.shape[1], self.base)}")
         with torch.no_grad():
-            kv, _ = forward.prompt_kv(self.base.model, emb.to(self.base.device))
+            kv, _ = forward.prompt_kv(self.base.model, forward.Virtual(emb.to(self.base.device), method))
         kv = [(k.detach(), v.detach()) for k, v in kv]
         self._entries[name] = CachedPrompt(kv, emb.shape[0],
                                            adapter.template_or(self.default_template), adapter)

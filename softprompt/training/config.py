@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from softprompt.core import INIT_METHODS
+from softprompt.core import ENCODER_TYPES, INIT_METHODS, METHODS
 from softprompt.options import (SEED_MAX, check_options, device_option, dtype_option, model_option, option,
                                 progress_option, threads_option)
 
@@ -17,6 +17,10 @@ SCHEDULES = ("cosine", "linear", "constant")
 FINAL_CHOICES = ("best", "last")
 
 DATA, PROMPT, OPTIM, OUTPUT = "data", "model and prompt", "optimisation", "logging, evaluation, checkpoints"
+
+# Peak learning rate per method when --lr is not given (Adafactor: the cap on each step relative to a tensor's RMS),
+# chosen by a sweep on an SST-2 split (docs/evaluation.md, "Methods compared").
+DEFAULT_LR = {"prompt": 0.3, "prefix": 0.3, "ptuning": 0.3}
 
 
 @dataclass
@@ -29,6 +33,19 @@ class TrainConfig:
         metavar="FILE_OR_DIR", group=DATA)
     out: str = option(help="output folder (the final adapter, checkpoints, metrics)", metavar="DIR", group=OUTPUT)
     model: str | object | None = model_option()
+    method: str = option(
+        "prompt", "prompt-learning method: prompt (prompt tuning: N input embeddings), prefix (prefix tuning / "
+                  "P-tuning v2: keys and values of N virtual positions in every layer), ptuning (P-tuning: N input "
+                  "embeddings produced by a prompt encoder while training; the adapter saves its output)",
+        choices=METHODS, group=PROMPT)
+    prefix_projection: bool = option(
+        False, "--method prefix: produce the keys/values with a two-layer MLP while training (PEFT's "
+               "prefix_projection); the adapter saves the resulting keys/values either way", group=PROMPT)
+    encoder_hidden_size: int | None = option(
+        None, "hidden size of the prefix projection (default: kv heads x head dim) or of the P-tuning prompt encoder "
+              "(default: the model's hidden size)", minimum=1, maximum=65536, group=PROMPT)
+    encoder_type: str = option("mlp", "--method ptuning: the prompt encoder, PEFT's encoder_reparameterization_type",
+                               choices=ENCODER_TYPES, group=PROMPT)
     num_virtual_tokens: int = option(
         20, "soft-prompt length (with --init text: the init text's token count when not given)", minimum=1,
         maximum=4096, group=PROMPT)
@@ -40,6 +57,10 @@ class TrainConfig:
                                    group=PROMPT)
     label_words: str | list[str] | None = option(
         None, "comma-separated answer words for the classes (for --label-field and --init labels)", group=DATA)
+    auto_label_words: bool = option(
+        True, "do not treat classification-like data specially (by default, when every training answer is one of "
+              "at most 10 short answers, they become the label words: --init labels and saved with the adapter, "
+              "so softprompt eval ranks them as choices)", group=DATA)
     template: str = option(
         "human-assistant", "prompt format: 'human-assistant' (Human: ...\\n\\nAssistant: ), 'chat' (the base "
                            "model's chat template), or a string with {instruction} and optionally {input}; saved "
@@ -50,9 +71,10 @@ class TrainConfig:
     label_field: str | None = option(
         None, "a field holding integer class labels; label i becomes the output word i of --label-words "
               "(e.g. --label-field label --label-words negative,positive)", group=DATA)
-    lr: float = option(
-        0.3, "peak learning rate (Adafactor: the cap on each step relative to the prompt's RMS; AdamW: absolute, "
-             "try 3e-2)", above=0, group=OPTIM)
+    lr: float | None = option(
+        None, "peak learning rate (Adafactor: the cap on each step relative to a tensor's RMS; AdamW: absolute, "
+              "try 3e-2); default per --method: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()),
+        above=0, group=OPTIM)
     optimizer: str = option("adafactor", "optimiser", choices=OPTIMIZERS, group=OPTIM)
     weight_decay: float = option(0.0, "decoupled weight decay", minimum=0, maximum=1, group=OPTIM)
     schedule: str = option("cosine", "learning-rate decay after warmup", choices=SCHEDULES, group=OPTIM)
@@ -103,3 +125,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_options(self)
+
+    @property
+    def peak_lr(self) -> float:
+        """--lr, or the method's default."""
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]

@@ -1,5 +1,8 @@
 """`softprompt train`: tune a soft prompt on instruction / input / output records (or labelled classification data).
 
+Any method of the family (--method prompt | prefix | ptuning, core.prompt.build_prompt): the loop only sees an
+nn.Module whose parameters train and whose `virtual()` is what core.forward puts in front of the text.
+
 Python API:
 
     from softprompt.training.config import TrainConfig
@@ -12,8 +15,8 @@ Python API:
 The loop is a lean one on accelerate (device placement, process group): one optimiser step takes
 batch_size x grad_accum records per process, packed into token-budget micro-batches of similar-length records;
 the loss is the summed NLL of answer tokens / answer tokens in the whole step (over all processes), so the
-split into micro-batches or processes does not change the result. Gradients of the one trainable tensor are
-summed across processes with one all-reduce. See checkpoint.py for the output folder layout.
+split into micro-batches or processes does not change the result. Gradients of the trainable tensors are summed
+across processes with one all-reduce. See checkpoint.py for the output folder layout.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 
 from softprompt.core import forward
 from softprompt.core.models import FrozenModel, describe_parameters, load_base
-from softprompt.core.prompt import SoftPrompt
+from softprompt.core.prompt import build_prompt
 from softprompt.data import batching
 from softprompt.data.records import DataError, Fields, load_records, parse_words, split_holdout
 from softprompt.data.templates import Template
@@ -113,7 +116,7 @@ class Run:
     lengths: list[int]
     skipped: list[str]
     truncated: int
-    prompt: SoftPrompt
+    prompt: torch.nn.Module  # core.prompt: SoftPrompt, PrefixEncoder or PromptEncoder
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     adapter_kwargs: dict
@@ -172,10 +175,22 @@ def _setup(config: TrainConfig) -> Run:
         torch.set_num_threads(config.threads)
     template = Template(config.template)
     label_words = parse_words(config.label_words, "--label-words")
+    if config.method == "prefix" and config.gradient_checkpointing:
+        raise ValueError("--gradient-checkpointing does not work with --method prefix: the prefix enters every layer "
+                         "as cached keys/values, which recomputing a layer would extend twice (PEFT refuses the same)")
     train_recs, eval_recs = _load_records(config, label_words)
     # the model is loaded after the records, so bad data fails fast
     base = config.model if isinstance(config.model, FrozenModel) else load_base(
         config.model, device=str(accelerator.device) if auto else config.device, dtype=config.dtype)
+    if label_words is None and config.auto_label_words and config.label_field is None:
+        label_words = detect_label_words([r.output for r in train_recs.items], base.tokenizer,
+                                         config.num_virtual_tokens)
+        if label_words and accelerator.is_main_process:
+            print(f"train: every training answer is one of {len(label_words)} short answers "
+                  f"({', '.join(label_words)}): using them as label words ("
+                  + ("init labels, " if config.init is None else "")
+                  + "saved with the adapter, so softprompt eval ranks them as choices); --no-auto-label-words "
+                    "turns this off", flush=True)
     examples, eval_examples, skipped, truncated = _encode(config, base, template, train_recs, eval_recs)
     lengths = [len(e) for e in examples]
 
@@ -183,9 +198,10 @@ def _setup(config: TrainConfig) -> Run:
     per_epoch = batching.steps_per_epoch(len(examples), step_records)
     total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
     init = config.init or ("labels" if label_words else "vocab")
-    prompt = SoftPrompt.initialise(base, init, config.num_virtual_tokens, config.init_text, label_words,
-                                   config.seed)
-    optimizer = build_optimizer(config.optimizer, [prompt.embeddings], config.lr, config.weight_decay)
+    prompt = build_prompt(base, config.method, init, config.num_virtual_tokens, config.init_text, label_words,
+                          config.seed, prefix_projection=config.prefix_projection,
+                          encoder_hidden_size=config.encoder_hidden_size, encoder_type=config.encoder_type)
+    optimizer = build_optimizer(config.optimizer, list(prompt.parameters()), config.peak_lr, config.weight_decay)
     state = TrainState(best_eval_loss=None, best_step=None, bad_evals=0, tokens=0, records=len(examples),
                        step_records=step_records, seed=config.seed)
     start = 0
@@ -193,7 +209,8 @@ def _setup(config: TrainConfig) -> Run:
         start, state = _resume(config, prompt, optimizer, state)
     run = Run(config=config, accelerator=accelerator, base=base, out=Path(config.out), examples=examples,
               eval_examples=eval_examples, lengths=lengths, skipped=skipped, truncated=truncated, prompt=prompt,
-              optimizer=optimizer, adapter_kwargs={"init": init, "init_text": prompt.init_text, "template": template,
+              optimizer=optimizer, adapter_kwargs={"method": prompt.method, "peft_fields": prompt.peft_fields(),
+                                                   "init": init, "init_text": prompt.init_text, "template": template,
                                                    "label_words": label_words},
               scaler=torch.amp.GradScaler(base.device.type, enabled=base.dtype == torch.float16),
               mode="concat" if config.gradient_checkpointing else "kv", per_epoch=per_epoch, total=total,
@@ -202,6 +219,33 @@ def _setup(config: TrainConfig) -> Run:
               plans=EpochPlans(lengths, step_records, config.seed))
     _start_reporting(run)
     return run
+
+
+# Classification-like data (detect_label_words): at most this many distinct answers, each at most this many tokens,
+# over at least this many records, each answer seen at least twice.
+AUTO_LABELS_MAX_WORDS = 10
+AUTO_LABELS_MAX_TOKENS = 4
+AUTO_LABELS_MIN_RECORDS = 20
+
+
+def detect_label_words(outputs: list[str], tokenizer, num_virtual_tokens: int) -> list[str] | None:
+    """The distinct answers (in order of first appearance) when the data looks like classification: 2 to
+    AUTO_LABELS_MAX_WORDS distinct answers over at least AUTO_LABELS_MIN_RECORDS records, each answer short
+    (<= AUTO_LABELS_MAX_TOKENS tokens), seen at least twice, and no more of them than virtual tokens; else None."""
+    if len(outputs) < AUTO_LABELS_MIN_RECORDS:
+        return None
+    counts: dict[str, int] = {}
+    for out in outputs:
+        counts[out] = counts.get(out, 0) + 1
+        if len(counts) > AUTO_LABELS_MAX_WORDS:
+            return None
+    words = list(counts)
+    if len(words) < 2 or len(words) > num_virtual_tokens or min(counts.values()) < 2:
+        return None
+    if any(not w.strip() or "," in w or len(tokenizer(w, add_special_tokens=False)["input_ids"]) >
+           AUTO_LABELS_MAX_TOKENS for w in words):
+        return None
+    return words
 
 
 def _load_records(config: TrainConfig, label_words):
@@ -232,24 +276,37 @@ def _encode(config: TrainConfig, base: FrozenModel, template: Template, train_re
     return examples, eval_examples, skipped, truncated
 
 
-def _resume(config: TrainConfig, prompt: SoftPrompt, optimizer, state: TrainState) -> tuple[int, TrainState]:
-    """Load a checkpoint's prompt, optimiser state and RNG; returns (its step, its training state)."""
+def _resume(config: TrainConfig, prompt: torch.nn.Module, optimizer, state: TrainState) -> tuple[int, TrainState]:
+    """Load a checkpoint's prompt (every trainable tensor, e.g. a prompt encoder's), optimiser state and RNG;
+    returns (its step, its training state)."""
     folder = checkpoint.resolve_resume(config.resume)
     tensors, saved = checkpoint.load_checkpoint(folder)
     for key in ("records", "step_records", "seed"):
         if saved.get(key) != getattr(state, key):
             raise ValueError(f"--resume {folder}: the checkpoint was made with {key}={saved.get(key)}, this run has "
                              f"{getattr(state, key)}; resume with the same data, batch size, processes and seed")
-    embeddings = load_adapter(folder).embeddings
-    if embeddings.shape != prompt.embeddings.shape:
-        raise ValueError(f"--resume {folder}: prompt shape {tuple(embeddings.shape)} differs from this run's "
-                         f"{tuple(prompt.embeddings.shape)}")
-    with torch.no_grad():
-        prompt.embeddings.copy_(embeddings)
+    saved_method = saved.get("method", "prompt")
+    if saved_method != prompt.method:
+        raise ValueError(f"--resume {folder}: the checkpoint was made with --method {saved_method}, this run has "
+                         f"--method {prompt.method}")
+    ours = prompt.state_dict()
+    theirs = {k[len(MODULE_KEY):]: v for k, v in tensors.items() if k.startswith(MODULE_KEY)}
+    if not theirs and prompt.method == "prompt":  # checkpoints written before module tensors were saved
+        theirs = {"embeddings": load_adapter(folder).embeddings}
+    for key, value in ours.items():
+        if key not in theirs or theirs[key].shape != value.shape:
+            found = tuple(theirs[key].shape) if key in theirs else "missing"
+            raise ValueError(f"--resume {folder}: trainable tensor {key} is {found} in the checkpoint, "
+                             f"{tuple(value.shape)} in this run (same --method, --num-virtual-tokens and encoder "
+                             "options?)")
+    prompt.load_state_dict({k: theirs[k] for k in ours})
     checkpoint.load_optimizer_state(optimizer, tensors, saved.pop("optimizer"))
     checkpoint.restore_rng(tensors)
     print(f"resuming from {folder} (step {saved['step']})", flush=True)
     return saved["step"], TrainState(**{k: saved.get(k, v) for k, v in asdict(state).items()})
+
+
+MODULE_KEY = "prompt."  # checkpoint tensors of the trainable module: prompt.<state_dict key>
 
 
 def _start_reporting(run: Run) -> None:
@@ -293,20 +350,25 @@ def _optimiser_step(run: Run, step: int) -> None:
     mine = batching.shard(records, run.lengths, run.accelerator.process_index, run.accelerator.num_processes)
     tick = time.perf_counter()
     for lr_group in optimizer.param_groups:
-        lr_group["lr"] = lr_at(step, run.total, config.lr, run.warmup, config.schedule)
+        lr_group["lr"] = lr_at(step, run.total, config.peak_lr, run.warmup, config.schedule)
     nll_sum = _accumulate_gradients(run, mine, label_total)
-    grad = prompt.embeddings.grad
-    if grad is None:
-        grad = prompt.embeddings.grad = torch.zeros_like(prompt.embeddings)
-    if run.accelerator.num_processes > 1:
-        grad.copy_(run.accelerator.reduce(grad, reduction="sum"))
+    params = list(prompt.parameters())
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    if run.accelerator.num_processes > 1:  # one all-reduce for every trainable tensor
+        flat = run.accelerator.reduce(torch.cat([p.grad.reshape(-1) for p in params]), reduction="sum")
+        offset = 0
+        for param in params:
+            param.grad.copy_(flat[offset:offset + param.numel()].view_as(param))
+            offset += param.numel()
         nll_sum = run.accelerator.reduce(nll_sum, reduction="sum")
     step_loss = nll_sum.item() / label_total
     scaler.unscale_(optimizer)
-    if not math.isfinite(step_loss) or not torch.isfinite(grad).all():
+    if not math.isfinite(step_loss) or not all(torch.isfinite(p.grad).all() for p in params):
         _stop_on_nan(run.out, step + 1, step_loss, run.bar)
     if config.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_([prompt.embeddings], config.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -329,12 +391,14 @@ def _accumulate_gradients(run: Run, mine: list[int], label_total: int) -> torch.
     micro-batch's loss is divided by the whole step's answer-token count, so the gradients add up to the step's."""
     model, prompt, device = run.base.model, run.prompt, run.base.device
     nll_sum = torch.zeros((), device=device)
-    # kv mode: the virtual tokens run once per step, not once per micro-batch (see forward.SharedPrefix)
-    prefix = forward.SharedPrefix(model, prompt()) if run.mode == "kv" else None
+    # kv mode: the virtual tokens (and a prompt encoder) run once per step, not once per micro-batch (see
+    # forward.SharedPrefix); concat mode re-runs them in each micro-batch, whose backward consumes its graph
+    virtual = prompt.virtual() if run.mode == "kv" else None
+    prefix = forward.SharedPrefix(model, virtual) if run.mode == "kv" else None
     for micro in batching.micro_batches(mine, run.lengths, run.config.max_batch_tokens):
         batch = batching.collate([run.examples[i] for i in micro], run.base.tokenizer.pad_token_id, device)
-        nll, _ = forward.label_nll(model, prompt(), batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                   mode=run.mode, prefix=prefix)
+        nll, _ = forward.label_nll(model, virtual or prompt.virtual(), batch["input_ids"], batch["attention_mask"],
+                                   batch["labels"], mode=run.mode, prefix=prefix)
         loss = nll.sum() / label_total
         run.scaler.scale(loss).backward()
         nll_sum += nll.sum().detach().float()
@@ -367,7 +431,7 @@ def _evaluate(run: Run) -> None:
         state.bad_evals += 1
     run.logger.log("eval", done, eval_loss=eval_loss, best_eval_loss=state.best_eval_loss)
     if run.main and improved:
-        save_adapter(run.out / "best", run.prompt.embeddings, run.base, **run.adapter_kwargs,
+        save_adapter(run.out / "best", _saved_tensor(run.prompt), run.base, **run.adapter_kwargs,
                      extra={"step": done, "eval_loss": eval_loss})
     if config.early_stopping and state.bad_evals >= config.early_stopping:
         run.stopped = "early_stopping"
@@ -376,8 +440,10 @@ def _evaluate(run: Run) -> None:
 def _save_checkpoint(run: Run) -> None:
     """OUT/checkpoints/step-NNNNNN from the main process; every process waits for it."""
     if run.main:
-        checkpoint.save_checkpoint(run.out, run.done, run.prompt.embeddings, run.base, run.adapter_kwargs,
-                                   run.optimizer, run.state.for_checkpoint(run.epoch), run.config.keep_checkpoints)
+        module = {MODULE_KEY + k: v.detach().cpu().contiguous() for k, v in run.prompt.state_dict().items()}
+        checkpoint.save_checkpoint(run.out, run.done, _saved_tensor(run.prompt), run.base, run.adapter_kwargs,
+                                   run.optimizer, {**run.state.for_checkpoint(run.epoch), "method": run.prompt.method},
+                                   run.config.keep_checkpoints, tensors=module)
     run.accelerator.wait_for_everyone()
 
 
@@ -386,7 +452,7 @@ def _finish(run: Run) -> TrainResult:
     config, state = run.config, run.state
     if run.bar is not None:
         run.bar.close()
-    final_emb = run.prompt.embeddings
+    final_emb = _saved_tensor(run.prompt)
     if config.final == "best" and state.best_step is not None and run.main:
         final_emb = load_adapter(run.out / "best").embeddings
     summary = {"steps": run.done, "train_loss": run.last_loss, "best_eval_loss": state.best_eval_loss,
@@ -402,6 +468,12 @@ def _finish(run: Run) -> TrainResult:
                        tokens_per_second=run.run_tokens / run.run_time if run.run_time else 0.0,
                        train_records=len(run.examples), eval_records=len(run.eval_examples), skipped=run.skipped,
                        truncated=run.truncated)
+
+
+def _saved_tensor(prompt: torch.nn.Module) -> torch.Tensor:
+    """What the adapter saves: the module's output (a prompt encoder's embeddings, a projected prefix), fp32 CPU."""
+    with torch.no_grad():
+        return prompt().detach().float().cpu()
 
 
 def _stop_on_nan(out: Path, step: int, loss: float, bar) -> None:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import torch
 
 from softprompt.core import forward
-from softprompt.core.prompt import SoftPrompt
 from softprompt.data import batching
 
 
-def nll_per_example(model, prompt: torch.Tensor | None, examples: list[batching.Example], pad_id: int, max_tokens: int,
+def nll_per_example(model, prompt: "torch.Tensor | forward.Virtual | None", examples: list[batching.Example],
+                    pad_id: int, max_tokens: int,
                     max_rows: int | None = None, bar=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL of each example's label tokens and its label count (float64 / long, on the CPU), computed without
     gradients in length-grouped batches of at most `max_tokens` padded tokens (and `max_rows` rows)."""
@@ -36,12 +36,13 @@ def nll_per_example(model, prompt: torch.Tensor | None, examples: list[batching.
 
 
 @torch.no_grad()
-def evaluate_loss(model, prompt: SoftPrompt, examples: list[batching.Example], max_tokens: int, pad_id: int,
+def evaluate_loss(model, prompt: torch.nn.Module, examples: list[batching.Example], max_tokens: int, pad_id: int,
                   accelerator=None) -> float:
-    """Mean NLL per answer token over `examples` (split across processes when there are several)."""
+    """Mean NLL per answer token over `examples` (split across processes when there are several); `prompt` is a
+    core.prompt module of any method."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     mine = batching.shard(list(range(len(examples))), [len(e) for e in examples], rank, world)
-    nll, counts = nll_per_example(model, prompt(), [examples[i] for i in mine], pad_id, max_tokens)
+    nll, counts = nll_per_example(model, prompt.virtual(), [examples[i] for i in mine], pad_id, max_tokens)
     device = model.get_input_embeddings().weight.device
     totals = torch.stack([nll.sum(), counts.sum().double()]).to(device)
     if world > 1:
