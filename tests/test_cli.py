@@ -31,3 +31,20 @@ def test_module_entry_point_prints_help():
     out = subprocess.run([sys.executable, "-m", "softprompt", "--help"], capture_output=True, text=True, check=True)
     for verb in VERBS:
         assert verb in out.stdout
+
+
+def test_serve_refuses_a_public_address_without_a_key_before_loading_anything(capsys):
+    from softprompt.cli import main
+
+    assert main(["serve", "--host", "0.0.0.0", "--model", "/nonexistent/model"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("softprompt serve: error: --host 0.0.0.0 makes the server reachable from other machines")
+    assert err.endswith("set --api-key (or $SOFTPROMPT_API_KEY), or pass --allow-insecure to do it anyway\n")
+    assert err.count("\n") == 1
+
+
+def test_serve_flags_cover_the_servers_access_settings():
+    text = _subparsers(build_parser())["serve"].format_help()
+    for flag in ["--allow-admin", "--allow-insecure", "--allowed-hosts", "--allow-origins", "--max-request-bytes",
+                 "--api-key", "--host"]:
+        assert flag in text

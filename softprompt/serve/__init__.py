@@ -20,7 +20,10 @@ def run_server(config: ServeConfig) -> None:
     from softprompt.core.models import load_base
     from softprompt.data.templates import CHAT, HUMAN_ASSISTANT, Template
     from softprompt.serve.app import create_app
+    from softprompt.serve.security import check_exposure
 
+    api_key = config.api_key or os.environ.get("SOFTPROMPT_API_KEY") or None
+    warning = check_exposure(config.host, api_key, config.allow_insecure)  # before anything slow happens
     if config.threads is not None:
         import torch
 
@@ -29,14 +32,17 @@ def run_server(config: ServeConfig) -> None:
     template = Template(CHAT if config.chat_template else HUMAN_ASSISTANT)
     app = create_app(base, config.adapters, template=template, max_batch=config.max_batch,
                      max_queue=config.max_queue, max_tokens_cap=config.max_tokens_cap,
-                     max_model_len=config.max_model_len,
-                     api_key=config.api_key or os.environ.get("SOFTPROMPT_API_KEY") or None)
+                     max_model_len=config.max_model_len, api_key=api_key, allow_admin=config.allow_admin,
+                     max_request_bytes=config.max_request_bytes, allowed_hosts=config.allowed_hosts,
+                     allow_origins=config.allow_origins)
     state = app.state.softprompt
     names = ["base"] + state.registry.names()
     print(f"softprompt serve: {base.name} on {base.device}; serving {len(names)} models: {', '.join(names)}",
           flush=True)
     for name, reason in state.scan.get("skipped", {}).items():
         print(f"softprompt serve: warning: not serving {name}: {reason}", flush=True)
+    if warning:
+        print(f"softprompt serve: {warning}", flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
 
 

@@ -42,6 +42,7 @@ from starlette.middleware.cors import CORSMiddleware
 from softprompt.inference.engine import DecodeBatch, GenerationRequest, context_length
 from softprompt.inference.prompt_cache import PromptCache, UnknownAdapterError
 from softprompt.data.templates import Template, TemplateError, encode_text
+from softprompt.serve.config import DEFAULT_MAX_REQUEST_BYTES
 from softprompt.serve.registry import BASE_NAME, AdapterRegistry, RegistryError, validate_name
 from softprompt.serve.scheduler import Job, Overloaded, Scheduler, Unavailable
 from softprompt.serve.schemas import (REQUEST_MODELS, RESPONSE_MODELS, AdapterAdd, APIError, ChatRequest,
@@ -49,7 +50,6 @@ from softprompt.serve.schemas import (REQUEST_MODELS, RESPONSE_MODELS, AdapterAd
 from softprompt.serve.security import Guard, too_large_message
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
-DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 CLIENT_ERRORS = (ValueError, TypeError, UnicodeError, RecursionError)  # raised by request content: 400, never 500
 
 

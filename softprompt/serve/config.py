@@ -9,6 +9,7 @@ from softprompt.options import (chat_template_option, check_options, device_opti
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 LIMITS, ACCESS = "limits", "access"
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
@@ -29,6 +30,20 @@ class ServeConfig:
     api_key: str | None = option(
         None, "require `Authorization: Bearer KEY` on every endpoint but /health (also read from "
               "$SOFTPROMPT_API_KEY)", metavar="KEY", group=ACCESS)
+    allow_admin: bool = option(
+        False, "enable the admin endpoints (POST /v1/adapters, DELETE /v1/adapters/NAME, POST /v1/adapters/rescan); "
+               "off by default, so no other local process can change what is served", group=ACCESS)
+    allow_insecure: bool = option(
+        False, "allow a non-loopback --host without --api-key (a loud warning instead of refusing to start)",
+        group=ACCESS)
+    allowed_hosts: list | None = option(
+        None, "Host header values accepted besides loopback names and the bound address (protects against DNS "
+              "rebinding); '*' accepts any", many="+", metavar="HOST", group=ACCESS)
+    allow_origins: list | None = option(
+        None, "browser origins allowed by CORS (default: none; a request with another Origin gets 403)", many="+",
+        metavar="ORIGIN", group=ACCESS)
+    max_request_bytes: int = option(DEFAULT_MAX_REQUEST_BYTES, "largest request body in bytes (larger: HTTP 413)",
+                                    minimum=1024, maximum=1 << 30, group=LIMITS)
     max_batch: int = option(16, "most requests decoded together in one batch", minimum=1, maximum=4096,
                             group=LIMITS)
     max_queue: int = option(64, "most requests waiting for a batch slot; beyond it requests get HTTP 429",
