@@ -10,12 +10,11 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-from test_train import RECORDS, trainable_base
+from test_train import config, trainable_base
 from softprompt.formats import checkpoint
 from softprompt.formats.adapter import load_adapter
 from softprompt.formats.checkpoint import CheckpointError
 from softprompt.training import loop as train_module
-from softprompt.training.config import TrainConfig
 from softprompt.training.loop import train
 
 
@@ -26,13 +25,6 @@ class Crash(Exception):
 @pytest.fixture(scope="module")
 def base():
     return trainable_base()
-
-
-def config(out, base, **overrides) -> TrainConfig:
-    values = dict(data=RECORDS, out=str(out), model=base, num_virtual_tokens=4, init="random", lr=0.3,
-                  batch_size=4, max_steps=12, save_every=4, log_every=2, progress=False, max_batch_tokens=64)
-    values.update(overrides)
-    return TrainConfig(**values)
 
 
 @pytest.fixture(scope="module")
