@@ -15,7 +15,11 @@ cross-entropy is fused (`head_nll`): chunk by chunk, the gradient with respect t
 forward pass, so no [labels x vocabulary] logits tensor is kept for the backward pass.
 
 Within one optimiser step every micro-batch sees the same prompt, so training computes the virtual tokens' keys/values
-once per step (`SharedPrefix`) and back-propagates into the prompt once, after the last micro-batch.
+once per step (`SharedPrefix`) and back-propagates into the prompt once, after the last micro-batch. When every row of
+the step also starts with the same text tokens (a fixed instruction, "Human: Is the sentiment ..."), those join the
+shared prefix: they run once, at batch 1, on top of the virtual tokens (positions N..N+s-1), the rows keep only what
+follows, and the last shared token's hidden state predicts each row's first remaining token. Values and gradients are
+those of the full rows (tests check).
 
 Every prompt-learning method is, downstream, the same thing: per-layer keys/values of N virtual positions (`prompt_kv`).
 Only their producer differs (`Virtual`: a method and its saved tensor):
@@ -170,15 +174,34 @@ def prompt_kv(model, prompt: "torch.Tensor | Virtual") -> tuple[Kv, torch.Tensor
 
 
 class SharedPrefix:
-    """The virtual tokens' keys/values computed once (with gradient) and shared by several forward/backward passes.
+    """What every row of several forward/backward passes has in front of its own tokens, computed once (with
+    gradient): the virtual tokens' keys/values and, with `text_ids`, those of text tokens every row starts with (run
+    at batch 1 on top of the virtual tokens, positions N..N+s-1). Rows passed with this prefix hold only the tokens
+    after it; `length` is the number of positions it covers (virtual + shared text) and `last` the hidden state that
+    predicts the first token after it (None for a prefix-tuning prompt without shared text).
 
     Each pass reads detached copies (`kv`, `last`) whose gradients accumulate; `backward()` then sends the summed
-    gradient through the virtual tokens' forward into the prompt, once. The result equals running `prompt_kv` in every
-    pass, minus (passes - 1) forward/backward runs of the virtual tokens.
+    gradient through the prefix's forward into the prompt, once. The result equals running the whole prefix in every
+    pass, minus (passes - 1) forward/backward runs of it (and, with shared text, minus its rows - 1 copies per pass).
+    Under torch.no_grad it is a plain cache for scoring.
     """
 
-    def __init__(self, model, prompt: "torch.Tensor | Virtual"):
-        self._kv, self._last = prompt_kv(model, prompt)
+    def __init__(self, model, prompt: "torch.Tensor | Virtual | None", text_ids: torch.Tensor | None = None):
+        prompt = as_virtual(prompt)
+        kv, last = prompt_kv(model, prompt) if prompt is not None else ([], None)
+        length = prompt.num_virtual_tokens if prompt is not None else 0
+        if text_ids is not None and text_ids.numel():
+            ids = text_ids.reshape(1, -1)
+            s = ids.shape[1]
+            mask = torch.ones(1, length + s, dtype=torch.long, device=ids.device)
+            pos = torch.arange(length, length + s, device=ids.device).unsqueeze(0)
+            hidden, cache = run_body(model, model.get_input_embeddings()(ids), mask, pos, cache=make_cache(kv),
+                                     use_cache=True)
+            kv, last, length = cache_tensors(cache), hidden[0, -1], length + s
+        if not length:
+            raise ValueError("a SharedPrefix needs a prompt or shared text")
+        self.length = length
+        self._kv, self._last = kv, last
         self.kv: Kv = [(k.detach().requires_grad_(), v.detach().requires_grad_()) for k, v in self._kv]
         self.last = self._last.detach().requires_grad_() if self._last is not None else None
 
@@ -186,7 +209,7 @@ class SharedPrefix:
         last = [(self._last, self.last)] if self._last is not None else []
         sources = [t for pair in self._kv for t in pair] + [s for s, _ in last]
         copies = [t for pair in self.kv for t in pair] + [c for _, c in last]
-        used = [(s, c.grad) for s, c in zip(sources, copies) if c.grad is not None]
+        used = [(s, c.grad) for s, c in zip(sources, copies) if c.grad is not None and s.requires_grad]
         if used:
             torch.autograd.backward([s for s, _ in used], [g for _, g in used])
 
@@ -196,16 +219,20 @@ def text_hidden(model, prompt: "torch.Tensor | Virtual | None", input_ids: torch
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Hidden states at the text positions [B, L, H] with the soft prompt in front, plus the hidden state that
     predicts the first text token (the last virtual token's; None without a prompt or with a prefix). `prefix` (kv
-    mode): the prompt's keys/values already computed, instead of running the virtual tokens here."""
+    mode): the prompt's keys/values already computed, instead of running the virtual tokens here; with shared text in
+    it, `input_ids` are each row's tokens after that text, and the hidden state returned with them is the last shared
+    token's."""
     embeds = model.get_input_embeddings()(input_ids)
     prompt = as_virtual(prompt)
-    if prompt is None:
+    if prompt is None and prefix is None:
         hidden, _ = run_body(model, embeds, attention_mask, positions_from_mask(attention_mask))
         return hidden, None
-    batch, n = input_ids.shape[0], prompt.num_virtual_tokens
+    batch, n = input_ids.shape[0], (prefix.length if prefix is not None else prompt.num_virtual_tokens)
     ones = torch.ones(batch, n, dtype=attention_mask.dtype, device=attention_mask.device)
     full_mask = torch.cat([ones, attention_mask], dim=1)
     if mode == "concat":
+        if prefix is not None:
+            raise ValueError("a SharedPrefix is for mode 'kv' (mode 'concat' runs the whole sequence)")
         if not prompt.embeds_input:
             raise ValueError("a prefix-tuning prompt has no input embeddings to concatenate (mode 'concat', used with "
                              "gradient checkpointing); use mode 'kv'")

@@ -8,6 +8,8 @@
 - `micro_batches`: packs a share into batches whose padded size (rows x longest row) stays within a token budget.
   The loss is normalised over the whole step, so how a step is split never changes the result, only the speed.
 - `collate`: right padding, mask 0 and label -100 on pads.
+- `shared_prompt_length` / `Example.after`: the leading tokens a set of examples has in common (and learns nothing
+  from), which the forward runs once for all of them (forward.SharedPrefix), and what each example has after them.
 
 Nothing here runs a model: scoring batches lives in training/scoring.py.
 """
@@ -37,6 +39,24 @@ class Example:
     @property
     def label_count(self) -> int:
         return sum(1 for t in self.labels if t != -100)
+
+    def after(self, shared: int) -> "Example":
+        """The example without its first `shared` tokens (those of a shared prefix)."""
+        return self if not shared else Example(self.ids[shared:], self.labels[shared:], self.where)
+
+
+def shared_prompt_length(examples: list[Example]) -> int:
+    """How many leading tokens every example has in common and none of them learns (label -100), leaving at least
+    one token of each: the part a forward pass can run once for all of them. 0 for fewer than two examples."""
+    if len(examples) < 2:
+        return 0
+    first = examples[0]
+    limit = min(len(e) for e in examples) - 1
+    shared = 0
+    while shared < limit and first.labels[shared] == -100 and all(
+            e.ids[shared] == first.ids[shared] and e.labels[shared] == -100 for e in examples):
+        shared += 1
+    return shared
 
 
 def encode_records(records: list[Record], tokenizer, template: Template, max_length: int,

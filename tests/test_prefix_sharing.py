@@ -1,0 +1,103 @@
+"""Sharing common prefixes exactly: text every row of a step starts with joins the soft prompt's shared prefix
+(training: same loss and same prompt gradient as the full rows, for every method); rank classification runs each
+record's prompt once and scores its choices from that cache (same scores as one full sequence per choice)."""
+
+import pytest
+import torch
+
+from softprompt.core import forward
+from softprompt.core.prompt import build_prompt
+from softprompt.data import batching
+from softprompt.training import scoring
+
+METHODS = {"prompt": {}, "prefix": {}, "prefix-proj": {"prefix_projection": True}, "ptuning": {},
+           "ptuning-lstm": {"encoder_type": "lstm"}}
+
+
+def _examples(tiny, shared: int, tails: list[int], answers: list[int], seed: int = 0) -> list[batching.Example]:
+    """Examples that start with the same `shared` prompt tokens, then a prompt tail and an answer of their own."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = len(tiny.tokenizer)
+    head = torch.randint(5, vocab, (shared,), generator=g).tolist()
+    out = []
+    for tail, answer in zip(tails, answers):
+        prompt = head + torch.randint(5, vocab, (tail,), generator=g).tolist()
+        target = torch.randint(5, vocab, (answer,), generator=g).tolist()
+        out.append(batching.Example(prompt + target, [-100] * len(prompt) + target, "x"))
+    return out
+
+
+def _nll_and_grad(tiny, module, batches, share: bool):
+    """Summed NLL per row and the gradient of the summed loss w.r.t. every trainable tensor, over micro-batches as
+    training runs them (one SharedPrefix per step in kv mode)."""
+    module.zero_grad(set_to_none=True)
+    examples = [e for b in batches for e in b]
+    virtual = module.virtual()
+    shared = batching.shared_prompt_length(examples) if share else 0
+    text = torch.tensor(examples[0].ids[:shared]) if shared else None
+    prefix = forward.SharedPrefix(tiny.model, virtual, text)
+    assert prefix.length == virtual.num_virtual_tokens + shared
+    nlls = []
+    for micro in batches:
+        batch = batching.collate([e.after(shared) for e in micro], tiny.tokenizer.pad_token_id)
+        nll, count = forward.label_nll(tiny.model, virtual, batch["input_ids"], batch["attention_mask"],
+                                       batch["labels"], prefix=prefix)
+        assert torch.equal(count, torch.tensor([e.label_count for e in micro]))
+        nll.sum().backward()
+        nlls.append(nll.detach())
+    prefix.backward()
+    return torch.cat(nlls), [p.grad.clone() for p in module.parameters()]
+
+
+def test_shared_prompt_length():
+    ex = lambda ids, n_prompt: batching.Example(ids, [-100] * n_prompt + ids[n_prompt:], "x")
+    assert batching.shared_prompt_length([ex([1, 2, 3, 4], 3), ex([1, 2, 5, 6], 3)]) == 2
+    assert batching.shared_prompt_length([ex([1, 2, 3, 4], 3), ex([1, 2, 3, 4], 3)]) == 3  # answers are not shared
+    assert batching.shared_prompt_length([ex([1, 2, 3, 4], 1), ex([1, 2, 3, 5], 3)]) == 1  # a label ends it
+    assert batching.shared_prompt_length([ex([1, 2], 2), ex([1, 2, 3], 3)]) == 1  # one token of each is left
+    assert batching.shared_prompt_length([ex([7, 2, 3], 2), ex([1, 2, 3], 2)]) == 0
+    assert batching.shared_prompt_length([ex([1, 2, 3], 2)]) == 0
+    e = ex([1, 2, 3, 4], 3)
+    assert e.after(2).ids == [3, 4] and e.after(2).labels == [-100, 4] and e.after(0) is e
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_shared_text_gives_the_loss_and_gradient_of_the_full_rows(tiny, name):
+    module = build_prompt(tiny, name.split("-")[0], "random", 3, seed=1, **METHODS[name])
+    examples = _examples(tiny, shared=6, tails=[3, 0, 5, 2, 1], answers=[2, 4, 1, 3, 2])
+    assert batching.shared_prompt_length(examples) == 6
+    batches = [examples[:2], examples[2:3], examples[3:]]
+    full_nll, full_grads = _nll_and_grad(tiny, module, batches, share=False)
+    nll, grads = _nll_and_grad(tiny, module, batches, share=True)
+    assert torch.allclose(nll, full_nll, atol=1e-5), (nll, full_nll)
+    for grad, full in zip(grads, full_grads):
+        assert full.abs().sum() > 0
+        assert torch.allclose(grad, full, atol=1e-6, rtol=1e-4), (grad - full).abs().max()
+
+
+def test_shared_text_equals_the_concat_forward(tiny):
+    """An independent path: the textbook [prompt ; text] concatenation, every row whole."""
+    module = build_prompt(tiny, "prompt", "random", 4, seed=2)
+    examples = _examples(tiny, shared=5, tails=[2, 4, 0], answers=[3, 1, 2], seed=3)
+    batch = batching.collate(examples, tiny.tokenizer.pad_token_id)
+    expected, _ = forward.label_nll(tiny.model, module.virtual(), batch["input_ids"], batch["attention_mask"],
+                                    batch["labels"], mode="concat")
+    (grad_expected,) = torch.autograd.grad(expected.sum(), module.embeddings)
+    nll, (grad,) = _nll_and_grad(tiny, module, [examples], share=True)
+    assert torch.allclose(nll, expected.detach(), atol=1e-5)
+    assert torch.allclose(grad, grad_expected, atol=1e-6, rtol=1e-4)
+
+
+def test_shared_text_without_a_prompt_scores_like_the_plain_model(tiny):
+    examples = _examples(tiny, shared=4, tails=[1, 3], answers=[2, 2], seed=4)
+    batch = batching.collate(examples, tiny.tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected, _ = forward.label_nll(tiny.model, None, batch["input_ids"], batch["attention_mask"],
+                                        batch["labels"])
+        prefix = forward.SharedPrefix(tiny.model, None, torch.tensor(examples[0].ids[:4]))
+        rest = batching.collate([e.after(4) for e in examples], tiny.tokenizer.pad_token_id)
+        nll, _ = forward.label_nll(tiny.model, None, rest["input_ids"], rest["attention_mask"], rest["labels"],
+                                   prefix=prefix)
+    assert torch.allclose(nll, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="needs a prompt or shared text"):
+        forward.SharedPrefix(tiny.model, None)
