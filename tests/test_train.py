@@ -1,6 +1,5 @@
 """Training loop: learning, exact resume, atomic checkpoints, NaN stop, early stopping, 2-process data parallel."""
 
-import argparse
 import json
 import os
 import signal
@@ -16,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from helpers import tiny_tokenizer
 from softprompt.core import forward
 from softprompt.formats import checkpoint
-from softprompt.cli import train as train_cli
+from softprompt.cli import build_parser
 from softprompt.training import loop as train_module
 from softprompt.formats.adapter import load_adapter
 from softprompt.core.attention import use_grouped_sdpa
@@ -243,8 +242,7 @@ def test_label_field_and_user_template_are_saved(base, tmp_path):
 
 
 def test_cli_help_documents_every_flag_and_runs(base, tmp_path, tiny_dir):
-    parser = argparse.ArgumentParser(prog="softprompt")
-    train_cli.register(parser.add_subparsers(dest="verb"))
+    parser = build_parser()
     sub = parser._subparsers._group_actions[0].choices["train"]
     for action in sub._actions:
         assert action.help, f"{action.option_strings} has no help"

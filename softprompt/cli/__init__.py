@@ -1,6 +1,6 @@
-"""The `softprompt` command line: one module per verb (cli/<verb>.py), each with `register(subparsers)` and
-`run(args)`. The flags come from the library's config dataclasses (cli/args.py), so each option is declared once,
-next to the code that uses it. Building the parser imports no torch: `softprompt --help` answers at once.
+"""The `softprompt` command line: one module per verb (cli/<verb>.py), each declaring HELP, DESCRIPTION, OPTIONS
+(the config dataclasses whose fields become its flags, see cli/args.py) and `run(args)`. Each option is declared
+once, next to the code that uses it. Building the parser imports no torch: `softprompt --help` answers at once.
 """
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from softprompt.cli.args import add_options
 
 VERBS = {
     "demo": "softprompt.cli.demo",
@@ -27,10 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "evaluate, generate and serve them. Adapters are PEFT-format folders.",
     )
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    for module in VERBS.values():
-        importlib.import_module(module).register(subparsers)
-    for sub in subparsers.choices.values():
+    for verb, module_name in VERBS.items():
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(verb, help=module.HELP, description=module.DESCRIPTION)
+        for options in module.OPTIONS:
+            add_options(sub, options)
         sub.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+        sub.set_defaults(func=module.run)
     return parser
 
 

@@ -5,18 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from softprompt.cli.args import add_options, config_from_args
+from softprompt.cli.args import config_from_args
 from softprompt.inference.config import ChatConfig
 
 HELP = "chat interactively with a base model and an optional adapter (streamed answers)"
 DESCRIPTION = ("Read messages from stdin, one per line; print each answer as it is generated. Commands: /reset "
                "forgets the conversation, /quit leaves.")
 
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("chat", help=HELP, description=DESCRIPTION)
-    add_options(parser, ChatConfig)
-    parser.set_defaults(func=run)
+OPTIONS = (ChatConfig,)
 
 
 def run(args: argparse.Namespace) -> int:

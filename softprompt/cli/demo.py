@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from softprompt.cli.args import add_options, config_from_args
+from softprompt.cli.args import config_from_args
 from softprompt.demo.config import DemoConfig
 
 HELP = "evaluate zero-shot, prompt-tune, evaluate again on a built-in task (a few minutes on a CPU)"
@@ -15,11 +15,7 @@ DESCRIPTION = ("The whole story in one command, on the embedded default model: w
                "print a before/after table. OUT ends up holding the adapter (PEFT format), metrics.jsonl, "
                "loss_curve.png and demo_results.json.")
 
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help=HELP, description=DESCRIPTION)
-    add_options(parser, DemoConfig)
-    parser.set_defaults(func=run)
+OPTIONS = (DemoConfig,)
 
 
 def run(args: argparse.Namespace) -> int:

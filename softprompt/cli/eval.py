@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dataclasses import dataclass
 
-from softprompt.cli.args import add_options, config_from_args
+from softprompt.cli.args import config_from_args
 from softprompt.evaluation.config import EvalConfig
 from softprompt.options import check_options, option
 
@@ -31,11 +31,7 @@ class Report:
         check_options(self)
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("eval", help=HELP, description=DESCRIPTION)
-    add_options(parser, EvalConfig)
-    add_options(parser, Report)
-    parser.set_defaults(func=run)
+OPTIONS = (EvalConfig, Report)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,18 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from softprompt.cli.args import add_options, config_from_args, values_of
+from softprompt.cli.args import config_from_args, values_of
 from softprompt.inference.config import BatchOptions, GenerateConfig, GenerationOptions
 
 HELP = "generate answers with a base model and an optional soft-prompt adapter"
 DESCRIPTION = ("Answer one INSTRUCTION (printed as it is generated) or every record of a --batch JSONL file. Rows of "
                "a batch may each use a different adapter; they are batched together.")
 
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("generate", help=HELP, description=DESCRIPTION)
-    add_options(parser, GenerateConfig)
-    parser.set_defaults(func=run)
+OPTIONS = (GenerateConfig,)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from softprompt.cli.args import add_options, config_from_args
+from softprompt.cli.args import config_from_args
 from softprompt.evaluation.config import InspectConfig
 
 HELP = "show an adapter's config, size and what its virtual tokens are near in the vocabulary"
@@ -13,11 +13,7 @@ DESCRIPTION = ("Show an adapter's config, its size on disk, its trainable parame
                "token its norm and the vocabulary tokens whose input embeddings are nearest by cosine similarity "
                "(the mean vocabulary embedding norm is printed for scale).")
 
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("inspect", help=HELP, description=DESCRIPTION)
-    add_options(parser, InspectConfig)
-    parser.set_defaults(func=run)
+OPTIONS = (InspectConfig,)
 
 
 def run(args: argparse.Namespace) -> int:

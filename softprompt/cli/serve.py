@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from softprompt.cli.args import add_options, config_from_args
+from softprompt.cli.args import config_from_args
 from softprompt.serve.config import ServeConfig
 
 HELP = "serve adapters over an OpenAI-compatible HTTP API"
@@ -12,11 +12,7 @@ DESCRIPTION = ("Serve every adapter sub-folder of --adapters under its folder na
                "over an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions with streaming). "
                "Requests for different adapters are batched together, continuously.")
 
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("serve", help=HELP, description=DESCRIPTION)
-    add_options(parser, ServeConfig)
-    parser.set_defaults(func=run)
+OPTIONS = (ServeConfig,)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from softprompt.cli.args import add_options, config_from_args
+from softprompt.cli.args import config_from_args
 from softprompt.training.config import TrainConfig
 
 HELP = "train a soft prompt on a data file"
@@ -13,11 +13,7 @@ DESCRIPTION = ("Train a soft prompt (N virtual tokens) in front of a frozen caus
                "--out as a PEFT-format folder; checkpoints go to OUT/checkpoints, the best-eval adapter to OUT/best, "
                "metrics to OUT/metrics.jsonl and OUT/loss_curve.png.")
 
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("train", help=HELP, description=DESCRIPTION)
-    add_options(parser, TrainConfig)
-    parser.set_defaults(func=run)
+OPTIONS = (TrainConfig,)
 
 
 def run(args: argparse.Namespace) -> int:
