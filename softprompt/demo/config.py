@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from softprompt.core import INIT_METHODS
+from softprompt.core import INIT_METHODS, METHODS
 from softprompt.options import SEED_MAX, check_options, model_option, option, progress_option
 
 DEFAULT_OUT = "softprompt-demo"
@@ -17,6 +17,9 @@ class DemoConfig:
 
     out: str = option(DEFAULT_OUT, "output folder", metavar="DIR")
     model: str | object | None = model_option()
+    method: str = option("prompt", "prompt-learning method to demonstrate: prompt (prompt tuning), prefix (prefix "
+                                   "tuning) or ptuning (P-tuning), as softprompt train --method", choices=METHODS,
+                         group="training")
     steps: int = option(100, "optimiser steps", minimum=1, maximum=100_000, group="training")
     batch_size: int = option(16, "records per step", minimum=1, maximum=4096, group="training")
     lr: float = option(3e-2, "peak learning rate of AdamW", above=0, maximum=10, group="training")

@@ -2,7 +2,8 @@
 
 1. Write the compass-game task (demo_task.py: generated here, held-out words for evaluation) to OUT/data.
 2. Evaluate the frozen model zero-shot: rank-classification accuracy over the four directions, greedy exact match.
-3. Prompt-tune a soft prompt on the training words (progress bar), saving a PEFT-format adapter into OUT.
+3. Train a soft prompt of --method (prompt tuning by default; prefix tuning or P-tuning) on the training words
+   (progress bar), saving a PEFT-format adapter into OUT.
 4. Evaluate again with the soft prompt and print a before/after table and a few answers before and after.
 
 OUT ends up holding the adapter (adapter_config.json + adapter_model.safetensors), metrics.jsonl and
@@ -24,6 +25,7 @@ RESULTS_FILE = "demo_results.json"
 # The optimiser measured for this task (88.6% held-out accuracy in 100 steps, see docs/evaluation.md); pinned so
 # that the demo does not change when train's general-purpose defaults are retuned.
 DEMO_OPTIMIZER = "adamw"
+METHOD_NAMES = {"prompt": "prompt tuning", "prefix": "prefix tuning", "ptuning": "P-tuning"}
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -49,8 +51,8 @@ def run_demo(out: str | Path = DEFAULT_OUT, model: str | FrozenModel | None = No
     print_fn(f"      accuracy {before['accuracy']:.1%}, exact match {before['exact_match']:.1%}")
     clock["evaluated"] = time.perf_counter()
 
-    print_fn(f"\n[2/3] prompt tuning {config.num_virtual_tokens} virtual tokens for {config.steps} steps of "
-             f"{config.batch_size} records ...")
+    print_fn(f"\n[2/3] {METHOD_NAMES[config.method]}: {config.num_virtual_tokens} virtual tokens for {config.steps} "
+             f"steps of {config.batch_size} records ...")
     trained = _train(config, base, task["train_rows"])
     clock["tuned"] = time.perf_counter()
 
@@ -58,7 +60,7 @@ def run_demo(out: str | Path = DEFAULT_OUT, model: str | FrozenModel | None = No
     after = evaluate(str(task["eval_file"]), base, [str(out)], **eval_kwargs)["results"][0]
     clock["done"] = time.perf_counter()
 
-    labels = ["zero-shot", "prompt-tuned"]
+    labels = ["zero-shot", {"prompt": "prompt-tuned", "prefix": "prefix-tuned", "ptuning": "p-tuned"}[config.method]]
     print_fn("\n" + format_table([before, after], labels))
     print_fn("\nexamples (held-out words):\n" + format_examples([before, after], config.examples, labels))
     results = _results(config, base, task, trained, before, after, clock)
@@ -87,7 +89,8 @@ def _train(config: DemoConfig, base: FrozenModel, train_rows: list[dict]):
     from softprompt.training.loop import train
 
     return train(TrainConfig(
-        data=train_rows, out=config.out, model=base, num_virtual_tokens=config.num_virtual_tokens, init=config.init,
+        data=train_rows, out=config.out, model=base, method=config.method,
+        num_virtual_tokens=config.num_virtual_tokens, init=config.init,
         label_words=demo_task.CHOICES, template=demo_task.TEMPLATE, optimizer=DEMO_OPTIMIZER, lr=config.lr,
         max_steps=config.steps, batch_size=config.batch_size, max_batch_tokens=4096, save_every=config.steps,
         log_every=max(1, config.steps // 30), keep_checkpoints=1, seed=config.seed, progress=config.progress,
@@ -101,7 +104,8 @@ def _results(config: DemoConfig, base: FrozenModel, task: dict, trained, before:
         "task": "compass game (softprompt.demo.task)", "model": base.name, "template": demo_task.TEMPLATE,
         "choices": demo_task.CHOICES, "train_records": len(task["train_rows"]), "eval_records": len(task["eval_rows"]),
         "steps": trained.steps, "batch_size": config.batch_size, "lr": config.lr,
-        "num_virtual_tokens": config.num_virtual_tokens, "init": config.init, "optimizer": DEMO_OPTIMIZER,
+        "method": config.method, "num_virtual_tokens": config.num_virtual_tokens, "init": config.init,
+        "optimizer": DEMO_OPTIMIZER,
         "train_loss": trained.train_loss, "tokens_per_second": round(trained.tokens_per_second, 1),
         "before": {k: v for k, v in before.items() if k != "examples"},
         "after": {k: v for k, v in after.items() if k != "examples"},

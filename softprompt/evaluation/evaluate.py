@@ -9,6 +9,10 @@ For every evaluated model (the base model and/or each adapter), batched:
 
 An adapter is always evaluated with the template saved in it, so training and evaluation format records the same
 way. The base model uses `template` (default: the first adapter's template, so base and adapter see the same text).
+Adapters of every method (prompt, prefix, ptuning) can be evaluated side by side; each result names its method.
+
+Without `choices`, an adapter's saved label words (train saves them for classification-like data) become the
+choices when every record's answer is one of them; the report says so in `notes` and `choices_from`.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ def score_model(base: FrozenModel, adapter: Adapter | None, template: Template, 
                 max_length: int, progress: bool = False) -> dict:
     """Metrics of one model (the base when `adapter` is None) on `records`; `generations`: its greedy answers."""
     tok = base.tokenizer
-    prompt = adapter.embeddings.to(base.device, base.dtype) if adapter is not None else None
+    prompt = adapter.virtual(base.device) if adapter is not None else None
     if choices:
         # The gold answer is one of the choices, so its (record, choice) pair also gives the loss.
         examples = [_encode(template, tok, r, c, max_length) for r in records for c in choices]
@@ -110,7 +114,11 @@ def evaluate_config(config: EvalConfig) -> dict:
         config.model, device=config.device, dtype=config.dtype)
     adapters = {str(path): load_adapter(path, base) for path in config.adapters}
     choices = parse_words(config.choices, "--choices", minimum=2)
+    notes, choices_from = [], "--choices" if choices else None
     records, skipped = _records(config, choices, adapters)
+    if not choices:
+        choices, choices_from, note = _saved_choices(adapters, records)
+        notes += [note] if note else []
     models, base_template = _models(config, adapters)
     max_new_tokens = config.max_new_tokens
     if max_new_tokens is None:
@@ -125,11 +133,29 @@ def evaluate_config(config: EvalConfig) -> dict:
         start = time.perf_counter()
         metrics = score_model(base, adapter, template, records, choices, generations.get(name), config.batch_size,
                               config.max_batch_tokens, config.max_length, config.progress)
-        results.append({"adapter": name, "template": template.spec, **metrics,
+        results.append({"adapter": name, "method": adapter.method if adapter is not None else None,
+                        "template": template.spec, **metrics,
                         "seconds": round(time.perf_counter() - start + gen_seconds.get(name, 0.0), 2)})
     source = config.data if isinstance(config.data, (str, Path)) else "<records>"
     return {"data": str(source), "model": base.name, "n": len(records), "choices": choices,
-            "max_new_tokens": max_new_tokens, "skipped": skipped, "results": results}
+            "choices_from": choices_from, "notes": notes, "max_new_tokens": max_new_tokens, "skipped": skipped,
+            "results": results}
+
+
+def _saved_choices(adapters: dict[str, Adapter], records: list[Record]
+                   ) -> tuple[list[str] | None, str | None, str | None]:
+    """(choices, where from, a note for the report) when no --choices were given: the first adapter's saved label
+    words, if every record's answer is one of them."""
+    name, words = next(((n, a.label_words) for n, a in adapters.items() if a.label_words and
+                        len(a.label_words) >= 2), (None, None))
+    if not words:
+        return None, None, None
+    outside = next((r for r in records if r.output not in words), None)
+    if outside is not None:
+        return None, None, (f"not ranking {name}'s saved label words ({', '.join(words)}) as choices: "
+                            f"{outside.where} answers {outside.output!r}, which is not one of them")
+    return list(words), f"label words saved with {name}", (
+        f"choices: {', '.join(words)} (the label words saved with {name}; --choices overrides)")
 
 
 def _records(config: EvalConfig, choices: list[str] | None, adapters: dict[str, Adapter]
@@ -174,7 +200,7 @@ def _generate(base: FrozenModel, base_template: Template, models, records: list[
 
 
 
-METRICS = [("n", "n", "{:d}"), ("loss", "loss (answer tokens)", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
+METRICS = [("method", "method", "{}"), ("n", "n", "{:d}"), ("loss", "loss (answer tokens)", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
            ("accuracy", "accuracy (rank classification)", "{:.1%}"), ("exact_match", "exact match (greedy)", "{:.1%}"),
            ("rouge_l", "ROUGE-L (greedy)", "{:.3f}"), ("seconds", "seconds", "{:.1f}")]
 

@@ -1,8 +1,15 @@
 """`softprompt inspect ADAPTER`: what a soft prompt "says".
 
-Shows the adapter's config, its size on disk, its trainable parameter count, and for every virtual token its norm
-and the vocabulary tokens whose input embeddings are nearest by cosine similarity — the analysis Lester et al.
-(2021) did by hand. The norm of an average vocabulary embedding is printed alongside, for scale.
+Shows the adapter's config (its method), its size on disk, its parameter count, and then:
+
+- prompt-tuning and P-tuning adapters (input embeddings): for every virtual token its norm and the vocabulary tokens
+  whose input embeddings are nearest by cosine similarity — the analysis Lester et al. (2021) did by hand. The norm
+  of an average vocabulary embedding is printed alongside, for scale.
+- prefix adapters: per layer, the norms of the prefix's keys and values (mean over the virtual positions). A prefix
+  is not in the input-embedding space — it is keys and values inside each layer, which no token's embedding is — so
+  there is no nearest-token lookup. What can honestly be compared is scale: with a base model, the mean key and
+  value norms that real text produces at the same layer are printed alongside (norms do not depend on the rotary
+  rotation that real keys carry). A layer whose prefix norms are far above its text's norms dominates attention.
 """
 
 from __future__ import annotations
@@ -12,8 +19,13 @@ from pathlib import Path
 
 import torch
 
+from softprompt.core import forward
+from softprompt.core.prompt import DEFAULT_INIT_TEXT
 from softprompt.formats.adapter import load_adapter
 from softprompt.core.models import DEFAULT_MODEL, DEFAULT_MODEL_NAME, load_base
+
+PREFIX_NOTE = ("a prefix holds keys and values inside every layer, not input embeddings, so its vectors have no "
+               "nearest vocabulary tokens; shown: per-layer norms")
 
 
 def nearest_tokens(embeddings: torch.Tensor, table: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,6 +51,7 @@ def inspect_adapter(path: str | Path, base=None, top_k: int = 5) -> dict:
     files = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.is_file()}
     info: dict = {
         "path": str(path),
+        "method": adapter.method,
         "config": adapter.config,
         "softprompt": adapter.extra,
         "template": adapter.template.spec,
@@ -49,6 +62,8 @@ def inspect_adapter(path: str | Path, base=None, top_k: int = 5) -> dict:
         "trainable_parameters": emb.numel(),
         "base_model": base.name if base is not None else None,
     }
+    if adapter.method == "prefix":
+        return _prefix_report(info, adapter, base)
     norms = emb.norm(dim=-1)
     tokens = [{"index": i, "norm": round(float(norms[i]), 4)} for i in range(emb.shape[0])]
     if base is not None and top_k > 0:
@@ -64,12 +79,49 @@ def inspect_adapter(path: str | Path, base=None, top_k: int = 5) -> dict:
     return info
 
 
+def _prefix_report(info: dict, adapter, base) -> dict:
+    """Per-layer key/value norms of a prefix adapter, and those of real text at each layer when `base` is given."""
+    config = adapter.config
+    layers, width = config.get("num_layers"), adapter.embeddings.shape[1]
+    token_dim = config.get("token_dim")
+    if base is not None:
+        layers, kv_heads, head_dim = forward.prefix_layout(base.model)
+        token_dim = kv_heads * head_dim
+    if not layers or not token_dim or layers * 2 * token_dim != width:
+        layers, token_dim = None, None
+    info["hidden_size"] = None
+    info["prefix_width"] = width
+    info["note"] = PREFIX_NOTE
+    info["tokens"] = [{"index": i, "norm": round(float(n), 4)} for i, n in enumerate(adapter.embeddings.norm(dim=-1))]
+    if layers is None:
+        return info
+    per = adapter.embeddings.float().view(adapter.embeddings.shape[0], layers, 2, token_dim)
+    norms = per.norm(dim=-1).mean(0)  # [layers, 2]: mean over positions of each position's key / value norm
+    text = _text_kv_norms(base) if base is not None else None
+    info["layers"] = [{"layer": i, "key_norm": round(float(norms[i, 0]), 4), "value_norm": round(float(norms[i, 1]), 4),
+                       **({"text_key_norm": round(text[i][0], 4), "text_value_norm": round(text[i][1], 4)}
+                          if text else {})} for i in range(layers)]
+    return info
+
+
+@torch.no_grad()
+def _text_kv_norms(base, text: str = DEFAULT_INIT_TEXT) -> list[tuple[float, float]]:
+    """Mean key and value norm per layer (over kv heads flattened, mean over positions) of a sample text."""
+    ids = base.tokenizer(text, return_tensors="pt")["input_ids"].to(base.device)
+    embeds = base.model.get_input_embeddings()(ids)[0]
+    kv, _ = forward.prompt_kv(base.model, embeds)  # a text run as "virtual tokens" gives its keys/values
+    flat = forward.flat_prefix(kv)
+    layers = len(kv)
+    per = flat.view(flat.shape[0], layers, 2, -1).norm(dim=-1).mean(0)
+    return [(float(per[i, 0]), float(per[i, 1])) for i in range(layers)]
+
+
 def format_report(info: dict) -> str:
     """Human-readable text for `inspect_adapter`'s result."""
     cfg, extra = info["config"], info["softprompt"]
     lines = [
         f"adapter: {info['path']}",
-        f"  peft_type {cfg.get('peft_type')}, task_type {cfg.get('task_type')}, init "
+        f"  method {info.get('method', 'prompt')}: peft_type {cfg.get('peft_type')}, task_type {cfg.get('task_type')}, init "
         f"{extra.get('init') or cfg.get('prompt_tuning_init')}"
         + (f" ({cfg.get('prompt_tuning_init_text')!r})" if cfg.get("prompt_tuning_init_text") else ""),
         f"  base model: {cfg.get('base_model_name_or_path')}",
@@ -77,11 +129,15 @@ def format_report(info: dict) -> str:
         + (f", label words: {extra['label_words']}" if extra.get("label_words") else ""),
         f"  size on disk: {info['size_bytes']:,} bytes ({', '.join(f'{k} {v:,}' for k, v in info['files'].items())})",
         f"  virtual tokens: {info['num_virtual_tokens']} x hidden {info['hidden_size']} = "
-        f"{info['trainable_parameters']:,} trainable parameters",
+        f"{info['trainable_parameters']:,} trainable parameters" if info.get("method") != "prefix" else
+        f"  virtual positions: {info['num_virtual_tokens']} x prefix width {info['prefix_width']} "
+        f"(layers x 2 x kv heads x head dim) = {info['trainable_parameters']:,} parameters",
     ]
     summary = {k: v for k, v in extra.items() if k not in ("template", "label_words")}
     if summary:
         lines.append(f"  training: {json.dumps(summary, ensure_ascii=False)}")
+    if info.get("method") == "prefix":
+        return "\n".join(lines + _prefix_lines(info))
     if "vocab_mean_norm" in info:
         lines.append(f"  nearest vocabulary tokens by cosine similarity (mean vocabulary embedding norm "
                      f"{info['vocab_mean_norm']:.3f}):")
@@ -94,3 +150,22 @@ def format_report(info: dict) -> str:
                                      for n in entry["nearest"])
         lines.append(line)
     return "\n".join(lines)
+
+
+def _prefix_lines(info: dict) -> list[str]:
+    lines = [f"  {info['note']}"]
+    if "layers" not in info:
+        lines.append("  (the layer layout is unknown without a base model or the config's num_layers/token_dim; "
+                     "per-position norms over all layers:)")
+        lines += [f"  {e['index']:>4}  norm {e['norm']:8.3f}" for e in info["tokens"]]
+        return lines
+    text = "text_key_norm" in info["layers"][0]
+    lines.append("  layer  key norm  value norm" + ("   text key norm  text value norm   (mean over positions; text: "
+                                                     "the keys/values real text produces there)" if text else
+                                                     "   (mean over positions)"))
+    for e in info["layers"]:
+        line = f"  {e['layer']:>5}  {e['key_norm']:8.3f}  {e['value_norm']:10.3f}"
+        if text:
+            line += f"   {e['text_key_norm']:13.3f}  {e['text_value_norm']:15.3f}"
+        lines.append(line)
+    return lines

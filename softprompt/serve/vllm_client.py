@@ -12,6 +12,10 @@ positions softprompt gives the virtual tokens (0..N-1) and the text (N, N+1, ...
                    instruction="Classify: great movie!", max_tokens=8)["choices"][0]["text"])
 
 Only the embedding table of the base model is needed client-side (no forward pass).
+
+`prompt_embeds` carries input embeddings only, so this route serves prompt-tuning and P-tuning adapters (both are
+[N, hidden] input embeddings) but not prefix-tuning ones, whose keys/values live inside every layer:
+`completion_payload` refuses those with `PrefixNotSupported` (serve them with `softprompt serve`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,21 @@ import urllib.request
 import torch
 
 from softprompt.data.templates import Template, encode_text
+
+
+class PrefixNotSupported(ValueError):
+    """A prefix-tuning adapter was given to the prompt_embeds route, which carries input embeddings only."""
+
+
+def check_embeddable(adapter) -> None:
+    """Raise PrefixNotSupported unless `adapter` (an adapter.Adapter or None) is made of input embeddings."""
+    method = getattr(adapter, "method", "prompt") if adapter is not None else "prompt"
+    if method == "prefix":
+        where = f" {adapter.path}" if getattr(adapter, "path", None) else ""
+        raise PrefixNotSupported(
+            f"adapter{where} uses method prefix (prefix tuning: keys and values inside every layer); vLLM's "
+            "prompt_embeds input carries input embeddings only, so it serves prompt and ptuning adapters but not "
+            "prefix ones; serve this adapter with `softprompt serve`")
 
 
 def prompt_text(template: Template, tokenizer, *, instruction: str | None = None, input: str = "",
@@ -87,6 +106,7 @@ def completion_payload(model: str, base, adapter=None, *, instruction: str | Non
 
     `adapter` is an adapter.Adapter (its template formats the prompt unless `template` is given) or None.
     """
+    check_embeddable(adapter)
     template = template or (adapter.template if adapter is not None else Template())
     text_ = prompt_text(template, base.tokenizer, instruction=instruction, input=input, messages=messages, text=text)
     ids = encode_text(base.tokenizer, text_)
