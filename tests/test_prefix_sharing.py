@@ -101,3 +101,56 @@ def test_shared_text_without_a_prompt_scores_like_the_plain_model(tiny):
     assert torch.allclose(nll, expected, atol=1e-5)
     with pytest.raises(ValueError, match="needs a prompt or shared text"):
         forward.SharedPrefix(tiny.model, None)
+
+
+def _one_by_one(tiny, virtual, examples):
+    """The straightforward way: each example alone, as one full sequence."""
+    out = []
+    with torch.no_grad():
+        for e in examples:
+            ids = torch.tensor([e.ids])
+            nll, count = forward.label_nll(tiny.model, virtual, ids, torch.ones_like(ids), torch.tensor([e.labels]))
+            out.append((float(nll[0]), int(count[0])))
+    return torch.tensor([n for n, _ in out], dtype=torch.float64), torch.tensor([c for _, c in out])
+
+
+def _choice_examples(tiny, records: int, choices: list[list[int]], seed: int = 5):
+    """Record-major (record, choice) examples: a record's prompt (own length, a common start) then each choice."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = len(tiny.tokenizer)
+    common = torch.randint(5, vocab, (3,), generator=g).tolist()
+    out = []
+    for r in range(records):
+        prompt = common + torch.randint(5, vocab, (1 + (r * 7) % 9,), generator=g).tolist()
+        for choice in choices:
+            out.append(batching.Example(prompt + choice, [-100] * len(prompt) + choice, f"r{r}"))
+    return out
+
+
+@pytest.mark.parametrize("name", [None, "prompt", "prefix", "ptuning"])
+@pytest.mark.parametrize("max_tokens,max_rows", [(4096, None), (40, 2)])
+def test_grouped_choice_scoring_equals_full_sequences(tiny, name, max_tokens, max_rows):
+    virtual = build_prompt(tiny, name, "random", 3, seed=1).virtual() if name else None
+    # choices of different lengths, two sharing their first token (which is learned, so it is not shared)
+    choices = [[7, 8, 1], [7, 9, 1], [10, 1], [11, 12, 13, 1], [14, 1], [15, 16, 1]]
+    examples = _choice_examples(tiny, 7, choices)
+    expected, expected_counts = _one_by_one(tiny, virtual, examples)
+    nll, counts = scoring.nll_per_group(tiny.model, virtual, examples, len(choices), tiny.tokenizer.pad_token_id,
+                                        max_tokens, max_rows)
+    assert torch.equal(counts, expected_counts)
+    assert torch.allclose(nll, expected, atol=1e-4, rtol=1e-5), (nll - expected).abs().max()
+    picked = nll.view(7, len(choices)).argmin(1)
+    assert torch.equal(picked, expected.view(7, len(choices)).argmin(1))
+    plain, _ = scoring.nll_per_example(tiny.model, virtual, examples, tiny.tokenizer.pad_token_id, max_tokens,
+                                       max_rows)
+    assert torch.allclose(plain, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_grouped_scoring_without_a_common_prompt_falls_back(tiny):
+    a = batching.Example([5, 6, 7], [-100, 6, 7], "a")
+    b = batching.Example([8, 6, 7], [-100, 6, 7], "b")
+    expected, _ = _one_by_one(tiny, None, [a, b, a, b])
+    nll, _ = scoring.nll_per_group(tiny.model, None, [a, b, a, b], 2, tiny.tokenizer.pad_token_id, 4096)
+    assert torch.allclose(nll, expected, atol=1e-4)
+    with pytest.raises(ValueError, match="groups of 3"):
+        scoring.nll_per_group(tiny.model, None, [a, b], 3, tiny.tokenizer.pad_token_id, 4096)
