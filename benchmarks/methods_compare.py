@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtype", default="float32", help="passed to train and eval (pinned: the 'auto' default may "
+                                                           "pick bf16 on CPUs with native bf16)")
     args = parser.parse_args(argv)
 
     splits, out = Path(args.splits), Path(args.out)
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     outputs = {json.loads(line)["output"] for line in (splits / "train.jsonl").read_text().splitlines() if line}
     choices = sorted(outputs) if len(outputs) <= 10 else None
     sp = softprompt_cmd()
-    threads = ["--threads", str(args.threads)] if args.threads else []
+    threads = (["--threads", str(args.threads)] if args.threads else []) + ["--dtype", args.dtype]
     results = []
     for spec in args.run:
         name, _, flags = spec.partition(":")
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
             folder.mkdir(parents=True, exist_ok=True)
             models = ["--template", template] + (["--choices", ",".join(choices)] if choices else [])
         report_path = folder / f"eval-{args.split}.json"
-        run(sp + ["eval", "--data", str(eval_file), *models, "--max-new-tokens", "0", "--max-length",
+        run(sp + ["eval", "--data", str(eval_file), *models, *threads, "--max-new-tokens", "0", "--max-length",
                   str(args.max_length + 64), "--no-progress", "--json", str(report_path), "--examples", "0"])
         report = json.loads(report_path.read_text())
         result = report["results"][0]

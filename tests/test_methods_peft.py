@@ -1,0 +1,131 @@
+"""Prefix-tuning and P-tuning adapters interoperate with real PEFT 0.21, both ways, on a grouped-query tiny Llama
+(4 heads over 2 key/value heads): PEFT's forward logits (its `generate` is broken on current transformers) and its
+loss equal softprompt's, for adapters written by either side, with and without a projection / encoder kind."""
+
+import json
+
+import pytest
+import torch
+
+from helpers import text_logits, tiny_base
+from softprompt.core import forward
+from softprompt.core.prompt import build_prompt
+from softprompt.formats.adapter import load_adapter, save_adapter
+
+peft = pytest.importorskip("peft")
+
+ATOL = 1e-5
+VARIANTS = {
+    "prefix": ("prefix", {}),
+    "prefix-projection": ("prefix", {"prefix_projection": True, "encoder_hidden_size": 24}),
+    "ptuning-mlp": ("ptuning", {"encoder_hidden_size": 20}),
+    "ptuning-lstm": ("ptuning", {"encoder_type": "lstm", "encoder_hidden_size": 12}),
+}
+
+
+def batch(seed: int = 0):
+    """Two rows, the second right-padded (PEFT numbers positions without looking at the mask)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 100, (2, 9), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    return ids, mask
+
+
+def peft_text_logits(peft_model, method: str, n: int, ids, mask) -> torch.Tensor:
+    logits = peft_model(input_ids=ids, attention_mask=mask).logits
+    return logits if method == "prefix" else logits[:, n:]  # prompt-style methods return the virtual positions too
+
+
+def assert_equal_on_real_tokens(ours, theirs, mask):
+    assert ours.shape == theirs.shape
+    keep = mask.bool()
+    assert torch.allclose(ours[keep], theirs[keep], atol=ATOL), (ours[keep] - theirs[keep]).abs().max()
+
+
+def trained_a_little(base, method: str, options: dict, n: int = 4):
+    """A module moved off its initialisation (random updates), so equality is not a coincidence of init."""
+    module = build_prompt(base, method, "random", n, seed=2, **options)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(0.3 * param.std() * torch.randn(param.shape, generator=generator))
+    return module
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_softprompt_adapter_loads_in_peft_with_equal_logits_and_loss(tmp_path, variant):
+    method, options = VARIANTS[variant]
+    base = tiny_base(seed=1)
+    module = trained_a_little(base, method, options)
+    save_adapter(tmp_path / "sp", module, base)
+    config = json.loads((tmp_path / "sp" / "adapter_config.json").read_text())
+    peft_model = peft.PeftModel.from_pretrained(tiny_base(seed=1).model, str(tmp_path / "sp"))
+    assert peft_model.peft_config["default"].peft_type.value == config["peft_type"]
+    ids, mask = batch()
+    adapter = load_adapter(tmp_path / "sp", base)
+    ours = text_logits(base.model, adapter.virtual(), ids, mask)
+    assert_equal_on_real_tokens(ours, peft_text_logits(peft_model, method, 4, ids, mask), mask)
+
+    # the loss PEFT computes from labels equals softprompt's label NLL (a prefix scores from text position 1 on)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :3] = -100
+    theirs = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    nll, counts = forward.label_nll(base.model, adapter.virtual(), ids, mask, labels)
+    assert float(nll.sum() / counts.sum()) == pytest.approx(float(theirs), abs=ATOL)
+
+
+def peft_config_of(variant: str):
+    n = 5
+    if variant == "prefix":
+        return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n)
+    if variant == "prefix-projection":
+        return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, prefix_projection=True,
+                                       encoder_hidden_size=24)
+    if variant == "ptuning-mlp":
+        return peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, encoder_hidden_size=20)
+    return peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=n,
+                                    encoder_reparameterization_type="LSTM", encoder_hidden_size=12)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_peft_saved_adapter_loads_in_softprompt_with_equal_logits(tmp_path, variant):
+    method = VARIANTS[variant][0]
+    torch.manual_seed(3)
+    peft_model = peft.get_peft_model(tiny_base(seed=1).model, peft_config_of(variant))
+    with torch.no_grad():  # move every trainable tensor off PEFT's initialisation
+        for param in peft_model.prompt_encoder["default"].parameters():
+            param.add_(0.3 * torch.randn_like(param) * (param.std() if param.numel() > 1 else 1))
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    ids, mask = batch(1)
+    theirs = peft_text_logits(peft_model, method, 5, ids, mask)  # PEFT in training mode: through its encoder
+
+    base = tiny_base(seed=1)
+    adapter = load_adapter(tmp_path / "peft", base)
+    assert adapter.method == method and adapter.num_virtual_tokens == 5
+    ours = text_logits(base.model, adapter.virtual(), ids, mask)
+    assert_equal_on_real_tokens(ours, theirs, mask)
+    reloaded = peft.PeftModel.from_pretrained(tiny_base(seed=1).model, str(tmp_path / "peft"))
+    assert_equal_on_real_tokens(ours, peft_text_logits(reloaded, method, 5, ids, mask), mask)
+
+    # and softprompt writes the same adapter_config.json fields PEFT wrote for that adapter
+    save_adapter(tmp_path / "again", adapter.embeddings, base, method=method,
+                 peft_fields={k: v for k, v in adapter.config.items()
+                              if k in ("prefix_projection", "encoder_hidden_size", "encoder_reparameterization_type")})
+    ours_config = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    peft_written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert set(ours_config) == set(peft_written)
+    skip = {"base_model_name_or_path"}
+    assert {k: v for k, v in ours_config.items() if k not in skip} == \
+        {k: v for k, v in peft_written.items() if k not in skip}
+
+
+def test_prefix_tensor_has_the_shape_peft_uses(tmp_path):
+    base = tiny_base(seed=1)
+    save_adapter(tmp_path / "sp", build_prompt(base, "prefix", "random", 3), base)
+    from safetensors.torch import load_file
+
+    tensor = load_file(str(tmp_path / "sp" / "adapter_model.safetensors"))["prompt_embeddings"]
+    peft_model = peft.get_peft_model(tiny_base(seed=1).model,
+                                     peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    assert tensor.shape == peft_model.prompt_encoder["default"].embedding.weight.shape == (3, 2 * 2 * 16)
