@@ -154,3 +154,27 @@ def test_grouped_scoring_without_a_common_prompt_falls_back(tiny):
     assert torch.allclose(nll, expected, atol=1e-4)
     with pytest.raises(ValueError, match="groups of 3"):
         scoring.nll_per_group(tiny.model, None, [a, b], 3, tiny.tokenizer.pad_token_id, 4096)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_training_with_shared_text_equals_training_without(tmp_path, monkeypatch, name):
+    from test_train import config, trainable_base
+    from softprompt.formats.adapter import load_adapter
+    from softprompt.training.loop import train
+
+    base = trainable_base()
+    records = [{"instruction": "Is this sentence about colours? Answer yes or no.", "input": word,
+                "output": "yes" if i % 2 else "no"} for i, word in enumerate(
+                    ["red", "blue", "house", "tree", "pink", "cyan", "car", "dog"] * 2)]
+    sizes = []
+    real = batching.shared_prompt_length
+    monkeypatch.setattr(batching, "shared_prompt_length", lambda ex: sizes.append(real(ex)) or sizes[-1])
+    method = name.split("-")[0]
+    options = dict(data=records, method=method, max_steps=3, auto_label_words=False, **METHODS[name])
+    shared = train(config(tmp_path / "shared", base, **options))
+    assert min(sizes) >= len("Human: Is this sentence about colours? Answer yes or no.\n")
+    monkeypatch.setattr(batching, "shared_prompt_length", lambda ex: 0)
+    whole = train(config(tmp_path / "whole", base, **options))
+    assert shared.train_loss == pytest.approx(whole.train_loss, rel=1e-5)
+    a, b = load_adapter(tmp_path / "shared").embeddings, load_adapter(tmp_path / "whole").embeddings
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()

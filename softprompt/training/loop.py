@@ -394,12 +394,17 @@ def _accumulate_gradients(run: Run, mine: list[int], label_total: int) -> torch.
     micro-batch's loss is divided by the whole step's answer-token count, so the gradients add up to the step's."""
     model, prompt, device = run.base.model, run.prompt, run.base.device
     nll_sum = torch.zeros((), device=device)
-    # kv mode: the virtual tokens (and a prompt encoder) run once per step, not once per micro-batch (see
-    # forward.SharedPrefix); concat mode re-runs them in each micro-batch, whose backward consumes its graph
+    # kv mode: the virtual tokens (and a prompt encoder) run once per step, not once per micro-batch, and so do the
+    # leading prompt tokens all of the step's records share (see forward.SharedPrefix); the micro-batches hold what
+    # follows them. Concat mode re-runs the prompt in each micro-batch, whose backward consumes its graph.
     virtual = prompt.virtual() if run.mode == "kv" else None
-    prefix = forward.SharedPrefix(model, virtual) if run.mode == "kv" else None
-    for micro in batching.micro_batches(mine, run.lengths, run.config.max_batch_tokens):
-        batch = batching.collate([run.examples[i] for i in micro], run.base.tokenizer.pad_token_id, device)
+    examples = [run.examples[i] for i in mine]
+    shared = batching.shared_prompt_length(examples) if run.mode == "kv" else 0
+    text = torch.tensor(examples[0].ids[:shared] if shared else [], dtype=torch.long, device=device)
+    prefix = forward.SharedPrefix(model, virtual, text) if run.mode == "kv" else None
+    rest = [e.after(shared) for e in examples]
+    for micro in batching.micro_batches(list(range(len(rest))), [len(e) for e in rest], run.config.max_batch_tokens):
+        batch = batching.collate([rest[i] for i in micro], run.base.tokenizer.pad_token_id, device)
         nll, _ = forward.label_nll(model, virtual or prompt.virtual(), batch["input_ids"], batch["attention_mask"],
                                    batch["labels"], mode=run.mode, prefix=prefix)
         loss = nll.sum() / label_total
