@@ -178,3 +178,25 @@ def test_training_with_shared_text_equals_training_without(tmp_path, monkeypatch
     assert shared.train_loss == pytest.approx(whole.train_loss, rel=1e-5)
     a, b = load_adapter(tmp_path / "shared").embeddings, load_adapter(tmp_path / "whole").embeddings
     assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_eval_rank_classification_matches_the_full_sequence_way(tiny, tmp_path, monkeypatch):
+    from softprompt.evaluation import evaluate as evaluate_module
+    from softprompt.formats.adapter import save_adapter
+    from softprompt.data.templates import Template
+
+    g = torch.Generator().manual_seed(3)
+    path = save_adapter(tmp_path / "a", torch.randn(4, tiny.hidden_size, generator=g) * 0.5, tiny,
+                        template=Template("Which class is {instruction}? "))
+    choices = ["abbreviation", "description", "entity", "human", "location", "number"]
+    records = [{"instruction": w, "output": choices[i % 6]} for i, w in
+               enumerate(["red", "blue", "a long question here", "cyan", "teal", "x", "gray", "why is the sky"])]
+    grouped = evaluate_module.evaluate(records, tiny, [path], choices=choices, max_new_tokens=0)["results"][0]
+    calls = []
+    monkeypatch.setattr(evaluate_module, "nll_per_group", lambda model, prompt, examples, group, *a: calls.append(1)
+                        or scoring.nll_per_example(model, prompt, examples, *a))
+    full = evaluate_module.evaluate(records, tiny, [path], choices=choices, max_new_tokens=0)["results"][0]
+    assert calls
+    assert grouped["accuracy"] == full["accuracy"]
+    assert [e["choice"] for e in grouped["examples"]] == [e["choice"] for e in full["examples"]]
+    assert grouped["loss"] == pytest.approx(full["loss"], rel=1e-5)

@@ -3,8 +3,9 @@
 For every evaluated model (the base model and/or each adapter), batched:
 - loss and perplexity on the answer tokens (answer + EOS, exactly the tokens training learns), via forward.label_nll;
 - with `choices`: rank classification — for each record and each choice, the NLL of the choice's *full* token
-  sequence (+ EOS) after the templated prompt; the lowest wins. All (record, choice) pairs are scored in the same
-  token-budget batches. Plus exact match of the greedy answer;
+  sequence (+ EOS) after the templated prompt; the lowest wins. Each record's prompt runs once and all its choices
+  are scored from its keys/values (scoring.nll_per_group: the same scores as one full sequence per choice). Plus
+  exact match of the greedy answer;
 - without choices: exact match and ROUGE-L (rouge.py) of greedy answers from the generation engine.
 
 An adapter is always evaluated with the template saved in it, so training and evaluation format records the same
@@ -30,7 +31,7 @@ from softprompt.inference.engine import Engine, GenerationRequest
 from softprompt.core.models import FrozenModel, load_base
 from softprompt.evaluation.rouge import exact_match, rouge_l
 from softprompt.evaluation.config import DEFAULT_MAX_NEW_TOKENS, EvalConfig
-from softprompt.training.scoring import nll_per_example
+from softprompt.training.scoring import nll_per_example, nll_per_group
 from softprompt.data.templates import Template, encode_example, encode_text
 
 
@@ -70,8 +71,12 @@ def score_model(base: FrozenModel, adapter: Adapter | None, template: Template, 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(examples), desc="score", unit="seq", leave=False)
-    nll, counts = nll_per_example(base.model, prompt, examples, tok.pad_token_id, max_batch_tokens,
-                                           batch_size, bar)
+    if choices:
+        nll, counts = nll_per_group(base.model, prompt, examples, len(choices), tok.pad_token_id, max_batch_tokens,
+                                    batch_size, bar)
+    else:
+        nll, counts = nll_per_example(base.model, prompt, examples, tok.pad_token_id, max_batch_tokens, batch_size,
+                                      bar)
     if bar is not None:
         bar.close()
     predicted = None
