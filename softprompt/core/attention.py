@@ -1,4 +1,5 @@
-"""Attention for grouped-query models on the CPU: PyTorch SDPA reading the grouped key/value heads in place.
+"""Attention for grouped-query models on the CPU: PyTorch SDPA reading the grouped key/value heads in place, and a
+row-exact mode for batch-invariant generation.
 
 transformers' "sdpa" function copies the key/value heads of grouped-query-attention models (`repeat_kv`) whenever it
 passes an attention mask, because CUDA's fused kernels cannot take a mask and grouped heads together. PyTorch's CPU
@@ -7,10 +8,23 @@ keeps for the backward pass (on SmolLM2-135M, 9 heads over 3: 3 KB per token per
 saved activations). `grouped_sdpa` hands the grouped heads straight to the kernel on the CPU and defers to
 transformers' own sdpa function everywhere else (CUDA, no mask, single-token decoding, position biases).
 
+Row-exact mode (`row_exact()`, used by the generation engine): attention kernels choose their blocking and
+reduction order from the key length, and a batch's key length (and where a row's keys sit in it: left pads, pads
+between prompt and generated tokens) depends on the other rows. In fp32 the resulting rounding differences are
+~1e-7 and rarely change a token; in bf16 they flip the rounding of the bf16 output, which then grows through the
+layers and changes greedy tokens. In row-exact mode each row's attention runs on its own: its real keys and real
+queries are gathered into fresh contiguous tensors (the same tensors whether the row is alone or in any batch), with
+the row's own slice of the mask, so the kernel sees identical inputs and returns identical outputs. Rows at or past
+`live` (ghost rows the engine adds to keep matrix products off the one-row path) are skipped.
+
 `use_grouped_sdpa(model)` registers it (with sdpa's mask builder) under NAME and switches a loaded model to it.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +35,73 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 NAME = "softprompt_sdpa"
 
 
+@dataclass
+class _RowExact:
+    live: int | None                       # rows >= live are ghost rows (skipped); None = every row is real
+    mask: object = None                    # the 4-D mask the cached plan below was made from (one per forward)
+    shape: tuple = ()
+    plan: list = field(default_factory=list)
+
+
+_ROW_EXACT: ContextVar[_RowExact | None] = ContextVar("softprompt_row_exact", default=None)
+
+
+@contextmanager
+def row_exact(live: int | None = None):
+    """Within this block, attention through `grouped_sdpa` is computed row by row over each row's real keys, so a
+    row's result does not depend on its batch-mates; `live`: only the first `live` rows are real."""
+    token = _ROW_EXACT.set(_RowExact(live))
+    try:
+        yield
+    finally:
+        _ROW_EXACT.reset(token)
+
+
+def _row_plan(state: _RowExact, attention_mask: torch.Tensor | None, batch: int, q_len: int, k_len: int,
+              device: torch.device) -> list:
+    """Per real row: (row, key index, query index, query positions in the output, that row's [Lq', Lk'] mask or
+    None). Made once per forward pass (every layer shares the mask) and reused by every layer."""
+    shape = (batch, q_len, k_len)
+    if state.plan and state.mask is attention_mask and state.shape == shape:
+        return state.plan
+    live = batch if state.live is None else min(state.live, batch)
+    plan = []
+    for b in range(live):
+        if attention_mask is None:  # causal over all keys, nothing padded
+            keys = torch.arange(k_len, device=device)
+            mask = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+        else:
+            row = attention_mask[b, 0] if attention_mask.shape[0] > 1 else attention_mask[0, 0]
+            row = row if row.dtype == torch.bool else row == 0
+            keys = row[-1].nonzero().flatten()  # the last query sees every real key (causal: it comes last)
+            mask = row.index_select(1, keys)
+        queries = keys[keys >= k_len - q_len] - (k_len - q_len)  # the new tokens' own keys are the last q_len
+        mask = mask.index_select(0, queries)
+        plan.append((b, keys, queries, None if bool(mask.all()) else mask))
+    state.mask, state.shape, state.plan = attention_mask, shape, plan
+    return plan
+
+
+def _row_exact_sdpa(state: _RowExact, module, query, key, value, attention_mask, scaling) -> torch.Tensor:
+    batch, heads, q_len, dim = query.shape
+    out = query.new_zeros(batch, q_len, heads, value.shape[-1])
+    gqa = key.shape[1] != heads
+    for b, keys, queries, mask in _row_plan(state, attention_mask, batch, q_len, key.shape[2], query.device):
+        q = query[b].index_select(1, queries).unsqueeze(0)
+        k = key[b].index_select(1, keys).unsqueeze(0)
+        v = value[b].index_select(1, keys).unsqueeze(0)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+        out[b].index_copy_(0, queries, o[0].transpose(0, 1))
+    return out
+
+
 def grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                  is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention-function signature: query [B, heads, Lq, D], key/value [B, kv_heads, Lk, D]."""
+    state = _ROW_EXACT.get()
+    if (state is not None and query.device.type == "cpu" and not dropout and kwargs.get("position_bias") is None
+            and kwargs.get("softcap") is None and kwargs.get("sliding_window") is None):
+        return _row_exact_sdpa(state, module, query, key, value, attention_mask, scaling), None
     groups = getattr(module, "num_key_value_groups", 1)
     if (query.device.type != "cpu" or groups == 1 or attention_mask is None or query.shape[2] == 1
             or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None):
@@ -37,6 +115,8 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
 def use_grouped_sdpa(model) -> bool:
     """Switch a model loaded with attn_implementation="sdpa" to `grouped_sdpa`; False (model unchanged) when the
     model uses another attention or cannot take a registered one."""
+    if getattr(model.config, "_attn_implementation", None) == NAME:
+        return True
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
     AttentionInterface.register(NAME, grouped_sdpa)

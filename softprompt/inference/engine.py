@@ -10,12 +10,28 @@ real text tokens N_i, N_i+1, ... (pads are never counted). Keys are stored alrea
 effect, so a row's result does not depend on its batch-mates, on padding, or on which adapter (or none) the other
 rows use. Prompts are right-padded inside a prefill block so that no query ever sees only pads.
 
+Masked keys having no effect is exact arithmetic; kernels are not. Below fp32 (bf16, fp16) the engine runs in
+row-exact mode, so that a row's logits are bit-for-bit those of the same row alone:
+- attention runs row by row on the row's own real keys and queries, gathered into fresh tensors (core/attention.py
+  `row_exact`): SDPA's blocking and summation order follow the key length and a key's place in it, which depend on
+  the batch-mates (left pads, pads between prompt and generated tokens);
+- no matrix product has a single row: a one-row product takes oneDNN's one-row kernel, which sums in another order
+  than the kernel for two or more rows (bf16 outputs then differ by one rounding step), and products below 16^3
+  multiply-adds leave oneDNN for torch's own kernel (`min_rows`: 2 for real models, more for tiny test models). A
+  smaller batch decodes with ghost copies of its first row (their attention skipped), a short prompt alone gets pads,
+  and the LM head is padded the same way. Above that, oneDNN's bf16 products give each row the same bits whatever the
+  row count.
+In fp32 the batched kernels are kept: their differences (~1e-7) are far below a token's margin in practice, but not
+bit-exact (docs/benchmarks.md, "Batch invariance in bf16", has the measurements and the cost).
+
 `Engine` wraps a `PromptCache` and runs offline continuous batching (`generate`) or one streamed request (`stream`).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
+from contextlib import nullcontext
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +39,7 @@ import torch
 
 from softprompt.formats.adapter import Adapter
 from softprompt.inference.detokenize import Detokenizer
+from softprompt.core.attention import row_exact, use_grouped_sdpa
 from softprompt.core.forward import cache_tensors, lm_logits, make_cache, positions_from_mask, run_body
 from softprompt.inference.prompt_cache import PromptCache, UnknownAdapterError
 from softprompt.core.models import FrozenModel
@@ -118,6 +135,21 @@ def fit_prompt(request: GenerationRequest, num_virtual_tokens: int, context: int
     )
 
 
+ONEDNN_MIN_WORK = 16 * 16 * 16  # torch hands a bf16 product to oneDNN only when m * k * n exceeds this (ATen
+# native/mkldnn/Matmul.cpp, checksize); smaller ones run torch's own kernel, which rounds differently
+
+
+def min_rows(model) -> int:
+    """The fewest rows a matrix product of this model may have in row-exact mode: 2 (oneDNN sums a one-row product in
+    another order) or more where a layer is so small that fewer rows would leave oneDNN (tiny test models)."""
+    rows = getattr(model, "_softprompt_min_rows", None)
+    if rows is None:
+        sizes = [m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        rows = max([2] + [ONEDNN_MIN_WORK // size + 1 for size in sizes])
+        model._softprompt_min_rows = rows
+    return rows
+
+
 class DecodeBatch:
     """Live rows of a mixed-task batch (see the module docstring for the layout).
 
@@ -125,9 +157,19 @@ class DecodeBatch:
     only unfinished rows remain. `remove` drops rows early (cancelled requests).
     """
 
+    # Row-exact mode (see the module docstring): None = on below fp32 (bf16, fp16), where a rounding difference flips a
+    # whole bf16 step; fp32 keeps the plain batched kernels. Benchmarks set True / False to measure the cost.
+    exact: bool | None = None
+
     def __init__(self, base: FrozenModel, prompt_cache: PromptCache, keep_logits: bool = False):
         self.base = base
         self.prompt_cache = prompt_cache
+        self.exact = self.exact if self.exact is not None else base.dtype != torch.float32
+        self.min_rows = min_rows(base.model)
+        if self.exact and not use_grouped_sdpa(base.model):
+            warnings.warn(f"{base.name}: attention {base.model.config._attn_implementation!r} is not sdpa, so the "
+                          "engine cannot run it row by row: in this dtype a row's tokens may depend on its "
+                          "batch-mates (load the model with attn_implementation='sdpa')", stacklevel=2)
         self.keep_logits = keep_logits
         self.rows: list[_Row] = []
         self.cache = None            # transformers DynamicCache over the per-layer [B, kv_heads, T, head_dim] tensors
@@ -175,12 +217,26 @@ class DecodeBatch:
         if not self.rows:
             return []
         device = self.base.device
+        live = len(self.rows)
         ids = torch.tensor([[row.last_token] for row in self.rows], device=device)
         pos = torch.tensor([[row.next_pos] for row in self.rows], device=device)
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        mask, cache = self.mask, self.cache
+        ghosts = self.min_rows - live if self.exact and live < self.min_rows else 0
+        if ghosts:  # copies of row 0 keep every matrix product on the kernel it takes with many rows
+
+            def grow(x: torch.Tensor) -> torch.Tensor:
+                return torch.cat([x, x[:1].expand(ghosts, *x.shape[1:])])
+
+            ids, pos, mask = grow(ids), grow(pos), grow(mask)
+            cache = make_cache([(grow(k), grow(v)) for k, v in cache_tensors(cache)])
         embeds = self.base.model.get_input_embeddings()(ids)
-        hidden, _ = run_body(self.base.model, embeds, self.mask, pos, cache=self.cache, use_cache=True)
-        logits = lm_logits(self.base.model, hidden[:, -1])
+        with row_exact(live) if self.exact else nullcontext():
+            hidden, cache = run_body(self.base.model, embeds, mask, pos, cache=cache, use_cache=True)
+        if ghosts:
+            cache = make_cache([(k[:live], v[:live]) for k, v in cache_tensors(cache)])
+        self.cache = cache
+        logits = self._head(hidden[:, -1], live)
         for row in self.rows:
             row.next_pos += 1
         events = self._accept(self.rows, logits)
@@ -196,6 +252,8 @@ class DecodeBatch:
         """Run new rows' prompts on top of their cached soft prompts; return (kv, key mask, last-token logits)."""
         device, model = self.base.device, self.base.model
         batch, n_max, l_max = len(requests), max(ns), max(len(p) for p in prompts)
+        if self.exact:
+            l_max = max(l_max, -(-self.min_rows // batch))  # enough token rows for every matrix product
         pad = self.base.tokenizer.pad_token_id or 0
         ids = torch.full((batch, l_max), pad, dtype=torch.long, device=device)
         block_mask = torch.zeros(batch, l_max, dtype=torch.long, device=device)
@@ -220,11 +278,18 @@ class DecodeBatch:
         mask = torch.cat([prefix_mask, block_mask], dim=1)
         offset = torch.tensor(ns, device=device)
         embeds = model.get_input_embeddings()(ids)
-        hidden, cache = run_body(model, embeds, mask, positions_from_mask(block_mask, offset),
-                                 cache=make_cache(prefix), use_cache=True)
+        with row_exact() if self.exact else nullcontext():
+            hidden, cache = run_body(model, embeds, mask, positions_from_mask(block_mask, offset),
+                                     cache=make_cache(prefix), use_cache=True)
         last = torch.tensor([len(p) - 1 for p in prompts], device=device)
-        logits = lm_logits(model, hidden[torch.arange(batch, device=device), last])
+        logits = self._head(hidden[torch.arange(batch, device=device), last], batch)
         return cache_tensors(cache), mask, logits
+
+    def _head(self, hidden: torch.Tensor, live: int) -> torch.Tensor:
+        """fp32 logits of the first `live` rows of hidden [>= live, H] (padded to min_rows in row-exact mode)."""
+        if self.exact and hidden.shape[0] < self.min_rows:
+            hidden = torch.cat([hidden, hidden[:1].expand(self.min_rows - hidden.shape[0], -1)])
+        return lm_logits(self.base.model, hidden)[:live]
 
     def _merge(self, kv, mask: torch.Tensor) -> None:
         """Append new rows' keys/values to the live batch, left-padding whichever side is shorter."""
