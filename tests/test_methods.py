@@ -461,3 +461,20 @@ def test_demo_runs_with_prefix(tiny, tmp_path):
                        examples=1, progress=False)
     assert results["method"] == "prefix" and load_adapter(tmp_path / "demo").method == "prefix"
     assert any("prefix tuning" in line for line in lines)
+
+
+@pytest.mark.parametrize("method", ["prefix", "ptuning"])
+def test_chat_with_any_method_equals_generate(peaked, tmp_path, method):
+    import io
+
+    from softprompt.inference.chat import Conversation, chat_loop
+    from softprompt.inference.generate import add_adapter, build_engine, generate
+
+    save_adapter(tmp_path / method, mixed_adapters(peaked)[method].embeddings, peaked, method=method)
+    engine = build_engine(peaked)
+    name = add_adapter(engine, tmp_path / method)
+    conversation = Conversation(engine, name, {"temperature": 0.0, "top_k": 0, "top_p": 1.0}, 8)
+    stdout = io.StringIO()
+    assert chat_loop(conversation, io.StringIO("hello there\n/quit\n"), stdout, io.StringIO()) == 0
+    expected = generate("hello there", base=peaked, adapter=str(tmp_path / method), greedy=True, max_new_tokens=8)
+    assert stdout.getvalue() == expected + "\n"
