@@ -230,6 +230,13 @@ def test_method_options_are_checked():
         TrainConfig(data=RECORDS, out="x", encoder_type="gru")
     with pytest.raises(ValueError, match="--encoder-hidden-size must be >= 1, got 0"):
         TrainConfig(data=RECORDS, out="x", encoder_hidden_size=0)
+    with pytest.raises(ValueError, match=r"--prefix-projection is for --method prefix \(this run has --method ptuning\)"):
+        TrainConfig(data=RECORDS, out="x", method="ptuning", prefix_projection=True)
+    with pytest.raises(ValueError, match=r"--encoder-type is for --method ptuning \(this run has --method prompt\)"):
+        TrainConfig(data=RECORDS, out="x", encoder_type="lstm")
+    with pytest.raises(ValueError, match="--encoder-hidden-size is for --method ptuning or --method prefix "
+                                         "--prefix-projection"):
+        TrainConfig(data=RECORDS, out="x", method="prefix", encoder_hidden_size=8)
     assert TrainConfig(data=RECORDS, out="x", method="prefix").peak_lr > 0
     assert TrainConfig(data=RECORDS, out="x", method="prefix", lr=0.01).peak_lr == 0.01
 

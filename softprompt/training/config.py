@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from softprompt.core import ENCODER_TYPES, INIT_METHODS, METHODS
-from softprompt.options import (SEED_MAX, check_options, device_option, dtype_option, model_option, option,
-                                progress_option, threads_option)
+from softprompt.options import (SEED_MAX, OptionError, check_options, device_option, dtype_option, model_option,
+                                option, progress_option, threads_option)
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -125,6 +125,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_options(self)
+        if self.prefix_projection and self.method != "prefix":
+            raise OptionError(f"--prefix-projection is for --method prefix (this run has --method {self.method})")
+        if self.encoder_type != "mlp" and self.method != "ptuning":
+            raise OptionError(f"--encoder-type is for --method ptuning (this run has --method {self.method})")
+        if self.encoder_hidden_size is not None and not (self.method == "ptuning" or self.prefix_projection):
+            raise OptionError("--encoder-hidden-size is for --method ptuning or --method prefix --prefix-projection")
 
     @property
     def peak_lr(self) -> float:
