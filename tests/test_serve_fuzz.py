@@ -97,11 +97,23 @@ VALID = {
     "stream": st.booleans(),
     "user": clean,
     "metadata": st.dictionaries(clean, clean, max_size=2),
+    "n": st.integers(min_value=1, max_value=3),
+    "presence_penalty": st.floats(min_value=-2, max_value=2),
+    "frequency_penalty": st.floats(min_value=-2, max_value=2),
+    "logit_bias": st.dictionaries(st.integers(min_value=0, max_value=110).map(str),
+                                  st.floats(min_value=-100, max_value=100), max_size=3),
 }
-COMPLETION = {"prompt": clean | st.lists(clean, min_size=1, max_size=4)}
+token_ids = st.lists(st.integers(min_value=0, max_value=110), min_size=1, max_size=6)
+COMPLETION = {"prompt": clean | st.lists(clean, min_size=1, max_size=4) | token_ids
+              | st.lists(token_ids, min_size=1, max_size=3)}
+COMPLETION_OPTIONAL = {"logprobs": st.integers(min_value=0, max_value=5), "echo": st.booleans(),
+                       "best_of": st.integers(min_value=1, max_value=3),
+                       "max_tokens": st.integers(min_value=0, max_value=8)}
 CHAT = {"messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
                                                     "content": clean}), min_size=1, max_size=3)
         .map(lambda ms: ms + [{"role": "user", "content": "hi"}])}
+CHAT_OPTIONAL = {"logprobs": st.booleans(), "top_logprobs": st.integers(min_value=0, max_value=5),
+                 "max_completion_tokens": st.integers(min_value=1, max_value=8)}
 
 # Anything a client might get wrong, field by field.
 WRONG = {
@@ -114,25 +126,30 @@ WRONG = {
     "stop": st.lists(texts, max_size=20) | st.integers() | st.lists(st.integers(), min_size=1, max_size=2),
     "stream": st.sampled_from(["yes", 1, None]),
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": anything}) | anything,
-    "n": st.sampled_from([2, 0, "1", True]),
-    "presence_penalty": st.sampled_from([0.5, "0"]),
-    "logit_bias": st.dictionaries(texts, st.floats(allow_nan=False), min_size=1, max_size=2),
+    "n": st.sampled_from([0, 65, "1", True, 1.0]),
+    "presence_penalty": st.sampled_from([2.5, -3, "0"]),
+    "frequency_penalty": st.sampled_from([2.5, "0", None]),
+    "logit_bias": st.dictionaries(texts, st.floats(allow_nan=False), min_size=1, max_size=2)
+    | st.dictionaries(st.integers().map(str), st.floats(), min_size=1, max_size=2),
     "metadata": deep | st.dictionaries(texts, anything, max_size=2),
-    "prompt": anything | st.lists(texts, max_size=12) | st.sampled_from(["", [], [""] * 9]) | texts,
+    "prompt": anything | st.lists(texts, max_size=12) | st.sampled_from(["", [], [""] * 9, [[]], [-1], [10 ** 9]])
+    | texts | st.lists(st.integers(), max_size=4) | st.lists(st.lists(st.integers(), max_size=3), max_size=3),
     "messages": anything | st.lists(st.fixed_dictionaries(
         {"role": st.sampled_from(["user", "system", "assistant", "tool", "developer", "robot"])},
         optional={"content": st.none() | texts | st.lists(st.fixed_dictionaries(
             {"type": st.sampled_from(["text", "image_url"]), "text": anything}), max_size=2), "name": texts}),
         max_size=3),
-    "echo": st.just(True), "suffix": texts, "logprobs": anything, "best_of": anything, "tools": anything,
+    "echo": anything, "suffix": texts, "logprobs": anything | st.sampled_from([21, -1]), "best_of": anything,
+    "top_logprobs": anything | st.sampled_from([21, -1, 3]), "tools": anything,
     "response_format": anything, "max_completion_tokens": st.sampled_from([0, 9, "4"]), "frobnicate": anything,
 }
 
 
-def bodies(specific: dict, drop_required: tuple[str, ...]):
+def bodies(specific: dict, drop_required: tuple[str, ...], optional: dict):
     """Valid bodies, valid bodies with one field made wrong (or a required one dropped), and wild ones."""
     required = {"model": VALID["model"], **specific}
-    valid = st.fixed_dictionaries(required, optional={k: v for k, v in VALID.items() if k != "model"})
+    valid = st.fixed_dictionaries(required, optional={**{k: v for k, v in VALID.items() if k != "model"},
+                                                      **optional})
     wrong_keys = sorted(set(WRONG) - ({"prompt"} if "messages" in specific else {"messages"}))
 
     def spoil(body, key, value):
@@ -149,8 +166,8 @@ def bodies(specific: dict, drop_required: tuple[str, ...]):
 
 
 _DROP = object()
-completion_bodies = bodies(COMPLETION, ("model", "prompt"))
-chat_bodies = bodies(CHAT, ("model", "messages"))
+completion_bodies = bodies(COMPLETION, ("model", "prompt"), COMPLETION_OPTIONAL)
+chat_bodies = bodies(CHAT, ("model", "messages"), CHAT_OPTIONAL)
 adapter_names = st.sampled_from(["spare", "copy", "base", "../x", "a/b", ".hidden", "x" * 65]) | texts
 adapter_bodies = st.fixed_dictionaries({}, optional={
     "name": adapter_names | anything,
@@ -204,6 +221,21 @@ def test_adapter_admin_never_5xx(live, body, name):
     if name not in ("alpha", "gamma"):
         check(live, "/v1/adapters/{name}", "delete", live.http.delete("/v1/adapters/" + quoted))
     check(live, "/v1/models/{name}", "get", live.http.get("/v1/models/" + quoted))
+
+
+tokenize_bodies = st.fixed_dictionaries({"model": VALID["model"]}, optional={
+    "prompt": clean | texts | anything, "messages": CHAT["messages"] | WRONG["messages"],
+    "add_special_tokens": st.booleans() | anything, "extra": anything})
+detokenize_bodies = st.fixed_dictionaries({"model": VALID["model"] | WRONG["model"]}, optional={
+    "tokens": token_ids | st.lists(st.integers(), max_size=4) | anything, "extra": anything})
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(tok=tokenize_bodies, detok=detokenize_bodies)
+def test_tokenize_and_detokenize_never_5xx(live, tok, detok):
+    for path, body in (("/tokenize", tok), ("/detokenize", detok)):
+        response = live.http.post(path, content=encode(body), headers={"Content-Type": "application/json"})
+        check(live, path, "post", response)
 
 
 def test_model_list_health_and_rescan_match_the_schema(live):

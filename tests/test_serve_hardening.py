@@ -102,7 +102,7 @@ def test_nan_and_huge_numbers_are_400(server):
     ("max_tokens", "4"), ("max_tokens", True), ("max_tokens", 2.0), ("max_tokens", 0), ("temperature", "0.5"),
     ("temperature", True), ("temperature", 2.5), ("top_p", 0), ("top_k", -1), ("top_k", 2 ** 31), ("stream", "yes"),
     ("stream", 1), ("seed", 2 ** 64), ("seed", -(2 ** 63) - 1), ("seed", 1.5), ("seed", "7"), ("n", True),
-    ("stop", [1]), ("prompt", 5), ("prompt", [1, 2]), ("model", 3), ("user", 5), ("presence_penalty", "0"),
+    ("stop", [1]), ("prompt", 5), ("prompt", [1, "a"]), ("prompt", [[1], "a"]), ("prompt", [True]), ("model", 3), ("user", 5), ("presence_penalty", "0"),
 ])
 def test_strict_types_and_ranges_name_the_field(server, field, value):
     body = {"model": "alpha", "prompt": "x", "max_tokens": 2, field: value}
@@ -510,5 +510,11 @@ def test_openapi_publishes_the_real_models(server):
     schemas = doc["components"]["schemas"]
     assert schemas["CompletionRequest"]["additionalProperties"] is False
     assert schemas["CompletionRequest"]["properties"]["max_tokens"]["anyOf"][0] == {"type": "integer",
-                                                                                     "minimum": 1}
-    assert {"ErrorResponse", "ChatCompletionChunk", "ModelList", "RescanReport"} <= set(schemas)
+                                                                                     "minimum": 0}
+    assert schemas["ChatRequest"]["properties"]["max_tokens"]["anyOf"][0] == {"type": "integer", "minimum": 1}
+    assert {"ErrorResponse", "ChatCompletionChunk", "ModelList", "RescanReport", "CompletionLogprobs",
+            "ChoiceLogprobs", "TokenizeResponse"} <= set(schemas)
+    # the new fields are published: a client generated from /openapi.json can use them
+    assert {"logprobs", "echo", "n", "best_of", "logit_bias"} <= set(schemas["CompletionRequest"]["properties"])
+    assert {"logprobs", "top_logprobs", "n"} <= set(schemas["ChatRequest"]["properties"])
+    assert {"/tokenize", "/detokenize"} <= set(doc["paths"])

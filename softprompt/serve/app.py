@@ -4,7 +4,8 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Endpoints: GET /health, GET /v1/models[/{name}], POST /v1/completions, POST /v1/chat/completions (both with
-`stream`), and the admin endpoints POST /v1/adapters, DELETE /v1/adapters/{name}, POST /v1/adapters/rescan (off
+`stream`, `n`, `logprobs`, penalties and logit_bias; completions also take token-id prompts, `echo` and `best_of`),
+POST /tokenize and /detokenize (as vLLM names them), and the admin endpoints POST /v1/adapters, DELETE /v1/adapters/{name}, POST /v1/adapters/rescan (off
 unless allow_admin=True: 403). Requests for any mix of adapters share one continuously batched DecodeBatch
 (scheduler.py). Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}; a mistake in a request is
 a 4xx, never a 5xx (and never FastAPI's 422). /openapi.json publishes the request and response models (schemas.py)
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import hashlib
 import hmac
 import json
 import time
@@ -39,14 +41,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from softprompt.inference.engine import DecodeBatch, GenerationRequest, context_length
+from softprompt.inference.engine import context_length
 from softprompt.inference.prompt_cache import PromptCache, UnknownAdapterError
 from softprompt.data.templates import Template, TemplateError, encode_text
 from softprompt.serve.config import DEFAULT_MAX_REQUEST_BYTES
 from softprompt.serve.registry import BASE_NAME, AdapterRegistry, RegistryError, validate_name
 from softprompt.serve.scheduler import Job, Overloaded, Scheduler, Unavailable
+from softprompt.serve.batch import ServeBatch, ServeRequest, TokenLogprobs, prompt_logprobs
 from softprompt.serve.schemas import (REQUEST_MODELS, RESPONSE_MODELS, AdapterAdd, APIError, ChatRequest,
-                                      CompletionRequest, decode_body, validation_error)
+                                      CompletionRequest, DetokenizeRequest, TokenizeRequest, decode_body,
+                                      validation_error)
 from softprompt.serve.security import Guard, too_large_message
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -58,10 +62,13 @@ class ClientGone(Exception):
 
 
 class Prepared:
-    """A fully validated generation request: the body, the adapter key and the prompts' ids and token budgets."""
+    """A fully validated generation request: the body, the adapter key, the prompts' ids and token budgets, the
+    adapter's number of virtual tokens, and (completions) the prompts' texts for echo."""
 
-    def __init__(self, body, key: str | None, prompts: list[list[int]], limits: list[int]):
+    def __init__(self, body, key: str | None, prompts: list[list[int]], limits: list[int], virtual: int = 0,
+                 texts: list[str] | None = None):
         self.body, self.key, self.prompts, self.limits = body, key, prompts, limits
+        self.virtual, self.texts = virtual, texts
 
 
 class ServerState:
@@ -72,7 +79,7 @@ class ServerState:
         self.base = base
         self.tokenizer = copy.deepcopy(base.tokenizer)  # the worker thread decodes with base.tokenizer
         self.cache = PromptCache(base, template or Template())
-        self.scheduler = Scheduler(lambda: DecodeBatch(base, self.cache), max_batch, max_queue)
+        self.scheduler = Scheduler(lambda: ServeBatch(base, self.cache), max_batch, max_queue)
         self.registry = AdapterRegistry(base, self.cache, adapters_dir, run_on_worker=self.scheduler.run)
         self.max_tokens_cap = max_tokens_cap
         model_len = context_length(base)
@@ -134,37 +141,97 @@ class ServerState:
                                 "prompts per request.", param="prompt", code="invalid_value")
 
     # ---- request preparation (runs in the thread pool) -----------------------------------------------------
+    def vocab_size(self) -> int:
+        model = self.base.model
+        return min(model.get_input_embeddings().weight.shape[0], model.get_output_embeddings().weight.shape[0])
+
+    def check_bias(self, body) -> None:
+        vocab = self.vocab_size()
+        for token in body.bias():
+            if token >= vocab:
+                raise APIError(400, f"Invalid value for 'logit_bias': token id {token} is outside the vocabulary "
+                                    f"(0..{vocab - 1})", param="logit_bias", code="invalid_value")
+
     def prepare_completion(self, raw: bytes) -> Prepared:
         body = _validate(raw, CompletionRequest)
         key, n, _ = self.lookup(body.model)
-        texts = body.prompts()
-        self.check_capacity(len(texts))
-        prompts = []
-        for index, text in enumerate(texts):
-            ids = encode_text(self.tokenizer, text)
+        self.check_bias(body)
+        token_prompts = body.token_prompts()
+        count = len(token_prompts) if token_prompts is not None else len(body.prompts())
+        self.check_capacity(count * body.candidates() if body.max_tokens != 0 else 0)
+        single = not isinstance(body.prompt, list) or (token_prompts is not None and isinstance(body.prompt[0], int))
+        prompts, texts = [], []
+        vocab = self.vocab_size()
+        for index in range(count):
+            param = "prompt" if single else f"prompt.{index}"
+            if token_prompts is not None:
+                ids = token_prompts[index]
+                bad = next((t for t in ids if not 0 <= t < vocab), None)
+                if bad is not None:
+                    raise APIError(400, f"Invalid value for '{param}': token id {bad} is outside the vocabulary "
+                                        f"(0..{vocab - 1})", param=param, code="invalid_value")
+                text = self.tokenizer.decode(ids) if body.echo else ""
+            else:
+                text = body.prompts()[index]
+                ids = encode_text(self.tokenizer, text)
             if not ids:
-                raise APIError(400, "prompt is empty: give at least one token of text",
-                               param="prompt" if isinstance(body.prompt, str) else f"prompt.{index}")
+                raise APIError(400, "prompt is empty: give at least one token" + (" of text" if token_prompts is None
+                                                                                   else ""), param=param)
             prompts.append(ids)
-        limits = [self.max_tokens(body.max_tokens, DEFAULT_COMPLETION_TOKENS, n + len(ids)) for ids in prompts]
-        return Prepared(body, key, prompts, limits)
+            texts.append(text)
+        if body.max_tokens == 0:  # echo only: score the prompt, generate nothing
+            limits = [0] * len(prompts)
+            for ids in prompts:
+                if self.context and n + len(ids) > self.context:
+                    raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, "
+                                        f"the prompt has {n + len(ids)} tokens (including the adapter's {n} virtual "
+                                        "tokens). Please reduce the prompt.", param="prompt",
+                                   code="context_length_exceeded")
+        else:
+            limits = [self.max_tokens(body.max_tokens, DEFAULT_COMPLETION_TOKENS, n + len(ids)) for ids in prompts]
+        return Prepared(body, key, prompts, limits, n, texts)
 
     def prepare_chat(self, raw: bytes) -> Prepared:
         body = _validate(raw, ChatRequest)
         key, n, template = self.lookup(body.model)
-        messages = body.as_dicts()
+        self.check_bias(body)
+        self.check_capacity(body.n)
+        text = self.chat_text(template, body.as_dicts())
+        ids = encode_text(self.tokenizer, text)
+        if not ids:
+            raise APIError(400, "the formatted conversation is empty", param="messages")
+        limit = self.max_tokens(body.limit(), None, n + len(ids), param=body.limit_param())
+        return Prepared(body, key, [ids], [limit], n)
+
+    def prepare_tokenize(self, raw: bytes) -> dict:
+        body = _validate(raw, TokenizeRequest)
+        key, n, template = self.lookup(body.model)
+        if body.messages is not None:
+            text = self.chat_text(template, [{"role": m.role, "content": m.text()} for m in body.messages])
+        else:
+            text = body.prompt
+        ids = self.tokenizer(text, add_special_tokens=body.add_special_tokens)["input_ids"]
+        return {"count": len(ids), "max_model_len": self.context, "tokens": ids, "num_virtual_tokens": n}
+
+    def prepare_detokenize(self, raw: bytes) -> dict:
+        body = _validate(raw, DetokenizeRequest)
+        self.lookup(body.model)
+        vocab = self.vocab_size()
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"Invalid value for 'tokens': token id {bad} is outside the vocabulary "
+                                f"(0..{vocab - 1})", param="tokens", code="invalid_value")
+        return {"prompt": self.tokenizer.decode(body.tokens)}
+
+    def chat_text(self, template: Template, messages: list[dict]) -> str:
+        """A conversation formatted with a model's template (400 when it cannot be)."""
         try:
-            text = template.chat_prompt(messages, self.tokenizer)
+            return template.chat_prompt(messages, self.tokenizer)
         except APIError:
             raise
         except Exception as err:  # noqa: BLE001 (TemplateError, or the model's jinja chat template refusing it)
             raise APIError(400, f"the conversation cannot be formatted: {err}" if not isinstance(err, TemplateError)
                            else str(err), param="messages") from err
-        ids = encode_text(self.tokenizer, text)
-        if not ids:
-            raise APIError(400, "the formatted conversation is empty", param="messages")
-        limit = self.max_tokens(body.limit(), None, n + len(ids), param=body.limit_param())
-        return Prepared(body, key, [ids], [limit])
 
 
 def _validate(raw: bytes, model):
@@ -369,6 +436,20 @@ def create_app(base, adapters_dir=None, *, template: Template | None = None, max
         prepared = await _in_thread(state.prepare_chat, raw)
         return await _run(request, state, prepared, chat=True)
 
+    @app.post("/tokenize", openapi_extra=_body("TokenizeRequest"),
+              responses={200: _json("TokenizeResponse", "the token ids (the adapter's virtual tokens not included)"),
+                         **_errors(400, 401, 403, 404, 413, 415, 421)})
+    async def tokenize(request: Request):
+        raw = await _read_body(request, max_request_bytes)
+        return await _in_thread(state.prepare_tokenize, raw)
+
+    @app.post("/detokenize", openapi_extra=_body("DetokenizeRequest"),
+              responses={200: _json("DetokenizeResponse", "the text of the token ids"),
+                         **_errors(400, 401, 403, 404, 413, 415, 421)})
+    async def detokenize(request: Request):
+        raw = await _read_body(request, max_request_bytes)
+        return await _in_thread(state.prepare_detokenize, raw)
+
     admin = [Depends(require_admin)]
 
     @app.post("/v1/adapters", status_code=201, dependencies=admin, openapi_extra=_body("AdapterAdd"),
@@ -398,28 +479,68 @@ def create_app(base, adapters_dir=None, *, template: Template | None = None, max
     return app
 
 
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of a prompt's choice `index` (n > 1 or best_of): choice 0 keeps the request's seed (so n=1 is
+    unchanged), the others get distinct seeds derived from it; None stays None (fresh entropy per choice)."""
+    if seed is None or index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def _asked_logprobs(body, chat: bool) -> int | None:
+    """How many alternatives per token the client asked for (None: no logprobs at all)."""
+    if chat:
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return body.logprobs
+
+
 async def _run(request: Request, state: ServerState, prepared: Prepared, chat: bool):
-    """Submit one job per prompt, then answer as JSON or as server-sent events."""
+    """Submit one job per prompt and choice, then answer as JSON or as server-sent events."""
     body, key, prompts = prepared.body, prepared.key, prepared.prompts
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    jobs = []
+    candidates = body.n if chat else body.candidates()
+    asked = _asked_logprobs(body, chat)
+    # best_of ranks candidates by their summed log-probability, so it needs the chosen tokens' log-probabilities
+    track = asked if asked is not None else (0 if candidates > body.n else None)
     temperature, top_k, top_p = body.sampling()
-    for index, (ids, limit) in enumerate(zip(prompts, prepared.limits)):
-        gen = GenerationRequest(prompt_ids=ids, adapter=key, max_new_tokens=limit, temperature=temperature,
-                                top_k=top_k, top_p=top_p, seed=body.seed, stop=body.stop_list(), id=index)
-        jobs.append(Job(gen, lambda item, i=index: events.put_nowait((i, item)), loop))
+    bias = body.bias() or None
+    jobs, slots = [], []  # slots[i] = (prompt index, candidate index) of jobs[i]
+    for p, (ids, limit) in enumerate(zip(prompts, prepared.limits)):
+        if limit == 0:
+            continue
+        for c in range(candidates):
+            gen = ServeRequest(prompt_ids=ids, adapter=key, max_new_tokens=limit, temperature=temperature,
+                               top_k=top_k, top_p=top_p, seed=choice_seed(body.seed, c), stop=body.stop_list(),
+                               id=(p, c), presence_penalty=body.presence_penalty,
+                               frequency_penalty=body.frequency_penalty, logit_bias=bias, logprobs=track)
+            jobs.append(Job(gen, lambda item, i=len(jobs): events.put_nowait((i, item)), loop))
+            slots.append((p, c))
     try:
-        state.scheduler.submit_many(jobs)
+        if jobs:
+            state.scheduler.submit_many(jobs)
+        elif not state.scheduler.alive:
+            raise Unavailable("the generation worker is not running")
     except (Overloaded, Unavailable) as err:
         status, kind = (429, "rate_limit_error") if isinstance(err, Overloaded) else (503, "server_error")
         raise APIError(status, str(err), type=kind, code="server_overloaded" if status == 429 else "unavailable",
                        headers={"Retry-After": "1"})
-    reply = _Reply(state, body, jobs, prompts, chat)
 
     def cancel_all():
         for job in jobs:
             state.scheduler.cancel(job)
+
+    reply = _Reply(state, prepared, jobs, slots, chat, candidates, asked)
+    if not chat and body.echo and asked is not None:
+        def score():
+            return [prompt_logprobs(state.base, state.cache, key, ids, asked) for ids in prompts]
+
+        try:
+            reply.prompt_scores = await run_in_threadpool(state.scheduler.run, score)
+        except BaseException as err:
+            cancel_all()
+            raise _as_api_error(err) from err
 
     if body.stream:
         return _EventStream(reply.stream(events), events, on_close=cancel_all, media_type="text/event-stream",
@@ -467,16 +588,25 @@ class _EventStream(StreamingResponse):
 
 
 class _Reply:
-    """Turns the TokenEvents of a request's jobs into OpenAI response objects."""
+    """Turns the TokenEvents of a request's jobs into OpenAI response objects.
 
-    def __init__(self, state: ServerState, body, jobs: list[Job], prompts: list[list[int]], chat: bool):
-        self.state, self.body, self.jobs, self.prompts, self.chat = state, body, jobs, prompts, chat
+    Choice i * n + j is prompt i's j-th choice. With best_of > n, each prompt's n candidates with the highest summed
+    token log-probability are returned (in the order they were sampled)."""
+
+    def __init__(self, state: ServerState, prepared: Prepared, jobs: list[Job], slots: list[tuple[int, int]],
+                 chat: bool, candidates: int, asked: int | None):
+        self.state, self.prepared, self.body, self.jobs, self.slots = state, prepared, prepared.body, jobs, slots
+        self.chat, self.candidates, self.asked = chat, candidates, asked
+        self.n = self.body.n
+        self.echo = not chat and self.body.echo
+        self.prompt_scores: list[list[TokenLogprobs]] | None = None
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
+        self._strings: dict[int, str] = {}
 
     def usage(self) -> dict:
-        prompt = sum(len(p) for p in self.prompts)
+        prompt = sum(self.prepared.virtual + len(p) for p in self.prepared.prompts)
         completion = sum(job.tokens for job in self.jobs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -484,39 +614,115 @@ class _Reply:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.body.model,
                 "system_fingerprint": None, "choices": choices}
 
+    # ---- log-probabilities -----------------------------------------------------------------------------------
+    def token_string(self, token: int) -> str:
+        text = self._strings.get(token)
+        if text is None:
+            text = self._strings[token] = self.state.tokenizer.decode([token])
+        return text
+
+    def legacy_logprobs(self, entries: list[TokenLogprobs], offset: int = 0) -> dict:
+        """OpenAI's completions logprobs object for `entries`, text offsets counted from `offset`."""
+        tokens, values, tops, offsets = [], [], [], []
+        for entry in entries:
+            text = self.token_string(entry.token_id)
+            tokens.append(text)
+            values.append(entry.logprob)
+            if entry.logprob is None:
+                tops.append(None)
+            else:
+                top = {self.token_string(t): v for t, v in reversed(entry.top or [])}  # most likely wins a clash
+                top.setdefault(text, entry.logprob)
+                tops.append(dict(sorted(top.items(), key=lambda kv: -kv[1])))
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+    def chat_logprobs(self, entries: list[TokenLogprobs]) -> dict:
+        def item(token: int, value: float) -> dict:
+            text = self.token_string(token)
+            return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**item(e.token_id, e.logprob),
+                             "top_logprobs": [item(t, v) for t, v in (e.top or [])]} for e in entries]}
+
+    def echo_part(self, prompt: int) -> tuple[str, list[TokenLogprobs]]:
+        """(echoed text, its token log-probabilities) of a prompt ('' and [] without echo)."""
+        if not self.echo:
+            return "", []
+        return self.prepared.texts[prompt], (self.prompt_scores[prompt] if self.prompt_scores is not None else [])
+
+    # ---- whole answers -----------------------------------------------------------------------------------------
     async def collect(self, events: asyncio.Queue) -> dict:
-        texts, reasons = [""] * len(self.jobs), [None] * len(self.jobs)
-        remaining = len(self.jobs)
+        count = len(self.jobs)
+        texts, reasons = [""] * count, [None] * count
+        scores: list[list[TokenLogprobs]] = [[] for _ in range(count)]
+        remaining = count
         while remaining:
             index, item = await events.get()
             if isinstance(item, BaseException):
                 raise item if isinstance(item, ClientGone) else _as_api_error(item)
             texts[index] += item.text
+            if getattr(item, "logprobs", None) is not None:
+                scores[index].append(item.logprobs)
             if item.finish_reason is not None:
                 reasons[index] = item.finish_reason
                 remaining -= 1
-        if self.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                        "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
-        else:
-            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                       for i, (t, r) in enumerate(zip(texts, reasons))]
+        by_prompt: dict[int, list[int]] = {}
+        for index, (p, _) in enumerate(self.slots):
+            by_prompt.setdefault(p, []).append(index)
+        choices = []
+        for p in range(len(self.prepared.prompts)):
+            picked = by_prompt.get(p)
+            if picked is not None and len(picked) > self.n:  # best_of: the n most likely candidates
+                best = sorted(picked, key=lambda i: -sum(e.logprob for e in scores[i]))[:self.n]
+                picked = sorted(best)
+            echo_text, echo_scores = self.echo_part(p)
+            for j in range(self.n):
+                index = len(choices)
+                if picked is None:  # max_tokens 0: the echoed prompt only
+                    text, entries, reason = echo_text, echo_scores, "length"
+                else:
+                    i = picked[j]
+                    text, entries, reason = echo_text + texts[i], echo_scores + scores[i], reasons[i]
+                if self.chat:
+                    choices.append({"index": index, "message": {"role": "assistant", "content": text},
+                                    "logprobs": self.chat_logprobs(entries) if self.asked is not None else None,
+                                    "finish_reason": reason})
+                else:
+                    choices.append({"index": index, "text": text,
+                                    "logprobs": self.legacy_logprobs(entries) if self.asked is not None else None,
+                                    "finish_reason": reason})
         return {**self._envelope(self.object, choices), "usage": self.usage()}
 
-    def _chunk(self, index: int, text: str | None, reason: str | None, role: bool = False) -> str:
+    # ---- streams -----------------------------------------------------------------------------------------------
+    def _chunk(self, index: int, text: str | None, reason: str | None, role: bool = False,
+               logprobs: dict | None = None) -> str:
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             data = self._envelope("chat.completion.chunk", [choice])
         else:
-            data = self._envelope("text_completion", [{"index": index, "text": text or "", "logprobs": None,
+            data = self._envelope("text_completion", [{"index": index, "text": text or "", "logprobs": logprobs,
                                                        "finish_reason": reason}])
         return _sse(data)
 
     async def stream(self, events: asyncio.Queue):
+        prompts = len(self.prepared.prompts)
+        offsets = [0] * (prompts * self.n)  # per choice: characters sent so far (text_offset)
         if self.chat:
-            for i in range(len(self.jobs)):
+            for i in range(self.n):
                 yield self._chunk(i, None, None, role=True)
+        for p in range(prompts):  # echo: the prompt first; max_tokens 0: nothing else follows
+            echo_text, echo_scores = self.echo_part(p)
+            if not self.echo:
+                continue
+            only = self.prepared.limits[p] == 0
+            for j in range(self.n):
+                index = p * self.n + j
+                logprobs = self.legacy_logprobs(echo_scores) if self.asked is not None else None
+                yield self._chunk(index, echo_text, "length" if only else None, logprobs=logprobs)
+                offsets[index] = len(echo_text)
         remaining = len(self.jobs)
         while remaining:
             index, item = await events.get()
@@ -525,8 +731,18 @@ class _Reply:
             if isinstance(item, BaseException):
                 yield _sse(_as_api_error(item).body())
                 break
-            if item.text or item.finish_reason is not None:
-                yield self._chunk(index, item.text, item.finish_reason)
+            p, c = self.slots[index]
+            choice = p * self.n + c
+            entry = getattr(item, "logprobs", None)
+            logprobs = None
+            if self.asked is not None and entry is not None:
+                if self.chat:
+                    logprobs = self.chat_logprobs([entry])
+                else:
+                    logprobs = self.legacy_logprobs([entry], offsets[choice])
+                    offsets[choice] += len(self.token_string(entry.token_id))
+            if item.text or item.finish_reason is not None or logprobs is not None:
+                yield self._chunk(choice, item.text, item.finish_reason, logprobs=logprobs)
             if item.finish_reason is not None:
                 remaining -= 1
         options = self.body.stream_options

@@ -1,8 +1,10 @@
 """Request and response bodies of the OpenAI-compatible endpoints, and OpenAI's error shape.
 
-Fields OpenAI defines but softprompt does not implement (n > 1, logprobs, echo, penalties, ...) are accepted only
-at their neutral value; anything else is a 400 naming the field, never silently ignored. Unknown fields are 400s
-too, except a few purely informational ones clients send (user, metadata, store).
+Implemented beyond plain generation: `prompt` as token ids, `logprobs` / `top_logprobs`, `echo`, `n`, `best_of`,
+`presence_penalty`, `frequency_penalty`, `logit_bias`, stop arrays, `max_completion_tokens`,
+`stream_options.include_usage`. Fields OpenAI defines but softprompt does not implement (suffix, tools, ...) are
+accepted only at their neutral value; anything else is a 400 naming the field, never silently ignored. Unknown fields
+are 400s too, except a few purely informational ones clients send (user, metadata, store).
 
 Types are strict: `max_tokens: "4"` or `max_tokens: true` is a 400, not 4 or 1 (an integer is accepted where a
 number is expected). Every string in a body must be valid Unicode (a lone UTF-16 surrogate such as "\\ud800" is a
@@ -18,6 +20,7 @@ The response models (Completion, ChatCompletion, their streamed chunks, ModelCar
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -28,6 +31,11 @@ TEMPERATURE_EPSILON = 1e-4    # temperature below it: greedy (logits / tiny temp
 TOP_P_EPSILON = 1e-6          # top_p below it: only the most likely token (top_p rounds to 0 in float32)
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what torch.Generator.manual_seed accepts
 TOP_K_MAX = 2 ** 31 - 1
+MAX_N = 64                    # choices per prompt (n, best_of); the server's capacity bounds prompts x choices too
+MAX_LOGPROBS = 20             # top alternatives per token (vLLM's default max_logprobs; OpenAI allows 5 / 20)
+PENALTY_MAX = 2.0             # |presence_penalty|, |frequency_penalty| (OpenAI's range)
+LOGIT_BIAS_MAX = 100.0        # |bias| per token (OpenAI's range)
+MAX_LOGIT_BIAS = 1024         # entries in logit_bias
 
 
 class APIError(Exception):
@@ -62,10 +70,15 @@ class _Common(BaseModel):
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
-    presence_penalty: float = Field(default=0.0, allow_inf_nan=False)
-    frequency_penalty: float = Field(default=0.0, allow_inf_nan=False)
-    logit_bias: dict[str, float] | None = None
+    n: int = Field(default=1, ge=1, le=MAX_N, description="choices per prompt (sampled; reproducible with seed)")
+    presence_penalty: float = Field(default=0.0, ge=-PENALTY_MAX, le=PENALTY_MAX, allow_inf_nan=False,
+                                    description="subtracted from the logit of every token already generated")
+    frequency_penalty: float = Field(default=0.0, ge=-PENALTY_MAX, le=PENALTY_MAX, allow_inf_nan=False,
+                                     description="times the number of times a token was generated, subtracted "
+                                                 "from its logit")
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description=f"token id (as a string) -> bias added to its logit, in [-{LOGIT_BIAS_MAX:g}, "
+                                  f"{LOGIT_BIAS_MAX:g}]; at most {MAX_LOGIT_BIAS} entries")
     user: str | None = None
     metadata: dict[str, Any] | None = None
     store: bool | None = None
@@ -83,47 +96,75 @@ class _Common(BaseModel):
             return self.temperature, 1, 1.0
         return self.temperature, self.top_k, self.top_p
 
+    def bias(self) -> dict[int, float]:
+        """logit_bias with integer token ids (validated: ids are non-negative integers, biases in range)."""
+        return {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+
     @model_validator(mode="after")
     def _supported(self):
         if len(self.stop_list()) > MAX_STOP:
             raise ValueError(f"stop: at most {MAX_STOP} stop strings are supported")
-        if self.n != 1:
-            raise ValueError("n: only n=1 is supported")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise ValueError(f"{name}: only 0 is supported")
         if self.logit_bias:
-            raise ValueError("logit_bias: not supported")
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} entries are supported")
+            for key, value in self.logit_bias.items():
+                if not (key.isascii() and key.isdigit()) or len(key) > 12:
+                    raise ValueError(f"logit_bias: keys are token ids written as strings (e.g. \"50256\"), got "
+                                     f"{key[:20]!r}")
+                if not math.isfinite(value) or abs(value) > LOGIT_BIAS_MAX:
+                    raise ValueError(f"logit_bias: the bias of token {key} must be in [-{LOGIT_BIAS_MAX:g}, "
+                                     f"{LOGIT_BIAS_MAX:g}], got {value}")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
         return self
 
 
 class CompletionRequest(_Common):
-    """POST /v1/completions: `prompt` is raw text (or a list of texts, one choice each) placed right after the
-    soft prompt; no template is applied."""
+    """POST /v1/completions: `prompt` is raw text placed right after the soft prompt (no template is applied), or
+    token ids; a list of texts or of token-id lists gives several prompts (`n` choices each, in order)."""
 
-    prompt: Union[str, list[str]]
-    echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
+        description="a text, a list of texts, a list of token ids, or a list of token-id lists")
+    max_tokens: int | None = Field(default=None, ge=0, description="0 only with echo (score the prompt)")
+    echo: bool = Field(default=False, description="return the prompt before the completion (with logprobs: the "
+                                                   "prompt tokens' log-probabilities too, the first one null)")
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,
+                                 description="log-probabilities of each token and of the N most likely tokens at "
+                                             "its place (the model's raw distribution)")
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N,
+                                description="sample best_of completions per prompt, return the n with the highest "
+                                            "sum of token log-probabilities")
     suffix: str | None = None
 
     @model_validator(mode="after")
     def _completion_supported(self):
-        if self.echo:
-            raise ValueError("echo: not supported")
-        if self.logprobs is not None:
-            raise ValueError("logprobs: not supported")
-        if self.best_of not in (None, 1):
-            raise ValueError("best_of: only 1 is supported")
         if self.suffix:
             raise ValueError("suffix: not supported")
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt: an empty list has nothing to complete")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 is only allowed with echo (to score the prompt); ask for at least 1 token")
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of: must be >= n ({self.n}), got {self.best_of}")
+        if self.stream and self.best_of is not None and self.best_of > self.n:
+            raise ValueError("best_of: cannot be combined with stream (the best completions are known only at the "
+                             "end)")
         return self
 
+    def candidates(self) -> int:
+        """Completions generated per prompt (best_of, else n)."""
+        return self.best_of or self.n
+
+    def token_prompts(self) -> list[list[int]] | None:
+        """The prompts when given as token ids (None when given as text)."""
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], int):
+            return [list(self.prompt)]
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], list):
+            return [list(p) for p in self.prompt]
+        return None
+
     def prompts(self) -> list[str]:
+        """The prompts when given as text."""
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
@@ -152,16 +193,18 @@ class ChatRequest(_Common):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = None
+    logprobs: bool = Field(default=False, description="log-probability of each generated token (the model's raw "
+                                                       "distribution)")
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,
+                                     description="with logprobs: the N most likely tokens at each place")
     tools: list | None = None
     tool_choice: Any = None
     response_format: dict | None = None
 
     @model_validator(mode="after")
     def _chat_supported(self):
-        if self.logprobs or self.top_logprobs:
-            raise ValueError("logprobs: not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: requires logprobs to be true")
         if self.tools:
             raise ValueError("tools: not supported")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
@@ -307,15 +350,30 @@ FinishReason = Literal["stop", "length"]
 
 
 class Usage(BaseModel):
+    """Token counts. prompt_tokens counts each prompt once (not once per choice) and includes the adapter's
+    virtual tokens, as vLLM counts the rows of prompt_embeds: prompt_tokens + completion_tokens is what the
+    context window holds (the model card's num_virtual_tokens says how many of them are virtual)."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions logprobs, one entry per token (the echoed prompt's tokens first). A prompt's
+    first token has no prediction: its token_logprobs and top_logprobs entries are null."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] = Field(
+        description="per token: the `logprobs` most likely tokens and the chosen one (so up to logprobs + 1)")
+    text_offset: list[int] = Field(description="where each token's text starts in the choice's text")
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: FinishReason
 
 
@@ -332,7 +390,7 @@ class Completion(BaseModel):
 class CompletionChunkChoice(BaseModel):
     index: int
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: FinishReason | None
 
 
@@ -354,10 +412,29 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = Field(description="the token's text as UTF-8 bytes")
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob] = Field(description="the top_logprobs most likely tokens at this place")
+
+
+class ChoiceLogprobs(BaseModel):
+    """Chat logprobs: one entry per generated token."""
+
+    content: list[TokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
     finish_reason: FinishReason
 
 
@@ -379,7 +456,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
     finish_reason: FinishReason | None
 
 
@@ -431,6 +508,45 @@ class Health(BaseModel):
     scheduler: dict[str, Any]
 
 
-REQUEST_MODELS = (CompletionRequest, ChatRequest, AdapterAdd)
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's endpoint): the token ids of `prompt`, or of `messages` formatted with the model's
+    template (exactly what /v1/chat/completions would run); virtual tokens are not included."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = Field(default=False, description="add the tokenizer's special tokens (e.g. BOS); "
+                                                                "the completions endpoint never adds them")
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("prompt: give exactly one of prompt or messages")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages: an empty conversation")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize (vLLM's endpoint): the text of token ids."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str
+    tokens: list[int]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int | None
+    tokens: list[int]
+    num_virtual_tokens: int = Field(description="the model's virtual tokens, placed before these tokens")
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+REQUEST_MODELS = (CompletionRequest, ChatRequest, AdapterAdd, TokenizeRequest, DetokenizeRequest)
 RESPONSE_MODELS = (ErrorResponse, Completion, CompletionChunk, ChatCompletion, ChatCompletionChunk, ModelCard,
-                   ModelList, AdapterDeleted, RescanReport, Health)
+                   ModelList, AdapterDeleted, RescanReport, Health, TokenizeResponse, DetokenizeResponse)
