@@ -114,26 +114,27 @@ def _one_by_one(tiny, virtual, examples):
     return torch.tensor([n for n, _ in out], dtype=torch.float64), torch.tensor([c for _, c in out])
 
 
-def _choice_examples(tiny, records: int, choices: list[list[int]], seed: int = 5):
-    """Record-major (record, choice) examples: a record's prompt (own length, a common start) then each choice."""
+def _choice_examples(tiny, records: int, choices: list[list[int]], seed: int = 5, common: int = 3):
+    """Record-major (record, choice) examples: a record's prompt (own length, after `common` tokens every record
+    starts with) then each choice."""
     g = torch.Generator().manual_seed(seed)
     vocab = len(tiny.tokenizer)
-    common = torch.randint(5, vocab, (3,), generator=g).tolist()
+    start = torch.randint(5, vocab, (common,), generator=g).tolist()
     out = []
     for r in range(records):
-        prompt = common + torch.randint(5, vocab, (1 + (r * 7) % 9,), generator=g).tolist()
+        prompt = start + [5 + r] + torch.randint(5, vocab, ((r * 7) % 9,), generator=g).tolist()
         for choice in choices:
             out.append(batching.Example(prompt + choice, [-100] * len(prompt) + choice, f"r{r}"))
     return out
 
 
 @pytest.mark.parametrize("name", [None, "prompt", "prefix", "ptuning"])
-@pytest.mark.parametrize("max_tokens,max_rows", [(4096, None), (40, 2)])
-def test_grouped_choice_scoring_equals_full_sequences(tiny, name, max_tokens, max_rows):
+@pytest.mark.parametrize("max_tokens,max_rows,common", [(4096, None, 3), (40, 2, 3), (4096, None, 0)])
+def test_grouped_choice_scoring_equals_full_sequences(tiny, name, max_tokens, max_rows, common):
     virtual = build_prompt(tiny, name, "random", 3, seed=1).virtual() if name else None
     # choices of different lengths, two sharing their first token (which is learned, so it is not shared)
     choices = [[7, 8, 1], [7, 9, 1], [10, 1], [11, 12, 13, 1], [14, 1], [15, 16, 1]]
-    examples = _choice_examples(tiny, 7, choices)
+    examples = _choice_examples(tiny, 7, choices, common=common)
     expected, expected_counts = _one_by_one(tiny, virtual, examples)
     nll, counts = scoring.nll_per_group(tiny.model, virtual, examples, len(choices), tiny.tokenizer.pad_token_id,
                                         max_tokens, max_rows)

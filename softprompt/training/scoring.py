@@ -6,8 +6,9 @@ Common prefixes run once (exactly: the same values as the full sequences, to flo
 - `nll_per_example`: the leading prompt tokens every example shares (a fixed instruction) join the soft prompt's
   cached keys/values (forward.SharedPrefix), and each example runs only what follows them;
 - `nll_per_group`: rank classification, where each record is scored once per choice. A record's prompt runs once
-  (batched with other records' prompts, on top of the soft prompt's keys/values); its choices then run on a copy of
-  that record's keys/values, the last prompt token's hidden state predicting each choice's first token.
+  (batched with other records' prompts, on top of the soft prompt's keys/values and of the prompt tokens all records
+  share); its choices then run on a copy of that record's keys/values, the last prompt token's hidden state
+  predicting each choice's first token.
 """
 
 from __future__ import annotations
@@ -75,15 +76,24 @@ def nll_per_group(model, prompt: "torch.Tensor | forward.Virtual | None", exampl
     if not todo:
         return nll, counts
     device = model.get_input_embeddings().weight.device
+    # the prompt tokens every group starts with (a fixed instruction) run once, with the soft prompt; each group's
+    # own prompt tokens after them (at least one, whose hidden state predicts the choices' first token) run per group
+    heads = [batching.Example(groups[i][0].ids[:shared[i]], [-100] * shared[i], "") for i in todo]
+    common = min(batching.shared_prompt_length(heads), min(shared[i] for i in todo) - 1)
     with torch.no_grad():
-        virtual = forward.SharedPrefix(model, prompt) if prompt is not None else None
+        virtual = None
+        if prompt is not None or common > 0:
+            virtual = forward.SharedPrefix(model, prompt, torch.tensor(heads[0].ids[:common], dtype=torch.long,
+                                                                       device=device))
         n = virtual.length if virtual is not None else 0
+        shared = [s - common for s in shared]
         for batch_of in _batches([shared[i] for i in todo], max_tokens, max_rows):
             chosen = [todo[b] for b in batch_of]
-            heads = [batching.Example(groups[i][0].ids[:shared[i]], [-100] * shared[i], "") for i in chosen]
+            heads = [batching.Example(groups[i][0].ids[common:common + shared[i]], [-100] * shared[i], "")
+                     for i in chosen]
             kv, head_mask, last = _run_heads(model, virtual, heads, pad_id, device)
             # (owner prompt's row in this batch, example index, the example after its prompt)
-            members = [(k, i * group + j, examples[i * group + j].after(shared[i]))
+            members = [(k, i * group + j, examples[i * group + j].after(common + shared[i]))
                        for k, i in enumerate(chosen) for j in range(group)]
             # choice rows per forward: their own tokens plus their copy of the prompt's keys/values count in the
             # token budget; max_rows counts records, as for the prompts
