@@ -1,21 +1,28 @@
-"""Training throughput and peak memory: softprompt vs the reference recipe, on the same records, in one run.
+"""Training throughput and peak memory: softprompt vs the reference recipe (as written, and with bf16), in one run.
 
 The reference recipe: PEFT PromptTuning (TEXT init) + Hugging Face Trainer, batch 1 x grad-accum 8, 1 epoch,
 Trainer's defaults (AdamW, LR 5e-5, linear decay, clipping 1.0), the "Human: ... Assistant: " template, max length
-256. softprompt runs with the same hyper-parameters (same init text, 13 virtual tokens, global batch 8, LR 5e-5,
-linear decay), so the losses are comparable; each run is a separate child process so peak memory (max RSS) is its
-own. After both, the two final prompts are scored on the same records with the same code (PEFT's adapter is loaded
-by softprompt), and both loss curves go to a PNG.
+256, fp32 ("recipe"); and the same recipe with Trainer's `bf16=True` (CPU autocast, "recipe_bf16"), the fair peer of
+softprompt's bf16 training. softprompt runs with its own defaults (--dtype auto, length-grouped micro-batches on a
+token budget, once-per-step shared prefix) and the recipe's hyper-parameters (same init text, 13 virtual tokens,
+global batch 8, AdamW 5e-5, linear decay), so the final losses are comparable. Each run is a separate child process
+so peak memory (max RSS) is its own. Then every final prompt is scored on the same records with the same code (fp32;
+PEFT's adapters are loaded by softprompt), and the loss curves go to a PNG.
 
-    python benchmarks/train_throughput.py --records 64 --data path/to/alpaca_en.jsonl \
-        path/to/alpaca_zh.jsonl --out /tmp/bench_train
+    python benchmarks/train_throughput.py --data path/to/alpaca_en.jsonl path/to/alpaca_zh.jsonl \
+        --sst2 path/to/sst2_train.jsonl --out /tmp/bench_train
 
-Last line: a JSON object with speedup (softprompt tokens/s / recipe tokens/s, geometric mean over the data files),
-memory_ratio (softprompt peak RSS / recipe peak RSS, the worst over data files) and per-file details, including
-`ceiling`: the text tokens/s that *no* exact fp32 implementation can beat on this machine — the frozen body's matrix
-products (forward + activation-gradient backward, no weight gradients), and the LM head on answer tokens only, run
-at the matrix-multiply rate this machine reaches for the model's own weight shapes, with everything else
-(attention, norms, activations, the optimiser) free — and that ceiling as a multiple of the recipe.
+--data: Alpaca-style JSONL (instruction, input, output), the first --records of each. --sst2: GLUE SST-2 JSONL
+(sentence, label) as a classification set with a fixed instruction ("Is the sentiment of this movie review positive
+or negative?", the review as input, "positive"/"negative" as output), the first --sst2-records.
+
+Last line: a JSON object with `speedup` (softprompt tokens/s / the recipe-as-written's, geometric mean over the
+data sets), `speedup_vs_bf16_recipe` (the same against the bf16 recipe), `memory_ratio` (softprompt peak RSS / the
+recipe-as-written's, the worst data set), `final_loss_max_diff` (the largest |final-prompt loss, softprompt - recipe|)
+and per-set details, including `ceiling`, per dtype: the text tokens/s that *no* exact implementation in that dtype
+can beat on this machine — the frozen body's matrix products (forward + activation-gradient backward, no weight
+gradients) and the LM head on answer tokens only, run at the matrix-multiply rate measured on this machine for the
+model's own weight shapes in that dtype, with everything else (attention, norms, activations, the optimiser) free.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -30,17 +38,32 @@ import time
 from pathlib import Path
 
 INIT_TEXT = "The following is a conversation between a person and a robot."
+SST2_INSTRUCTION = "Is the sentiment of this movie review positive or negative?"
+RUNS = ("recipe", "recipe_bf16", "softprompt")
+LOSS_TOLERANCE = 0.005  # nats per answer token between final prompts (they move ~1e-3 at LR 5e-5; see docs)
 
 
-def read_records(path: str, n: int) -> list[dict]:
+def read_records(path: str, n: int, kind: str = "alpaca") -> list[dict]:
+    if kind == "sst2":
+        rows = []
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                if len(rows) == n:
+                    break
+                if line.strip():
+                    row = json.loads(line)
+                    rows.append({"instruction": SST2_INSTRUCTION, "input": row["sentence"].strip(),
+                                 "output": ["negative", "positive"][int(row["label"])]})
+        return rows
     from softprompt.data.records import load_records
 
     recs = load_records(path, limit=n)
     return [{"instruction": r.instruction, "input": r.input, "output": r.output} for r in recs.items]
 
 
-def run_recipe(args, records: list[dict], out: Path) -> dict:
-    """The reference recipe, as written: PEFT PromptTuningConfig(TEXT) + Trainer(batch 1, accum 8)."""
+def run_recipe(args, records: list[dict], out: Path, bf16: bool = False) -> dict:
+    """The reference recipe, as written: PEFT PromptTuningConfig(TEXT) + Trainer(batch 1, accum 8); `bf16`:
+    Trainer's bf16=True."""
     import torch
     from datasets import Dataset
     from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
@@ -69,7 +92,7 @@ def run_recipe(args, records: list[dict], out: Path) -> dict:
     training = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=1,
                                  gradient_accumulation_steps=8, num_train_epochs=1, logging_steps=1,
                                  save_strategy="no", report_to=[], seed=args.seed, use_cpu=True,
-                                 disable_tqdm=True, dataloader_num_workers=0)
+                                 disable_tqdm=True, dataloader_num_workers=0, bf16=bf16)
     trainer = Trainer(model=model, args=training, train_dataset=data,
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True))
     start = time.perf_counter()
@@ -77,7 +100,8 @@ def run_recipe(args, records: list[dict], out: Path) -> dict:
     seconds = time.perf_counter() - start
     model.save_pretrained(str(out / "adapter"))
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    return {"tokens": tokens, "seconds": seconds, "losses": losses}
+    return {"tokens": tokens, "seconds": seconds, "losses": losses, "dtype": "bfloat16 (autocast)" if bf16 else
+            "float32"}
 
 
 def run_softprompt(args, records: list[dict], out: Path) -> dict:
@@ -86,7 +110,7 @@ def run_softprompt(args, records: list[dict], out: Path) -> dict:
     from softprompt.training.config import TrainConfig
     from softprompt.training.loop import train
 
-    base = load_base(args.model, device="cpu", dtype="float32")
+    base = load_base(args.model, device="cpu", dtype=args.dtype)
     config = TrainConfig(data=records, out=str(out / "adapter"), model=base, init="text", init_text=INIT_TEXT,
                          num_virtual_tokens=args.num_virtual_tokens, lr=5e-5, schedule="linear", warmup_steps=0,
                          optimizer="adamw", batch_size=8, grad_accum=1, epochs=1, max_length=args.max_length,
@@ -95,9 +119,10 @@ def run_softprompt(args, records: list[dict], out: Path) -> dict:
     start = time.perf_counter()
     result = train(config)
     seconds = time.perf_counter() - start
-    losses = [(r["step"], r["loss"]) for r in read_metrics(out / "adapter" / "metrics.jsonl") if r["kind"] == "train"]
-    tokens = sum(r["tokens"] for r in [read_metrics(out / "adapter" / "metrics.jsonl")[-1]])
-    return {"tokens": tokens, "seconds": seconds, "losses": losses, "loop_tokens_per_s": result.tokens_per_second}
+    rows = read_metrics(out / "adapter" / "metrics.jsonl")
+    losses = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+    return {"tokens": rows[-1]["tokens"], "seconds": seconds, "losses": losses,
+            "loop_tokens_per_s": result.tokens_per_second, "dtype": str(base.dtype).replace("torch.", "")}
 
 
 def child(args) -> None:
@@ -105,19 +130,23 @@ def child(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    records = read_records(args.child_data, args.records)
-    out = Path(args.out) / f"{Path(args.child_data).stem}-{args.child}"
+    records = read_records(args.child_data, args.child_records, args.child_kind)
+    out = Path(args.out) / f"{args.child_name}-{args.child}"
     out.mkdir(parents=True, exist_ok=True)
-    result = (run_recipe if args.child == "recipe" else run_softprompt)(args, records, out)
+    if args.child == "softprompt":
+        result = run_softprompt(args, records, out)
+    else:
+        result = run_recipe(args, records, out, bf16=args.child == "recipe_bf16")
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["adapter"] = str(out / "adapter")
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def spawn(args, which: str, data: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", which, "--child-data", data, "--records", str(args.records),
-           "--out", args.out, "--seed", str(args.seed), "--max-length", str(args.max_length),
-           "--num-virtual-tokens", str(args.num_virtual_tokens), "--max-batch-tokens", str(args.max_batch_tokens)]
+def spawn(args, which: str, name: str, data: str, kind: str, records: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", which, "--child-data", data, "--child-kind", kind,
+           "--child-name", name, "--child-records", str(records), "--out", args.out, "--seed", str(args.seed),
+           "--max-length", str(args.max_length), "--num-virtual-tokens", str(args.num_virtual_tokens),
+           "--max-batch-tokens", str(args.max_batch_tokens), "--dtype", args.dtype]
     if args.model:
         cmd += ["--model", args.model]
     if args.threads:
@@ -132,7 +161,7 @@ def spawn(args, which: str, data: str) -> dict:
 
 
 def final_losses(args, records: list[dict], adapters: dict[str, str]) -> dict[str, float]:
-    """Mean answer-token NLL of each final prompt on the training records, scored by the same code."""
+    """Mean answer-token NLL of each final prompt on the training records, scored by the same code in fp32."""
     from softprompt.formats.adapter import load_adapter
     from softprompt.data.batching import encode_records
     from softprompt.data.records import load_records
@@ -146,20 +175,21 @@ def final_losses(args, records: list[dict], adapters: dict[str, str]) -> dict[st
     scores = {}
     for name, path in adapters.items():
         prompt = SoftPrompt(load_adapter(path, base).embeddings)
-        scores[name] = evaluate_loss(base.model, prompt, examples, args.max_batch_tokens, base.tokenizer.pad_token_id)
+        scores[name] = evaluate_loss(base.model, prompt, examples, 2048, base.tokenizer.pad_token_id)
     init = SoftPrompt.initialise(base, "text", args.num_virtual_tokens, INIT_TEXT)
-    scores["initial"] = evaluate_loss(base.model, init, examples, args.max_batch_tokens, base.tokenizer.pad_token_id)
+    scores["initial"] = evaluate_loss(base.model, init, examples, 2048, base.tokenizer.pad_token_id)
     return scores
 
 
-def gemm_seconds_per_row(weights: list, rows: int, reps: int = 10) -> float:
+def gemm_seconds_per_row(weights: list, rows: int, dtype, reps: int = 10) -> float:
     """Seconds per token row of x @ W.T (forward) plus g @ W (activation-gradient backward) over `weights`."""
     import torch
 
     seconds = 0.0
     for weight in weights:
+        weight = weight.to(dtype)
         out_dim, in_dim = weight.shape
-        x, g = torch.randn(rows, in_dim), torch.randn(rows, out_dim)
+        x, g = torch.randn(rows, in_dim, dtype=dtype), torch.randn(rows, out_dim, dtype=dtype)
         for _ in range(2):
             x @ weight.t(), g @ weight
         start = time.perf_counter()
@@ -170,10 +200,10 @@ def gemm_seconds_per_row(weights: list, rows: int, reps: int = 10) -> float:
     return seconds / reps / rows
 
 
-def gemm_ceiling(args, records: list[dict]) -> dict:
-    """Tokens/s bound from matrix-multiply work alone (see the module docstring); measured, not assumed. The body's
-    matrices run for every text token, the head's for answer tokens only; the best of several row counts is used,
-    not softprompt's budget."""
+def gemm_ceiling(args, records: list[dict], dtypes: list[str]) -> dict:
+    """Tokens/s bound from matrix-multiply work alone (see the module docstring), per dtype; measured, not assumed.
+    The body's matrices run for every text token, the head's for answer tokens only; the best of several row counts
+    is used, not softprompt's budget."""
     import torch
 
     from softprompt.data.batching import encode_records
@@ -188,68 +218,110 @@ def gemm_ceiling(args, records: list[dict]) -> dict:
     body = [m.weight for m in base.model.base_model.modules() if isinstance(m, torch.nn.Linear)]
     layers = base.model.config.num_hidden_layers
     layer = body[: len(body) // layers]  # every layer has the same shapes
-    per_token = min(layers * gemm_seconds_per_row(layer, rows) + labels / tokens * gemm_seconds_per_row([head], rows)
-                    for rows in (256, 512, 1024, 2048))
     work = (4.0 * sum(w.numel() for w in body) * tokens + 4.0 * head.numel() * labels) / tokens
-    return {"gemm_gflops": round(work / per_token / 1e9, 1), "mflop_per_token": round(work / 1e6, 1),
-            "tokens_per_s": round(1 / per_token, 1)}
+    out = {"mflop_per_token": round(work / 1e6, 1)}
+    for name in dtypes:
+        dtype = getattr(torch, name)
+        per_token = min(layers * gemm_seconds_per_row(layer, rows, dtype) +
+                        labels / tokens * gemm_seconds_per_row([head], rows, dtype)
+                        for rows in (256, 512, 1024, 2048))
+        out[name] = {"gemm_gflops": round(work / per_token / 1e9, 1), "tokens_per_s": round(1 / per_token, 1)}
+    return out
+
+
+def loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", nargs="+", metavar="FILE.jsonl",
-                        help="required: one or more Alpaca-style JSONL files (records with instruction, optional "
-                             "input, output), e.g. alpaca_en.jsonl alpaca_zh.jsonl; the first --records of each")
-    parser.add_argument("--records", type=int, default=64, help="first N records of each file")
+    parser.add_argument("--data", nargs="*", default=[], metavar="FILE.jsonl",
+                        help="Alpaca-style JSONL files (records with instruction, optional input, output), e.g. "
+                             "alpaca_en.jsonl alpaca_zh.jsonl; the first --records of each")
+    parser.add_argument("--sst2", metavar="FILE.jsonl",
+                        help="GLUE SST-2 JSONL (sentence, label): a classification set with a fixed instruction")
+    parser.add_argument("--records", type=int, default=64, help="first N records of each --data file")
+    parser.add_argument("--sst2-records", type=int, default=256, help="first N records of --sst2")
     parser.add_argument("--model", help="base model (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default="auto",
+                        help="softprompt's --dtype (default: its default, auto); the recipes are fp32 and bf16")
     parser.add_argument("--out", default="/tmp/bench_train", help="scratch folder")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--num-virtual-tokens", type=int, default=13)
-    parser.add_argument("--max-batch-tokens", type=int, default=320,
-                        help="softprompt token budget per forward; 320 keeps peak memory at or below the recipe's")
-    parser.add_argument("--threads", type=int, help="torch threads in both runs (default: torch's choice)")
-    parser.add_argument("--child", choices=["recipe", "softprompt"], help=argparse.SUPPRESS)
+    parser.add_argument("--max-batch-tokens", type=int, default=1024,
+                        help="softprompt's token budget per forward (default: softprompt train's default)")
+    parser.add_argument("--runs", default=",".join(RUNS), help="which runs, comma-separated: " + ", ".join(RUNS))
+    parser.add_argument("--threads", type=int, help="torch threads in every run (default: torch's choice)")
+    parser.add_argument("--child", choices=RUNS, help=argparse.SUPPRESS)
     parser.add_argument("--child-data", help=argparse.SUPPRESS)
+    parser.add_argument("--child-kind", help=argparse.SUPPRESS)
+    parser.add_argument("--child-name", help=argparse.SUPPRESS)
+    parser.add_argument("--child-records", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
-    if not args.data:
-        parser.error("the following arguments are required: --data")
+    sets = [(Path(d).stem, d, "alpaca", args.records) for d in args.data]
+    if args.sst2:
+        sets.append((Path(args.sst2).stem, args.sst2, "sst2", args.sst2_records))
+    if not sets:
+        parser.error("give --data and/or --sst2")
+    runs = [r for r in args.runs.split(",") if r]
+    if "softprompt" not in runs or not set(runs) <= set(RUNS):
+        parser.error(f"--runs: softprompt and any of {', '.join(RUNS)}")
 
     from softprompt.training.metrics import plot_curves
 
-    per_file, speedups, memory = {}, [], []
-    for data in args.data:
-        recipe = spawn(args, "recipe", data)
-        ours = spawn(args, "softprompt", data)
-        name = Path(data).stem
-        scores = final_losses(args, read_records(data, args.records),
-                              {"recipe": recipe["adapter"], "softprompt": ours["adapter"]})
-        png = plot_curves({"recipe (PEFT + Trainer)": recipe["losses"], "softprompt": ours["losses"]},
-                          Path(args.out) / f"{name}-loss.png", f"{name}: train loss, {args.records} records")
-        ceiling = gemm_ceiling(args, read_records(data, args.records))
-        ceiling["speedup_vs_recipe"] = round(ceiling["tokens_per_s"] / recipe["tokens_per_s"], 2)
-        mean = {k: sum(l for _, l in r["losses"]) / len(r["losses"]) for k, r in (("recipe", recipe),
-                                                                                 ("softprompt", ours))}
-        per_file[name] = {
-            "records": args.records, "tokens": ours["tokens"],
-            "recipe_tokens_per_s": round(recipe["tokens_per_s"], 1),
-            "softprompt_tokens_per_s": round(ours["tokens_per_s"], 1),
-            "softprompt_loop_tokens_per_s": round(ours["loop_tokens_per_s"], 1),
-            "speedup": round(ours["tokens_per_s"] / recipe["tokens_per_s"], 2),
-            "recipe_peak_rss_mb": round(recipe["peak_rss_mb"]), "softprompt_peak_rss_mb": round(ours["peak_rss_mb"]),
-            "mean_train_loss": {k: round(v, 4) for k, v in mean.items()},
-            "final_prompt_loss": {k: round(v, 4) for k, v in scores.items()}, "loss_curves_png": str(png),
-            "ceiling": ceiling,
-        }
-        print(json.dumps({name: per_file[name]}), flush=True)
-        speedups.append(ours["tokens_per_s"] / recipe["tokens_per_s"])
-        memory.append(ours["peak_rss_mb"] / recipe["peak_rss_mb"])
-    speedup = math.exp(sum(map(math.log, speedups)) / len(speedups))
-    ceiling = math.exp(sum(math.log(f["ceiling"]["speedup_vs_recipe"]) for f in per_file.values()) / len(per_file))
-    print(json.dumps({"speedup": round(speedup, 2), "memory_ratio": round(max(memory), 3),
-                      "ceiling_speedup": round(ceiling, 2), "files": per_file}))
+    per_set, load = {}, [loadavg()]
+    for name, data, kind, count in sets:
+        records = read_records(data, count, kind)
+        results = {which: spawn(args, which, name, data, kind, count) for which in runs}
+        load.append(loadavg())
+        ours = results["softprompt"]
+        scores = final_losses(args, records, {k: r["adapter"] for k, r in results.items()})
+        png = plot_curves({k: r["losses"] for k, r in results.items()}, Path(args.out) / f"{name}-loss.png",
+                          f"{name}: train loss, {count} records")
+        ceiling = gemm_ceiling(args, records, ["float32", "bfloat16"])
+        entry = {"records": count, "tokens": ours["tokens"], "softprompt_dtype": ours["dtype"],
+                 "max_batch_tokens": args.max_batch_tokens, "ceiling": ceiling}
+        for which, r in results.items():
+            entry[which] = {"tokens_per_s": round(r["tokens_per_s"], 1), "peak_rss_mb": round(r["peak_rss_mb"]),
+                            "final_prompt_loss": round(scores[which], 4),
+                            "mean_train_loss": round(sum(l for _, l in r["losses"]) / len(r["losses"]), 4)}
+        entry["initial_prompt_loss"] = round(scores["initial"], 4)
+        entry["softprompt"]["loop_tokens_per_s"] = round(ours["loop_tokens_per_s"], 1)
+        for which in runs:
+            if which != "softprompt":
+                entry[f"speedup_vs_{which}"] = round(ours["tokens_per_s"] / results[which]["tokens_per_s"], 2)
+                entry[f"memory_ratio_vs_{which}"] = round(ours["peak_rss_mb"] / results[which]["peak_rss_mb"], 3)
+                entry[f"loss_diff_vs_{which}"] = round(scores["softprompt"] - scores[which], 5)
+        for dtype in ("float32", "bfloat16"):
+            if "recipe" in results:
+                ceiling[dtype]["x_recipe"] = round(ceiling[dtype]["tokens_per_s"] / results["recipe"]["tokens_per_s"],
+                                                   2)
+        ceiling["softprompt_fraction"] = round(ours["tokens_per_s"] / ceiling[
+            "bfloat16" if "bfloat16" in ours["dtype"] else "float32"]["tokens_per_s"], 3)
+        entry["loss_curves_png"] = str(png)
+        per_set[name] = entry
+        print(json.dumps({name: entry}), flush=True)
+
+    def geomean(key):
+        values = [e[key] for e in per_set.values() if key in e]
+        return round(math.exp(sum(map(math.log, values)) / len(values)), 2) if values else None
+
+    diffs = [abs(e[k]) for e in per_set.values() for k in e if k.startswith("loss_diff_vs_recipe")]
+    summary = {"speedup": geomean("speedup_vs_recipe"), "speedup_vs_bf16_recipe": geomean("speedup_vs_recipe_bf16"),
+               "memory_ratio": max((e["memory_ratio_vs_recipe"] for e in per_set.values()
+                                    if "memory_ratio_vs_recipe" in e), default=None),
+               "memory_ratio_vs_bf16_recipe": max((e["memory_ratio_vs_recipe_bf16"] for e in per_set.values()
+                                                   if "memory_ratio_vs_recipe_bf16" in e), default=None),
+               "final_loss_max_diff": round(max(diffs), 5) if diffs else None, "loss_tolerance": LOSS_TOLERANCE,
+               "loss_within_tolerance": all(d <= LOSS_TOLERANCE for d in diffs),
+               "loadavg": load, "sets": per_set}
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
