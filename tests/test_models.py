@@ -76,3 +76,33 @@ def test_default_model_answers_and_matches_peft(default_base, tmp_path):
         wrapped = peft.PeftModel.from_pretrained(load_base(device="cpu").model, str(tmp_path / "a"))
         theirs = wrapped(input_ids=ids, attention_mask=mask).logits[:, prompt.num_virtual_tokens:]
     assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+@pytest.mark.parametrize("flags, onednn, expected", [
+    ({"avx512f", "avx512_bf16"}, True, torch.bfloat16),   # e.g. AMD Zen 4, Intel Cooper Lake
+    ({"avx512f", "amx_bf16", "amx_tile"}, True, torch.bfloat16),  # Intel Sapphire Rapids
+    ({"avx512f", "avx2"}, True, torch.float32),          # AVX-512 without BF16: bf16 would be emulated
+    ({"avx512_bf16"}, False, torch.float32),             # a torch without oneDNN bf16
+    (set(), True, torch.float32),                        # no /proc/cpuinfo (macOS, Windows) or another CPU
+])
+def test_auto_dtype_is_bf16_only_on_cpus_with_native_bf16(monkeypatch, flags, onednn, expected):
+    models.cpu_has_native_bf16.cache_clear()
+    monkeypatch.setattr(models, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
+    try:
+        assert models.resolve_dtype("auto", torch.device("cpu")) == expected
+        assert models.resolve_dtype(None, torch.device("cpu")) == expected
+        assert models.resolve_dtype("float32", torch.device("cpu")) == torch.float32  # explicit choices win
+    finally:
+        models.cpu_has_native_bf16.cache_clear()
+
+
+def test_cpu_flags_read_proc_cpuinfo():
+    flags = models.cpu_flags()
+    assert isinstance(flags, frozenset)
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        assert flags == frozenset()
+        return
+    assert ("avx512_bf16" in text.split()) == ("avx512_bf16" in flags)

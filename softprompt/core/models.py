@@ -7,6 +7,7 @@ fast. Any other GGUF file passed with `--model file.gguf` goes through the same 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -85,12 +86,43 @@ def resolve_device(device: str | None = None) -> torch.device:
     return dev
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs that compute bf16 natively
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags /proc/cpuinfo lists (Linux); empty where there is no such file."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bf16 natively (AVX-512 BF16 or AMX-BF16) and torch's oneDNN runs bf16 matrix
+    products on it; checked at run time, never assumed. Elsewhere bf16 is emulated and slower than fp32."""
+    try:
+        onednn = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        onednn = False
+    return onednn and bool(cpu_flags() & set(BF16_CPU_FLAGS))
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """'auto' or None: bf16 on a CUDA device that supports it, fp32 elsewhere (bf16 is slow on most CPUs)."""
+    """'auto' or None: bf16 on a CUDA device that supports it and on a CPU with native bf16 (`cpu_has_native_bf16`),
+    fp32 elsewhere (emulated bf16 is slower than fp32). Generation stays batch-invariant in bf16: the engine runs
+    attention row by row and keeps matrix products off the one-row kernel (see inference/engine.py)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "cpu" and cpu_has_native_bf16():
             return torch.bfloat16
         return torch.float32
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
