@@ -11,7 +11,9 @@ positions softprompt gives the virtual tokens (0..N-1) and the text (N, N+1, ...
     print(complete("http://gpu-box:8000", "meta-llama/Llama-3.2-1B-Instruct", base, adapter,
                    instruction="Classify: great movie!", max_tokens=8)["choices"][0]["text"])
 
-Only the embedding table of the base model is needed client-side (no forward pass).
+Only the embedding table of the base model is needed client-side (no forward pass). vLLM counts the N + L rows in
+`usage.prompt_tokens`, as `softprompt serve` counts an adapter's virtual tokens; responses are returned as vLLM sends
+them. Checked against a real vLLM 0.32 server by scripts/vllm_check.sh (docs/vllm.md).
 
 `prompt_embeds` carries input embeddings only, so this route serves prompt-tuning and P-tuning adapters (both are
 [N, hidden] input embeddings) but not prefix-tuning ones, whose keys/values live inside every layer:
@@ -111,8 +113,9 @@ def completion_payload(model: str, base, adapter=None, *, instruction: str | Non
     text_ = prompt_text(template, base.tokenizer, instruction=instruction, input=input, messages=messages, text=text)
     ids = encode_text(base.tokenizer, text_)
     embeds = build_prompt_embeds(base, adapter.embeddings if adapter is not None else None, ids, dtype)
-    # The official vLLM example sends prompt="" alongside prompt_embeds ("no text prompt").
-    body = {"model": model, "prompt": "", "prompt_embeds": encode_prompt_embeds(embeds), "max_tokens": max_tokens,
+    # No `prompt` field: vLLM 0.32 turns prompt="" (which its own example sends) into a second, empty prompt and
+    # answers 400 "The decoder prompt cannot be empty"; prompt_embeds alone is the whole prompt.
+    body = {"model": model, "prompt_embeds": encode_prompt_embeds(embeds), "max_tokens": max_tokens,
             "temperature": temperature, "top_p": top_p}
     if stop:
         body["stop"] = list(stop)
