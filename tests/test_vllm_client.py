@@ -115,3 +115,52 @@ def test_bad_inputs(tiny, stub_vllm):
     url, _ = stub_vllm
     with pytest.raises(RuntimeError, match=r"HTTP 404: .*The model `unknown` does not exist"):
         complete(url, "unknown", tiny, None, text="abc")
+
+
+# ---- softprompt export-vllm ------------------------------------------------------------------------------------------
+def test_export_vllm_writes_rows_recipe_and_a_ready_request(tiny, tiny_dir, tmp_path, stub_vllm, capsys):
+    """What a vLLM fleet needs per adapter: the soft-prompt rows, the template, and (optionally) a whole body."""
+    from safetensors.torch import load_file
+
+    from softprompt.cli import main
+
+    prompt = SoftPrompt.initialise(tiny, "random", num_virtual_tokens=5, seed=3)
+    save_adapter(tmp_path / "task", prompt.embeddings, tiny, template=Template("Review: {instruction}\nLabel:"))
+    out = tmp_path / "export"
+    assert main(["export-vllm", str(tmp_path / "task"), "--out", str(out), "--model", str(tiny_dir),
+                 "--instruction", "good film", "--served-model-name", "tiny-llama", "--max-tokens", "3",
+                 "--device", "cpu"]) == 0
+    assert "softprompt export-vllm: wrote" in capsys.readouterr().out
+    adapter = load_adapter(tmp_path / "task", tiny)
+    rows = load_file(str(out / "prompt_embeds.safetensors"))["prompt_embeds"]
+    assert torch.equal(rows, adapter.embeddings) and torch.equal(torch.load(out / "prompt_embeds.pt"), rows)
+    info = json.loads((out / "vllm.json").read_text())
+    assert info["method"] == "prompt" and info["num_virtual_tokens"] == 5 and info["hidden_size"] == 32
+    assert info["template_example"] == "Review: {instruction}\nLabel:"
+    # The recipe, followed by hand (no softprompt client), gives exactly the body the client builds ...
+    ids = encode_text(tiny.tokenizer, info["template_example"].replace("{instruction}", "good film"))
+    table = tiny.model.get_input_embeddings().weight
+    by_hand = torch.cat([rows, table[torch.tensor(ids)]])
+    body = json.loads((out / "request.json").read_text())
+    assert "prompt" not in body and body["model"] == "tiny-llama" and body["max_tokens"] == 3
+    assert torch.equal(decode_prompt_embeds(body["prompt_embeds"]), by_hand)
+    assert body == completion_payload("tiny-llama", tiny, adapter, instruction="good film", max_tokens=3)
+    # ... and request.json can be posted as it is.
+    url, received = stub_vllm
+    from softprompt.serve.vllm_client import post_json
+    assert post_json(url + "/v1/completions", body)["choices"][0]["text"] == f"rows={5 + len(ids)}"
+
+    bf16 = tmp_path / "bf16"
+    main(["export-vllm", str(tmp_path / "task"), "--out", str(bf16), "--dtype", "bfloat16"])
+    assert load_file(str(bf16 / "prompt_embeds.safetensors"))["prompt_embeds"].dtype == torch.bfloat16
+    assert not (bf16 / "request.json").exists()
+
+
+def test_export_vllm_refuses_prefix_adapters(tiny, tmp_path, capsys):
+    from softprompt.cli import main
+    from softprompt.core.prompt import build_prompt
+
+    save_adapter(tmp_path / "prefix", build_prompt(tiny, "prefix", "vocab", 3), tiny)
+    assert main(["export-vllm", str(tmp_path / "prefix"), "--out", str(tmp_path / "x")]) == 2
+    assert "uses method prefix" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "prompt_embeds.safetensors").exists()

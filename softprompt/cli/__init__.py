@@ -19,6 +19,7 @@ VERBS = {
     "chat": "softprompt.cli.chat",
     "serve": "softprompt.cli.serve",
     "inspect": "softprompt.cli.inspect",
+    "export-vllm": "softprompt.cli.export_vllm",
 }
 
 
