@@ -1,13 +1,22 @@
-"""Generation benchmark on the default model (SmolLM2-135M-Instruct), one run.
+"""Generation benchmark on the default model (SmolLM2-135M-Instruct), once per dtype.
 
-(a) 8 requests for 8 different adapters: one mixed-task batch vs one request at a time (same greedy outputs
-    required) -> mixed_batch_speedup = sequential time / batched time (target >= 4).
+Per dtype (default: float32, plus bfloat16 where the CPU computes it natively, i.e. where --dtype auto picks it):
+(a) 8 requests for 8 different adapters: one mixed-task batch vs one request at a time -> mixed_batch_speedup =
+    sequential time / batched time (target >= 4), and same_outputs: every row's greedy tokens in the batch equal the
+    same request alone (the engine's batch-invariance promise; the script exits 1, loudly, when it fails).
 (b) time to first token with an adapter of 100 virtual tokens: prefill on the cached soft-prompt KV vs the
     PEFT-style forward that recomputes the virtual tokens ([soft prompt ; prompt] in one pass)
     -> ttft_ratio = cached / recomputed (target <= 0.7).
+(c) single-stream decoding without an adapter: softprompt's engine vs Hugging Face `model.generate` on the same model,
+    greedy, same prompt, same number of new tokens -> single_stream_vs_hf = softprompt tokens/s / HF tokens/s
+    (>= 1: softprompt is not slower); same_tokens_as_hf says whether the tokens agree.
+(d) with --invariance-cost, in each dtype where the engine runs row-exact (bf16): (a) and (c) again with row-exact mode
+    off, -> invariance_cost = time with / time without (batched and single stream).
 
-Usage: python benchmarks/generate_throughput.py [--model M] [--device cpu] [--max-new-tokens 32] [--threads N]
-The last line printed is a JSON object with the figures.
+Usage: python benchmarks/generate_throughput.py [--model M] [--device cpu] [--dtypes float32,bfloat16]
+       [--max-new-tokens 32] [--threads N] [--invariance-cost]
+The last line printed is a JSON object: mixed_batch_speedup, ttft_ratio, single_stream_vs_hf (for the dtype
+--dtype auto picks here, named by `dtype`), same_outputs per dtype, and every figure per dtype under by_dtype.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 # On a CPU shared with other work, OpenMP threads that spin-wait for each other slow small ops down by up to ~100x;
@@ -27,7 +37,7 @@ import torch  # noqa: E402
 from softprompt.formats.adapter import Adapter  # noqa: E402
 from softprompt.inference.engine import DecodeBatch, Engine, GenerationRequest  # noqa: E402
 from softprompt.core.forward import lm_logits, run_body  # noqa: E402
-from softprompt.core.models import load_base  # noqa: E402
+from softprompt.core.models import load_base, resolve_dtype  # noqa: E402
 from softprompt.core.prompt import SoftPrompt  # noqa: E402
 
 INSTRUCTIONS = [
@@ -63,17 +73,32 @@ def recompute_first_token(base, prompt: torch.Tensor, ids: list[int]) -> int:
     return int(lm_logits(model, hidden[:, -1]).argmax())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="base model (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens per answer in (a)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    base = load_base(args.model, device=args.device, dtype=args.dtype)
+def single_stream(base, engine, ids: list[int], tokens: int, repeats: int = 3) -> dict:
+    """(c) greedy decoding of one request without an adapter: softprompt's engine vs HF model.generate."""
+    model = base.model
+    ours = engine.generate([GenerationRequest(ids, max_new_tokens=tokens)])[0].token_ids  # warm-up, and the length
+    n = len(ours)
+    input_ids = torch.tensor([ids], device=base.device)
+    hf_kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
+                     pad_token_id=base.tokenizer.pad_token_id, attention_mask=torch.ones_like(input_ids))
+
+    def hf():
+        with torch.no_grad():
+            return model.generate(input_ids, **hf_kwargs)[0, len(ids):].tolist()
+
+    theirs = hf()  # warm-up
+    t_ours, t_hf = [], []
+    for _ in range(repeats):  # interleaved, so both see the same machine load
+        t_ours.append(timed(lambda: engine.generate([GenerationRequest(ids, max_new_tokens=tokens)]))[0])
+        t_hf.append(timed(hf)[0])
+    ours_s, hf_s = statistics.median(t_ours), statistics.median(t_hf)
+    return {"tokens": n, "softprompt_tok_s": n / ours_s, "hf_tok_s": n / hf_s, "ratio": hf_s / ours_s,
+            "same_tokens_as_hf": theirs[:n] == ours}
+
+
+def run_dtype(args, dtype: str) -> dict:
+    base = load_base(args.model, device=args.device, dtype=dtype)
+    name = str(base.dtype).replace("torch.", "")
 
     # (a) mixed-task batch vs one request at a time
     sizes = [8, 12, 16, 20, 24, 10, 14, 18]
@@ -83,14 +108,17 @@ def main() -> None:
         return [GenerationRequest(engine.encode(text, adapter=f"task{i}"), adapter=f"task{i}",
                                   max_new_tokens=args.max_new_tokens) for i, text in enumerate(INSTRUCTIONS)]
 
-    engine.generate(requests()[:2], batch_size=2)  # warm-up
-    t_seq, seq = timed(lambda: [engine.generate([r])[0] for r in requests()])
-    t_batch, batch = timed(lambda: engine.generate(requests(), batch_size=8))
-    same = [a.token_ids for a in seq] == [b.token_ids for b in batch]
-    tokens = sum(len(r.token_ids) for r in batch)
-    print(f"(a) {len(sizes)} adapters, {tokens} tokens: one at a time {t_seq:.2f} s ({tokens / t_seq:.1f} tok/s), "
-          f"mixed batch {t_batch:.2f} s ({tokens / t_batch:.1f} tok/s), speedup {t_seq / t_batch:.2f}x, "
-          f"same outputs: {same}")
+    def mixed() -> tuple[float, float, bool, int]:
+        engine.generate(requests()[:2], batch_size=2)  # warm-up
+        t_seq, seq = timed(lambda: [engine.generate([r])[0] for r in requests()])
+        t_batch, batch = timed(lambda: engine.generate(requests(), batch_size=8))
+        same = [a.token_ids for a in seq] == [b.token_ids for b in batch]
+        return t_seq, t_batch, same, sum(len(r.token_ids) for r in batch)
+
+    t_seq, t_batch, same, tokens = mixed()
+    print(f"[{name}] (a) {len(sizes)} adapters, {tokens} tokens: one at a time {t_seq:.2f} s "
+          f"({tokens / t_seq:.1f} tok/s), mixed batch {t_batch:.2f} s ({tokens / t_batch:.1f} tok/s), "
+          f"speedup {t_seq / t_batch:.2f}x, same outputs: {same}", flush=True)
 
     # (b) time to first token, 100 virtual tokens
     long_adapter = adapter_for(base, 100, seed=99)
@@ -104,18 +132,80 @@ def main() -> None:
     cached_first_token(), recompute_first_token(base, long_adapter.embeddings, ids)  # warm-up
     t_cached, first_cached = timed(cached_first_token, repeats=15)
     t_recompute, first_recompute = timed(lambda: recompute_first_token(base, long_adapter.embeddings, ids), 15)
-    print(f"(b) TTFT, 100 virtual tokens + {len(ids)} prompt tokens: cached KV {1000 * t_cached:.1f} ms, "
+    print(f"[{name}] (b) TTFT, 100 virtual tokens + {len(ids)} prompt tokens: cached KV {1000 * t_cached:.1f} ms, "
           f"recomputed {1000 * t_recompute:.1f} ms, ratio {t_cached / t_recompute:.2f}, "
-          f"same first token: {first_cached == first_recompute}")
+          f"same first token: {first_cached == first_recompute}", flush=True)
 
+    # (c) single stream vs Hugging Face generate, no adapter
+    stream_ids = engine.encode(STREAM_PROMPT)
+    single = single_stream(base, engine, stream_ids, args.stream_tokens)
+    print(f"[{name}] (c) single stream, {single['tokens']} tokens: softprompt {single['softprompt_tok_s']:.1f} tok/s, "
+          f"HF generate {single['hf_tok_s']:.1f} tok/s, ratio {single['ratio']:.2f}, "
+          f"same tokens: {single['same_tokens_as_hf']}", flush=True)
+
+    out = {"mixed_batch_speedup": round(t_seq / t_batch, 3), "ttft_ratio": round(t_cached / t_recompute, 3),
+           "single_stream_vs_hf": round(single["ratio"], 3), "same_outputs": same,
+           "same_first_token": first_cached == first_recompute, "same_tokens_as_hf": single["same_tokens_as_hf"],
+           "sequential_s": round(t_seq, 3), "mixed_batch_s": round(t_batch, 3), "generated_tokens": tokens,
+           "ttft_cached_ms": round(1000 * t_cached, 2), "ttft_recompute_ms": round(1000 * t_recompute, 2),
+           "single_stream_tok_s": round(single["softprompt_tok_s"], 2), "hf_tok_s": round(single["hf_tok_s"], 2),
+           "row_exact": DecodeBatch(base, engine.prompt_cache).exact}
+
+    # (d) what row-exact mode costs: the same runs with it off
+    if args.invariance_cost and out["row_exact"]:
+        DecodeBatch.exact = False
+        try:
+            t_seq_off, t_batch_off, same_off, _ = mixed()
+            single_off = single_stream(base, engine, stream_ids, args.stream_tokens)
+        finally:
+            DecodeBatch.exact = None
+        out["invariance_cost"] = {
+            "mixed_batch": round(t_batch / t_batch_off, 3), "one_at_a_time": round(t_seq / t_seq_off, 3),
+            "single_stream": round(single_off["softprompt_tok_s"] / single["softprompt_tok_s"], 3),
+            "same_outputs_without": same_off}
+        print(f"[{name}] (d) row-exact mode costs x{out['invariance_cost']['mixed_batch']:.2f} on the mixed batch, "
+              f"x{out['invariance_cost']['one_at_a_time']:.2f} one at a time, "
+              f"x{out['invariance_cost']['single_stream']:.2f} single stream (time with / without); "
+              f"without it, same outputs: {same_off}", flush=True)
+    return out
+
+
+STREAM_PROMPT = "Write a long story about a lighthouse keeper who finds a map."
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="base model (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--dtypes", "--dtype", default=None,
+                        help="comma-separated dtypes (default: float32, plus what --dtype auto picks here)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens per answer in (a)")
+    parser.add_argument("--stream-tokens", type=int, default=64, help="new tokens in (c)")
+    parser.add_argument("--invariance-cost", action="store_true", help="(d): rerun (a) and (c) without row-exact mode")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from softprompt.core.models import resolve_device
+
+    auto = str(resolve_dtype("auto", resolve_device(args.device))).replace("torch.", "")
+    dtypes = args.dtypes.split(",") if args.dtypes else list(dict.fromkeys(["float32", auto]))
+    results = {}
+    for dtype in dtypes:
+        name = str(resolve_dtype(dtype, resolve_device(args.device))).replace("torch.", "")
+        results[name] = run_dtype(args, dtype)
+    main_dtype = auto if auto in results else next(iter(results))
+    summary = {key: results[main_dtype][key] for key in ("mixed_batch_speedup", "ttft_ratio", "single_stream_vs_hf")}
+    failed = [name for name, r in results.items() if not r["same_outputs"]]
     print(json.dumps({
-        "mixed_batch_speedup": round(t_seq / t_batch, 3), "ttft_ratio": round(t_cached / t_recompute, 3),
-        "same_outputs": same, "same_first_token": first_cached == first_recompute,
-        "sequential_s": round(t_seq, 3), "mixed_batch_s": round(t_batch, 3), "generated_tokens": tokens,
-        "ttft_cached_ms": round(1000 * t_cached, 2), "ttft_recompute_ms": round(1000 * t_recompute, 2),
-        "model": base.name, "device": str(base.device), "dtype": str(base.dtype).replace("torch.", ""),
+        **summary, "dtype": main_dtype, "same_outputs": {name: r["same_outputs"] for name, r in results.items()},
+        "by_dtype": results, "model": args.model or "HuggingFaceTB/SmolLM2-135M-Instruct", "device": args.device,
         "threads": torch.get_num_threads(),
     }))
+    if failed:
+        print(f"FAILED: batch invariance broken in {', '.join(failed)}: a row's greedy tokens in the mixed batch differ "
+              "from the same request alone", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
