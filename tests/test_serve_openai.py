@@ -260,7 +260,7 @@ def test_tokenize_and_detokenize(server, tiny):
     ({"logit_bias": {"999999": 1}}, "logit_bias", "outside the vocabulary"),
     ({"presence_penalty": 2.5}, "presence_penalty", "less than or equal to 2"),
     ({"n": 100}, "n", "less than or equal to 64"),
-    ({"n": 64, "prompt": ["a", "b"]}, "prompt", "can never be served"),
+    ({"n": 64, "prompt": ["a", "b"]}, "n", "2 prompt(s) x 64 choices (n / best_of) in one request can never be"),
 ])
 def test_refusals_name_the_field(server, body, param, message):
     r = httpx.post(server.url + "/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 2, **body})

@@ -130,15 +130,16 @@ class ServerState:
                            code="context_length_exceeded")
         return limit
 
-    def check_capacity(self, count: int) -> None:
-        """A request with more prompts than the server can ever hold at once is a 400 (not a 429: retrying
-        cannot help)."""
+    def check_capacity(self, count: int, choices: int = 1, param: str = "prompt") -> None:
+        """A request with more completions (prompts x choices) than the server can ever hold at once is a 400 (not a
+        429: retrying cannot help)."""
         sched = self.scheduler
-        if count > sched.capacity:
-            raise APIError(400, f"Invalid value for 'prompt': {count} prompts in one request can never be served: this "
+        if count * choices > sched.capacity:
+            what = f"{count} prompts" if choices == 1 else f"{count} prompt(s) x {choices} choices (n / best_of)"
+            raise APIError(400, f"Invalid value for '{param}': {what} in one request can never be served: this "
                                 f"server runs at most {sched.max_batch} requests at once and queues at most "
-                                f"{sched.max_queue} (--max-batch, --max-queue), so send at most {sched.capacity} "
-                                "prompts per request.", param="prompt", code="invalid_value")
+                                f"{sched.max_queue} (--max-batch, --max-queue), so ask for at most {sched.capacity} "
+                                "completions per request.", param=param, code="invalid_value")
 
     # ---- request preparation (runs in the thread pool) -----------------------------------------------------
     def vocab_size(self) -> int:
@@ -158,7 +159,9 @@ class ServerState:
         self.check_bias(body)
         token_prompts = body.token_prompts()
         count = len(token_prompts) if token_prompts is not None else len(body.prompts())
-        self.check_capacity(count * body.candidates() if body.max_tokens != 0 else 0)
+        if body.max_tokens != 0:  # echo only (max_tokens 0) generates nothing
+            self.check_capacity(count, body.candidates(), "prompt" if body.candidates() == 1 else
+                                "best_of" if body.best_of else "n")
         single = not isinstance(body.prompt, list) or (token_prompts is not None and isinstance(body.prompt[0], int))
         prompts, texts = [], []
         vocab = self.vocab_size()
@@ -195,7 +198,7 @@ class ServerState:
         body = _validate(raw, ChatRequest)
         key, n, template = self.lookup(body.model)
         self.check_bias(body)
-        self.check_capacity(body.n)
+        self.check_capacity(1, body.n, "n")
         text = self.chat_text(template, body.as_dicts())
         ids = encode_text(self.tokenizer, text)
         if not ids:
