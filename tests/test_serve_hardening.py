@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 import softprompt.serve.app as app_module
+import softprompt.serve.state as state_module
 from softprompt.data.templates import Template, encode_text
 from softprompt.formats.adapter import load_adapter
 from softprompt.inference.engine import Engine, GenerationRequest
@@ -204,7 +205,7 @@ def test_default_body_limit_refuses_50_mb_at_once(server):
 
 
 def test_tokenising_runs_off_the_event_loop(server, monkeypatch):
-    real = app_module.encode_text
+    real = state_module.encode_text
     entered = threading.Event()
 
     def slow_encode(tokenizer, text):
@@ -213,7 +214,7 @@ def test_tokenising_runs_off_the_event_loop(server, monkeypatch):
             time.sleep(2.0)
         return real(tokenizer, text)
 
-    monkeypatch.setattr(app_module, "encode_text", slow_encode)
+    monkeypatch.setattr(state_module, "encode_text", slow_encode)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         slow = pool.submit(httpx.post, server.url + "/v1/completions",
                            json={"model": "alpha", "prompt": "SLOW x", "max_tokens": 2}, timeout=60)
@@ -231,7 +232,7 @@ def test_client_mistakes_deep_inside_are_never_5xx(server, monkeypatch):
     def broken(tokenizer, text):
         raise TypeError("TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]")
 
-    monkeypatch.setattr(app_module, "encode_text", broken)
+    monkeypatch.setattr(state_module, "encode_text", broken)
     r = httpx.post(server.url + "/v1/completions", json={"model": "alpha", "prompt": "x"}, timeout=60)
     assert r.status_code == 400 and error_of(r)["type"] == "invalid_request_error"
     monkeypatch.undo()

@@ -16,7 +16,8 @@ import torch
 from softprompt.core import forward
 from softprompt.data.templates import encode_text
 from softprompt.formats.adapter import load_adapter
-from softprompt.serve.app import choice_seed, create_app
+from softprompt.serve.app import create_app
+from softprompt.serve.replies import choice_seed
 from softprompt.serve.batch import ServeRequest, process_logits
 from test_serve import LiveServer, make_adapter
 from helpers import text_logits

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from softprompt.formats.adapter import CONFIG_FILE, WEIGHTS_FILE, Adapter, AdapterError, check_adapter_name, load_adapter
+from softprompt.formats.adapter import (CONFIG_FILE, WEIGHTS_FILE, Adapter, AdapterError, check_adapter_name,
+                                        load_adapter)
 
 BASE_NAME = "base"
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from softprompt.inference.engine import DecodeBatch, GenerationRequest, TokenEvent
