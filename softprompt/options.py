@@ -143,8 +143,8 @@ def device_option() -> Any:
 
 
 def dtype_option() -> Any:
-    return option("auto", "weights dtype: auto (bfloat16 on a GPU that supports it, else float32), float32, "
-                          "bfloat16 or float16", choices=DTYPES, group="model")
+    return option("auto", "weights dtype: auto (bfloat16 on a GPU or a CPU that computes it natively, else float32), "
+                          "float32, bfloat16 or float16", choices=DTYPES, group="model")
 
 
 def threads_option() -> Any:

@@ -65,8 +65,8 @@ def test_templates_saved_reference_and_chat(env):
 
 
 def test_cli_single_streams_the_answer(env, capsys):
-    assert main(["generate", "--model", env.model, "--adapter", str(env.adapters / "alpha"), "--greedy",
-                 "--max-new-tokens", "10", "tell me about cats"]) == 0
+    assert main(["generate", "--model", env.model, "--dtype", "float32", "--adapter", str(env.adapters / "alpha"),
+                 "--greedy", "--max-new-tokens", "10", "tell me about cats"]) == 0
     assert capsys.readouterr().out == answer(env, "tell me about cats", "alpha") + "\n"
     pieces = []
     text = answer(env, "tell me about cats", "alpha", on_text=pieces.append)
@@ -92,8 +92,8 @@ def test_cli_batch_mixed_adapters_in_input_order(env, tmp_path, capsys):
                {"instruction": "short", "id": 5}]
     batch, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     batch.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) + "\n", encoding="utf-8")
-    argv = ["generate", "--model", env.model, "--batch", str(batch), "--out", str(out), "--adapters-dir",
-            str(env.adapters), "--greedy", "--max-new-tokens", "10", "--batch-size", "4"]
+    argv = ["generate", "--model", env.model, "--dtype", "float32", "--batch", str(batch), "--out", str(out),
+            "--adapters-dir", str(env.adapters), "--greedy", "--max-new-tokens", "10", "--batch-size", "4"]
     assert main(argv) == 0
     got = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [{k: v for k, v in r.items() if k != "output"} for r in got] == records

@@ -73,7 +73,7 @@ def test_default_model_answers_and_matches_peft(default_base, tmp_path):
     with torch.no_grad():
         ours = text_logits(default_base.model, prompt.embeddings, ids, mask)
         # a separate copy: PEFT wraps the model it is given, and the session fixture is shared
-        wrapped = peft.PeftModel.from_pretrained(load_base(device="cpu").model, str(tmp_path / "a"))
+        wrapped = peft.PeftModel.from_pretrained(load_base(device="cpu", dtype="float32").model, str(tmp_path / "a"))
         theirs = wrapped(input_ids=ids, attention_mask=mask).logits[:, prompt.num_virtual_tokens:]
     assert torch.allclose(ours, theirs, atol=1e-4)
 
