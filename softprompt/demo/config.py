@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from softprompt.core import INIT_METHODS, METHODS
-from softprompt.options import SEED_MAX, check_options, model_option, option, progress_option
+from softprompt.options import SEED_MAX, check_options, dtype_option, model_option, option, progress_option
 
 DEFAULT_OUT = "softprompt-demo"
 
@@ -17,6 +17,7 @@ class DemoConfig:
 
     out: str = option(DEFAULT_OUT, "output folder", metavar="DIR")
     model: str | object | None = model_option()
+    dtype: str = dtype_option()
     method: str = option("prompt", "prompt-learning method to demonstrate: prompt (prompt tuning), prefix (prefix "
                                    "tuning) or ptuning (P-tuning), as softprompt train --method", choices=METHODS,
                          group="training")

@@ -40,7 +40,7 @@ def run_demo(out: str | Path = DEFAULT_OUT, model: str | FrozenModel | None = No
     config = DemoConfig(out=str(out), model=model, **options)
     clock = {"start": time.perf_counter(), "cpu": time.process_time()}
     out = Path(config.out)
-    base = model if isinstance(model, FrozenModel) else load_base(model)
+    base = model if isinstance(model, FrozenModel) else load_base(model, dtype=config.dtype)
     clock["loaded"] = time.perf_counter()
     task = _write_task(out, config, base, print_fn)
     eval_kwargs = {"choices": demo_task.CHOICES, "batch_size": 16, "template": demo_task.TEMPLATE,
