@@ -3,7 +3,7 @@
 The reference recipe: PEFT PromptTuning (TEXT init) + Hugging Face Trainer, batch 1 x grad-accum 8, 1 epoch,
 Trainer's defaults (AdamW, LR 5e-5, linear decay, clipping 1.0), the "Human: ... Assistant: " template, max length
 256, fp32 ("recipe"); and the same recipe with Trainer's `bf16=True` (CPU autocast, "recipe_bf16"), the fair peer of
-softprompt's bf16 training. softprompt runs with its own defaults (--dtype auto, length-grouped micro-batches on a
+softprompt's bf16 training (and, with --runs ...,softprompt_fp32, softprompt in fp32). softprompt runs with its own defaults (--dtype auto, length-grouped micro-batches on a
 token budget, once-per-step shared prefix) and the recipe's hyper-parameters (same init text, 13 virtual tokens,
 global batch 8, AdamW 5e-5, linear decay), so the final losses are comparable. Each run is a separate child process
 so peak memory (max RSS) is its own. Then every final prompt is scored on the same records with the same code (fp32;
@@ -39,8 +39,9 @@ from pathlib import Path
 
 INIT_TEXT = "The following is a conversation between a person and a robot."
 SST2_INSTRUCTION = "Is the sentiment of this movie review positive or negative?"
-RUNS = ("recipe", "recipe_bf16", "softprompt")
-LOSS_TOLERANCE = 0.005  # nats per answer token between final prompts (they move ~1e-3 at LR 5e-5; see docs)
+RUNS = ("recipe", "recipe_bf16", "softprompt", "softprompt_fp32")
+LOSS_TOLERANCE = 0.015  # nats per answer token between final prompts: float noise is ~1e-4, the record order
+# (length-grouped steps vs Trainer's random sampler) ~1e-2 on the SST-2 set, whose prompt moves ~0.3 (see docs)
 
 
 def read_records(path: str, n: int, kind: str = "alpaca") -> list[dict]:
@@ -104,13 +105,13 @@ def run_recipe(args, records: list[dict], out: Path, bf16: bool = False) -> dict
             "float32"}
 
 
-def run_softprompt(args, records: list[dict], out: Path) -> dict:
+def run_softprompt(args, records: list[dict], out: Path, dtype: str | None = None) -> dict:
     from softprompt.training.metrics import read_metrics
     from softprompt.core.models import load_base
     from softprompt.training.config import TrainConfig
     from softprompt.training.loop import train
 
-    base = load_base(args.model, device="cpu", dtype=args.dtype)
+    base = load_base(args.model, device="cpu", dtype=dtype or args.dtype)
     config = TrainConfig(data=records, out=str(out / "adapter"), model=base, init="text", init_text=INIT_TEXT,
                          num_virtual_tokens=args.num_virtual_tokens, lr=5e-5, schedule="linear", warmup_steps=0,
                          optimizer="adamw", batch_size=8, grad_accum=1, epochs=1, max_length=args.max_length,
@@ -133,8 +134,8 @@ def child(args) -> None:
     records = read_records(args.child_data, args.child_records, args.child_kind)
     out = Path(args.out) / f"{args.child_name}-{args.child}"
     out.mkdir(parents=True, exist_ok=True)
-    if args.child == "softprompt":
-        result = run_softprompt(args, records, out)
+    if args.child.startswith("softprompt"):
+        result = run_softprompt(args, records, out, "float32" if args.child == "softprompt_fp32" else None)
     else:
         result = run_recipe(args, records, out, bf16=args.child == "recipe_bf16")
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -254,7 +255,9 @@ def main() -> None:
     parser.add_argument("--num-virtual-tokens", type=int, default=13)
     parser.add_argument("--max-batch-tokens", type=int, default=1024,
                         help="softprompt's token budget per forward (default: softprompt train's default)")
-    parser.add_argument("--runs", default=",".join(RUNS), help="which runs, comma-separated: " + ", ".join(RUNS))
+    parser.add_argument("--runs", default="recipe,recipe_bf16,softprompt",
+                        help="which runs, comma-separated, of: " + ", ".join(RUNS) + " (softprompt_fp32: softprompt "
+                             "with --dtype float32, to see what the dtype buys); default: all but softprompt_fp32")
     parser.add_argument("--threads", type=int, help="torch threads in every run (default: torch's choice)")
     parser.add_argument("--child", choices=RUNS, help=argparse.SUPPRESS)
     parser.add_argument("--child-data", help=argparse.SUPPRESS)
@@ -294,7 +297,7 @@ def main() -> None:
         entry["initial_prompt_loss"] = round(scores["initial"], 4)
         entry["softprompt"]["loop_tokens_per_s"] = round(ours["loop_tokens_per_s"], 1)
         for which in runs:
-            if which != "softprompt":
+            if which.startswith("recipe"):
                 entry[f"speedup_vs_{which}"] = round(ours["tokens_per_s"] / results[which]["tokens_per_s"], 2)
                 entry[f"memory_ratio_vs_{which}"] = round(ours["peak_rss_mb"] / results[which]["peak_rss_mb"], 3)
                 entry[f"loss_diff_vs_{which}"] = round(scores["softprompt"] - scores[which], 5)
