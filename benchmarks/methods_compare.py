@@ -7,7 +7,7 @@ accuracy of ranking the label words, which train saves with the adapter; otherwi
     python benchmarks/methods_compare.py --splits splits/sst2 --out runs/sst2 --split test \\
         --run zero-shot: --run prompt:--method,prompt --run prefix:--method,prefix --run ptuning:--method,ptuning
     python benchmarks/methods_compare.py --splits splits/sst2 --out runs/sweep --split dev \\
-        --run prefix-lr0.1:--method,prefix,--lr,0.1 --run prefix-proj:--method,prefix,--prefix-projection
+        --run prefix-lr0.1:--method,prefix,--lr,0.1 --run prefix-direct:--method,prefix,--no-prefix-projection
 
 A --run is NAME:FLAGS with FLAGS comma-separated extra `softprompt train` arguments; an empty FLAGS list means the
 base model alone (zero-shot). Prints one markdown row per run and writes OUT/results.json.
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--reuse", action="store_true", help="evaluate an adapter already in OUT/NAME instead of "
+                                                                 "training it again")
     parser.add_argument("--dtype", default="float32", help="passed to train and eval (pinned: the 'auto' default may "
                                                            "pick bf16 on CPUs with native bf16)")
     args = parser.parse_args(argv)
@@ -57,14 +59,19 @@ def main(argv: list[str] | None = None) -> None:
     outputs = {json.loads(line)["output"] for line in (splits / "train.jsonl").read_text().splitlines() if line}
     choices = sorted(outputs) if len(outputs) <= 10 else None
     sp = softprompt_cmd()
-    threads = (["--threads", str(args.threads)] if args.threads else []) + ["--dtype", args.dtype]
+    dtype = ["--dtype", args.dtype]
+    threads = (["--threads", str(args.threads)] if args.threads else []) + dtype
     results = []
     for spec in args.run:
         name, _, flags = spec.partition(":")
         flags = [f for f in flags.split(",") if f]
         folder = out / name
         row = {"run": name, "flags": flags}
-        if flags:
+        if flags and args.reuse and (folder / "adapter_model.safetensors").is_file():
+            print(f"reusing the adapter in {folder}", flush=True)
+            models = ["--adapter", str(folder)]
+            row["adapter_bytes"] = (folder / "adapter_model.safetensors").stat().st_size
+        elif flags:
             train_s = run(sp + ["train", "--data", str(splits / "train.jsonl"), "--out", str(folder), "--template",
                                 template, "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
                                 "--max-length", str(args.max_length), "--save-every", str(args.steps),
@@ -76,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
             folder.mkdir(parents=True, exist_ok=True)
             models = ["--template", template] + (["--choices", ",".join(choices)] if choices else [])
         report_path = folder / f"eval-{args.split}.json"
-        run(sp + ["eval", "--data", str(eval_file), *models, *threads, "--max-new-tokens", "0", "--max-length",
+        run(sp + ["eval", "--data", str(eval_file), *models, *dtype, "--max-new-tokens", "0", "--max-length",
                   str(args.max_length + 64), "--no-progress", "--json", str(report_path), "--examples", "0"])
         report = json.loads(report_path.read_text())
         result = report["results"][0]

@@ -27,7 +27,8 @@ from softprompt.training.config import TrainConfig
 from softprompt.training.loop import detect_label_words, train
 from softprompt.data.templates import Template, encode_text
 
-METHODS = {"prompt": {}, "prefix": {}, "prefix-proj": {"prefix_projection": True}, "ptuning": {},
+METHODS = {"prompt": {}, "prefix": {"prefix_projection": False}, "prefix-proj": {"prefix_projection": True},
+           "ptuning": {},
            "ptuning-lstm": {"encoder_type": "lstm"}}
 
 
@@ -230,13 +231,17 @@ def test_method_options_are_checked():
         TrainConfig(data=RECORDS, out="x", encoder_type="gru")
     with pytest.raises(ValueError, match="--encoder-hidden-size must be >= 1, got 0"):
         TrainConfig(data=RECORDS, out="x", encoder_hidden_size=0)
-    with pytest.raises(ValueError, match=r"--prefix-projection is for --method prefix \(this run has --method ptuning\)"):
-        TrainConfig(data=RECORDS, out="x", method="ptuning", prefix_projection=True)
     with pytest.raises(ValueError, match=r"--encoder-type is for --method ptuning \(this run has --method prompt\)"):
         TrainConfig(data=RECORDS, out="x", encoder_type="lstm")
-    with pytest.raises(ValueError, match="--encoder-hidden-size is for --method ptuning or --method prefix "
-                                         "--prefix-projection"):
-        TrainConfig(data=RECORDS, out="x", method="prefix", encoder_hidden_size=8)
+    with pytest.raises(ValueError, match="--encoder-hidden-size is for --method ptuning, or --method prefix without "
+                                         "--no-prefix-projection"):
+        TrainConfig(data=RECORDS, out="x", method="prefix", prefix_projection=False, encoder_hidden_size=8)
+    with pytest.raises(ValueError, match="--encoder-hidden-size is for"):
+        TrainConfig(data=RECORDS, out="x", encoder_hidden_size=8)
+    assert TrainConfig(data=RECORDS, out="x", method="prefix", encoder_hidden_size=8).prefix_projection
+    assert (TrainConfig(data=RECORDS, out="x", method="prefix").peak_lr,
+            TrainConfig(data=RECORDS, out="x", method="ptuning").peak_lr,
+            TrainConfig(data=RECORDS, out="x").peak_lr) == (0.03, 0.03, 0.3)
     assert TrainConfig(data=RECORDS, out="x", method="prefix").peak_lr > 0
     assert TrainConfig(data=RECORDS, out="x", method="prefix", lr=0.01).peak_lr == 0.01
 

@@ -199,7 +199,7 @@ def _setup(config: TrainConfig) -> Run:
     total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
     init = config.init or ("labels" if label_words else "vocab")
     prompt = build_prompt(base, config.method, init, config.num_virtual_tokens, config.init_text, label_words,
-                          config.seed, prefix_projection=config.prefix_projection,
+                          config.seed, prefix_projection=config.prefix_projection and config.method == "prefix",
                           encoder_hidden_size=config.encoder_hidden_size, encoder_type=config.encoder_type)
     optimizer = build_optimizer(config.optimizer, list(prompt.parameters()), config.peak_lr, config.weight_decay)
     state = TrainState(best_eval_loss=None, best_step=None, bad_evals=0, tokens=0, records=len(examples),
