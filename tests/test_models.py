@@ -79,22 +79,49 @@ def test_default_model_answers_and_matches_peft(default_base, tmp_path):
 
 
 @pytest.mark.parametrize("flags, onednn, expected", [
-    ({"avx512f", "avx512_bf16"}, True, torch.bfloat16),   # e.g. AMD Zen 4, Intel Cooper Lake
-    ({"avx512f", "amx_bf16", "amx_tile"}, True, torch.bfloat16),  # Intel Sapphire Rapids
-    ({"avx512f", "avx2"}, True, torch.float32),          # AVX-512 without BF16: bf16 would be emulated
-    ({"avx512_bf16"}, False, torch.float32),             # a torch without oneDNN bf16
-    (set(), True, torch.float32),                        # no /proc/cpuinfo (macOS, Windows) or another CPU
+    ({"avx512f", "avx512_bf16"}, True, True),            # e.g. AMD Zen 4, Intel Cooper Lake
+    ({"avx512f", "amx_bf16", "amx_tile"}, True, True),   # Intel Sapphire Rapids
+    ({"avx512f", "avx2"}, True, False),                  # AVX-512 without BF16: bf16 would be emulated
+    ({"avx512_bf16"}, False, False),                     # a torch without oneDNN bf16
+    (set(), True, False),                                # no /proc/cpuinfo (macOS, Windows) or another CPU
 ])
-def test_auto_dtype_is_bf16_only_on_cpus_with_native_bf16(monkeypatch, flags, onednn, expected):
+def test_native_bf16_needs_the_cpu_flag_and_onednn(monkeypatch, flags, onednn, expected):
     models.cpu_has_native_bf16.cache_clear()
+    models.cpu_bf16_speedup.cache_clear()
     monkeypatch.setattr(models, "cpu_flags", lambda: frozenset(flags))
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
     try:
-        assert models.resolve_dtype("auto", torch.device("cpu")) == expected
-        assert models.resolve_dtype(None, torch.device("cpu")) == expected
-        assert models.resolve_dtype("float32", torch.device("cpu")) == torch.float32  # explicit choices win
+        assert models.cpu_has_native_bf16() is expected
+        if not expected:  # nothing to measure: emulated bf16 is never chosen
+            assert models.cpu_bf16_speedup() == 0.0
+            assert models.resolve_dtype("auto", torch.device("cpu")) == torch.float32
     finally:
         models.cpu_has_native_bf16.cache_clear()
+        models.cpu_bf16_speedup.cache_clear()
+
+
+@pytest.mark.parametrize("speedup, expected", [
+    (2.1, torch.bfloat16),   # bf16 products about twice as fast (seen on AMD EPYC with AVX-512 BF16)
+    (1.2, torch.bfloat16),   # exactly the threshold
+    (1.1, torch.float32),    # a small gain does not pay for bf16's rounding
+    (0.6, torch.float32),    # native but slower than MKL's fp32 (seen on Intel Xeon with AVX-512 BF16, no AMX)
+    (0.0, torch.float32),    # not native
+])
+def test_auto_dtype_on_a_cpu_follows_the_measured_multiply_rate(monkeypatch, speedup, expected):
+    monkeypatch.setattr(models, "cpu_bf16_speedup", lambda: speedup)
+    assert models.resolve_dtype("auto", torch.device("cpu")) == expected
+    assert models.resolve_dtype(None, torch.device("cpu")) == expected
+    assert models.resolve_dtype("float32", torch.device("cpu")) == torch.float32  # explicit choices win
+    assert models.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+@pytest.mark.skipif(not models.cpu_has_native_bf16(), reason="this CPU has no native bf16: nothing to measure")
+def test_the_bf16_speedup_is_measured_once_per_process():
+    models.cpu_bf16_speedup.cache_clear()
+    first = models.cpu_bf16_speedup()
+    assert 0.05 < first < 20  # a ratio of two measured rates, not a flag
+    assert models.cpu_bf16_speedup() == first  # cached: every load in a process picks the same dtype
+    assert models.cpu_bf16_speedup.cache_info().misses == 1
 
 
 def test_cpu_flags_read_proc_cpuinfo():

@@ -113,16 +113,49 @@ def cpu_has_native_bf16() -> bool:
     return onednn and bool(cpu_flags() & set(BF16_CPU_FLAGS))
 
 
+BF16_MIN_SPEEDUP = 1.2  # `auto` picks bf16 on a CPU only when its products run at least this much faster than fp32's
+PROBE_SHAPE = (256, 1024, 1024)  # rows x in -> out of the probe product: a transformer layer's size, ~0.5 GFLOP
+
+
+def _best_seconds(step, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_speedup() -> float:
+    """How much faster this CPU multiplies matrices in bf16 than in fp32 (a ratio of rates, measured once per process
+    in ~0.1 s on the current thread count); 0.0 where bf16 is not native. Native bf16 is not always faster: oneDNN's
+    AVX-512 BF16 kernels beat MKL's fp32 on some CPUs (about 2x) and lose on others (about 0.6x)."""
+    if not cpu_has_native_bf16():
+        return 0.0
+    rows, width, out = PROBE_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    pairs = {dtype: (torch.randn(rows, width, generator=generator).to(dtype),
+                     torch.randn(out, width, generator=generator).to(dtype))
+             for dtype in (torch.float32, torch.bfloat16)}
+    seconds = {dtype: float("inf") for dtype in pairs}
+    for _ in range(4):  # interleaved, best of each: a busy machine slows both alike
+        for dtype, (x, w) in pairs.items():
+            seconds[dtype] = min(seconds[dtype], _best_seconds(lambda: torch.nn.functional.linear(x, w), 2))
+    return seconds[torch.float32] / seconds[torch.bfloat16]
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """'auto' or None: bf16 on a CUDA device that supports it and on a CPU with native bf16 (`cpu_has_native_bf16`),
-    fp32 elsewhere (emulated bf16 is slower than fp32). Generation stays batch-invariant in bf16: the engine runs
-    attention row by row and keeps matrix products off the one-row kernel (see inference/engine.py)."""
+    """'auto' or None: bf16 on a CUDA device that supports it, and on a CPU whose bf16 products measure at least
+    `BF16_MIN_SPEEDUP` times faster than fp32 (`cpu_bf16_speedup`); fp32 elsewhere. Generation stays batch-invariant
+    in bf16: the engine runs attention row by row and keeps matrix products off the one-row kernel (see
+    inference/engine.py)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
-        if device.type == "cpu" and cpu_has_native_bf16():
+        if device.type == "cpu" and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP:
             return torch.bfloat16
         return torch.float32
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
