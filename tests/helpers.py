@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from softprompt.core import forward
 from softprompt.core.attention import use_grouped_sdpa
+from softprompt.core.mlp import use_lean_mlp
 from softprompt.core.models import FrozenModel, freeze, load_base
 
 SPECIALS = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"]
@@ -41,7 +42,8 @@ def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2
         attn_implementation="sdpa",
     )
     model = LlamaForCausalLM(config)
-    assert use_grouped_sdpa(model)  # what load_base does: tiny tests run the production attention
+    assert use_grouped_sdpa(model)  # what load_base does: tiny tests run the production attention and MLP
+    assert use_lean_mlp(model) == layers
     return freeze(model)
 
 

@@ -229,6 +229,7 @@ def load_base(model: str | None = None, *, device: str | None = None, dtype: str
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from softprompt.core.attention import use_grouped_sdpa
+    from softprompt.core.mlp import use_lean_mlp
 
     path, name = resolve_model_path(model)
     dev = resolve_device(device)
@@ -250,6 +251,7 @@ def load_base(model: str | None = None, *, device: str | None = None, dtype: str
     net.to(dev)
     if attn_implementation == "sdpa":
         use_grouped_sdpa(net)
+    use_lean_mlp(net)
     return FrozenModel(model=freeze(net), tokenizer=prepare_tokenizer(tokenizer), name=name)
 
 
