@@ -24,7 +24,13 @@ row-exact mode, so that a row's logits are bit-for-bit those of the same row alo
 In fp32 the batched kernels are kept: their differences (~1e-7) are far below a token's margin in practice, but not
 bit-exact (docs/benchmarks.md, "Batch invariance in bf16", has the measurements and the cost).
 
-`Engine` wraps a `PromptCache` and runs offline continuous batching (`generate`) or one streamed request (`stream`).
+With a `PrefixCache` (prefix_cache.py), a row's prompt start that an earlier request with the same adapter already
+computed is not run again: its cached keys/values follow the soft prompt's, as part of the row's front, and only the
+rest of the prompt runs, at positions N + cached, ... (at least its last token runs: its logits choose the first new
+token). The prompt's new full blocks are stored after the prefill.
+
+`Engine` wraps a `PromptCache` (and optionally a `PrefixCache`) and runs offline continuous batching (`generate`) or
+one streamed request (`stream`).
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ import torch
 from softprompt.formats.adapter import Adapter
 from softprompt.inference.detokenize import Detokenizer
 from softprompt.core.attention import row_exact, use_grouped_sdpa
-from softprompt.core.forward import cache_tensors, lm_logits, make_cache, positions_from_mask, run_body
+from softprompt.core.forward import Kv, cache_tensors, lm_logits, make_cache, positions_from_mask, run_body
+from softprompt.inference.prefix_cache import PrefixCache
 from softprompt.inference.prompt_cache import PromptCache, UnknownAdapterError
 from softprompt.core.models import FrozenModel
 from softprompt.inference.sampling import check_params, make_generator, next_tokens
@@ -161,9 +168,11 @@ class DecodeBatch:
     # whole bf16 step; fp32 keeps the plain batched kernels. Benchmarks set True / False to measure the cost.
     exact: bool | None = None
 
-    def __init__(self, base: FrozenModel, prompt_cache: PromptCache, keep_logits: bool = False):
+    def __init__(self, base: FrozenModel, prompt_cache: PromptCache, keep_logits: bool = False,
+                 prefix_cache: PrefixCache | None = None):
         self.base = base
         self.prompt_cache = prompt_cache
+        self.prefix_cache = prefix_cache
         self.exact = self.exact if self.exact is not None else base.dtype != torch.float32
         self.min_rows = min_rows(base.model)
         if self.exact and not use_grouped_sdpa(base.model):
@@ -249,41 +258,75 @@ class DecodeBatch:
         self._keep([i for i, row in enumerate(self.rows) if id(row.request) not in gone])
 
     def _prefill(self, requests, prompts: list[list[int]], ns: list[int]):
-        """Run new rows' prompts on top of their cached soft prompts; return (kv, key mask, last-token logits)."""
+        """Run new rows' prompts on top of their cached soft prompts and of whatever the prefix cache holds of the
+        prompts' starts; return (kv, key mask, last-token logits)."""
         device, model = self.base.device, self.base.model
-        batch, n_max, l_max = len(requests), max(ns), max(len(p) for p in prompts)
+        owners = [self.prompt_cache.identity(r.adapter) for r in requests]
+        hits = self._cached_prefixes(owners, prompts)
+        cached = [0 if hit is None else hit.shape[3] for hit in hits]
+        runs = [prompt[c:] for prompt, c in zip(prompts, cached)]  # the tokens to run
+        fronts = [n + c for n, c in zip(ns, cached)]                 # positions in front of them
+        batch, width, l_max = len(requests), max(fronts), max(len(r) for r in runs)
         if self.exact:
             l_max = max(l_max, -(-self.min_rows // batch))  # enough token rows for every matrix product
         pad = self.base.tokenizer.pad_token_id or 0
         ids = torch.full((batch, l_max), pad, dtype=torch.long, device=device)
         block_mask = torch.zeros(batch, l_max, dtype=torch.long, device=device)
-        prefix_mask = torch.zeros(batch, n_max, dtype=torch.long, device=device)
-        for b, prompt in enumerate(prompts):
-            ids[b, :len(prompt)] = torch.tensor(prompt, device=device)
-            block_mask[b, :len(prompt)] = 1
-            prefix_mask[b, n_max - ns[b]:] = 1
-        prefix = None
-        if n_max:
-            kvs = [self.prompt_cache.get(r.adapter)[0] for r in requests]
-            shape_kv = next(kv for kv in kvs if kv is not None)
-            prefix = []
-            for layer, (k0, v0) in enumerate(shape_kv):
-                k = k0.new_zeros(batch, k0.shape[1], n_max, k0.shape[3])
-                v = v0.new_zeros(batch, v0.shape[1], n_max, v0.shape[3])
-                for b, kv in enumerate(kvs):
-                    if kv is not None:
-                        k[b, :, n_max - ns[b]:] = kv[layer][0][0]
-                        v[b, :, n_max - ns[b]:] = kv[layer][1][0]
-                prefix.append((k, v))
-        mask = torch.cat([prefix_mask, block_mask], dim=1)
-        offset = torch.tensor(ns, device=device)
+        front_mask = torch.zeros(batch, width, dtype=torch.long, device=device)
+        for b, run in enumerate(runs):
+            ids[b, :len(run)] = torch.tensor(run, device=device)
+            block_mask[b, :len(run)] = 1
+            front_mask[b, width - fronts[b]:] = 1
+        mask = torch.cat([front_mask, block_mask], dim=1)
+        offset = torch.tensor(fronts, device=device)
         embeds = model.get_input_embeddings()(ids)
         with row_exact() if self.exact else nullcontext():
             hidden, cache = run_body(model, embeds, mask, positions_from_mask(block_mask, offset),
-                                     cache=make_cache(prefix), use_cache=True)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+                                     cache=make_cache(self._front_kv(requests, hits, width)), use_cache=True)
+        kv = cache_tensors(cache)
+        self._store(owners, prompts, [width - c for c in cached], kv)
+        last = torch.tensor([len(r) - 1 for r in runs], device=device)
         logits = self._head(hidden[torch.arange(batch, device=device), last], batch)
-        return cache_tensors(cache), mask, logits
+        return kv, mask, logits
+
+    def _cached_prefixes(self, owners: list[int], prompts: list[list[int]]) -> list[torch.Tensor | None]:
+        """Per row, the prefix cache's keys/values [layers, 2, kv_heads, cached, head_dim] of its prompt's start."""
+        if self.prefix_cache is None:
+            return [None] * len(prompts)
+        self.prefix_cache.retain(self.prompt_cache.identities())  # forget adapters removed or replaced since
+        return [self.prefix_cache.match(owner, prompt) for owner, prompt in zip(owners, prompts)]
+
+    def _front_kv(self, requests, hits: list[torch.Tensor | None], width: int) -> Kv | None:
+        """Per layer (keys, values) [B, kv_heads, width, head_dim]: each row's soft-prompt keys/values, then its
+        cached prompt prefix, right-aligned (masked zeros on the left)."""
+        rows = []
+        for request, hit in zip(requests, hits):
+            soft = self.prompt_cache.get(request.adapter)[0]
+            parts = [torch.stack([torch.stack((k[0], v[0])) for k, v in soft])] if soft is not None else []
+            parts += [hit] if hit is not None else []
+            rows.append(torch.cat(parts, dim=3) if len(parts) > 1 else parts[0] if parts else None)
+        like = next((row for row in rows if row is not None), None)
+        if like is None:
+            return None
+        layers, _, kv_heads, _, head_dim = like.shape
+        front = like.new_zeros(layers, 2, len(rows), kv_heads, width, head_dim)
+        for b, row in enumerate(rows):
+            if row is not None:
+                front[:, :, b, :, width - row.shape[3]:] = row
+        return [(front[layer, 0], front[layer, 1]) for layer in range(layers)]
+
+    def _store(self, owners: list[int], prompts: list[list[int]], starts: list[int], kv: Kv) -> None:
+        """Give each row's full prompt blocks to the prefix cache; row b's token t is at column starts[b] + t."""
+        if self.prefix_cache is None:
+            return
+        size = self.prefix_cache.block_tokens
+        for b, (owner, prompt, first) in enumerate(zip(owners, prompts, starts)):
+
+            def block_kv(start: int, b: int = b, first: int = first) -> torch.Tensor:
+                cols = slice(first + start, first + start + size)
+                return torch.stack([torch.stack((k[b, :, cols], v[b, :, cols])) for k, v in kv])
+
+            self.prefix_cache.store(owner, prompt, block_kv)
 
     def _head(self, hidden: torch.Tensor, live: int) -> torch.Tensor:
         """fp32 logits of the first `live` rows of hidden [>= live, H] (padded to min_rows in row-exact mode)."""
@@ -354,12 +397,16 @@ class DecodeBatch:
 
 
 class Engine:
-    """Owns a PromptCache; runs offline continuous batching and single streamed requests."""
+    """Owns a PromptCache; runs offline continuous batching and single streamed requests.
+
+    `prefix_cache` (opt-in, e.g. `PrefixCache(256 << 20)`): reuse the keys/values of prompt starts that requests
+    share (a system prompt, a template's fixed text) instead of recomputing them; see prefix_cache.py."""
 
     def __init__(self, base: FrozenModel, adapters: dict[str, Adapter] | None = None,
-                 default_template: Template | None = None):
+                 default_template: Template | None = None, prefix_cache: PrefixCache | None = None):
         self.base = base
         self.prompt_cache = PromptCache(base, default_template)
+        self.prefix_cache = prefix_cache
         for name, adapter in (adapters or {}).items():
             self.prompt_cache.add(name, adapter)
 
@@ -385,6 +432,9 @@ class Engine:
                                       f"loaded (loaded: {', '.join(self.prompt_cache.names()) or 'none'})")
         fit_prompt(request, self.prompt_cache.num_virtual_tokens(request.adapter), context_length(self.base))
 
+    def _batch(self) -> DecodeBatch:
+        return DecodeBatch(self.base, self.prompt_cache, prefix_cache=self.prefix_cache)
+
     def generate(self, requests: list[GenerationRequest], batch_size: int = 8,
                  progress: bool = False) -> list[GenerationResult]:
         """Run all requests with continuous batching (finished rows leave, queued ones join); results in order."""
@@ -393,7 +443,7 @@ class Engine:
         for request in requests:
             self.check(request)
         results = {id(r): GenerationResult(r, "") for r in requests}
-        queue, batch = deque(requests), DecodeBatch(self.base, self.prompt_cache)
+        queue, batch = deque(requests), self._batch()
         bar = None
         if progress:
             from tqdm import tqdm
@@ -422,7 +472,7 @@ class Engine:
     def stream(self, request: GenerationRequest) -> Iterator[TokenEvent]:
         """Generate one request, yielding each token as it is produced."""
         self.check(request)
-        batch = DecodeBatch(self.base, self.prompt_cache)
+        batch = self._batch()
         yield from batch.add([request])
         while len(batch):
             yield from batch.step()

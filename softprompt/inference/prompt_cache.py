@@ -6,12 +6,15 @@ Generation, chat, evaluation and serving therefore compute each loaded adapter's
 adapter's tensor already is the keys/values) and put them in front of every row that uses the adapter, instead of
 re-running them on every call as PEFT does. Downstream of this cache every method is the same.
 
-The cache also records the template each adapter was trained with, so every caller formats prompts identically.
+The cache also records the template each adapter was trained with, so every caller formats prompts identically,
+and gives every entry an identity (`identity`), new each time an adapter is added, so that caches of what follows a
+soft prompt (prefix_cache.py) never mix up an adapter with the one it replaced.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +25,8 @@ from softprompt.core.forward import Kv
 from softprompt.core.models import FrozenModel
 from softprompt.data.templates import Template
 
+_IDENTITIES = itertools.count(1)  # shared by every PromptCache, so no two entries (or base models) ever share one
+
 
 @dataclass
 class CachedPrompt:
@@ -31,6 +36,7 @@ class CachedPrompt:
     num_virtual_tokens: int
     template: Template
     adapter: Adapter
+    identity: int = field(default_factory=lambda: next(_IDENTITIES))
 
     @property
     def method(self) -> str:
@@ -49,6 +55,7 @@ class PromptCache:
         self.base = base
         self.default_template = default_template or Template()
         self._entries: dict[str, CachedPrompt] = {}
+        self._base_identity = next(_IDENTITIES)
 
     def add(self, name: str, adapter: Adapter) -> None:
         """Compute and store the adapter's virtual-token KV (replaces an entry of the same name)."""
@@ -93,6 +100,15 @@ class PromptCache:
 
     def num_virtual_tokens(self, name: str | None) -> int:
         return 0 if name is None else self.entry(name).num_virtual_tokens
+
+    def identity(self, name: str | None) -> int:
+        """A number naming this entry (or this cache's base model) for as long as it is loaded; an adapter added
+        again under the same name gets a new one."""
+        return self._base_identity if name is None else self.entry(name).identity
+
+    def identities(self) -> set[int]:
+        """The identities of the base model and of every loaded adapter."""
+        return {self._base_identity} | {entry.identity for entry in self._entries.values()}
 
     def names(self) -> list[str]:
         return list(self._entries)
