@@ -34,7 +34,7 @@ def run_server(config: ServeConfig) -> None:
                      max_queue=config.max_queue, max_tokens_cap=config.max_tokens_cap,
                      max_model_len=config.max_model_len, api_key=api_key, allow_admin=config.allow_admin,
                      max_request_bytes=config.max_request_bytes, allowed_hosts=config.allowed_hosts,
-                     allow_origins=config.allow_origins)
+                     allow_origins=config.allow_origins, prefix_cache_mb=config.prefix_cache_mb)
     state = app.state.softprompt
     names = ["base"] + state.registry.names()
     print(f"softprompt serve: {base.name} on {base.device}; serving {len(names)} models: {', '.join(names)}",

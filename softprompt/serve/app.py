@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from softprompt.data.templates import Template
-from softprompt.serve.config import DEFAULT_MAX_REQUEST_BYTES
+from softprompt.serve.config import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_PREFIX_CACHE_MB
 from softprompt.serve.registry import BASE_NAME, RegistryError, validate_name
 from softprompt.serve.schemas import (AdapterAdd, APIError)
 from softprompt.serve.openapi import error_responses, generation_responses, json_body, json_response, openapi_for
@@ -49,7 +49,7 @@ def create_app(base, adapters_dir=None, *, template: Template | None = None, max
                max_queue: int = 64, max_tokens_cap: int = 2048, max_model_len: int | None = None,
                api_key: str | None = None, allow_admin: bool = False,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, allowed_hosts: list[str] | None = None,
-               allow_origins: list[str] | None = None) -> FastAPI:
+               allow_origins: list[str] | None = None, prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB) -> FastAPI:
     """Build the server for `base` (a models.FrozenModel) and the adapter folders under `adapters_dir`.
 
     `template`: the default template (for `base` and adapters saved without one). `api_key`: when set, every
@@ -58,13 +58,14 @@ def create_app(base, adapters_dir=None, *, template: Template | None = None, max
     403; with an api_key they need it too). `max_request_bytes`: the largest request body (413 beyond).
     `allowed_hosts`: Host names the server may be called as besides loopback names and the address a connection
     arrives on (["*"]: any; others get 421, against DNS rebinding). `allow_origins`: web origins allowed to call it
-    (adds CORS; default none: a request carrying another Origin gets 403). The worker thread starts and stops with
-    the app's lifespan.
+    (adds CORS; default none: a request carrying another Origin gets 403). `prefix_cache_mb`: memory for the prefix
+    cache (inference/prefix_cache.py: shared prompt starts are computed once per adapter; 0 = off). The worker thread
+    starts and stops with the app's lifespan.
     """
     if max_request_bytes < 1:
         raise ValueError("max_request_bytes must be >= 1")
     state = ServerState(base, adapters_dir, template=template, max_batch=max_batch, max_queue=max_queue,
-                        max_tokens_cap=max_tokens_cap, max_model_len=max_model_len)
+                        max_tokens_cap=max_tokens_cap, max_model_len=max_model_len, prefix_cache_mb=prefix_cache_mb)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -114,8 +115,9 @@ def _model_routes(state: ServerState) -> APIRouter:
                                    503: json_response("Health", "the worker is not running")})
     async def health():
         stats = state.scheduler.snapshot()
+        prefix = state.prefix_cache.stats().as_dict() if state.prefix_cache is not None else None
         body = {"status": "ok" if stats["alive"] else "unavailable", "model": state.base.name,
-                "adapters": len(state.registry.names()), "scheduler": stats}
+                "adapters": len(state.registry.names()), "scheduler": stats, "prefix_cache": prefix}
         return JSONResponse(body, status_code=200 if stats["alive"] else 503)
 
     @router.get("/v1/models", responses={200: json_response("ModelList", "the served models"),

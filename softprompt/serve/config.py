@@ -10,6 +10,7 @@ from softprompt.options import (chat_template_option, check_options, device_opti
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 LIMITS, ACCESS = "limits", "access"
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+DEFAULT_PREFIX_CACHE_MB = 256
 
 
 @dataclass
@@ -52,6 +53,11 @@ class ServeConfig:
                                  minimum=1, maximum=1_000_000, group=LIMITS)
     max_model_len: int | None = option(None, "context length to enforce (default: the model's "
                                              "max_position_embeddings)", minimum=1, group=LIMITS)
+    prefix_cache_mb: int = option(
+        DEFAULT_PREFIX_CACHE_MB, "memory (MiB) for the prefix cache: the keys/values of prompt starts that requests "
+        "to the same model share (a system prompt, a template's fixed text) are kept and reused, so those tokens are "
+        "not recomputed; least recently used blocks are evicted beyond this; 0 = off", minimum=0,
+        maximum=1 << 20, group=LIMITS)
     log_level: str = option("info", "uvicorn log level", choices=LOG_LEVELS, group="output")
 
     def __post_init__(self) -> None:

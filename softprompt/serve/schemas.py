@@ -506,6 +506,9 @@ class Health(BaseModel):
     model: str
     adapters: int
     scheduler: dict[str, Any]
+    prefix_cache: dict[str, Any] | None = Field(
+        default=None, description="prefix cache counters (lookups, hits, prompt_tokens, cached_tokens, blocks, bytes, "
+                                  "...); null when the cache is off")
 
 
 class TokenizeRequest(BaseModel):

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from softprompt.inference.engine import context_length
+from softprompt.inference.prefix_cache import PrefixCache
 from softprompt.inference.prompt_cache import PromptCache, UnknownAdapterError
 from softprompt.data.templates import Template, TemplateError, encode_text
 from softprompt.serve.registry import BASE_NAME, AdapterRegistry, RegistryError
@@ -44,11 +45,13 @@ class ServerState:
     """What the endpoints share: base model, adapters, worker and limits."""
 
     def __init__(self, base, adapters_dir, *, template: Template | None, max_batch: int, max_queue: int,
-                 max_tokens_cap: int, max_model_len: int | None):
+                 max_tokens_cap: int, max_model_len: int | None, prefix_cache_mb: int = 0):
         self.base = base
         self.tokenizer = copy.deepcopy(base.tokenizer)  # the worker thread decodes with base.tokenizer
         self.cache = PromptCache(base, template or Template())
-        self.scheduler = Scheduler(lambda: ServeBatch(base, self.cache), max_batch, max_queue)
+        self.prefix_cache = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb else None
+        self.scheduler = Scheduler(lambda: ServeBatch(base, self.cache, prefix_cache=self.prefix_cache), max_batch,
+                                   max_queue)
         self.registry = AdapterRegistry(base, self.cache, adapters_dir, run_on_worker=self.scheduler.run)
         self.max_tokens_cap = max_tokens_cap
         model_len = context_length(base)
