@@ -197,6 +197,31 @@ def test_mixed_batch_where_some_rows_hit_and_some_miss(engine, dtype):
     assert_equal_to_uncached(engine, requests, got, dtype)
 
 
+def test_a_burst_sharing_a_new_prompt_start_computes_it_once(engine, dtype, monkeypatch):
+    cache = PrefixCache(1 << 20)
+    requests = [request(engine, HEAD + tail, adapter) for tail in TAILS[:4] for adapter in ("ptuning", None)]
+    requests.append(request(engine, "unrelated", "ptuning"))
+    prefills = []
+    original = DecodeBatch._prefill
+    monkeypatch.setattr(DecodeBatch, "_prefill", lambda self, *a: prefills.append(len(a[0])) or original(self, *a))
+    batch = DecodeBatch(engine.base, engine.prompt_cache, keep_logits=True, prefix_cache=cache)
+    events = batch.add(requests)
+    assert [e.request for e in events] == requests  # first tokens in request order, whatever the waves
+    assert prefills == [3, 6]  # the first row of each adapter computes HEAD (and "unrelated" runs at once) ...
+    stats = cache.stats()
+    assert stats.hits == 6 and stats.cached_tokens == 6 * (len(HEAD) // 16 * 16)  # ... the others find it
+    while len(batch):
+        events += batch.step()
+    got = {id(r): ([e.token_id for e in events if e.request is r],
+                   torch.stack([e.logits for e in events if e.request is r])) for r in requests}
+    monkeypatch.setattr(DecodeBatch, "_prefill", original)
+    assert_equal_to_uncached(engine, requests, got, dtype)
+    prefills.clear()
+    monkeypatch.setattr(DecodeBatch, "_prefill", lambda self, *a: prefills.append(len(a[0])) or original(self, *a))
+    DecodeBatch(engine.base, engine.prompt_cache, prefix_cache=cache).add(requests)
+    assert prefills == [len(requests)]  # all cached now: one prefill
+
+
 def test_a_tiny_budget_evicts_and_answers_stay_equal(engine, dtype):
     probe = PrefixCache(1 << 20)
     decode(engine, [request(engine, "x" * 17, None)], probe)

@@ -210,15 +210,19 @@ class DecodeBatch:
             n = self.prompt_cache.num_virtual_tokens(request.adapter)
             prompts.append(fit_prompt(request, n, self.context))
             ns.append(n)
-        kv, mask, logits = self._prefill(requests, prompts, ns)
-        self._merge(kv, mask)
-        new_rows = [_Row(request, make_generator(request.seed), Detokenizer(self.base.tokenizer, request.stop),
-                         next_pos=n + len(ids), prompt_tokens=len(ids))
-                    for request, ids, n in zip(requests, prompts, ns)]
-        self.rows.extend(new_rows)
-        events = self._accept(new_rows, logits)
+        events = []
+        for wave in self._waves(requests, prompts):
+            picked = [requests[i] for i in wave], [prompts[i] for i in wave], [ns[i] for i in wave]
+            kv, mask, logits = self._prefill(*picked)
+            self._merge(kv, mask)
+            new_rows = [_Row(request, make_generator(request.seed), Detokenizer(self.base.tokenizer, request.stop),
+                             next_pos=n + len(ids), prompt_tokens=len(ids))
+                        for request, ids, n in zip(*picked)]
+            self.rows.extend(new_rows)
+            events += self._accept(new_rows, logits)
         self._drop_finished()
-        return events
+        order = {id(request): i for i, request in enumerate(requests)}
+        return sorted(events, key=lambda event: order[id(event.request)])
 
     @torch.no_grad()
     def step(self) -> list[TokenEvent]:
@@ -288,6 +292,22 @@ class DecodeBatch:
         last = torch.tensor([len(r) - 1 for r in runs], device=device)
         logits = self._head(hidden[torch.arange(batch, device=device), last], batch)
         return kv, mask, logits
+
+    def _waves(self, requests, prompts: list[list[int]]) -> list[list[int]]:
+        """Row indices in prefill order. With a prefix cache, a row whose first uncached block an earlier row of
+        this call computes too (a burst of requests with the same new system prompt) waits for a second prefill, in
+        which it finds that block, and whatever else they share, cached."""
+        if self.prefix_cache is None or len(requests) < 2:
+            return [list(range(len(requests)))]
+        self.prefix_cache.retain(self.prompt_cache.identities())
+        size, first, later, seen = self.prefix_cache.block_tokens, [], [], set()
+        for i, (request, prompt) in enumerate(zip(requests, prompts)):
+            owner = self.prompt_cache.identity(request.adapter)
+            end = self.prefix_cache.cached_length(owner, prompt) + size
+            key = (owner, tuple(prompt[:end])) if end < len(prompt) else None
+            (later if key is not None and key in seen else first).append(i)
+            seen.add(key)
+        return [first, later] if later else [first]
 
     def _cached_prefixes(self, owners: list[int], prompts: list[list[int]]) -> list[torch.Tensor | None]:
         """Per row, the prefix cache's keys/values [layers, 2, kv_heads, cached, head_dim] of its prompt's start."""

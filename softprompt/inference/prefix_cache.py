@@ -93,25 +93,23 @@ class PrefixCache:
     def match(self, owner: int, ids: Sequence[int]) -> torch.Tensor | None:
         """Keys/values [layers, 2, kv_heads, cached, head_dim] of the longest cached prefix of `ids` (whole blocks,
         at least one token left over), or None when the first block is not cached."""
-        size = self.block_tokens
         with self._lock:
-            path, parent = [], ROOT
-            for start in range(0, (len(ids) - 1) // size * size, size):
-                block = self._blocks.get(_Key(owner, parent, tuple(ids[start:start + size])))
-                if block is None:
-                    break
-                path.append(block)
-                parent = block.id
+            path = self._walk(owner, ids)
             self._touch(path)
             stats = self._stats
             stats.lookups += 1
             stats.prompt_tokens += len(ids)
             if path:
                 stats.hits += 1
-                stats.cached_tokens += len(path) * size
+                stats.cached_tokens += len(path) * self.block_tokens
         if not path:
             return None
         return path[0].kv if len(path) == 1 else torch.cat([block.kv for block in path], dim=3)
+
+    def cached_length(self, owner: int, ids: Sequence[int]) -> int:
+        """The number of tokens `match` would find now (counters and recency unchanged)."""
+        with self._lock:
+            return len(self._walk(owner, ids)) * self.block_tokens
 
     def store(self, owner: int, ids: Sequence[int], block_kv: Callable[[int], torch.Tensor]) -> None:
         """Keep the full blocks of `ids` that are not cached yet; `block_kv(start)` gives the keys/values
@@ -156,6 +154,17 @@ class PrefixCache:
         return len(self._blocks)
 
     # ---- under the lock ------------------------------------------------------------------------------------------
+    def _walk(self, owner: int, ids: Sequence[int]) -> list[_Block]:
+        """The held blocks of `ids` from its start to the first miss, leaving at least one token."""
+        size, path, parent = self.block_tokens, [], ROOT
+        for start in range(0, (len(ids) - 1) // size * size, size):
+            block = self._blocks.get(_Key(owner, parent, tuple(ids[start:start + size])))
+            if block is None:
+                break
+            path.append(block)
+            parent = block.id
+        return path
+
     def _touch(self, path: list[_Block]) -> None:
         for block in reversed(path):  # the first block ends up most recent: parents outlive their children
             self._blocks.move_to_end(block.key)
