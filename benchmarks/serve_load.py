@@ -12,8 +12,19 @@
 4. Counts errors and mismatches (a response whose text or completion-token count differs from the request run
    alone) and reports throughput and p50/p99 latency of both ways.
 
+5. Prefix cache (--prefix-requests, default 8; 0 skips it): chat requests that share a ~500-token system prompt
+   (--system-tokens) and differ in the question, for `base` (chat template) and a chat-template adapter, sent one at a
+   time and streamed, to a server with the prefix cache (--prefix-cache-mb, the serve default) and to one started
+   with --prefix-cache-mb 0. Time to first token (the first streamed token, its log-probability asked so that every
+   token is a chunk) per request; prefix_cache_ttft_ratio = median TTFT without the cache / median with it (every
+   request counted, the cold first one per model included). A response that differs between the two servers is a
+   mismatch.
+
+    python benchmarks/serve_load.py --skip-load                    # only the prefix-cache section (~1 minute)
+    python benchmarks/serve_load.py --skip-load --prefix-requests 32 --system-tokens 1500
+
 Bounded: a fixed number of requests, a per-request timeout and an overall --time-limit (requests not sent before it
-count as errors). The last line is a JSON object.
+count as errors). The last line is a JSON object (errors, mismatches and prefix_cache_ttft_ratio among its keys).
 """
 
 from __future__ import annotations
@@ -21,21 +32,28 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+# On a CPU shared with other work, OpenMP threads that spin-wait for each other slow small ops down by up to ~100x;
+# sleeping waits avoid that. Must be set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from softprompt.formats.adapter import load_adapter, save_adapter
-from softprompt.inference.engine import Engine, GenerationRequest
-from softprompt.core.models import load_base
-from softprompt.core.prompt import SoftPrompt
-from softprompt.serve import BackgroundServer
-from softprompt.serve.app import create_app
-from softprompt.data.templates import Template, encode_text
+import torch  # noqa: E402
+
+from softprompt.formats.adapter import load_adapter, save_adapter  # noqa: E402
+from softprompt.inference.engine import Engine, GenerationRequest  # noqa: E402
+from softprompt.core.models import load_base  # noqa: E402
+from softprompt.core.prompt import SoftPrompt  # noqa: E402
+from softprompt.serve import BackgroundServer  # noqa: E402
+from softprompt.serve.app import create_app  # noqa: E402
+from softprompt.serve.config import DEFAULT_PREFIX_CACHE_MB  # noqa: E402
+from softprompt.data.templates import CHAT, Template, encode_text  # noqa: E402
 
 INSTRUCTIONS = [
     "Give three tips for staying healthy.", "What is the capital of France?", "Translate 'good morning' to Spanish.",
@@ -52,6 +70,17 @@ ADAPTERS = {
     "vocab": ("vocab", None, 20, "human-assistant"),
     "qa": ("random", None, 8, "Question: {instruction}\nAnswer:"),
 }
+PREFIX_MODELS = ["base", "translate"]  # chat-template models: the system message is part of their prompt
+RULES = [
+    "Answer in plain, friendly English and keep every answer short unless the user asks for detail.",
+    "Check each fact before you state it, and say so when you are not sure.",
+    "Never invent a source, a quotation, a number or a name.",
+    "When a question is ambiguous, answer the most likely reading and mention the other one briefly.",
+    "Use the metric system, and give both units when the user writes in imperial units.",
+    "Do not give medical, legal or financial advice beyond general, widely known information.",
+    "Keep a neutral tone on contested topics and present the main views fairly.",
+    "Format lists with one item per line and code in fenced blocks.",
+]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -120,9 +149,107 @@ def run_concurrent(url: str, requests: list[dict], concurrency: int, timeout: fl
     return outcomes, time.perf_counter() - start
 
 
+def system_prompt(tokenizer, tokens: int) -> str:
+    """A system message of house rules, at least `tokens` tokens long."""
+    rules: list[str] = []
+    while len(encode_text(tokenizer, " ".join(rules))) < tokens:
+        rules.append(f"Rule {len(rules) + 1}: {RULES[len(rules) % len(RULES)]}")
+    return " ".join(rules)
+
+
+def prefix_requests(n: int, system: str, max_tokens: int) -> list[dict]:
+    """Chat requests sharing the system message, each with its own question, alternating over PREFIX_MODELS."""
+    return [{"model": PREFIX_MODELS[i % len(PREFIX_MODELS)], "max_tokens": max_tokens,
+             "messages": [{"role": "system", "content": system},
+                          {"role": "user", "content": INSTRUCTIONS[i % len(INSTRUCTIONS)]}]}
+            for i in range(n)]
+
+
+@dataclass
+class Streamed:
+    """One streamed chat answer: its text, number of tokens and time to first token (None when it failed)."""
+
+    text: str = ""
+    tokens: int = 0
+    ttft: float | None = None
+    error: str | None = None
+
+
+def stream_one(client, req: dict) -> Streamed:
+    """Send one streamed chat request; every token arrives as a chunk because its log-probability is asked for."""
+    out, start = Streamed(), time.perf_counter()
+    try:
+        stream = client.chat.completions.create(model=req["model"], messages=req["messages"],
+                                                max_tokens=req["max_tokens"], temperature=0, stream=True,
+                                                logprobs=True, top_logprobs=0)
+        for chunk in stream:
+            if not chunk.choices:
+                continue
+            choice = chunk.choices[0]
+            if choice.logprobs is not None and choice.logprobs.content:
+                if out.ttft is None:
+                    out.ttft = time.perf_counter() - start
+                out.tokens += len(choice.logprobs.content)
+            out.text += choice.delta.content or ""
+    except Exception as err:  # noqa: BLE001 (every failure is counted and reported)
+        out.error = f"{type(err).__name__}: {err}"
+    if out.error is None and out.ttft is None:
+        out.error = "no token was streamed"
+    return out
+
+
+def run_prefix_server(base, folder: Path, requests: list[dict], cache_mb: int, timeout: float
+                      ) -> tuple[list[Streamed], dict | None]:
+    """The requests one at a time through a server with `cache_mb` of prefix cache (0 = off): answers and the
+    cache's counters. A short unrelated request first warms the server up without touching the shared prompt."""
+    import openai
+
+    app = create_app(base, folder, template=Template(CHAT), max_tokens_cap=max(64, requests[0]["max_tokens"]),
+                     prefix_cache_mb=cache_mb)
+    with BackgroundServer(app) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=timeout)
+        stream_one(client, {"model": "base", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
+        answers = [stream_one(client, req) for req in requests]
+        cache = app.state.softprompt.prefix_cache
+    return answers, (cache.stats().as_dict() if cache is not None else None)
+
+
+def prefix_cache_section(base, folder: Path, args) -> dict:
+    """TTFT of chat requests sharing a long system prompt, with and without the prefix cache (step 5)."""
+    system = system_prompt(base.tokenizer, args.system_tokens)
+    system_tokens = len(encode_text(base.tokenizer, system))
+    requests = prefix_requests(args.prefix_requests, system, args.prefix_max_tokens)
+    print(f"prefix cache: {len(requests)} chat requests sharing a {system_tokens}-token "
+          "system prompt, one at a time, without then with the cache ...", file=sys.stderr, flush=True)
+    uncached, _ = run_prefix_server(base, folder, requests, 0, args.timeout)
+    cached, stats = run_prefix_server(base, folder, requests, args.prefix_cache_mb, args.timeout)
+    errors = [(i, a.error) for i, a in enumerate(uncached + cached) if a.error]
+    mismatches = [i for i, (a, b) in enumerate(zip(uncached, cached))
+                  if not a.error and not b.error and (a.text, a.tokens) != (b.text, b.tokens)]
+    for i, err in errors[:5]:
+        print(f"prefix cache: error in request {i % len(requests)}: {err}", file=sys.stderr)
+    for i in mismatches[:5]:
+        print(f"prefix cache: mismatch in request {i}: {cached[i].text!r} != {uncached[i].text!r}", file=sys.stderr)
+    off = [a.ttft for a in uncached if a.ttft is not None]
+    on = [a.ttft for a in cached if a.ttft is not None]
+    ratio = round(statistics.median(off) / statistics.median(on), 2) if off and on else None
+    return {
+        "prefix_cache_requests": len(requests), "prefix_cache_errors": len(errors),
+        "prefix_cache_mismatches": len(mismatches),
+        "system_prompt_tokens": system_tokens,
+        "ttft_without_cache_p50_s": round(statistics.median(off), 3) if off else None,
+        "ttft_with_cache_p50_s": round(statistics.median(on), 3) if on else None,
+        "ttft_with_cache_first_s": round(on[0], 3) if on else None,
+        "ttft_with_cache_hit_p50_s": round(statistics.median(on[len(PREFIX_MODELS):]), 3)
+        if len(on) > len(PREFIX_MODELS) else None,
+        "prefix_cache_ttft_ratio": ratio, "prefix_cache": stats,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default="float32", help="weights dtype (default float32)")
     parser.add_argument("--requests", type=int, default=200, help="number of requests")
     parser.add_argument("--concurrency", type=int, default=32, help="client threads sending at once")
     parser.add_argument("--max-tokens", type=int, default=24, help="largest max_tokens of a request")
@@ -130,32 +257,60 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds")
     parser.add_argument("--time-limit", type=float, default=1200.0, help="overall limit for the concurrent phase")
+    parser.add_argument("--skip-load", action="store_true", help="skip steps 2-4 (only the prefix-cache section)")
+    parser.add_argument("--prefix-requests", type=int, default=8,
+                        help="chat requests sharing a system prompt, per server (0 = skip the prefix-cache section)")
+    parser.add_argument("--system-tokens", type=int, default=500, help="length of the shared system prompt")
+    parser.add_argument("--prefix-max-tokens", type=int, default=16, help="max_tokens of those requests")
+    parser.add_argument("--prefix-cache-mb", type=int, default=DEFAULT_PREFIX_CACHE_MB,
+                        help="--prefix-cache-mb of the server with the cache")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    base = load_base(args.model, device="cpu", dtype="float32")
+    base = load_base(args.model, device="cpu", dtype=args.dtype)
+    result: dict = {"model": base.name, "dtype": str(base.dtype).replace("torch.", "")}
+    errors = mismatches = 0
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         folder = Path(tmp)
         for seed, (name, (init, text, n, template)) in enumerate(ADAPTERS.items()):
             prompt = SoftPrompt.initialise(base, init, num_virtual_tokens=n, init_text=text, seed=seed)
             save_adapter(folder / name, prompt.embeddings, base, init=init, init_text=text, template=Template(template))
-        adapters = {name: load_adapter(folder / name, base) for name in ADAPTERS}
-        models = list(ADAPTERS) + ["base"]
-        requests = build_requests(args.requests, models, args.max_tokens)
+        if not args.skip_load:
+            load = load_section(base, folder, args)
+            errors, mismatches = load["errors"], load["mismatches"]
+            result.update(load)
+        if args.prefix_requests > 0:
+            prefix = prefix_cache_section(base, folder, args)
+            errors += prefix["prefix_cache_errors"]
+            mismatches += prefix["prefix_cache_mismatches"]
+            result.update(prefix)
+            print(f"prefix cache: TTFT p50 {prefix['ttft_without_cache_p50_s']} s without, "
+                  f"{prefix['ttft_with_cache_p50_s']} s with the cache (x{prefix['prefix_cache_ttft_ratio']}); "
+                  f"{prefix['prefix_cache_errors']} errors, {prefix['prefix_cache_mismatches']} mismatches")
+    result.update({"errors": errors, "mismatches": mismatches, "torch_threads": torch.get_num_threads()})
+    print(json.dumps(result))
+    return 1 if errors or mismatches else 0
 
-        engine = Engine(base, adapters, Template("human-assistant"))
-        print(f"sequential: {len(requests)} requests one at a time through the engine ...", file=sys.stderr, flush=True)
-        reference, seq_latencies, seq_time = run_sequential(engine, base.tokenizer, requests)
 
-        app = create_app(base, folder, max_batch=args.max_batch, max_queue=max(64, args.requests),
-                         max_tokens_cap=max(64, args.max_tokens))
-        print(f"concurrent: {len(requests)} requests, {args.concurrency} at a time, through the server ...",
-              file=sys.stderr, flush=True)
-        with BackgroundServer(app) as server:
-            outcomes, conc_time = run_concurrent(server.url, requests, args.concurrency, args.timeout,
-                                                 time.monotonic() + args.time_limit)
-            stats = app.state.softprompt.scheduler.snapshot()
+def load_section(base, folder: Path, args) -> dict:
+    """Steps 2-4: every request alone through the engine, then all of them concurrently through the server."""
+    adapters = {name: load_adapter(folder / name, base) for name in ADAPTERS}
+    models = list(ADAPTERS) + ["base"]
+    requests = build_requests(args.requests, models, args.max_tokens)
+
+    engine = Engine(base, adapters, Template("human-assistant"))
+    print(f"sequential: {len(requests)} requests one at a time through the engine ...", file=sys.stderr, flush=True)
+    reference, seq_latencies, seq_time = run_sequential(engine, base.tokenizer, requests)
+
+    app = create_app(base, folder, max_batch=args.max_batch, max_queue=max(64, args.requests),
+                     max_tokens_cap=max(64, args.max_tokens))
+    print(f"concurrent: {len(requests)} requests, {args.concurrency} at a time, through the server ...",
+          file=sys.stderr, flush=True)
+    with BackgroundServer(app) as server:
+        outcomes, conc_time = run_concurrent(server.url, requests, args.concurrency, args.timeout,
+                                             time.monotonic() + args.time_limit)
+        stats = app.state.softprompt.scheduler.snapshot()
 
     errors = [(i, err) for i, (_, _, err) in enumerate(outcomes) if err]
     mismatches = [i for i, (got, _, err) in enumerate(outcomes)
@@ -168,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     latencies = [lat for (_, lat, err) in outcomes if lat is not None and not err]
     tokens = sum(len(r.token_ids) for r in reference)
     result = {
-        "model": base.name, "requests": len(requests), "concurrency": args.concurrency, "adapters": len(ADAPTERS),
+        "requests": len(requests), "concurrency": args.concurrency, "adapters": len(ADAPTERS),
         "max_tokens": args.max_tokens, "completion_tokens": tokens, "errors": len(errors),
         "mismatches": len(mismatches),
         "sequential_seconds": round(seq_time, 2), "concurrent_seconds": round(conc_time, 2),
@@ -181,14 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         "p50_latency_s": round(statistics.median(latencies), 3) if latencies else None,
         "p99_latency_s": round(percentile(latencies, 99), 3) if latencies else None,
         "max_live_rows": stats["max_live"], "decode_steps": stats["steps"], "prefills": stats["prefills"],
-        "torch_threads": torch.get_num_threads(),
     }
     print(f"one at a time: {result['sequential_requests_per_s']} req/s, p50 {result['sequential_p50_latency_s']} s; "
           f"server, {args.concurrency} concurrent: {result['concurrent_requests_per_s']} req/s, "
           f"p50 {result['p50_latency_s']} s, p99 {result['p99_latency_s']} s; speedup x{result['throughput_speedup']}; "
           f"{len(errors)} errors, {len(mismatches)} mismatches")
-    print(json.dumps(result))
-    return 1 if errors or mismatches else 0
+    return result
 
 
 if __name__ == "__main__":
