@@ -11,16 +11,17 @@ first miss, always leaving at least one token to run (its logits choose the firs
 found keys/values after the row's soft prompt and runs only the rest, at positions N + cached, N + cached + 1, ...
 After the prefill, `store` keeps the prompt's new full blocks.
 
-Memory is bounded: at most `max_bytes` of block tensors (on the model's device), least recently used blocks evicted
-first. Every lookup and store touches a path from its last block back to its first, so a block is always more
+Memory is bounded: at most `max_bytes` of block tensors (on the model's device) once each `store` returns, least
+recently used blocks evicted first. Every lookup and store touches a path from its last block back to its first, so a block is always more
 recently used than its descendants: eviction takes leaves first and never leaves a block unreachable. `retain` drops
 the blocks of owners that are gone (removed or replaced adapters). All methods take one lock, so the server's worker
 thread and a /health request can use the cache at once.
 
 What is exact: a cached block holds the very tensors a full prefill computed for those tokens, and the engine runs
 the rest of the prompt on top of them. In row-exact mode (below fp32) the rows' tokens and logits are then bit for
-bit those of an uncached prefill (tests check); in fp32, where the engine keeps batched kernels, they agree to
-rounding (~1e-6 in the logits), as rows in different batches do.
+bit those of an uncached prefill (tests check); in fp32, where the engine keeps batched kernels whose summation order
+follows the shapes, the logits agree to rounding (up to 4.5e-5 measured on SmolLM2-135M with ~680-token prompts; the
+greedy tokens were equal in every test).
 """
 
 from __future__ import annotations
