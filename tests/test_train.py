@@ -19,12 +19,13 @@ from softprompt.cli import build_parser
 from softprompt.training import loop as train_module
 from softprompt.formats.adapter import load_adapter
 from softprompt.core.attention import use_grouped_sdpa
+from softprompt.core.mlp import use_lean_mlp
 from softprompt.data.batching import encode_records
 from softprompt.data.records import DataError, load_records
 from softprompt.core.models import FrozenModel, freeze
 from softprompt.core.prompt import SoftPrompt
 from softprompt.data.templates import Template
-from softprompt.training.config import TrainConfig
+from softprompt.training.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, TrainConfig, default_batch_tokens
 from softprompt.training.loop import train
 from softprompt.training.scoring import evaluate_loss
 
@@ -40,7 +41,8 @@ def trainable_base(seed: int = 0) -> FrozenModel:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=True, initializer_range=0.2, attn_implementation="sdpa")
     model = LlamaForCausalLM(config)
-    assert use_grouped_sdpa(model)  # the attention load_base gives a model
+    assert use_grouped_sdpa(model)  # the attention and MLP load_base gives a model
+    assert use_lean_mlp(model) == config.num_hidden_layers
     return FrozenModel(freeze(model), tok, "tiny-llama-trainable")
 
 
@@ -78,6 +80,15 @@ def test_loss_decreases_and_outputs_are_written(base, tmp_path):
     adapter = load_adapter(out)
     assert adapter.extra["training"]["best_step"] == result.best_step
     assert torch.equal(adapter.embeddings, emb(out / "best"))
+
+
+def test_the_default_token_budget_follows_the_device(base, tmp_path, capsys):
+    assert (default_batch_tokens("cpu"), default_batch_tokens("cuda")) == (CPU_BATCH_TOKENS, GPU_BATCH_TOKENS)
+    assert CPU_BATCH_TOKENS < GPU_BATCH_TOKENS
+    train(config(tmp_path / "default", base, max_batch_tokens=None, max_steps=1))
+    assert f"up to {CPU_BATCH_TOKENS} tokens per forward pass" in capsys.readouterr().out
+    train(config(tmp_path / "given", base, max_batch_tokens=100, max_steps=1))
+    assert "up to 100 tokens per forward pass" in capsys.readouterr().out
 
 
 def test_kv_and_concat_modes_train_the_same(base, tmp_path):

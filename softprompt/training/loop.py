@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from softprompt.data.records import DataError, Fields, load_records, parse_words
 from softprompt.data.templates import Template
 from softprompt.formats import checkpoint
 from softprompt.formats.adapter import load_adapter, save_adapter
-from softprompt.training.config import TrainConfig
+from softprompt.training.config import TrainConfig, default_batch_tokens
 from softprompt.training.metrics import MetricsLogger
 from softprompt.training.optim import build_optimizer, lr_at
 from softprompt.training.scoring import evaluate_loss
@@ -191,6 +192,8 @@ def _setup(config: TrainConfig) -> Run:
                   + ("init labels, " if config.init is None else "")
                   + "saved with the adapter, so softprompt eval ranks them as choices); --no-auto-label-words "
                     "turns this off", flush=True)
+    if config.max_batch_tokens is None:
+        config = dataclasses.replace(config, max_batch_tokens=default_batch_tokens(base.device.type))
     examples, eval_examples, skipped, truncated = _encode(config, base, template, train_recs, eval_recs)
     lengths = [len(e) for e in examples]
 
@@ -322,7 +325,7 @@ def _start_reporting(run: Run) -> None:
         print(f"train: {len(run.examples)} records ({run.truncated} truncated to {config.max_length} tokens), "
               f"eval: {len(run.eval_examples)}, {run.accelerator.num_processes} process(es), "
               f"{run.state.step_records} records/step, {run.total} steps, device {run.base.device}, "
-              f"dtype {run.base.dtype}", flush=True)
+              f"dtype {run.base.dtype}, up to {config.max_batch_tokens} tokens per forward pass", flush=True)
     run.bar = _progress(config.progress and run.main, run.total, run.start)
     run.window = LogWindow(started=time.perf_counter())
 
