@@ -3,8 +3,9 @@
 The reference recipe: PEFT PromptTuning (TEXT init) + Hugging Face Trainer, batch 1 x grad-accum 8, 1 epoch,
 Trainer's defaults (AdamW, LR 5e-5, linear decay, clipping 1.0), the "Human: ... Assistant: " template, max length
 256, fp32 ("recipe"); and the same recipe with Trainer's `bf16=True` (CPU autocast, "recipe_bf16"), the fair peer of
-softprompt's bf16 training (and, with --runs ...,softprompt_fp32, softprompt in fp32). softprompt runs with its own defaults (--dtype auto, length-grouped micro-batches on a
-token budget, once-per-step shared prefix) and the recipe's hyper-parameters (same init text, 13 virtual tokens,
+softprompt's bf16 training. softprompt runs with its own defaults (--dtype auto, length-grouped micro-batches on
+its default token budget, once-per-step shared prefix; --runs ...,softprompt_fp32,softprompt_bf16 adds softprompt in
+each dtype explicitly) and the recipe's hyper-parameters (same init text, 13 virtual tokens,
 global batch 8, AdamW 5e-5, linear decay), so the final losses are comparable. Each run is a separate child process
 so peak memory (max RSS) is its own. Then every final prompt is scored on the same records with the same code (fp32;
 PEFT's adapters are loaded by softprompt), and the loss curves go to a PNG.
@@ -39,7 +40,8 @@ from pathlib import Path
 
 INIT_TEXT = "The following is a conversation between a person and a robot."
 SST2_INSTRUCTION = "Is the sentiment of this movie review positive or negative?"
-RUNS = ("recipe", "recipe_bf16", "softprompt", "softprompt_fp32")
+RUNS = ("recipe", "recipe_bf16", "softprompt", "softprompt_fp32", "softprompt_bf16")
+SOFTPROMPT_DTYPES = {"softprompt": None, "softprompt_fp32": "float32", "softprompt_bf16": "bfloat16"}
 LOSS_TOLERANCE = 0.015  # nats per answer token between final prompts: float noise is ~1e-4, the record order
 # (length-grouped steps vs Trainer's random sampler) ~1e-2 on the SST-2 set, whose prompt moves ~0.3 (see docs)
 
@@ -135,7 +137,7 @@ def child(args) -> None:
     out = Path(args.out) / f"{args.child_name}-{args.child}"
     out.mkdir(parents=True, exist_ok=True)
     if args.child.startswith("softprompt"):
-        result = run_softprompt(args, records, out, "float32" if args.child == "softprompt_fp32" else None)
+        result = run_softprompt(args, records, out, SOFTPROMPT_DTYPES[args.child])
     else:
         result = run_recipe(args, records, out, bf16=args.child == "recipe_bf16")
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -147,7 +149,9 @@ def spawn(args, which: str, name: str, data: str, kind: str, records: int) -> di
     cmd = [sys.executable, __file__, "--child", which, "--child-data", data, "--child-kind", kind,
            "--child-name", name, "--child-records", str(records), "--out", args.out, "--seed", str(args.seed),
            "--max-length", str(args.max_length), "--num-virtual-tokens", str(args.num_virtual_tokens),
-           "--max-batch-tokens", str(args.max_batch_tokens), "--dtype", args.dtype]
+           "--dtype", args.dtype]
+    if args.max_batch_tokens:
+        cmd += ["--max-batch-tokens", str(args.max_batch_tokens)]
     if args.model:
         cmd += ["--model", args.model]
     if args.threads:
@@ -230,6 +234,23 @@ def gemm_ceiling(args, records: list[dict], dtypes: list[str]) -> dict:
     return out
 
 
+def best_of(args, runs: list[str], name: str, data: str, kind: str, count: int) -> dict[str, dict]:
+    """Each run --repeats times, interleaved (recipe, softprompt, recipe, ...) so that a change in the machine's load
+    hits every run alike; keep each run's fastest repeat (every repeat's tokens/s is kept in `repeats_tokens_per_s`,
+    the peak memory is the largest seen)."""
+    best: dict[str, dict] = {}
+    for _ in range(args.repeats):
+        for which in runs:
+            result = spawn(args, which, name, data, kind, count)
+            seen = best.get(which)
+            speeds = (seen["repeats_tokens_per_s"] if seen else []) + [round(result["tokens_per_s"], 1)]
+            peak = max(result["peak_rss_mb"], seen["peak_rss_mb"] if seen else 0)
+            if seen is None or result["tokens_per_s"] > seen["tokens_per_s"]:
+                best[which] = result
+            best[which].update(repeats_tokens_per_s=speeds, peak_rss_mb=peak)
+    return best
+
+
 def loadavg() -> list[float]:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -253,12 +274,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--num-virtual-tokens", type=int, default=13)
-    parser.add_argument("--max-batch-tokens", type=int, default=1024,
+    parser.add_argument("--max-batch-tokens", type=int,
                         help="softprompt's token budget per forward (default: softprompt train's default)")
     parser.add_argument("--runs", default="recipe,recipe_bf16,softprompt",
-                        help="which runs, comma-separated, of: " + ", ".join(RUNS) + " (softprompt_fp32: softprompt "
-                             "with --dtype float32, to see what the dtype buys); default: all but softprompt_fp32")
+                        help="which runs, comma-separated, of: " + ", ".join(RUNS) + " (softprompt_fp32 / _bf16: "
+                             "softprompt with that --dtype, to see what the dtype buys); default: the first three")
     parser.add_argument("--threads", type=int, help="torch threads in every run (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run each configuration this many times, interleaved, and keep its fastest run")
     parser.add_argument("--child", choices=RUNS, help=argparse.SUPPRESS)
     parser.add_argument("--child-data", help=argparse.SUPPRESS)
     parser.add_argument("--child-kind", help=argparse.SUPPRESS)
@@ -276,12 +299,13 @@ def main() -> None:
     if "softprompt" not in runs or not set(runs) <= set(RUNS):
         parser.error(f"--runs: softprompt and any of {', '.join(RUNS)}")
 
+    from softprompt.training.config import default_batch_tokens
     from softprompt.training.metrics import plot_curves
 
     per_set, load = {}, [loadavg()]
     for name, data, kind, count in sets:
         records = read_records(data, count, kind)
-        results = {which: spawn(args, which, name, data, kind, count) for which in runs}
+        results = best_of(args, runs, name, data, kind, count)
         load.append(loadavg())
         ours = results["softprompt"]
         scores = final_losses(args, records, {k: r["adapter"] for k, r in results.items()})
@@ -289,9 +313,10 @@ def main() -> None:
                           f"{name}: train loss, {count} records")
         ceiling = gemm_ceiling(args, records, ["float32", "bfloat16"])
         entry = {"records": count, "tokens": ours["tokens"], "softprompt_dtype": ours["dtype"],
-                 "max_batch_tokens": args.max_batch_tokens, "ceiling": ceiling}
+                 "max_batch_tokens": args.max_batch_tokens or default_batch_tokens("cpu"), "ceiling": ceiling}
         for which, r in results.items():
             entry[which] = {"tokens_per_s": round(r["tokens_per_s"], 1), "peak_rss_mb": round(r["peak_rss_mb"]),
+                            "repeats_tokens_per_s": r["repeats_tokens_per_s"],
                             "final_prompt_loss": round(scores[which], 4),
                             "mean_train_loss": round(sum(l for _, l in r["losses"]) / len(r["losses"]), 4)}
         entry["initial_prompt_loss"] = round(scores["initial"], 4)
