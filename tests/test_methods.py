@@ -128,6 +128,10 @@ def test_prefix_adapter_that_does_not_fit_is_refused(tiny, tmp_path):
     with pytest.raises(AdapterError, match=r"prompt_embeddings has width 96 but adapter_config.json fields "
                                            r"num_layers x 2 x token_dim say 64"):
         load_adapter(tmp_path / "a")
+    config_path.write_text(json.dumps({**config, "num_virtual_tokens": 5}))
+    with pytest.raises(AdapterError, match=r"prompt_embeddings has shape \(2, 96\), expected "
+                                           r"\[num_virtual_tokens=5, layers x 2 x kv_heads x head_dim\]"):
+        load_adapter(tmp_path / "a")
 
 
 # ---- training ----------------------------------------------------------------------------------------------------

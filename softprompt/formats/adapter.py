@@ -229,8 +229,9 @@ def _check_embeddings(emb: torch.Tensor, weights_path: Path, config: dict, confi
     values far outside any embedding space (see MAX_ABS_VALUE)."""
     n = config.get("num_virtual_tokens")
     if emb.ndim != 2 or (n is not None and emb.shape[0] != n):
+        columns = "layers x 2 x kv_heads x head_dim" if method_of(config) == "prefix" else "hidden"
         raise AdapterError(f"{weights_path}: {TENSOR_KEY} has shape {tuple(emb.shape)}, "
-                           f"expected [num_virtual_tokens={n}, hidden]")
+                           f"expected [num_virtual_tokens={n}, {columns}]")
     if emb.shape[0] == 0 or emb.shape[1] == 0:
         raise AdapterError(f"{weights_path}: {TENSOR_KEY} has shape {tuple(emb.shape)}: a soft prompt needs at "
                            "least one virtual token of at least one dimension")
