@@ -128,6 +128,20 @@ def run_softprompt(args, records: list[dict], out: Path, dtype: str | None = Non
             "loop_tokens_per_s": result.tokens_per_second, "dtype": str(base.dtype).replace("torch.", "")}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM belongs to the process image, so it starts afresh at exec;
+    ru_maxrss does not: a child would inherit the benchmark's own peak (it grows as it scores and measures)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
 def child(args) -> None:
     import torch
 
@@ -140,7 +154,7 @@ def child(args) -> None:
         result = run_softprompt(args, records, out, SOFTPROMPT_DTYPES[args.child])
     else:
         result = run_recipe(args, records, out, bf16=args.child == "recipe_bf16")
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     result["adapter"] = str(out / "adapter")
     print("RESULT " + json.dumps(result), flush=True)
 

@@ -24,9 +24,10 @@ DATA, PROMPT, OPTIM, OUTPUT = "data", "model and prompt", "optimisation", "loggi
 DEFAULT_LR = {"prompt": 0.3, "prefix": 0.03, "ptuning": 0.03}
 
 # Default token budget of one training forward pass per device type. On a 2-core AVX-512 CPU, SmolLM2-135M fp32
-# training ran at 325 / 332 / 339 text tokens/s with budgets 384 / 512 / 1024 and peak memory 1.48 / 1.62 / 2.14 GB
-# (docs/benchmarks.md): past ~384 rows a CPU's products gain little while each token keeps ~0.7 MB of activations.
-CPU_BATCH_TOKENS, GPU_BATCH_TOKENS = 384, 4096
+# training ran at 316 / 324 / 332 / 339 text tokens/s with budgets 320 / 384 / 512 / 1024 and peak memory 1.41 / 1.48 /
+# 1.62 / 2.14 GB (docs/training.md): past ~300 rows a CPU's products gain little while each token keeps ~0.7 MB of
+# activations.
+CPU_BATCH_TOKENS, GPU_BATCH_TOKENS = 320, 4096
 
 
 def default_batch_tokens(device_type: str) -> int:
