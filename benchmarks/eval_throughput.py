@@ -27,7 +27,13 @@ import json
 import os
 import statistics
 import tempfile
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from sst2_common import instruction_records  # noqa: E402
 
 INSTRUCTION = ("Which kind of answer does this question ask for: abbreviation, description, entity, human, location "
                "or number?")
@@ -37,16 +43,7 @@ INIT_TEXT = "The following is a conversation between a person and a robot."
 
 
 def read_trec(path: str, n: int) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if len(rows) == n:
-                break
-            if line.strip():
-                row = json.loads(line)
-                rows.append({"instruction": INSTRUCTION, "input": row["text"].strip(),
-                             "output": CLASSES[row["coarse_label"]]})
-    return rows
+    return instruction_records(path, n, INSTRUCTION, "text", lambda row: CLASSES[row["coarse_label"]])
 
 
 def make_adapter(model_path: str, folder: str, num_virtual_tokens: int) -> str:

@@ -1,14 +1,31 @@
-"""Shared by the SST-2 benchmarks: a seeded, disjoint train / held-out split of GLUE SST-2 as instruction records
-(a fixed instruction, the review as input, "negative" / "positive" as output, the default "Human: ... Assistant: "
-template), and held-out accuracy of a soft prompt by rank classification (softprompt's scorer, fp32)."""
+"""Shared by the classification benchmarks: classification JSONL files as instruction records (a fixed instruction,
+the text as input, the label's word as output), a seeded, disjoint train / held-out split of GLUE SST-2 with the
+default "Human: ... Assistant: " template, and held-out accuracy of a soft prompt by rank classification
+(softprompt's scorer, fp32)."""
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 
 INSTRUCTION = "Is the sentiment of this movie review positive or negative?"
 WORDS = ["negative", "positive"]
+
+
+def instruction_records(path: str, limit: int, instruction: str, text_field: str,
+                        answer: Callable[[dict], str]) -> list[dict]:
+    """The first `limit` JSONL rows of a classification file as records: `instruction`, the row's `text_field` as
+    input, `answer(row)` as output."""
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if len(records) == limit:
+                break
+            if line.strip():
+                row = json.loads(line)
+                records.append({"instruction": instruction, "input": row[text_field].strip(), "output": answer(row)})
+    return records
 
 
 def sst2_split(path: str, train: int, held_out: int, seed: int = 0) -> tuple[list[dict], list[dict]]:

@@ -38,6 +38,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+from sst2_common import WORDS, instruction_records  # noqa: E402
+
 INIT_TEXT = "The following is a conversation between a person and a robot."
 SST2_INSTRUCTION = "Is the sentiment of this movie review positive or negative?"
 RUNS = ("recipe", "recipe_bf16", "softprompt", "softprompt_fp32", "softprompt_bf16")
@@ -48,16 +52,7 @@ LOSS_TOLERANCE = 0.015  # nats per answer token between final prompts: float noi
 
 def read_records(path: str, n: int, kind: str = "alpaca") -> list[dict]:
     if kind == "sst2":
-        rows = []
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                if len(rows) == n:
-                    break
-                if line.strip():
-                    row = json.loads(line)
-                    rows.append({"instruction": SST2_INSTRUCTION, "input": row["sentence"].strip(),
-                                 "output": ["negative", "positive"][int(row["label"])]})
-        return rows
+        return instruction_records(path, n, SST2_INSTRUCTION, "sentence", lambda row: WORDS[int(row["label"])])
     from softprompt.data.records import load_records
 
     recs = load_records(path, limit=n)
