@@ -3,6 +3,7 @@ reference every engine output is checked against — a step-by-step greedy loop 
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -10,7 +11,7 @@ from helpers import tiny_tokenizer
 from softprompt.formats.adapter import Adapter
 from softprompt.inference.engine import eos_ids
 from softprompt.core.forward import lm_logits, run_body
-from softprompt.core.models import FrozenModel, freeze
+from softprompt.core.models import FrozenModel, cpu_has_native_bf16, freeze
 
 
 def peaked_base(seed: int = 0, hidden: int = 32, layers: int = 2, max_positions: int = 512) -> FrozenModel:
@@ -58,3 +59,21 @@ def reference_greedy(base: FrozenModel, prompt: torch.Tensor | None, ids: list[i
         if token in stop:
             break
     return out, torch.stack(logits)
+
+
+BF16 = pytest.param("bfloat16", marks=pytest.mark.skipif(
+    not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX-512 BF16 / AMX): only fp32 runs here"))
+
+
+@pytest.fixture(scope="module", params=["float32", BF16])
+def dtype(request):
+    """A module's engine tests run in fp32 and, where the CPU computes it natively, in bf16 (row-exact mode)."""
+    return getattr(torch, request.param)
+
+
+@pytest.fixture(scope="module")
+def base(dtype):
+    """A peaked tiny Llama (engine tests need outputs with clear margins) in the module's dtype."""
+    base = peaked_base()
+    base.model.to(dtype)
+    return base

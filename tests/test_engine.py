@@ -7,33 +7,19 @@ import torch
 
 import softprompt.core.attention
 import softprompt.core.forward
-from engine_helpers import peaked_base, random_adapter, reference_greedy
+from engine_helpers import base, dtype, peaked_base, random_adapter, reference_greedy  # noqa: F401 (fixtures)
 from softprompt.formats.adapter import AdapterError
 from softprompt.inference.detokenize import Detokenizer
 from softprompt.inference.engine import DecodeBatch, Engine, GenerationRequest
 from softprompt.inference.prompt_cache import PromptCache, UnknownAdapterError
 from softprompt.inference.sampling import filter_logits
-from softprompt.core.models import cpu_has_native_bf16
 
 SIZES = {"a3": 3, "a7": 7, "a12": 12}
 
 
 
-BF16 = pytest.param("bfloat16", marks=pytest.mark.skipif(
-    not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX-512 BF16 / AMX): auto keeps fp32 here"))
 
 
-@pytest.fixture(scope="module", params=["float32", BF16])
-def dtype(request):
-    """Every batch-invariance test runs in each dtype `--dtype auto` can pick on this machine."""
-    return getattr(torch, request.param)
-
-
-@pytest.fixture(scope="module")
-def base(dtype):
-    base = peaked_base()
-    base.model.to(dtype)
-    return base
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import httpx
 import pytest
 import torch
 
-from engine_helpers import peaked_base, random_adapter
-from softprompt.core.models import cpu_has_native_bf16, load_base
+from engine_helpers import BF16, base, dtype, peaked_base, random_adapter  # noqa: F401 (fixtures)
+from softprompt.core.models import load_base
 from softprompt.core.prompt import SoftPrompt, build_prompt
 from softprompt.data.templates import CHAT, Template, encode_text
 from softprompt.formats.adapter import Adapter, load_adapter, save_adapter
@@ -20,8 +20,6 @@ from softprompt.options import OptionError
 from softprompt.serve.app import create_app
 from softprompt.serve.config import DEFAULT_PREFIX_CACHE_MB, ServeConfig
 
-BF16 = pytest.param("bfloat16", marks=pytest.mark.skipif(
-    not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX-512 BF16 / AMX): auto keeps fp32 here"))
 HEAD = "You are a careful assistant. Answer briefly, check every fact twice, and never invent a source. "  # 96 chars
 TAILS = ["Why is the sky blue?", "Name a colour.", "2+2=?", "tell me about cats", "x", "你好 world"]
 METHODS = ["prompt", "prefix", "ptuning"]
@@ -108,16 +106,6 @@ def test_bad_sizes_are_refused():
 # ---- the engine: cached equals uncached ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["float32", BF16])
-def dtype(request):
-    return getattr(torch, request.param)
-
-
-@pytest.fixture(scope="module")
-def base(dtype):
-    base = peaked_base()
-    base.model.to(dtype)
-    return base
 
 
 def method_adapters(base) -> dict[str, Adapter]:
