@@ -210,6 +210,8 @@ class DecodeBatch:
             n = self.prompt_cache.num_virtual_tokens(request.adapter)
             prompts.append(fit_prompt(request, n, self.context))
             ns.append(n)
+        if self.prefix_cache is not None:
+            self.prefix_cache.retain(self.prompt_cache.identities())  # forget adapters removed or replaced since
         events = []
         for wave in self._waves(requests, prompts):
             picked = [requests[i] for i in wave], [prompts[i] for i in wave], [ns[i] for i in wave]
@@ -299,7 +301,6 @@ class DecodeBatch:
         which it finds that block, and whatever else they share, cached."""
         if self.prefix_cache is None or len(requests) < 2:
             return [list(range(len(requests)))]
-        self.prefix_cache.retain(self.prompt_cache.identities())
         size, first, later, seen = self.prefix_cache.block_tokens, [], [], set()
         for i, (request, prompt) in enumerate(zip(requests, prompts)):
             owner = self.prompt_cache.identity(request.adapter)
@@ -313,7 +314,6 @@ class DecodeBatch:
         """Per row, the prefix cache's keys/values [layers, 2, kv_heads, cached, head_dim] of its prompt's start."""
         if self.prefix_cache is None:
             return [None] * len(prompts)
-        self.prefix_cache.retain(self.prompt_cache.identities())  # forget adapters removed or replaced since
         return [self.prefix_cache.match(owner, prompt) for owner, prompt in zip(owners, prompts)]
 
     def _front_kv(self, requests, hits: list[torch.Tensor | None], width: int) -> Kv | None:
