@@ -14,16 +14,23 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import save_tiny, tiny_base  # noqa: E402
 
 
+# Bits depend on the thread count (fp32 sums are split across threads), so every test and every fixture runs at a
+# fixed one. Tiny models run fastest on one thread, and module- or session-scoped fixtures (set up before any
+# function-scoped fixture) must compute their reference results at the same count as the tests that compare with
+# them: the whole session is pinned to one thread here, at import. Tests marked slow (the real model) run on
+# SLOW_THREADS threads, fixed for the session; they compute what they compare inside the test.
+SLOW_THREADS = torch.get_num_threads()
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
-def one_thread_for_tiny_models(request):
-    """Tiny models run fastest on one thread; tests marked slow (the real model) keep every core."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
+def pinned_threads(request):
+    """One thread for every test; SLOW_THREADS for tests marked slow. Restored afterwards either way."""
+    threads = SLOW_THREADS if request.node.get_closest_marker("slow") else 1
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
