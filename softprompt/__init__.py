@@ -16,6 +16,10 @@ The package is layered (see docs/architecture.md): `core`, `data` and `formats` 
 
 from importlib import import_module
 
+from softprompt.runtime import configure_openmp_waits
+
+configure_openmp_waits()  # before anything imports torch: OpenMP reads its wait settings once, at start (runtime.py)
+
 __version__ = "0.1.0"
 
 _PUBLIC = {
