@@ -89,7 +89,7 @@ def run_recipe(args, records: list[dict], out: Path, bf16: bool = False) -> dict
     tokens = sum(len(x) for x in data["input_ids"])
     training = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=1,
                                  gradient_accumulation_steps=8, num_train_epochs=1, logging_steps=1,
-                                 save_strategy="no", report_to=[], seed=args.seed, use_cpu=True,
+                                 save_strategy="no", report_to=[], seed=args.seed, use_cpu=args.device == "cpu",
                                  disable_tqdm=True, dataloader_num_workers=0, bf16=bf16)
     trainer = Trainer(model=model, args=training, train_dataset=data,
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True))
@@ -108,7 +108,7 @@ def run_softprompt(args, records: list[dict], out: Path, dtype: str | None = Non
     from softprompt.training.config import TrainConfig
     from softprompt.training.loop import train
 
-    base = load_base(args.model, device="cpu", dtype=dtype or args.dtype)
+    base = load_base(args.model, device=args.device, dtype=dtype or args.dtype)
     config = TrainConfig(data=records, out=str(out / "adapter"), model=base, init="text", init_text=INIT_TEXT,
                          num_virtual_tokens=args.num_virtual_tokens, lr=5e-5, schedule="linear", warmup_steps=0,
                          optimizer="adamw", batch_size=8, grad_accum=1, epochs=1, max_length=args.max_length,
@@ -150,6 +150,8 @@ def child(args) -> None:
     else:
         result = run_recipe(args, records, out, bf16=args.child == "recipe_bf16")
     result["peak_rss_mb"] = peak_rss_mb()
+    if torch.cuda.is_available() and args.device != "cpu":
+        result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     result["adapter"] = str(out / "adapter")
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -158,7 +160,7 @@ def spawn(args, which: str, name: str, data: str, kind: str, records: int) -> di
     cmd = [sys.executable, __file__, "--child", which, "--child-data", data, "--child-kind", kind,
            "--child-name", name, "--child-records", str(records), "--out", args.out, "--seed", str(args.seed),
            "--max-length", str(args.max_length), "--num-virtual-tokens", str(args.num_virtual_tokens),
-           "--dtype", args.dtype]
+           "--dtype", args.dtype, "--device", args.device]
     if args.max_batch_tokens:
         cmd += ["--max-batch-tokens", str(args.max_batch_tokens)]
     if args.model:
@@ -280,6 +282,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto",
                         help="softprompt's --dtype (default: its default, auto); the recipes are fp32 and bf16")
     parser.add_argument("--out", default="/tmp/bench_train", help="scratch folder")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the recipe and softprompt train (the "
+                        "matrix-product ceiling is measured on the CPU only)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--num-virtual-tokens", type=int, default=13)
@@ -320,11 +324,13 @@ def main() -> None:
         scores = final_losses(args, records, {k: r["adapter"] for k, r in results.items()})
         png = plot_curves({k: r["losses"] for k, r in results.items()}, Path(args.out) / f"{name}-loss.png",
                           f"{name}: train loss, {count} records")
-        ceiling = gemm_ceiling(args, records, ["float32", "bfloat16"])
+        ceiling = gemm_ceiling(args, records, ["float32", "bfloat16"]) if args.device == "cpu" else None
         entry = {"records": count, "tokens": ours["tokens"], "softprompt_dtype": ours["dtype"],
-                 "max_batch_tokens": args.max_batch_tokens or default_batch_tokens("cpu"), "ceiling": ceiling}
+                 "max_batch_tokens": args.max_batch_tokens or default_batch_tokens(args.device.split(":")[0]),
+                 "ceiling": ceiling or "measured on the CPU only", "device": args.device}
         for which, r in results.items():
             entry[which] = {"tokens_per_s": round(r["tokens_per_s"], 1), "peak_rss_mb": round(r["peak_rss_mb"]),
+                            **({"peak_gpu_mb": r["peak_gpu_mb"]} if "peak_gpu_mb" in r else {}),
                             "repeats_tokens_per_s": r["repeats_tokens_per_s"],
                             "final_prompt_loss": round(scores[which], 4),
                             "mean_train_loss": round(sum(l for _, l in r["losses"]) / len(r["losses"]), 4)}
@@ -335,12 +341,13 @@ def main() -> None:
                 entry[f"speedup_vs_{which}"] = round(ours["tokens_per_s"] / results[which]["tokens_per_s"], 2)
                 entry[f"memory_ratio_vs_{which}"] = round(ours["peak_rss_mb"] / results[which]["peak_rss_mb"], 3)
                 entry[f"loss_diff_vs_{which}"] = round(scores["softprompt"] - scores[which], 5)
-        for dtype in ("float32", "bfloat16"):
+        for dtype in ("float32", "bfloat16") if ceiling else ():
             if "recipe" in results:
                 ceiling[dtype]["x_recipe"] = round(ceiling[dtype]["tokens_per_s"] / results["recipe"]["tokens_per_s"],
                                                    2)
-        ceiling["softprompt_fraction"] = round(ours["tokens_per_s"] / ceiling[
-            "bfloat16" if "bfloat16" in ours["dtype"] else "float32"]["tokens_per_s"], 3)
+        if ceiling:
+            ceiling["softprompt_fraction"] = round(ours["tokens_per_s"] / ceiling[
+                "bfloat16" if "bfloat16" in ours["dtype"] else "float32"]["tokens_per_s"], 3)
         entry["loss_curves_png"] = str(png)
         per_set[name] = entry
         print(json.dumps({name: entry}), flush=True)

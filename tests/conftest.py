@@ -11,7 +11,10 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import save_tiny, tiny_base  # noqa: E402
+from helpers import TEST_DEVICE, save_tiny, tiny_base  # noqa: E402
+
+if TEST_DEVICE.startswith("cuda") and not torch.cuda.is_available():
+    raise pytest.UsageError(f"SOFTPROMPT_TEST_DEVICE={TEST_DEVICE} but torch sees no CUDA device")
 
 
 # Bits depend on the thread count (fp32 sums are split across threads), so every test and every fixture runs at a

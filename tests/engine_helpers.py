@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from helpers import tiny_tokenizer
+from helpers import TEST_DEVICE, tiny_tokenizer
 from softprompt.formats.adapter import Adapter
 from softprompt.inference.engine import eos_ids
 from softprompt.core.forward import lm_logits, run_body
@@ -62,7 +62,8 @@ def reference_greedy(base: FrozenModel, prompt: torch.Tensor | None, ids: list[i
 
 
 BF16 = pytest.param("bfloat16", marks=pytest.mark.skipif(
-    not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX-512 BF16 / AMX): only fp32 runs here"))
+    TEST_DEVICE == "cpu" and not cpu_has_native_bf16(),
+    reason="this CPU has no native bf16 (AVX-512 BF16 / AMX): only fp32 runs here"))
 
 
 @pytest.fixture(scope="module", params=["float32", BF16])
@@ -73,7 +74,8 @@ def dtype(request):
 
 @pytest.fixture(scope="module")
 def base(dtype):
-    """A peaked tiny Llama (engine tests need outputs with clear margins) in the module's dtype."""
+    """A peaked tiny Llama (engine tests need outputs with clear margins) in the module's dtype, on the test device
+    (SOFTPROMPT_TEST_DEVICE: cpu, or cuda in scripts/gpu_check.sh)."""
     base = peaked_base()
-    base.model.to(dtype)
+    base.model.to(device=TEST_DEVICE, dtype=dtype)
     return base

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import string
 from pathlib import Path
 
@@ -13,6 +14,9 @@ from softprompt.core import forward
 from softprompt.core.attention import use_grouped_sdpa
 from softprompt.core.mlp import use_lean_mlp
 from softprompt.core.models import FrozenModel, freeze, load_base
+
+# The device the device-parametrised tests run on: cpu here and in CI; scripts/gpu_check.sh sets cuda.
+TEST_DEVICE = os.environ.get("SOFTPROMPT_TEST_DEVICE", "cpu")
 
 SPECIALS = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
