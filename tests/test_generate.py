@@ -184,7 +184,7 @@ def test_chat_template_conversation_keeps_turns(env):
 def test_chat_cli_reads_stdin(env):
     proc = subprocess.run(
         [sys.executable, "-m", "softprompt", "chat", "--model", env.model, "--adapter", str(env.adapters / "alpha"),
-         "--greedy", "--max-new-tokens", "10"],
+         "--greedy", "--max-new-tokens", "10", "--dtype", "float32"],  # the reference below is fp32
         input="hello there\n/quit\n", capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == answer(env, "hello there", "alpha") + "\n"
