@@ -45,13 +45,17 @@ PEFT_VERSION = "0.21.2"
 # Anything larger is a corrupt or hand-made file, which would only produce garbage (or inf after the first norm).
 MAX_ABS_VALUE = 1e4
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# A letter or digit, then letters, digits, '.', '_', '-' with no '..'; written without look-arounds so that the
+# server's published JSON Schema (serve/schemas.py) states the same rule.
+NAME_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$"
+NAME_MAX = 64
+NAME_RE = re.compile(NAME_PATTERN)
 
 
 def check_adapter_name(name: object) -> str:
     """Return `name` if it can name an adapter (a folder under an adapters directory, a served model name), else
     raise ValueError. One rule for batch files and the server."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or len(name) > NAME_MAX or not NAME_RE.fullmatch(name):
         raise ValueError(f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
                          "letter or digit (no '/', no '..', not an absolute path)")
     return name
