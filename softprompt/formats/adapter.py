@@ -49,6 +49,8 @@ MAX_ABS_VALUE = 1e4
 # server's published JSON Schema (serve/schemas.py) states the same rule.
 NAME_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$"
 NAME_MAX = 64
+SIZE_FIELDS = ("num_layers", "token_dim")  # sizes in adapter_config.json that shape the tensor (two negatives
+                                          # would multiply to a plausible prefix width)
 NAME_RE = re.compile(NAME_PATTERN)
 
 
@@ -204,6 +206,11 @@ def load_adapter(path: str | Path, base=None) -> Adapter:
                            "; a causal LM adapter has 1")
     if config.get("task_type") not in (None, "CAUSAL_LM"):
         raise AdapterError(f"{config_path}: task_type is {config.get('task_type')!r}; expected CAUSAL_LM")
+    for key in SIZE_FIELDS:
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise AdapterError(f"{config_path}: field {key!r} must be a positive integer (or null), got "
+                               f"{_short(value)}")
     if not weights_path.is_file():
         if (path / "adapter_model.bin").is_file():
             raise AdapterError(f"{path}: only adapter_model.bin (pickle) found; softprompt reads safetensors only")
