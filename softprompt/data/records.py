@@ -18,6 +18,7 @@ from typing import Iterable, Iterator
 
 BOM = "\ufeff"  # a UTF-8 byte-order mark, which some editors (Excel, Notepad) put at the start of a file
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a surrogate gets into JSON text read as UTF-8
 _LONG_INTEGER = re.compile(r"\d{4301,}")  # longer than Python's default int_max_str_digits (4300)
 MAX_DEPTH = 1000  # about the nesting depth past which json.loads runs out of recursion
 
@@ -102,7 +103,8 @@ def load_records(source, fields: Fields | str | dict | None = None, label_words:
     limit: keep only the first `limit` good records.
     """
     fields = Fields.parse(fields)
-    if isinstance(source, (list, tuple)):
+    in_memory = isinstance(source, (list, tuple))
+    if in_memory:
         name, rows = "<records>", ((f"<records>: record {i}", row) for i, row in enumerate(source))
     else:
         path = Path(source)
@@ -110,7 +112,7 @@ def load_records(source, fields: Fields | str | dict | None = None, label_words:
     items, skipped = [], []
     for where, row in rows:
         try:
-            items.append(_to_record(row, where, fields, label_words))
+            items.append(_to_record(row, where, fields, label_words, check_text=in_memory))
         except DataError as err:
             if not skip_bad:
                 raise
@@ -123,7 +125,9 @@ def load_records(source, fields: Fields | str | dict | None = None, label_words:
     return Records(items, name, skipped)
 
 
-def _to_record(row, where: str, fields: Fields, label_words: list[str] | None) -> Record:
+def _to_record(row, where: str, fields: Fields, label_words: list[str] | None, check_text: bool = True) -> Record:
+    """One row as a Record, or a DataError naming `where`. `check_text`: refuse surrogates in the fields (files are
+    checked as they are read: only JSON escapes can put one there)."""
     if isinstance(row, DataError):
         raise row
     if not isinstance(row, dict):
@@ -144,7 +148,7 @@ def _to_record(row, where: str, fields: Fields, label_words: list[str] | None) -
             value = _label_word(value, label_words, where, key)
         elif not isinstance(value, str):
             raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__} {value!r}")
-        values[role] = check_unicode(value, where, f"field {key!r}")
+        values[role] = check_unicode(value, where, f"field {key!r}") if check_text else value
     for role in ("instruction", "output"):
         if not values[role].strip():
             only = " (only whitespace)" if values[role] else ""
@@ -267,7 +271,8 @@ def read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
                 where = f"{path}:{number}"
                 try:
                     row = parse_json(line.rstrip("\r\n"), where)
-                    check_tree(row, where)
+                    if _SURROGATE_ESCAPE.search(line):
+                        check_tree(row, where)
                 except DataError as err:
                     row = err
                 yield where, row
@@ -285,14 +290,15 @@ def _read_json(path: Path) -> Iterator[tuple[str, object]]:
         data = data["data"]
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON array of records (use .jsonl for one record per line)")
-    return _checked_rows(path, data)
+    return _checked_rows(path, data, bool(_SURROGATE_ESCAPE.search(text)))
 
 
-def _checked_rows(path: Path, data: list) -> Iterator[tuple[str, object]]:
+def _checked_rows(path: Path, data: list, check: bool) -> Iterator[tuple[str, object]]:
     for i, row in enumerate(data):
         where = f"{path}: record {i}"
         try:
-            check_tree(row, where)
+            if check:
+                check_tree(row, where)
         except DataError as err:
             row = err
         yield where, row
