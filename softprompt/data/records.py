@@ -271,7 +271,7 @@ def read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
                 where = f"{path}:{number}"
                 try:
                     row = parse_json(line.rstrip("\r\n"), where)
-                    if _SURROGATE_ESCAPE.search(line):
+                    if "\\u" in line and _SURROGATE_ESCAPE.search(line):
                         check_tree(row, where)
                 except DataError as err:
                     row = err
