@@ -255,6 +255,8 @@ def test_tokenize_detokenize_and_adapters_schema_and_server_agree(live, strategi
     ("AdapterAdd", "/v1/adapters", {"name": "x\n", "path": "spare"}, None, "invalid adapter name 'x\\n'"),
     ("CompletionRequest", "/v1/completions", {"model": "alpha", "prompt": "x", "logit_bias": {"0x1": 1}},
      "logit_bias", "keys are token ids written as strings"),
+    ("CompletionRequest", "/v1/completions", {"model": "alpha", "prompt": "x", "logit_bias": {"12\n": 1}},
+     "logit_bias", "keys are token ids written as strings"),
     ("CompletionRequest", "/v1/completions", {"model": "alpha", "prompt": []}, "prompt",
      "an empty list has nothing to complete"),
     ("CompletionRequest", "/v1/completions", {"model": "alpha", "prompt": [[3], []]}, "prompt.1", "prompt is empty"),

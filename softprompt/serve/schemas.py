@@ -155,7 +155,7 @@ class _Common(BaseModel):
             if len(self.logit_bias) > MAX_LOGIT_BIAS:
                 raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} entries are supported")
             for key, value in self.logit_bias.items():
-                if not re.match(TOKEN_KEY_PATTERN, key):
+                if not re.fullmatch(TOKEN_KEY_PATTERN, key):
                     raise ValueError(f"logit_bias: keys are token ids written as strings (e.g. \"50256\"), got "
                                      f"{key[:20]!r}")
                 if not math.isfinite(value) or abs(value) > LOGIT_BIAS_MAX:
