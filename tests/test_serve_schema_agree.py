@@ -44,6 +44,7 @@ def live(tiny, tmp_path_factory):
         server.http = httpx.Client(base_url=server.url, timeout=60)
         server.doc = server.http.get("/openapi.json").json()
         server.vocab = server.state.vocab_size()
+        server.narrow = narrowed(server.doc["components"]["schemas"], server.vocab)
         yield server
         server.http.close()
 
@@ -198,8 +199,7 @@ def spoiled(bodies: st.SearchStrategy, fields: list[str]) -> st.SearchStrategy:
 
 def bodies_for(live, name: str) -> st.SearchStrategy:
     components = live.doc["components"]["schemas"]
-    narrow = narrowed(components, live.vocab)
-    made = from_schema(narrow[name], narrow).map(with_a_user_message)
+    made = from_schema(live.narrow[name], live.narrow).map(with_a_user_message)
     fields = sorted(components[name]["properties"]) + ["unknown"]
     return st.one_of(made, made, spoiled(made, fields))
 
@@ -207,7 +207,7 @@ def bodies_for(live, name: str) -> st.SearchStrategy:
 def check_agreement(live, name: str, path: str, body, served: tuple[int, ...] = (200,)) -> None:
     components = live.doc["components"]["schemas"]
     published = schema_valid(components, name, body) and stated_rules_hold(name, body)
-    within = published and schema_valid(narrowed(components, live.vocab), name, body)
+    within = published and schema_valid(live.narrow, name, body)
     response = live.http.post(path, content=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     if not published:
         assert response.status_code == 400, (body, response.status_code, response.text)
@@ -224,19 +224,19 @@ def strategies(live):
             ("CompletionRequest", "ChatRequest", "TokenizeRequest", "DetokenizeRequest", "AdapterAdd")}
 
 
-@settings(max_examples=150, **SETTINGS)
+@settings(max_examples=120, **SETTINGS)
 @given(data=st.data())
 def test_completions_schema_and_server_agree(live, strategies, data):
     check_agreement(live, "CompletionRequest", "/v1/completions", data.draw(strategies["CompletionRequest"]))
 
 
-@settings(max_examples=100, **SETTINGS)
+@settings(max_examples=70, **SETTINGS)
 @given(data=st.data())
 def test_chat_schema_and_server_agree(live, strategies, data):
     check_agreement(live, "ChatRequest", "/v1/chat/completions", data.draw(strategies["ChatRequest"]))
 
 
-@settings(max_examples=80, **SETTINGS)
+@settings(max_examples=50, **SETTINGS)
 @given(data=st.data())
 def test_tokenize_detokenize_and_adapters_schema_and_server_agree(live, strategies, data):
     check_agreement(live, "TokenizeRequest", "/tokenize", data.draw(strategies["TokenizeRequest"]))
