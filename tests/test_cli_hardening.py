@@ -149,6 +149,11 @@ def test_null_and_blank_fields_are_named_as_such(row, message):
     (["eval", "--data", "d.jsonl", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["eval", "--data", "d.jsonl", "--choices", "yes"],
      "--choices needs at least 2 non-empty comma-separated words, got ['yes']"),
+    (["eval", "--data", "d.jsonl", "--fields", "sentence"],
+     "field mapping 'sentence' must look like role=name, e.g. instruction=sentence"),
+    (["eval", "--data", "d.jsonl", "--template", "{nope}"],
+     "template '{nope}' has the placeholder {nope}; only {instruction} and {input} are allowed (no index, "
+     "attribute, conversion or format spec)"),
 ])
 def test_flags_are_refused_before_any_model_loads(capsys, monkeypatch, argv, message):
     import softprompt.core.models as models

@@ -115,7 +115,11 @@ def evaluate(data, model: str | FrozenModel | None = None, adapters: list[str | 
 
 def evaluate_config(config: EvalConfig) -> dict:
     """`evaluate` for a ready EvalConfig."""
-    choices = parse_words(config.choices, "--choices", minimum=2)  # before the model loads (seconds)
+    # what the flags alone can get wrong fails before the model loads (seconds)
+    choices = parse_words(config.choices, "--choices", minimum=2)
+    Fields.parse(config.fields)
+    if config.template:
+        Template(config.template)
     base = config.model if isinstance(config.model, FrozenModel) else load_base(
         config.model, device=config.device, dtype=config.dtype)
     adapters = {str(path): load_adapter(path, base) for path in config.adapters}
