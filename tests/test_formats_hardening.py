@@ -226,19 +226,20 @@ def test_text_that_is_not_utf8_names_the_line(tmp_path, name, body, line, column
     (tmp_path / name).write_bytes(body)
     with pytest.raises(DataError) as caught:
         load_records(tmp_path / name)
-    assert str(caught.value) == (f"{tmp_path / name}:{line}: not UTF-8 text: byte 0xe9 at column {column}; save "
-                                 "the file as UTF-8")
+    assert str(caught.value) == (f"{tmp_path / name}:{line}: not valid Unicode: byte 0xe9 at column {column} is "
+                                 "not UTF-8; save the file as UTF-8")
 
 
 def test_a_large_latin1_file_names_the_line_past_the_first_read_chunk(tmp_path):
     rows = [json.dumps({"instruction": f"q{i}", "output": "a"}).encode() + b"\n" for i in range(5000)]
     rows.append('{"instruction": "déjà", "output": "b"}\n'.encode("latin-1"))
     (tmp_path / "d.jsonl").write_bytes(b"".join(rows))
-    with pytest.raises(DataError, match=r"d.jsonl:5001: not UTF-8 text: byte 0xe9 at column 19"):
+    with pytest.raises(DataError, match=r"d.jsonl:5001: not valid Unicode: byte 0xe9 at column 19 is not UTF-8"):
         load_records(tmp_path / "d.jsonl")
 
 
 def test_a_utf16_file_is_named_as_such(tmp_path):
     (tmp_path / "d.csv").write_text("instruction,output\nhi,b\n", encoding="utf-16")
-    with pytest.raises(DataError, match=r"d.csv:1: not UTF-8 text: byte 0xff at column 1 \(it looks like UTF-16\)"):
+    with pytest.raises(DataError, match=r"d.csv:1: not valid Unicode: byte 0xff at column 1 is not UTF-8 "
+                                        r"\(it looks like UTF-16\)"):
         load_records(tmp_path / "d.csv")

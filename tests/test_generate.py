@@ -145,7 +145,7 @@ def test_bad_adapters_and_prompts_are_clear_errors(env, tmp_path, capsys):
         (["x" * 600], "prompt too long: 0 virtual tokens + 620 prompt tokens + max_new_tokens 128 = 748 exceeds "
                       "the model's context of 512 tokens"),
         (["--greedy", "--temperature", "0.5", "hi"], "--greedy and --temperature cannot be combined"),
-        ([], "give either an INSTRUCTION or --batch FILE.jsonl"),
+        ([], "nothing to answer: give an INSTRUCTION or --batch FILE.jsonl"),
     ]
     for extra, message in cases:
         assert main(["generate", "--model", env.model, *extra]) == 2

@@ -100,7 +100,7 @@ def test_nan_and_huge_numbers_are_400(server):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("max_tokens", "4"), ("max_tokens", True), ("max_tokens", 2.0), ("max_tokens", 0), ("temperature", "0.5"),
+    ("max_tokens", "4"), ("max_tokens", True), ("max_tokens", 2.5), ("max_tokens", 0), ("temperature", "0.5"),
     ("temperature", True), ("temperature", 2.5), ("top_p", 0), ("top_k", -1), ("top_k", 2 ** 31), ("stream", "yes"),
     ("stream", 1), ("seed", 2 ** 64), ("seed", -(2 ** 63) - 1), ("seed", 1.5), ("seed", "7"), ("n", True),
     ("stop", [1]), ("prompt", 5), ("prompt", [1, "a"]), ("prompt", [[1], "a"]), ("prompt", [True]), ("model", 3), ("user", 5), ("presence_penalty", "0"),

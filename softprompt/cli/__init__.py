@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from softprompt.cli.args import add_options
+from softprompt.cli.args import add_options, check_argv_text
 
 VERBS = {
     "demo": "softprompt.cli.demo",
@@ -41,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        check_argv_text(parser, args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

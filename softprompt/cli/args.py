@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import typing
+from pathlib import Path
 
+from softprompt.data.records import check_unicode
 from softprompt.options import base_types, flag_of, spec_of
 
 CLI_ONLY_GROUP = "output"
@@ -93,3 +96,46 @@ def _help(field: dataclasses.Field) -> str:
     if default not in (dataclasses.MISSING, None, False, True, "", ()) and "default" not in text:
         text += f" (default: {default})"
     return text
+
+
+def check_argv_text(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse an argument that is not valid Unicode, naming its flag (or positional name). Python decodes argv with
+    surrogateescape, so bytes that are not UTF-8 (`generate $'caf\\xff'`) arrive as surrogates, which no tokenizer
+    and no UTF-8 writer can take."""
+    names = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and args.verb in action.choices:
+            names = {a.dest: a.option_strings[-1] if a.option_strings else (a.metavar or a.dest).upper()
+                     for a in action.choices[args.verb]._actions}
+    for dest, value in vars(args).items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                check_unicode(text, names.get(dest, dest), raw=True)
+
+
+def check_output(path: str | None, flag: str, inputs: dict[str, str | None] | None = None) -> None:
+    """Refuse, before any work starts, an output file that cannot be written (its folder path runs into a file, or
+    is not writable) or that is one of the command's inputs (`inputs`: flag -> path), which writing would
+    overwrite."""
+    if not path:
+        return
+    target = Path(path)
+    for other_flag, other in (inputs or {}).items():
+        if other and _same_file(target, Path(other)):
+            raise ValueError(f"{flag} {path} is the {other_flag} file: writing it would overwrite the input; "
+                             f"choose another {flag}")
+    if target.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder, not a file")
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {path}: cannot write there: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ValueError(f"{flag} {path}: cannot write there: permission denied")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()

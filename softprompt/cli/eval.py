@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dataclasses import dataclass
 
-from softprompt.cli.args import config_from_args
+from softprompt.cli.args import check_output, config_from_args
 from softprompt.evaluation.config import EvalConfig
 from softprompt.options import check_options, option
 
@@ -35,10 +35,12 @@ OPTIONS = (EvalConfig, Report)
 
 
 def run(args: argparse.Namespace) -> int:
+    shown = config_from_args(Report, args)  # every flag checked before the model loads (seconds)
+    config = config_from_args(EvalConfig, args)
+    check_output(shown.json, "--json", {"--data": config.data})
     from softprompt.evaluation.evaluate import evaluate_config, format_examples, format_table
 
-    shown = config_from_args(Report, args)
-    report = evaluate_config(config_from_args(EvalConfig, args))
+    report = evaluate_config(config)
     for reason in report["skipped"]:
         print(f"skipped: {reason}")
     print(f"{report['data']}: {report['n']} records, model {report['model']}")

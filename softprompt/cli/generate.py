@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from softprompt.cli.args import config_from_args, values_of
+from softprompt.cli.args import check_output, config_from_args, values_of
 from softprompt.inference.config import BatchOptions, GenerateConfig, GenerationOptions
 
 HELP = "generate answers with a base model and an optional soft-prompt adapter"
@@ -18,11 +18,12 @@ OPTIONS = (GenerateConfig,)
 
 
 def run(args: argparse.Namespace) -> int:
+    config = config_from_args(GenerateConfig, args)  # every flag checked before the model loads (seconds)
+    check_output(config.out, "--out", {"--batch": config.batch})
     from softprompt.core.models import load_base
     from softprompt.formats.adapter import load_adapter
     from softprompt.inference.generate import check_batch, generate, generate_batch, read_batch
 
-    config = config_from_args(GenerateConfig, args)
     records = read_batch(config.batch) if config.batch else None
     if records is not None:
         check_batch(records, config.adapters_dir)

@@ -11,11 +11,16 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
 BOM = "\ufeff"  # a UTF-8 byte-order mark, which some editors (Excel, Notepad) put at the start of a file
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a surrogate gets into JSON text read as UTF-8
+_LONG_INTEGER = re.compile(r"\d{4301,}")  # longer than Python's default int_max_str_digits (4300)
+MAX_DEPTH = 1000  # about the nesting depth past which json.loads runs out of recursion
 
 
 class DataError(ValueError):
@@ -98,7 +103,8 @@ def load_records(source, fields: Fields | str | dict | None = None, label_words:
     limit: keep only the first `limit` good records.
     """
     fields = Fields.parse(fields)
-    if isinstance(source, (list, tuple)):
+    in_memory = isinstance(source, (list, tuple))
+    if in_memory:
         name, rows = "<records>", ((f"<records>: record {i}", row) for i, row in enumerate(source))
     else:
         path = Path(source)
@@ -106,7 +112,7 @@ def load_records(source, fields: Fields | str | dict | None = None, label_words:
     items, skipped = [], []
     for where, row in rows:
         try:
-            items.append(_to_record(row, where, fields, label_words))
+            items.append(_to_record(row, where, fields, label_words, check_text=in_memory))
         except DataError as err:
             if not skip_bad:
                 raise
@@ -119,7 +125,9 @@ def load_records(source, fields: Fields | str | dict | None = None, label_words:
     return Records(items, name, skipped)
 
 
-def _to_record(row, where: str, fields: Fields, label_words: list[str] | None) -> Record:
+def _to_record(row, where: str, fields: Fields, label_words: list[str] | None, check_text: bool = True) -> Record:
+    """One row as a Record, or a DataError naming `where`. `check_text`: refuse surrogates in the fields (files are
+    checked as they are read: only JSON escapes can put one there)."""
     if isinstance(row, DataError):
         raise row
     if not isinstance(row, dict):
@@ -132,18 +140,62 @@ def _to_record(row, where: str, fields: Fields, label_words: list[str] | None) -
             if role == "input":
                 values[role] = ""
                 continue
+            if key in row:
+                raise DataError(f"{where}: field {key!r} is null (the {role} must be a string)")
             present = ", ".join(map(str, row)) or "none"
             raise DataError(f"{where}: missing field {key!r} (the {role}; fields present: {present})")
         if role == "output" and label_words is not None:
             value = _label_word(value, label_words, where, key)
         elif not isinstance(value, str):
             raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__} {value!r}")
-        values[role] = value
-    if not values["instruction"].strip():
-        raise DataError(f"{where}: field {fields.instruction!r} is empty")
-    if not values["output"]:
-        raise DataError(f"{where}: field {fields.output!r} is empty")
+        values[role] = check_unicode(value, where, f"field {key!r}") if check_text else value
+    for role in ("instruction", "output"):
+        if not values[role].strip():
+            only = " (only whitespace)" if values[role] else ""
+            raise DataError(f"{where}: field {getattr(fields, role)!r} is empty{only}")
     return Record(values["instruction"], values["input"], values["output"], where)
+
+
+def not_unicode(where: str, detail: str) -> DataError:
+    """The one message for text that is not valid Unicode, naming `where` (file:line, <stdin>:line, a flag)."""
+    return DataError(f"{where}: not valid Unicode: {detail}")
+
+
+def _bad_character(what: str, text: str, index: int, raw: bool) -> str:
+    """What is wrong with the character of `text` at `index`. `raw`: the text was decoded with surrogateescape
+    (argv, stdin), so U+DC80..U+DCFF stand for bytes that are not UTF-8; elsewhere (a JSON \\ud800 escape) a
+    surrogate is a lone UTF-16 surrogate."""
+    code = ord(text[index])
+    if raw and 0xDC80 <= code <= 0xDCFF:
+        detail = f"byte 0x{code - 0xDC00:02x} at character {index + 1} is not UTF-8"
+    else:
+        detail = f"\\u{code:04x} at character {index + 1} is a lone UTF-16 surrogate"
+    return f"{what}: {detail}" if what else detail
+
+
+def check_unicode(text: str, where: str, what: str = "", raw: bool = False) -> str:
+    """`text` unchanged, or the `not_unicode` DataError when it holds a surrogate code point (no tokenizer, and no
+    UTF-8 encoder, can take one)."""
+    bad = _SURROGATE.search(text) if not text.isascii() else None
+    if bad is not None:
+        raise not_unicode(where, _bad_character(what, text, bad.start(), raw))
+    return text
+
+
+def check_tree(value, where: str) -> None:
+    """`check_unicode` on every string (and key) of a parsed JSON value, naming the field by its path."""
+    stack = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            check_unicode(item, where, f"field {path!r}" if path else "")
+        elif isinstance(item, (dict, list)):
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            for key, child in pairs:
+                name = f"{path}.{key}" if path else str(key)
+                if isinstance(key, str):
+                    check_unicode(key, where, f"the name of field {name!r}")
+                stack.append((child, name))
 
 
 def parse_words(words, flag: str, minimum: int = 1) -> list[str] | None:
@@ -216,27 +268,77 @@ def read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
                     line = line[1:]
                 if not line.strip():
                     continue
+                where = f"{path}:{number}"
                 try:
-                    yield f"{path}:{number}", json.loads(line.rstrip("\r\n"))
-                except json.JSONDecodeError as err:
-                    yield f"{path}:{number}", DataError(f"{path}:{number}: malformed JSON: {err.msg} "
-                                                        f"(column {err.colno})")
+                    row = parse_json(line.rstrip("\r\n"), where)
+                    if "\\u" in line and _SURROGATE_ESCAPE.search(line):
+                        check_tree(row, where)
+                except DataError as err:
+                    row = err
+                yield where, row
         except UnicodeDecodeError as err:
             raise not_utf8(path, err) from err
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, object]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: malformed JSON: {err.msg} (column {err.colno})") from err
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise not_utf8(path, err) from err
+    data = parse_json(text, str(path), whole_file=True)
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON array of records (use .jsonl for one record per line)")
-    return ((f"{path}: record {i}", row) for i, row in enumerate(data))
+    return _checked_rows(path, data, bool(_SURROGATE_ESCAPE.search(text)))
+
+
+def _checked_rows(path: Path, data: list, check: bool) -> Iterator[tuple[str, object]]:
+    for i, row in enumerate(data):
+        where = f"{path}: record {i}"
+        try:
+            if check:
+                check_tree(row, where)
+        except DataError as err:
+            row = err
+        yield where, row
+
+
+def parse_json(text: str, where: str, whole_file: bool = False):
+    """json.loads, with every failure a one-line DataError naming `where` (`file:line`) — malformed JSON, an
+    integer too long for Python to convert, nesting too deep for the parser. `whole_file`: `where` is a file name
+    and the line is found in `text`."""
+    def at(line: int) -> str:
+        return f"{where}:{line}" if whole_file else where
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{at(err.lineno)}: malformed JSON: {err.msg} (column {err.colno})") from None
+    except RecursionError:
+        raise DataError(f"{at(_deep_line(text))}: JSON nested too deeply for the parser (at most about "
+                        f"{MAX_DEPTH} levels)") from None
+    except ValueError:  # an integer literal past int_max_str_digits
+        long = _LONG_INTEGER.search(text)
+        line = text.count("\n", 0, long.start()) + 1 if long else 1
+        digits = len(long.group()) if long else "too many"
+        raise DataError(f"{at(line)}: a number with {digits} digits is too long (at most 4300)") from None
+
+
+def _deep_line(text: str) -> int:
+    """The line where the nesting is deepest (strings skipped)."""
+    depth, deepest, line, where = 0, 0, 1, 1
+    for token in re.finditer(r'"(?:[^"\\]|\\.)*"|[\[\]{}\n]', text):
+        char = token.group()
+        if char == "\n":
+            line += 1
+        elif char in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest, where = depth, line
+        elif char in "]}":
+            depth -= 1
+    return where
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, object]]:
@@ -269,11 +371,11 @@ def not_utf8(path: Path, err: UnicodeDecodeError) -> DataError:
                 except UnicodeDecodeError as bad:
                     column = len(raw[:bad.start].decode("utf-8")) + 1
                     hint = " (it looks like UTF-16)" if number == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
-                    return DataError(f"{path}:{number}: not UTF-8 text: byte 0x{raw[bad.start]:02x} at column "
-                                     f"{column}{hint}; save the file as UTF-8")
+                    return not_unicode(f"{path}:{number}", f"byte 0x{raw[bad.start]:02x} at column {column} is "
+                                                           f"not UTF-8{hint}; save the file as UTF-8")
     except OSError:
         pass
-    return DataError(f"{path}: not UTF-8 text: {err}; save the file as UTF-8")
+    return not_unicode(str(path), f"{err}; save the file as UTF-8")
 
 
 def _parquet_rows(path: Path) -> Iterable[dict]:

@@ -115,10 +115,14 @@ def evaluate(data, model: str | FrozenModel | None = None, adapters: list[str | 
 
 def evaluate_config(config: EvalConfig) -> dict:
     """`evaluate` for a ready EvalConfig."""
+    # what the flags alone can get wrong fails before the model loads (seconds)
+    choices = parse_words(config.choices, "--choices", minimum=2)
+    Fields.parse(config.fields)
+    if config.template:
+        Template(config.template)
     base = config.model if isinstance(config.model, FrozenModel) else load_base(
         config.model, device=config.device, dtype=config.dtype)
     adapters = {str(path): load_adapter(path, base) for path in config.adapters}
-    choices = parse_words(config.choices, "--choices", minimum=2)
     notes, choices_from = [], "--choices" if choices else None
     records, skipped = _records(config, choices, adapters)
     if not choices:

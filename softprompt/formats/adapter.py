@@ -45,13 +45,19 @@ PEFT_VERSION = "0.21.2"
 # Anything larger is a corrupt or hand-made file, which would only produce garbage (or inf after the first norm).
 MAX_ABS_VALUE = 1e4
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# A letter or digit, then letters, digits, '.', '_', '-' with no '..'; written without look-arounds so that the
+# server's published JSON Schema (serve/schemas.py) states the same rule.
+NAME_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$"
+NAME_MAX = 64
+SIZE_FIELDS = ("num_layers", "token_dim")  # sizes in adapter_config.json that shape the tensor (two negatives
+                                          # would multiply to a plausible prefix width)
+NAME_RE = re.compile(NAME_PATTERN)
 
 
 def check_adapter_name(name: object) -> str:
     """Return `name` if it can name an adapter (a folder under an adapters directory, a served model name), else
     raise ValueError. One rule for batch files and the server."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or len(name) > NAME_MAX or not NAME_RE.fullmatch(name):
         raise ValueError(f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
                          "letter or digit (no '/', no '..', not an absolute path)")
     return name
@@ -200,6 +206,11 @@ def load_adapter(path: str | Path, base=None) -> Adapter:
                            "; a causal LM adapter has 1")
     if config.get("task_type") not in (None, "CAUSAL_LM"):
         raise AdapterError(f"{config_path}: task_type is {config.get('task_type')!r}; expected CAUSAL_LM")
+    for key in SIZE_FIELDS:
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise AdapterError(f"{config_path}: field {key!r} must be a positive integer (or null), got "
+                               f"{_short(value)}")
     if not weights_path.is_file():
         if (path / "adapter_model.bin").is_file():
             raise AdapterError(f"{path}: only adapter_model.bin (pickle) found; softprompt reads safetensors only")

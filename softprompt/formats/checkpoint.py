@@ -10,7 +10,9 @@ Layout of an output folder:
 
 A checkpoint is assembled in a hidden staging folder and renamed into place in one step (folders.replace_folder),
 so a reader sees either the previous complete checkpoint or the new complete one. Older checkpoints are removed only
-after that. No pickle: tensors go to safetensors, everything else to JSON.
+after that. No pickle: tensors go to safetensors, everything else to JSON. A process killed while writing leaves its
+hidden staging folders behind; `clean_staging(OUT)`, run when training starts or resumes, removes them (and puts
+back a folder that was moved aside to be replaced, if its replacement never arrived).
 
 The checksums catch what the rename cannot: a file damaged after it was written (a full disk, a bad copy, a
 truncated sync). `resolve_resume(OUT)` takes the newest checkpoint that verifies, naming on stderr each one it skips;
@@ -43,6 +45,13 @@ CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 MANIFEST_FORMAT = 1
 REQUIRED = (STATE_JSON, STATE_TENSORS, CONFIG_FILE, WEIGHTS_FILE)  # files every checkpoint has
+FINAL_STAGING = ".staging-final"
+# The hidden folders this module and save_adapter (tempfile.mkdtemp names: ".NAME-" + 8 of [a-z0-9_]) write while
+# assembling: OUT/checkpoints/.staging-step-N and its ..staging-step-N-xxxxxxxx, OUT/.staging-final and its
+# ..staging-final-xxxxxxxx, OUT/.best-xxxxxxxx.
+STAGING = {CHECKPOINTS: re.compile(r"^\.(?:\.)?staging-step-\d+(?:-[a-z0-9_]{8})?$"),
+           ".": re.compile(r"^(?:\.(?:\.)?staging-final(?:-[a-z0-9_]{8})?|\.best-[a-z0-9_]{8})$")}
+MOVED_ASIDE = {CHECKPOINTS: re.compile(r"^\.(step-\d+)\.old$"), ".": re.compile(r"^\.(best)\.old$")}
 
 
 class CheckpointError(RuntimeError):
@@ -116,6 +125,29 @@ def save_checkpoint(out_dir: str | Path, step: int, embeddings: torch.Tensor, ba
         for old in list_checkpoints(out_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def clean_staging(out_dir: str | Path) -> list[Path]:
+    """Remove the staging folders a killed run left in OUT and OUT/checkpoints (only the hidden names this module
+    writes, only real folders, never a symlink); a folder moved aside to be replaced (".step-N.old", ".best.old")
+    is put back when its replacement is missing, else removed. Returns what was removed or put back."""
+    out_dir, changed = Path(out_dir), []
+    for sub in (CHECKPOINTS, "."):
+        folder = out_dir / sub
+        if not folder.is_dir():
+            continue
+        for entry in sorted(folder.iterdir()):
+            if entry.is_symlink() or not entry.is_dir():
+                continue
+            aside = MOVED_ASIDE[sub].match(entry.name)
+            if aside and not (folder / aside.group(1)).exists():
+                os.replace(entry, folder / aside.group(1))  # the replacement never arrived: this one is current
+            elif aside or STAGING[sub].match(entry.name):
+                shutil.rmtree(entry)
+            else:
+                continue
+            changed.append(entry)
+    return changed
 
 
 def _sha256(path: Path) -> str:
@@ -260,7 +292,7 @@ def load_checkpoint(folder: str | Path, verify: bool = True) -> tuple[dict[str, 
 def write_adapter_into(out_dir: str | Path, embeddings: torch.Tensor, base, adapter_kwargs: dict) -> Path:
     """Write the adapter files into an existing folder (which also holds checkpoints), each file atomically."""
     out_dir = Path(out_dir)
-    staging = out_dir / ".staging-final"
+    staging = out_dir / FINAL_STAGING
     if staging.exists():
         shutil.rmtree(staging)
     save_adapter(staging, embeddings, base, **adapter_kwargs)  # fsync'ed by replace_folder

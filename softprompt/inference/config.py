@@ -80,8 +80,10 @@ class GenerateConfig(BatchOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if (self.batch is None) == (self.instruction is None):
-            raise ValueError("give either an INSTRUCTION or --batch FILE.jsonl (not both)")
+        if self.batch is not None and self.instruction is not None:
+            raise ValueError("give either an INSTRUCTION or --batch FILE.jsonl, not both")
+        if self.batch is None and self.instruction is None:
+            raise ValueError("nothing to answer: give an INSTRUCTION or --batch FILE.jsonl")
         if self.batch is None and (self.out or self.adapters_dir):
             raise ValueError("--out and --adapters-dir go with --batch")
 

@@ -104,6 +104,8 @@ def read_batch(path: str | Path) -> list[dict]:
         check_record(record, where)
         record["_where"] = where
         records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no records (the file is empty or holds only blank lines)")
     return records
 
 

@@ -28,14 +28,16 @@ import contextlib
 import hmac
 import json
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 
 from softprompt.data.templates import Template
+from softprompt.formats.adapter import NAME_MAX, NAME_PATTERN
 from softprompt.serve.config import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_PREFIX_CACHE_MB
 from softprompt.serve.registry import BASE_NAME, RegistryError, validate_name
 from softprompt.serve.schemas import (AdapterAdd, APIError)
@@ -101,9 +103,12 @@ def create_app(base, adapters_dir=None, *, template: Template | None = None, max
         app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type"])
 
-    app.include_router(_model_routes(state))
-    app.include_router(_generation_routes(state, max_request_bytes))
-    app.include_router(_admin_routes(state, max_request_bytes), dependencies=[Depends(require_admin)])
+    routers = [_model_routes(state), _generation_routes(state, max_request_bytes),
+               _admin_routes(state, max_request_bytes)]
+    app.include_router(routers[0])
+    app.include_router(routers[1])
+    app.include_router(routers[2], dependencies=[Depends(require_admin)])
+    app.state.routers = routers  # for the Allow header of a 405 (allowed_methods)
     return app
 
 
@@ -194,7 +199,7 @@ def _admin_routes(state: ServerState, max_request_bytes: int) -> APIRouter:
     @router.delete("/v1/adapters/{name}",
                 responses={200: json_response("AdapterDeleted", "the adapter is no longer served"),
                            **error_responses(400, 401, 403, 404, 409, 421)})
-    async def remove_adapter(name: str):
+    async def remove_adapter(name: str = Path(json_schema_extra={"pattern": NAME_PATTERN, "maxLength": NAME_MAX})):
         if name != BASE_NAME:
             validate_name(name)
         await in_thread(state.registry.remove, name)
@@ -207,6 +212,16 @@ def _admin_routes(state: ServerState, max_request_bytes: int) -> APIRouter:
         return await in_thread(state.registry.rescan)
 
     return router
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method some endpoint of `app` takes at `path` (for the Allow header of a 405)."""
+    methods = set()
+    for router in app.state.routers:
+        for route in router.routes:
+            if route.path_regex.match(path):
+                methods |= set(route.methods)
+    return sorted(methods)
 
 
 class ErrorJSON(JSONResponse):
@@ -236,7 +251,17 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, err: StarletteHTTPException):
-        return _error_response(APIError(err.status_code, str(err.detail), headers=getattr(err, "headers", None)))
+        headers = getattr(err, "headers", None)
+        if err.status_code == 405:  # Starlette names only the first route of the path; list every method it takes
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(app, request.url.path))}
+        return _error_response(APIError(err.status_code, str(err.detail), headers=headers))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request, err: ClientDisconnect):
+        # the client closed the connection before sending its whole body: nobody is left to answer, and it is
+        # not the server's failure (no traceback in the log)
+        return _error_response(APIError(400, "The client closed the connection before sending the whole body.",
+                                        code="client_disconnected"))
 
     @app.exception_handler(Exception)
     async def internal(request, err: Exception):

@@ -7,8 +7,15 @@ accepted only at their neutral value; anything else is a 400 naming the field, n
 are 400s too, except a few purely informational ones clients send (user, metadata, store).
 
 Types are strict: `max_tokens: "4"` or `max_tokens: true` is a 400, not 4 or 1 (an integer is accepted where a
-number is expected). Every string in a body must be valid Unicode (a lone UTF-16 surrogate such as "\\ud800" is a
-400 naming the field), and bodies nest at most MAX_JSON_DEPTH levels (`decode_body`).
+number is expected, and, as in JSON Schema, a number without a fractional part such as 4.0 is an integer). Every
+string in a body must be valid Unicode (a lone UTF-16 surrogate such as "\\ud800" is a 400 naming the field), and
+bodies nest at most MAX_JSON_DEPTH levels (`decode_body`).
+
+The published schema states every rule these models check (`json_schema_extra` next to each check: patterns, empty
+lists, "at most one of", "only with"), so a body valid by /openapi.json is never a 400 for its shape, and an invalid
+one always is (tests/test_serve_schema_agree.py). Beyond JSON Schema, and said in the descriptions: the Unicode and
+depth rules above, best_of >= n, and no best_of > n with stream. What depends on the served model (its name, the
+vocabulary, the context, --max-tokens-cap, the queue) is checked afterwards.
 
 Sampling is kept numerically safe in float32: a temperature below TEMPERATURE_EPSILON means greedy decoding (as 0
 does), and a top_p below TOP_P_EPSILON keeps only the most likely token (`sampling()`).
@@ -21,9 +28,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from softprompt.formats.adapter import NAME_MAX, NAME_PATTERN
 
 MAX_STOP = 16
 MAX_JSON_DEPTH = 32           # levels of nested objects/arrays a request body may have
@@ -36,6 +46,7 @@ MAX_LOGPROBS = 20             # top alternatives per token (vLLM's default max_l
 PENALTY_MAX = 2.0             # |presence_penalty|, |frequency_penalty| (OpenAI's range)
 LOGIT_BIAS_MAX = 100.0        # |bias| per token (OpenAI's range)
 MAX_LOGIT_BIAS = 1024         # entries in logit_bias
+TOKEN_KEY_PATTERN = r"^[0-9]{1,12}$"  # a logit_bias key: a token id written as a string
 
 
 class APIError(Exception):
@@ -51,13 +62,44 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def nullable(schema: dict) -> dict:
+    """json_schema_extra for an optional field: its whole published schema is `schema` or null."""
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def only_with(field: str, when: dict, other: str, value) -> dict:
+    """A JSON Schema rule: when `field` is present and matches `when`, `other` must be present and equal `value`."""
+    return {"if": {"required": [field], "properties": {field: when}},
+            "then": {"required": [other], "properties": {other: {"const": value}}}}
+
+
+def with_rules(*rules: dict):
+    """A model's json_schema_extra adding `rules` (e.g. only_with) to its published schema, under allOf."""
+    def extra(schema: dict) -> None:
+        schema.setdefault("allOf", []).extend(rules)
+    return extra
+
+
+def non_empty_lists(schema: dict) -> None:
+    """json_schema_extra publishing that a list field (or a list branch of a union) may not be empty."""
+    for branch in schema.get("anyOf", [schema]):
+        if branch.get("type") == "array":
+            branch["minItems"] = 1
+
+
+TEXT_PART = {"type": "object", "required": ["type", "text"],
+             "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=with_rules(
+        only_with("stream_options", {"type": "object"}, "stream", True)))
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -66,7 +108,8 @@ class _Common(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False,
                          description=f"below {TOP_P_EPSILON}: only the most likely token")
     top_k: int = Field(default=0, ge=0, le=TOP_K_MAX, description="0 = off (not OpenAI's; vLLM's)")
-    stop: Union[str, list[str], None] = None
+    stop: Union[str, list[str], None] = Field(default=None, json_schema_extra={"anyOf": [
+        {"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP}, {"type": "null"}]})
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -78,12 +121,16 @@ class _Common(BaseModel):
                                                  "from its logit")
     logit_bias: dict[str, float] | None = Field(
         default=None, description=f"token id (as a string) -> bias added to its logit, in [-{LOGIT_BIAS_MAX:g}, "
-                                  f"{LOGIT_BIAS_MAX:g}]; at most {MAX_LOGIT_BIAS} entries")
+                                  f"{LOGIT_BIAS_MAX:g}]; at most {MAX_LOGIT_BIAS} entries",
+        json_schema_extra=nullable({"type": "object", "propertyNames": {"pattern": TOKEN_KEY_PATTERN},
+                                    "maxProperties": MAX_LOGIT_BIAS, "additionalProperties": {
+                                        "type": "number", "minimum": -LOGIT_BIAS_MAX, "maximum": LOGIT_BIAS_MAX}}))
     user: str | None = None
     metadata: dict[str, Any] | None = None
     store: bool | None = None
 
     def stop_list(self) -> list[str]:
+        """The non-empty stop strings (an empty one stops nothing)."""
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return [s for s in stops if s]
 
@@ -102,13 +149,13 @@ class _Common(BaseModel):
 
     @model_validator(mode="after")
     def _supported(self):
-        if len(self.stop_list()) > MAX_STOP:
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
             raise ValueError(f"stop: at most {MAX_STOP} stop strings are supported")
         if self.logit_bias:
             if len(self.logit_bias) > MAX_LOGIT_BIAS:
                 raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} entries are supported")
             for key, value in self.logit_bias.items():
-                if not (key.isascii() and key.isdigit()) or len(key) > 12:
+                if not re.fullmatch(TOKEN_KEY_PATTERN, key):
                     raise ValueError(f"logit_bias: keys are token ids written as strings (e.g. \"50256\"), got "
                                      f"{key[:20]!r}")
                 if not math.isfinite(value) or abs(value) > LOGIT_BIAS_MAX:
@@ -121,10 +168,18 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     """POST /v1/completions: `prompt` is raw text placed right after the soft prompt (no template is applied), or
-    token ids; a list of texts or of token-id lists gives several prompts (`n` choices each, in order)."""
+    token ids; a list of texts or of token-id lists gives several prompts (`n` choices each, in order).
+    best_of must be >= n, and above n it cannot be combined with stream."""
+
+    model_config = ConfigDict(json_schema_extra=with_rules(
+        only_with("stream_options", {"type": "object"}, "stream", True),
+        only_with("max_tokens", {"const": 0}, "echo", True)))
 
     prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
-        description="a text, a list of texts, a list of token ids, or a list of token-id lists")
+        description="a text, a list of texts, a list of token ids, or a list of token-id lists (none empty)",
+        json_schema_extra={"anyOf": [{"type": "string", "minLength": 1},
+                                     {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                                     TOKEN_IDS, {"type": "array", "minItems": 1, "items": TOKEN_IDS}]})
     max_tokens: int | None = Field(default=None, ge=0, description="0 only with echo (score the prompt)")
     echo: bool = Field(default=False, description="return the prompt before the completion (with logprobs: the "
                                                    "prompt tokens' log-probabilities too, the first one null)")
@@ -134,7 +189,8 @@ class CompletionRequest(_Common):
     best_of: int | None = Field(default=None, ge=1, le=MAX_N,
                                 description="sample best_of completions per prompt, return the n with the highest "
                                             "sum of token log-probabilities")
-    suffix: str | None = None
+    suffix: str | None = Field(default=None, description="not supported: only null or \"\"",
+                               json_schema_extra=nullable({"type": "string", "maxLength": 0}))
 
     @model_validator(mode="after")
     def _completion_supported(self):
@@ -172,7 +228,9 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[dict], None] = None
+    content: Union[str, list[dict], None] = Field(
+        default=None, description="a text, or a list of text parts", json_schema_extra={"anyOf": [
+            {"type": "string"}, {"type": "array", "items": TEXT_PART}, {"type": "null"}]})
 
     def text(self) -> str:
         """The message's text; content parts other than text are refused."""
@@ -191,15 +249,23 @@ class ChatRequest(_Common):
     """POST /v1/chat/completions: the conversation is formatted with the adapter's template.chat_prompt, exactly
     as `softprompt generate` formats it."""
 
+    model_config = ConfigDict(json_schema_extra=with_rules(
+        only_with("stream_options", {"type": "object"}, "stream", True),
+        only_with("top_logprobs", {"type": "integer"}, "logprobs", True)))
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = Field(default=False, description="log-probability of each generated token (the model's raw "
                                                        "distribution)")
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,
                                      description="with logprobs: the N most likely tokens at each place")
-    tools: list | None = None
-    tool_choice: Any = None
-    response_format: dict | None = None
+    tools: list | None = Field(default=None, description="not supported: only null or []",
+                               json_schema_extra=nullable({"type": "array", "maxItems": 0}))
+    tool_choice: Any = Field(default=None, description="not supported (there are no tools): only null",
+                             json_schema_extra={"type": "null"})
+    response_format: dict | None = Field(
+        default=None, description="only type 'text'",
+        json_schema_extra=nullable({"type": "object", "properties": {"type": {"enum": ["text", None]}}}))
 
     @model_validator(mode="after")
     def _chat_supported(self):
@@ -207,6 +273,8 @@ class ChatRequest(_Common):
             raise ValueError("top_logprobs: requires logprobs to be true")
         if self.tools:
             raise ValueError("tools: not supported")
+        if self.tool_choice is not None:
+            raise ValueError("tool_choice: not supported (tools are not supported)")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
             raise ValueError("response_format: only type 'text' is supported")
         return self
@@ -225,7 +293,8 @@ class AdapterAdd(BaseModel):
     """POST /v1/adapters: serve the folder `path` (relative to the adapters folder; default: `name`) as `name`."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    name: str
+    name: str = Field(description="1-64 letters, digits, '.', '_' or '-', starting with a letter or digit, no '..'",
+                      json_schema_extra={"pattern": NAME_PATTERN, "maxLength": NAME_MAX})
     path: str | None = None
     replace: bool = False
 
@@ -267,12 +336,19 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _json_number(text: str) -> int | float:
+    """A JSON number with a fraction or exponent: an int when it has no fractional part (4.0, 1e3), as JSON Schema
+    counts it an integer, so /openapi.json's "integer" fields and the server agree."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
 def decode_body(raw: bytes) -> dict:
     """Parse a request body into a JSON object, or raise a 400 APIError: malformed JSON (incl. NaN/Infinity),
     invalid UTF-8, nesting deeper than MAX_JSON_DEPTH, or a string (value or key) that is not valid Unicode (a lone
     surrogate, which no tokenizer can take), naming the field."""
     try:
-        data = json.loads(raw, parse_constant=_reject_constant)
+        data = json.loads(raw, parse_constant=_reject_constant, parse_float=_json_number)
     except RecursionError:
         raise APIError(400, f"The request body is nested too deeply (at most {MAX_JSON_DEPTH} levels).",
                        code="invalid_json") from None
@@ -515,10 +591,12 @@ class TokenizeRequest(BaseModel):
     """POST /tokenize (vLLM's endpoint): the token ids of `prompt`, or of `messages` formatted with the model's
     template (exactly what /v1/chat/completions would run); virtual tokens are not included."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"oneOf": [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}}}]})
     model: str
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    prompt: str | None = Field(default=None, description="give exactly one of prompt or messages")
+    messages: list[ChatMessage] | None = Field(default=None, json_schema_extra=non_empty_lists)
     add_special_tokens: bool = Field(default=False, description="add the tokenizer's special tokens (e.g. BOS); "
                                                                 "the completions endpoint never adds them")
 
@@ -536,7 +614,7 @@ class DetokenizeRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     model: str
-    tokens: list[int]
+    tokens: list[int] = Field(json_schema_extra={"items": {"type": "integer", "minimum": 0}})
 
 
 class TokenizeResponse(BaseModel):

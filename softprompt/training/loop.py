@@ -208,6 +208,8 @@ def _setup(config: TrainConfig) -> Run:
     state = TrainState(best_eval_loss=None, best_step=None, bad_evals=0, tokens=0, records=len(examples),
                        step_records=step_records, seed=config.seed)
     start = 0
+    if accelerator.is_main_process:
+        checkpoint.clean_staging(config.out)  # what a run killed while writing left behind
     if config.resume:
         start, state = _resume(config, prompt, optimizer, state)
     run = Run(config=config, accelerator=accelerator, base=base, out=Path(config.out), examples=examples,
