@@ -116,16 +116,34 @@ def as_virtual(prompt: "torch.Tensor | Virtual | None") -> "Virtual | None":
 
 
 def prefix_layout(model) -> tuple[int, int, int]:
-    """(layers, kv_heads, head_dim) of a prefix for a model (or its transformers config), as PEFT 0.21 sizes it
-    (utils/other.py, _prepare_prompt_learning_config): grouped-query models get num_key_value_heads x head_dim per
-    layer."""
+    """(layers, kv_heads, head_dim) of a prefix for a model (or its transformers config), as PEFT 0.21 sizes it from
+    the config's fields (utils/other.py, _prepare_prompt_learning_config): hidden size / heads under GPT-2's, OPT's
+    or NeoX's names; on models with num_key_value_heads, kv_heads x head_dim, where head_dim is the config's own
+    (Qwen3, Gemma) and, for models whose layers differ, the largest layer's (global_head_dim, per_layer_config)."""
     config = getattr(model, "config", model)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = config.num_hidden_layers
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    fields = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    fields = fields.get("text_config") or fields
+    layers = getattr(config, "num_hidden_layers", None) or _first(fields, "num_hidden_layers", "num_layers", "n_layer")
+    width = _first(fields, "hidden_size", "n_embd", "d_model")
+    heads = _first(fields, "num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
+    if "num_key_value_heads" not in fields:
+        return layers, heads, width // heads
+    kv_heads = fields["num_key_value_heads"]
+    if fields.get("global_head_dim") is not None:
+        return layers, fields.get("num_global_key_value_heads") or kv_heads, fields["global_head_dim"]
+    head_dim = fields.get("head_dim") or width // heads
+    for layer in (fields.get("per_layer_config") or {}).values():  # the largest layer's key/value shape
+        if layer.get("head_dim", head_dim) > head_dim:
+            head_dim, kv_heads = layer["head_dim"], layer.get("num_key_value_heads", fields["num_key_value_heads"])
     return layers, kv_heads, head_dim
+
+
+def _first(fields: dict, *names: str):
+    """The value of the first of `names` a config dict has (transformers families name the same size differently)."""
+    for name in names:
+        if fields.get(name) is not None:
+            return fields[name]
+    raise ValueError(f"the model config has none of the fields {', '.join(names)}")
 
 
 def prefix_width(model) -> int:
