@@ -283,7 +283,8 @@ def check_family(model: torch.nn.Module) -> None:
         raise UnsupportedModelError(f"{name} cannot be used: it exposes no input embedding matrix "
                                     "(get_input_embeddings), which soft prompts live in")
     params = inspect.signature(model.base_model.forward).parameters
-    needs = {"inputs_embeds": "input embeddings (inputs_embeds)", "position_ids": "explicit position ids (position_ids)"}
+    needs = {"inputs_embeds": "input embeddings (inputs_embeds)",
+             "position_ids": "explicit position ids (position_ids)"}
     for arg, what in needs.items():
         if arg not in params:
             raise UnsupportedModelError(f"{name} cannot be used: its forward takes no {what}, which every "

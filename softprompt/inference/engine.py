@@ -6,11 +6,11 @@ laid out as
     [left pads | that row's cached soft-prompt KV | prompt tokens | generated tokens]
 
 with a key mask [B, T] marking real entries (a row's real entries are contiguous, so sliding-window masks, which
-count distance in columns, see the keys they would see in positions). Every row has explicit position ids: virtual tokens 0..N_i-1, then its
-real text tokens N_i, N_i+1, ... (pads are never counted). Keys are stored already rotated, and masked keys have no
-effect, so a row's result does not depend on its batch-mates, on padding, or on which adapter (or none) the other
-rows use. Prompts are right-padded inside a prefill block so that no query ever sees only pads; after the prefill
-those pads move to the row's left (`right_align`).
+count distance in columns, see the keys they would see in positions). Every row has explicit position ids: virtual
+tokens 0..N_i-1, then its real text tokens N_i, N_i+1, ... (pads are never counted). Keys are stored already
+rotated, and masked keys have no effect, so a row's result does not depend on its batch-mates, on padding, or on
+which adapter (or none) the other rows use. Prompts are right-padded inside a prefill block so that no query ever
+sees only pads; after the prefill those pads move to the row's left (`right_align`).
 
 Masked keys having no effect is exact arithmetic; kernels are not. Below fp32 (bf16, fp16) the engine runs in
 row-exact mode, so that a row's logits are bit-for-bit those of the same row alone:
