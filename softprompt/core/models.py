@@ -292,6 +292,11 @@ def check_family(model: torch.nn.Module) -> None:
     if not {"past_key_values", "cache"} & set(params):
         raise UnsupportedModelError(f"{name} cannot be used: its forward takes no KV cache (past_key_values), "
                                     "which prefix tuning and cached generation need")
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(config, "hidden_size_per_layer_input", None):  # Gemma 3n, Gemma 4 E2B/E4B
+        raise UnsupportedModelError(f"{name} cannot be used: it derives per-layer inputs from the token ids "
+                                    "(hidden_size_per_layer_input), so a soft prompt, which has no token ids, cannot "
+                                    "feed it")
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
