@@ -20,7 +20,9 @@ from engine_helpers import random_adapter, reference_greedy
 from family_helpers import FAMILIES, HIDDEN, SLIDING_WINDOW, family_base, family_model, threads
 from helpers import text_logits
 from softprompt.core import forward
-from softprompt.core.models import UnsupportedModelError, check_family, cpu_has_native_bf16, load_base
+from softprompt.core.prompt import build_prompt
+from softprompt.core.models import (FrozenModel, UnsupportedModelError, check_family, cpu_has_native_bf16, freeze,
+                                    load_base)
 from softprompt.data.templates import encode_text
 from softprompt.formats.adapter import Adapter, load_adapter
 from softprompt.inference.engine import DecodeBatch, Engine, GenerationRequest
@@ -235,3 +237,33 @@ def test_a_model_without_a_kv_cache_is_refused():
     assert str(err.value) == ("NoCacheForCausalLM cannot be used: its forward takes no KV cache (past_key_values), "
                               "which prefix tuning and cached generation need")
     check_family(LlamaForCausalLM(LlamaConfig(**small_llama())))  # a usable model passes
+
+
+GEMMA4 = dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1, head_dim=8, global_head_dim=16, vocab_size_per_layer_input=40,
+              layer_types=["sliding_attention", "full_attention"])
+
+
+def test_a_model_that_derives_inputs_from_token_ids_is_refused():
+    config = AutoConfig.for_model("gemma4_text", **GEMMA4, hidden_size_per_layer_input=4)
+    with pytest.raises(UnsupportedModelError) as err:
+        check_family(AutoModelForCausalLM.from_config(config))
+    assert str(err.value) == ("Gemma4ForCausalLM cannot be used: it derives per-layer inputs from the token ids "
+                              "(hidden_size_per_layer_input), so a soft prompt, which has no token ids, cannot feed it")
+
+
+def test_a_prefix_for_layers_of_different_shapes_is_refused():
+    """Prompt tuning runs on such a model; a prefix (one shape for every layer) is refused in one line."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("gemma4_text", **GEMMA4, hidden_size_per_layer_input=0)
+    base = FrozenModel(freeze(AutoModelForCausalLM.from_config(config)), family_model("llama")[1], "tiny-gemma4")
+    message = ("prefix tuning cannot run on Gemma4ForCausalLM: its layers' keys/values differ in shape (kv heads x "
+               "head dim: 1 x 8, 1 x 16) and a prefix gives every layer one shape; use --method prompt or ptuning")
+    with pytest.raises(ValueError) as err:
+        build_prompt(base, "prefix", "random", 2)
+    assert str(err.value) == message
+    with pytest.raises(ValueError) as err:
+        forward.prefix_kv(base.model, torch.zeros(2, forward.prefix_width(base.model)))
+    assert str(err.value) == message
+    kv, _ = forward.prompt_kv(base.model, build_prompt(base, "prompt", "random", 2)().detach())
+    assert [k.shape[-1] for k, _ in kv] == [8, 16]
