@@ -179,7 +179,7 @@ def test_a_model_without_sdpa_falls_back_to_eager_with_a_notice(tmp_path, capsys
     base = family_base("gemma2", tmp_path)
     assert base.model.config._attn_implementation == "eager"
     notice = ("softprompt: Gemma2ForCausalLM has no SDPA attention in this transformers; using eager attention "
-              "(slower; generation below fp32 is not batch-invariant with it)")
+              "(slower; below fp32 a generated row may depend on its batch-mates)")
     assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("softprompt")] == [notice]
 
 

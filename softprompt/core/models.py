@@ -266,7 +266,7 @@ def _from_pretrained(auto, path: str, dtype: torch.dtype, attn_implementation: s
             raise
         name = str(err).split(" ", 1)[0]
         print(f"softprompt: {name} has no SDPA attention in this transformers; using eager attention (slower; "
-              "generation below fp32 is not batch-invariant with it)", file=sys.stderr, flush=True)
+              "below fp32 a generated row may depend on its batch-mates)", file=sys.stderr, flush=True)
         return auto.from_pretrained(path, **{**kwargs, "attn_implementation": "eager"})
 
 
