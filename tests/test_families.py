@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from engine_helpers import random_adapter, reference_greedy
 from family_helpers import FAMILIES, HIDDEN, SLIDING_WINDOW, family_base, family_model, threads
 from helpers import text_logits
+from softprompt.cli import main
 from softprompt.core import forward
 from softprompt.core.prompt import build_prompt
 from softprompt.core.models import (FrozenModel, UnsupportedModelError, check_family, cpu_has_native_bf16, freeze,
@@ -219,16 +220,20 @@ def small_llama() -> dict:
     return dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
 
 
-def test_a_model_without_input_embeddings_is_refused_at_load(tmp_path):
+def test_a_model_without_input_embeddings_is_refused_at_load(tmp_path, capsys):
     AutoConfig.register(NoEmbedsConfig.model_type, NoEmbedsConfig, exist_ok=True)
     AutoModelForCausalLM.register(NoEmbedsConfig, NoEmbedsForCausalLM, exist_ok=True)
     _, tokenizer = family_model("llama")
     NoEmbedsForCausalLM(NoEmbedsConfig(**small_llama())).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
+    message = ("NoEmbedsForCausalLM cannot be used: its forward takes no input embeddings (inputs_embeds), which "
+               "every prompt-learning method feeds it")
     with pytest.raises(UnsupportedModelError) as err:
         load_base(str(tmp_path), device="cpu", dtype="float32")
-    assert str(err.value) == ("NoEmbedsForCausalLM cannot be used: its forward takes no input embeddings "
-                              "(inputs_embeds), which every prompt-learning method feeds it")
+    assert str(err.value) == message
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path), "--dtype", "float32", "hello"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"softprompt generate: error: {message}"
 
 
 def test_a_model_without_a_kv_cache_is_refused():
