@@ -9,8 +9,8 @@ saved activations). `grouped_sdpa` hands the grouped heads straight to the kerne
 transformers' own sdpa function everywhere else (CUDA, no mask, single-token decoding, position biases).
 
 Row-exact mode (`row_exact()`, used by the generation engine): attention kernels choose their blocking and
-reduction order from the key length, and a batch's key length (and where a row's keys sit in it: left pads, pads
-between prompt and generated tokens) depends on the other rows. In fp32 the resulting rounding differences are
+reduction order from the key length, and a batch's key length (and where a row's keys sit in it: left pads)
+depends on the other rows. In fp32 the resulting rounding differences are
 ~1e-7 and rarely change a token; in bf16 they flip the rounding of the bf16 output, which then grows through the
 layers and changes greedy tokens. In row-exact mode each row's attention runs on its own: its real keys and real
 queries are gathered into fresh contiguous tensors (the same tensors whether the row is alone or in any batch), with
