@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from helpers import TEST_DEVICE, tiny_tokenizer
 from softprompt.formats.adapter import Adapter
 from softprompt.inference.engine import eos_ids
-from softprompt.core.forward import lm_logits, run_body
+from softprompt.core.forward import as_virtual, lm_logits, run_body, text_hidden
 from softprompt.core.models import FrozenModel, cpu_has_native_bf16, freeze
 
 
@@ -40,17 +40,23 @@ def random_adapter(n: int, hidden: int = 32, seed: int = 0) -> Adapter:
 
 @torch.no_grad()
 def reference_greedy(base: FrozenModel, prompt: torch.Tensor | None, ids: list[int], max_new_tokens: int):
-    """Greedy decoding by re-running [soft prompt ; tokens so far] from scratch at every step (no cache).
+    """Greedy decoding by re-running [soft prompt ; tokens so far] from scratch at every step (no decode cache; a
+    prefix-tuning `Virtual` puts its keys/values under the whole text each time).
     Returns (token ids, per-step logits [steps, V])."""
     model, ids, out, logits = base.model, list(ids), [], []
     stop = eos_ids(base)
+    virtual = as_virtual(prompt)
     for _ in range(max_new_tokens):
-        embeds = model.get_input_embeddings()(torch.tensor([ids], device=base.device))
-        if prompt is not None:
-            embeds = torch.cat([prompt.to(embeds.dtype).to(base.device).unsqueeze(0), embeds], dim=1)
-        length = embeds.shape[1]
-        mask = torch.ones(1, length, dtype=torch.long, device=base.device)
-        hidden, _ = run_body(model, embeds, mask, torch.arange(length, device=base.device).unsqueeze(0))
+        tokens = torch.tensor([ids], device=base.device)
+        if virtual is not None and not virtual.embeds_input:  # a prefix: its keys/values under the whole text
+            hidden, _ = text_hidden(model, virtual, tokens, torch.ones_like(tokens))
+        else:
+            embeds = model.get_input_embeddings()(tokens)
+            if virtual is not None:
+                embeds = torch.cat([virtual.tensor.to(embeds.dtype).to(base.device).unsqueeze(0), embeds], dim=1)
+            length = embeds.shape[1]
+            mask = torch.ones(1, length, dtype=torch.long, device=base.device)
+            hidden, _ = run_body(model, embeds, mask, torch.arange(length, device=base.device).unsqueeze(0))
         step = lm_logits(model, hidden[:, -1])[0]
         token = int(step.argmax())
         out.append(token)

@@ -9,12 +9,13 @@ saved activations). `grouped_sdpa` hands the grouped heads straight to the kerne
 transformers' own sdpa function everywhere else (CUDA, no mask, single-token decoding, position biases).
 
 Row-exact mode (`row_exact()`, used by the generation engine): attention kernels choose their blocking and
-reduction order from the key length, and a batch's key length (and where a row's keys sit in it: left pads, pads
-between prompt and generated tokens) depends on the other rows. In fp32 the resulting rounding differences are
+reduction order from the key length, and a batch's key length (and where a row's keys sit in it: left pads)
+depends on the other rows. In fp32 the resulting rounding differences are
 ~1e-7 and rarely change a token; in bf16 they flip the rounding of the bf16 output, which then grows through the
 layers and changes greedy tokens. In row-exact mode each row's attention runs on its own: its real keys and real
 queries are gathered into fresh contiguous tensors (the same tensors whether the row is alone or in any batch), with
-the row's own slice of the mask, so the kernel sees identical inputs and returns identical outputs. Rows at or past
+the row's own slice of the mask (a sliding window's too: the engine keeps a row's keys contiguous, so the slice is
+the same in any batch), so the kernel sees identical inputs and returns identical outputs. Rows at or past
 `live` (ghost rows the engine adds to keep matrix products off the one-row path) are skipped.
 
 `use_grouped_sdpa(model)` registers it (with sdpa's mask builder) under NAME and switches a loaded model to it.
@@ -73,7 +74,7 @@ def _row_plan(state: _RowExact, attention_mask: torch.Tensor | None, batch: int,
         else:
             row = attention_mask[b, 0] if attention_mask.shape[0] > 1 else attention_mask[0, 0]
             row = row if row.dtype == torch.bool else row == 0
-            keys = row[-1].nonzero().flatten()  # the last query sees every real key (causal: it comes last)
+            keys = row.any(0).nonzero().flatten()  # every key some query sees (a sliding window hides early ones)
             mask = row.index_select(1, keys)
         queries = keys[keys >= k_len - q_len] - (k_len - q_len)  # the new tokens' own keys are the last q_len
         mask = mask.index_select(0, queries)
@@ -100,7 +101,7 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
     """transformers attention-function signature: query [B, heads, Lq, D], key/value [B, kv_heads, Lk, D]."""
     state = _ROW_EXACT.get()
     if (state is not None and query.device.type == "cpu" and not dropout and kwargs.get("position_bias") is None
-            and kwargs.get("softcap") is None and kwargs.get("sliding_window") is None):
+            and kwargs.get("softcap") is None):
         return _row_exact_sdpa(state, module, query, key, value, attention_mask, scaling), None
     groups = getattr(module, "num_key_value_groups", 1)
     if (query.device.type != "cpu" or groups == 1 or attention_mask is None or query.shape[2] == 1

@@ -116,16 +116,59 @@ def as_virtual(prompt: "torch.Tensor | Virtual | None") -> "Virtual | None":
 
 
 def prefix_layout(model) -> tuple[int, int, int]:
-    """(layers, kv_heads, head_dim) of a prefix for a model (or its transformers config), as PEFT 0.21 sizes it
-    (utils/other.py, _prepare_prompt_learning_config): grouped-query models get num_key_value_heads x head_dim per
-    layer."""
+    """(layers, kv_heads, head_dim) of a prefix for a model (or its transformers config), as PEFT 0.21 sizes it from
+    the config's fields (utils/other.py, _prepare_prompt_learning_config): hidden size / heads under GPT-2's, OPT's
+    or NeoX's names; on models with num_key_value_heads, kv_heads x head_dim, where head_dim is the config's own
+    (Qwen3, Gemma) and, for models whose layers differ, the largest layer's (global_head_dim, per_layer_config)."""
     config = getattr(model, "config", model)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = config.num_hidden_layers
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    fields = _config_fields(model)
+    layers = getattr(config, "num_hidden_layers", None) or _first(fields, "num_hidden_layers", "num_layers", "n_layer")
+    width = _first(fields, "hidden_size", "n_embd", "d_model")
+    heads = _first(fields, "num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
+    if "num_key_value_heads" not in fields:
+        return layers, heads, width // heads
+    kv_heads = fields["num_key_value_heads"]
+    if fields.get("global_head_dim") is not None:
+        return layers, fields.get("num_global_key_value_heads") or kv_heads, fields["global_head_dim"]
+    head_dim = fields.get("head_dim") or width // heads
+    for layer in (fields.get("per_layer_config") or {}).values():  # the largest layer's key/value shape
+        if layer.get("head_dim", head_dim) > head_dim:
+            head_dim, kv_heads = layer["head_dim"], layer.get("num_key_value_heads", fields["num_key_value_heads"])
     return layers, kv_heads, head_dim
+
+
+def _config_fields(model) -> dict:
+    config = getattr(model, "config", model)
+    fields = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    return fields.get("text_config") or fields
+
+
+def check_prefix_fits(model) -> None:
+    """Refuse a prefix for a model whose layers' keys/values differ in shape (e.g. Gemma 4's global layers, with
+    larger heads than its sliding ones): a prefix gives every layer the one shape PEFT sizes (the largest)."""
+    fields = _config_fields(model)
+    layers, kv_heads, head_dim = prefix_layout(model)
+    if "num_key_value_heads" not in fields:
+        return
+    base = (fields["num_key_value_heads"], fields.get("head_dim") or head_dim)
+    per = {str(k): v for k, v in (fields.get("per_layer_config") or {}).items()}
+    shapes = {(per.get(str(i), {}).get("num_key_value_heads", base[0]), per.get(str(i), {}).get("head_dim", base[1]))
+              for i in range(layers)}
+    if fields.get("global_head_dim") is not None:
+        shapes |= {base, (kv_heads, head_dim)}
+    if len(shapes) > 1:
+        described = ", ".join(f"{k} x {d}" for k, d in sorted(shapes))
+        raise ValueError(f"prefix tuning cannot run on {type(model).__name__}: its layers' keys/values differ in "
+                         f"shape (kv heads x head dim: {described}) and a prefix gives every layer one shape; "
+                         "use --method prompt or ptuning")
+
+
+def _first(fields: dict, *names: str):
+    """The value of the first of `names` a config dict has (transformers families name the same size differently)."""
+    for name in names:
+        if fields.get(name) is not None:
+            return fields[name]
+    raise ValueError(f"the model config has none of the fields {', '.join(names)}")
 
 
 def prefix_width(model) -> int:
@@ -138,6 +181,7 @@ def prefix_kv(model, flat: torch.Tensor) -> Kv:
     """Per-layer keys/values [1, kv_heads, N, head_dim] (model dtype) of a prefix [N, layers * 2 * kv_heads * head_dim].
     PEFT's layout (peft_model.get_prompt): per position, layer 0 keys, layer 0 values, layer 1 keys, ..."""
     layers, kv_heads, head_dim = prefix_layout(model)
+    check_prefix_fits(model)
     if flat.ndim != 2 or flat.shape[1] != layers * 2 * kv_heads * head_dim:
         raise ValueError(f"a prefix for this model needs shape [N, {layers * 2 * kv_heads * head_dim}] "
                          f"({layers} layers x 2 x {kv_heads} kv heads x {head_dim}), got {tuple(flat.shape)}")

@@ -10,8 +10,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import inspect
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,6 +30,10 @@ CACHE_ENV = "SOFTPROMPT_CACHE"
 
 class ModelNotFoundError(RuntimeError):
     """The requested base model cannot be found or loaded."""
+
+
+class UnsupportedModelError(ValueError):
+    """A causal LM softprompt cannot drive: its forward takes no input embeddings, no KV cache or no position ids."""
 
 
 @dataclass
@@ -232,20 +238,65 @@ def load_base(model: str | None = None, *, device: str | None = None, dtype: str
         raise ModelNotFoundError(f"model directory not found: {path}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        kwargs = {"dtype": torch_dtype}
-        if attn_implementation:
-            kwargs["attn_implementation"] = attn_implementation
-        net = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        net = _from_pretrained(AutoModelForCausalLM, path, torch_dtype, attn_implementation)
     except OSError as err:
         raise ModelNotFoundError(
             f"cannot load base model {model!r}: {err}. Pass a local model directory, a .gguf file, a hub id that is "
             "reachable (or already in the Hugging Face cache), or omit --model for the embedded default."
         ) from err
+    check_family(net)
     net.to(dev)
-    if attn_implementation == "sdpa":
+    if net.config._attn_implementation == "sdpa":
         use_grouped_sdpa(net)
     use_lean_mlp(net)
     return FrozenModel(model=freeze(net), tokenizer=prepare_tokenizer(tokenizer), name=name)
+
+
+SDPA_REFUSED = "does not support an attention implementation through torch.nn.functional.scaled_dot_product_attention"
+
+
+def _from_pretrained(auto, path: str, dtype: torch.dtype, attn_implementation: str | None):
+    """Load with the asked attention; a model class that has no SDPA path (e.g. Gemma 2 in transformers 5.24)
+    falls back to "eager" attention, with a one-line notice."""
+    kwargs = {"dtype": dtype, **({"attn_implementation": attn_implementation} if attn_implementation else {})}
+    try:
+        return auto.from_pretrained(path, **kwargs)
+    except ValueError as err:
+        if attn_implementation != "sdpa" or SDPA_REFUSED not in str(err):
+            raise
+        name = str(err).split(" ", 1)[0]
+        print(f"softprompt: {name} has no SDPA attention in this transformers; using eager attention (slower; "
+              "below fp32 a generated row may depend on its batch-mates)", file=sys.stderr, flush=True)
+        return auto.from_pretrained(path, **{**kwargs, "attn_implementation": "eager"})
+
+
+def check_family(model: torch.nn.Module) -> None:
+    """Refuse, in one line naming the model class, a causal LM softprompt cannot drive: every method feeds the
+    decoder stack input embeddings (virtual tokens), a KV cache (prefix keys/values, cached soft prompts) and
+    explicit position ids."""
+    name = type(model).__name__
+    try:
+        embeddings = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        embeddings = None
+    if getattr(embeddings, "weight", None) is None:
+        raise UnsupportedModelError(f"{name} cannot be used: it exposes no input embedding matrix "
+                                    "(get_input_embeddings), which soft prompts live in")
+    params = inspect.signature(model.base_model.forward).parameters
+    needs = {"inputs_embeds": "input embeddings (inputs_embeds)",
+             "position_ids": "explicit position ids (position_ids)"}
+    for arg, what in needs.items():
+        if arg not in params:
+            raise UnsupportedModelError(f"{name} cannot be used: its forward takes no {what}, which every "
+                                        "prompt-learning method feeds it")
+    if not {"past_key_values", "cache"} & set(params):
+        raise UnsupportedModelError(f"{name} cannot be used: its forward takes no KV cache (past_key_values), "
+                                    "which prefix tuning and cached generation need")
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(config, "hidden_size_per_layer_input", None):  # Gemma 3n, Gemma 4 E2B/E4B
+        raise UnsupportedModelError(f"{name} cannot be used: it derives per-layer inputs from the token ids "
+                                    "(hidden_size_per_layer_input), so a soft prompt, which has no token ids, cannot "
+                                    "feed it")
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from softprompt.core import ENCODER_TYPES, INIT_METHODS, METHODS
-from softprompt.core.forward import Virtual, flat_prefix, prefix_layout, prompt_kv
+from softprompt.core.forward import Virtual, check_prefix_fits, flat_prefix, prefix_layout, prompt_kv
 
 DEFAULT_INIT_TEXT = "The following is a conversation between a person and a robot."
 # Frequent tokens: BPE vocabularies assign low ids to merges seen most often, so the first ids after the special
@@ -224,6 +224,7 @@ def build_prompt(base, method: str = "prompt", init: str = "vocab", num_virtual_
         return PromptEncoder(start.embeddings, encoder_hidden_size, encoder_type, start.init, start.init_text,
                              seed).to(base.device)
     layers, kv_heads, head_dim = prefix_layout(base.model)
+    check_prefix_fits(base.model)
     width = layers * 2 * kv_heads * head_dim
     # PEFT's default encoder_hidden_size for a prefix is its token_dim, kv_heads x head_dim (recorded either way)
     encoder_hidden_size = encoder_hidden_size or kv_heads * head_dim

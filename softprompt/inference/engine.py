@@ -3,18 +3,20 @@
 A `DecodeBatch` holds the live rows of one batch. Per layer its keys/values are [B, kv_heads, T, head_dim], each row
 laid out as
 
-    [left pads | that row's cached soft-prompt KV | prompt tokens | pads | generated tokens]
+    [left pads | that row's cached soft-prompt KV | prompt tokens | generated tokens]
 
-with a key mask [B, T] marking real entries. Every row has explicit position ids: virtual tokens 0..N_i-1, then its
-real text tokens N_i, N_i+1, ... (pads are never counted). Keys are stored already rotated, and masked keys have no
-effect, so a row's result does not depend on its batch-mates, on padding, or on which adapter (or none) the other
-rows use. Prompts are right-padded inside a prefill block so that no query ever sees only pads.
+with a key mask [B, T] marking real entries (a row's real entries are contiguous, so sliding-window masks, which
+count distance in columns, see the keys they would see in positions). Every row has explicit position ids: virtual
+tokens 0..N_i-1, then its real text tokens N_i, N_i+1, ... (pads are never counted). Keys are stored already
+rotated, and masked keys have no effect, so a row's result does not depend on its batch-mates, on padding, or on
+which adapter (or none) the other rows use. Prompts are right-padded inside a prefill block so that no query ever
+sees only pads; after the prefill those pads move to the row's left (`right_align`).
 
 Masked keys having no effect is exact arithmetic; kernels are not. Below fp32 (bf16, fp16) the engine runs in
 row-exact mode, so that a row's logits are bit-for-bit those of the same row alone:
 - attention runs row by row on the row's own real keys and queries, gathered into fresh tensors (core/attention.py
   `row_exact`): SDPA's blocking and summation order follow the key length and a key's place in it, which depend on
-  the batch-mates (left pads, pads between prompt and generated tokens);
+  the batch-mates (left pads);
 - no matrix product has a single row: a one-row product takes oneDNN's one-row kernel, which sums in another order
   than the kernel for two or more rows (bf16 outputs then differ by one rounding step), and products below 16^3
   multiply-adds leave oneDNN for torch's own kernel (`min_rows`: 2 for real models, more for tiny test models). A
@@ -157,6 +159,21 @@ def min_rows(model) -> int:
     return rows
 
 
+def right_align(kv: Kv, mask: torch.Tensor, tails: torch.Tensor) -> tuple[Kv, torch.Tensor]:
+    """Move each row's `tails[b]` trailing pad columns to its left end, so that the keys generated next follow the
+    row's prompt with no gap: a sliding-window mask counts distance in columns, which then equals distance in
+    positions (keys are stored rotated, so moving them changes nothing else)."""
+    if not bool(tails.any()):
+        return kv, mask
+    width = mask.shape[1]
+    index = (torch.arange(width, device=mask.device).unsqueeze(0) - tails.view(-1, 1)) % width  # [B, T]
+
+    def move(x: torch.Tensor) -> torch.Tensor:
+        return x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+
+    return [(move(k), move(v)) for k, v in kv], mask.gather(1, index)
+
+
 class DecodeBatch:
     """Live rows of a mixed-task batch (see the module docstring for the layout).
 
@@ -293,7 +310,7 @@ class DecodeBatch:
         self._store(owners, prompts, [width - c for c in cached], kv)
         last = torch.tensor([len(r) - 1 for r in runs], device=device)
         logits = self._head(hidden[torch.arange(batch, device=device), last], batch)
-        return kv, mask, logits
+        return (*right_align(kv, mask, l_max - torch.tensor([len(r) for r in runs], device=device)), logits)
 
     def _waves(self, requests, prompts: list[list[int]]) -> list[list[int]]:
         """Row indices in prefill order. With a prefix cache, a row whose first uncached block an earlier row of
