@@ -17,6 +17,14 @@ queries are gathered into fresh contiguous tensors (the same tensors whether the
 the row's own slice of the mask, so the kernel sees identical inputs and returns identical outputs. Rows at or past
 `live` (ghost rows the engine adds to keep matrix products off the one-row path) are skipped.
 
+The kernel's result for one query also depends on how many keys the call holds, even masked ones (its reduction
+blocking follows the key length): a prompt token computed in a 40-token prefill and in a 60-token one differs in
+the last bf16 bit. `row_exact(chunk=C)` therefore runs a row's queries in chunks of C aligned to the first query,
+each over the keys up to that chunk's last query only. A query whose chunk is full then sees exactly the keys
+before the end of its chunk whatever follows it in the prompt, so the keys/values of a full C-token block depend on
+that block and the tokens before it only (what the prefix cache needs: a block stored by one prompt is bit for bit
+the block another prompt would compute).
+
 `use_grouped_sdpa(model)` registers it (with sdpa's mask builder) under NAME and switches a loaded model to it.
 """
 
@@ -38,6 +46,7 @@ NAME = "softprompt_sdpa"
 @dataclass
 class _RowExact:
     live: int | None                       # rows >= live are ghost rows (skipped); None = every row is real
+    chunk: int | None = None               # queries per call, aligned to a row's first query (None: all at once)
     mask: object = None                    # the 4-D mask the cached plan below was made from (one per forward)
     shape: tuple = ()
     plan: list = field(default_factory=list)
@@ -47,10 +56,13 @@ _ROW_EXACT: ContextVar[_RowExact | None] = ContextVar("softprompt_row_exact", de
 
 
 @contextmanager
-def row_exact(live: int | None = None):
+def row_exact(live: int | None = None, chunk: int | None = None):
     """Within this block, attention through `grouped_sdpa` is computed row by row over each row's real keys, so a
-    row's result does not depend on its batch-mates; `live`: only the first `live` rows are real."""
-    token = _ROW_EXACT.set(_RowExact(live))
+    row's result does not depend on its batch-mates; `live`: only the first `live` rows are real; `chunk`: a row's
+    queries run `chunk` at a time, each chunk over the keys up to its own last query."""
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    token = _ROW_EXACT.set(_RowExact(live, chunk))
     try:
         yield
     finally:
@@ -59,8 +71,8 @@ def row_exact(live: int | None = None):
 
 def _row_plan(state: _RowExact, attention_mask: torch.Tensor | None, batch: int, q_len: int, k_len: int,
               device: torch.device) -> list:
-    """Per real row: (row, key index, query index, query positions in the output, that row's [Lq', Lk'] mask or
-    None). Made once per forward pass (every layer shares the mask) and reused by every layer."""
+    """Per real row and query chunk: (row, key index, query index, that chunk's [Lq', Lk'] mask or None). Made once
+    per forward pass (every layer shares the mask) and reused by every layer."""
     shape = (batch, q_len, k_len)
     if state.plan and state.mask is attention_mask and state.shape == shape:
         return state.plan
@@ -77,7 +89,13 @@ def _row_plan(state: _RowExact, attention_mask: torch.Tensor | None, batch: int,
             mask = row.index_select(1, keys)
         queries = keys[keys >= k_len - q_len] - (k_len - q_len)  # the new tokens' own keys are the last q_len
         mask = mask.index_select(0, queries)
-        plan.append((b, keys, queries, None if bool(mask.all()) else mask))
+        step = state.chunk or len(queries) or 1
+        for start in range(0, len(queries), step):
+            part = mask[start:start + step]
+            seen = int(torch.searchsorted(keys, k_len - q_len + queries[min(start + step, len(queries)) - 1],
+                                          right=True))  # the keys up to the chunk's last query (its own key)
+            part = part[:, :seen]
+            plan.append((b, keys[:seen], queries[start:start + step], None if bool(part.all()) else part))
     state.mask, state.shape, state.plan = attention_mask, shape, plan
     return plan
 

@@ -24,6 +24,11 @@ row-exact mode, so that a row's logits are bit-for-bit those of the same row alo
 In fp32 the batched kernels are kept: their differences (~1e-7) are far below a token's margin in practice, but not
 bit-exact (docs/benchmarks.md, "Batch invariance in bf16", has the measurements and the cost).
 
+In row-exact mode a prefill runs each row's attention in chunks of `chunk_tokens` queries (the prefix cache's block
+size, or PREFILL_CHUNK without one), each over the keys up to the chunk's end (core/attention.py): the kernel's
+rounding follows the number of keys it is given, so this makes a full block's keys/values independent of the prompt
+that computed it and of whether the tokens before it came from the cache.
+
 With a `PrefixCache` (prefix_cache.py), a row's prompt start that an earlier request with the same adapter already
 computed is not run again: its cached keys/values follow the soft prompt's, as part of the row's front, and only the
 rest of the prompt runs, at positions N + cached, ... (at least its last token runs: its logits choose the first new
@@ -146,6 +151,10 @@ ONEDNN_MIN_WORK = 16 * 16 * 16  # torch hands a bf16 product to oneDNN only when
 # native/mkldnn/Matmul.cpp, checksize); smaller ones run torch's own kernel, which rounds differently
 
 
+PREFILL_CHUNK = 16  # queries per attention call in a row-exact prefill without a prefix cache (PrefixCache's default
+# block size, so an engine with the default cache and one without compute every prompt token alike)
+
+
 def min_rows(model) -> int:
     """The fewest rows a matrix product of this model may have in row-exact mode: 2 (oneDNN sums a one-row product in
     another order) or more where a layer is so small that fewer rows would leave oneDNN (tiny test models)."""
@@ -175,6 +184,7 @@ class DecodeBatch:
         self.prefix_cache = prefix_cache
         self.exact = self.exact if self.exact is not None else base.dtype != torch.float32
         self.min_rows = min_rows(base.model)
+        self.chunk_tokens = prefix_cache.block_tokens if prefix_cache is not None else PREFILL_CHUNK
         if self.exact and not use_grouped_sdpa(base.model):
             warnings.warn(f"{base.name}: attention {base.model.config._attn_implementation!r} is not sdpa, so the "
                           "engine cannot run it row by row: in this dtype a row's tokens may depend on its "
@@ -286,7 +296,7 @@ class DecodeBatch:
         mask = torch.cat([front_mask, block_mask], dim=1)
         offset = torch.tensor(fronts, device=device)
         embeds = model.get_input_embeddings()(ids)
-        with row_exact() if self.exact else nullcontext():
+        with row_exact(chunk=self.chunk_tokens) if self.exact else nullcontext():
             hidden, cache = run_body(model, embeds, mask, positions_from_mask(block_mask, offset),
                                      cache=make_cache(self._front_kv(requests, hits, width)), use_cache=True)
         kv = cache_tensors(cache)
