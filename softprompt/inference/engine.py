@@ -53,7 +53,7 @@ from softprompt.inference.detokenize import Detokenizer
 from softprompt.core.attention import row_exact, use_grouped_sdpa
 from softprompt.core.forward import Kv, cache_tensors, lm_logits, make_cache, positions_from_mask, run_body
 from softprompt.inference.prefix_cache import PrefixCache
-from softprompt.inference.prompt_cache import PromptCache, UnknownAdapterError
+from softprompt.inference.prompt_cache import CachedPrompt, PromptCache, UnknownAdapterError
 from softprompt.core.models import FrozenModel
 from softprompt.inference.sampling import check_params, make_generator, next_tokens
 from softprompt.data.templates import Template, encode_text
@@ -73,6 +73,8 @@ class GenerationRequest:
     stop: Sequence[str] = ()       # stop strings; generation also stops at EOS
     id: object = None              # caller's handle
     truncate: bool = False         # too long for the context: drop the prompt's left side instead of raising
+    entry: CachedPrompt | None = None  # the adapter's PromptCache entry, pinned (a server pins it when it admits
+    # the request, so a replace or removal meanwhile does not change it); None: the one loaded under `adapter`
 
 
 @dataclass(eq=False)
@@ -214,10 +216,8 @@ class DecodeBatch:
             if id(request) in live:
                 raise ValueError(f"request {request.id!r} is already in this batch")
             live.add(id(request))
-            if request.adapter not in self.prompt_cache:
-                raise UnknownAdapterError(f"request {request.id!r} names adapter {request.adapter!r}, which is not "
-                                          f"loaded (loaded: {', '.join(self.prompt_cache.names()) or 'none'})")
-            n = self.prompt_cache.num_virtual_tokens(request.adapter)
+            entry = self._entry(request)
+            n = entry.num_virtual_tokens if entry is not None else 0
             prompts.append(fit_prompt(request, n, self.context))
             ns.append(n)
         if self.prefix_cache is not None:
@@ -273,11 +273,27 @@ class DecodeBatch:
         gone = {id(r) for r in requests}
         self._keep([i for i, row in enumerate(self.rows) if id(row.request) not in gone])
 
+    def _entry(self, request: GenerationRequest) -> CachedPrompt | None:
+        """The adapter entry a request runs on (None: the base model): its pinned one, else the loaded one."""
+        if request.adapter is None:
+            return None
+        if request.entry is not None:
+            return request.entry
+        if request.adapter not in self.prompt_cache:
+            raise UnknownAdapterError(f"request {request.id!r} names adapter {request.adapter!r}, which is not "
+                                      f"loaded (loaded: {', '.join(self.prompt_cache.names()) or 'none'})")
+        return self.prompt_cache.entry(request.adapter)
+
+    def _owner(self, request: GenerationRequest) -> int:
+        """The prefix cache's owner of a request's blocks: its adapter entry's identity (the base model's)."""
+        entry = self._entry(request)
+        return entry.identity if entry is not None else self.prompt_cache.identity(None)
+
     def _prefill(self, requests, prompts: list[list[int]], ns: list[int]):
         """Run new rows' prompts on top of their cached soft prompts and of whatever the prefix cache holds of the
         prompts' starts; return (kv, key mask, last-token logits)."""
         device, model = self.base.device, self.base.model
-        owners = [self.prompt_cache.identity(r.adapter) for r in requests]
+        owners = [self._owner(r) for r in requests]
         hits = self._cached_prefixes(owners, prompts)
         cached = [0 if hit is None else hit.shape[3] for hit in hits]
         runs = [prompt[c:] for prompt, c in zip(prompts, cached)]  # the tokens to run
@@ -313,7 +329,7 @@ class DecodeBatch:
             return [list(range(len(requests)))]
         size, first, later, seen = self.prefix_cache.block_tokens, [], [], set()
         for i, (request, prompt) in enumerate(zip(requests, prompts)):
-            owner = self.prompt_cache.identity(request.adapter)
+            owner = self._owner(request)
             end = self.prefix_cache.cached_length(owner, prompt) + size
             key = (owner, tuple(prompt[:end])) if end < len(prompt) else None
             (later if key is not None and key in seen else first).append(i)
@@ -331,7 +347,8 @@ class DecodeBatch:
         cached prompt prefix, right-aligned (masked zeros on the left)."""
         rows = []
         for request, hit in zip(requests, hits):
-            soft = self.prompt_cache.get(request.adapter)[0]
+            entry = self._entry(request)
+            soft = entry.kv if entry is not None else None
             parts = [torch.stack([torch.stack((k[0], v[0])) for k, v in soft])] if soft is not None else []
             parts += [hit] if hit is not None else []
             rows.append(torch.cat(parts, dim=3) if len(parts) > 1 else parts[0] if parts else None)
