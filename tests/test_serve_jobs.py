@@ -71,7 +71,7 @@ def test_scoring_runs_in_slices_between_decode_steps(tiny, folder, monkeypatch):
     from softprompt.serve.batch import ServeBatch
 
     log = []
-    slow(monkeypatch, PromptScorer, "advance", 0.05, log, "slice")
+    slow(monkeypatch, PromptScorer, "advance", 0.2, log, "slice")
     slow(monkeypatch, ServeBatch, "step", 0.0, log, "step")
     with LiveServer(create_app(tiny, folder, max_batch=4)) as live:
         results = {}
@@ -121,7 +121,9 @@ def test_a_request_is_served_by_one_adapter_version_across_a_replace_and_a_remov
             out = {}
             thread = threading.Thread(target=lambda: out.update(r=completion(live.url, **body)))
             thread.start()
-            time.sleep(0.15)
+            deadline = time.monotonic() + 30
+            while live.state.scheduler.snapshot()["running"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.005)  # until the first choice decodes (the second one waits for the only row)
             if change == "replace":
                 r = httpx.post(live.url + "/v1/adapters", json={"name": "a", "path": "b", "replace": True},
                                timeout=60)
