@@ -374,7 +374,7 @@ def mixed_section(base, folder: Path, args) -> dict:
     return {"mixed_requests": len(requests), "mixed_errors": len(errors), "mixed_mismatches": len(mismatches),
             "mixed_seconds": round(seconds, 2), "mixed_swaps": swaps[0],
             "mixed_score_requests": sum(r["kind"] == "score" for r in requests),
-            "mixed_score_slices": stats["score_slices"], "mixed_prefix_cached_tokens": prefix["cached_tokens"]}
+            "mixed_score_slices": stats.get("score_slices"), "mixed_prefix_cached_tokens": prefix["cached_tokens"]}
 
 
 def main(argv: list[str] | None = None) -> int:
