@@ -66,17 +66,18 @@ def test_scored_prompts_count_against_capacity(tiny, folder):
 
 
 def test_scoring_runs_in_slices_between_decode_steps(tiny, folder, monkeypatch):
-    """A stream admitted while a long prompt is scored gets its tokens between the slices, not after them; the
-    scores equal those of one uninterrupted run."""
+    """A stream sent while two long prompts are scored on a two-row server is admitted at once (the prompts are
+    scored one after the other, holding one row) and gets its tokens between the slices, not after them; the scores
+    equal those of one uninterrupted run."""
     from softprompt.serve.batch import ServeBatch
 
     log = []
-    slow(monkeypatch, PromptScorer, "advance", 0.2, log, "slice")
+    slow(monkeypatch, PromptScorer, "advance", 0.1, log, "slice")
     slow(monkeypatch, ServeBatch, "step", 0.0, log, "step")
-    with LiveServer(create_app(tiny, folder, max_batch=4)) as live:
+    with LiveServer(create_app(tiny, folder, max_batch=2, max_queue=1)) as live:
         results = {}
         scorer = threading.Thread(target=lambda: results.update(score=completion(
-            live.url, model="a", prompt=TEXT, max_tokens=0, echo=True, logprobs=2)))
+            live.url, model="a", prompt=[TEXT, TEXT], max_tokens=0, echo=True, logprobs=2)))
         scorer.start()
         while "slice" not in log:
             time.sleep(0.005)
@@ -84,17 +85,17 @@ def test_scoring_runs_in_slices_between_decode_steps(tiny, folder, monkeypatch):
         scorer.join(60)
         assert stream.status_code == 200 and results["score"].status_code == 200
         slices = [i for i, what in enumerate(log) if what == "slice"]
-        assert len(slices) == 4 and any(what == "step" for what in log[slices[0]:slices[-1]])
-        got = results["score"].json()["choices"][0]["logprobs"]["token_logprobs"]
+        assert len(slices) == 8 and any(what == "step" for what in log[slices[0]:slices[3]])
         ids = tiny.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
-        alone = prompt_logprobs(tiny, live.state.cache, "a", ids, 2)
-        assert got == [entry.logprob for entry in alone] and got[0] is None
-        assert live.state.scheduler.snapshot()["score_slices"] == 4
+        alone = [entry.logprob for entry in prompt_logprobs(tiny, live.state.cache, "a", ids, 2)]
+        for choice in results["score"].json()["choices"]:
+            assert choice["logprobs"]["token_logprobs"] == alone and alone[0] is None
+        assert live.state.scheduler.snapshot()["score_slices"] == 8
 
 
 def test_a_client_that_leaves_stops_its_scoring(tiny, folder, monkeypatch):
     log = []
-    slow(monkeypatch, PromptScorer, "advance", 0.2, log, "slice")
+    slow(monkeypatch, PromptScorer, "advance", 0.1, log, "slice")
     with LiveServer(create_app(tiny, folder)) as live:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(live.url + "/v1/completions", json={"model": "a", "prompt": [TEXT] * 4, "max_tokens": 0,

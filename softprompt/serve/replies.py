@@ -1,5 +1,7 @@
-"""Running a prepared generation request: one scheduler job per prompt and choice, then the answer as one JSON
-object or as server-sent events in OpenAI's shapes (text, logprobs, echo, usage), with disconnects noticed at once."""
+"""Running a prepared generation request: one scheduler job per prompt and choice (and, for echo with logprobs, one
+scoring job per prompt), all on the adapter entry the request was validated against, then the answer as one JSON
+object or as server-sent events in OpenAI's shapes (text, logprobs, echo, usage), with disconnects noticed at once
+(also while prompts are still being scored)."""
 
 from __future__ import annotations
 
@@ -58,8 +60,8 @@ async def run_generation(request: Request, state: ServerState, prepared: Prepare
             continue
         for c in range(candidates):
             gen = ServeRequest(prompt_ids=ids, adapter=key, entry=prepared.entry, max_new_tokens=limit,
-                               temperature=temperature,
-                               top_k=top_k, top_p=top_p, seed=choice_seed(body.seed, c), stop=body.stop_list(),
+                               temperature=temperature, top_k=top_k, top_p=top_p, seed=choice_seed(body.seed, c),
+                               stop=body.stop_list(),
                                id=(p, c), presence_penalty=body.presence_penalty,
                                frequency_penalty=body.frequency_penalty, logit_bias=bias, logprobs=track)
             jobs.append(Job(gen, lambda item, i=len(jobs): events.put_nowait((i, item)), loop))

@@ -1,10 +1,12 @@
 """Continuous batching for the server: one worker thread owns the engine's DecodeBatch.
 
 Between two decode steps the worker runs queued control calls (adapter add/remove), drops cancelled rows, admits
-waiting requests up to `max_batch` live rows (one batched prefill), runs one slice of a prompt-scoring job (echo with
-logprobs: `Job.scorer`, a batch.PromptScorer, SCORE_SLICE tokens a slice, round robin over the scoring jobs), then
-advances every live row by one token. A scoring job takes a batch slot while it runs and a queue place while it
-waits, exactly like a generation job, and a cancelled one (its client left) is dropped before its next slice. Rows
+waiting requests up to `max_batch` live rows (one batched prefill), runs one slice of the first prompt-scoring job
+(echo with logprobs: `Job.scorer`, a batch.PromptScorer, SCORE_SLICE tokens a slice), then advances every live row by
+one token. Scoring jobs wait in a queue of their own, in order, because they run one at a time anyway: the one being
+scored takes a batch slot and each waiting one a queue place (so they count against capacity like generation jobs),
+but a stream submitted after a large scoring request is admitted at once and decodes between the slices. A cancelled
+scoring job (its client left) is dropped before its next slice. Rows
 leave the moment they finish, so requests join and leave between steps and a row's tokens never depend on its
 batch-mates (the DecodeBatch guarantees that). Each TokenEvent goes back to the asyncio side with
 `loop.call_soon_threadsafe`.
@@ -46,7 +48,7 @@ class Job:
     cancelled: bool = False
     finished: bool = False
     tokens: int = 0
-    scorer: object = None  # a batch.PromptScorer: this job scores a prompt (deliver gets its result) instead
+    scorer: object = None  # a batch.PromptScorer: the job scores a prompt instead (deliver gets the result list)
 
 
 class Scheduler:
@@ -62,7 +64,7 @@ class Scheduler:
         self.waiting: collections.deque[Job] = collections.deque()
         self.live: dict[int, Job] = {}  # id(request) -> job
         self.admitting = 0  # jobs taken from `waiting` whose prefill is running (not yet in `live`)
-        self.scoring: collections.deque[Job] = collections.deque()  # scoring jobs holding a batch slot
+        self.scoring: collections.deque[Job] = collections.deque()  # scoring jobs; the first one is being run
         self.calls: collections.deque = collections.deque()
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
@@ -112,12 +114,15 @@ class Scheduler:
             if not self.alive:
                 raise Unavailable("the generation worker is not running" +
                                   (f" (it failed: {self.error})" if self.error else ""))
-            free = max(0, self.max_batch - len(self.live) - self.admitting - len(self.scoring))
-            if len(self.waiting) + len(jobs) - free > self.max_queue:
+            scoring = len(self.scoring) + sum(job.scorer is not None for job in jobs)
+            free = max(0, self.max_batch - len(self.live) - self.admitting - min(scoring, 1))
+            queued = len(self.waiting) + max(scoring - 1, 0)  # scoring jobs but the one being run wait
+            if queued + sum(job.scorer is None for job in jobs) - free > self.max_queue:
                 self.stats["rejected"] += 1
                 raise Overloaded(f"the server is busy: {len(self.live)} requests running and {len(self.waiting)} "
                                  "waiting (the queue is full); retry later")
-            self.waiting.extend(jobs)
+            self.waiting.extend(job for job in jobs if job.scorer is None)
+            self.scoring.extend(job for job in jobs if job.scorer is not None)
             self.stats["submitted"] += len(jobs)
             self.cond.notify_all()
 
@@ -166,9 +171,8 @@ class Scheduler:
                             self._finish(job, cancelled=True)
                         self.scoring = collections.deque(j for j in self.scoring if not j.cancelled)
                     admit = []
-                    while self.waiting and len(self.live) + len(admit) + len(self.scoring) < self.max_batch:
-                        job = self.waiting.popleft()
-                        (self.scoring if job.scorer is not None else admit).append(job)
+                    while self.waiting and len(self.live) + len(admit) + min(len(self.scoring), 1) < self.max_batch:
+                        admit.append(self.waiting.popleft())
                     self.admitting = len(admit)
                 for fn, future in calls:
                     try:
@@ -215,7 +219,7 @@ class Scheduler:
         self._dispatch(events)
 
     def _score(self) -> None:
-        """One slice of the first scoring job; it then goes to the back (several share the worker in turn)."""
+        """One slice of the first scoring job (which stays first until it is done: jobs are scored in order)."""
         job = self.scoring[0]
         try:
             done = job.scorer.advance()
@@ -224,10 +228,9 @@ class Scheduler:
                 self.scoring.popleft()
             self._fail(job, err)
             return
-        with self.cond:
-            self.scoring.popleft()
-            if not done:
-                self.scoring.append(job)
+        if done:
+            with self.cond:
+                self.scoring.popleft()
         self.stats["score_slices"] += 1
         if done:
             self._finish(job, cancelled=False)
