@@ -71,8 +71,9 @@ def row_exact(live: int | None = None, chunk: int | None = None):
 
 def _row_plan(state: _RowExact, attention_mask: torch.Tensor | None, batch: int, q_len: int, k_len: int,
               device: torch.device) -> list:
-    """Per real row and query chunk: (row, key index, query index, that chunk's [Lq', Lk'] mask or None). Made once
-    per forward pass (every layer shares the mask) and reused by every layer."""
+    """Per real row: (row, key index, query index, chunks), each chunk (first, end, seen, its [end - first, seen]
+    mask or None): queries[first:end] over the row's first `seen` real keys. Made once per forward pass (every layer
+    shares the mask) and reused by every layer."""
     shape = (batch, q_len, k_len)
     if state.plan and state.mask is attention_mask and state.shape == shape:
         return state.plan
@@ -90,12 +91,14 @@ def _row_plan(state: _RowExact, attention_mask: torch.Tensor | None, batch: int,
         queries = keys[keys >= k_len - q_len] - (k_len - q_len)  # the new tokens' own keys are the last q_len
         mask = mask.index_select(0, queries)
         step = state.chunk or len(queries) or 1
-        for start in range(0, len(queries), step):
-            part = mask[start:start + step]
-            seen = int(torch.searchsorted(keys, k_len - q_len + queries[min(start + step, len(queries)) - 1],
-                                          right=True))  # the keys up to the chunk's last query (its own key)
-            part = part[:, :seen]
-            plan.append((b, keys[:seen], queries[start:start + step], None if bool(part.all()) else part))
+        own = (k_len - q_len + queries).tolist()  # each query's own key
+        chunks = []
+        for first in range(0, len(queries), step):
+            end = min(first + step, len(queries))
+            seen = int(torch.searchsorted(keys, own[end - 1], right=True))  # keys up to the chunk's last query
+            part = mask[first:end, :seen]
+            chunks.append((first, end, seen, None if bool(part.all()) else part))
+        plan.append((b, keys, queries, chunks))
     state.mask, state.shape, state.plan = attention_mask, shape, plan
     return plan
 
@@ -104,12 +107,14 @@ def _row_exact_sdpa(state: _RowExact, module, query, key, value, attention_mask,
     batch, heads, q_len, dim = query.shape
     out = query.new_zeros(batch, q_len, heads, value.shape[-1])
     gqa = key.shape[1] != heads
-    for b, keys, queries, mask in _row_plan(state, attention_mask, batch, q_len, key.shape[2], query.device):
+    for b, keys, queries, chunks in _row_plan(state, attention_mask, batch, q_len, key.shape[2], query.device):
         q = query[b].index_select(1, queries).unsqueeze(0)
         k = key[b].index_select(1, keys).unsqueeze(0)
         v = value[b].index_select(1, keys).unsqueeze(0)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
-        out[b].index_copy_(0, queries, o[0].transpose(0, 1))
+        for first, end, seen, mask in chunks:
+            o = F.scaled_dot_product_attention(q[:, :, first:end], k[:, :, :seen], v[:, :, :seen], attn_mask=mask,
+                                               scale=scaling, enable_gqa=gqa)
+            out[b].index_copy_(0, queries[first:end], o[0].transpose(0, 1))
     return out
 
 
