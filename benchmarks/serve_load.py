@@ -23,6 +23,16 @@
     python benchmarks/serve_load.py --skip-load                    # only the prefix-cache section (~1 minute)
     python benchmarks/serve_load.py --skip-load --prefix-requests 32 --system-tokens 1500
 
+6. Mixed traffic (--mixed-requests, default 40; 0 skips it): a server with the prefix cache on and adapter admin
+   gets, from --concurrency threads, completions that share a long prompt start (so siblings reuse each other's
+   cached blocks), seeded sampled requests with n=2, echo-scoring requests (echo + logprobs, max_tokens 0 or 1, as
+   lm-evaluation-harness sends them) and requests to an adapter `swap` that a separate thread keeps replacing with
+   one of two versions. Every response is compared with the same request run alone through the engine without a
+   prefix cache (generated text and token count per choice, and every echoed log-probability exactly); a `swap`
+   response must equal one version's answer in all its choices.
+
+    python benchmarks/serve_load.py --skip-load --prefix-requests 0 --mixed-requests 24   # only this section
+
 Bounded: a fixed number of requests, a per-request timeout and an overall --time-limit (requests not sent before it
 count as errors). The last line is a JSON object (errors, mismatches and prefix_cache_ttft_ratio among its keys).
 """
@@ -246,6 +256,127 @@ def prefix_cache_section(base, folder: Path, args) -> dict:
     }
 
 
+SHARED_START = ("You are a careful assistant. Answer briefly and plainly, check every fact twice, never invent a "
+                "source, and say so when you are not sure. ")
+SWAP_VERSIONS = ("swap-a", "swap-b")  # folders the `swap` adapter alternates between
+
+
+def mixed_requests(n: int, max_tokens: int) -> list[dict]:
+    """Step 6's requests: greedy and seeded n=2 completions sharing a long start, echo scoring, and `swap`."""
+    models = list(ADAPTERS) + ["base"]
+    out = []
+    for i in range(n):
+        text = SHARED_START * 3 + INSTRUCTIONS[(i * 5) % len(INSTRUCTIONS)]
+        kind = ("greedy", "sampled", "score", "swap")[i % 4]
+        req = {"kind": kind, "model": "swap" if kind == "swap" else models[i % len(models)], "prompt": text,
+               "max_tokens": max_tokens, "temperature": 0.0, "n": 1}
+        if kind in ("sampled", "swap"):
+            req.update(temperature=0.8, top_p=0.95, seed=1000 + i, n=2)
+        if kind == "score":
+            req.update(echo=True, logprobs=1, max_tokens=i % 2)  # 0: score only; 1: score and one token
+        out.append(req)
+    return out
+
+
+def mixed_reference(base, engine: Engine, req: dict, version: str | None = None) -> dict:
+    """What the request gives run alone through the engine (no prefix cache): texts and token counts per choice,
+    and the echoed prompt's log-probabilities."""
+    from softprompt.serve.batch import prompt_logprobs
+    from softprompt.serve.replies import choice_seed
+
+    key = version or (None if req["model"] == "base" else req["model"])
+    ids = encode_text(base.tokenizer, req["prompt"])
+    choices = []
+    for c in range(req["n"]):
+        if req["max_tokens"] == 0:
+            choices.append(("", 0))
+            continue
+        gen = GenerationRequest(ids, adapter=key, max_new_tokens=req["max_tokens"], temperature=req["temperature"],
+                                top_p=req.get("top_p", 1.0), seed=choice_seed(req.get("seed"), c))
+        result = engine.generate([gen], batch_size=1)[0]
+        choices.append((result.text, len(result.token_ids)))
+    scores = ([e.logprob for e in prompt_logprobs(base, engine.prompt_cache, key, ids, req["logprobs"])]
+              if req.get("echo") else None)
+    return {"choices": choices, "scores": scores}
+
+
+def send_mixed(client, req: dict) -> list[tuple[str, list]]:
+    """One step-6 request through the server: per choice, the generated text (echo removed) and the token
+    log-probabilities (echoed prompt first; logprobs=0 is asked of every request so that tokens can be counted)."""
+    body = {k: v for k, v in req.items() if k != "kind"}
+    body.setdefault("logprobs", 0)
+    out = client.completions.create(**body)
+    cut = len(req["prompt"]) if req.get("echo") else 0
+    return [(choice.text[cut:], choice.logprobs.token_logprobs) for choice in out.choices]
+
+
+def same(got: list[tuple[str, list]], want: dict) -> bool:
+    """Whether a response equals a reference: every choice's text and token count, and the echoed scores exactly."""
+    echoed = want["scores"] or []
+    return len(got) == len(want["choices"]) and all(
+        text == ref_text and values[:len(echoed)] == echoed and len(values) - len(echoed) == ref_tokens
+        for (text, values), (ref_text, ref_tokens) in zip(got, want["choices"]))
+
+
+def mixed_section(base, folder: Path, args) -> dict:
+    """Step 6: echo scoring, seeded n=2 sampling, shared prompt starts and adapter swaps at once, prefix cache on."""
+    import threading
+
+    import httpx
+    import openai
+
+    for seed, version in enumerate(SWAP_VERSIONS):
+        prompt = SoftPrompt.initialise(base, "random", num_virtual_tokens=6 + 2 * seed, seed=100 + seed)
+        save_adapter(folder / version, prompt.embeddings, base, init="random", template=Template("human-assistant"))
+    names = list(ADAPTERS) + list(SWAP_VERSIONS)
+    engine = Engine(base, {name: load_adapter(folder / name, base) for name in names}, Template("human-assistant"))
+    requests = mixed_requests(args.mixed_requests, args.max_tokens)
+    print(f"mixed: {len(requests)} requests alone through the engine ...", file=sys.stderr, flush=True)
+    refs = [[mixed_reference(base, engine, r, v) for v in SWAP_VERSIONS] if r["kind"] == "swap"
+            else [mixed_reference(base, engine, r)] for r in requests]
+    app = create_app(base, folder, max_batch=args.max_batch, max_queue=max(64, 2 * len(requests)),
+                     max_tokens_cap=max(64, args.max_tokens), allow_admin=True)
+    state = app.state.softprompt
+    with BackgroundServer(app) as server:
+        state.registry.add("swap", SWAP_VERSIONS[0])
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=args.timeout)
+        done, swaps = threading.Event(), [0]
+
+        def swapper():
+            while not done.wait(0.3):
+                version = SWAP_VERSIONS[(swaps[0] + 1) % 2]
+                r = httpx.post(server.url + "/v1/adapters", json={"name": "swap", "path": version, "replace": True},
+                               timeout=args.timeout)
+                swaps[0] += r.status_code == 201
+
+        def send(req):
+            try:
+                return send_mixed(client, req), None
+            except Exception as err:  # noqa: BLE001 (every failure is counted and reported)
+                return None, f"{type(err).__name__}: {err}"
+
+        thread = threading.Thread(target=swapper, daemon=True)
+        thread.start()
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
+            outcomes = list(pool.map(send, requests))
+        seconds = time.perf_counter() - start
+        done.set()
+        thread.join(args.timeout)
+        stats, prefix = state.scheduler.snapshot(), state.prefix_cache.stats().as_dict()
+    errors = [(i, err) for i, (_, err) in enumerate(outcomes) if err]
+    mismatches = [i for i, (got, err) in enumerate(outcomes) if not err and not any(same(got, w) for w in refs[i])]
+    for i, err in errors[:5]:
+        print(f"mixed: error in request {i} ({requests[i]['kind']}): {err}", file=sys.stderr)
+    for i in mismatches[:5]:
+        print(f"mixed: mismatch in request {i} ({requests[i]['kind']}, {requests[i]['model']}): "
+              f"{outcomes[i][0]} != {refs[i]}", file=sys.stderr)
+    return {"mixed_requests": len(requests), "mixed_errors": len(errors), "mixed_mismatches": len(mismatches),
+            "mixed_seconds": round(seconds, 2), "mixed_swaps": swaps[0],
+            "mixed_score_requests": sum(r["kind"] == "score" for r in requests),
+            "mixed_score_slices": stats.get("score_slices"), "mixed_prefix_cached_tokens": prefix["cached_tokens"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
@@ -264,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix-max-tokens", type=int, default=16, help="max_tokens of those requests")
     parser.add_argument("--prefix-cache-mb", type=int, default=DEFAULT_PREFIX_CACHE_MB,
                         help="--prefix-cache-mb of the server with the cache")
+    parser.add_argument("--mixed-requests", type=int, default=40,
+                        help="step 6: echo scoring, n=2 sampling and adapter swaps at once (0 = skip)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -288,6 +421,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"prefix cache: TTFT p50 {prefix['ttft_without_cache_p50_s']} s without, "
                   f"{prefix['ttft_with_cache_p50_s']} s with the cache (x{prefix['prefix_cache_ttft_ratio']}); "
                   f"{prefix['prefix_cache_errors']} errors, {prefix['prefix_cache_mismatches']} mismatches")
+        if args.mixed_requests > 0:
+            mixed = mixed_section(base, folder, args)
+            errors += mixed["mixed_errors"]
+            mismatches += mixed["mixed_mismatches"]
+            result.update(mixed)
+            print(f"mixed: {mixed['mixed_requests']} requests in {mixed['mixed_seconds']} s with "
+                  f"{mixed['mixed_swaps']} adapter swaps; {mixed['mixed_errors']} errors, "
+                  f"{mixed['mixed_mismatches']} mismatches")
     result.update({"errors": errors, "mismatches": mismatches, "torch_threads": torch.get_num_threads()})
     print(json.dumps(result))
     return 1 if errors or mismatches else 0

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from engine_helpers import BF16, base, dtype, peaked_base, random_adapter  # noqa: F401 (fixtures)
-from softprompt.core.models import load_base
+from softprompt.core.models import cpu_has_native_bf16, load_base
 from softprompt.core.prompt import SoftPrompt, build_prompt
 from softprompt.data.templates import CHAT, Template, encode_text
 from softprompt.formats.adapter import Adapter, load_adapter, save_adapter
+from softprompt.formats.methods import base_width
 from softprompt.inference.engine import DecodeBatch, Engine, GenerationRequest
 from softprompt.inference.prefix_cache import PrefixCache
 from softprompt.options import OptionError
@@ -353,3 +354,37 @@ def test_the_budget_option_is_declared_once_with_its_range():
         ServeConfig(prefix_cache_mb=-1)
     with pytest.raises(OptionError, match=r"^--prefix-cache-mb must be <= 1048576, got 2000000$"):
         ServeConfig(prefix_cache_mb=2_000_000)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_a_cached_block_does_not_depend_on_the_prompt_that_computed_it(method):
+    """SmolLM2-135M in bf16: the blocks a 50-token shared start leaves in the cache are the same tensors whether a
+    short or a long prompt computed them (SDPA rounds a query differently with more keys after it, so the engine
+    runs a prefill's attention block by block), and a prompt that reuses a sibling's blocks answers bit for bit as
+    alone."""
+    if not cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16")
+    base = load_base(device="cpu", dtype="bfloat16")
+    width = base_width(method, base)
+    adapter = Adapter(embeddings=torch.randn(8, width, generator=torch.Generator().manual_seed(0)) * 0.3,
+                      config={"num_virtual_tokens": 8, "peft_type": {"prompt": "PROMPT_TUNING",
+                                                                     "ptuning": "P_TUNING"}[method]})
+    engine = Engine(base, {"t": adapter})
+    head = "the careful assistant answers briefly, checks every fact twice and never invents a source; " * 3
+    short, long = (encode_text(base.tokenizer, head + tail) for tail in
+                   ("why?", "why is the sky blue, and why do the cats and the dogs never check a fact twice?"))
+    blocks = []
+    for ids in (short, long):
+        cache = PrefixCache(16 << 20)
+        decode(engine, [GenerationRequest(ids, adapter="t", max_new_tokens=1)], cache)
+        blocks.append(cache.match(engine.prompt_cache.identity("t"), short + [0] * 16))
+    assert blocks[0].shape[3] == 16 * (len(short) // 16) >= 32
+    assert torch.equal(blocks[0], blocks[1][:, :, :, :blocks[0].shape[3]])
+    cache = PrefixCache(16 << 20)
+    decode(engine, [GenerationRequest(long, adapter="t", max_new_tokens=1)], cache)
+    request = GenerationRequest(short, adapter="t", max_new_tokens=4)
+    tokens, logits = decode(engine, [request], cache)[id(request)]
+    assert cache.stats().cached_tokens >= 32
+    alone_tokens, alone_logits = decode(engine, [request])[id(request)]
+    assert tokens == alone_tokens and torch.equal(logits, alone_logits)

@@ -18,6 +18,14 @@ the row's own slice of the mask (a sliding window's too: the engine keeps a row'
 the same in any batch), so the kernel sees identical inputs and returns identical outputs. Rows at or past
 `live` (ghost rows the engine adds to keep matrix products off the one-row path) are skipped.
 
+The kernel's result for one query also depends on how many keys the call holds, even masked ones (its reduction
+blocking follows the key length): a prompt token computed in a 40-token prefill and in a 60-token one differs in
+the last bf16 bit. `row_exact(chunk=C)` therefore runs a row's queries in chunks of C aligned to the first query,
+each over the keys up to that chunk's last query only. A query whose chunk is full then sees exactly the keys
+before the end of its chunk whatever follows it in the prompt, so the keys/values of a full C-token block depend on
+that block and the tokens before it only (what the prefix cache needs: a block stored by one prompt is bit for bit
+the block another prompt would compute).
+
 `use_grouped_sdpa(model)` registers it (with sdpa's mask builder) under NAME and switches a loaded model to it.
 """
 
@@ -39,6 +47,7 @@ NAME = "softprompt_sdpa"
 @dataclass
 class _RowExact:
     live: int | None                       # rows >= live are ghost rows (skipped); None = every row is real
+    chunk: int | None = None               # queries per call, aligned to a row's first query (None: all at once)
     mask: object = None                    # the 4-D mask the cached plan below was made from (one per forward)
     shape: tuple = ()
     plan: list = field(default_factory=list)
@@ -48,10 +57,13 @@ _ROW_EXACT: ContextVar[_RowExact | None] = ContextVar("softprompt_row_exact", de
 
 
 @contextmanager
-def row_exact(live: int | None = None):
+def row_exact(live: int | None = None, chunk: int | None = None):
     """Within this block, attention through `grouped_sdpa` is computed row by row over each row's real keys, so a
-    row's result does not depend on its batch-mates; `live`: only the first `live` rows are real."""
-    token = _ROW_EXACT.set(_RowExact(live))
+    row's result does not depend on its batch-mates; `live`: only the first `live` rows are real; `chunk`: a row's
+    queries run `chunk` at a time, each chunk over the keys up to its own last query."""
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    token = _ROW_EXACT.set(_RowExact(live, chunk))
     try:
         yield
     finally:
@@ -60,8 +72,9 @@ def row_exact(live: int | None = None):
 
 def _row_plan(state: _RowExact, attention_mask: torch.Tensor | None, batch: int, q_len: int, k_len: int,
               device: torch.device) -> list:
-    """Per real row: (row, key index, query index, query positions in the output, that row's [Lq', Lk'] mask or
-    None). Made once per forward pass (every layer shares the mask) and reused by every layer."""
+    """Per real row: (row, key index, query index, chunks), each chunk (first, end, seen, its [end - first, seen]
+    mask or None): queries[first:end] over the row's first `seen` real keys. Made once per forward pass (every layer
+    shares the mask) and reused by every layer."""
     shape = (batch, q_len, k_len)
     if state.plan and state.mask is attention_mask and state.shape == shape:
         return state.plan
@@ -78,7 +91,15 @@ def _row_plan(state: _RowExact, attention_mask: torch.Tensor | None, batch: int,
             mask = row.index_select(1, keys)
         queries = keys[keys >= k_len - q_len] - (k_len - q_len)  # the new tokens' own keys are the last q_len
         mask = mask.index_select(0, queries)
-        plan.append((b, keys, queries, None if bool(mask.all()) else mask))
+        step = state.chunk or len(queries) or 1
+        own = (k_len - q_len + queries).tolist()  # each query's own key
+        chunks = []
+        for first in range(0, len(queries), step):
+            end = min(first + step, len(queries))
+            seen = int(torch.searchsorted(keys, own[end - 1], right=True))  # keys up to the chunk's last query
+            part = mask[first:end, :seen]
+            chunks.append((first, end, seen, None if bool(part.all()) else part))
+        plan.append((b, keys, queries, chunks))
     state.mask, state.shape, state.plan = attention_mask, shape, plan
     return plan
 
@@ -87,12 +108,14 @@ def _row_exact_sdpa(state: _RowExact, module, query, key, value, attention_mask,
     batch, heads, q_len, dim = query.shape
     out = query.new_zeros(batch, q_len, heads, value.shape[-1])
     gqa = key.shape[1] != heads
-    for b, keys, queries, mask in _row_plan(state, attention_mask, batch, q_len, key.shape[2], query.device):
+    for b, keys, queries, chunks in _row_plan(state, attention_mask, batch, q_len, key.shape[2], query.device):
         q = query[b].index_select(1, queries).unsqueeze(0)
         k = key[b].index_select(1, keys).unsqueeze(0)
         v = value[b].index_select(1, keys).unsqueeze(0)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
-        out[b].index_copy_(0, queries, o[0].transpose(0, 1))
+        for first, end, seen, mask in chunks:
+            o = F.scaled_dot_product_attention(q[:, :, first:end], k[:, :, :seen], v[:, :, :seen], attn_mask=mask,
+                                               scale=scaling, enable_gqa=gqa)
+            out[b].index_copy_(0, queries[first:end], o[0].transpose(0, 1))
     return out
 
 

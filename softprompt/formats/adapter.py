@@ -187,6 +187,15 @@ def save_adapter(out_dir: str | Path, embeddings, base, *, init: str | None = No
     return out_dir
 
 
+def check_fits_context(num_virtual_tokens: int, context: int | None, where: object) -> None:
+    """Refuse a soft prompt that leaves no room in the model's context for one prompt token and one generated
+    token (every request to it would fail, after its keys/values were computed for nothing)."""
+    if context is not None and num_virtual_tokens > context - 2:
+        raise AdapterError(f"{where}: {num_virtual_tokens} virtual tokens do not fit the base model's context of "
+                           f"{context} tokens (at most {max(context - 2, 0)}: a prompt token and a generated one "
+                           "need room too)")
+
+
 def load_adapter(path: str | Path, base=None) -> Adapter:
     """Read a softprompt- or PEFT-written prompt-tuning, prefix-tuning or P-tuning adapter folder; check it fits
     `base` when given."""
@@ -226,6 +235,8 @@ def load_adapter(path: str | Path, base=None) -> Adapter:
     method = METHOD_OF[peft_type]
     if base is not None and emb.shape[1] != base_width(method, base):
         raise AdapterError(f"{path}: {misfit(method, emb.shape[1], base)}")
+    if base is not None:
+        check_fits_context(emb.shape[0], getattr(base.model.config, "max_position_embeddings", None), path)
     extra_path = path / EXTRA_FILE
     extra = _read_json_object(extra_path) if extra_path.is_file() else {}
     template, label_words = _check_extra(extra, extra_path)

@@ -26,6 +26,11 @@ row-exact mode, so that a row's logits are bit-for-bit those of the same row alo
 In fp32 the batched kernels are kept: their differences (~1e-7) are far below a token's margin in practice, but not
 bit-exact (docs/benchmarks.md, "Batch invariance in bf16", has the measurements and the cost).
 
+In row-exact mode a prefill runs each row's attention in chunks of `chunk_tokens` queries (the prefix cache's block
+size, or PREFILL_CHUNK without one), each over the keys up to the chunk's end (core/attention.py): the kernel's
+rounding follows the number of keys it is given, so this makes a full block's keys/values independent of the prompt
+that computed it and of whether the tokens before it came from the cache.
+
 With a `PrefixCache` (prefix_cache.py), a row's prompt start that an earlier request with the same adapter already
 computed is not run again: its cached keys/values follow the soft prompt's, as part of the row's front, and only the
 rest of the prompt runs, at positions N + cached, ... (at least its last token runs: its logits choose the first new
@@ -50,7 +55,7 @@ from softprompt.inference.detokenize import Detokenizer
 from softprompt.core.attention import row_exact, use_grouped_sdpa
 from softprompt.core.forward import Kv, cache_tensors, lm_logits, make_cache, positions_from_mask, run_body
 from softprompt.inference.prefix_cache import PrefixCache
-from softprompt.inference.prompt_cache import PromptCache, UnknownAdapterError
+from softprompt.inference.prompt_cache import CachedPrompt, PromptCache, UnknownAdapterError
 from softprompt.core.models import FrozenModel
 from softprompt.inference.sampling import check_params, make_generator, next_tokens
 from softprompt.data.templates import Template, encode_text
@@ -70,6 +75,8 @@ class GenerationRequest:
     stop: Sequence[str] = ()       # stop strings; generation also stops at EOS
     id: object = None              # caller's handle
     truncate: bool = False         # too long for the context: drop the prompt's left side instead of raising
+    entry: CachedPrompt | None = None  # the adapter's PromptCache entry, pinned (a server pins it when it admits
+    # the request, so a replace or removal meanwhile does not change it); None: the one loaded under `adapter`
 
 
 @dataclass(eq=False)
@@ -148,6 +155,10 @@ ONEDNN_MIN_WORK = 16 * 16 * 16  # torch hands a bf16 product to oneDNN only when
 # native/mkldnn/Matmul.cpp, checksize); smaller ones run torch's own kernel, which rounds differently
 
 
+PREFILL_CHUNK = 16  # queries per attention call in a row-exact prefill without a prefix cache (PrefixCache's default
+# block size, so an engine with the default cache and one without compute every prompt token alike)
+
+
 def min_rows(model) -> int:
     """The fewest rows a matrix product of this model may have in row-exact mode: 2 (oneDNN sums a one-row product in
     another order) or more where a layer is so small that fewer rows would leave oneDNN (tiny test models)."""
@@ -192,6 +203,7 @@ class DecodeBatch:
         self.prefix_cache = prefix_cache
         self.exact = self.exact if self.exact is not None else base.dtype != torch.float32
         self.min_rows = min_rows(base.model)
+        self.chunk_tokens = prefix_cache.block_tokens if prefix_cache is not None else PREFILL_CHUNK
         if self.exact and not use_grouped_sdpa(base.model):
             warnings.warn(f"{base.name}: attention {base.model.config._attn_implementation!r} is not sdpa, so the "
                           "engine cannot run it row by row: in this dtype a row's tokens may depend on its "
@@ -221,10 +233,8 @@ class DecodeBatch:
             if id(request) in live:
                 raise ValueError(f"request {request.id!r} is already in this batch")
             live.add(id(request))
-            if request.adapter not in self.prompt_cache:
-                raise UnknownAdapterError(f"request {request.id!r} names adapter {request.adapter!r}, which is not "
-                                          f"loaded (loaded: {', '.join(self.prompt_cache.names()) or 'none'})")
-            n = self.prompt_cache.num_virtual_tokens(request.adapter)
+            entry = self._entry(request)
+            n = entry.num_virtual_tokens if entry is not None else 0
             prompts.append(fit_prompt(request, n, self.context))
             ns.append(n)
         if self.prefix_cache is not None:
@@ -280,11 +290,27 @@ class DecodeBatch:
         gone = {id(r) for r in requests}
         self._keep([i for i, row in enumerate(self.rows) if id(row.request) not in gone])
 
+    def _entry(self, request: GenerationRequest) -> CachedPrompt | None:
+        """The adapter entry a request runs on (None: the base model): its pinned one, else the loaded one."""
+        if request.adapter is None:
+            return None
+        if request.entry is not None:
+            return request.entry
+        if request.adapter not in self.prompt_cache:
+            raise UnknownAdapterError(f"request {request.id!r} names adapter {request.adapter!r}, which is not "
+                                      f"loaded (loaded: {', '.join(self.prompt_cache.names()) or 'none'})")
+        return self.prompt_cache.entry(request.adapter)
+
+    def _owner(self, request: GenerationRequest) -> int:
+        """The prefix cache's owner of a request's blocks: its adapter entry's identity (the base model's)."""
+        entry = self._entry(request)
+        return entry.identity if entry is not None else self.prompt_cache.identity(None)
+
     def _prefill(self, requests, prompts: list[list[int]], ns: list[int]):
         """Run new rows' prompts on top of their cached soft prompts and of whatever the prefix cache holds of the
         prompts' starts; return (kv, key mask, last-token logits)."""
         device, model = self.base.device, self.base.model
-        owners = [self.prompt_cache.identity(r.adapter) for r in requests]
+        owners = [self._owner(r) for r in requests]
         hits = self._cached_prefixes(owners, prompts)
         cached = [0 if hit is None else hit.shape[3] for hit in hits]
         runs = [prompt[c:] for prompt, c in zip(prompts, cached)]  # the tokens to run
@@ -303,7 +329,7 @@ class DecodeBatch:
         mask = torch.cat([front_mask, block_mask], dim=1)
         offset = torch.tensor(fronts, device=device)
         embeds = model.get_input_embeddings()(ids)
-        with row_exact() if self.exact else nullcontext():
+        with row_exact(chunk=self.chunk_tokens) if self.exact else nullcontext():
             hidden, cache = run_body(model, embeds, mask, positions_from_mask(block_mask, offset),
                                      cache=make_cache(self._front_kv(requests, hits, width)), use_cache=True)
         kv = cache_tensors(cache)
@@ -320,7 +346,7 @@ class DecodeBatch:
             return [list(range(len(requests)))]
         size, first, later, seen = self.prefix_cache.block_tokens, [], [], set()
         for i, (request, prompt) in enumerate(zip(requests, prompts)):
-            owner = self.prompt_cache.identity(request.adapter)
+            owner = self._owner(request)
             end = self.prefix_cache.cached_length(owner, prompt) + size
             key = (owner, tuple(prompt[:end])) if end < len(prompt) else None
             (later if key is not None and key in seen else first).append(i)
@@ -338,7 +364,8 @@ class DecodeBatch:
         cached prompt prefix, right-aligned (masked zeros on the left)."""
         rows = []
         for request, hit in zip(requests, hits):
-            soft = self.prompt_cache.get(request.adapter)[0]
+            entry = self._entry(request)
+            soft = entry.kv if entry is not None else None
             parts = [torch.stack([torch.stack((k[0], v[0])) for k, v in soft])] if soft is not None else []
             parts += [hit] if hit is not None else []
             rows.append(torch.cat(parts, dim=3) if len(parts) > 1 else parts[0] if parts else None)

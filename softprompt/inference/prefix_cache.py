@@ -17,9 +17,11 @@ recently used than its descendants: eviction takes leaves first and never leaves
 the blocks of owners that are gone (removed or replaced adapters). All methods take one lock, so the server's worker
 thread and a /health request can use the cache at once.
 
-What is exact: a cached block holds the very tensors a full prefill computed for those tokens, and the engine runs
-the rest of the prompt on top of them. In row-exact mode (below fp32) the rows' tokens and logits are then bit for
-bit those of an uncached prefill (tests check); in fp32, where the engine keeps batched kernels whose summation order
+What is exact: a cached block holds the tensors any prefill of a prompt with the same start computes for those
+tokens (in row-exact mode the engine runs a prefill's attention in chunks of `block_tokens` aligned to the prompt's
+start, so a block does not depend on what follows it), and the engine runs the rest of the prompt on top of them.
+In row-exact mode (below fp32) the rows' tokens and logits are then bit for bit those of an uncached prefill, also
+when another prompt stored the blocks (tests check); in fp32, where the engine keeps batched kernels whose summation order
 follows the shapes, the logits agree to rounding (up to 4.5e-5 measured on SmolLM2-135M with ~680-token prompts; the
 greedy tokens were equal in every test).
 """

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from softprompt.core import forward
-from softprompt.formats.adapter import Adapter, AdapterError
+from softprompt.formats.adapter import Adapter, AdapterError, check_fits_context
 from softprompt.formats.methods import base_width, misfit
 from softprompt.core.forward import Kv
 from softprompt.core.models import FrozenModel
@@ -59,6 +59,12 @@ class PromptCache:
 
     def add(self, name: str, adapter: Adapter) -> None:
         """Compute and store the adapter's virtual-token KV (replaces an entry of the same name)."""
+        self.put(name, self.prepare(name, adapter))
+
+    def prepare(self, name: str, adapter: Adapter) -> CachedPrompt:
+        """The entry `add` would store, computed without touching the cache (so a server computes it off its
+        worker thread and swaps it in with `put`). Refuses an adapter whose soft prompt leaves no room in the
+        model's context."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"an adapter needs a non-empty string name, got {name!r}")
         emb, method = adapter.embeddings, adapter.method
@@ -68,11 +74,15 @@ class PromptCache:
             raise AdapterError(f"{where}: soft prompt has shape {tuple(emb.shape)}, expected [N >= 1, {width}]")
         if emb.shape[1] != width:
             raise AdapterError(f"{where}: {misfit(method, emb.shape[1], self.base)}")
+        check_fits_context(emb.shape[0], getattr(self.base.model.config, "max_position_embeddings", None), where)
         with torch.no_grad():
             kv, _ = forward.prompt_kv(self.base.model, forward.Virtual(emb.to(self.base.device), method))
         kv = [(k.detach(), v.detach()) for k, v in kv]
-        self._entries[name] = CachedPrompt(kv, emb.shape[0],
-                                           adapter.template_or(self.default_template), adapter)
+        return CachedPrompt(kv, emb.shape[0], adapter.template_or(self.default_template), adapter)
+
+    def put(self, name: str, entry: CachedPrompt) -> None:
+        """Serve `entry` (from `prepare`) as `name`, replacing any entry of that name in one assignment."""
+        self._entries[name] = entry
 
     def remove(self, name: str) -> None:
         if name not in self._entries:

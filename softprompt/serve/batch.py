@@ -6,9 +6,10 @@
   at a time, before the engine picks the token (greedy or sampled with the row's generator), and whose events carry
   the log-probabilities (`ScoredEvent`). Everything is computed per row from that row's logits only, so a request
   gives the same tokens and log-probabilities alone or in any mixed batch (the engine guarantees the logits).
-- `prompt_logprobs` scores a prompt's own tokens after an adapter's cached soft-prompt keys/values (echo with
-  logprobs; what lm-evaluation-harness reads for log-likelihood tasks). It runs one prompt alone, so it too does
-  not depend on what else the server is doing.
+- `PromptScorer` scores a prompt's own tokens after an adapter's cached soft-prompt keys/values (echo with
+  logprobs; what lm-evaluation-harness reads for log-likelihood tasks), SCORE_SLICE tokens at a time, so the
+  server's worker runs it between decode steps (scheduler.py). It runs one prompt alone, in slices fixed by the
+  prompt, so it too does not depend on what else the server is doing; `prompt_logprobs` runs it to the end.
 
 Log-probabilities are those of the model's raw distribution (log-softmax of the logits, before temperature,
 top-k/top-p, penalties and logit_bias), as vLLM returns them by default.
@@ -17,16 +18,19 @@ top-k/top-p, penalties and logit_bias), as vLLM returns them by default.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
+from softprompt.core.attention import row_exact
 from softprompt.core.forward import lm_logits, make_cache, run_body
-from softprompt.inference.engine import DecodeBatch, GenerationRequest, TokenEvent
-from softprompt.inference.prompt_cache import PromptCache
+from softprompt.inference.engine import PREFILL_CHUNK, DecodeBatch, GenerationRequest, TokenEvent
+from softprompt.inference.prompt_cache import CachedPrompt, PromptCache
 
 NEG_INF_LOGPROB = -9999.0  # what an impossible token's log-probability is reported as (JSON has no -inf), as vLLM
 HEAD_CHUNK = 128           # prompt positions per LM-head chunk when scoring a prompt
+SCORE_SLICE = 128          # prompt tokens a scoring job runs between two decode steps (a multiple of PREFILL_CHUNK)
 
 
 @dataclass(eq=False)
@@ -109,32 +113,74 @@ class ServeBatch(DecodeBatch):
         return scored
 
 
-@torch.no_grad()
+class PromptScorer:
+    """Scores one prompt's tokens (echo with logprobs) a slice at a time, so the server's worker can run it between
+    decode steps: `advance()` runs the next `slice_tokens` tokens on top of the keys/values of those before it and
+    returns True once every token is scored; `result` then holds what `prompt_logprobs` returns.
+
+    Slices always start at multiples of `slice_tokens` (and, in row-exact mode, run their attention in the engine's
+    block-aligned chunks), so the values depend only on the adapter and the prompt, never on the server's load."""
+
+    def __init__(self, base, entry: CachedPrompt | None, ids: list[int], top_n: int,
+                 slice_tokens: int = SCORE_SLICE):
+        if not ids:
+            raise ValueError("a prompt to score needs at least one token")
+        self.base, self.ids, self.top_n, self.slice_tokens = base, list(ids), top_n, slice_tokens
+        self.n = entry.num_virtual_tokens if entry is not None else 0
+        self.cache = make_cache(list(entry.kv) if entry is not None else None)
+        self.exact = base.dtype != torch.float32
+        self.done = 0                  # prompt tokens run so far
+        self.result: list[TokenLogprobs] = [TokenLogprobs(self.ids[0], None, None)]
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= len(self.ids)
+
+    @torch.no_grad()
+    def advance(self) -> bool:
+        """Run one slice; True when the whole prompt is scored."""
+        if self.finished:
+            return True
+        model, device = self.base.model, self.base.device
+        start, stop = self.done, min(self.done + self.slice_tokens, len(self.ids))
+        tokens = torch.tensor([self.ids[start:stop]], dtype=torch.long, device=device)
+        mask = torch.ones(1, self.n + stop, dtype=torch.long, device=device)
+        positions = torch.arange(self.n + start, self.n + stop, device=device).unsqueeze(0)
+        embeds = model.get_input_embeddings()(tokens)
+        with row_exact(chunk=PREFILL_CHUNK) if self.exact else nullcontext():
+            hidden, self.cache = run_body(model, embeds, mask, positions, cache=self.cache, use_cache=True)
+        last = min(stop, len(self.ids) - 1)  # the prompt's last token predicts nothing that is scored
+        if last > start:
+            self.result += self._score(hidden[0, :last - start], self.ids[start + 1:last + 1])
+        self.done = stop
+        if self.finished:
+            self.cache = None  # free the keys/values at once
+        return self.finished
+
+    def _score(self, hidden: torch.Tensor, targets: list[int]) -> list[TokenLogprobs]:
+        out = []
+        for begin in range(0, len(targets), HEAD_CHUNK):
+            part = targets[begin:begin + HEAD_CHUNK]
+            logp = torch.log_softmax(lm_logits(self.base.model, hidden[begin:begin + len(part)]), dim=-1)
+            chosen = logp.gather(1, torch.tensor(part, device=logp.device).unsqueeze(1)).squeeze(1).tolist()
+            if self.top_n > 0:
+                values, top_ids = torch.topk(logp, min(self.top_n, logp.shape[-1]), dim=-1)
+                tops = [[(int(i), _finite(float(v))) for i, v in zip(r_ids, r_vals)]
+                        for r_ids, r_vals in zip(top_ids.tolist(), values.tolist())]
+            else:
+                tops = [[] for _ in chosen]
+            out += [TokenLogprobs(t, _finite(c), top) for t, c, top in zip(part, chosen, tops)]
+        return out
+
+
 def prompt_logprobs(base, cache: PromptCache, adapter: str | None, ids: list[int], top_n: int
                     ) -> list[TokenLogprobs]:
     """Each prompt token's log-probability given the soft prompt and the tokens before it (the first token's is
     None: OpenAI's and vLLM's convention, kept with an adapter too), and the top_n most likely tokens there.
 
     The prompt runs alone on top of the adapter's cached keys/values, at the positions the engine gives it (N, N+1,
-    ...), so the values equal those the engine computes for the same prefix."""
-    model, device = base.model, base.device
-    kv, n = cache.get(adapter)
-    tokens = torch.tensor([ids], dtype=torch.long, device=device)
-    mask = torch.ones(1, n + len(ids), dtype=torch.long, device=device)
-    positions = torch.arange(n, n + len(ids), device=device).unsqueeze(0)
-    embeds = model.get_input_embeddings()(tokens)
-    hidden, _ = run_body(model, embeds, mask, positions, cache=make_cache(list(kv)) if kv else None)
-    out = [TokenLogprobs(ids[0], None, None)]
-    for start in range(0, len(ids) - 1, HEAD_CHUNK):
-        stop = min(start + HEAD_CHUNK, len(ids) - 1)
-        logp = torch.log_softmax(lm_logits(model, hidden[0, start:stop]), dim=-1)
-        targets = torch.tensor(ids[start + 1:stop + 1], device=logp.device)
-        chosen = logp.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
-        if top_n > 0:
-            values, top_ids = torch.topk(logp, min(top_n, logp.shape[-1]), dim=-1)
-            tops = [[(int(i), _finite(float(v))) for i, v in zip(r_ids, r_vals)]
-                    for r_ids, r_vals in zip(top_ids.tolist(), values.tolist())]
-        else:
-            tops = [[] for _ in chosen]
-        out += [TokenLogprobs(t, _finite(c), top) for t, c, top in zip(ids[start + 1:stop + 1], chosen, tops)]
-    return out
+    ...), slice by slice (PromptScorer, what the server's worker runs between decode steps)."""
+    scorer = PromptScorer(base, None if adapter is None else cache.entry(adapter), ids, top_n)
+    while not scorer.advance():
+        pass
+    return scorer.result

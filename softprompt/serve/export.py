@@ -59,18 +59,22 @@ def export_vllm(config: ExportVllmConfig, base=None) -> dict:
     from safetensors.torch import save_file
 
     from softprompt.core.models import DEFAULT_MODEL, DEFAULT_MODEL_NAME, load_base
-    from softprompt.formats.adapter import load_adapter
+    from softprompt.formats.adapter import check_fits_context, load_adapter
     from softprompt.serve.vllm_client import check_embeddable, completion_payload
 
     adapter = load_adapter(config.adapter)
     check_embeddable(adapter)
+    recorded = adapter.config.get("base_model_name_or_path")
+    model_name = config.model or (DEFAULT_MODEL if recorded in (None, DEFAULT_MODEL_NAME) else recorded)
+    context = (getattr(base.model.config, "max_position_embeddings", None) if base is not None
+               else _model_context(model_name))
+    check_fits_context(adapter.embeddings.shape[0], context, adapter.path or config.adapter)
     dtype = getattr(torch, config.dtype)
     rows = adapter.embeddings.detach().to(device="cpu", dtype=dtype).contiguous()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({"prompt_embeds": rows}, str(out / "prompt_embeds.safetensors"))
     torch.save(rows, out / "prompt_embeds.pt")
-    recorded = adapter.config.get("base_model_name_or_path")
     template = adapter.template
     info = {
         "format": FORMAT,
@@ -98,8 +102,7 @@ def export_vllm(config: ExportVllmConfig, base=None) -> dict:
     }
     if config.instruction is not None or config.text is not None:
         if base is None:
-            name = config.model or (DEFAULT_MODEL if recorded in (None, DEFAULT_MODEL_NAME) else recorded)
-            base = load_base(name, device=config.device, dtype=config.dtype)
+            base = load_base(model_name, device=config.device, dtype=config.dtype)
         served = config.served_model_name or recorded or base.name
         kwargs = {"instruction": config.instruction} if config.instruction is not None else {"text": config.text}
         body = completion_payload(served, base, adapter, max_tokens=config.max_tokens, dtype=dtype, **kwargs)
@@ -109,3 +112,17 @@ def export_vllm(config: ExportVllmConfig, base=None) -> dict:
             f"the text {config.text!r}"))
     (out / "vllm.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return info
+
+
+def _model_context(model: str) -> int | None:
+    """The context length in a base model's config, read without loading the model (None when the config cannot
+    be read here: then vLLM itself checks the length)."""
+    from transformers import AutoConfig
+
+    from softprompt.core.models import resolve_model_path
+
+    try:
+        return getattr(AutoConfig.from_pretrained(resolve_model_path(model)[0], local_files_only=True),
+                       "max_position_embeddings", None)
+    except Exception:  # noqa: BLE001 (a hub id not cached here, a folder without config.json, ...)
+        return None

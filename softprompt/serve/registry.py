@@ -10,9 +10,11 @@ scan skips it with the reason, and `add` answers a RegistryError (400) with the 
 adapters folder's absolute path (it is written `<adapters>`).
 
 The soft-prompt KV of each adapter lives in the engine's PromptCache, which the scheduler's worker thread reads
-between decode steps; so the registry changes it only through `run_on_worker` (Scheduler.run), never directly
-from a request thread. Replacing an adapter is atomic: PromptCache.add swaps the entry in one assignment, so every
-request is served by the old or the new soft prompt (requests already admitted keep the old one to the end).
+between decode steps. The registry computes a new entry's KV in the calling thread (PromptCache.prepare: the
+worker keeps decoding meanwhile) and changes the cache only through `run_on_worker` (Scheduler.run), never directly
+from a request thread. Replacing an adapter is atomic: PromptCache.put swaps the entry in one assignment, and a
+request pins the entry it was validated against (state.Prepared.entry), so it is served entirely by the old or
+entirely by the new soft prompt; a request admitted before a removal finishes on the removed entry.
 Changes (add, remove, rescan) are serialised by one lock.
 """
 
@@ -148,9 +150,11 @@ class AdapterRegistry:
             return adapter
 
     def _install(self, name: str, adapter: Adapter, folder: Path) -> None:
-        # PromptCache.add computes the KV first, then replaces any entry of that name in one assignment: there is
+        # The KV is computed here, in the caller's thread (never on the worker: a long soft prompt would stall every
+        # stream), then the ready entry replaces any entry of that name in one assignment on the worker: there is
         # never a moment when `name` is missing (removing first would fail the requests arriving meanwhile).
-        self.run(lambda: self.cache.add(name, adapter))
+        entry = self.cache.prepare(name, adapter)
+        self.run(lambda: self.cache.put(name, entry))
         with self.lock:
             self.entries[name] = Entry(adapter, folder, _stamp(folder))
 
@@ -168,11 +172,22 @@ class AdapterRegistry:
     def rescan(self) -> dict:
         """Make the served set equal the adapter folders on disk: add new ones, reload re-saved ones, remove
         vanished ones. Folders that cannot be served are listed under `skipped` with the reason (never dropped
-        silently); hidden folders (save_adapter's temporary ones start with '.') are ignored."""
+        silently); hidden folders (save_adapter's temporary ones start with '.') are ignored. A served adapter whose
+        folder cannot be read now (caught mid-write: a missing or corrupt file, or the moment of save_adapter's
+        rename) keeps its version loaded before and is listed under `skipped` with the reason."""
         if self.root is None:
             raise RegistryError("this server was started without an adapters folder (--adapters)")
         with self.changes:
             return self._rescan()
+
+    def _serves(self, name: str, folder: Path) -> bool:
+        """Whether `name` is served from `folder` now."""
+        with self.lock:
+            entry = self.entries.get(name)
+        try:
+            return entry is not None and entry.path == folder.resolve()
+        except OSError:
+            return False
 
     def _rescan(self) -> dict:
         added, reloaded, removed, skipped = [], [], [], {}
@@ -188,6 +203,9 @@ class AdapterRegistry:
                     continue
                 if not (child / CONFIG_FILE).is_file():
                     skipped[name] = f"no {CONFIG_FILE} (not an adapter folder)"
+                    if self._serves(name, child):  # its folder mid-write: the version loaded before goes on
+                        found.add(name)
+                        skipped[name] += KEPT
                     continue
                 validate_name(name)
                 self.resolve(name)
@@ -200,6 +218,9 @@ class AdapterRegistry:
             except Exception as err:  # noqa: BLE001 (one bad folder never blocks the others)
                 skipped[name] = self.clean(str(err) if isinstance(err, (RegistryError, AdapterError))
                                            else f"{type(err).__name__}: {err}")
+                if self._serves(name, child):  # re-saved but unreadable (mid-write?): the version loaded before goes on
+                    found.add(name)
+                    skipped[name] += KEPT
                 continue
             found.add(name)
             (reloaded if entry is not None else added).append(name)
@@ -213,10 +234,25 @@ class AdapterRegistry:
                 vanished = not (entry.path / CONFIG_FILE).is_file()
             except OSError:
                 vanished = True
-            if vanished or (own_folder and name not in found):
+            if (name not in found) if own_folder else vanished:
+                if _being_replaced(entry.path):
+                    skipped[name] = f"{entry.path.name}: being replaced (save_adapter's rename is under way)" + KEPT
+                    continue
                 self.remove(name)
                 removed.append(name)
         return {"added": added, "reloaded": reloaded, "removed": removed, "skipped": skipped}
+
+
+KEPT = "; still serving the version loaded before"
+
+
+def _being_replaced(folder: Path) -> bool:
+    """Whether `folder` is missing only for the moment of an atomic replacement (formats/folders.replace_folder
+    moves the old folder to `.NAME.old`, then the new one into place)."""
+    try:
+        return not folder.exists() and folder.with_name(f".{folder.name}.old").is_dir()
+    except OSError:
+        return False
 
 
 def _stamp(folder: Path) -> tuple:

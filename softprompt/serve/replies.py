@@ -1,5 +1,7 @@
-"""Running a prepared generation request: one scheduler job per prompt and choice, then the answer as one JSON
-object or as server-sent events in OpenAI's shapes (text, logprobs, echo, usage), with disconnects noticed at once."""
+"""Running a prepared generation request: one scheduler job per prompt and choice (and, for echo with logprobs, one
+scoring job per prompt), all on the adapter entry the request was validated against, then the answer as one JSON
+object or as server-sent events in OpenAI's shapes (text, logprobs, echo, usage), with disconnects noticed at once
+(also while prompts are still being scored)."""
 
 from __future__ import annotations
 
@@ -11,11 +13,10 @@ import uuid
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from softprompt.inference.prompt_cache import UnknownAdapterError
 from softprompt.serve.scheduler import Job, Overloaded, Unavailable
-from softprompt.serve.batch import ServeRequest, TokenLogprobs, prompt_logprobs
+from softprompt.serve.batch import PromptScorer, ServeRequest, TokenLogprobs
 from softprompt.serve.schemas import (APIError)
 from softprompt.serve.state import Prepared, ServerState
 
@@ -58,15 +59,21 @@ async def run_generation(request: Request, state: ServerState, prepared: Prepare
         if limit == 0:
             continue
         for c in range(candidates):
-            gen = ServeRequest(prompt_ids=ids, adapter=key, max_new_tokens=limit, temperature=temperature,
-                               top_k=top_k, top_p=top_p, seed=choice_seed(body.seed, c), stop=body.stop_list(),
+            gen = ServeRequest(prompt_ids=ids, adapter=key, entry=prepared.entry, max_new_tokens=limit,
+                               temperature=temperature, top_k=top_k, top_p=top_p, seed=choice_seed(body.seed, c),
+                               stop=body.stop_list(),
                                id=(p, c), presence_penalty=body.presence_penalty,
                                frequency_penalty=body.frequency_penalty, logit_bias=bias, logprobs=track)
             jobs.append(Job(gen, lambda item, i=len(jobs): events.put_nowait((i, item)), loop))
             slots.append((p, c))
+    scored: asyncio.Queue = asyncio.Queue()
+    scoring = []  # echo with logprobs: one scoring job per prompt, run by the worker in slices between steps
+    if not chat and body.echo and asked is not None:
+        scoring = [Job(None, lambda item, p=p: scored.put_nowait((p, item)), loop,
+                       scorer=PromptScorer(state.base, prepared.entry, ids, asked)) for p, ids in enumerate(prompts)]
     try:
-        if jobs:
-            state.scheduler.submit_many(jobs)
+        if jobs or scoring:
+            state.scheduler.submit_many(scoring + jobs)
         elif not state.scheduler.alive:
             raise Unavailable("the generation worker is not running")
     except (Overloaded, Unavailable) as err:
@@ -75,16 +82,16 @@ async def run_generation(request: Request, state: ServerState, prepared: Prepare
                        headers={"Retry-After": "1"})
 
     def cancel_all():
-        for job in jobs:
+        for job in scoring + jobs:
             state.scheduler.cancel(job)
 
     reply = _Reply(state, prepared, jobs, slots, chat, candidates, asked)
-    if not chat and body.echo and asked is not None:
-        def score():
-            return [prompt_logprobs(state.base, state.cache, key, ids, asked) for ids in prompts]
-
+    if scoring:
         try:
-            reply.prompt_scores = await run_in_threadpool(state.scheduler.run, score)
+            reply.prompt_scores = await _scores(request, scored, len(scoring))
+        except ClientGone:
+            cancel_all()
+            return Response(status_code=499)
         except BaseException as err:
             cancel_all()
             raise as_api_error(err) from err
@@ -101,6 +108,22 @@ async def run_generation(request: Request, state: ServerState, prepared: Prepare
         watcher.cancel()
         cancel_all()
 
+
+
+async def _scores(request: Request, scored: asyncio.Queue, count: int) -> list[list[TokenLogprobs]]:
+    """The scoring jobs' results in prompt order; ClientGone as soon as the client disconnects (the caller cancels
+    the jobs, so the worker drops them before their next slice)."""
+    watcher = asyncio.create_task(_watch_disconnect(request, scored))
+    try:
+        results: dict[int, list[TokenLogprobs]] = {}
+        while len(results) < count:
+            index, item = await scored.get()
+            if isinstance(item, BaseException):
+                raise item
+            results[index] = item
+        return [results[i] for i in range(count)]
+    finally:
+        watcher.cancel()
 
 
 async def _watch_disconnect(request: Request, events: asyncio.Queue) -> None:

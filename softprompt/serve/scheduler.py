@@ -1,7 +1,12 @@
 """Continuous batching for the server: one worker thread owns the engine's DecodeBatch.
 
 Between two decode steps the worker runs queued control calls (adapter add/remove), drops cancelled rows, admits
-waiting requests up to `max_batch` live rows (one batched prefill), then advances every live row by one token. Rows
+waiting requests up to `max_batch` live rows (one batched prefill), runs one slice of the first prompt-scoring job
+(echo with logprobs: `Job.scorer`, a batch.PromptScorer, SCORE_SLICE tokens a slice), then advances every live row by
+one token. Scoring jobs wait in a queue of their own, in order, because they run one at a time anyway: the one being
+scored takes a batch slot and each waiting one a queue place (so they count against capacity like generation jobs),
+but a stream submitted after a large scoring request is admitted at once and decodes between the slices. A cancelled
+scoring job (its client left) is dropped before its next slice. Rows
 leave the moment they finish, so requests join and leave between steps and a row's tokens never depend on its
 batch-mates (the DecodeBatch guarantees that). Each TokenEvent goes back to the asyncio side with
 `loop.call_soon_threadsafe`.
@@ -43,6 +48,7 @@ class Job:
     cancelled: bool = False
     finished: bool = False
     tokens: int = 0
+    scorer: object = None  # a batch.PromptScorer: the job scores a prompt instead (deliver gets the result list)
 
 
 class Scheduler:
@@ -58,13 +64,14 @@ class Scheduler:
         self.waiting: collections.deque[Job] = collections.deque()
         self.live: dict[int, Job] = {}  # id(request) -> job
         self.admitting = 0  # jobs taken from `waiting` whose prefill is running (not yet in `live`)
+        self.scoring: collections.deque[Job] = collections.deque()  # scoring jobs; the first one is being run
         self.calls: collections.deque = collections.deque()
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
         self.running = False
         self.error: BaseException | None = None
         self.stats = {"submitted": 0, "completed": 0, "cancelled": 0, "failed": 0, "rejected": 0,
-                      "tokens": 0, "steps": 0, "prefills": 0, "max_live": 0}
+                      "tokens": 0, "steps": 0, "prefills": 0, "score_slices": 0, "max_live": 0}
 
     # ---- public, any thread --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -82,10 +89,11 @@ class Scheduler:
             self.cond.notify_all()
         if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(timeout)
-        for job in list(self.waiting) + list(self.live.values()):
+        for job in list(self.waiting) + list(self.live.values()) + list(self.scoring):
             self._fail(job, Unavailable("the server is shutting down"))
         self.waiting.clear()
         self.live.clear()
+        self.scoring.clear()
 
     @property
     def alive(self) -> bool:
@@ -106,12 +114,15 @@ class Scheduler:
             if not self.alive:
                 raise Unavailable("the generation worker is not running" +
                                   (f" (it failed: {self.error})" if self.error else ""))
-            free = max(0, self.max_batch - len(self.live) - self.admitting)
-            if len(self.waiting) + len(jobs) - free > self.max_queue:
+            scoring = len(self.scoring) + sum(job.scorer is not None for job in jobs)
+            free = max(0, self.max_batch - len(self.live) - self.admitting - min(scoring, 1))
+            queued = len(self.waiting) + max(scoring - 1, 0)  # scoring jobs but the one being run wait
+            if queued + sum(job.scorer is None for job in jobs) - free > self.max_queue:
                 self.stats["rejected"] += 1
                 raise Overloaded(f"the server is busy: {len(self.live)} requests running and {len(self.waiting)} "
                                  "waiting (the queue is full); retry later")
-            self.waiting.extend(jobs)
+            self.waiting.extend(job for job in jobs if job.scorer is None)
+            self.scoring.extend(job for job in jobs if job.scorer is not None)
             self.stats["submitted"] += len(jobs)
             self.cond.notify_all()
 
@@ -136,7 +147,7 @@ class Scheduler:
 
     def snapshot(self) -> dict:
         with self.cond:
-            return {**self.stats, "running": len(self.live), "waiting": len(self.waiting),
+            return {**self.stats, "running": len(self.live), "scoring": len(self.scoring), "waiting": len(self.waiting),
                     "max_batch": self.max_batch, "max_queue": self.max_queue, "alive": self.alive}
 
     # ---- the worker ----------------------------------------------------------------------------------------
@@ -144,7 +155,7 @@ class Scheduler:
         try:
             while True:
                 with self.cond:
-                    while self.running and not (self.calls or self.waiting or self.live):
+                    while self.running and not (self.calls or self.waiting or self.live or self.scoring):
                         self.cond.wait(self.idle_wait)
                     if not self.running:
                         return
@@ -155,8 +166,12 @@ class Scheduler:
                         for job in [j for j in self.waiting if j.cancelled]:
                             self._finish(job, cancelled=True)
                         self.waiting = collections.deque(j for j in self.waiting if not j.cancelled)
+                    if any(j.cancelled for j in self.scoring):
+                        for job in [j for j in self.scoring if j.cancelled]:
+                            self._finish(job, cancelled=True)
+                        self.scoring = collections.deque(j for j in self.scoring if not j.cancelled)
                     admit = []
-                    while self.waiting and len(self.live) + len(admit) < self.max_batch:
+                    while self.waiting and len(self.live) + len(admit) + min(len(self.scoring), 1) < self.max_batch:
                         admit.append(self.waiting.popleft())
                     self.admitting = len(admit)
                 for fn, future in calls:
@@ -172,12 +187,14 @@ class Scheduler:
                     finally:
                         with self.cond:
                             self.admitting = 0
+                if self.scoring:
+                    self._score()
                 if self.live:
                     self._step()
         except BaseException as err:  # noqa: BLE001 (a bug in the worker must not hang every client)
             self.error = err
             self.running = False
-            for job in list(self.waiting) + list(self.live.values()):
+            for job in list(self.waiting) + list(self.live.values()) + list(self.scoring):
                 self._fail(job, Unavailable(f"the generation worker failed: {err!r}"))
             raise
 
@@ -200,6 +217,24 @@ class Scheduler:
         self.stats["prefills"] += 1
         self.stats["max_live"] = max(self.stats["max_live"], len(self.live))
         self._dispatch(events)
+
+    def _score(self) -> None:
+        """One slice of the first scoring job (which stays first until it is done: jobs are scored in order)."""
+        job = self.scoring[0]
+        try:
+            done = job.scorer.advance()
+        except Exception as err:  # noqa: BLE001 (a prompt that cannot be scored fails alone)
+            with self.cond:
+                self.scoring.popleft()
+            self._fail(job, err)
+            return
+        if done:
+            with self.cond:
+                self.scoring.popleft()
+        self.stats["score_slices"] += 1
+        if done:
+            self._finish(job, cancelled=False)
+            self._send(job, job.scorer.result)
 
     def _step(self) -> None:
         try:

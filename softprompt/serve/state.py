@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from softprompt.inference.engine import context_length
 from softprompt.inference.prefix_cache import PrefixCache
-from softprompt.inference.prompt_cache import PromptCache, UnknownAdapterError
+from softprompt.inference.prompt_cache import CachedPrompt, PromptCache, UnknownAdapterError
 from softprompt.data.templates import Template, TemplateError, encode_text
 from softprompt.serve.registry import BASE_NAME, AdapterRegistry, RegistryError
 from softprompt.serve.scheduler import Scheduler
@@ -32,12 +32,14 @@ CLIENT_ERRORS = (ValueError, TypeError, UnicodeError, RecursionError)  # raised 
 
 class Prepared:
     """A fully validated generation request: the body, the adapter key, the prompts' ids and token budgets, the
-    adapter's number of virtual tokens, and (completions) the prompts' texts for echo."""
+    adapter's number of virtual tokens, (completions) the prompts' texts for echo, and the adapter's PromptCache
+    entry it was validated against: every job of the request runs on that entry (pinned), so the request is served
+    entirely by one version of the adapter even if it is replaced or removed meanwhile."""
 
     def __init__(self, body, key: str | None, prompts: list[list[int]], limits: list[int], virtual: int = 0,
-                 texts: list[str] | None = None):
+                 texts: list[str] | None = None, entry: CachedPrompt | None = None):
         self.body, self.key, self.prompts, self.limits = body, key, prompts, limits
-        self.virtual, self.texts = virtual, texts
+        self.virtual, self.texts, self.entry = virtual, texts, entry
 
 
 
@@ -73,17 +75,18 @@ class ServerState:
             raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
         return None if model == BASE_NAME else model
 
-    def lookup(self, model: str) -> tuple[str | None, int, Template]:
-        """(cache key, number of virtual tokens, template) of a served model, read from one cache entry (so an
-        adapter swapped meanwhile gives the old or the new values, never a mix); 404 when unknown or removed."""
+    def lookup(self, model: str) -> tuple[str | None, int, Template, CachedPrompt | None]:
+        """(cache key, number of virtual tokens, template, cache entry) of a served model, read from one cache entry
+        (so an adapter swapped meanwhile gives the old or the new values, never a mix); 404 when unknown or
+        removed. The entry is None for the base model."""
         key = self.adapter_key(model)
         if key is None:
-            return None, 0, self.cache.default_template
+            return None, 0, self.cache.default_template, None
         try:
             entry = self.cache.entry(key)
         except UnknownAdapterError:
             raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found") from None
-        return key, entry.num_virtual_tokens, entry.template
+        return key, entry.num_virtual_tokens, entry.template, entry
 
     def max_tokens(self, asked: int | None, default: int | None, used: int, param: str = "max_tokens") -> int:
         """The completion budget: checked against the server cap and the context left after `used` tokens."""
@@ -102,12 +105,15 @@ class ServerState:
                            code="context_length_exceeded")
         return limit
 
-    def check_capacity(self, count: int, choices: int = 1, param: str = "prompt") -> None:
-        """A request with more completions (prompts x choices) than the server can ever hold at once is a 400 (not a
-        429: retrying cannot help)."""
+    def check_capacity(self, count: int, choices: int = 1, param: str = "prompt", scored: int = 0) -> None:
+        """A request with more jobs (prompts x choices completions, plus `scored` prompts to score for echo with
+        logprobs) than the server can ever hold at once is a 400 (not a 429: retrying cannot help)."""
         sched = self.scheduler
-        if count * choices > sched.capacity:
+        if count * choices + scored > sched.capacity:
             what = f"{count} prompts" if choices == 1 else f"{count} prompt(s) x {choices} choices (n / best_of)"
+            if scored:
+                what = (f"{scored} prompts to score (echo with logprobs)" if not count else
+                        f"{what} plus {scored} prompts to score (echo with logprobs)")
             raise APIError(400, f"Invalid value for '{param}': {what} in one request can never be served: this "
                                 f"server runs at most {sched.max_batch} requests at once and queues at most "
                                 f"{sched.max_queue} (--max-batch, --max-queue), so ask for at most {sched.capacity} "
@@ -127,13 +133,14 @@ class ServerState:
 
     def prepare_completion(self, raw: bytes) -> Prepared:
         body = validate_body(raw, CompletionRequest)
-        key, n, _ = self.lookup(body.model)
+        key, n, _, entry = self.lookup(body.model)
         self.check_bias(body)
         token_prompts = body.token_prompts()
         count = len(token_prompts) if token_prompts is not None else len(body.prompts())
-        if body.max_tokens != 0:  # echo only (max_tokens 0) generates nothing
-            self.check_capacity(count, body.candidates(), "prompt" if body.candidates() == 1 else
-                                "best_of" if body.best_of else "n")
+        generated = count if body.max_tokens != 0 else 0  # echo only (max_tokens 0) generates nothing
+        scored = count if body.echo and body.logprobs is not None else 0  # each scored prompt is a job too
+        self.check_capacity(generated, body.candidates(), "prompt" if body.candidates() == 1 or not generated else
+                            "best_of" if body.best_of else "n", scored=scored)
         single = not isinstance(body.prompt, list) or (token_prompts is not None and isinstance(body.prompt[0], int))
         prompts, texts = [], []
         vocab = self.vocab_size()
@@ -164,11 +171,11 @@ class ServerState:
                                    code="context_length_exceeded")
         else:
             limits = [self.max_tokens(body.max_tokens, DEFAULT_COMPLETION_TOKENS, n + len(ids)) for ids in prompts]
-        return Prepared(body, key, prompts, limits, n, texts)
+        return Prepared(body, key, prompts, limits, n, texts, entry)
 
     def prepare_chat(self, raw: bytes) -> Prepared:
         body = validate_body(raw, ChatRequest)
-        key, n, template = self.lookup(body.model)
+        key, n, template, entry = self.lookup(body.model)
         self.check_bias(body)
         self.check_capacity(1, body.n, "n")
         text = self.chat_text(template, body.as_dicts())
@@ -176,11 +183,11 @@ class ServerState:
         if not ids:
             raise APIError(400, "the formatted conversation is empty", param="messages")
         limit = self.max_tokens(body.limit(), None, n + len(ids), param=body.limit_param())
-        return Prepared(body, key, [ids], [limit], n)
+        return Prepared(body, key, [ids], [limit], n, entry=entry)
 
     def prepare_tokenize(self, raw: bytes) -> dict:
         body = validate_body(raw, TokenizeRequest)
-        key, n, template = self.lookup(body.model)
+        key, n, template, _ = self.lookup(body.model)
         if body.messages is not None:
             text = self.chat_text(template, [{"role": m.role, "content": m.text()} for m in body.messages])
         else:
