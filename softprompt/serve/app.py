@@ -47,6 +47,20 @@ from softprompt.serve.state import CLIENT_ERRORS, ServerState, as_client_error, 
 from softprompt.serve.security import Guard
 
 
+def _lifespan(state: ServerState):
+    """The app's lifespan: the worker thread starts with the app and stops with it."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        state.scheduler.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(state.scheduler.stop)
+
+    return lifespan
+
+
 def create_app(base, adapters_dir=None, *, template: Template | None = None, max_batch: int = 16,
                max_queue: int = 64, max_tokens_cap: int = 2048, max_model_len: int | None = None,
                api_key: str | None = None, allow_admin: bool = False,
@@ -69,14 +83,6 @@ def create_app(base, adapters_dir=None, *, template: Template | None = None, max
     state = ServerState(base, adapters_dir, template=template, max_batch=max_batch, max_queue=max_queue,
                         max_tokens_cap=max_tokens_cap, max_model_len=max_model_len, prefix_cache_mb=prefix_cache_mb)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        state.scheduler.start()
-        try:
-            yield
-        finally:
-            await run_in_threadpool(state.scheduler.stop)
-
     async def authorise(request: Request):
         if api_key is None or request.url.path == "/health":
             return
@@ -91,7 +97,7 @@ def create_app(base, adapters_dir=None, *, template: Template | None = None, max
                                 + (" (and set --api-key when others can reach it)." if api_key is None else "."),
                            type="permission_error", code="admin_disabled")
 
-    app = FastAPI(title="softprompt", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+    app = FastAPI(title="softprompt", version="1", lifespan=_lifespan(state), docs_url=None, redoc_url=None,
                   dependencies=[Depends(authorise)],
                   description="OpenAI-compatible server for soft-prompt adapters on one frozen base model.")
     app.state.softprompt = state
