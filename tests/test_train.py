@@ -307,3 +307,19 @@ def test_tensorboard_is_optional(tmp_path):
         logger.log("train", 1, loss=1.0)
         logger.close()
         assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_max_length_defaults_to_what_the_records_need(base, tmp_path, capsys):
+    """Without --max-length, records of any length up to the context (less the virtual tokens) and 8 token budgets
+    train uncut; past that cap the truncation report and the prompt-fills error are as with an explicit length."""
+    long = [{"instruction": "y" * 400, "output": "abab"}, {"instruction": "z", "output": "cdcd"}]
+    result = train(config(tmp_path / "a", base, data=long, max_steps=1, max_batch_tokens=512))
+    assert result.truncated == 0 and result.train_records == 2
+    assert "2 records (0 truncated to 508 tokens, the longest 425)" in capsys.readouterr().out  # 512 - 4 virtual
+    cut = [{"instruction": "y" * 290, "output": "ab" * 20}, {"instruction": "z", "output": "cdcd"}]
+    result = train(config(tmp_path / "b", base, data=cut, max_steps=1, max_batch_tokens=40))
+    assert result.truncated == 1
+    assert "2 records (1 truncated to 320 tokens, the longest 320)" in capsys.readouterr().out  # 8 x 40
+    with pytest.raises(DataError, match=r"<records>: record 0: the prompt alone is 420 tokens, which fills "
+                                        r"max_length=320; raise --max-length"):
+        train(config(tmp_path / "c", base, data=long, max_steps=1, max_batch_tokens=40))

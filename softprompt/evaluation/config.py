@@ -35,8 +35,9 @@ class EvalConfig:
     batch_size: int = option(16, "rows per forward pass and per generation batch", minimum=1, group="scoring")
     max_batch_tokens: int = option(4096, "token budget of one scoring forward pass (rows x longest row)",
                                    minimum=1, group="scoring")
-    max_length: int = option(2048, "longest prompt + answer in tokens (longer: an error naming the record)",
-                             minimum=2, group="scoring")
+    max_length: int | None = option(
+        None, "longest prompt + answer in tokens (longer: an error naming the record; default: the model's context "
+              "less the adapter's virtual tokens)", minimum=2, group="scoring")
     fields: str | dict | None = option(None, "source field names, e.g. 'instruction=sentence' (as in softprompt "
                                              "train)", group="data")
     label_field: str | None = option(

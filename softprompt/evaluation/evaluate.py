@@ -137,7 +137,7 @@ def evaluate_config(config: EvalConfig) -> dict:
     for name, adapter, template in models:
         start = time.perf_counter()
         metrics = score_model(base, adapter, template, records, choices, generations.get(name), config.batch_size,
-                              config.max_batch_tokens, config.max_length, config.progress)
+                              config.max_batch_tokens, _length_limit(config, base, adapter), config.progress)
         results.append({"adapter": name, "method": adapter.method if adapter is not None else None,
                         "template": template.spec, **metrics,
                         "seconds": round(time.perf_counter() - start + gen_seconds.get(name, 0.0), 2)})
@@ -145,6 +145,17 @@ def evaluate_config(config: EvalConfig) -> dict:
     return {"data": str(source), "model": base.name, "n": len(records), "choices": choices,
             "choices_from": choices_from, "notes": notes, "max_new_tokens": max_new_tokens, "skipped": skipped,
             "results": results}
+
+
+def _length_limit(config: EvalConfig, base: FrozenModel, adapter: Adapter | None) -> int:
+    """--max-length, or the model's context less the adapter's virtual tokens (no context known: 2048)."""
+    if config.max_length is not None:
+        return config.max_length
+    context = getattr(base.model.config, "max_position_embeddings", None) or FALLBACK_CONTEXT
+    return max(2, context - (adapter.num_virtual_tokens if adapter is not None else 0))
+
+
+FALLBACK_CONTEXT = 2048  # a model config without max_position_embeddings
 
 
 def _saved_choices(adapters: dict[str, Adapter], records: list[Record]

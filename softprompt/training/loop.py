@@ -39,7 +39,7 @@ from softprompt.data.records import DataError, Fields, load_records, parse_words
 from softprompt.data.templates import Template
 from softprompt.formats import checkpoint
 from softprompt.formats.adapter import load_adapter, save_adapter
-from softprompt.training.config import TrainConfig, default_batch_tokens
+from softprompt.training.config import TrainConfig, default_batch_tokens, length_cap
 from softprompt.training.metrics import MetricsLogger
 from softprompt.training.optim import build_optimizer, lr_at
 from softprompt.training.scoring import evaluate_loss
@@ -194,6 +194,10 @@ def _setup(config: TrainConfig) -> Run:
                     "turns this off", flush=True)
     if config.max_batch_tokens is None:
         config = dataclasses.replace(config, max_batch_tokens=default_batch_tokens(base.device.type))
+    if config.max_length is None:  # what the records need, up to the context and the memory cap
+        context = getattr(base.model.config, "max_position_embeddings", None)
+        config = dataclasses.replace(config, max_length=length_cap(context, config.num_virtual_tokens,
+                                                                   config.max_batch_tokens))
     examples, eval_examples, skipped, truncated = _encode(config, base, template, train_recs, eval_recs)
     lengths = [len(e) for e in examples]
 
@@ -322,7 +326,8 @@ def _start_reporting(run: Run) -> None:
                                resume_step=run.start if config.resume else None)
     if run.main:
         print(describe_parameters(run.base.model, run.prompt))
-        print(f"train: {len(run.examples)} records ({run.truncated} truncated to {config.max_length} tokens), "
+        print(f"train: {len(run.examples)} records ({run.truncated} truncated to {config.max_length} tokens, the "
+              f"longest {max(run.lengths)}), "
               f"eval: {len(run.eval_examples)}, {run.accelerator.num_processes} process(es), "
               f"{run.state.step_records} records/step, {run.total} steps, device {run.base.device}, "
               f"dtype {run.base.dtype}, up to {config.max_batch_tokens} tokens per forward pass", flush=True)
