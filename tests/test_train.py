@@ -323,3 +323,16 @@ def test_max_length_defaults_to_what_the_records_need(base, tmp_path, capsys):
     with pytest.raises(DataError, match=r"<records>: record 0: the prompt alone is 420 tokens, which fills "
                                         r"max_length=320; raise --max-length"):
         train(config(tmp_path / "c", base, data=long, max_steps=1, max_batch_tokens=40))
+
+
+def test_classification_steps_are_class_balanced(base, tmp_path, monkeypatch):
+    calls = []
+    real = train_module.batching.balanced_plan
+    monkeypatch.setattr(train_module.batching, "balanced_plan",
+                        lambda classes, *args: calls.append(list(classes)) or real(classes, *args))
+    rows = [{"instruction": f"q {i}", "input": "", "output": "yes" if i % 4 else "no"} for i in range(24)]
+    train(config(tmp_path / "a", base, data=rows, max_steps=2))  # auto label words: yes, no
+    assert calls == [[1 if i % 4 else 0 for i in range(24)]]  # label words in order of appearance: no, yes
+    train(config(tmp_path / "b", base, data=rows, max_steps=2, balance_classes=False))
+    train(config(tmp_path / "c", base, max_steps=2))  # free-form answers: length-grouped steps
+    assert len(calls) == 1

@@ -114,6 +114,10 @@ class TrainConfig:
         8, "records per process per step and accumulation round; a step covers batch-size x grad-accum x "
            "processes records", minimum=1, group=OPTIM)
     grad_accum: int = option(1, "gradient accumulation factor", minimum=1, group=OPTIM)
+    balance_classes: bool = option(
+        True, "do not balance the classes of each step (by default, when every answer is one of the label words, "
+              "every step holds the classes in the proportions of the training data instead of records grouped by "
+              "length; measured more stable over seeds, docs/training.md)", group=DATA)
     max_length: int | None = option(
         None, "truncate prompt + answer to this many tokens (default: what the longest record needs, up to the "
               "model's context less the virtual tokens and at most "

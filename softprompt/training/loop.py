@@ -94,13 +94,17 @@ class EpochPlans:
     lengths: list[int]
     step_records: int
     seed: int
+    classes: list[int] | None = None  # each record's class (label word index): class-balanced steps
     epoch: int | None = None
     plan: list[list[int]] = field(default_factory=list)
 
     def records(self, step: int, per_epoch: int) -> list[int]:
         epoch, index = divmod(step, per_epoch)
         if epoch != self.epoch:
-            self.epoch, self.plan = epoch, batching.epoch_plan(self.lengths, self.step_records, self.seed, epoch)
+            self.epoch = epoch
+            self.plan = (batching.balanced_plan(self.classes, self.step_records, self.seed, epoch)
+                         if self.classes is not None else
+                         batching.epoch_plan(self.lengths, self.step_records, self.seed, epoch))
         return self.plan[index]
 
 
@@ -223,9 +227,19 @@ def _setup(config: TrainConfig) -> Run:
               mode="concat" if config.gradient_checkpointing else "kv", per_epoch=per_epoch, total=total,
               warmup=config.warmup_steps if config.warmup_steps is not None else int(0.05 * total),
               eval_every=config.eval_every or config.save_every, start=start, done=start, state=state,
-              plans=EpochPlans(lengths, step_records, config.seed))
+              plans=EpochPlans(lengths, step_records, config.seed,
+                               _classes(examples, train_recs.items, label_words) if config.balance_classes else None))
     _start_reporting(run)
     return run
+
+
+def _classes(examples: list[batching.Example], records, label_words: list[str] | None) -> list[int] | None:
+    """Each example's class (the index of its answer among the label words), or None unless every answer is one."""
+    if not label_words:
+        return None
+    output = {r.where: r.output for r in records}
+    classes = [label_words.index(output[e.where]) if output[e.where] in label_words else -1 for e in examples]
+    return None if -1 in classes else classes
 
 
 # Classification-like data (detect_label_words): at most this many distinct answers over at least this many records,
