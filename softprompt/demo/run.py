@@ -22,7 +22,7 @@ from softprompt.core.models import FrozenModel, load_base
 from softprompt.demo.config import DEFAULT_OUT, DemoConfig
 
 RESULTS_FILE = "demo_results.json"
-# The optimiser measured for this task (88.6% held-out accuracy in 100 steps, see docs/evaluation.md); pinned so
+# The optimiser measured for this task (held-out accuracy over seeds and dtypes in docs/evaluation.md); pinned so
 # that the demo does not change when train's general-purpose defaults are retuned.
 DEMO_OPTIMIZER = "adamw"
 METHOD_NAMES = {"prompt": "prompt tuning", "prefix": "prefix tuning", "ptuning": "P-tuning"}
