@@ -71,7 +71,9 @@ def check_options(config: Any) -> None:
         value = getattr(config, field.name)
         if spec is None or value is None:
             continue
-        name = field.name if not spec.cli else flag_of(field).replace("--no-", "--")
+        name = field.name if not spec.cli else flag_of(field)
+        if spec.cli and field.default is True:  # a negative switch: name the option, not the switch
+            name = name.replace("--no-", "--", 1)
         _check_type(name, value, hints.get(field.name))
         _check_range(name, value, spec)
 
@@ -159,3 +161,21 @@ def progress_option() -> Any:
 def chat_template_option() -> Any:
     return option(False, "format prompts of the base model, and of adapters saved without a template, with the "
                          "model's own chat template (default: the human-assistant template)", group="model")
+
+
+# Defaults of the two anti-repetition options (1.0 / 0: off), used by generate, chat, eval and serve.
+DEFAULT_REPETITION_PENALTY, DEFAULT_NO_REPEAT_NGRAM = 1.0, 0
+REPETITION_PENALTY_RANGE, NO_REPEAT_NGRAM_MAX = (0.5, 5.0), 64  # also the server's request limits
+
+
+def repetition_penalty_option(group: str = "sampling") -> Any:
+    return option(DEFAULT_REPETITION_PENALTY,
+                  "divide a positive logit of every token the answer already has by this (multiply a negative one; "
+                  "CTRL's repetition penalty; the prompt does not count); 1 = off",
+                  minimum=REPETITION_PENALTY_RANGE[0], maximum=REPETITION_PENALTY_RANGE[1],
+                  group=group)
+
+
+def no_repeat_ngram_option(group: str = "sampling") -> Any:
+    return option(DEFAULT_NO_REPEAT_NGRAM, "never repeat an n-gram of this many tokens within an answer (the prompt "
+                                           "does not count); 0 = off", minimum=0, maximum=NO_REPEAT_NGRAM_MAX, group=group)

@@ -118,6 +118,18 @@ def test_prompt_filling_max_length_names_the_record(tiny, tmp_path):
     assert len(examples) == 1 and skipped[0].startswith(f"{path}:2:")
 
 
+def test_balanced_plan_keeps_the_class_proportions_in_every_step():
+    classes = [0] * 30 + [1] * 10 + [2] * 20  # 3 : 1 : 2
+    plan = batching.balanced_plan(classes, 6, seed=3, epoch=0)
+    assert sorted(i for step in plan for i in step) == list(range(60))
+    assert all(sorted(classes[i] for i in step) == [0, 0, 0, 1, 2, 2] for step in plan)
+    assert plan == batching.balanced_plan(classes, 6, seed=3, epoch=0)
+    assert plan != batching.balanced_plan(classes, 6, seed=3, epoch=1)
+    lengths = [1 + (i % 7) for i in range(60)]  # the length-grouped plan mixes classes far less evenly
+    grouped = batching.epoch_plan(lengths, 6, seed=3, epoch=0)
+    assert any(sorted(classes[i] for i in step) != [0, 0, 0, 1, 2, 2] for step in grouped)
+
+
 def test_plan_shard_and_micro_batches():
     lengths = [5, 50, 7, 48, 6, 52, 9, 30, 31, 8]
     plan = batching.epoch_plan(lengths, 4, seed=1, epoch=0)

@@ -167,3 +167,13 @@ def test_table_and_examples_format():
     results[0]["examples"][0] = dict(results[0]["examples"][0], generation="y" * 500)
     long_line = format_examples(results, 1, ["before", "after"]).splitlines()[2]
     assert long_line == "    before: '" + "y" * 155 + "...' (ranked choice: x)"
+
+
+def test_max_length_defaults_to_the_context_less_the_virtual_tokens(tiny, tmp_path):
+    path = random_adapter(tiny, tmp_path / "a")  # 3 virtual tokens; the tiny model's context is 512
+    fits = [{"instruction": "y" * 480, "input": "", "output": "ab"}]
+    assert evaluate(fits, tiny, [path], choices="ab,ac", max_new_tokens=0)["n"] == 1
+    long = [{"instruction": "y" * 520, "input": "", "output": "ab"}]
+    with pytest.raises(DataError, match=r"<records>: record 0: the prompt alone is 527 tokens, which fills "
+                                        r"max_length=509; raise --max-length"):
+        evaluate(long, tiny, [path], choices="ab,ac", max_new_tokens=0)

@@ -18,7 +18,8 @@ from softprompt.data.templates import encode_text
 from softprompt.formats.adapter import load_adapter
 from softprompt.serve.app import create_app
 from softprompt.serve.replies import choice_seed
-from softprompt.serve.batch import ServeRequest, process_logits
+from softprompt.inference.sampling import process_logits
+from softprompt.serve.batch import ServeRequest
 from test_serve import LiveServer, make_adapter
 from helpers import text_logits
 
@@ -199,6 +200,20 @@ def test_logit_bias_and_penalties(server, tiny, folder):
         row = reference_logprobs(tiny, folder, "gamma", ids + generated)[-1]
         generated.append(int(process_logits(row, ServeRequest([1], **kw), generated).argmax()))
     assert fresh["choices"][0]["text"] == tiny.tokenizer.decode(generated)
+    # the repetition penalty and the n-gram ban: the same engine code as generate / chat / eval
+    kw = dict(repetition_penalty=2.5, no_repeat_ngram_size=2, logit_bias={1: -100.0})
+    fresh = completion(server, model="gamma", prompt="aaaa", max_tokens=8, temperature=0, logit_bias={"1": -100},
+                       extra_body={"repetition_penalty": 2.5, "no_repeat_ngram_size": 2})  # vLLM-style extras
+    generated = []
+    for _ in range(8):  # raw logits: the repetition penalty scales them, so log-probabilities would differ
+        with torch.no_grad():
+            row = text_logits(tiny.model, virtual(tiny, folder, "gamma"), torch.tensor([ids + generated]),
+                              torch.ones(1, len(ids + generated), dtype=torch.long))[0, -1]
+        generated.append(int(process_logits(row, ServeRequest([1], **kw), generated).argmax()))
+    assert fresh["choices"][0]["text"] == tiny.tokenizer.decode(generated)
+    once = completion(server, model="gamma", prompt="aaaa", max_tokens=8, temperature=0, logit_bias={"1": -100},
+                      extra_body={"no_repeat_ngram_size": 1})["choices"][0]["text"]
+    assert len(once) == 8 and len(set(once)) == 8  # character tokens: none twice
     logits = torch.randn(20)
     request = ServeRequest([1], presence_penalty=0.5, frequency_penalty=0.25, logit_bias={3: 2.0})
     processed = process_logits(logits, request, [4, 4, 7])
@@ -260,6 +275,8 @@ def test_tokenize_and_detokenize(server, tiny):
     ({"logit_bias": {"5": 101}}, "logit_bias", "must be in [-100, 100]"),
     ({"logit_bias": {"999999": 1}}, "logit_bias", "outside the vocabulary"),
     ({"presence_penalty": 2.5}, "presence_penalty", "less than or equal to 2"),
+    ({"repetition_penalty": 0.1}, "repetition_penalty", "greater than or equal to 0.5"),
+    ({"no_repeat_ngram_size": 65}, "no_repeat_ngram_size", "less than or equal to 64"),
     ({"n": 100}, "n", "less than or equal to 64"),
     ({"n": 64, "prompt": ["a", "b"]}, "n", "2 prompt(s) x 64 choices (n / best_of) in one request can never be"),
 ])

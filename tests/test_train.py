@@ -307,3 +307,32 @@ def test_tensorboard_is_optional(tmp_path):
         logger.log("train", 1, loss=1.0)
         logger.close()
         assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_max_length_defaults_to_what_the_records_need(base, tmp_path, capsys):
+    """Without --max-length, records of any length up to the context (less the virtual tokens) and 8 token budgets
+    train uncut; past that cap the truncation report and the prompt-fills error are as with an explicit length."""
+    long = [{"instruction": "y" * 400, "output": "abab"}, {"instruction": "z", "output": "cdcd"}]
+    result = train(config(tmp_path / "a", base, data=long, max_steps=1, max_batch_tokens=512))
+    assert result.truncated == 0 and result.train_records == 2
+    assert "2 records (0 truncated to 508 tokens, the longest 425)" in capsys.readouterr().out  # 512 - 4 virtual
+    cut = [{"instruction": "y" * 290, "output": "ab" * 20}, {"instruction": "z", "output": "cdcd"}]
+    result = train(config(tmp_path / "b", base, data=cut, max_steps=1, max_batch_tokens=40))
+    assert result.truncated == 1
+    assert "2 records (1 truncated to 320 tokens, the longest 320)" in capsys.readouterr().out  # 8 x 40
+    with pytest.raises(DataError, match=r"<records>: record 0: the prompt alone is 420 tokens, which fills "
+                                        r"max_length=320; raise --max-length"):
+        train(config(tmp_path / "c", base, data=long, max_steps=1, max_batch_tokens=40))
+
+
+def test_classification_steps_are_class_balanced(base, tmp_path, monkeypatch):
+    calls = []
+    real = train_module.batching.balanced_plan
+    monkeypatch.setattr(train_module.batching, "balanced_plan",
+                        lambda classes, *args: calls.append(list(classes)) or real(classes, *args))
+    rows = [{"instruction": f"q {i}", "input": "", "output": "yes" if i % 4 else "no"} for i in range(24)]
+    train(config(tmp_path / "a", base, data=rows, max_steps=2))  # auto label words: yes, no
+    assert calls == [[1 if i % 4 else 0 for i in range(24)]]  # label words in order of appearance: no, yes
+    train(config(tmp_path / "b", base, data=rows, max_steps=2, balance_classes=False))
+    train(config(tmp_path / "c", base, max_steps=2))  # free-form answers: length-grouped steps
+    assert len(calls) == 1

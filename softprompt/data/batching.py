@@ -4,6 +4,9 @@
 - `epoch_plan`: the records of each optimiser step for one epoch. Records are shuffled, then grouped by length
   inside large "mega-batches" (as Hugging Face's group_by_length does), so a step holds records of similar length;
   the order of steps is shuffled again. It depends only on (seed, epoch), which makes resuming exact.
+- `balanced_plan`: the same for classification data: every step holds the classes in the data set's proportions
+  (no length grouping: a step whose records share one answer length would tilt the prompt towards whatever class
+  those records happen to have, and its answers are short anyway).
 - `shard`: one process's share of a step (sorted by length, dealt round-robin, so processes get similar work).
 - `micro_batches`: packs a share into batches whose padded size (rows x longest row) stays within a token budget.
   The loss is normalised over the whole step, so how a step is split never changes the result, only the speed.
@@ -95,6 +98,26 @@ def epoch_plan(lengths: list[int], step_records: int, seed: int, epoch: int, shu
     steps = [grouped[i:i + step_records] for i in range(0, len(grouped), step_records)]
     if shuffle:
         rng.shuffle(steps)
+    return steps
+
+
+def balanced_plan(classes: list[int], step_records: int, seed: int, epoch: int) -> list[list[int]]:
+    """Indices of the records of each step of one epoch for classification data: every step holds the classes in
+    the proportions of the whole data set, as nearly as its size allows (each class's records are shuffled and
+    spread evenly over the epoch), and the order of steps is shuffled. Depends only on (seed, epoch)."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    members: dict[int, list[int]] = {}
+    for index, label in enumerate(classes):
+        members.setdefault(label, []).append(index)
+    keyed = []
+    for label in sorted(members):
+        group = members[label]
+        rng.shuffle(group)
+        offset = rng.random()
+        keyed += [((j + offset) / len(group), rng.random(), i) for j, i in enumerate(group)]
+    order = [i for *_, i in sorted(keyed)]
+    steps = [order[k:k + step_records] for k in range(0, len(order), step_records)]
+    rng.shuffle(steps)
     return steps
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from softprompt.options import (check_options, device_option, dtype_option, model_option, option,
-                                progress_option)
+from softprompt.options import (check_options, device_option, dtype_option, model_option, no_repeat_ngram_option,
+                                option, progress_option, repetition_penalty_option)
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -32,11 +32,14 @@ class EvalConfig:
     max_new_tokens: int | None = option(
         None, "greedy answer length for exact match / ROUGE-L (default: longest choice + 2 with --choices, else "
               f"{DEFAULT_MAX_NEW_TOKENS}; 0 skips generation)", minimum=0, maximum=65536, group="scoring")
+    repetition_penalty: float = repetition_penalty_option("scoring")
+    no_repeat_ngram_size: int = no_repeat_ngram_option("scoring")
     batch_size: int = option(16, "rows per forward pass and per generation batch", minimum=1, group="scoring")
     max_batch_tokens: int = option(4096, "token budget of one scoring forward pass (rows x longest row)",
                                    minimum=1, group="scoring")
-    max_length: int = option(2048, "longest prompt + answer in tokens (longer: an error naming the record)",
-                             minimum=2, group="scoring")
+    max_length: int | None = option(
+        None, "longest prompt + answer in tokens (longer: an error naming the record; default: the model's context "
+              "less the adapter's virtual tokens)", minimum=2, group="scoring")
     fields: str | dict | None = option(None, "source field names, e.g. 'instruction=sentence' (as in softprompt "
                                              "train)", group="data")
     label_field: str | None = option(

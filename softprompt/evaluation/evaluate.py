@@ -6,7 +6,10 @@ For every evaluated model (the base model and/or each adapter), batched:
   sequence (+ EOS) after the templated prompt; the lowest wins. Each record's prompt runs once and all its choices
   are scored from its keys/values (scoring.nll_per_group: the same scores as one full sequence per choice). Plus
   exact match of the greedy answer;
-- without choices: exact match and ROUGE-L (rouge.py) of greedy answers from the generation engine.
+- without choices: exact match and ROUGE-L (rouge.py) of greedy answers from the generation engine, and the share
+  of them stuck in a repetition loop (`looping`: the answer ran to --max-new-tokens and its last 32 tokens repeat
+  one block of 1 to 16 tokens; inference/sampling.is_looping). --repetition-penalty / --no-repeat-ngram-size change
+  how those answers are decoded (the same code as generate, chat and serve).
 
 An adapter is always evaluated with the template saved in it, so training and evaluation format records the same
 way. The base model uses `template` (default: the first adapter's template, so base and adapter see the same text).
@@ -27,7 +30,8 @@ import torch
 from softprompt.data import batching
 from softprompt.formats.adapter import Adapter, load_adapter
 from softprompt.data.records import DataError, Fields, Record, load_records, parse_words
-from softprompt.inference.engine import Engine, GenerationRequest
+from softprompt.inference.engine import Engine, GenerationRequest, GenerationResult
+from softprompt.inference.sampling import is_looping
 from softprompt.core.models import FrozenModel, load_base
 from softprompt.evaluation.rouge import exact_match, rouge_l
 from softprompt.evaluation.config import DEFAULT_MAX_NEW_TOKENS, EvalConfig
@@ -135,13 +139,20 @@ def evaluate_config(config: EvalConfig) -> dict:
         max_new_tokens = longest + 2 if choices else DEFAULT_MAX_NEW_TOKENS
     generations, gen_seconds = {}, {}
     if max_new_tokens:
+        penalties = {"repetition_penalty": config.repetition_penalty,
+                     "no_repeat_ngram_size": config.no_repeat_ngram_size}
         generations, gen_seconds = _generate(base, base_template, models, records, max_new_tokens, config.batch_size,
-                                             config.progress)
+                                             config.progress, penalties)
     results = []
     for name, adapter, template in models:
         start = time.perf_counter()
-        metrics = score_model(base, adapter, template, records, choices, generations.get(name), config.batch_size,
-                              config.max_batch_tokens, config.max_length, config.progress)
+        answers = generations.get(name)
+        texts = [a.text.strip() for a in answers] if answers is not None else None
+        metrics = score_model(base, adapter, template, records, choices, texts, config.batch_size,
+                              config.max_batch_tokens, _length_limit(config, base, adapter), config.progress)
+        if answers is not None and not choices:  # choice answers are a few tokens long: they cannot loop
+            metrics = {**{k: v for k, v in metrics.items() if k != "examples"}, "looping": loop_share(answers),
+                       "examples": metrics["examples"]}
         results.append({"adapter": name, "method": adapter.method if adapter is not None else None,
                         "template": template.spec, **metrics,
                         "seconds": round(time.perf_counter() - start + gen_seconds.get(name, 0.0), 2)})
@@ -149,6 +160,17 @@ def evaluate_config(config: EvalConfig) -> dict:
     return {"data": str(source), "model": base.name, "n": len(records), "choices": choices,
             "choices_from": choices_from, "notes": notes, "max_new_tokens": max_new_tokens, "skipped": skipped,
             "results": results}
+
+
+def _length_limit(config: EvalConfig, base: FrozenModel, adapter: Adapter | None) -> int:
+    """--max-length, or the model's context less the adapter's virtual tokens (no context known: 2048)."""
+    if config.max_length is not None:
+        return config.max_length
+    context = getattr(base.model.config, "max_position_embeddings", None) or FALLBACK_CONTEXT
+    return max(2, context - (adapter.num_virtual_tokens if adapter is not None else 0))
+
+
+FALLBACK_CONTEXT = 2048  # a model config without max_position_embeddings
 
 
 def _saved_choices(adapters: dict[str, Adapter], records: list[Record]
@@ -192,8 +214,8 @@ def _models(config: EvalConfig, adapters: dict[str, Adapter]
     return models + [(name, a, a.template_or(Template())) for name, a in adapters.items()], base_template
 
 
-def _generate(base: FrozenModel, base_template: Template, models, records: list[Record], max_new_tokens: int, batch_size: int,
-              progress: bool) -> tuple[dict, dict]:
+def _generate(base: FrozenModel, base_template: Template, models, records: list[Record], max_new_tokens: int,
+              batch_size: int, progress: bool, penalties: dict) -> tuple[dict, dict]:
     """Greedy answers of every model and the seconds each took; one Engine, so each adapter's soft-prompt KV is
     computed once."""
     engine = Engine(base, {name: a for name, a, _ in models if a is not None}, default_template=base_template)
@@ -201,17 +223,24 @@ def _generate(base: FrozenModel, base_template: Template, models, records: list[
     for name, _, _ in models:
         start = time.perf_counter()
         requests = [GenerationRequest(prompt_ids=engine.encode(r.instruction, r.input, name), adapter=name,
-                                      max_new_tokens=max_new_tokens) for r in records]
-        out[name] = [g.text.strip() for g in engine.generate(requests, batch_size=batch_size, progress=progress)]
+                                      max_new_tokens=max_new_tokens, **penalties) for r in records]
+        out[name] = engine.generate(requests, batch_size=batch_size, progress=progress)
         seconds[name] = time.perf_counter() - start
     return out, seconds
+
+
+def loop_share(answers: list[GenerationResult]) -> float:
+    """The share of answers stuck in a repetition loop (sampling.is_looping: ran to the token limit and the last 32
+    tokens repeat one block of at most 16 tokens)."""
+    return sum(is_looping(a.token_ids, a.finish_reason == "length") for a in answers) / max(1, len(answers))
 
 
 
 
 METRICS = [("method", "method", "{}"), ("n", "n", "{:d}"), ("loss", "loss (answer tokens)", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
            ("accuracy", "accuracy (rank classification)", "{:.1%}"), ("exact_match", "exact match (greedy)", "{:.1%}"),
-           ("rouge_l", "ROUGE-L (greedy)", "{:.3f}"), ("seconds", "seconds", "{:.1f}")]
+           ("rouge_l", "ROUGE-L (greedy)", "{:.3f}"), ("looping", "stuck in a loop (greedy)", "{:.1%}"),
+           ("seconds", "seconds", "{:.1f}")]
 
 
 def model_label(result: dict) -> str:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from softprompt.options import (SEED_MAX, chat_template_option, check_options, device_option, dtype_option,
-                                model_option, option, progress_option)
+                                model_option, no_repeat_ngram_option, option, progress_option,
+                                repetition_penalty_option)
 
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_K = 50
@@ -42,6 +43,8 @@ class GenerationOptions:
                         factory=list, many=True, metavar="TEXT", group=SAMPLING)
     truncate: bool = option(False, "drop the left side of prompts that do not fit the model's context instead of "
                                    "failing", group=SAMPLING)
+    repetition_penalty: float = repetition_penalty_option(SAMPLING)
+    no_repeat_ngram_size: int = no_repeat_ngram_option(SAMPLING)
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -49,12 +52,15 @@ class GenerationOptions:
             raise ValueError("--greedy and --temperature cannot be combined (greedy means temperature 0)")
 
     def sampling(self) -> dict:
-        """temperature / top_k / top_p for a GenerationRequest: greedy, or the given values over the defaults."""
+        """How a GenerationRequest chooses tokens: temperature / top_k / top_p (greedy, or the given values over the
+        defaults) and the anti-repetition options."""
+        penalties = {"repetition_penalty": float(self.repetition_penalty),
+                     "no_repeat_ngram_size": int(self.no_repeat_ngram_size)}
         if self.greedy:
-            return {"temperature": 0.0, "top_k": 0, "top_p": 1.0}
+            return {"temperature": 0.0, "top_k": 0, "top_p": 1.0, **penalties}
         return {"temperature": DEFAULT_TEMPERATURE if self.temperature is None else float(self.temperature),
                 "top_k": DEFAULT_TOP_K if self.top_k is None else int(self.top_k),
-                "top_p": DEFAULT_TOP_P if self.top_p is None else float(self.top_p)}
+                "top_p": DEFAULT_TOP_P if self.top_p is None else float(self.top_p), **penalties}
 
 
 @dataclass

@@ -57,7 +57,7 @@ from softprompt.core.forward import Kv, cache_tensors, lm_logits, make_cache, po
 from softprompt.inference.prefix_cache import PrefixCache
 from softprompt.inference.prompt_cache import CachedPrompt, PromptCache, UnknownAdapterError
 from softprompt.core.models import FrozenModel
-from softprompt.inference.sampling import check_params, make_generator, next_tokens
+from softprompt.inference.sampling import check_params, make_generator, next_tokens, penalised, process_logits
 from softprompt.data.templates import Template, encode_text
 
 
@@ -77,6 +77,12 @@ class GenerationRequest:
     truncate: bool = False         # too long for the context: drop the prompt's left side instead of raising
     entry: CachedPrompt | None = None  # the adapter's PromptCache entry, pinned (a server pins it when it admits
     # the request, so a replace or removal meanwhile does not change it); None: the one loaded under `adapter`
+    # logit processing before the token choice (sampling.process_logits; generated tokens only, not the prompt)
+    repetition_penalty: float = 1.0    # 1 = off
+    no_repeat_ngram_size: int = 0      # 0 = off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
 
 
 @dataclass(eq=False)
@@ -134,7 +140,8 @@ def context_length(base: FrozenModel) -> int | None:
 
 def fit_prompt(request: GenerationRequest, num_virtual_tokens: int, context: int | None) -> list[int]:
     """Validate a request against the model's context; return its prompt ids (left-truncated only if asked)."""
-    check_params(request.temperature, request.top_k, request.top_p, request.max_new_tokens)
+    check_params(request.temperature, request.top_k, request.top_p, request.max_new_tokens,
+                 request.repetition_penalty, request.no_repeat_ngram_size)
     ids = list(request.prompt_ids)
     if not ids:
         raise ValueError("a generation request needs at least one prompt token")
@@ -423,7 +430,11 @@ class DecodeBatch:
     def _accept(self, rows: list[_Row], logits: torch.Tensor) -> list[TokenEvent]:
         """Choose each row's next token, detokenise it, decide whether the row is finished."""
         settings = [(r.request.temperature, r.request.top_k, r.request.top_p) for r in rows]
-        tokens = next_tokens(logits, settings, [r.generator for r in rows])
+        chosen_from = logits
+        if any(penalised(r.request) for r in rows):  # per row, from its own logits and tokens only
+            chosen_from = torch.stack([process_logits(logits[i], r.request, r.generated) if penalised(r.request)
+                                       else logits[i].float() for i, r in enumerate(rows)])
+        tokens = next_tokens(chosen_from, settings, [r.generator for r in rows])
         events = []
         for index, (row, token) in enumerate(zip(rows, tokens)):
             row.generated.append(token)

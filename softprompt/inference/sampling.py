@@ -9,8 +9,13 @@ from __future__ import annotations
 import torch
 
 
-def check_params(temperature: float, top_k: int, top_p: float, max_new_tokens: int | None = None) -> None:
+def check_params(temperature: float, top_k: int, top_p: float, max_new_tokens: int | None = None,
+                 repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> None:
     """Raise ValueError for sampling settings that make no sense."""
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
+    if no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be >= 0 (0 = off), got {no_repeat_ngram_size}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:
@@ -72,3 +77,59 @@ def next_tokens(logits: torch.Tensor, settings: list[tuple[float, int, float]],
         else:
             out.append(sample_row(logits[row], temperature, top_k, top_p, generator))
     return out
+
+
+def penalised(request) -> bool:
+    """Whether a request (GenerationRequest) asks for any logit processing before the token choice."""
+    return bool(request.presence_penalty or request.frequency_penalty or request.repetition_penalty != 1.0
+                or request.no_repeat_ngram_size or request.logit_bias)
+
+
+def banned_ngram_tokens(generated: list[int], n: int) -> list[int]:
+    """Tokens that would complete an n-gram already present in `generated` (the n-1 last tokens followed by them
+    somewhere before)."""
+    if n < 1 or len(generated) < n:
+        return []
+    if n == 1:
+        return list(set(generated))
+    tail = generated[-(n - 1):]
+    return list({generated[i + n - 1] for i in range(len(generated) - n + 1) if generated[i:i + n - 1] == tail})
+
+
+def process_logits(logits: torch.Tensor, request, generated: list[int]) -> torch.Tensor:
+    """One row's logits [V] after the request's penalties, n-gram ban and logit_bias (fp32; a new tensor).
+
+    Only the tokens generated so far count (not the prompt, so an answer may repeat words of its input), as in
+    OpenAI's and vLLM's presence/frequency definition: frequency_penalty * count + presence_penalty * (count > 0)
+    is subtracted; repetition_penalty r (CTRL's, 1 = off) divides a positive logit of a generated token by r and
+    multiplies a negative one; no_repeat_ngram_size n bans every token that would repeat an n-gram of the answer;
+    then each logit_bias entry is added."""
+    out = logits.float().clone()
+    if generated and (request.presence_penalty or request.frequency_penalty or request.repetition_penalty != 1.0):
+        ids = torch.tensor(generated, dtype=torch.long, device=out.device)
+        counts = torch.bincount(ids, minlength=out.shape[-1]).to(out.dtype)
+        seen = counts > 0
+        if request.repetition_penalty != 1.0:
+            r = request.repetition_penalty
+            out = torch.where(seen, torch.where(out > 0, out / r, out * r), out)
+        out -= request.frequency_penalty * counts + request.presence_penalty * seen.to(out.dtype)
+    banned = banned_ngram_tokens(generated, request.no_repeat_ngram_size)
+    if banned:
+        out[torch.tensor(banned, dtype=torch.long, device=out.device)] = float("-inf")
+    for token, bias in (request.logit_bias or {}).items():
+        out[token] += bias
+    return out
+
+
+# A greedy answer is "stuck in a loop" when it ran to its token limit and its last LOOP_WINDOW tokens are periodic
+# with a period of at most LOOP_MAX_PERIOD tokens (the same block of 1..16 tokens repeated at least twice, to the end).
+LOOP_WINDOW, LOOP_MAX_PERIOD = 32, 16
+
+
+def is_looping(token_ids: list[int], hit_length_limit: bool, window: int = LOOP_WINDOW,
+               max_period: int = LOOP_MAX_PERIOD) -> bool:
+    """Whether an answer is stuck in a repetition loop (see LOOP_WINDOW)."""
+    if not hit_length_limit or len(token_ids) < window:
+        return False
+    tail = token_ids[-window:]
+    return any(all(tail[i] == tail[i + p] for i in range(window - p)) for p in range(1, max_period + 1))

@@ -1,10 +1,10 @@
-"""What the server adds to the engine's DecodeBatch: penalties, logit_bias, log-probabilities, prompt scoring.
+"""What the server adds to the engine's DecodeBatch: log-probabilities, prompt scoring.
 
-- `ServeRequest` is a GenerationRequest with OpenAI's per-request logit processing (presence/frequency penalty,
-  logit_bias) and `logprobs` (None: none; N >= 0: the chosen token's log-probability and the N most likely tokens).
-- `ServeBatch` is a DecodeBatch whose token choice applies those processors to each row's own fp32 logits, one row
-  at a time, before the engine picks the token (greedy or sampled with the row's generator), and whose events carry
-  the log-probabilities (`ScoredEvent`). Everything is computed per row from that row's logits only, so a request
+- `ServeRequest` is a GenerationRequest with `logprobs` (None: none; N >= 0: the chosen token's log-probability and
+  the N most likely tokens). OpenAI's presence/frequency penalties and logit_bias, and the repetition penalty and
+  n-gram ban, are GenerationRequest fields that the engine applies to each row's own fp32 logits
+  (inference/sampling.process_logits), the same code for generate, chat, eval and the server.
+- `ServeBatch` is a DecodeBatch whose events carry the log-probabilities (`ScoredEvent`). Everything is computed per row from that row's logits only, so a request
   gives the same tokens and log-probabilities alone or in any mixed batch (the engine guarantees the logits).
 - `PromptScorer` scores a prompt's own tokens after an adapter's cached soft-prompt keys/values (echo with
   logprobs; what lm-evaluation-harness reads for log-likelihood tasks), SCORE_SLICE tokens at a time, so the
@@ -35,11 +35,8 @@ SCORE_SLICE = 128          # prompt tokens a scoring job runs between two decode
 
 @dataclass(eq=False)
 class ServeRequest(GenerationRequest):
-    """A GenerationRequest with OpenAI's logit processing and log-probability reporting."""
+    """A GenerationRequest with log-probability reporting (the penalties and logit_bias are GenerationRequest's)."""
 
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[int, float] | None = None
     logprobs: int | None = None    # None: no log-probabilities; N: the chosen token's and the N most likely
 
 
@@ -74,36 +71,11 @@ def token_logprobs(logits: torch.Tensor, token: int, top_n: int) -> TokenLogprob
     return TokenLogprobs(token, _finite(float(logp[token])), top)
 
 
-def process_logits(logits: torch.Tensor, request: ServeRequest, generated: list[int]) -> torch.Tensor:
-    """One row's logits [V] after OpenAI's penalties and logit_bias (a new tensor; the input is not changed).
-
-    frequency_penalty * count + presence_penalty * (count > 0) is subtracted from each token generated so far
-    (the prompt does not count, as in OpenAI's and vLLM's definition), then each logit_bias entry is added."""
-    out = logits.float().clone()
-    if generated and (request.presence_penalty or request.frequency_penalty):
-        ids = torch.tensor(generated, dtype=torch.long, device=out.device)
-        counts = torch.bincount(ids, minlength=out.shape[-1]).to(out.dtype)
-        out -= request.frequency_penalty * counts + request.presence_penalty * (counts > 0).to(out.dtype)
-    for token, bias in (request.logit_bias or {}).items():
-        out[token] += bias
-    return out
-
-
-def _processed(request) -> bool:
-    return isinstance(request, ServeRequest) and bool(request.presence_penalty or request.frequency_penalty
-                                                      or request.logit_bias)
-
-
 class ServeBatch(DecodeBatch):
     """A DecodeBatch that applies ServeRequest's logit processing per row and reports log-probabilities."""
 
     def _accept(self, rows, logits: torch.Tensor):
-        chosen_from = logits
-        if any(_processed(row.request) for row in rows):
-            chosen_from = torch.stack([process_logits(logits[i], row.request, row.generated)
-                                       if _processed(row.request) else logits[i].float()
-                                       for i, row in enumerate(rows)])
-        events = super()._accept(rows, chosen_from)
+        events = super()._accept(rows, logits)  # penalties and logit_bias: the engine's (sampling.process_logits)
         scored = []
         for index, (row, event) in enumerate(zip(rows, events)):
             asked = getattr(row.request, "logprobs", None)

@@ -63,7 +63,9 @@ async def run_generation(request: Request, state: ServerState, prepared: Prepare
                                temperature=temperature, top_k=top_k, top_p=top_p, seed=choice_seed(body.seed, c),
                                stop=body.stop_list(),
                                id=(p, c), presence_penalty=body.presence_penalty,
-                               frequency_penalty=body.frequency_penalty, logit_bias=bias, logprobs=track)
+                               frequency_penalty=body.frequency_penalty, logit_bias=bias, logprobs=track,
+                               repetition_penalty=body.repetition_penalty,
+                               no_repeat_ngram_size=body.no_repeat_ngram_size)
             jobs.append(Job(gen, lambda item, i=len(jobs): events.put_nowait((i, item)), loop))
             slots.append((p, c))
     scored: asyncio.Queue = asyncio.Queue()

@@ -34,6 +34,9 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from softprompt.formats.adapter import NAME_MAX, NAME_PATTERN
+# repetition_penalty / no_repeat_ngram_size: the defaults and ranges of the command-line options
+from softprompt.options import (DEFAULT_NO_REPEAT_NGRAM, DEFAULT_REPETITION_PENALTY, NO_REPEAT_NGRAM_MAX,
+                                REPETITION_PENALTY_RANGE)
 
 MAX_STOP = 16
 MAX_JSON_DEPTH = 32           # levels of nested objects/arrays a request body may have
@@ -119,6 +122,13 @@ class _Common(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-PENALTY_MAX, le=PENALTY_MAX, allow_inf_nan=False,
                                      description="times the number of times a token was generated, subtracted "
                                                  "from its logit")
+    repetition_penalty: float = Field(
+        default=DEFAULT_REPETITION_PENALTY, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1],
+        allow_inf_nan=False, description="divides a positive logit of every token already generated (multiplies a "
+                                         "negative one); 1 = off (vLLM's extra parameter; not OpenAI's)")
+    no_repeat_ngram_size: int = Field(
+        default=DEFAULT_NO_REPEAT_NGRAM, ge=0, le=NO_REPEAT_NGRAM_MAX,
+        description="never repeat an n-gram of this many generated tokens; 0 = off (not OpenAI's)")
     logit_bias: dict[str, float] | None = Field(
         default=None, description=f"token id (as a string) -> bias added to its logit, in [-{LOGIT_BIAS_MAX:g}, "
                                   f"{LOGIT_BIAS_MAX:g}]; at most {MAX_LOGIT_BIAS} entries",

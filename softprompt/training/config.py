@@ -29,10 +29,25 @@ DEFAULT_LR = {"prompt": 0.3, "prefix": 0.03, "ptuning": 0.03}
 # activations.
 CPU_BATCH_TOKENS, GPU_BATCH_TOKENS = 320, 4096
 
+# Without --max-length a record is cut only past the model's context (less the virtual tokens) or past this many
+# token budgets: a row longer than the budget goes alone in its forward pass, so such a row costs this many times the
+# memory the budget plans for (~0.7 MB of activations per token for SmolLM2-135M in fp32: 320 x 8 = 2,560 tokens,
+# ~1.8 GB on a CPU; GPU budgets reach the context first).
+AUTO_LENGTH_BUDGETS = 8
+
 
 def default_batch_tokens(device_type: str) -> int:
     """The token budget used when --max-batch-tokens is not given."""
     return CPU_BATCH_TOKENS if device_type == "cpu" else GPU_BATCH_TOKENS
+
+
+def length_cap(context: int | None, num_virtual_tokens: int, max_batch_tokens: int) -> int:
+    """The longest prompt + answer kept when --max-length is not given: the model's context less the virtual tokens
+    (which take positions before the text), and at most AUTO_LENGTH_BUDGETS token budgets."""
+    cap = AUTO_LENGTH_BUDGETS * max_batch_tokens
+    if context is not None:
+        cap = min(cap, context - num_virtual_tokens)
+    return max(2, cap)
 
 
 @dataclass
@@ -99,7 +114,15 @@ class TrainConfig:
         8, "records per process per step and accumulation round; a step covers batch-size x grad-accum x "
            "processes records", minimum=1, group=OPTIM)
     grad_accum: int = option(1, "gradient accumulation factor", minimum=1, group=OPTIM)
-    max_length: int = option(256, "truncate prompt + answer to this many tokens", minimum=2, group=DATA)
+    balance_classes: bool = option(
+        True, "do not balance the classes of each step (by default, when every answer is one of the label words, "
+              "every step holds the classes in the proportions of the training data instead of records grouped by "
+              "length; measured more stable over seeds, docs/training.md)", group=DATA)
+    max_length: int | None = option(
+        None, "truncate prompt + answer to this many tokens (default: what the longest record needs, up to the "
+              "model's context less the virtual tokens and at most "
+              f"{AUTO_LENGTH_BUDGETS} x --max-batch-tokens; the start line reports how many records were cut)",
+        minimum=2, group=DATA)
     max_batch_tokens: int | None = option(
         None, "token budget of one forward pass (rows x longest row); a step's records are packed into such "
               f"micro-batches, which never changes the result, only speed and memory (default: {CPU_BATCH_TOKENS} on "

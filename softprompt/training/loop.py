@@ -39,7 +39,7 @@ from softprompt.data.records import DataError, Fields, load_records, parse_words
 from softprompt.data.templates import Template
 from softprompt.formats import checkpoint
 from softprompt.formats.adapter import load_adapter, save_adapter
-from softprompt.training.config import TrainConfig, default_batch_tokens
+from softprompt.training.config import TrainConfig, default_batch_tokens, length_cap
 from softprompt.training.metrics import MetricsLogger
 from softprompt.training.optim import build_optimizer, lr_at
 from softprompt.training.scoring import evaluate_loss
@@ -94,13 +94,17 @@ class EpochPlans:
     lengths: list[int]
     step_records: int
     seed: int
+    classes: list[int] | None = None  # each record's class (label word index): class-balanced steps
     epoch: int | None = None
     plan: list[list[int]] = field(default_factory=list)
 
     def records(self, step: int, per_epoch: int) -> list[int]:
         epoch, index = divmod(step, per_epoch)
         if epoch != self.epoch:
-            self.epoch, self.plan = epoch, batching.epoch_plan(self.lengths, self.step_records, self.seed, epoch)
+            self.epoch = epoch
+            self.plan = (batching.balanced_plan(self.classes, self.step_records, self.seed, epoch)
+                         if self.classes is not None else
+                         batching.epoch_plan(self.lengths, self.step_records, self.seed, epoch))
         return self.plan[index]
 
 
@@ -194,6 +198,10 @@ def _setup(config: TrainConfig) -> Run:
                     "turns this off", flush=True)
     if config.max_batch_tokens is None:
         config = dataclasses.replace(config, max_batch_tokens=default_batch_tokens(base.device.type))
+    if config.max_length is None:  # what the records need, up to the context and the memory cap
+        context = getattr(base.model.config, "max_position_embeddings", None)
+        config = dataclasses.replace(config, max_length=length_cap(context, config.num_virtual_tokens,
+                                                                   config.max_batch_tokens))
     examples, eval_examples, skipped, truncated = _encode(config, base, template, train_recs, eval_recs)
     lengths = [len(e) for e in examples]
 
@@ -221,9 +229,19 @@ def _setup(config: TrainConfig) -> Run:
               mode="concat" if config.gradient_checkpointing else "kv", per_epoch=per_epoch, total=total,
               warmup=config.warmup_steps if config.warmup_steps is not None else int(0.05 * total),
               eval_every=config.eval_every or config.save_every, start=start, done=start, state=state,
-              plans=EpochPlans(lengths, step_records, config.seed))
+              plans=EpochPlans(lengths, step_records, config.seed,
+                               _classes(examples, train_recs.items, label_words) if config.balance_classes else None))
     _start_reporting(run)
     return run
+
+
+def _classes(examples: list[batching.Example], records, label_words: list[str] | None) -> list[int] | None:
+    """Each example's class (the index of its answer among the label words), or None unless every answer is one."""
+    if not label_words:
+        return None
+    output = {r.where: r.output for r in records}
+    classes = [label_words.index(output[e.where]) if output[e.where] in label_words else -1 for e in examples]
+    return None if -1 in classes else classes
 
 
 # Classification-like data (detect_label_words): at most this many distinct answers over at least this many records,
@@ -324,7 +342,8 @@ def _start_reporting(run: Run) -> None:
                                resume_step=run.start if config.resume else None)
     if run.main:
         print(describe_parameters(run.base.model, run.prompt))
-        print(f"train: {len(run.examples)} records ({run.truncated} truncated to {config.max_length} tokens), "
+        print(f"train: {len(run.examples)} records ({run.truncated} truncated to {config.max_length} tokens, the "
+              f"longest {max(run.lengths)}), "
               f"eval: {len(run.eval_examples)}, {run.accelerator.num_processes} process(es), "
               f"{run.state.step_records} records/step, {run.total} steps, device {run.base.device}, "
               f"dtype {run.base.dtype}, up to {config.max_batch_tokens} tokens per forward pass", flush=True)
