@@ -51,6 +51,7 @@ def policy_env(policy: str) -> dict[str, str]:
 
 def child(args) -> None:
     """Run both workloads in this process and print their tokens/s as JSON."""
+    import softprompt  # noqa: F401  (first: it chooses OpenMP's waits before torch loads)
     import torch
 
     from softprompt.core.models import load_base
@@ -70,7 +71,8 @@ def child(args) -> None:
     start = time.perf_counter()
     out = engine.generate([GenerationRequest(ids, max_new_tokens=args.gen_tokens)])[0]
     seconds = time.perf_counter() - start
-    print(json.dumps({"train": result.tokens_per_second, "generate": len(out.token_ids) / seconds,
+    chosen = {k: os.environ[k] for k in WAIT_VARIABLES if k in os.environ}
+    print(json.dumps({"train": result.tokens_per_second, "generate": len(out.token_ids) / seconds, "waits": chosen,
                       "threads": torch.get_num_threads(), "dtype": str(base.dtype).replace("torch.", "")}))
 
 
@@ -106,8 +108,9 @@ def measure(args, policies: list[str]) -> dict:
                     old = best[policy][condition].get(workload, 0.0)
                     best[policy][condition][workload] = max(old, got[workload])
                 best[policy]["dtype"], best[policy]["threads"] = got["dtype"], got["threads"]
+                best[policy].setdefault("waits", {})[condition] = got["waits"]
                 print(f"{policy:>15} {condition:>5}: train {got['train']:7.1f}  generate {got['generate']:6.2f} "
-                      "tokens/s", flush=True)
+                      f"tokens/s  {got['waits']}", flush=True)
     return best
 
 
@@ -119,7 +122,7 @@ def summarise(best: dict) -> dict:
         summary[workload] = {
             policy: {"quiet": round(b["quiet"][workload], 2), "busy": round(b["busy"][workload], 2),
                      "busy_share": round(b["busy"][workload] / b["quiet"][workload], 3),
-                     "quiet_vs_fastest": round(b["quiet"][workload] / fastest, 3)}
+                     "quiet_vs_fastest": round(b["quiet"][workload] / fastest, 3), "waits": b["waits"]}
             for policy, b in best.items()}
     return summary
 

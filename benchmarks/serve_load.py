@@ -50,9 +50,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# On a CPU shared with other work, OpenMP threads that spin-wait for each other slow small ops down by up to ~100x;
-# sleeping waits avoid that. Must be set before torch loads its OpenMP runtime.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# First, before torch: softprompt chooses OpenMP's waits by the machine's load (softprompt/runtime.py), so this
+# benchmark runs with what users get, and with the user's own OMP_WAIT_POLICY where one is set.
+import softprompt  # noqa: E402, F401
+
+# isort: split
 
 import torch  # noqa: E402
 

@@ -5,15 +5,18 @@ its core busy, ready at once) or sleeps (gives the core away, wakes a few micros
 spins for a long time (300,000 iterations per wait), which is fastest on an idle machine and disastrous on a busy
 one: a thread that spins while the thread it waits for has been descheduled burns the very core that thread needs.
 Measured on 2 cores (docs/benchmarks.md, benchmarks/contention.py): training ran ~18x slower beside other work.
-Sleeping at once (`OMP_WAIT_POLICY=PASSIVE`) holds up under load but costs ~15% on an idle machine.
+Sleeping at once (`OMP_WAIT_POLICY=PASSIVE`) holds up better under load but costs a third of the speed on an idle
+machine.
 
-softprompt therefore sets a *bounded* spin: a waiting thread spins briefly (long enough to catch the next parallel
-region of a busy step, which usually starts within microseconds) and then sleeps. The bound is `SPIN_COUNT`
-iterations for GNU OpenMP (`GOMP_SPINCOUNT`, what torch's Linux wheels use) and `BLOCK_TIME_MS` for Intel/LLVM
-OpenMP (`KMP_BLOCKTIME`). It is applied only when torch is not imported yet (the runtime reads the variables once,
-when it starts) and only when the user has set none of the wait variables: `OMP_WAIT_POLICY=ACTIVE` or `PASSIVE`,
-`GOMP_SPINCOUNT` or `KMP_BLOCKTIME` in the environment always win. `SOFTPROMPT_OMP_WAIT=keep` leaves OpenMP's own
-default in place.
+No single setting is best on both (benchmarks/contention.py, 2-core AMD EPYC, bf16, docs/benchmarks.md): on a quiet
+machine OpenMP's default was the fastest (training 302 tokens/s, decode 22.6; a spin bounded to 10,000 iterations
+194 and 16.4, PASSIVE 199 and 12.3), and beside one CPU-bound process per core it kept 20% of that (60 and 5.0)
+where PASSIVE kept 109 and 11.5. softprompt therefore chooses at start-up: when other work is running
+(`machine_is_busy`: the tasks runnable right now, besides this one, fill at least half the cores) it sets
+`OMP_WAIT_POLICY=PASSIVE`; on a quiet machine it leaves OpenMP's default. The choice changes timing only, never
+results. It is made only when torch is not imported yet (OpenMP reads the variable once, when it starts) and only
+when the user has set none of the wait variables: `OMP_WAIT_POLICY`, `GOMP_SPINCOUNT` or `KMP_BLOCKTIME` in the
+environment always win, and `SOFTPROMPT_OMP_WAIT=keep` leaves OpenMP's default in place whatever the load.
 
 This module imports nothing from softprompt and nothing heavy: `softprompt/__init__.py` calls it first.
 """
@@ -21,26 +24,58 @@ This module imports nothing from softprompt and nothing heavy: `softprompt/__ini
 from __future__ import annotations
 
 import os
+import statistics
 import sys
-from collections.abc import MutableMapping
+import time
+from collections.abc import Callable, MutableMapping
 
-SPIN_COUNT = 10_000  # GNU OpenMP spin iterations before sleeping (its default is 300,000; PASSIVE is 0)
-BLOCK_TIME_MS = 1  # the same bound for Intel/LLVM OpenMP, in milliseconds (its default is 200)
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 OPT_OUT = "SOFTPROMPT_OMP_WAIT"  # "keep": leave OpenMP's default waits alone
+BUSY_SHARE = 0.5  # other runnable tasks per core from which the machine counts as busy
 
 
-def configure_openmp_waits(environ: MutableMapping[str, str] | None = None,
-                           modules: dict | None = None) -> str:
-    """Set a bounded OpenMP spin before torch loads, unless the user chose a wait policy. Returns what was done:
-    'set', 'user' (a wait variable was already set, or the opt-out), or 'late' (torch was already imported, so the
-    setting could no longer take effect)."""
+def runnable_tasks() -> int | None:
+    """Tasks runnable on this machine right now, this one included (Linux /proc/stat); None where unknown."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            for line in stat:
+                if line.startswith("procs_running"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def machine_is_busy(sample: Callable[[], int | None] = runnable_tasks, samples: int = 5,
+                    interval: float = 0.004) -> bool:
+    """Whether other work occupies at least half the cores: the median of a few samples (~20 ms) of the tasks
+    runnable right now, less this process. An instant count, not the load average, which still remembers work that
+    has just ended (a previous run)."""
+    counts = []
+    for i in range(samples):
+        if i:
+            time.sleep(interval)
+        count = sample()
+        if count is None:
+            return False
+        counts.append(count)
+    others = statistics.median(counts) - 1
+    return others >= BUSY_SHARE * (os.cpu_count() or 1)
+
+
+def configure_openmp_waits(environ: MutableMapping[str, str] | None = None, modules: dict | None = None,
+                           busy: Callable[[], bool] = machine_is_busy) -> str:
+    """Choose OpenMP's waits before torch loads, unless the user chose them. Returns what was done: 'default' (a
+    quiet machine: OpenMP's own waits), 'passive' (other work is running: OMP_WAIT_POLICY=PASSIVE), 'user' (a wait
+    variable was already set, or the opt-out), or 'late' (torch was already imported, so a setting could no longer
+    take effect)."""
     environ = os.environ if environ is None else environ
     modules = sys.modules if modules is None else modules
     if environ.get(OPT_OUT, "").strip().lower() == "keep" or any(v in environ for v in WAIT_VARIABLES):
         return "user"
     if "torch" in modules:
         return "late"
-    environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
-    environ["KMP_BLOCKTIME"] = str(BLOCK_TIME_MS)
-    return "set"
+    if busy():
+        environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        return "passive"
+    return "default"
