@@ -38,10 +38,13 @@ DTYPES = ("float32", "bfloat16")
 def alpaca_split(path: str, train: int, held_out: int, max_chars: int, seed: int = 0):
     with open(path, encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
-    rows = [{"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]} for r in rows
-            if r["output"].strip() and len(r["instruction"]) + len(r.get("input") or "") + len(r["output"]) <= max_chars]
+    rows = [
+        {"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]}
+        for r in rows
+        if r["output"].strip() and len(r["instruction"]) + len(r.get("input") or "") + len(r["output"]) <= max_chars
+    ]
     random.Random(seed).shuffle(rows)
-    return rows[:train], rows[train:train + held_out]
+    return rows[:train], rows[train : train + held_out]
 
 
 def summarise(values: dict) -> dict:
@@ -50,8 +53,12 @@ def summarise(values: dict) -> dict:
     diff = max(abs(values[s]["bfloat16"] - values[s]["float32"]) for s in seeds)
     spread = {d: max(values[s][d] for s in seeds) - min(values[s][d] for s in seeds) for d in DTYPES}
     mean = {d: sum(values[s][d] for s in seeds) / len(seeds) for d in DTYPES}
-    return {"values": values, "mean": mean, "max_abs_diff_bf16_fp32": round(diff, 4),
-            "seed_spread": {d: round(v, 4) for d, v in spread.items()}}
+    return {
+        "values": values,
+        "mean": mean,
+        "max_abs_diff_bf16_fp32": round(diff, 4),
+        "seed_spread": {d: round(v, 4) for d, v in spread.items()},
+    }
 
 
 def main() -> None:
@@ -94,8 +101,16 @@ def main() -> None:
 
     def trained(name: str, records: list[dict], dtype: str, seed: int):
         start = time.perf_counter()
-        result = train(TrainConfig(data=records, out=str(out / f"{name}-{dtype}-{seed}"), model=bases[dtype],
-                                   seed=seed, progress=False, threads=args.threads))
+        result = train(
+            TrainConfig(
+                data=records,
+                out=str(out / f"{name}-{dtype}-{seed}"),
+                model=bases[dtype],
+                seed=seed,
+                progress=False,
+                threads=args.threads,
+            )
+        )
         return load_adapter(result.adapter_dir, scorer), result, time.perf_counter() - start
 
     if args.sst2:
@@ -107,13 +122,27 @@ def main() -> None:
                 adapter, result, seconds = trained("sst2", train_records, dtype, seed)
                 acc = accuracy(scorer, adapter.virtual(), held_out, examples)
                 values.setdefault(seed, {})[dtype] = acc
-                print(json.dumps({"part": "sst2", "seed": seed, "dtype": dtype, "accuracy": round(acc, 4),
-                                  "train_loss": result.train_loss, "seconds": round(seconds),
-                                  "tokens_per_s": round(result.tokens_per_second, 1),
-                                  "loadavg": [round(x, 2) for x in os.getloadavg()]}), flush=True)
-        parts["sst2_accuracy"] = {"train": len(train_records), "held_out": len(held_out),
-                                  "zero_shot": round(accuracy(scorer, None, held_out, examples), 4),
-                                  **summarise(values)}
+                print(
+                    json.dumps(
+                        {
+                            "part": "sst2",
+                            "seed": seed,
+                            "dtype": dtype,
+                            "accuracy": round(acc, 4),
+                            "train_loss": result.train_loss,
+                            "seconds": round(seconds),
+                            "tokens_per_s": round(result.tokens_per_second, 1),
+                            "loadavg": [round(x, 2) for x in os.getloadavg()],
+                        }
+                    ),
+                    flush=True,
+                )
+        parts["sst2_accuracy"] = {
+            "train": len(train_records),
+            "held_out": len(held_out),
+            "zero_shot": round(accuracy(scorer, None, held_out, examples), 4),
+            **summarise(values),
+        }
 
     if args.alpaca:
         train_records, held_out = alpaca_split(args.alpaca, args.alpaca_train, args.alpaca_held_out, args.max_chars)
@@ -125,15 +154,28 @@ def main() -> None:
                 adapter, result, seconds = trained("alpaca", train_records, dtype, seed)
                 loss = evaluate_loss(scorer.model, SoftPrompt(adapter.embeddings), examples, 4096, pad)
                 values.setdefault(seed, {})[dtype] = loss
-                print(json.dumps({"part": "alpaca", "seed": seed, "dtype": dtype, "held_out_loss": round(loss, 4),
-                                  "train_loss": result.train_loss, "seconds": round(seconds),
-                                  "tokens_per_s": round(result.tokens_per_second, 1),
-                                  "loadavg": [round(x, 2) for x in os.getloadavg()]}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "part": "alpaca",
+                            "seed": seed,
+                            "dtype": dtype,
+                            "held_out_loss": round(loss, 4),
+                            "train_loss": result.train_loss,
+                            "seconds": round(seconds),
+                            "tokens_per_s": round(result.tokens_per_second, 1),
+                            "loadavg": [round(x, 2) for x in os.getloadavg()],
+                        }
+                    ),
+                    flush=True,
+                )
         initial = SoftPrompt.initialise(scorer, "vocab", 20, seed=seeds[0])
-        parts["alpaca_held_out_loss"] = {"train": len(train_records), "held_out": len(held_out),
-                                         "initial_prompt": round(evaluate_loss(scorer.model, initial, examples, 4096,
-                                                                               pad), 4),
-                                         **summarise(values)}
+        parts["alpaca_held_out_loss"] = {
+            "train": len(train_records),
+            "held_out": len(held_out),
+            "initial_prompt": round(evaluate_loss(scorer.model, initial, examples, 4096, pad), 4),
+            **summarise(values),
+        }
 
     if args.demo:
         from softprompt.demo import task as demo_task
@@ -148,14 +190,31 @@ def main() -> None:
                 metrics = run_demo(folder, bases[dtype], print_fn=lambda *a, **k: None, seed=seed, progress=False)
                 after = metrics["after"]["accuracy"]
                 eval_file = next(folder.rglob("eval.jsonl"))
-                again = evaluate(str(eval_file), scorer, [str(folder)], choices=demo_task.CHOICES,
-                                 template=demo_task.TEMPLATE, max_new_tokens=0, progress=False)["results"][0]
+                again = evaluate(
+                    str(eval_file),
+                    scorer,
+                    [str(folder)],
+                    choices=demo_task.CHOICES,
+                    template=demo_task.TEMPLATE,
+                    max_new_tokens=0,
+                    progress=False,
+                )["results"][0]
                 own.setdefault(seed, {})[dtype] = after
                 rescored.setdefault(seed, {})[dtype] = again["accuracy"]
-                print(json.dumps({"part": "demo", "seed": seed, "dtype": dtype, "accuracy_own_dtype": after,
-                                  "accuracy_fp32_scored": round(again["accuracy"], 4),
-                                  "seconds": round(time.perf_counter() - start),
-                                  "loadavg": [round(x, 2) for x in os.getloadavg()]}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "part": "demo",
+                            "seed": seed,
+                            "dtype": dtype,
+                            "accuracy_own_dtype": after,
+                            "accuracy_fp32_scored": round(again["accuracy"], 4),
+                            "seconds": round(time.perf_counter() - start),
+                            "loadavg": [round(x, 2) for x in os.getloadavg()],
+                        }
+                    ),
+                    flush=True,
+                )
         parts["demo_accuracy"] = {"scored_in_training_dtype": summarise(own), "scored_fp32": summarise(rescored)}
     print(json.dumps({"seeds": seeds, **parts}))
 

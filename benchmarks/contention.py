@@ -51,9 +51,9 @@ def policy_env(policy: str) -> dict[str, str]:
 
 def child(args) -> None:
     """Run both workloads in this process and print their tokens/s as JSON."""
-    import softprompt  # noqa: F401  (first: it chooses OpenMP's waits before torch loads)
     import torch
 
+    import softprompt  # noqa: F401  (first: it chooses OpenMP's waits before torch loads)
     from softprompt.core.models import load_base
     from softprompt.demo.task import make_records
     from softprompt.inference.engine import Engine, GenerationRequest
@@ -63,8 +63,17 @@ def child(args) -> None:
     base = load_base(args.model, device="cpu", dtype=args.dtype)
     records, _ = make_records(num_train=8 * args.train_steps, seed=0)
     with tempfile.TemporaryDirectory() as out:
-        result = train(TrainConfig(data=records, out=out, model=base, max_steps=args.train_steps, progress=False,
-                                   save_every=10_000, log_every=10_000))
+        result = train(
+            TrainConfig(
+                data=records,
+                out=out,
+                model=base,
+                max_steps=args.train_steps,
+                progress=False,
+                save_every=10_000,
+                log_every=10_000,
+            )
+        )
     engine = Engine(base)
     ids = engine.encode(STREAM_PROMPT)
     engine.generate([GenerationRequest(ids, max_new_tokens=4)])  # warm-up
@@ -72,8 +81,17 @@ def child(args) -> None:
     out = engine.generate([GenerationRequest(ids, max_new_tokens=args.gen_tokens)])[0]
     seconds = time.perf_counter() - start
     chosen = {k: os.environ[k] for k in WAIT_VARIABLES if k in os.environ}
-    print(json.dumps({"train": result.tokens_per_second, "generate": len(out.token_ids) / seconds, "waits": chosen,
-                      "threads": torch.get_num_threads(), "dtype": str(base.dtype).replace("torch.", "")}))
+    print(
+        json.dumps(
+            {
+                "train": result.tokens_per_second,
+                "generate": len(out.token_ids) / seconds,
+                "waits": chosen,
+                "threads": torch.get_num_threads(),
+                "dtype": str(base.dtype).replace("torch.", ""),
+            }
+        )
+    )
 
 
 def run_child(args, policy: str, busy: bool) -> dict:
@@ -83,8 +101,17 @@ def run_child(args, policy: str, busy: bool) -> dict:
         competitors = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
         time.sleep(0.5)
     try:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--dtype", args.dtype,
-               "--train-steps", str(args.train_steps), "--gen-tokens", str(args.gen_tokens)]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            "--dtype",
+            args.dtype,
+            "--train-steps",
+            str(args.train_steps),
+            "--gen-tokens",
+            str(args.gen_tokens),
+        ]
         if args.model:
             cmd += ["--model", args.model]
         done = subprocess.run(cmd, env=policy_env(policy), capture_output=True, text=True, timeout=args.timeout)
@@ -109,8 +136,11 @@ def measure(args, policies: list[str]) -> dict:
                     best[policy][condition][workload] = max(old, got[workload])
                 best[policy]["dtype"], best[policy]["threads"] = got["dtype"], got["threads"]
                 best[policy].setdefault("waits", {})[condition] = got["waits"]
-                print(f"{policy:>15} {condition:>5}: train {got['train']:7.1f}  generate {got['generate']:6.2f} "
-                      f"tokens/s  {got['waits']}", flush=True)
+                print(
+                    f"{policy:>15} {condition:>5}: train {got['train']:7.1f}  generate {got['generate']:6.2f} "
+                    f"tokens/s  {got['waits']}",
+                    flush=True,
+                )
     return best
 
 
@@ -120,10 +150,15 @@ def summarise(best: dict) -> dict:
     for workload in ("train", "generate"):
         fastest = max(b["quiet"][workload] for b in best.values())
         summary[workload] = {
-            policy: {"quiet": round(b["quiet"][workload], 2), "busy": round(b["busy"][workload], 2),
-                     "busy_share": round(b["busy"][workload] / b["quiet"][workload], 3),
-                     "quiet_vs_fastest": round(b["quiet"][workload] / fastest, 3), "waits": b["waits"]}
-            for policy, b in best.items()}
+            policy: {
+                "quiet": round(b["quiet"][workload], 2),
+                "busy": round(b["busy"][workload], 2),
+                "busy_share": round(b["busy"][workload] / b["quiet"][workload], 3),
+                "quiet_vs_fastest": round(b["quiet"][workload] / fastest, 3),
+                "waits": b["waits"],
+            }
+            for policy, b in best.items()
+        }
     return summary
 
 
@@ -143,8 +178,18 @@ def main(argv: list[str] | None = None) -> None:
     load = os.getloadavg()[0]
     best = measure(args, args.policies.split(","))
     any_policy = next(iter(best.values()))
-    print(json.dumps({"cores": os.cpu_count(), "load_average_at_start": round(load, 2), "dtype": any_policy["dtype"],
-                      "threads": any_policy["threads"], "competitors": os.cpu_count(), **summarise(best)}))
+    print(
+        json.dumps(
+            {
+                "cores": os.cpu_count(),
+                "load_average_at_start": round(load, 2),
+                "dtype": any_policy["dtype"],
+                "threads": any_policy["threads"],
+                "competitors": os.cpu_count(),
+                **summarise(best),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

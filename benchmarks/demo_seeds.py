@@ -30,8 +30,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="a DemoConfig field (steps, lr, init, ...) or, failing that, a TrainConfig field")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a DemoConfig field (steps, lr, init, ...) or, failing that, a TrainConfig field",
+    )
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     import torch
@@ -57,20 +62,52 @@ def main() -> None:
             config = DemoConfig(seed=seed, dtype=dtype, progress=False, **demo_changes)
             rows, eval_rows = demo_task.make_records(config.train_records or config.steps * config.batch_size, seed)
             with tempfile.TemporaryDirectory() as out:
-                tc = dataclasses.replace(train_config(dataclasses.replace(config, out=out), base, rows),
-                                         **train_changes)
+                tc = dataclasses.replace(
+                    train_config(dataclasses.replace(config, out=out), base, rows), **train_changes
+                )
                 start = time.perf_counter()
                 result = train(tc)
-                report = evaluate(eval_rows, base, [out], choices=demo_task.CHOICES, template=demo_task.TEMPLATE,
-                                  max_new_tokens=0, progress=False)["results"][0]
+                report = evaluate(
+                    eval_rows,
+                    base,
+                    [out],
+                    choices=demo_task.CHOICES,
+                    template=demo_task.TEMPLATE,
+                    max_new_tokens=0,
+                    progress=False,
+                )["results"][0]
             accuracies.append(report["accuracy"])
-            print(json.dumps({"dtype": dtype, "seed": seed, "accuracy": round(report["accuracy"], 4),
-                              "loss": round(report["loss"], 4), "train_loss": result.train_loss,
-                              "steps": result.steps, "seconds": round(time.perf_counter() - start, 1)}), flush=True)
-        summary[dtype] = {"min": min(accuracies), "mean": round(sum(accuracies) / len(accuracies), 4),
-                          "max": max(accuracies), "values": accuracies}
-    print(json.dumps({"changes": changes, "machine": platform.processor() or platform.machine(),
-                      "load_average": os.getloadavg()[0], "summary": summary}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "dtype": dtype,
+                        "seed": seed,
+                        "accuracy": round(report["accuracy"], 4),
+                        "loss": round(report["loss"], 4),
+                        "train_loss": result.train_loss,
+                        "steps": result.steps,
+                        "seconds": round(time.perf_counter() - start, 1),
+                    }
+                ),
+                flush=True,
+            )
+        summary[dtype] = {
+            "min": min(accuracies),
+            "mean": round(sum(accuracies) / len(accuracies), 4),
+            "max": max(accuracies),
+            "values": accuracies,
+        }
+    print(
+        json.dumps(
+            {
+                "changes": changes,
+                "machine": platform.processor() or platform.machine(),
+                "load_average": os.getloadavg()[0],
+                "summary": summary,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ import argparse
 import json
 import os
 import statistics
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,10 +35,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from sst2_common import instruction_records  # noqa: E402
 
-INSTRUCTION = ("Which kind of answer does this question ask for: abbreviation, description, entity, human, location "
-               "or number?")
-CLASSES = {"ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM": "human", "LOC": "location",
-           "NUM": "number"}
+INSTRUCTION = (
+    "Which kind of answer does this question ask for: abbreviation, description, entity, human, location or number?"
+)
+CLASSES = {
+    "ABBR": "abbreviation",
+    "DESC": "description",
+    "ENTY": "entity",
+    "HUM": "human",
+    "LOC": "location",
+    "NUM": "number",
+}
 INIT_TEXT = "The following is a conversation between a person and a robot."
 
 
@@ -53,9 +60,13 @@ def make_adapter(model_path: str, folder: str, num_virtual_tokens: int) -> str:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, prompt_tuning_init=PromptTuningInit.TEXT,
-                                prompt_tuning_init_text=INIT_TEXT, num_virtual_tokens=num_virtual_tokens,
-                                tokenizer_name_or_path=model_path)
+    config = PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM,
+        prompt_tuning_init=PromptTuningInit.TEXT,
+        prompt_tuning_init_text=INIT_TEXT,
+        num_virtual_tokens=num_virtual_tokens,
+        tokenizer_name_or_path=model_path,
+    )
     get_peft_model(model, config).save_pretrained(folder)
     return folder
 
@@ -69,23 +80,24 @@ def straightforward(peft_model, tokenizer, records: list[dict], choices: list[st
 
     start = time.perf_counter()
     template, pad = Template(), tokenizer.pad_token_id
-    pairs = [encode_example(template, tokenizer, r["instruction"], r["input"], c, 2048)[:2]
-             for r in records for c in choices]
+    pairs = [
+        encode_example(template, tokenizer, r["instruction"], r["input"], c, 2048)[:2] for r in records for c in choices
+    ]
     scores = torch.zeros(len(pairs), dtype=torch.float64)
     with torch.no_grad():
         for b in range(0, len(pairs), batch_size):
-            part = pairs[b:b + batch_size]
+            part = pairs[b : b + batch_size]
             width = max(len(ids) for ids, _ in part)
             ids = torch.full((len(part), width), pad)
             mask = torch.zeros((len(part), width), dtype=torch.long)
             labels = torch.full((len(part), width), -100)
             for row, (i, l) in enumerate(part):
-                ids[row, :len(i)], mask[row, :len(i)], labels[row, :len(l)] = torch.tensor(i), 1, torch.tensor(l)
+                ids[row, : len(i)], mask[row, : len(i)], labels[row, : len(l)] = torch.tensor(i), 1, torch.tensor(l)
             logits = peft_model(input_ids=ids, attention_mask=mask).logits[:, -width:].float()
             logp = logits[:, :-1].log_softmax(-1)
             target = labels[:, 1:]
             picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (target != -100)
-            scores[b:b + len(part)] = -picked.sum(1).double()
+            scores[b : b + len(part)] = -picked.sum(1).double()
     return scores.view(len(records), len(choices)), time.perf_counter() - start
 
 
@@ -94,8 +106,9 @@ def ours(base, adapter_dir: str, records: list[dict], choices: list[str], batch_
     from softprompt.evaluation.evaluate import evaluate
 
     start = time.perf_counter()
-    report = evaluate(records, base, [adapter_dir], choices=choices, max_new_tokens=0, batch_size=batch_size,
-                      progress=False)
+    report = evaluate(
+        records, base, [adapter_dir], choices=choices, max_new_tokens=0, batch_size=batch_size, progress=False
+    )
     seconds = time.perf_counter() - start
     result = report["results"][0]
     return [choices.index(e["choice"]) for e in result["examples"]], result, seconds
@@ -103,14 +116,19 @@ def ours(base, adapter_dir: str, records: list[dict], choices: list[str], batch_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, metavar="FILE.jsonl",
-                        help="TREC JSONL (text, coarse_label), e.g. trec_train.jsonl; the first --records")
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE.jsonl",
+        help="TREC JSONL (text, coarse_label), e.g. trec_train.jsonl; the first --records",
+    )
     parser.add_argument("--records", type=int, default=240)
     parser.add_argument("--adapter", help="a prompt-tuning adapter folder (default: a fresh PEFT TEXT-init one)")
     parser.add_argument("--model", help="base model (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default="float32", help="both sides' weights dtype (float32 or bfloat16)")
-    parser.add_argument("--batch-size", type=int, default=16,
-                        help="rows per forward for both (softprompt eval's default --batch-size)")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="rows per forward for both (softprompt eval's default --batch-size)"
+    )
     parser.add_argument("--num-virtual-tokens", type=int, default=13)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int)
@@ -146,16 +164,32 @@ def main() -> None:
         scores, their_seconds = straightforward(peft_model, tokenizer, records, choices, args.batch_size)
         same = picked == scores.argmin(1).tolist()
         agree = agree and same
-        pair = {"softprompt_records_per_s": round(len(records) / our_seconds, 2),
-                "straightforward_records_per_s": round(len(records) / their_seconds, 2),
-                "speedup": round(their_seconds / our_seconds, 2), "loadavg": load, "agree": same}
+        pair = {
+            "softprompt_records_per_s": round(len(records) / our_seconds, 2),
+            "straightforward_records_per_s": round(len(records) / their_seconds, 2),
+            "speedup": round(their_seconds / our_seconds, 2),
+            "loadavg": load,
+            "agree": same,
+        }
         pairs.append(pair)
         print(json.dumps({"repeat": repeat, **pair}), flush=True)
     max_diff = score_difference(base, adapter, records, choices, scores, args.batch_size)
     speedups = sorted(p["speedup"] for p in pairs)
-    print(json.dumps({"speedup": statistics.median(speedups), "speedups": speedups, "agree": agree,
-                      "max_score_diff": max_diff, "records": len(records), "choices": len(choices),
-                      "dtype": args.dtype, "accuracy": result["accuracy"], "pairs": pairs}))
+    print(
+        json.dumps(
+            {
+                "speedup": statistics.median(speedups),
+                "speedups": speedups,
+                "agree": agree,
+                "max_score_diff": max_diff,
+                "records": len(records),
+                "choices": len(choices),
+                "dtype": args.dtype,
+                "accuracy": result["accuracy"],
+                "pairs": pairs,
+            }
+        )
+    )
 
 
 def score_difference(base, adapter_dir: str, records: list[dict], choices: list[str], scores, batch_size: int) -> float:
@@ -165,11 +199,22 @@ def score_difference(base, adapter_dir: str, records: list[dict], choices: list[
     from softprompt.formats.adapter import load_adapter
     from softprompt.training.scoring import nll_per_group
 
-    examples = [batching.Example(*encode_example(Template(), base.tokenizer, r["instruction"], r["input"], c,
-                                                 2048)[:2], "") for r in records for c in choices]
-    nll, _ = nll_per_group(base.model, load_adapter(adapter_dir, base).virtual(), examples, len(choices),
-                           base.tokenizer.pad_token_id, 4096, batch_size)
+    examples = [
+        batching.Example(*encode_example(Template(), base.tokenizer, r["instruction"], r["input"], c, 2048)[:2], "")
+        for r in records
+        for c in choices
+    ]
+    nll, _ = nll_per_group(
+        base.model,
+        load_adapter(adapter_dir, base).virtual(),
+        examples,
+        len(choices),
+        base.tokenizer.pad_token_id,
+        4096,
+        batch_size,
+    )
     return round(float((nll.view_as(scores) - scores).abs().max()), 6)
+
 
 if __name__ == "__main__":
     main()

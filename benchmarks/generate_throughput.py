@@ -48,11 +48,11 @@ import softprompt  # noqa: E402, F401
 
 import torch  # noqa: E402
 
-from softprompt.formats.adapter import Adapter  # noqa: E402
-from softprompt.inference.engine import DecodeBatch, Engine, GenerationRequest, eos_ids  # noqa: E402
 from softprompt.core.forward import lm_logits, run_body  # noqa: E402
 from softprompt.core.models import load_base, resolve_dtype, resolve_model_path  # noqa: E402
 from softprompt.core.prompt import SoftPrompt  # noqa: E402
+from softprompt.formats.adapter import Adapter  # noqa: E402
+from softprompt.inference.engine import DecodeBatch, Engine, GenerationRequest, eos_ids  # noqa: E402
 from softprompt.serve.vllm_client import build_prompt_embeds, encode_prompt_embeds, post_json  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -61,9 +61,14 @@ from vllm_server import DEFAULT_VENV, VllmStartError, vllm_server, vllm_version 
 NOT_INSTALLED = "not installed: scripts/vllm_check.sh creates .venv-vllm"
 
 INSTRUCTIONS = [
-    "What is the capital of France?", "Give three tips for staying healthy.", "Explain photosynthesis briefly.",
-    "Write a haiku about the sea.", "What is 12 times 7?", "Name a famous painter.",
-    "Translate 'good morning' into Spanish.", "Why is the sky blue?",
+    "What is the capital of France?",
+    "Give three tips for staying healthy.",
+    "Explain photosynthesis briefly.",
+    "Write a haiku about the sea.",
+    "What is 12 times 7?",
+    "Name a famous painter.",
+    "Translate 'good morning' into Spanish.",
+    "Why is the sky blue?",
 ]
 
 
@@ -99,12 +104,18 @@ def single_stream(base, engine, ids: list[int], tokens: int, repeats: int = 3) -
     ours = engine.generate([GenerationRequest(ids, max_new_tokens=tokens)])[0].token_ids  # warm-up, and the length
     n = len(ours)
     input_ids = torch.tensor([ids], device=base.device)
-    hf_kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
-                     pad_token_id=base.tokenizer.pad_token_id, attention_mask=torch.ones_like(input_ids))
+    hf_kwargs = dict(
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=base.tokenizer.pad_token_id,
+        attention_mask=torch.ones_like(input_ids),
+    )
 
     def hf():
         with torch.no_grad():
-            return model.generate(input_ids, **hf_kwargs)[0, len(ids):].tolist()
+            return model.generate(input_ids, **hf_kwargs)[0, len(ids) :].tolist()
 
     theirs = hf()  # warm-up
     t_ours, t_hf = [], []
@@ -112,8 +123,13 @@ def single_stream(base, engine, ids: list[int], tokens: int, repeats: int = 3) -
         t_ours.append(timed(lambda: engine.generate([GenerationRequest(ids, max_new_tokens=tokens)]))[0])
         t_hf.append(timed(hf)[0])
     ours_s, hf_s = statistics.median(t_ours), statistics.median(t_hf)
-    return {"tokens": n, "softprompt_tok_s": n / ours_s, "hf_tok_s": n / hf_s, "ratio": hf_s / ours_s,
-            "same_tokens_as_hf": theirs[:n] == ours}
+    return {
+        "tokens": n,
+        "softprompt_tok_s": n / ours_s,
+        "hf_tok_s": n / hf_s,
+        "ratio": hf_s / ours_s,
+        "same_tokens_as_hf": theirs[:n] == ours,
+    }
 
 
 def run_dtype(args, dtype: str) -> tuple[dict, dict]:
@@ -127,8 +143,12 @@ def run_dtype(args, dtype: str) -> tuple[dict, dict]:
     engine = Engine(base, adapters)
 
     def requests():
-        return [GenerationRequest(engine.encode(text, adapter=f"task{i}"), adapter=f"task{i}",
-                                  max_new_tokens=args.max_new_tokens) for i, text in enumerate(INSTRUCTIONS)]
+        return [
+            GenerationRequest(
+                engine.encode(text, adapter=f"task{i}"), adapter=f"task{i}", max_new_tokens=args.max_new_tokens
+            )
+            for i, text in enumerate(INSTRUCTIONS)
+        ]
 
     def mixed() -> tuple[float, float, bool, int, list]:
         engine.generate(requests()[:2], batch_size=2)  # warm-up
@@ -138,11 +158,19 @@ def run_dtype(args, dtype: str) -> tuple[dict, dict]:
         return t_seq, t_batch, same, sum(len(r.token_ids) for r in batch), batch
 
     t_seq, t_batch, same, tokens, batch = mixed()
-    mixed_case = {"base": base, "requests": [(adapters[r.adapter].embeddings, r.prompt_ids) for r in requests()],
-                  "outputs": [r.token_ids for r in batch], "tokens": tokens, "seconds": t_batch}
-    print(f"[{name}] (a) {len(sizes)} adapters, {tokens} tokens: one at a time {t_seq:.2f} s "
-          f"({tokens / t_seq:.1f} tok/s), mixed batch {t_batch:.2f} s ({tokens / t_batch:.1f} tok/s), "
-          f"speedup {t_seq / t_batch:.2f}x, same outputs: {same}", flush=True)
+    mixed_case = {
+        "base": base,
+        "requests": [(adapters[r.adapter].embeddings, r.prompt_ids) for r in requests()],
+        "outputs": [r.token_ids for r in batch],
+        "tokens": tokens,
+        "seconds": t_batch,
+    }
+    print(
+        f"[{name}] (a) {len(sizes)} adapters, {tokens} tokens: one at a time {t_seq:.2f} s "
+        f"({tokens / t_seq:.1f} tok/s), mixed batch {t_batch:.2f} s ({tokens / t_batch:.1f} tok/s), "
+        f"speedup {t_seq / t_batch:.2f}x, same outputs: {same}",
+        flush=True,
+    )
 
     # (b) time to first token, 100 virtual tokens
     long_adapter = adapter_for(base, 100, seed=99)
@@ -156,24 +184,39 @@ def run_dtype(args, dtype: str) -> tuple[dict, dict]:
     cached_first_token(), recompute_first_token(base, long_adapter.embeddings, ids)  # warm-up
     t_cached, first_cached = timed(cached_first_token, repeats=15)
     t_recompute, first_recompute = timed(lambda: recompute_first_token(base, long_adapter.embeddings, ids), 15)
-    print(f"[{name}] (b) TTFT, 100 virtual tokens + {len(ids)} prompt tokens: cached KV {1000 * t_cached:.1f} ms, "
-          f"recomputed {1000 * t_recompute:.1f} ms, ratio {t_cached / t_recompute:.2f}, "
-          f"same first token: {first_cached == first_recompute}", flush=True)
+    print(
+        f"[{name}] (b) TTFT, 100 virtual tokens + {len(ids)} prompt tokens: cached KV {1000 * t_cached:.1f} ms, "
+        f"recomputed {1000 * t_recompute:.1f} ms, ratio {t_cached / t_recompute:.2f}, "
+        f"same first token: {first_cached == first_recompute}",
+        flush=True,
+    )
 
     # (c) single stream vs Hugging Face generate, no adapter
     stream_ids = engine.encode(STREAM_PROMPT)
     single = single_stream(base, engine, stream_ids, args.stream_tokens)
-    print(f"[{name}] (c) single stream, {single['tokens']} tokens: softprompt {single['softprompt_tok_s']:.1f} tok/s, "
-          f"HF generate {single['hf_tok_s']:.1f} tok/s, ratio {single['ratio']:.2f}, "
-          f"same tokens: {single['same_tokens_as_hf']}", flush=True)
+    print(
+        f"[{name}] (c) single stream, {single['tokens']} tokens: softprompt {single['softprompt_tok_s']:.1f} tok/s, "
+        f"HF generate {single['hf_tok_s']:.1f} tok/s, ratio {single['ratio']:.2f}, "
+        f"same tokens: {single['same_tokens_as_hf']}",
+        flush=True,
+    )
 
-    out = {"mixed_batch_speedup": round(t_seq / t_batch, 3), "ttft_ratio": round(t_cached / t_recompute, 3),
-           "single_stream_vs_hf": round(single["ratio"], 3), "same_outputs": same,
-           "same_first_token": first_cached == first_recompute, "same_tokens_as_hf": single["same_tokens_as_hf"],
-           "sequential_s": round(t_seq, 3), "mixed_batch_s": round(t_batch, 3), "generated_tokens": tokens,
-           "ttft_cached_ms": round(1000 * t_cached, 2), "ttft_recompute_ms": round(1000 * t_recompute, 2),
-           "single_stream_tok_s": round(single["softprompt_tok_s"], 2), "hf_tok_s": round(single["hf_tok_s"], 2),
-           "row_exact": DecodeBatch(base, engine.prompt_cache).exact}
+    out = {
+        "mixed_batch_speedup": round(t_seq / t_batch, 3),
+        "ttft_ratio": round(t_cached / t_recompute, 3),
+        "single_stream_vs_hf": round(single["ratio"], 3),
+        "same_outputs": same,
+        "same_first_token": first_cached == first_recompute,
+        "same_tokens_as_hf": single["same_tokens_as_hf"],
+        "sequential_s": round(t_seq, 3),
+        "mixed_batch_s": round(t_batch, 3),
+        "generated_tokens": tokens,
+        "ttft_cached_ms": round(1000 * t_cached, 2),
+        "ttft_recompute_ms": round(1000 * t_recompute, 2),
+        "single_stream_tok_s": round(single["softprompt_tok_s"], 2),
+        "hf_tok_s": round(single["hf_tok_s"], 2),
+        "row_exact": DecodeBatch(base, engine.prompt_cache).exact,
+    }
 
     # (d) what row-exact mode costs: the same runs with it off
     if args.invariance_cost and out["row_exact"]:
@@ -184,13 +227,18 @@ def run_dtype(args, dtype: str) -> tuple[dict, dict]:
         finally:
             DecodeBatch.exact = None
         out["invariance_cost"] = {
-            "mixed_batch": round(t_batch / t_batch_off, 3), "one_at_a_time": round(t_seq / t_seq_off, 3),
+            "mixed_batch": round(t_batch / t_batch_off, 3),
+            "one_at_a_time": round(t_seq / t_seq_off, 3),
             "single_stream": round(single_off["softprompt_tok_s"] / single["softprompt_tok_s"], 3),
-            "same_outputs_without": same_off}
-        print(f"[{name}] (d) row-exact mode costs x{out['invariance_cost']['mixed_batch']:.2f} on the mixed batch, "
-              f"x{out['invariance_cost']['one_at_a_time']:.2f} one at a time, "
-              f"x{out['invariance_cost']['single_stream']:.2f} single stream (time with / without); "
-              f"without it, same outputs: {same_off}", flush=True)
+            "same_outputs_without": same_off,
+        }
+        print(
+            f"[{name}] (d) row-exact mode costs x{out['invariance_cost']['mixed_batch']:.2f} on the mixed batch, "
+            f"x{out['invariance_cost']['one_at_a_time']:.2f} one at a time, "
+            f"x{out['invariance_cost']['single_stream']:.2f} single stream (time with / without); "
+            f"without it, same outputs: {same_off}",
+            flush=True,
+        )
     return out, mixed_case
 
 
@@ -205,9 +253,16 @@ def vllm_batched(args, dtype: str, case: dict) -> dict | str:
     if version is None:
         return NOT_INSTALLED if not args.vllm_venv else f"not installed in {venv}: scripts/vllm_check.sh creates one"
     base, model_dir = case["base"], resolve_model_path(args.model)[0]
-    bodies = [{"model": model_dir, "prompt_embeds": encode_prompt_embeds(build_prompt_embeds(base, soft, ids)),
-               "max_tokens": args.max_new_tokens, "temperature": 0.0, "return_token_ids": True}
-              for soft, ids in case["requests"]]
+    bodies = [
+        {
+            "model": model_dir,
+            "prompt_embeds": encode_prompt_embeds(build_prompt_embeds(base, soft, ids)),
+            "max_tokens": args.max_new_tokens,
+            "temperature": 0.0,
+            "return_token_ids": True,
+        }
+        for soft, ids in case["requests"]
+    ]
     log = Path(tempfile.mkdtemp(prefix="vllm-bench-")) / "vllm.log"
     print(f"[{dtype}] (e) starting vLLM from {venv} (log: {log})", flush=True)
     try:
@@ -229,14 +284,26 @@ def vllm_batched(args, dtype: str, case: dict) -> dict | str:
     tokens = sum(len(t) for t in theirs)
     same = [strip_eos(t, eos) for t in theirs] == [strip_eos(o, eos) for o in case["outputs"]]
     ours_tok_s, vllm_tok_s = case["tokens"] / case["seconds"], tokens / seconds
-    print(f"[{dtype}] (e) vLLM {version} started in {server.startup_s:.1f} s (not counted); "
-          f"{len(bodies)} concurrent requests, {tokens} tokens in {seconds:.2f} s ({vllm_tok_s:.1f} tok/s) vs "
-          f"softprompt's mixed batch {case['tokens']} tokens in {case['seconds']:.2f} s ({ours_tok_s:.1f} tok/s): "
-          f"softprompt/vLLM {ours_tok_s / vllm_tok_s:.2f}x, same outputs: {same}", flush=True)
-    return {"version": version, "dtype": dtype, "startup_s": round(server.startup_s, 1), "requests": len(bodies),
-            "batched_s": round(seconds, 3), "generated_tokens": tokens, "batched_tok_s": round(vllm_tok_s, 2),
-            "softprompt_mixed_batch_s": round(case["seconds"], 3), "softprompt_generated_tokens": case["tokens"],
-            "softprompt_mixed_batch_tok_s": round(ours_tok_s, 2), "same_outputs": same}
+    print(
+        f"[{dtype}] (e) vLLM {version} started in {server.startup_s:.1f} s (not counted); "
+        f"{len(bodies)} concurrent requests, {tokens} tokens in {seconds:.2f} s ({vllm_tok_s:.1f} tok/s) vs "
+        f"softprompt's mixed batch {case['tokens']} tokens in {case['seconds']:.2f} s ({ours_tok_s:.1f} tok/s): "
+        f"softprompt/vLLM {ours_tok_s / vllm_tok_s:.2f}x, same outputs: {same}",
+        flush=True,
+    )
+    return {
+        "version": version,
+        "dtype": dtype,
+        "startup_s": round(server.startup_s, 1),
+        "requests": len(bodies),
+        "batched_s": round(seconds, 3),
+        "generated_tokens": tokens,
+        "batched_tok_s": round(vllm_tok_s, 2),
+        "softprompt_mixed_batch_s": round(case["seconds"], 3),
+        "softprompt_generated_tokens": case["tokens"],
+        "softprompt_mixed_batch_tok_s": round(ours_tok_s, 2),
+        "same_outputs": same,
+    }
 
 
 STREAM_PROMPT = "Write a long story about a lighthouse keeper who finds a map."
@@ -246,14 +313,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="base model (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    parser.add_argument("--dtypes", "--dtype", default=None,
-                        help="comma-separated dtypes (default: float32, plus what --dtype auto picks here)")
+    parser.add_argument(
+        "--dtypes",
+        "--dtype",
+        default=None,
+        help="comma-separated dtypes (default: float32, plus what --dtype auto picks here)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens per answer in (a)")
     parser.add_argument("--stream-tokens", type=int, default=64, help="new tokens in (c)")
     parser.add_argument("--invariance-cost", action="store_true", help="(d): rerun (a) and (c) without row-exact mode")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--vllm-venv", default=None,
-                        help="(e): virtual environment with vLLM (default: .venv-vllm where it exists)")
+    parser.add_argument(
+        "--vllm-venv", default=None, help="(e): virtual environment with vLLM (default: .venv-vllm where it exists)"
+    )
     parser.add_argument("--no-vllm", action="store_true", help="skip (e), the vLLM comparison")
     args = parser.parse_args()
     if args.threads:
@@ -278,14 +350,26 @@ def main() -> None:
         summary["vllm_batched_vs_softprompt"] = round(vllm["softprompt_mixed_batch_tok_s"] / vllm["batched_tok_s"], 3)
         summary["vllm_same_outputs"] = vllm["same_outputs"]
     failed = [name for name, r in results.items() if not r["same_outputs"]]
-    print(json.dumps({
-        **summary, "dtype": main_dtype, "same_outputs": {name: r["same_outputs"] for name, r in results.items()},
-        "by_dtype": results, "model": args.model or "HuggingFaceTB/SmolLM2-135M-Instruct", "device": args.device,
-        "threads": torch.get_num_threads(), "vllm": vllm,
-    }))
+    print(
+        json.dumps(
+            {
+                **summary,
+                "dtype": main_dtype,
+                "same_outputs": {name: r["same_outputs"] for name, r in results.items()},
+                "by_dtype": results,
+                "model": args.model or "HuggingFaceTB/SmolLM2-135M-Instruct",
+                "device": args.device,
+                "threads": torch.get_num_threads(),
+                "vllm": vllm,
+            }
+        )
+    )
     if failed:
-        print(f"FAILED: batch invariance broken in {', '.join(failed)}: a row's greedy tokens in the mixed batch differ "
-              "from the same request alone", file=sys.stderr)
+        print(
+            f"FAILED: batch invariance broken in {', '.join(failed)}: a row's greedy tokens in the mixed batch differ "
+            "from the same request alone",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 TEMPLATES = {
     "sst2": "Review: {instruction}\nSentiment: ",
-    "rte": "{instruction}\nQuestion: does this mean that \"{input}\"? Answer yes or no.\nAnswer: ",
+    "rte": '{instruction}\nQuestion: does this mean that "{input}"? Answer yes or no.\nAnswer: ',
     "alpaca": "human-assistant",
 }
 
@@ -28,8 +28,11 @@ def convert(task: str, row: dict) -> dict | None:
     if task == "sst2":
         return {"instruction": row["sentence"].strip(), "output": ["negative", "positive"][int(row["label"])]}
     if task == "rte":
-        return {"instruction": row["sentence1"].strip(), "input": row["sentence2"].strip(),
-                "output": ["yes", "no"][int(row["label_id"])]}
+        return {
+            "instruction": row["sentence1"].strip(),
+            "input": row["sentence2"].strip(),
+            "output": ["yes", "no"][int(row["label_id"])],
+        }
     return {"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"]}
 
 
@@ -57,10 +60,11 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     start = 0
     for name, count in (("train", args.train), ("dev", args.dev), ("test", args.test)):
-        part = records[start:start + count]
+        part = records[start : start + count]
         start += count
-        (out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part),
-                                          encoding="utf-8")
+        (out / f"{name}.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8"
+        )
         print(f"{out / name}.jsonl: {len(part)} records")
     (out / "template.txt").write_text(TEMPLATES[args.task], encoding="utf-8")
 

@@ -31,7 +31,7 @@ def softprompt_cmd() -> list[str]:
 
 
 def run(argv: list[str]) -> float:
-    print("$ " + shlex.join(["softprompt"] + argv[len(softprompt_cmd()):]), flush=True)
+    print("$ " + shlex.join(["softprompt"] + argv[len(softprompt_cmd()) :]), flush=True)
     start = time.perf_counter()
     subprocess.run(argv, check=True)
     return time.perf_counter() - start
@@ -47,10 +47,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--reuse", action="store_true", help="evaluate an adapter already in OUT/NAME instead of "
-                                                                 "training it again")
-    parser.add_argument("--dtype", default="float32", help="passed to train and eval (pinned: the 'auto' default may "
-                                                           "pick bf16 on CPUs with native bf16)")
+    parser.add_argument(
+        "--reuse", action="store_true", help="evaluate an adapter already in OUT/NAME instead of training it again"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help="passed to train and eval (pinned: the 'auto' default may pick bf16 on CPUs with native bf16)",
+    )
     args = parser.parse_args(argv)
 
     splits, out = Path(args.splits), Path(args.out)
@@ -72,10 +76,33 @@ def main(argv: list[str] | None = None) -> None:
             models = ["--adapter", str(folder)]
             row["adapter_bytes"] = (folder / "adapter_model.safetensors").stat().st_size
         elif flags:
-            train_s = run(sp + ["train", "--data", str(splits / "train.jsonl"), "--out", str(folder), "--template",
-                                template, "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
-                                "--max-length", str(args.max_length), "--save-every", str(args.steps),
-                                "--log-every", "10", "--no-progress", "--seed", "0", *threads, *flags])
+            train_s = run(
+                sp
+                + [
+                    "train",
+                    "--data",
+                    str(splits / "train.jsonl"),
+                    "--out",
+                    str(folder),
+                    "--template",
+                    template,
+                    "--max-steps",
+                    str(args.steps),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--max-length",
+                    str(args.max_length),
+                    "--save-every",
+                    str(args.steps),
+                    "--log-every",
+                    "10",
+                    "--no-progress",
+                    "--seed",
+                    "0",
+                    *threads,
+                    *flags,
+                ]
+            )
             row["train_seconds"] = round(train_s, 1)
             row["adapter_bytes"] = (folder / "adapter_model.safetensors").stat().st_size
             models = ["--adapter", str(folder)]
@@ -83,8 +110,25 @@ def main(argv: list[str] | None = None) -> None:
             folder.mkdir(parents=True, exist_ok=True)
             models = ["--template", template] + (["--choices", ",".join(choices)] if choices else [])
         report_path = folder / f"eval-{args.split}.json"
-        run(sp + ["eval", "--data", str(eval_file), *models, *dtype, "--max-new-tokens", "0", "--max-length",
-                  str(args.max_length + 64), "--no-progress", "--json", str(report_path), "--examples", "0"])
+        run(
+            sp
+            + [
+                "eval",
+                "--data",
+                str(eval_file),
+                *models,
+                *dtype,
+                "--max-new-tokens",
+                "0",
+                "--max-length",
+                str(args.max_length + 64),
+                "--no-progress",
+                "--json",
+                str(report_path),
+                "--examples",
+                "0",
+            ]
+        )
         report = json.loads(report_path.read_text())
         result = report["results"][0]
         row.update(loss=round(result["loss"], 4), accuracy=result.get("accuracy"), n=result["n"])
@@ -93,8 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     print("\n| run | accuracy | answer loss | train seconds | adapter bytes |\n|---|---:|---:|---:|---:|")
     for r in results:
         acc = f"{r['accuracy']:.1%}" if r.get("accuracy") is not None else "-"
-        print(f"| {r['run']} | {acc} | {r['loss']:.4f} | {r.get('train_seconds', '-')} | "
-              f"{r.get('adapter_bytes', '-')} |")
+        print(
+            f"| {r['run']} | {acc} | {r['loss']:.4f} | {r.get('train_seconds', '-')} | {r.get('adapter_bytes', '-')} |"
+        )
 
 
 if __name__ == "__main__":

@@ -16,8 +16,7 @@ import json
 import tempfile
 import time
 
-METHODS = {"prompt": {}, "prefix": {}, "prefix --no-prefix-projection": {"prefix_projection": False},
-           "ptuning": {}}
+METHODS = {"prompt": {}, "prefix": {}, "prefix --no-prefix-projection": {"prefix_projection": False}, "ptuning": {}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,10 +38,22 @@ def main(argv: list[str] | None = None) -> None:
         method = name.split()[0]
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
-            result = train(TrainConfig(data=args.data, out=out, model=base, method=method, template=args.template,
-                                       max_steps=args.steps, batch_size=args.batch_size, save_every=args.steps,
-                                       limit=args.steps * args.batch_size, progress=False, threads=args.threads,
-                                       **options))
+            result = train(
+                TrainConfig(
+                    data=args.data,
+                    out=out,
+                    model=base,
+                    method=method,
+                    template=args.template,
+                    max_steps=args.steps,
+                    batch_size=args.batch_size,
+                    save_every=args.steps,
+                    limit=args.steps * args.batch_size,
+                    progress=False,
+                    threads=args.threads,
+                    **options,
+                )
+            )
             wall = time.perf_counter() - start
         tokens_per_s = result.tokens_per_second
         results[name] = {"tokens_per_s": round(tokens_per_s, 1), "seconds_per_step": round(wall / args.steps, 2)}

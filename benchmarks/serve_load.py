@@ -58,22 +58,32 @@ import softprompt  # noqa: E402, F401
 
 import torch  # noqa: E402
 
-from softprompt.formats.adapter import load_adapter, save_adapter  # noqa: E402
-from softprompt.inference.engine import Engine, GenerationRequest  # noqa: E402
 from softprompt.core.models import load_base  # noqa: E402
 from softprompt.core.prompt import SoftPrompt  # noqa: E402
+from softprompt.data.templates import CHAT, Template, encode_text  # noqa: E402
+from softprompt.formats.adapter import load_adapter, save_adapter  # noqa: E402
+from softprompt.inference.engine import Engine, GenerationRequest  # noqa: E402
 from softprompt.serve import BackgroundServer  # noqa: E402
 from softprompt.serve.app import create_app  # noqa: E402
 from softprompt.serve.config import DEFAULT_PREFIX_CACHE_MB  # noqa: E402
-from softprompt.data.templates import CHAT, Template, encode_text  # noqa: E402
 
 INSTRUCTIONS = [
-    "Give three tips for staying healthy.", "What is the capital of France?", "Translate 'good morning' to Spanish.",
-    "Write a haiku about the sea.", "Explain photosynthesis in one sentence.", "Name two primary colours.",
-    "Classify the sentiment: I loved this film!", "What is 12 times 7?", "Suggest a name for a pet turtle.",
-    "Summarise: The meeting was moved from Monday to Wednesday afternoon.", "List three fruits that are red.",
-    "Is the sentiment of 'a dull, lifeless plot' positive or negative?", "Describe a rainbow to a child.",
-    "Rewrite in the passive voice: The cat chased the mouse.", "Why is the sky blue?", "Write a short greeting card.",
+    "Give three tips for staying healthy.",
+    "What is the capital of France?",
+    "Translate 'good morning' to Spanish.",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis in one sentence.",
+    "Name two primary colours.",
+    "Classify the sentiment: I loved this film!",
+    "What is 12 times 7?",
+    "Suggest a name for a pet turtle.",
+    "Summarise: The meeting was moved from Monday to Wednesday afternoon.",
+    "List three fruits that are red.",
+    "Is the sentiment of 'a dull, lifeless plot' positive or negative?",
+    "Describe a rainbow to a child.",
+    "Rewrite in the passive voice: The cat chased the mouse.",
+    "Why is the sky blue?",
+    "Write a short greeting card.",
 ]
 # name -> (init method, init text, virtual tokens, template)
 ADAPTERS = {
@@ -107,8 +117,14 @@ def build_requests(n: int, models: list[str], max_tokens: int) -> list[dict]:
         instruction = INSTRUCTIONS[(i * 7) % len(INSTRUCTIONS)]
         budget = max(1, max_tokens - 4 * (i % 3))  # different lengths: rows leave at different steps
         if i % 2:
-            requests.append({"kind": "chat", "model": model, "messages": [{"role": "user", "content": instruction}],
-                             "max_tokens": budget})
+            requests.append(
+                {
+                    "kind": "chat",
+                    "model": model,
+                    "messages": [{"role": "user", "content": instruction}],
+                    "max_tokens": budget,
+                }
+            )
         else:
             requests.append({"kind": "completion", "model": model, "prompt": f"{instruction}\n", "max_tokens": budget})
     return requests
@@ -144,12 +160,14 @@ def run_concurrent(url: str, requests: list[dict], concurrency: int, timeout: fl
         t0 = time.perf_counter()
         try:
             if req["kind"] == "chat":
-                out = client.chat.completions.create(model=req["model"], messages=req["messages"],
-                                                     max_tokens=req["max_tokens"], temperature=0)
+                out = client.chat.completions.create(
+                    model=req["model"], messages=req["messages"], max_tokens=req["max_tokens"], temperature=0
+                )
                 text = out.choices[0].message.content
             else:
-                out = client.completions.create(model=req["model"], prompt=req["prompt"],
-                                                max_tokens=req["max_tokens"], temperature=0)
+                out = client.completions.create(
+                    model=req["model"], prompt=req["prompt"], max_tokens=req["max_tokens"], temperature=0
+                )
                 text = out.choices[0].text
         except Exception as err:  # noqa: BLE001 (every failure is counted and reported)
             return None, time.perf_counter() - t0, f"{type(err).__name__}: {err}"
@@ -171,10 +189,17 @@ def system_prompt(tokenizer, tokens: int) -> str:
 
 def prefix_requests(n: int, system: str, max_tokens: int) -> list[dict]:
     """Chat requests sharing the system message, each with its own question, alternating over PREFIX_MODELS."""
-    return [{"model": PREFIX_MODELS[i % len(PREFIX_MODELS)], "max_tokens": max_tokens,
-             "messages": [{"role": "system", "content": system},
-                          {"role": "user", "content": INSTRUCTIONS[i % len(INSTRUCTIONS)]}]}
-            for i in range(n)]
+    return [
+        {
+            "model": PREFIX_MODELS[i % len(PREFIX_MODELS)],
+            "max_tokens": max_tokens,
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": INSTRUCTIONS[i % len(INSTRUCTIONS)]},
+            ],
+        }
+        for i in range(n)
+    ]
 
 
 @dataclass
@@ -191,9 +216,15 @@ def stream_one(client, req: dict) -> Streamed:
     """Send one streamed chat request; every token arrives as a chunk because its log-probability is asked for."""
     out, start = Streamed(), time.perf_counter()
     try:
-        stream = client.chat.completions.create(model=req["model"], messages=req["messages"],
-                                                max_tokens=req["max_tokens"], temperature=0, stream=True,
-                                                logprobs=True, top_logprobs=0)
+        stream = client.chat.completions.create(
+            model=req["model"],
+            messages=req["messages"],
+            max_tokens=req["max_tokens"],
+            temperature=0,
+            stream=True,
+            logprobs=True,
+            top_logprobs=0,
+        )
         for chunk in stream:
             if not chunk.choices:
                 continue
@@ -210,14 +241,20 @@ def stream_one(client, req: dict) -> Streamed:
     return out
 
 
-def run_prefix_server(base, folder: Path, requests: list[dict], cache_mb: int, timeout: float
-                      ) -> tuple[list[Streamed], dict | None]:
+def run_prefix_server(
+    base, folder: Path, requests: list[dict], cache_mb: int, timeout: float
+) -> tuple[list[Streamed], dict | None]:
     """The requests one at a time through a server with `cache_mb` of prefix cache (0 = off): answers and the
     cache's counters. A short unrelated request first warms the server up without touching the shared prompt."""
     import openai
 
-    app = create_app(base, folder, template=Template(CHAT), max_tokens_cap=max(64, requests[0]["max_tokens"]),
-                     prefix_cache_mb=cache_mb)
+    app = create_app(
+        base,
+        folder,
+        template=Template(CHAT),
+        max_tokens_cap=max(64, requests[0]["max_tokens"]),
+        prefix_cache_mb=cache_mb,
+    )
     with BackgroundServer(app) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=timeout)
         stream_one(client, {"model": "base", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
@@ -231,13 +268,20 @@ def prefix_cache_section(base, folder: Path, args) -> dict:
     system = system_prompt(base.tokenizer, args.system_tokens)
     system_tokens = len(encode_text(base.tokenizer, system))
     requests = prefix_requests(args.prefix_requests, system, args.prefix_max_tokens)
-    print(f"prefix cache: {len(requests)} chat requests sharing a {system_tokens}-token "
-          "system prompt, one at a time, without then with the cache ...", file=sys.stderr, flush=True)
+    print(
+        f"prefix cache: {len(requests)} chat requests sharing a {system_tokens}-token "
+        "system prompt, one at a time, without then with the cache ...",
+        file=sys.stderr,
+        flush=True,
+    )
     uncached, _ = run_prefix_server(base, folder, requests, 0, args.timeout)
     cached, stats = run_prefix_server(base, folder, requests, args.prefix_cache_mb, args.timeout)
     errors = [(i, a.error) for i, a in enumerate(uncached + cached) if a.error]
-    mismatches = [i for i, (a, b) in enumerate(zip(uncached, cached))
-                  if not a.error and not b.error and (a.text, a.tokens) != (b.text, b.tokens)]
+    mismatches = [
+        i
+        for i, (a, b) in enumerate(zip(uncached, cached))
+        if not a.error and not b.error and (a.text, a.tokens) != (b.text, b.tokens)
+    ]
     for i, err in errors[:5]:
         print(f"prefix cache: error in request {i % len(requests)}: {err}", file=sys.stderr)
     for i in mismatches[:5]:
@@ -246,20 +290,25 @@ def prefix_cache_section(base, folder: Path, args) -> dict:
     on = [a.ttft for a in cached if a.ttft is not None]
     ratio = round(statistics.median(off) / statistics.median(on), 2) if off and on else None
     return {
-        "prefix_cache_requests": len(requests), "prefix_cache_errors": len(errors),
+        "prefix_cache_requests": len(requests),
+        "prefix_cache_errors": len(errors),
         "prefix_cache_mismatches": len(mismatches),
         "system_prompt_tokens": system_tokens,
         "ttft_without_cache_p50_s": round(statistics.median(off), 3) if off else None,
         "ttft_with_cache_p50_s": round(statistics.median(on), 3) if on else None,
         "ttft_with_cache_first_s": round(on[0], 3) if on else None,
-        "ttft_with_cache_hit_p50_s": round(statistics.median(on[len(PREFIX_MODELS):]), 3)
-        if len(on) > len(PREFIX_MODELS) else None,
-        "prefix_cache_ttft_ratio": ratio, "prefix_cache": stats,
+        "ttft_with_cache_hit_p50_s": round(statistics.median(on[len(PREFIX_MODELS) :]), 3)
+        if len(on) > len(PREFIX_MODELS)
+        else None,
+        "prefix_cache_ttft_ratio": ratio,
+        "prefix_cache": stats,
     }
 
 
-SHARED_START = ("You are a careful assistant. Answer briefly and plainly, check every fact twice, never invent a "
-                "source, and say so when you are not sure. ")
+SHARED_START = (
+    "You are a careful assistant. Answer briefly and plainly, check every fact twice, never invent a "
+    "source, and say so when you are not sure. "
+)
 SWAP_VERSIONS = ("swap-a", "swap-b")  # folders the `swap` adapter alternates between
 
 
@@ -270,8 +319,14 @@ def mixed_requests(n: int, max_tokens: int) -> list[dict]:
     for i in range(n):
         text = SHARED_START * 3 + INSTRUCTIONS[(i * 5) % len(INSTRUCTIONS)]
         kind = ("greedy", "sampled", "score", "swap")[i % 4]
-        req = {"kind": kind, "model": "swap" if kind == "swap" else models[i % len(models)], "prompt": text,
-               "max_tokens": max_tokens, "temperature": 0.0, "n": 1}
+        req = {
+            "kind": kind,
+            "model": "swap" if kind == "swap" else models[i % len(models)],
+            "prompt": text,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "n": 1,
+        }
         if kind in ("sampled", "swap"):
             req.update(temperature=0.8, top_p=0.95, seed=1000 + i, n=2)
         if kind == "score":
@@ -293,12 +348,21 @@ def mixed_reference(base, engine: Engine, req: dict, version: str | None = None)
         if req["max_tokens"] == 0:
             choices.append(("", 0))
             continue
-        gen = GenerationRequest(ids, adapter=key, max_new_tokens=req["max_tokens"], temperature=req["temperature"],
-                                top_p=req.get("top_p", 1.0), seed=choice_seed(req.get("seed"), c))
+        gen = GenerationRequest(
+            ids,
+            adapter=key,
+            max_new_tokens=req["max_tokens"],
+            temperature=req["temperature"],
+            top_p=req.get("top_p", 1.0),
+            seed=choice_seed(req.get("seed"), c),
+        )
         result = engine.generate([gen], batch_size=1)[0]
         choices.append((result.text, len(result.token_ids)))
-    scores = ([e.logprob for e in prompt_logprobs(base, engine.prompt_cache, key, ids, req["logprobs"])]
-              if req.get("echo") else None)
+    scores = (
+        [e.logprob for e in prompt_logprobs(base, engine.prompt_cache, key, ids, req["logprobs"])]
+        if req.get("echo")
+        else None
+    )
     return {"choices": choices, "scores": scores}
 
 
@@ -316,8 +380,9 @@ def same(got: list[tuple[str, list]], want: dict) -> bool:
     """Whether a response equals a reference: every choice's text and token count, and the echoed scores exactly."""
     echoed = want["scores"] or []
     return len(got) == len(want["choices"]) and all(
-        text == ref_text and values[:len(echoed)] == echoed and len(values) - len(echoed) == ref_tokens
-        for (text, values), (ref_text, ref_tokens) in zip(got, want["choices"]))
+        text == ref_text and values[: len(echoed)] == echoed and len(values) - len(echoed) == ref_tokens
+        for (text, values), (ref_text, ref_tokens) in zip(got, want["choices"])
+    )
 
 
 def mixed_section(base, folder: Path, args) -> dict:
@@ -334,10 +399,20 @@ def mixed_section(base, folder: Path, args) -> dict:
     engine = Engine(base, {name: load_adapter(folder / name, base) for name in names}, Template("human-assistant"))
     requests = mixed_requests(args.mixed_requests, args.max_tokens)
     print(f"mixed: {len(requests)} requests alone through the engine ...", file=sys.stderr, flush=True)
-    refs = [[mixed_reference(base, engine, r, v) for v in SWAP_VERSIONS] if r["kind"] == "swap"
-            else [mixed_reference(base, engine, r)] for r in requests]
-    app = create_app(base, folder, max_batch=args.max_batch, max_queue=max(64, 2 * len(requests)),
-                     max_tokens_cap=max(64, args.max_tokens), allow_admin=True)
+    refs = [
+        [mixed_reference(base, engine, r, v) for v in SWAP_VERSIONS]
+        if r["kind"] == "swap"
+        else [mixed_reference(base, engine, r)]
+        for r in requests
+    ]
+    app = create_app(
+        base,
+        folder,
+        max_batch=args.max_batch,
+        max_queue=max(64, 2 * len(requests)),
+        max_tokens_cap=max(64, args.max_tokens),
+        allow_admin=True,
+    )
     state = app.state.softprompt
     with BackgroundServer(app) as server:
         state.registry.add("swap", SWAP_VERSIONS[0])
@@ -347,8 +422,11 @@ def mixed_section(base, folder: Path, args) -> dict:
         def swapper():
             while not done.wait(0.3):
                 version = SWAP_VERSIONS[(swaps[0] + 1) % 2]
-                r = httpx.post(server.url + "/v1/adapters", json={"name": "swap", "path": version, "replace": True},
-                               timeout=args.timeout)
+                r = httpx.post(
+                    server.url + "/v1/adapters",
+                    json={"name": "swap", "path": version, "replace": True},
+                    timeout=args.timeout,
+                )
                 swaps[0] += r.status_code == 201
 
         def send(req):
@@ -371,12 +449,21 @@ def mixed_section(base, folder: Path, args) -> dict:
     for i, err in errors[:5]:
         print(f"mixed: error in request {i} ({requests[i]['kind']}): {err}", file=sys.stderr)
     for i in mismatches[:5]:
-        print(f"mixed: mismatch in request {i} ({requests[i]['kind']}, {requests[i]['model']}): "
-              f"{outcomes[i][0]} != {refs[i]}", file=sys.stderr)
-    return {"mixed_requests": len(requests), "mixed_errors": len(errors), "mixed_mismatches": len(mismatches),
-            "mixed_seconds": round(seconds, 2), "mixed_swaps": swaps[0],
-            "mixed_score_requests": sum(r["kind"] == "score" for r in requests),
-            "mixed_score_slices": stats.get("score_slices"), "mixed_prefix_cached_tokens": prefix["cached_tokens"]}
+        print(
+            f"mixed: mismatch in request {i} ({requests[i]['kind']}, {requests[i]['model']}): "
+            f"{outcomes[i][0]} != {refs[i]}",
+            file=sys.stderr,
+        )
+    return {
+        "mixed_requests": len(requests),
+        "mixed_errors": len(errors),
+        "mixed_mismatches": len(mismatches),
+        "mixed_seconds": round(seconds, 2),
+        "mixed_swaps": swaps[0],
+        "mixed_score_requests": sum(r["kind"] == "score" for r in requests),
+        "mixed_score_slices": stats.get("score_slices"),
+        "mixed_prefix_cached_tokens": prefix["cached_tokens"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -391,14 +478,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds")
     parser.add_argument("--time-limit", type=float, default=1200.0, help="overall limit for the concurrent phase")
     parser.add_argument("--skip-load", action="store_true", help="skip steps 2-4 (only the prefix-cache section)")
-    parser.add_argument("--prefix-requests", type=int, default=8,
-                        help="chat requests sharing a system prompt, per server (0 = skip the prefix-cache section)")
+    parser.add_argument(
+        "--prefix-requests",
+        type=int,
+        default=8,
+        help="chat requests sharing a system prompt, per server (0 = skip the prefix-cache section)",
+    )
     parser.add_argument("--system-tokens", type=int, default=500, help="length of the shared system prompt")
     parser.add_argument("--prefix-max-tokens", type=int, default=16, help="max_tokens of those requests")
-    parser.add_argument("--prefix-cache-mb", type=int, default=DEFAULT_PREFIX_CACHE_MB,
-                        help="--prefix-cache-mb of the server with the cache")
-    parser.add_argument("--mixed-requests", type=int, default=40,
-                        help="step 6: echo scoring, n=2 sampling and adapter swaps at once (0 = skip)")
+    parser.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        default=DEFAULT_PREFIX_CACHE_MB,
+        help="--prefix-cache-mb of the server with the cache",
+    )
+    parser.add_argument(
+        "--mixed-requests",
+        type=int,
+        default=40,
+        help="step 6: echo scoring, n=2 sampling and adapter swaps at once (0 = skip)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -420,17 +519,21 @@ def main(argv: list[str] | None = None) -> int:
             errors += prefix["prefix_cache_errors"]
             mismatches += prefix["prefix_cache_mismatches"]
             result.update(prefix)
-            print(f"prefix cache: TTFT p50 {prefix['ttft_without_cache_p50_s']} s without, "
-                  f"{prefix['ttft_with_cache_p50_s']} s with the cache (x{prefix['prefix_cache_ttft_ratio']}); "
-                  f"{prefix['prefix_cache_errors']} errors, {prefix['prefix_cache_mismatches']} mismatches")
+            print(
+                f"prefix cache: TTFT p50 {prefix['ttft_without_cache_p50_s']} s without, "
+                f"{prefix['ttft_with_cache_p50_s']} s with the cache (x{prefix['prefix_cache_ttft_ratio']}); "
+                f"{prefix['prefix_cache_errors']} errors, {prefix['prefix_cache_mismatches']} mismatches"
+            )
         if args.mixed_requests > 0:
             mixed = mixed_section(base, folder, args)
             errors += mixed["mixed_errors"]
             mismatches += mixed["mixed_mismatches"]
             result.update(mixed)
-            print(f"mixed: {mixed['mixed_requests']} requests in {mixed['mixed_seconds']} s with "
-                  f"{mixed['mixed_swaps']} adapter swaps; {mixed['mixed_errors']} errors, "
-                  f"{mixed['mixed_mismatches']} mismatches")
+            print(
+                f"mixed: {mixed['mixed_requests']} requests in {mixed['mixed_seconds']} s with "
+                f"{mixed['mixed_swaps']} adapter swaps; {mixed['mixed_errors']} errors, "
+                f"{mixed['mixed_mismatches']} mismatches"
+            )
     result.update({"errors": errors, "mismatches": mismatches, "torch_threads": torch.get_num_threads()})
     print(json.dumps(result))
     return 1 if errors or mismatches else 0
@@ -446,44 +549,68 @@ def load_section(base, folder: Path, args) -> dict:
     print(f"sequential: {len(requests)} requests one at a time through the engine ...", file=sys.stderr, flush=True)
     reference, seq_latencies, seq_time = run_sequential(engine, base.tokenizer, requests)
 
-    app = create_app(base, folder, max_batch=args.max_batch, max_queue=max(64, args.requests),
-                     max_tokens_cap=max(64, args.max_tokens))
-    print(f"concurrent: {len(requests)} requests, {args.concurrency} at a time, through the server ...",
-          file=sys.stderr, flush=True)
+    app = create_app(
+        base,
+        folder,
+        max_batch=args.max_batch,
+        max_queue=max(64, args.requests),
+        max_tokens_cap=max(64, args.max_tokens),
+    )
+    print(
+        f"concurrent: {len(requests)} requests, {args.concurrency} at a time, through the server ...",
+        file=sys.stderr,
+        flush=True,
+    )
     with BackgroundServer(app) as server:
-        outcomes, conc_time = run_concurrent(server.url, requests, args.concurrency, args.timeout,
-                                             time.monotonic() + args.time_limit)
+        outcomes, conc_time = run_concurrent(
+            server.url, requests, args.concurrency, args.timeout, time.monotonic() + args.time_limit
+        )
         stats = app.state.softprompt.scheduler.snapshot()
 
     errors = [(i, err) for i, (_, _, err) in enumerate(outcomes) if err]
-    mismatches = [i for i, (got, _, err) in enumerate(outcomes)
-                  if not err and got != (reference[i].text, len(reference[i].token_ids))]
+    mismatches = [
+        i
+        for i, (got, _, err) in enumerate(outcomes)
+        if not err and got != (reference[i].text, len(reference[i].token_ids))
+    ]
     for i, err in errors[:5]:
         print(f"error in request {i}: {err}", file=sys.stderr)
     for i in mismatches[:5]:
-        print(f"mismatch in request {i} ({requests[i]['model']}): {outcomes[i][0]!r} != {reference[i].text!r}",
-              file=sys.stderr)
+        print(
+            f"mismatch in request {i} ({requests[i]['model']}): {outcomes[i][0]!r} != {reference[i].text!r}",
+            file=sys.stderr,
+        )
     latencies = [lat for (_, lat, err) in outcomes if lat is not None and not err]
     tokens = sum(len(r.token_ids) for r in reference)
     result = {
-        "requests": len(requests), "concurrency": args.concurrency, "adapters": len(ADAPTERS),
-        "max_tokens": args.max_tokens, "completion_tokens": tokens, "errors": len(errors),
+        "requests": len(requests),
+        "concurrency": args.concurrency,
+        "adapters": len(ADAPTERS),
+        "max_tokens": args.max_tokens,
+        "completion_tokens": tokens,
+        "errors": len(errors),
         "mismatches": len(mismatches),
-        "sequential_seconds": round(seq_time, 2), "concurrent_seconds": round(conc_time, 2),
+        "sequential_seconds": round(seq_time, 2),
+        "concurrent_seconds": round(conc_time, 2),
         "sequential_requests_per_s": round(len(requests) / seq_time, 3),
         "concurrent_requests_per_s": round(len(requests) / conc_time, 3),
-        "sequential_tokens_per_s": round(tokens / seq_time, 1), "concurrent_tokens_per_s": round(tokens / conc_time, 1),
+        "sequential_tokens_per_s": round(tokens / seq_time, 1),
+        "concurrent_tokens_per_s": round(tokens / conc_time, 1),
         "throughput_speedup": round(seq_time / conc_time, 2),
         "sequential_p50_latency_s": round(statistics.median(seq_latencies), 3),
         "sequential_p99_latency_s": round(percentile(seq_latencies, 99), 3),
         "p50_latency_s": round(statistics.median(latencies), 3) if latencies else None,
         "p99_latency_s": round(percentile(latencies, 99), 3) if latencies else None,
-        "max_live_rows": stats["max_live"], "decode_steps": stats["steps"], "prefills": stats["prefills"],
+        "max_live_rows": stats["max_live"],
+        "decode_steps": stats["steps"],
+        "prefills": stats["prefills"],
     }
-    print(f"one at a time: {result['sequential_requests_per_s']} req/s, p50 {result['sequential_p50_latency_s']} s; "
-          f"server, {args.concurrency} concurrent: {result['concurrent_requests_per_s']} req/s, "
-          f"p50 {result['p50_latency_s']} s, p99 {result['p99_latency_s']} s; speedup x{result['throughput_speedup']}; "
-          f"{len(errors)} errors, {len(mismatches)} mismatches")
+    print(
+        f"one at a time: {result['sequential_requests_per_s']} req/s, p50 {result['sequential_p50_latency_s']} s; "
+        f"server, {args.concurrency} concurrent: {result['concurrent_requests_per_s']} req/s, "
+        f"p50 {result['p50_latency_s']} s, p99 {result['p99_latency_s']} s; speedup x{result['throughput_speedup']}; "
+        f"{len(errors)} errors, {len(mismatches)} mismatches"
+    )
     return result
 
 

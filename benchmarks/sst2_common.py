@@ -13,8 +13,9 @@ INSTRUCTION = "Is the sentiment of this movie review positive or negative?"
 WORDS = ["negative", "positive"]
 
 
-def instruction_records(path: str, limit: int, instruction: str, text_field: str,
-                        answer: Callable[[dict], str]) -> list[dict]:
+def instruction_records(
+    path: str, limit: int, instruction: str, text_field: str, answer: Callable[[dict], str]
+) -> list[dict]:
     """The first `limit` JSONL rows of a classification file as records: `instruction`, the row's `text_field` as
     input, `answer(row)` as output."""
     records = []
@@ -33,8 +34,10 @@ def sst2_split(path: str, train: int, held_out: int, seed: int = 0) -> tuple[lis
     with open(path, encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
     random.Random(seed).shuffle(rows)
-    records = [{"instruction": INSTRUCTION, "input": r["sentence"].strip(), "output": WORDS[int(r["label"])]}
-               for r in rows[:train + held_out]]
+    records = [
+        {"instruction": INSTRUCTION, "input": r["sentence"].strip(), "output": WORDS[int(r["label"])]}
+        for r in rows[: train + held_out]
+    ]
     if len(records) < train + held_out:
         raise SystemExit(f"{path}: {len(records)} records, {train + held_out} needed")
     return records[:train], records[train:]
@@ -45,8 +48,13 @@ def encode_choices(base, records: list[dict], choices: list[str], template=None)
     from softprompt.data.templates import Template, encode_example
 
     template = template or Template()
-    return [batching.Example(*encode_example(template, base.tokenizer, r["instruction"], r.get("input", ""), c,
-                                             2048)[:2], "") for r in records for c in choices]
+    return [
+        batching.Example(
+            *encode_example(template, base.tokenizer, r["instruction"], r.get("input", ""), c, 2048)[:2], ""
+        )
+        for r in records
+        for c in choices
+    ]
 
 
 def accuracy(base, virtual, records: list[dict], examples=None, choices: list[str] = WORDS) -> float:

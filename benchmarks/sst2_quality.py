@@ -42,8 +42,7 @@ def accuracy(base, embeddings, rows, template: str, words: list[str], max_tokens
     scores = torch.zeros(len(examples))
     for micro in batching.micro_batches(list(range(len(examples))), lengths, max_tokens):
         batch = batching.collate([examples[i] for i in micro], base.tokenizer.pad_token_id)
-        nll, _ = forward.label_nll(base.model, embeddings, batch["input_ids"], batch["attention_mask"],
-                                   batch["labels"])
+        nll, _ = forward.label_nll(base.model, embeddings, batch["input_ids"], batch["attention_mask"], batch["labels"])
         scores[torch.tensor(micro)] = nll.float()
     predicted = scores.view(len(rows), len(words)).argmin(-1)
     gold = torch.tensor([int(r["label"]) for r in rows])
@@ -64,14 +63,19 @@ def parse_run(spec: str) -> tuple[str, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, metavar="FILE.jsonl",
-                        help="SST-2 records as JSONL, one {\"sentence\": ..., \"label\": 0|1} per line (the GLUE "
-                             "SST-2 train split); the first --train-records train, the next --eval-records evaluate")
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE.jsonl",
+        help='SST-2 records as JSONL, one {"sentence": ..., "label": 0|1} per line (the GLUE '
+        "SST-2 train split); the first --train-records train, the next --eval-records evaluate",
+    )
     parser.add_argument("--train-records", type=int, default=2000)
     parser.add_argument("--eval-records", type=int, default=500)
     parser.add_argument("--template", default=TEMPLATE)
-    parser.add_argument("--run", action="append", help="NAME:key=value,... (TrainConfig overrides); "
-                        "default: one run with the defaults")
+    parser.add_argument(
+        "--run", action="append", help="NAME:key=value,... (TrainConfig overrides); default: one run with the defaults"
+    )
     parser.add_argument("--out", default="/tmp/sst2_runs")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--adapter", help="only evaluate this trained adapter (zero-shot and its accuracy)")
@@ -84,7 +88,7 @@ def main() -> None:
     from softprompt.training.loop import train
 
     rows = [json.loads(line) for _, line in zip(range(args.train_records + args.eval_records), open(args.data))]
-    train_rows, eval_rows = rows[:args.train_records], rows[args.train_records:]
+    train_rows, eval_rows = rows[: args.train_records], rows[args.train_records :]
     base = load_base(device="cpu", dtype="float32")
     results = {"train_records": len(train_rows), "eval_records": len(eval_rows)}
     start = time.perf_counter()
@@ -94,23 +98,38 @@ def main() -> None:
         from softprompt.formats.adapter import load_adapter
 
         adapter = load_adapter(args.adapter, base)
-        results["adapter"] = round(accuracy(base, adapter.embeddings, eval_rows, adapter.template.spec,
-                                            adapter.label_words or WORDS), 4)
+        results["adapter"] = round(
+            accuracy(base, adapter.embeddings, eval_rows, adapter.template.spec, adapter.label_words or WORDS), 4
+        )
         print(json.dumps(results))
         return
     for spec in args.run or ["defaults:"]:
         name, overrides = parse_run(spec)
-        config = TrainConfig(data=train_rows, out=f"{args.out}/{name}", model=base, fields="instruction=sentence",
-                             label_field="label", label_words=WORDS, template=args.template, progress=False,
-                             threads=args.threads, **overrides)
+        config = TrainConfig(
+            data=train_rows,
+            out=f"{args.out}/{name}",
+            model=base,
+            fields="instruction=sentence",
+            label_field="label",
+            label_words=WORDS,
+            template=args.template,
+            progress=False,
+            threads=args.threads,
+            **overrides,
+        )
         start = time.perf_counter()
         result = train(config)
         from softprompt.formats.adapter import load_adapter
 
         acc = accuracy(base, load_adapter(config.out).embeddings, eval_rows, args.template, WORDS)
-        results[name] = {"accuracy": round(acc, 4), "train_loss": result.train_loss, "steps": result.steps,
-                         "tokens_per_s": round(result.tokens_per_second, 1),
-                         "seconds": round(time.perf_counter() - start), **overrides}
+        results[name] = {
+            "accuracy": round(acc, 4),
+            "train_loss": result.train_loss,
+            "steps": result.steps,
+            "tokens_per_s": round(result.tokens_per_second, 1),
+            "seconds": round(time.perf_counter() - start),
+            **overrides,
+        }
         print(json.dumps({name: results[name]}), flush=True)
     print(json.dumps(results))
 

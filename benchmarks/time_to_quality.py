@@ -64,8 +64,15 @@ def run_softprompt(args, records: list[dict], every: int) -> list[tuple[float, i
     real = loop._save_checkpoint
     loop._save_checkpoint = snapshot
     try:
-        config = TrainConfig(data=records, out=os.path.join(args.out, "softprompt"), model=base, save_every=every,
-                             progress=False, threads=args.threads, seed=args.seed)
+        config = TrainConfig(
+            data=records,
+            out=os.path.join(args.out, "softprompt"),
+            model=base,
+            save_every=every,
+            progress=False,
+            threads=args.threads,
+            seed=args.seed,
+        )
         clock = Clock()
         loop.train(config)
     finally:
@@ -77,16 +84,27 @@ def run_peft(args, records: list[dict], every: int):
     import torch
     from datasets import Dataset
     from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from softprompt.core.models import resolve_model_path
 
     path, _ = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, prompt_tuning_init=PromptTuningInit.TEXT,
-                                prompt_tuning_init_text=INIT_TEXT, num_virtual_tokens=13, tokenizer_name_or_path=path)
+    config = PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM,
+        prompt_tuning_init=PromptTuningInit.TEXT,
+        prompt_tuning_init_text=INIT_TEXT,
+        num_virtual_tokens=13,
+        tokenizer_name_or_path=path,
+    )
     model = get_peft_model(model, config)
     snapshots = []
     clock = Clock()
@@ -110,12 +128,28 @@ def run_peft(args, records: list[dict], every: int):
 
     clock.start = time.perf_counter()
     data = Dataset.from_list(records).map(process, remove_columns=["instruction", "input", "output"])
-    training = TrainingArguments(output_dir=os.path.join(args.out, "peft"), per_device_train_batch_size=1,
-                                 gradient_accumulation_steps=8, num_train_epochs=1, learning_rate=args.peft_lr,
-                                 logging_steps=10, save_strategy="no", report_to=[], seed=args.seed, use_cpu=True,
-                                 disable_tqdm=True, dataloader_num_workers=0, bf16=args.peft_bf16)
-    Trainer(model=model, args=training, train_dataset=data, data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
-            callbacks=[Snapshot()]).train()
+    training = TrainingArguments(
+        output_dir=os.path.join(args.out, "peft"),
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=8,
+        num_train_epochs=1,
+        learning_rate=args.peft_lr,
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        seed=args.seed,
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        bf16=args.peft_bf16,
+    )
+    Trainer(
+        model=model,
+        args=training,
+        train_dataset=data,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
+        callbacks=[Snapshot()],
+    ).train()
     return snapshots, "bfloat16 (autocast)" if args.peft_bf16 else "float32"
 
 
@@ -158,28 +192,42 @@ def main() -> None:
     zero_shot = accuracy(scorer, None, held_out, examples)
     curves = {}
     for which, snaps in raw.items():
-        curves[which] = [{"seconds": round(t, 1), "step": step, "accuracy": round(accuracy(scorer, tensor, held_out,
-                                                                                        examples), 4)}
-                         for t, step, tensor in snaps]
+        curves[which] = [
+            {"seconds": round(t, 1), "step": step, "accuracy": round(accuracy(scorer, tensor, held_out, examples), 4)}
+            for t, step, tensor in snaps
+        ]
         print(json.dumps({which: curves[which]}), flush=True)
-    result = {"train_records": len(train_records), "held_out": len(held_out), "zero_shot": round(zero_shot, 4),
-              "dtypes": dtypes, "peft_lr": args.peft_lr, "loadavg": load, "curves": curves}
+    result = {
+        "train_records": len(train_records),
+        "held_out": len(held_out),
+        "zero_shot": round(zero_shot, 4),
+        "dtypes": dtypes,
+        "peft_lr": args.peft_lr,
+        "loadavg": load,
+        "curves": curves,
+    }
     if "peft" in curves and curves["peft"]:
         target = curves["peft"][-1]["accuracy"]
         reach = {k: first_reaching(c, target) for k, c in curves.items()}
-        result.update({"peft_final_accuracy": target,
-                       "final_accuracy": {k: c[-1]["accuracy"] for k, c in curves.items() if c},
-                       "best_accuracy": {k: max(p["accuracy"] for p in c) for k, c in curves.items() if c},
-                       "seconds_to_peft_final": reach,
-                       "total_seconds": {k: c[-1]["seconds"] for k, c in curves.items() if c}})
+        result.update(
+            {
+                "peft_final_accuracy": target,
+                "final_accuracy": {k: c[-1]["accuracy"] for k, c in curves.items() if c},
+                "best_accuracy": {k: max(p["accuracy"] for p in c) for k, c in curves.items() if c},
+                "seconds_to_peft_final": reach,
+                "total_seconds": {k: c[-1]["seconds"] for k, c in curves.items() if c},
+            }
+        )
         if reach.get("softprompt") and reach.get("peft"):
             result["speedup"] = round(reach["peft"] / reach["softprompt"], 2)
     try:
         from softprompt.training.metrics import plot_curves
 
-        png = plot_curves({k: [(p["seconds"], p["accuracy"]) for p in c] for k, c in curves.items()},
-                          Path(args.out) / "accuracy_vs_seconds.png",
-                          f"SST-2 held-out accuracy ({len(held_out)}) vs seconds (x axis), {len(train_records)} records")
+        png = plot_curves(
+            {k: [(p["seconds"], p["accuracy"]) for p in c] for k, c in curves.items()},
+            Path(args.out) / "accuracy_vs_seconds.png",
+            f"SST-2 held-out accuracy ({len(held_out)}) vs seconds (x axis), {len(train_records)} records",
+        )
         result["png"] = str(png)
     except ImportError:
         pass

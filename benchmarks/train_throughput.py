@@ -72,9 +72,13 @@ def run_recipe(args, records: list[dict], out: Path, bf16: bool = False) -> dict
     path, _ = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, prompt_tuning_init=PromptTuningInit.TEXT,
-                                prompt_tuning_init_text=INIT_TEXT, num_virtual_tokens=args.num_virtual_tokens,
-                                tokenizer_name_or_path=path)
+    config = PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM,
+        prompt_tuning_init=PromptTuningInit.TEXT,
+        prompt_tuning_init_text=INIT_TEXT,
+        num_virtual_tokens=args.num_virtual_tokens,
+        tokenizer_name_or_path=path,
+    )
     model = get_peft_model(model, config)
 
     def process(example):
@@ -87,40 +91,77 @@ def run_recipe(args, records: list[dict], out: Path, bf16: bool = False) -> dict
 
     data = Dataset.from_list(records).map(process, remove_columns=["instruction", "input", "output"])
     tokens = sum(len(x) for x in data["input_ids"])
-    training = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=1,
-                                 gradient_accumulation_steps=8, num_train_epochs=1, logging_steps=1,
-                                 save_strategy="no", report_to=[], seed=args.seed, use_cpu=args.device == "cpu",
-                                 disable_tqdm=True, dataloader_num_workers=0, bf16=bf16)
-    trainer = Trainer(model=model, args=training, train_dataset=data,
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True))
+    training = TrainingArguments(
+        output_dir=str(out / "trainer"),
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=8,
+        num_train_epochs=1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=args.seed,
+        use_cpu=args.device == "cpu",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        bf16=bf16,
+    )
+    trainer = Trainer(
+        model=model, args=training, train_dataset=data, data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True)
+    )
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     model.save_pretrained(str(out / "adapter"))
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    return {"tokens": tokens, "seconds": seconds, "losses": losses, "dtype": "bfloat16 (autocast)" if bf16 else
-            "float32"}
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "losses": losses,
+        "dtype": "bfloat16 (autocast)" if bf16 else "float32",
+    }
 
 
 def run_softprompt(args, records: list[dict], out: Path, dtype: str | None = None) -> dict:
-    from softprompt.training.metrics import read_metrics
     from softprompt.core.models import load_base
     from softprompt.training.config import TrainConfig
     from softprompt.training.loop import train
+    from softprompt.training.metrics import read_metrics
 
     base = load_base(args.model, device=args.device, dtype=dtype or args.dtype)
-    config = TrainConfig(data=records, out=str(out / "adapter"), model=base, init="text", init_text=INIT_TEXT,
-                         num_virtual_tokens=args.num_virtual_tokens, lr=5e-5, schedule="linear", warmup_steps=0,
-                         optimizer="adamw", batch_size=8, grad_accum=1, epochs=1, max_length=args.max_length,
-                         max_batch_tokens=args.max_batch_tokens, log_every=1, save_every=10**9, seed=args.seed,
-                         progress=False, threads=args.threads)
+    config = TrainConfig(
+        data=records,
+        out=str(out / "adapter"),
+        model=base,
+        init="text",
+        init_text=INIT_TEXT,
+        num_virtual_tokens=args.num_virtual_tokens,
+        lr=5e-5,
+        schedule="linear",
+        warmup_steps=0,
+        optimizer="adamw",
+        batch_size=8,
+        grad_accum=1,
+        epochs=1,
+        max_length=args.max_length,
+        max_batch_tokens=args.max_batch_tokens,
+        log_every=1,
+        save_every=10**9,
+        seed=args.seed,
+        progress=False,
+        threads=args.threads,
+    )
     start = time.perf_counter()
     result = train(config)
     seconds = time.perf_counter() - start
     rows = read_metrics(out / "adapter" / "metrics.jsonl")
     losses = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
-    return {"tokens": rows[-1]["tokens"], "seconds": seconds, "losses": losses,
-            "loop_tokens_per_s": result.tokens_per_second, "dtype": str(base.dtype).replace("torch.", "")}
+    return {
+        "tokens": rows[-1]["tokens"],
+        "seconds": seconds,
+        "losses": losses,
+        "loop_tokens_per_s": result.tokens_per_second,
+        "dtype": str(base.dtype).replace("torch.", ""),
+    }
 
 
 def peak_rss_mb() -> float:
@@ -157,10 +198,32 @@ def child(args) -> None:
 
 
 def spawn(args, which: str, name: str, data: str, kind: str, records: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", which, "--child-data", data, "--child-kind", kind,
-           "--child-name", name, "--child-records", str(records), "--out", args.out, "--seed", str(args.seed),
-           "--max-length", str(args.max_length), "--num-virtual-tokens", str(args.num_virtual_tokens),
-           "--dtype", args.dtype, "--device", args.device]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        which,
+        "--child-data",
+        data,
+        "--child-kind",
+        kind,
+        "--child-name",
+        name,
+        "--child-records",
+        str(records),
+        "--out",
+        args.out,
+        "--seed",
+        str(args.seed),
+        "--max-length",
+        str(args.max_length),
+        "--num-virtual-tokens",
+        str(args.num_virtual_tokens),
+        "--dtype",
+        args.dtype,
+        "--device",
+        args.device,
+    ]
     if args.max_batch_tokens:
         cmd += ["--max-batch-tokens", str(args.max_batch_tokens)]
     if args.model:
@@ -171,19 +234,19 @@ def spawn(args, which: str, name: str, data: str, kind: str, records: int) -> di
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{which} run on {data} failed:\n{proc.stderr[-4000:]}")
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT ") :])
     result["tokens_per_s"] = result["tokens"] / result["seconds"]
     return result
 
 
 def final_losses(args, records: list[dict], adapters: dict[str, str]) -> dict[str, float]:
     """Mean answer-token NLL of each final prompt on the training records, scored by the same code in fp32."""
-    from softprompt.formats.adapter import load_adapter
-    from softprompt.data.batching import encode_records
-    from softprompt.data.records import load_records
     from softprompt.core.models import load_base
     from softprompt.core.prompt import SoftPrompt
+    from softprompt.data.batching import encode_records
+    from softprompt.data.records import load_records
     from softprompt.data.templates import Template
+    from softprompt.formats.adapter import load_adapter
     from softprompt.training.scoring import evaluate_loss
 
     base = load_base(args.model, device="cpu", dtype="float32")
@@ -222,9 +285,9 @@ def gemm_ceiling(args, records: list[dict], dtypes: list[str]) -> dict:
     is used, not softprompt's budget."""
     import torch
 
+    from softprompt.core.models import load_base
     from softprompt.data.batching import encode_records
     from softprompt.data.records import load_records
-    from softprompt.core.models import load_base
     from softprompt.data.templates import Template
 
     base = load_base(args.model, device="cpu", dtype="float32")
@@ -238,9 +301,11 @@ def gemm_ceiling(args, records: list[dict], dtypes: list[str]) -> dict:
     out = {"mflop_per_token": round(work / 1e6, 1)}
     for name in dtypes:
         dtype = getattr(torch, name)
-        per_token = min(layers * gemm_seconds_per_row(layer, rows, dtype) +
-                        labels / tokens * gemm_seconds_per_row([head], rows, dtype)
-                        for rows in (256, 512, 1024, 2048))
+        per_token = min(
+            layers * gemm_seconds_per_row(layer, rows, dtype)
+            + labels / tokens * gemm_seconds_per_row([head], rows, dtype)
+            for rows in (256, 512, 1024, 2048)
+        )
         out[name] = {"gemm_gflops": round(work / per_token / 1e9, 1), "tokens_per_s": round(1 / per_token, 1)}
     return out
 
@@ -271,30 +336,55 @@ def loadavg() -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", nargs="*", default=[], metavar="FILE.jsonl",
-                        help="Alpaca-style JSONL files (records with instruction, optional input, output), e.g. "
-                             "alpaca_en.jsonl alpaca_zh.jsonl; the first --records of each")
-    parser.add_argument("--sst2", metavar="FILE.jsonl",
-                        help="GLUE SST-2 JSONL (sentence, label): a classification set with a fixed instruction")
+    parser.add_argument(
+        "--data",
+        nargs="*",
+        default=[],
+        metavar="FILE.jsonl",
+        help="Alpaca-style JSONL files (records with instruction, optional input, output), e.g. "
+        "alpaca_en.jsonl alpaca_zh.jsonl; the first --records of each",
+    )
+    parser.add_argument(
+        "--sst2",
+        metavar="FILE.jsonl",
+        help="GLUE SST-2 JSONL (sentence, label): a classification set with a fixed instruction",
+    )
     parser.add_argument("--records", type=int, default=64, help="first N records of each --data file")
     parser.add_argument("--sst2-records", type=int, default=256, help="first N records of --sst2")
     parser.add_argument("--model", help="base model (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", default="auto",
-                        help="softprompt's --dtype (default: its default, auto); the recipes are fp32 and bf16")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="softprompt's --dtype (default: its default, auto); the recipes are fp32 and bf16",
+    )
     parser.add_argument("--out", default="/tmp/bench_train", help="scratch folder")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the recipe and softprompt train (the "
-                        "matrix-product ceiling is measured on the CPU only)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu or cuda: where the recipe and softprompt train (the "
+        "matrix-product ceiling is measured on the CPU only)",
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--num-virtual-tokens", type=int, default=13)
-    parser.add_argument("--max-batch-tokens", type=int,
-                        help="softprompt's token budget per forward (default: softprompt train's default)")
-    parser.add_argument("--runs", default="recipe,recipe_bf16,softprompt",
-                        help="which runs, comma-separated, of: " + ", ".join(RUNS) + " (softprompt_fp32 / _bf16: "
-                             "softprompt with that --dtype, to see what the dtype buys); default: the first three")
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        help="softprompt's token budget per forward (default: softprompt train's default)",
+    )
+    parser.add_argument(
+        "--runs",
+        default="recipe,recipe_bf16,softprompt",
+        help="which runs, comma-separated, of: " + ", ".join(RUNS) + " (softprompt_fp32 / _bf16: "
+        "softprompt with that --dtype, to see what the dtype buys); default: the first three",
+    )
     parser.add_argument("--threads", type=int, help="torch threads in every run (default: torch's choice)")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="run each configuration this many times, interleaved, and keep its fastest run")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run each configuration this many times, interleaved, and keep its fastest run",
+    )
     parser.add_argument("--child", choices=RUNS, help=argparse.SUPPRESS)
     parser.add_argument("--child-data", help=argparse.SUPPRESS)
     parser.add_argument("--child-kind", help=argparse.SUPPRESS)
@@ -322,18 +412,29 @@ def main() -> None:
         load.append(loadavg())
         ours = results["softprompt"]
         scores = final_losses(args, records, {k: r["adapter"] for k, r in results.items()})
-        png = plot_curves({k: r["losses"] for k, r in results.items()}, Path(args.out) / f"{name}-loss.png",
-                          f"{name}: train loss, {count} records")
+        png = plot_curves(
+            {k: r["losses"] for k, r in results.items()},
+            Path(args.out) / f"{name}-loss.png",
+            f"{name}: train loss, {count} records",
+        )
         ceiling = gemm_ceiling(args, records, ["float32", "bfloat16"]) if args.device == "cpu" else None
-        entry = {"records": count, "tokens": ours["tokens"], "softprompt_dtype": ours["dtype"],
-                 "max_batch_tokens": args.max_batch_tokens or default_batch_tokens(args.device.split(":")[0]),
-                 "ceiling": ceiling or "measured on the CPU only", "device": args.device}
+        entry = {
+            "records": count,
+            "tokens": ours["tokens"],
+            "softprompt_dtype": ours["dtype"],
+            "max_batch_tokens": args.max_batch_tokens or default_batch_tokens(args.device.split(":")[0]),
+            "ceiling": ceiling or "measured on the CPU only",
+            "device": args.device,
+        }
         for which, r in results.items():
-            entry[which] = {"tokens_per_s": round(r["tokens_per_s"], 1), "peak_rss_mb": round(r["peak_rss_mb"]),
-                            **({"peak_gpu_mb": r["peak_gpu_mb"]} if "peak_gpu_mb" in r else {}),
-                            "repeats_tokens_per_s": r["repeats_tokens_per_s"],
-                            "final_prompt_loss": round(scores[which], 4),
-                            "mean_train_loss": round(sum(l for _, l in r["losses"]) / len(r["losses"]), 4)}
+            entry[which] = {
+                "tokens_per_s": round(r["tokens_per_s"], 1),
+                "peak_rss_mb": round(r["peak_rss_mb"]),
+                **({"peak_gpu_mb": r["peak_gpu_mb"]} if "peak_gpu_mb" in r else {}),
+                "repeats_tokens_per_s": r["repeats_tokens_per_s"],
+                "final_prompt_loss": round(scores[which], 4),
+                "mean_train_loss": round(sum(l for _, l in r["losses"]) / len(r["losses"]), 4),
+            }
         entry["initial_prompt_loss"] = round(scores["initial"], 4)
         entry["softprompt"]["loop_tokens_per_s"] = round(ours["loop_tokens_per_s"], 1)
         for which in runs:
@@ -343,11 +444,15 @@ def main() -> None:
                 entry[f"loss_diff_vs_{which}"] = round(scores["softprompt"] - scores[which], 5)
         for dtype in ("float32", "bfloat16") if ceiling else ():
             if "recipe" in results:
-                ceiling[dtype]["x_recipe"] = round(ceiling[dtype]["tokens_per_s"] / results["recipe"]["tokens_per_s"],
-                                                   2)
+                ceiling[dtype]["x_recipe"] = round(
+                    ceiling[dtype]["tokens_per_s"] / results["recipe"]["tokens_per_s"], 2
+                )
         if ceiling:
-            ceiling["softprompt_fraction"] = round(ours["tokens_per_s"] / ceiling[
-                "bfloat16" if "bfloat16" in ours["dtype"] else "float32"]["tokens_per_s"], 3)
+            ceiling["softprompt_fraction"] = round(
+                ours["tokens_per_s"]
+                / ceiling["bfloat16" if "bfloat16" in ours["dtype"] else "float32"]["tokens_per_s"],
+                3,
+            )
         entry["loss_curves_png"] = str(png)
         per_set[name] = entry
         print(json.dumps({name: entry}), flush=True)
@@ -357,14 +462,22 @@ def main() -> None:
         return round(math.exp(sum(map(math.log, values)) / len(values)), 2) if values else None
 
     diffs = [abs(e[k]) for e in per_set.values() for k in e if k.startswith("loss_diff_vs_recipe")]
-    summary = {"speedup": geomean("speedup_vs_recipe"), "speedup_vs_bf16_recipe": geomean("speedup_vs_recipe_bf16"),
-               "memory_ratio": max((e["memory_ratio_vs_recipe"] for e in per_set.values()
-                                    if "memory_ratio_vs_recipe" in e), default=None),
-               "memory_ratio_vs_bf16_recipe": max((e["memory_ratio_vs_recipe_bf16"] for e in per_set.values()
-                                                   if "memory_ratio_vs_recipe_bf16" in e), default=None),
-               "final_loss_max_diff": round(max(diffs), 5) if diffs else None, "loss_tolerance": LOSS_TOLERANCE,
-               "loss_within_tolerance": all(d <= LOSS_TOLERANCE for d in diffs),
-               "loadavg": load, "sets": per_set}
+    summary = {
+        "speedup": geomean("speedup_vs_recipe"),
+        "speedup_vs_bf16_recipe": geomean("speedup_vs_recipe_bf16"),
+        "memory_ratio": max(
+            (e["memory_ratio_vs_recipe"] for e in per_set.values() if "memory_ratio_vs_recipe" in e), default=None
+        ),
+        "memory_ratio_vs_bf16_recipe": max(
+            (e["memory_ratio_vs_recipe_bf16"] for e in per_set.values() if "memory_ratio_vs_recipe_bf16" in e),
+            default=None,
+        ),
+        "final_loss_max_diff": round(max(diffs), 5) if diffs else None,
+        "loss_tolerance": LOSS_TOLERANCE,
+        "loss_within_tolerance": all(d <= LOSS_TOLERANCE for d in diffs),
+        "loadavg": load,
+        "sets": per_set,
+    }
     print(json.dumps(summary))
 
 

@@ -40,8 +40,9 @@ def vllm_version(venv: str | os.PathLike) -> str | None:
     python = Path(venv) / "bin" / "python"
     if not python.exists():
         return None
-    found = subprocess.run([str(python), "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
-                           text=True, check=False)
+    found = subprocess.run(
+        [str(python), "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True, check=False
+    )
     return found.stdout.strip().splitlines()[-1] if found.returncode == 0 and found.stdout.strip() else None
 
 
@@ -60,8 +61,16 @@ def _ready(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def vllm_server(venv: str | os.PathLike, model_dir: str, log_path: str | os.PathLike, *, dtype: str = "float32",
-                max_model_len: int = 2048, timeout_s: float = 600.0, extra_args: list[str] | None = None):
+def vllm_server(
+    venv: str | os.PathLike,
+    model_dir: str,
+    log_path: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    max_model_len: int = 2048,
+    timeout_s: float = 600.0,
+    extra_args: list[str] | None = None,
+):
     """Run `vllm.entrypoints.launchers.api_server.entry --enable-prompt-embeds --enforce-eager` from `venv` on a free
     loopback port until the block ends; yields a VllmServer. Raises VllmStartError (with the log's tail) when the
     server exits or is not ready within timeout_s. About 35 s to start on a 2-vCPU CPU machine."""
@@ -71,9 +80,24 @@ def vllm_server(venv: str | os.PathLike, model_dir: str, log_path: str | os.Path
     port = free_port()
     log_path = Path(log_path)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
-    command = [str(python), "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", model_dir,
-               "--enable-prompt-embeds", "--dtype", dtype, "--max-model-len", str(max_model_len), "--enforce-eager",
-               "--port", str(port), "--host", "127.0.0.1", *(extra_args or [])]
+    command = [
+        str(python),
+        "-m",
+        "vllm.entrypoints.launchers.api_server.entry",
+        "--model",
+        model_dir,
+        "--enable-prompt-embeds",
+        "--dtype",
+        dtype,
+        "--max-model-len",
+        str(max_model_len),
+        "--enforce-eager",
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        *(extra_args or []),
+    ]
     url = f"http://127.0.0.1:{port}"
     start = time.perf_counter()
     with open(log_path, "w") as log:

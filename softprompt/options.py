@@ -33,16 +33,16 @@ class Spec:
     """What an option field declares besides its default."""
 
     help: str
-    minimum: float | None = None     # value >= minimum
-    above: float | None = None       # value > above
-    maximum: float | None = None     # value <= maximum
+    minimum: float | None = None  # value >= minimum
+    above: float | None = None  # value > above
+    maximum: float | None = None  # value <= maximum
     choices: tuple[str, ...] | None = None
-    flag: str | None = None          # default: --field-name (a bool defaulting to True: --no-field-name)
+    flag: str | None = None  # default: --field-name (a bool defaulting to True: --no-field-name)
     metavar: str | None = None
-    group: str = "options"           # the --help section
+    group: str = "options"  # the --help section
     positional: bool = False
-    many: bool | str = False         # a list option: True repeats the flag (--stop a --stop b); "+": one flag, several values
-    cli: bool = True                 # False: Python API only (in-memory data, a preloaded model, ...)
+    many: bool | str = False  # a list option: True repeats the flag (--stop a --stop b); "+": one flag, several values
+    cli: bool = True  # False: Python API only (in-memory data, a preloaded model, ...)
 
 
 def option(default: Any = MISSING, help: str = "", *, factory: Any = MISSING, **spec: Any) -> Any:
@@ -99,15 +99,24 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
         return
     if (float in allowed and isinstance(value, int)) or (str in allowed and isinstance(value, os.PathLike)):
         return
-    if any(t is not typing.Any and isinstance(t, type) and isinstance(value, t) for t in allowed) \
-            or typing.Any in allowed or object in allowed:
+    if (
+        any(t is not typing.Any and isinstance(t, type) and isinstance(value, t) for t in allowed)
+        or typing.Any in allowed
+        or object in allowed
+    ):
         return
     raise OptionError(f"{name} must be {_describe(allowed)}, got {type(value).__name__} {value!r}")
 
 
 def _describe(allowed: set) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
-             dict: "a mapping"}
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        list: "a list",
+        dict: "a mapping",
+    }
     return " or ".join(names.get(t, getattr(t, "__name__", str(t))) for t in allowed if t is not type(None))
 
 
@@ -136,8 +145,13 @@ DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 
 
 def model_option() -> Any:
-    return option(None, "base model: a local folder, a .gguf file or a Hugging Face hub id (default: the embedded "
-                        "SmolLM2-135M-Instruct)", metavar="MODEL", group="model")
+    return option(
+        None,
+        "base model: a local folder, a .gguf file or a Hugging Face hub id (default: the embedded "
+        "SmolLM2-135M-Instruct)",
+        metavar="MODEL",
+        group="model",
+    )
 
 
 def device_option() -> Any:
@@ -145,9 +159,14 @@ def device_option() -> Any:
 
 
 def dtype_option() -> Any:
-    return option("auto", "weights dtype: auto (bfloat16 on a GPU, and on a CPU whose bf16 matrix "
-                          "products measure at least 1.2x faster than float32 at start-up; else float32), float32, "
-                          "bfloat16 or float16", choices=DTYPES, group="model")
+    return option(
+        "auto",
+        "weights dtype: auto (bfloat16 on a GPU, and on a CPU whose bf16 matrix "
+        "products measure at least 1.2x faster than float32 at start-up; else float32), float32, "
+        "bfloat16 or float16",
+        choices=DTYPES,
+        group="model",
+    )
 
 
 def threads_option() -> Any:
@@ -159,8 +178,12 @@ def progress_option() -> Any:
 
 
 def chat_template_option() -> Any:
-    return option(False, "format prompts of the base model, and of adapters saved without a template, with the "
-                         "model's own chat template (default: the human-assistant template)", group="model")
+    return option(
+        False,
+        "format prompts of the base model, and of adapters saved without a template, with the "
+        "model's own chat template (default: the human-assistant template)",
+        group="model",
+    )
 
 
 # Defaults of the two anti-repetition options (1.0 / 0: off), used by generate, chat, eval and serve.
@@ -169,13 +192,21 @@ REPETITION_PENALTY_RANGE, NO_REPEAT_NGRAM_MAX = (0.5, 5.0), 64  # also the serve
 
 
 def repetition_penalty_option(group: str = "sampling") -> Any:
-    return option(DEFAULT_REPETITION_PENALTY,
-                  "divide a positive logit of every token the answer already has by this (multiply a negative one; "
-                  "CTRL's repetition penalty; the prompt does not count); 1 = off",
-                  minimum=REPETITION_PENALTY_RANGE[0], maximum=REPETITION_PENALTY_RANGE[1],
-                  group=group)
+    return option(
+        DEFAULT_REPETITION_PENALTY,
+        "divide a positive logit of every token the answer already has by this (multiply a negative one; "
+        "CTRL's repetition penalty; the prompt does not count); 1 = off",
+        minimum=REPETITION_PENALTY_RANGE[0],
+        maximum=REPETITION_PENALTY_RANGE[1],
+        group=group,
+    )
 
 
 def no_repeat_ngram_option(group: str = "sampling") -> Any:
-    return option(DEFAULT_NO_REPEAT_NGRAM, "never repeat an n-gram of this many tokens within an answer (the prompt "
-                                           "does not count); 0 = off", minimum=0, maximum=NO_REPEAT_NGRAM_MAX, group=group)
+    return option(
+        DEFAULT_NO_REPEAT_NGRAM,
+        "never repeat an n-gram of this many tokens within an answer (the prompt does not count); 0 = off",
+        minimum=0,
+        maximum=NO_REPEAT_NGRAM_MAX,
+        group=group,
+    )

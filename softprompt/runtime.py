@@ -46,8 +46,9 @@ def runnable_tasks() -> int | None:
     return None
 
 
-def machine_is_busy(sample: Callable[[], int | None] = runnable_tasks, samples: int = 5,
-                    interval: float = 0.004) -> bool:
+def machine_is_busy(
+    sample: Callable[[], int | None] = runnable_tasks, samples: int = 5, interval: float = 0.004
+) -> bool:
     """Whether other work occupies at least half the cores: the median of a few samples (~20 ms) of the tasks
     runnable right now, less this process. An instant count, not the load average, which still remembers work that
     has just ended (a previous run)."""
@@ -63,8 +64,11 @@ def machine_is_busy(sample: Callable[[], int | None] = runnable_tasks, samples: 
     return others >= BUSY_SHARE * (os.cpu_count() or 1)
 
 
-def configure_openmp_waits(environ: MutableMapping[str, str] | None = None, modules: dict | None = None,
-                           busy: Callable[[], bool] = machine_is_busy) -> str:
+def configure_openmp_waits(
+    environ: MutableMapping[str, str] | None = None,
+    modules: dict | None = None,
+    busy: Callable[[], bool] = machine_is_busy,
+) -> str:
     """Choose OpenMP's waits before torch loads, unless the user chose them. Returns what was done: 'default' (a
     quiet machine: OpenMP's own waits), 'passive' (other work is running: OMP_WAIT_POLICY=PASSIVE), 'user' (a wait
     variable was already set, or the opt-out), or 'late' (torch was already imported, so a setting could no longer

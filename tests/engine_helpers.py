@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import TEST_DEVICE, tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from helpers import TEST_DEVICE, tiny_tokenizer
-from softprompt.formats.adapter import Adapter
-from softprompt.inference.engine import eos_ids
 from softprompt.core.forward import as_virtual, lm_logits, run_body, text_hidden
 from softprompt.core.models import FrozenModel, cpu_has_native_bf16, freeze
+from softprompt.formats.adapter import Adapter
+from softprompt.inference.engine import eos_ids
 
 
 def peaked_base(seed: int = 0, hidden: int = 32, layers: int = 2, max_positions: int = 512) -> FrozenModel:
@@ -20,10 +20,19 @@ def peaked_base(seed: int = 0, hidden: int = 32, layers: int = 2, max_positions:
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-        tie_word_embeddings=False, initializer_range=0.25, attn_implementation="sdpa",
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        initializer_range=0.25,
+        attn_implementation="sdpa",
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
     with torch.no_grad():
@@ -67,9 +76,13 @@ def reference_greedy(base: FrozenModel, prompt: torch.Tensor | None, ids: list[i
     return out, torch.stack(logits)
 
 
-BF16 = pytest.param("bfloat16", marks=pytest.mark.skipif(
-    TEST_DEVICE == "cpu" and not cpu_has_native_bf16(),
-    reason="this CPU has no native bf16 (AVX-512 BF16 / AMX): only fp32 runs here"))
+BF16 = pytest.param(
+    "bfloat16",
+    marks=pytest.mark.skipif(
+        TEST_DEVICE == "cpu" and not cpu_has_native_bf16(),
+        reason="this CPU has no native bf16 (AVX-512 BF16 / AMX): only fp32 runs here",
+    ),
+)
 
 
 @pytest.fixture(scope="module", params=["float32", BF16])

@@ -8,9 +8,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from helpers import tiny_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from helpers import tiny_tokenizer
 from softprompt.core.models import FrozenModel, load_base
 
 HIDDEN, LAYERS, HEADS = 64, 2, 4
@@ -22,10 +22,21 @@ FAMILIES: dict[str, dict] = {
     "llama": LLAMA_LIKE,
     "qwen2": LLAMA_LIKE,
     "qwen3": {**LLAMA_LIKE, "head_dim": 24},  # Qwen3 sets head_dim apart from hidden / heads
-    "gemma2": {**LLAMA_LIKE, "head_dim": 16, "sliding_window": SLIDING_WINDOW, "query_pre_attn_scalar": 16,
-               "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
-    "gemma3_text": {**LLAMA_LIKE, "head_dim": 16, "sliding_window": SLIDING_WINDOW, "query_pre_attn_scalar": 16,
-                    "layer_types": ["sliding_attention", "full_attention"]},
+    "gemma2": {
+        **LLAMA_LIKE,
+        "head_dim": 16,
+        "sliding_window": SLIDING_WINDOW,
+        "query_pre_attn_scalar": 16,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+    },
+    "gemma3_text": {
+        **LLAMA_LIKE,
+        "head_dim": 16,
+        "sliding_window": SLIDING_WINDOW,
+        "query_pre_attn_scalar": 16,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
     "mistral": {**LLAMA_LIKE, "sliding_window": SLIDING_WINDOW},
     "phi3": LLAMA_LIKE,
     "gpt2": {},
@@ -47,9 +58,18 @@ def threads(count: int = 1):
 
 
 def family_config(model_type: str, vocab_size: int, eos: int, pad: int):
-    fields = {"hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
-              "vocab_size": vocab_size, "max_position_embeddings": 256, "eos_token_id": eos, "bos_token_id": eos,
-              "pad_token_id": pad, "tie_word_embeddings": False, "initializer_range": 0.1}
+    fields = {
+        "hidden_size": HIDDEN,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 256,
+        "eos_token_id": eos,
+        "bos_token_id": eos,
+        "pad_token_id": pad,
+        "tie_word_embeddings": False,
+        "initializer_range": 0.1,
+    }
     fields.update(FAMILIES[model_type])
     return AutoConfig.for_model(model_type, **fields)
 

@@ -41,8 +41,14 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
         attn_implementation="sdpa",
     )
     model = LlamaForCausalLM(config)
@@ -67,8 +73,9 @@ def reload_tiny(folder: Path) -> FrozenModel:
     return load_base(str(folder), device="cpu", dtype="float32")
 
 
-def text_logits(model, prompt: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                mode: str = "kv") -> torch.Tensor:
+def text_logits(
+    model, prompt: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str = "kv"
+) -> torch.Tensor:
     """Full logits at the text positions [B, L, V] with the soft prompt in front (the library only ever applies the
     LM head where it needs it; tests compare whole logit tensors)."""
     hidden, _ = forward.text_hidden(model, prompt, input_ids, attention_mask, mode)

@@ -4,13 +4,12 @@ import json
 
 import pytest
 import torch
+from helpers import reload_tiny, text_logits, tiny_base
 from safetensors.torch import load_file, save_file
 
-from helpers import reload_tiny, tiny_base
-from softprompt.formats.adapter import AdapterError, load_adapter, save_adapter
-from helpers import text_logits
 from softprompt.core.prompt import SoftPrompt
 from softprompt.data.templates import Template
+from softprompt.formats.adapter import AdapterError, load_adapter, save_adapter
 
 peft = pytest.importorskip("peft")
 
@@ -24,8 +23,14 @@ def _batch(tokenizer, texts):
 
 def test_saved_folder_has_peft_layout(tmp_path, tiny):
     prompt = SoftPrompt.initialise(tiny, "random", num_virtual_tokens=4)
-    out = save_adapter(tmp_path / "a", prompt.embeddings, tiny, init="random", template=Template("Q: {instruction}"),
-                       label_words=["no", "yes"])
+    out = save_adapter(
+        tmp_path / "a",
+        prompt.embeddings,
+        tiny,
+        init="random",
+        template=Template("Q: {instruction}"),
+        label_words=["no", "yes"],
+    )
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "PROMPT_TUNING"
     assert config["task_type"] == "CAUSAL_LM"
@@ -78,8 +83,13 @@ def test_peft_saved_adapter_loads_in_softprompt_with_equal_logits(tmp_path):
 def test_text_init_matches_peft_text_init(tiny_dir):
     base = reload_tiny(tiny_dir)
     for n in (5, 40):  # truncated and tiled
-        config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, prompt_tuning_init="TEXT",
-                                         prompt_tuning_init_text=TEXT, tokenizer_name_or_path=str(tiny_dir))
+        config = peft.PromptTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=n,
+            prompt_tuning_init="TEXT",
+            prompt_tuning_init_text=TEXT,
+            tokenizer_name_or_path=str(tiny_dir),
+        )
         peft_model = peft.get_peft_model(reload_tiny(tiny_dir).model, config)
         theirs = peft_model.prompt_encoder["default"].embedding.weight
         ours = SoftPrompt.initialise(base, "text", num_virtual_tokens=n, init_text=TEXT).embeddings
@@ -113,7 +123,9 @@ def test_missing_folder_and_files(tmp_path, tiny):
 def test_pickle_only_adapter_is_refused(tmp_path, tiny):
     out = _adapter(tmp_path, tiny)
     (out / "adapter_model.safetensors").rename(out / "adapter_model.bin")
-    with pytest.raises(AdapterError, match=r"only adapter_model.bin \(pickle\) found; softprompt reads safetensors only"):
+    with pytest.raises(
+        AdapterError, match=r"only adapter_model.bin \(pickle\) found; softprompt reads safetensors only"
+    ):
         load_adapter(out)
 
 
@@ -131,7 +143,10 @@ def test_wrong_kind_of_adapter(tmp_path, tiny):
     out = _adapter(tmp_path, tiny)
     config = json.loads((out / "adapter_config.json").read_text())
     (out / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LORA"}))
-    with pytest.raises(AdapterError, match=r"peft_type is 'LORA'; softprompt loads only PROMPT_TUNING, PREFIX_TUNING, P_TUNING adapters"):
+    with pytest.raises(
+        AdapterError,
+        match=r"peft_type is 'LORA'; softprompt loads only PROMPT_TUNING, PREFIX_TUNING, P_TUNING adapters",
+    ):
         load_adapter(out)
     (out / "adapter_config.json").write_text(json.dumps({**config, "task_type": "SEQ_CLS"}))
     with pytest.raises(AdapterError, match=r"task_type is 'SEQ_CLS'; expected CAUSAL_LM"):
@@ -146,8 +161,9 @@ def test_shape_and_values_are_checked(tmp_path, tiny):
     save_file({"other": torch.zeros(3, 8)}, str(out / "adapter_model.safetensors"))
     with pytest.raises(AdapterError, match=r"no tensor 'prompt_embeddings' \(found: other\)"):
         load_adapter(out)
-    save_file({"prompt_embeddings": torch.full((3, tiny.hidden_size), float("nan"))},
-              str(out / "adapter_model.safetensors"))
+    save_file(
+        {"prompt_embeddings": torch.full((3, tiny.hidden_size), float("nan"))}, str(out / "adapter_model.safetensors")
+    )
     with pytest.raises(AdapterError, match=r"contains NaN or inf"):
         load_adapter(out)
 
@@ -155,7 +171,9 @@ def test_shape_and_values_are_checked(tmp_path, tiny):
 def test_hidden_size_must_fit_the_base(tmp_path, tiny):
     bigger = tiny_base(hidden=48)
     out = save_adapter(tmp_path / "big", torch.zeros(3, 48), bigger)
-    with pytest.raises(AdapterError, match=r"adapter hidden size 48 does not fit the base model tiny-llama \(hidden size 32\)"):
+    with pytest.raises(
+        AdapterError, match=r"adapter hidden size 48 does not fit the base model tiny-llama \(hidden size 32\)"
+    ):
         load_adapter(out, tiny)
 
 

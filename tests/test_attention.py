@@ -4,9 +4,9 @@ import copy
 
 import pytest
 import torch
+from helpers import text_logits
 
 from softprompt.core import attention
-from helpers import text_logits
 from softprompt.core.forward import label_nll
 
 
@@ -63,14 +63,17 @@ def test_row_exact_attention_gives_a_row_the_same_bits_alone_and_padded(dtype):
 
     def run(q, k, v, mask, live=None):
         with attention.row_exact(live):
-            return attention.grouped_sdpa(_module(), q, k, v, mask, scaling=dim ** -0.5)[0]
+            return attention.grouped_sdpa(_module(), q, k, v, mask, scaling=dim**-0.5)[0]
 
     alone = run(q, k, v, causal[None, None])
     # batch of 3: row 1 is ours with 4 left pads and 2 pad queries (right-padded block); rows 0 and 2 are noise
     left, extra = 4, 2
     t, lq = left + n_keys + extra, n_new + extra
-    qb, kb, vb = (torch.randn(3, heads, lq, dim, dtype=dtype), torch.randn(3, kv_heads, t, dim, dtype=dtype),
-                  torch.randn(3, kv_heads, t, dim, dtype=dtype))
+    qb, kb, vb = (
+        torch.randn(3, heads, lq, dim, dtype=dtype),
+        torch.randn(3, kv_heads, t, dim, dtype=dtype),
+        torch.randn(3, kv_heads, t, dim, dtype=dtype),
+    )
     key_cols = list(range(left, left + n_keys - n_new)) + list(range(t - lq, t - lq + n_new))
     qb[1, :, :n_new] = q[0]
     kb[1, :, key_cols], vb[1, :, key_cols] = k[0], v[0]
@@ -79,9 +82,13 @@ def test_row_exact_attention_gives_a_row_the_same_bits_alone_and_padded(dtype):
     mask = (torch.ones(lq, t, dtype=torch.bool).tril(t - lq)[None] & real[:, None, :])[:, None]
     batched = run(qb, kb, vb, mask)
     assert torch.equal(batched[1, :n_new], alone[0])
-    assert torch.allclose(alone.float(), torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=causal, enable_gqa=True).transpose(1, 2).float(), atol=1e-2 if dtype == torch.bfloat16
-        else 1e-6)
+    assert torch.allclose(
+        alone.float(),
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal, enable_gqa=True)
+        .transpose(1, 2)
+        .float(),
+        atol=1e-2 if dtype == torch.bfloat16 else 1e-6,
+    )
     ghosts = run(qb, kb, vb, mask, live=2)  # rows past `live` are ghosts: skipped, zero output
     assert torch.equal(ghosts[:2], batched[:2]) and not ghosts[2].any()
 

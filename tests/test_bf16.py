@@ -13,9 +13,9 @@ import random
 import openai
 import pytest
 import torch
-
 from engine_helpers import peaked_base, random_adapter
 from helpers import save_tiny
+
 from softprompt.cli import main
 from softprompt.core import models
 from softprompt.core.models import cpu_has_native_bf16, load_base, resolve_dtype
@@ -28,8 +28,9 @@ from softprompt.inference.generate import generate_batch
 from softprompt.serve import BackgroundServer
 from softprompt.serve.app import create_app
 
-pytestmark = pytest.mark.skipif(not cpu_has_native_bf16(),
-                                reason="this CPU has no native bf16 (AVX-512 BF16 / AMX): --dtype auto keeps fp32")
+pytestmark = pytest.mark.skipif(
+    not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX-512 BF16 / AMX): --dtype auto keeps fp32"
+)
 
 TEMPLATES = {"alpha": ("human-assistant", 4), "beta": ("chat", 6), "gamma": ("Q: {instruction}\nA:", 1)}
 WORDS = ["tell", "me", "about", "cats", "a", "long", "story", "why", "sky", "blue", "你好", "2+2=?", "north"]
@@ -53,8 +54,9 @@ def sentences(seed: int, count: int) -> list[str]:
 
 
 def alone(engine, ids, adapter, max_new_tokens, **kw):
-    return engine.generate([GenerationRequest(ids, adapter=adapter, max_new_tokens=max_new_tokens, **kw)],
-                           batch_size=1)[0]
+    return engine.generate(
+        [GenerationRequest(ids, adapter=adapter, max_new_tokens=max_new_tokens, **kw)], batch_size=1
+    )[0]
 
 
 def test_auto_picks_bf16_where_it_measures_faster_and_the_cli_uses_it(bf16_tiny, tmp_path, capsys, monkeypatch):
@@ -62,15 +64,36 @@ def test_auto_picks_bf16_where_it_measures_faster_and_the_cli_uses_it(bf16_tiny,
     monkeypatch.setattr(models, "cpu_bf16_speedup", lambda: 2.0)  # as measured on CPUs where bf16 products win
     assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
     assert load_base(str(folder), device="cpu").dtype == torch.bfloat16
-    records = [{"instruction": t, **({"adapter": a} if a else {})}
-               for t, a in zip(sentences(1, 9), [None, "alpha", "beta", "gamma"] * 3)]
+    records = [
+        {"instruction": t, **({"adapter": a} if a else {})}
+        for t, a in zip(sentences(1, 9), [None, "alpha", "beta", "gamma"] * 3)
+    ]
     batch = tmp_path / "in.jsonl"
     batch.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     outputs = []
     for size in ["1", "5"]:  # default dtype (auto = bf16 here); one at a time vs mixed batches
         out = tmp_path / f"out{size}.jsonl"
-        assert main(["generate", "--model", str(folder), "--batch", str(batch), "--out", str(out), "--adapters-dir",
-                     str(adapters), "--greedy", "--max-new-tokens", "12", "--batch-size", size]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "--model",
+                    str(folder),
+                    "--batch",
+                    str(batch),
+                    "--out",
+                    str(out),
+                    "--adapters-dir",
+                    str(adapters),
+                    "--greedy",
+                    "--max-new-tokens",
+                    "12",
+                    "--batch-size",
+                    size,
+                ]
+            )
+            == 0
+        )
         outputs.append([json.loads(line)["output"] for line in out.read_text(encoding="utf-8").splitlines()])
     assert outputs[0] == outputs[1]
     api = generate_batch(records, base=base, adapters_dir=adapters, greedy=True, max_new_tokens=12, batch_size=4)
@@ -79,11 +102,12 @@ def test_auto_picks_bf16_where_it_measures_faster_and_the_cli_uses_it(bf16_tiny,
 
 def test_generate_batch_rows_equal_each_row_alone(bf16_tiny):
     base, _, adapters = bf16_tiny
-    records = [{"instruction": t, **({"adapter": a} if a else {})}
-               for t, a in zip(sentences(2, 14), ["gamma", None, "alpha", "beta", "alpha", "gamma", None] * 2)]
+    records = [
+        {"instruction": t, **({"adapter": a} if a else {})}
+        for t, a in zip(sentences(2, 14), ["gamma", None, "alpha", "beta", "alpha", "gamma", None] * 2)
+    ]
     together = generate_batch(records, base=base, adapters_dir=adapters, greedy=True, max_new_tokens=16, batch_size=8)
-    one_by_one = generate_batch(records, base=base, adapters_dir=adapters, greedy=True, max_new_tokens=16,
-                                batch_size=1)
+    one_by_one = generate_batch(records, base=base, adapters_dir=adapters, greedy=True, max_new_tokens=16, batch_size=1)
     assert together == one_by_one
     sampled = dict(base=base, adapters_dir=adapters, max_new_tokens=10, temperature=1.0, top_p=0.9, seed=3)
     assert generate_batch(records, batch_size=8, **sampled) == generate_batch(records, batch_size=1, **sampled)
@@ -93,8 +117,18 @@ def test_eval_greedy_answers_do_not_depend_on_the_batch(bf16_tiny):
     base, _, adapters = bf16_tiny
     choices = ["north", "south", "east", "west"]
     records = [{"instruction": t, "output": choices[i % 4]} for i, t in enumerate(sentences(3, 10))]
-    runs = [evaluate(records, model=base, adapters=[adapters / "alpha", adapters / "gamma"], compare_base=True,
-                     choices=choices, max_new_tokens=6, batch_size=size) for size in (1, 10)]
+    runs = [
+        evaluate(
+            records,
+            model=base,
+            adapters=[adapters / "alpha", adapters / "gamma"],
+            compare_base=True,
+            choices=choices,
+            max_new_tokens=6,
+            batch_size=size,
+        )
+        for size in (1, 10)
+    ]
     for one, many in zip(runs[0]["results"], runs[1]["results"]):
         assert [e["generation"] for e in one["examples"]] == [e["generation"] for e in many["examples"]]
         assert one["exact_match"] == many["exact_match"]
@@ -103,8 +137,10 @@ def test_eval_greedy_answers_do_not_depend_on_the_batch(bf16_tiny):
 def test_server_under_concurrent_load_matches_requests_run_alone(bf16_tiny):
     base, _, adapters = bf16_tiny
     engine = Engine(base, {n: load_adapter(adapters / n, base) for n in TEMPLATES}, Template("human-assistant"))
-    jobs = [(model, text, 4 + i % 11)
-            for i, (model, text) in enumerate(zip(["alpha", "beta", "gamma", "base"] * 5, sentences(4, 20)))]
+    jobs = [
+        (model, text, 4 + i % 11)
+        for i, (model, text) in enumerate(zip(["alpha", "beta", "gamma", "base"] * 5, sentences(4, 20)))
+    ]
     with BackgroundServer(create_app(base, adapters, max_tokens_cap=64, max_batch=16)) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
 
@@ -115,8 +151,9 @@ def test_server_under_concurrent_load_matches_requests_run_alone(bf16_tiny):
         with concurrent.futures.ThreadPoolExecutor(10) as pool:
             outs = list(pool.map(call, jobs))
         assert server.app.state.softprompt.scheduler.snapshot()["max_live"] > 1  # they really shared batches
-        stream = client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "why sky"}],
-                                                max_tokens=15, temperature=0, stream=True)
+        stream = client.chat.completions.create(
+            model="beta", messages=[{"role": "user", "content": "why sky"}], max_tokens=15, temperature=0, stream=True
+        )
         streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     for (model, text, k), out in zip(jobs, outs):
         ref = alone(engine, encode_text(base.tokenizer, text), None if model == "base" else model, k)
@@ -134,11 +171,21 @@ def test_real_model_rows_equal_themselves_alone_in_batches_of_2_to_16():
     names = {f"t{n}": n for n in (1, 5, 8, 12, 16, 24)}
     engine = Engine(base, {name: _real_adapter(base, n, seed) for seed, (name, n) in enumerate(names.items())})
     rng = random.Random(0)
-    texts = ["Hi", "What is 12 times 7?", "Name a famous painter.", "Why is the sky blue?",
-             "Tell me a long story about a dragon who learns to cook pasta in Rome, with three twists.",
-             "Translate 'good morning' into Spanish.", "Write a haiku about the sea.", "2+2?"]
-    pool = [GenerationRequest(engine.encode(t, adapter=a), adapter=a, max_new_tokens=4)
-            for t in texts for a in rng.sample([None] + list(names), 2)]
+    texts = [
+        "Hi",
+        "What is 12 times 7?",
+        "Name a famous painter.",
+        "Why is the sky blue?",
+        "Tell me a long story about a dragon who learns to cook pasta in Rome, with three twists.",
+        "Translate 'good morning' into Spanish.",
+        "Write a haiku about the sea.",
+        "2+2?",
+    ]
+    pool = [
+        GenerationRequest(engine.encode(t, adapter=a), adapter=a, max_new_tokens=4)
+        for t in texts
+        for a in rng.sample([None] + list(names), 2)
+    ]
 
     def run(requests, split):
         batch = DecodeBatch(base, engine.prompt_cache, keep_logits=True)

@@ -2,15 +2,15 @@
 a named damaged checkpoint is refused with one line naming the file, and old checkpoints without checksums still
 resume."""
 
-import json
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import SafetensorError
-
 from test_train import config, trainable_base
+
 from softprompt.formats import checkpoint
 from softprompt.formats.adapter import load_adapter
 from softprompt.formats.checkpoint import CheckpointError
@@ -64,8 +64,12 @@ def test_every_checkpoint_has_checksums_of_all_its_files(base, tmp_path):
     manifest = json.loads((folder / "checksums.json").read_text())
     assert manifest["algorithm"] == "sha256"
     assert sorted(manifest["files"]) == sorted(p.name for p in folder.iterdir() if p.name != "checksums.json")
-    assert set(manifest["files"]) >= {"training_state.safetensors", "trainer_state.json",
-                                      "adapter_model.safetensors", "adapter_config.json"}
+    assert set(manifest["files"]) >= {
+        "training_state.safetensors",
+        "trainer_state.json",
+        "adapter_model.safetensors",
+        "adapter_config.json",
+    }
     for name, entry in manifest["files"].items():
         data = (folder / name).read_bytes()
         assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
@@ -73,8 +77,7 @@ def test_every_checkpoint_has_checksums_of_all_its_files(base, tmp_path):
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
-def test_truncated_newest_checkpoint_is_skipped_and_the_resume_is_exact(base, tmp_path, monkeypatch, capsys,
-                                                                      whole):
+def test_truncated_newest_checkpoint_is_skipped_and_the_resume_is_exact(base, tmp_path, monkeypatch, capsys, whole):
     out = tmp_path / "cut"
     older, newest = interrupted(base, out, monkeypatch)
     truncate(newest / "training_state.safetensors")
@@ -82,8 +85,9 @@ def test_truncated_newest_checkpoint_is_skipped_and_the_resume_is_exact(base, tm
     assert checkpoint.resolve_resume(out) == older
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert err.startswith(f"softprompt: skipping checkpoint {newest}: training_state.safetensors does not match "
-                          "its checksum")
+    assert err.startswith(
+        f"softprompt: skipping checkpoint {newest}: training_state.safetensors does not match its checksum"
+    )
     resumed = train(config(out, base, resume=str(out)))
     captured = capsys.readouterr()
     assert f"resuming from {older} (step 4)" in captured.out
@@ -129,8 +133,10 @@ def test_an_output_folder_without_a_good_checkpoint_is_refused(base, tmp_path, m
         checkpoint.resolve_resume(out)
     message = str(caught.value)
     assert "\n" not in message
-    assert message.startswith(f"--resume {out}: no usable checkpoint (2 found, none verifies; the newest: "
-                              f"{found[-1]}: training_state.safetensors does not match its checksum")
+    assert message.startswith(
+        f"--resume {out}: no usable checkpoint (2 found, none verifies; the newest: "
+        f"{found[-1]}: training_state.safetensors does not match its checksum"
+    )
     err = capsys.readouterr().err.splitlines()
     assert [line.split(":")[0] for line in err] == ["softprompt"] * 2
     # a folder that never had checkpoints keeps its own message
@@ -145,8 +151,9 @@ def test_load_checkpoint_turns_a_safetensors_error_into_a_clear_one(base, tmp_pa
     truncate(newest / "training_state.safetensors")
     with pytest.raises(CheckpointError) as caught:
         checkpoint.load_checkpoint(newest)
-    assert str(caught.value).startswith(f"{newest / 'training_state.safetensors'}: corrupt or truncated "
-                                        "safetensors file")
+    assert str(caught.value).startswith(
+        f"{newest / 'training_state.safetensors'}: corrupt or truncated safetensors file"
+    )
     assert "\n" not in str(caught.value)
     assert not isinstance(caught.value, SafetensorError)
     (newest / "trainer_state.json").write_text("{not json")
@@ -164,8 +171,9 @@ def test_checkpoints_written_before_checksums_still_resume(base, tmp_path, monke
     # an unreadable one is still skipped, named by its file
     truncate(newest / "training_state.safetensors")
     assert checkpoint.resolve_resume(out) == older
-    assert f"skipping checkpoint {newest / 'training_state.safetensors'}: corrupt or truncated" in \
-        capsys.readouterr().err
+    assert (
+        f"skipping checkpoint {newest / 'training_state.safetensors'}: corrupt or truncated" in capsys.readouterr().err
+    )
     resumed = train(config(out, base, resume=str(out)))
     assert resumed.steps == 12
     assert torch.equal(load_adapter(out).embeddings, whole)

@@ -5,11 +5,11 @@ import json
 import os
 
 import pytest
+from test_train import config, trainable_base
 
 from softprompt.formats import checkpoint
 from softprompt.formats.adapter import AdapterError, load_adapter, save_adapter
 from softprompt.training.loop import train
-from test_train import config, trainable_base
 
 
 def hidden(folder) -> list[str]:
@@ -36,8 +36,15 @@ def test_a_kill_during_the_first_checkpoint_leaves_nothing_at_the_next_start(tmp
 
 def test_clean_staging_removes_only_its_own_hidden_folders_and_puts_back_a_moved_aside_one(tmp_path):
     out, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
-    for name in ("step-000004", ".staging-step-000006", "..staging-step-000006-abcd1234", ".step-000004.old",
-                 ".step-000002.old", ".notes", ".staging-step-x"):
+    for name in (
+        "step-000004",
+        ".staging-step-000006",
+        "..staging-step-000006-abcd1234",
+        ".step-000004.old",
+        ".step-000002.old",
+        ".notes",
+        ".staging-step-x",
+    ):
         (root / name).mkdir(parents=True)
         (root / name / "f").write_text(name)
     for name in (".staging-final", "..staging-final-q1w2e3r4", ".best-a1b2c3d4", ".best.old", ".git"):
@@ -48,12 +55,25 @@ def test_clean_staging_removes_only_its_own_hidden_folders_and_puts_back_a_moved
     (outside / "keep").write_text("x")
     os.symlink(outside, root / ".staging-step-000008")
     changed = checkpoint.clean_staging(out)
-    assert sorted(p.name for p in changed) == sorted(["..staging-final-q1w2e3r4", "..staging-step-000006-abcd1234",
-                                                      ".best-a1b2c3d4", ".best.old", ".staging-final",
-                                                      ".staging-step-000006", ".step-000002.old",
-                                                      ".step-000004.old"])
-    assert sorted(p.name for p in root.iterdir()) == [".notes", ".staging-step-000008", ".staging-step-x",
-                                                      "step-000002", "step-000004"]
+    assert sorted(p.name for p in changed) == sorted(
+        [
+            "..staging-final-q1w2e3r4",
+            "..staging-step-000006-abcd1234",
+            ".best-a1b2c3d4",
+            ".best.old",
+            ".staging-final",
+            ".staging-step-000006",
+            ".step-000002.old",
+            ".step-000004.old",
+        ]
+    )
+    assert sorted(p.name for p in root.iterdir()) == [
+        ".notes",
+        ".staging-step-000008",
+        ".staging-step-x",
+        "step-000002",
+        "step-000004",
+    ]
     assert (root / "step-000002" / "f").read_text() == ".step-000002.old"  # put back: its replacement never came
     assert (root / "step-000004" / "f").read_text() == "step-000004"
     assert sorted(p.name for p in out.iterdir()) == [".git", ".staging-final-file", "best", "checkpoints"]
@@ -61,8 +81,9 @@ def test_clean_staging_removes_only_its_own_hidden_folders_and_puts_back_a_moved
     assert checkpoint.clean_staging(tmp_path / "missing") == []
 
 
-@pytest.mark.parametrize("key, value", [("num_layers", -2), ("token_dim", -16), ("num_layers", 0),
-                                        ("token_dim", "32"), ("num_layers", True)])
+@pytest.mark.parametrize(
+    "key, value", [("num_layers", -2), ("token_dim", -16), ("num_layers", 0), ("token_dim", "32"), ("num_layers", True)]
+)
 def test_adapter_configs_with_impossible_sizes_are_refused(tmp_path, tiny, key, value):
     import torch
 

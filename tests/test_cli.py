@@ -22,8 +22,9 @@ def test_all_verbs_are_registered():
 def test_every_flag_has_help(verb):
     sub = _subparsers(build_parser())[verb]
     assert sub.description or sub.format_usage()
-    missing = [a.dest for a in sub._actions
-               if not isinstance(a, argparse._HelpAction) and not (a.help and a.help.strip())]
+    missing = [
+        a.dest for a in sub._actions if not isinstance(a, argparse._HelpAction) and not (a.help and a.help.strip())
+    ]
     assert missing == [], f"softprompt {verb}: flags without help: {missing}"
 
 
@@ -45,6 +46,13 @@ def test_serve_refuses_a_public_address_without_a_key_before_loading_anything(ca
 
 def test_serve_flags_cover_the_servers_access_settings():
     text = _subparsers(build_parser())["serve"].format_help()
-    for flag in ["--allow-admin", "--allow-insecure", "--allowed-hosts", "--allow-origins", "--max-request-bytes",
-                 "--api-key", "--host"]:
+    for flag in [
+        "--allow-admin",
+        "--allow-insecure",
+        "--allowed-hosts",
+        "--allow-origins",
+        "--max-request-bytes",
+        "--api-key",
+        "--host",
+    ]:
         assert flag in text

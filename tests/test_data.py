@@ -40,7 +40,9 @@ def test_all_formats_give_the_same_records(tmp_path):
 
 
 def test_field_mapping_and_label_words(tmp_path):
-    path = write_jsonl(tmp_path / "sst.jsonl", [{"sentence": "great film", "label": 1}, {"sentence": "dull", "label": 0}])
+    path = write_jsonl(
+        tmp_path / "sst.jsonl", [{"sentence": "great film", "label": 1}, {"sentence": "dull", "label": 0}]
+    )
     recs = load_records(path, "instruction=sentence,output=label", ["negative", "positive"])
     assert [(r.instruction, r.output) for r in recs.items] == [("great film", "positive"), ("dull", "negative")]
     assert Fields.parse({"instruction": "q"}) == Fields("q", "input", "output")
@@ -51,16 +53,23 @@ def test_field_mapping_and_label_words(tmp_path):
         load_records(bad, "instruction=sentence,output=label", ["negative", "positive"])
 
 
-@pytest.mark.parametrize("lines, message", [
-    (['{"instruction": "a", "output": "b"}', '{"instruction": "a", "output": '],
-     r"d.jsonl:2: malformed JSON: Expecting value \(column 32\)"),
-    (['{"instruction": "a", "output": "b"}', '', '{"instruction": "a"}'],
-     r"d.jsonl:3: missing field 'output' \(the output; fields present: instruction\)"),
-    (['{"instruction": 5, "output": "b"}'], r"d.jsonl:1: field 'instruction' must be a string, got int 5"),
-    (['[1, 2]'], r"d.jsonl:1: expected a JSON object with fields, got list"),
-    (['{"instruction": "  ", "output": "b"}'], r"d.jsonl:1: field 'instruction' is empty"),
-    ([], r"d.jsonl: no usable records"),
-])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (
+            ['{"instruction": "a", "output": "b"}', '{"instruction": "a", "output": '],
+            r"d.jsonl:2: malformed JSON: Expecting value \(column 32\)",
+        ),
+        (
+            ['{"instruction": "a", "output": "b"}', "", '{"instruction": "a"}'],
+            r"d.jsonl:3: missing field 'output' \(the output; fields present: instruction\)",
+        ),
+        (['{"instruction": 5, "output": "b"}'], r"d.jsonl:1: field 'instruction' must be a string, got int 5"),
+        (["[1, 2]"], r"d.jsonl:1: expected a JSON object with fields, got list"),
+        (['{"instruction": "  ", "output": "b"}'], r"d.jsonl:1: field 'instruction' is empty"),
+        ([], r"d.jsonl: no usable records"),
+    ],
+)
 def test_bad_records_name_file_and_line(tmp_path, lines, message):
     path = write_jsonl(tmp_path / "d.jsonl", lines)
     with pytest.raises(DataError, match=message):
@@ -68,12 +77,12 @@ def test_bad_records_name_file_and_line(tmp_path, lines, message):
 
 
 def test_skip_bad_counts_and_reports(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", ['{"instruction": "a", "output": "b"}', '{oops', '{"instruction": "c"}'])
+    path = write_jsonl(tmp_path / "d.jsonl", ['{"instruction": "a", "output": "b"}', "{oops", '{"instruction": "c"}'])
     recs = load_records(path, skip_bad=True)
     assert len(recs) == 1
     assert len(recs.skipped) == 2 and recs.skipped[0].startswith(f"{path}:2: malformed JSON")
     assert "d.jsonl:3: missing field 'output'" in recs.skipped[1]
-    only_bad = write_jsonl(tmp_path / "e.jsonl", ['{oops'])
+    only_bad = write_jsonl(tmp_path / "e.jsonl", ["{oops"])
     with pytest.raises(DataError, match=r"e.jsonl: no usable records \(1 skipped as bad\)"):
         load_records(only_bad, skip_bad=True)
 
@@ -109,8 +118,9 @@ def test_holdout_is_disjoint_and_seeded():
 
 
 def test_prompt_filling_max_length_names_the_record(tiny, tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "short", "output": "ok"}, {"instruction": "x" * 80,
-                                                                                          "output": "ok"}])
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"instruction": "short", "output": "ok"}, {"instruction": "x" * 80, "output": "ok"}]
+    )
     recs = load_records(path)
     with pytest.raises(DataError, match=r"d.jsonl:2: the prompt alone is \d+ tokens, which fills max_length=40"):
         batching.encode_records(recs.items, tiny.tokenizer, Template(), 40)

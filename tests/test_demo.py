@@ -4,8 +4,8 @@ import pytest
 
 from softprompt import cli
 from softprompt.demo import task as demo_task
-from softprompt.formats.adapter import load_adapter
 from softprompt.demo.run import RESULTS_FILE, run_demo
+from softprompt.formats.adapter import load_adapter
 
 
 def test_task_is_deterministic_with_disjoint_words():
@@ -25,13 +25,21 @@ def test_task_is_deterministic_with_disjoint_words():
 def test_demo_pipeline_on_the_tiny_model(tiny, tmp_path):
     lines = []
     out = tmp_path / "demo"
-    results = run_demo(out, tiny, steps=3, batch_size=4, num_virtual_tokens=4, examples=2, progress=False,
-                       print_fn=lines.append)
+    results = run_demo(
+        out, tiny, steps=3, batch_size=4, num_virtual_tokens=4, examples=2, progress=False, print_fn=lines.append
+    )
     adapter = load_adapter(out, tiny)
     assert adapter.num_virtual_tokens == 4
     assert adapter.template.spec == demo_task.TEMPLATE and adapter.label_words == demo_task.CHOICES
-    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss_curve.png",
-                 RESULTS_FILE, "data/train.jsonl", "data/eval.jsonl"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "metrics.jsonl",
+        "loss_curve.png",
+        RESULTS_FILE,
+        "data/train.jsonl",
+        "data/eval.jsonl",
+    ):
         assert (out / name).is_file(), name
     saved = json.loads((out / RESULTS_FILE).read_text())
     assert saved == json.loads(json.dumps(results))
@@ -53,8 +61,20 @@ def test_demo_pipeline_on_the_tiny_model(tiny, tmp_path):
 
 def test_demo_cli(tiny_dir, tmp_path, capsys):
     out = tmp_path / "d"
-    argv = ["demo", "--model", str(tiny_dir), "--out", str(out), "--steps", "2", "--batch-size", "2",
-            "--num-virtual-tokens", "4", "--no-progress"]
+    argv = [
+        "demo",
+        "--model",
+        str(tiny_dir),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--num-virtual-tokens",
+        "4",
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     assert "prompt-tuned" in capsys.readouterr().out
     assert json.loads((out / RESULTS_FILE).read_text())["steps"] == 2

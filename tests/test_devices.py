@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
-
 from engine_helpers import peaked_base
 from helpers import TEST_DEVICE, text_logits
+
 from softprompt.core.models import BF16_MIN_SPEEDUP, cpu_bf16_speedup, resolve_dtype
 from softprompt.formats.adapter import load_adapter
 from softprompt.training.config import TrainConfig
@@ -25,10 +25,27 @@ def on_device():
 
 def test_training_on_the_device_lowers_the_loss_and_the_adapter_reloads_on_the_cpu(on_device, tmp_path):
     out = tmp_path / "run"
-    train(TrainConfig(data=RECORDS, out=str(out), model=on_device, num_virtual_tokens=4, init="random", lr=0.3,
-                      batch_size=4, max_steps=12, log_every=1, save_every=100, progress=False, dtype="float32"))
-    losses = [row["loss"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-              if row.get("kind") == "train" and "loss" in row]
+    train(
+        TrainConfig(
+            data=RECORDS,
+            out=str(out),
+            model=on_device,
+            num_virtual_tokens=4,
+            init="random",
+            lr=0.3,
+            batch_size=4,
+            max_steps=12,
+            log_every=1,
+            save_every=100,
+            progress=False,
+            dtype="float32",
+        )
+    )
+    losses = [
+        row["loss"]
+        for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if row.get("kind") == "train" and "loss" in row
+    ]
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]) - 0.3, losses
     prompt = load_adapter(out).embeddings
     ids = torch.tensor([on_device.tokenizer.encode("Say east")])

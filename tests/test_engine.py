@@ -4,10 +4,10 @@ import random
 
 import pytest
 import torch
+from engine_helpers import base, dtype, peaked_base, random_adapter, reference_greedy  # noqa: F401 (fixtures)
 
 import softprompt.core.attention
 import softprompt.core.forward
-from engine_helpers import base, dtype, peaked_base, random_adapter, reference_greedy  # noqa: F401 (fixtures)
 from softprompt.formats.adapter import AdapterError
 from softprompt.inference.detokenize import Detokenizer
 from softprompt.inference.engine import DecodeBatch, Engine, GenerationRequest
@@ -15,11 +15,6 @@ from softprompt.inference.prompt_cache import PromptCache, UnknownAdapterError
 from softprompt.inference.sampling import filter_logits
 
 SIZES = {"a3": 3, "a7": 7, "a12": 12}
-
-
-
-
-
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +67,9 @@ def test_greedy_is_batch_invariant_with_left_padding(engine, dtype):
     for trial in range(12):
         adapter = rng.choice([None, "a7"])
         prompts = texts(rng, rng.randint(2, 5))
-        requests = [GenerationRequest(engine.encode(t, adapter=adapter), adapter=adapter, max_new_tokens=10)
-                    for t in prompts]
+        requests = [
+            GenerationRequest(engine.encode(t, adapter=adapter), adapter=adapter, max_new_tokens=10) for t in prompts
+        ]
         batch = DecodeBatch(engine.base, engine.prompt_cache, keep_logits=True)
         events = batch.add(requests)
         while len(batch):
@@ -88,8 +84,10 @@ def test_greedy_is_batch_invariant_with_left_padding(engine, dtype):
 def test_mixed_task_batch_equals_each_row_alone(engine, base, adapters, dtype):
     rng = random.Random(1)
     names = [None, "a3", "a7", "a12", None, "a12", "a3"]
-    requests = [GenerationRequest(engine.encode(t, adapter=n), adapter=n, max_new_tokens=12, id=i)
-                for i, (t, n) in enumerate(zip(texts(rng, len(names)), names))]
+    requests = [
+        GenerationRequest(engine.encode(t, adapter=n), adapter=n, max_new_tokens=12, id=i)
+        for i, (t, n) in enumerate(zip(texts(rng, len(names)), names))
+    ]
     results = engine.generate(requests, batch_size=len(requests))
     for request, result in zip(requests, results):
         alone = run_alone(engine, request)[0]
@@ -104,8 +102,10 @@ def test_continuous_batching_rows_join_and_leave(engine, dtype):
     """Rows with different lengths finish at different steps; queued rows join a live batch (merge, trim)."""
     rng = random.Random(2)
     names = ["a12", None, "a3", "a7", None, "a12", "a3", "a7"]
-    requests = [GenerationRequest(engine.encode(t, adapter=n), adapter=n, max_new_tokens=rng.randint(1, 15))
-                for t, n in zip(texts(rng, len(names)), names)]
+    requests = [
+        GenerationRequest(engine.encode(t, adapter=n), adapter=n, max_new_tokens=rng.randint(1, 15))
+        for t, n in zip(texts(rng, len(names)), names)
+    ]
     results = engine.generate(requests, batch_size=3)
     for request, result in zip(requests, results):
         assert result.token_ids == run_alone(engine, request)[0]
@@ -113,8 +113,10 @@ def test_continuous_batching_rows_join_and_leave(engine, dtype):
 
 
 def test_remove_cancels_a_row_without_disturbing_the_others(engine, dtype):
-    requests = [GenerationRequest(engine.encode(t, adapter=n), adapter=n, max_new_tokens=8)
-                for t, n in [("first one", "a3"), ("second", None), ("the third request", "a12")]]
+    requests = [
+        GenerationRequest(engine.encode(t, adapter=n), adapter=n, max_new_tokens=8)
+        for t, n in [("first one", "a3"), ("second", None), ("the third request", "a12")]
+    ]
     batch = DecodeBatch(engine.base, engine.prompt_cache)
     events = batch.add(requests)
     events += batch.step()
@@ -138,8 +140,11 @@ def test_soft_prompt_kv_computed_once_per_adapter(base, adapters, monkeypatch):
     engine = Engine(base, adapters)
     assert sorted(calls) == sorted(SIZES.values())
     for _ in range(2):
-        requests = [GenerationRequest(engine.encode(t, adapter=n), adapter=n, max_new_tokens=4)
-                    for t in ["x", "yy zz"] for n in SIZES]
+        requests = [
+            GenerationRequest(engine.encode(t, adapter=n), adapter=n, max_new_tokens=4)
+            for t in ["x", "yy zz"]
+            for n in SIZES
+        ]
         engine.generate(requests, batch_size=4)
         list(engine.stream(requests[0]))
     assert sorted(calls) == sorted(SIZES.values())
@@ -150,8 +155,15 @@ def test_soft_prompt_kv_computed_once_per_adapter(base, adapters, monkeypatch):
 
 def test_seeded_sampling_is_reproducible_and_independent_of_batch_mates(engine, dtype):
     def request(seed, text="tell me a story", adapter="a7"):
-        return GenerationRequest(engine.encode(text, adapter=adapter), adapter=adapter, max_new_tokens=15,
-                                 temperature=1.5, top_k=40, top_p=0.95, seed=seed)
+        return GenerationRequest(
+            engine.encode(text, adapter=adapter),
+            adapter=adapter,
+            max_new_tokens=15,
+            temperature=1.5,
+            top_k=40,
+            top_p=0.95,
+            seed=seed,
+        )
 
     alone = engine.generate([request(7)])[0].token_ids
     assert engine.generate([request(7)])[0].token_ids == alone
@@ -176,7 +188,7 @@ def test_stop_strings_cut_the_answer(engine):
     full = engine.generate([GenerationRequest(ids, adapter="a3", max_new_tokens=20)])[0]
     assert full.finish_reason == "length" and len(full.text) >= 10
     stop = full.text[5:8]
-    cut = full.text[:full.text.find(stop)]
+    cut = full.text[: full.text.find(stop)]
     result = engine.generate([GenerationRequest(ids, adapter="a3", max_new_tokens=20, stop=["@@never", stop])])[0]
     assert result.text == cut and result.finish_reason == "stop"
     streamed = [e.text for e in engine.stream(GenerationRequest(ids, adapter="a3", max_new_tokens=20, stop=[stop]))]
@@ -192,14 +204,17 @@ def test_eos_stops_and_is_not_in_the_text(adapters):
     base.model.generation_config.eos_token_id = [base.tokenizer.eos_token_id, eos]
     result = Engine(base, adapters).generate([GenerationRequest(ids, adapter="a7", max_new_tokens=12)])[0]
     first = tokens.index(eos)
-    assert result.token_ids == tokens[:first + 1] and result.finish_reason == "stop"
+    assert result.token_ids == tokens[: first + 1] and result.finish_reason == "stop"
     assert result.text == base.tokenizer.decode(tokens[:first])
 
 
 def test_prompt_longer_than_context_is_an_error_or_truncated_on_request(engine):
     ids = engine.encode("x" * 480, adapter="a12")
-    with pytest.raises(ValueError, match=r"prompt too long: 12 virtual tokens \+ 500 prompt tokens \+ "
-                                         r"max_new_tokens 32 = 544 exceeds the model's context of 512 tokens"):
+    with pytest.raises(
+        ValueError,
+        match=r"prompt too long: 12 virtual tokens \+ 500 prompt tokens \+ "
+        r"max_new_tokens 32 = 544 exceeds the model's context of 512 tokens",
+    ):
         engine.generate([GenerationRequest(ids, adapter="a12", max_new_tokens=32)])
     result = engine.generate([GenerationRequest(ids, adapter="a12", max_new_tokens=32, truncate=True)])[0]
     assert result.prompt_tokens == 512 - 12 - 32 and len(result.token_ids) == 32
@@ -230,12 +245,12 @@ def test_detokenizer_holds_back_partial_characters_and_stop_prefixes():
     detok = Detokenizer(FakeTokenizer(), stop=["world"])
     assert detok.push(1) == ("Hel", False)
     assert detok.push(2) == ("lo", False)
-    assert detok.push(3) == (" ", False)   # " wor" could begin "world"
+    assert detok.push(3) == (" ", False)  # " wor" could begin "world"
     assert detok.push(4) == ("", True)
     assert detok.text == "Hello "
     detok = Detokenizer(FakeTokenizer(), stop=["xyz"])
     assert detok.push(1) == ("Hel", False)
-    assert detok.push(9) == ("", False)   # incomplete character held back
+    assert detok.push(9) == ("", False)  # incomplete character held back
     assert detok.push(10) == ("é", False)
     assert detok.flush() == ""
 
@@ -255,15 +270,17 @@ def test_every_row_equals_itself_alone_in_batches_of_1_to_16(engine, dtype):
     joining a live batch) are those of the row alone; in bf16 bit for bit."""
     rng = random.Random(5)
     names = [None, "a3", "a7", "a12"]
-    pool = [GenerationRequest(engine.encode(t, adapter=n), adapter=n, max_new_tokens=rng.randint(1, 9))
-            for t, n in zip(texts(rng, 16) + ["x"], [rng.choice(names) for _ in range(16)] + ["a3"])]
+    pool = [
+        GenerationRequest(engine.encode(t, adapter=n), adapter=n, max_new_tokens=rng.randint(1, 9))
+        for t, n in zip(texts(rng, 16) + ["x"], [rng.choice(names) for _ in range(16)] + ["a3"])
+    ]
     alone = {id(r): run_alone(engine, r, keep_logits=True) for r in pool}
     for size in [2, 3, 5, 8, 16]:
         requests = rng.sample(pool, size)
         batch = DecodeBatch(engine.base, engine.prompt_cache, keep_logits=True)
         events = batch.add(requests[: size // 2 + 1])
         events += batch.step()
-        events += batch.add(requests[size // 2 + 1:])  # later rows join a live batch (merge, left pads)
+        events += batch.add(requests[size // 2 + 1 :])  # later rows join a live batch (merge, left pads)
         while len(batch):
             events += batch.step()
         for request in requests:

@@ -3,14 +3,14 @@ import math
 
 import pytest
 import torch
-
 from helpers import text_logits
+
 from softprompt import cli
-from softprompt.formats.adapter import load_adapter, save_adapter
 from softprompt.data.records import DataError
+from softprompt.data.templates import Template, encode_text
 from softprompt.evaluation.evaluate import evaluate, format_examples, format_table
 from softprompt.evaluation.rouge import exact_match, lcs_length, rouge_l, tokenize
-from softprompt.data.templates import Template, encode_text
+from softprompt.formats.adapter import load_adapter, save_adapter
 
 TEMPLATE = "Q: {instruction} {input} A:"
 
@@ -60,8 +60,9 @@ def test_rank_classification_scores_full_choice_sequences(tiny, tmp_path):
         assert abs(ab - ac) > 1e-4  # the full sequences differ although the first tokens are the same
         prefs.append("ab" if ab < ac else "ac")
     # Gold = the oracle's choice for the first four records, the other choice for the last two: accuracy 4/6.
-    records = [dict(r, output=p if i < 4 else ({"ab": "ac", "ac": "ab"}[p])) for i, (r, p) in
-               enumerate(zip(RECORDS, prefs))]
+    records = [
+        dict(r, output=p if i < 4 else ({"ab": "ac", "ac": "ab"}[p])) for i, (r, p) in enumerate(zip(RECORDS, prefs))
+    ]
     report = evaluate(records, tiny, [path], choices=["ab", "ac"], max_new_tokens=0)
     (result,) = report["results"]
     assert result["accuracy"] == pytest.approx(4 / 6)
@@ -115,7 +116,9 @@ def test_errors_name_the_record(tiny):
         evaluate(bad, tiny, choices="ab,ac", max_new_tokens=0)
     report = evaluate(RECORDS[:2] + [{"instruction": "x", "output": ""}], tiny, max_new_tokens=0, skip_bad=True)
     assert report["n"] == 2 and report["skipped"] == ["<records>: record 2: field 'output' is empty"]
-    with pytest.raises(ValueError, match=r"--label-field needs label words: pass --choices \(or an adapter saved with label words\)"):
+    with pytest.raises(
+        ValueError, match=r"--label-field needs label words: pass --choices \(or an adapter saved with label words\)"
+    ):
         evaluate([{"sentence": "x", "label": 1}], tiny, fields="instruction=sentence", label_field="label")
     with pytest.raises(ValueError, match="--choices needs at least 2 non-empty comma-separated words"):
         evaluate(RECORDS, tiny, choices="ab")
@@ -124,8 +127,9 @@ def test_errors_name_the_record(tiny):
 def test_label_field_uses_the_adapter_label_words(tiny, tmp_path):
     path = random_adapter(tiny, tmp_path / "a")
     rows = [{"sentence": "red", "label": 0}, {"sentence": "blue", "label": 1}]
-    result = evaluate(rows, tiny, [path], fields="instruction=sentence", label_field="label",
-                      max_new_tokens=0)["results"][0]
+    result = evaluate(rows, tiny, [path], fields="instruction=sentence", label_field="label", max_new_tokens=0)[
+        "results"
+    ][0]
     assert [e["output"] for e in result["examples"]] == ["ab", "ac"]
 
 
@@ -134,8 +138,23 @@ def test_cli_json_schema_and_table(tiny, tiny_dir, tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     out = tmp_path / "m" / "eval.json"
-    argv = ["eval", "--data", str(data), "--model", str(tiny_dir), "--adapter", str(path), "--compare-base",
-            "--choices", "ab,ac", "--json", str(out), "--no-progress", "--batch-size", "4"]
+    argv = [
+        "eval",
+        "--data",
+        str(data),
+        "--model",
+        str(tiny_dir),
+        "--adapter",
+        str(path),
+        "--compare-base",
+        "--choices",
+        "ab,ac",
+        "--json",
+        str(out),
+        "--no-progress",
+        "--batch-size",
+        "4",
+    ]
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
     report = json.loads(out.read_text())
@@ -150,20 +169,40 @@ def test_cli_json_schema_and_table(tiny, tiny_dir, tmp_path, capsys):
 
 
 def test_table_and_examples_format():
-    results = [{"adapter": None, "n": 2, "loss": 1.5, "accuracy": 0.5,
-                "examples": [{"where": "f:1", "instruction": "hi", "input": "", "output": "x", "generation": "y",
-                              "choice": "x"}] * 2},
-               {"adapter": "run/a", "n": 2, "loss": 0.25, "accuracy": 1.0,
-                "examples": [{"where": "f:1", "instruction": "hi", "input": "", "output": "x", "generation": "x",
-                              "choice": "x"}] * 2}]
+    results = [
+        {
+            "adapter": None,
+            "n": 2,
+            "loss": 1.5,
+            "accuracy": 0.5,
+            "examples": [
+                {"where": "f:1", "instruction": "hi", "input": "", "output": "x", "generation": "y", "choice": "x"}
+            ]
+            * 2,
+        },
+        {
+            "adapter": "run/a",
+            "n": 2,
+            "loss": 0.25,
+            "accuracy": 1.0,
+            "examples": [
+                {"where": "f:1", "instruction": "hi", "input": "", "output": "x", "generation": "x", "choice": "x"}
+            ]
+            * 2,
+        },
+    ]
     table = format_table(results, ["before", "after"]).splitlines()
     assert table[0].split() == ["metric", "before", "after"]
     assert table[2].split() == ["n", "2", "2"]
     assert table[3].split() == ["loss", "(answer", "tokens)", "1.5000", "0.2500"]
     assert table[4].split()[-2:] == ["50.0%", "100.0%"]
     text = format_examples(results, 1, ["before", "after"])
-    assert text.splitlines() == ["[f:1] hi", "    expected: 'x'", "    before: 'y' (ranked choice: x)",
-                                 "    after: 'x' (ranked choice: x)"]
+    assert text.splitlines() == [
+        "[f:1] hi",
+        "    expected: 'x'",
+        "    before: 'y' (ranked choice: x)",
+        "    after: 'x' (ranked choice: x)",
+    ]
     results[0]["examples"][0] = dict(results[0]["examples"][0], generation="y" * 500)
     long_line = format_examples(results, 1, ["before", "after"]).splitlines()[2]
     assert long_line == "    before: '" + "y" * 155 + "...' (ranked choice: x)"
@@ -174,6 +213,9 @@ def test_max_length_defaults_to_the_context_less_the_virtual_tokens(tiny, tmp_pa
     fits = [{"instruction": "y" * 480, "input": "", "output": "ab"}]
     assert evaluate(fits, tiny, [path], choices="ab,ac", max_new_tokens=0)["n"] == 1
     long = [{"instruction": "y" * 520, "input": "", "output": "ab"}]
-    with pytest.raises(DataError, match=r"<records>: record 0: the prompt alone is 527 tokens, which fills "
-                                        r"max_length=509; raise --max-length"):
+    with pytest.raises(
+        DataError,
+        match=r"<records>: record 0: the prompt alone is 527 tokens, which fills "
+        r"max_length=509; raise --max-length",
+    ):
         evaluate(long, tiny, [path], choices="ab,ac", max_new_tokens=0)

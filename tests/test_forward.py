@@ -3,8 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import text_logits
+
 from softprompt.core.forward import SharedPrefix, head_nll, label_nll, lm_logits
 
 torch.manual_seed(0)
@@ -15,7 +15,7 @@ def _rows(tiny, lengths, left=False):
     mask = torch.zeros_like(ids)
     for r, n in enumerate(lengths):
         if left:
-            mask[r, max(lengths) - n:] = 1
+            mask[r, max(lengths) - n :] = 1
         else:
             mask[r, :n] = 1
     return ids, mask
@@ -29,7 +29,9 @@ def test_each_row_equals_the_row_alone(tiny, left):
         batch = text_logits(tiny.model, prompt, ids, mask, mode)
         for r in range(3):
             keep = mask[r].bool()
-            alone = text_logits(tiny.model, prompt, ids[r:r + 1, keep], torch.ones(1, int(keep.sum()), dtype=torch.long))
+            alone = text_logits(
+                tiny.model, prompt, ids[r : r + 1, keep], torch.ones(1, int(keep.sum()), dtype=torch.long)
+            )
             assert torch.allclose(batch[r][keep], alone[0], atol=1e-5), (mode, r)
 
 
@@ -58,8 +60,13 @@ def test_label_nll_equals_cross_entropy_on_full_logits(tiny):
     full_mask = torch.cat([torch.ones(2, 2, dtype=torch.long), mask], 1)
     logits = tiny.model(inputs_embeds=embeds, attention_mask=full_mask).logits[:, 1:-1]  # predicts text tokens
     full_labels = labels
-    expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), full_labels.reshape(-1), reduction="none",
-                               ignore_index=-100).view(2, -1).sum(1)
+    expected = (
+        F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), full_labels.reshape(-1), reduction="none", ignore_index=-100
+        )
+        .view(2, -1)
+        .sum(1)
+    )
     assert torch.equal(count, (labels != -100).sum(1))
     assert torch.allclose(nll, expected, atol=1e-4)
 

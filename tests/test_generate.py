@@ -8,20 +8,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from engine_helpers import peaked_base, random_adapter, reference_greedy
 from helpers import reload_tiny, save_tiny
+
+from softprompt.cli import main
+from softprompt.data.templates import Template, encode_text
 from softprompt.formats.adapter import load_adapter, save_adapter
 from softprompt.inference.chat import Conversation, chat_loop
-from softprompt.cli import main
 from softprompt.inference.engine import GenerationRequest
 from softprompt.inference.generate import add_adapter, build_engine, generate, generate_batch
-from softprompt.data.templates import Template, encode_text
 
 USER_TEMPLATE = "Q: {instruction} {input}\nA:"
-
-
-
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +36,15 @@ def env(tmp_path_factory):
 
 
 def answer(env, instruction, adapter=None, input="", **kw):
-    return generate(instruction, input, base=env.base, greedy=True, max_new_tokens=10,
-                    adapter=None if adapter is None else env.adapters / adapter, **kw)
+    return generate(
+        instruction,
+        input,
+        base=env.base,
+        greedy=True,
+        max_new_tokens=10,
+        adapter=None if adapter is None else env.adapters / adapter,
+        **kw,
+    )
 
 
 def test_api_greedy_answer_equals_no_cache_loop(env):
@@ -55,18 +59,41 @@ def test_api_greedy_answer_equals_no_cache_loop(env):
 def test_templates_saved_reference_and_chat(env):
     engine = build_engine(env.base)
     names = {n: add_adapter(engine, env.adapters / n) for n in ["alpha", "beta", "peft"]}
-    assert [engine.template(names[n]).spec for n in ["alpha", "beta", "peft"]] == ["human-assistant", USER_TEMPLATE,
-                                                                                  "human-assistant"]
+    assert [engine.template(names[n]).spec for n in ["alpha", "beta", "peft"]] == [
+        "human-assistant",
+        USER_TEMPLATE,
+        "human-assistant",
+    ]
     assert engine.template(None).spec == "human-assistant"
     chat = build_engine(env.base, chat_template=True)
     names = {n: add_adapter(chat, env.adapters / n) for n in ["alpha", "beta", "peft"]}
-    assert [chat.template(names[n]).spec for n in ["alpha", "beta", "peft"]] == ["human-assistant", USER_TEMPLATE, "chat"]
+    assert [chat.template(names[n]).spec for n in ["alpha", "beta", "peft"]] == [
+        "human-assistant",
+        USER_TEMPLATE,
+        "chat",
+    ]
     assert chat.encode("hi") == encode_text(env.base.tokenizer, "<|user|>hi\n<|assistant|>")
 
 
 def test_cli_single_streams_the_answer(env, capsys):
-    assert main(["generate", "--model", env.model, "--dtype", "float32", "--adapter", str(env.adapters / "alpha"),
-                 "--greedy", "--max-new-tokens", "10", "tell me about cats"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                env.model,
+                "--dtype",
+                "float32",
+                "--adapter",
+                str(env.adapters / "alpha"),
+                "--greedy",
+                "--max-new-tokens",
+                "10",
+                "tell me about cats",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == answer(env, "tell me about cats", "alpha") + "\n"
     pieces = []
     text = answer(env, "tell me about cats", "alpha", on_text=pieces.append)
@@ -74,8 +101,24 @@ def test_cli_single_streams_the_answer(env, capsys):
 
 
 def test_cli_seeded_sampling_is_reproducible(env, capsys):
-    argv = ["generate", "--model", env.model, "--temperature", "1.2", "--top-k", "30", "--top-p", "0.9",
-            "--seed", "3", "--max-new-tokens", "12", "--input", "with input", "a story"]
+    argv = [
+        "generate",
+        "--model",
+        env.model,
+        "--temperature",
+        "1.2",
+        "--top-k",
+        "30",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "3",
+        "--max-new-tokens",
+        "12",
+        "--input",
+        "with input",
+        "a story",
+    ]
     outputs = []
     for _ in range(2):
         assert main(argv) == 0
@@ -84,16 +127,34 @@ def test_cli_seeded_sampling_is_reproducible(env, capsys):
 
 
 def test_cli_batch_mixed_adapters_in_input_order(env, tmp_path, capsys):
-    records = [{"instruction": "tell me about cats", "adapter": "alpha", "id": 0},
-               {"instruction": "why is the sky blue", "id": 1},
-               {"instruction": "translate", "input": "你好世界", "adapter": "beta", "id": 2},
-               {"instruction": "a", "adapter": "peft", "id": 3},
-               {"instruction": "a much longer instruction than the others", "adapter": "alpha", "id": 4},
-               {"instruction": "short", "id": 5}]
+    records = [
+        {"instruction": "tell me about cats", "adapter": "alpha", "id": 0},
+        {"instruction": "why is the sky blue", "id": 1},
+        {"instruction": "translate", "input": "你好世界", "adapter": "beta", "id": 2},
+        {"instruction": "a", "adapter": "peft", "id": 3},
+        {"instruction": "a much longer instruction than the others", "adapter": "alpha", "id": 4},
+        {"instruction": "short", "id": 5},
+    ]
     batch, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     batch.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) + "\n", encoding="utf-8")
-    argv = ["generate", "--model", env.model, "--dtype", "float32", "--batch", str(batch), "--out", str(out),
-            "--adapters-dir", str(env.adapters), "--greedy", "--max-new-tokens", "10", "--batch-size", "4"]
+    argv = [
+        "generate",
+        "--model",
+        env.model,
+        "--dtype",
+        "float32",
+        "--batch",
+        str(batch),
+        "--out",
+        str(out),
+        "--adapters-dir",
+        str(env.adapters),
+        "--greedy",
+        "--max-new-tokens",
+        "10",
+        "--batch-size",
+        "4",
+    ]
     assert main(argv) == 0
     got = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [{k: v for k, v in r.items() if k != "output"} for r in got] == records
@@ -111,8 +172,9 @@ def test_api_batch_seeds_rows_independently(env):
     kw = dict(base=env.base, adapters_dir=env.adapters, temperature=1.0, seed=5, max_new_tokens=8)
     together = generate_batch(records, batch_size=2, **kw)
     assert generate_batch(records, batch_size=1, **kw) == together
-    assert together[1]["output"] == generate("two words", base=env.base, adapter=env.adapters / "alpha",
-                                             temperature=1.0, seed=6, max_new_tokens=8)
+    assert together[1]["output"] == generate(
+        "two words", base=env.base, adapter=env.adapters / "alpha", temperature=1.0, seed=6, max_new_tokens=8
+    )
 
 
 BAD_BATCHES = [
@@ -120,10 +182,13 @@ BAD_BATCHES = [
     ('{"instruction": "x"}\n\n{not json\n', ":3: malformed JSON: Expecting property name enclosed in double quotes"),
     ('{"input": "x"}\n', ":1: missing 'instruction' (a string)"),
     ('["x"]\n', ":1: expected a JSON object with 'instruction', got list"),
-    ('{"instruction": "x", "adapter": "../alpha"}\n', ":1: invalid adapter name '../alpha': use 1-64 letters, "
-                                                      "digits, '.', '_' or '-', starting with a letter or digit (no "
-                                                      "'/', no '..', not an absolute path); it names a folder under "
-                                                      "--adapters-dir"),
+    (
+        '{"instruction": "x", "adapter": "../alpha"}\n',
+        ":1: invalid adapter name '../alpha': use 1-64 letters, "
+        "digits, '.', '_' or '-', starting with a letter or digit (no "
+        "'/', no '..', not an absolute path); it names a folder under "
+        "--adapters-dir",
+    ),
     ('{"instruction": "' + "x" * 600 + '"}\n', ":1: prompt too long: 0 virtual tokens + 620 prompt tokens"),
 ]
 
@@ -140,10 +205,15 @@ def test_bad_batch_files_are_named(env, tmp_path, capsys, content, message):
 def test_bad_adapters_and_prompts_are_clear_errors(env, tmp_path, capsys):
     cases = [
         (["--adapter", str(env.root / "missing"), "hi"], f"adapter folder not found: {env.root / 'missing'}"),
-        (["--adapter", str(env.root / "small"), "hi"],
-         f"{env.root / 'small'}: adapter hidden size 16 does not fit the base model {env.model} (hidden size 32)"),
-        (["x" * 600], "prompt too long: 0 virtual tokens + 620 prompt tokens + max_new_tokens 128 = 748 exceeds "
-                      "the model's context of 512 tokens"),
+        (
+            ["--adapter", str(env.root / "small"), "hi"],
+            f"{env.root / 'small'}: adapter hidden size 16 does not fit the base model {env.model} (hidden size 32)",
+        ),
+        (
+            ["x" * 600],
+            "prompt too long: 0 virtual tokens + 620 prompt tokens + max_new_tokens 128 = 748 exceeds "
+            "the model's context of 512 tokens",
+        ),
         (["--greedy", "--temperature", "0.5", "hi"], "--greedy and --temperature cannot be combined"),
         ([], "nothing to answer: give an INSTRUCTION or --batch FILE.jsonl"),
     ]
@@ -161,8 +231,11 @@ def test_chat_loop_with_piped_stdin(env):
     engine = build_engine(env.base)
     name = add_adapter(engine, env.adapters / "alpha")
     conversation = Conversation(engine, name, {"temperature": 0.0, "top_k": 0, "top_p": 1.0}, 10)
-    stdin, stdout, stderr = io.StringIO("hello there\n\n/reset\nwhy is the sky blue\n/quit\nnever read\n"), \
-        io.StringIO(), io.StringIO()
+    stdin, stdout, stderr = (
+        io.StringIO("hello there\n\n/reset\nwhy is the sky blue\n/quit\nnever read\n"),
+        io.StringIO(),
+        io.StringIO(),
+    )
     assert chat_loop(conversation, stdin, stdout, stderr) == 0
     expected = [answer(env, "hello there", "alpha"), answer(env, "why is the sky blue", "alpha")]
     assert stdout.getvalue() == "".join(a + "\n" for a in expected)
@@ -176,24 +249,48 @@ def test_chat_template_conversation_keeps_turns(env):
     first = conversation.reply("hi", io.StringIO())
     request = conversation.request("and then?")
     expected = env.base.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
-         {"role": "user", "content": "and then?"}], tokenize=False, add_generation_prompt=True)
+        [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "and then?"},
+        ],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     assert request.prompt_ids == encode_text(env.base.tokenizer, expected)
 
 
 def test_chat_cli_reads_stdin(env):
     proc = subprocess.run(
-        [sys.executable, "-m", "softprompt", "chat", "--model", env.model, "--adapter", str(env.adapters / "alpha"),
-         "--greedy", "--max-new-tokens", "10", "--dtype", "float32"],  # the reference below is fp32
-        input="hello there\n/quit\n", capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "softprompt",
+            "chat",
+            "--model",
+            env.model,
+            "--adapter",
+            str(env.adapters / "alpha"),
+            "--greedy",
+            "--max-new-tokens",
+            "10",
+            "--dtype",
+            "float32",
+        ],  # the reference below is fp32
+        input="hello there\n/quit\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == answer(env, "hello there", "alpha") + "\n"
 
 
 @pytest.mark.slow
 def test_default_model_answers_and_matches_no_cache_loop(default_base):
-    text = generate("What is the capital of France?", base=default_base, chat_template=True, greedy=True,
-                    max_new_tokens=16)
+    text = generate(
+        "What is the capital of France?", base=default_base, chat_template=True, greedy=True, max_new_tokens=16
+    )
     assert "Paris" in text
     engine = build_engine(default_base)
     adapter = random_adapter(5, hidden=default_base.hidden_size, seed=0)
@@ -225,7 +322,7 @@ def test_streamed_pieces_never_split_a_character_with_a_byte_level_tokenizer(def
     detok = Detokenizer(default_base.tokenizer, stop=["done"])
     pieces = [detok.push(i)[0] for i in ids]
     assert all("\ufffd" not in p for p in pieces) and len([p for p in pieces if p]) > 5
-    assert "".join(pieces) == text[:text.index("done")] and detok.text == text[:text.index("done")]
+    assert "".join(pieces) == text[: text.index("done")] and detok.text == text[: text.index("done")]
 
 
 def test_adapter_written_by_peft_uses_the_reference_template(env, tmp_path):
@@ -239,6 +336,7 @@ def test_adapter_written_by_peft_uses_the_reference_template(env, tmp_path):
     prompt = load_adapter(tmp_path / "peft-adapter").embeddings
     ids = encode_text(env.base.tokenizer, Template().prompt("tell me about cats", "", env.base.tokenizer))
     tokens, _ = reference_greedy(env.base, prompt, ids, 10)
-    got = generate("tell me about cats", base=env.base, adapter=tmp_path / "peft-adapter", greedy=True,
-                   max_new_tokens=10)
+    got = generate(
+        "tell me about cats", base=env.base, adapter=tmp_path / "peft-adapter", greedy=True, max_new_tokens=10
+    )
     assert got == env.base.tokenizer.decode(tokens, skip_special_tokens=True)

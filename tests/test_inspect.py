@@ -4,16 +4,17 @@ import pytest
 import torch
 
 from softprompt import cli
-from softprompt.formats.adapter import save_adapter
-from softprompt.evaluation.inspect import base_for, format_report, inspect_adapter
 from softprompt.core.models import DEFAULT_MODEL, DEFAULT_MODEL_NAME
+from softprompt.evaluation.inspect import base_for, format_report, inspect_adapter
+from softprompt.formats.adapter import save_adapter
 
 
 def vocab_rows_adapter(base, tmp_path, ids, scale=1.0):
     table = base.model.get_input_embeddings().weight.detach()
     emb = table[torch.tensor(ids)] * scale
-    return save_adapter(tmp_path / "adapter", emb, base, init="text", init_text="hi", label_words=["a", "b"],
-                        extra={"steps": 3})
+    return save_adapter(
+        tmp_path / "adapter", emb, base, init="text", init_text="hi", label_words=["a", "b"], extra={"steps": 3}
+    )
 
 
 def test_nearest_tokens_are_the_rows_the_prompt_is_made_of(tiny, tmp_path):

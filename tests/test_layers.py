@@ -38,8 +38,12 @@ def imports(path: Path) -> list[tuple[str, bool]]:
             assert node.level == 0, f"{path}: use absolute imports"
             for alias in node.names:
                 candidate = f"{node.module}.{alias.name}"
-                name = candidate if (PACKAGE.parent / candidate.replace(".", "/")).with_suffix(".py").exists() \
-                    or (PACKAGE.parent / candidate.replace(".", "/")).is_dir() else node.module
+                name = (
+                    candidate
+                    if (PACKAGE.parent / candidate.replace(".", "/")).with_suffix(".py").exists()
+                    or (PACKAGE.parent / candidate.replace(".", "/")).is_dir()
+                    else node.module
+                )
                 found.append((name, id(node) in top_level))
         elif isinstance(node, ast.Import):
             found += [(a.name, id(node) in top_level) for a in node.names if a.name.startswith("softprompt")]
@@ -57,8 +61,11 @@ GRAPH = {module_name(p): imports(p) for p in PACKAGE.rglob("*.py")}
 
 
 def test_every_module_belongs_to_a_layer():
-    loose = [m for m in GRAPH if m != "softprompt" and layer(m) not in ALLOWED and layer(m) not in LEAVES
-             and m != "softprompt.__main__"]
+    loose = [
+        m
+        for m in GRAPH
+        if m != "softprompt" and layer(m) not in ALLOWED and layer(m) not in LEAVES and m != "softprompt.__main__"
+    ]
     assert loose == []
 
 
@@ -94,6 +101,9 @@ def test_no_import_cycles_at_module_level():
 
 
 def test_the_library_has_no_argparse():
-    offenders = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
-                 if p.relative_to(PACKAGE).parts[0] != "cli" and "argparse" in p.read_text(encoding="utf-8")]
+    offenders = [
+        str(p.relative_to(PACKAGE))
+        for p in PACKAGE.rglob("*.py")
+        if p.relative_to(PACKAGE).parts[0] != "cli" and "argparse" in p.read_text(encoding="utf-8")
+    ]
     assert offenders == []

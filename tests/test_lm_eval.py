@@ -15,21 +15,31 @@ tokenization.
 import json
 
 import pytest
-
 from helpers import save_tiny
+from test_train import trainable_base
+
 from softprompt.evaluation.evaluate import evaluate
 from softprompt.serve import BackgroundServer
 from softprompt.serve.app import create_app
 from softprompt.training.config import TrainConfig
 from softprompt.training.loop import train
-from test_train import trainable_base
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is in the `test` extra")
 
-RECORDS = [("I loved this film", "positive"), ("Terrible acting", "negative"), ("A joy to watch", "positive"),
-           ("Boring and long", "negative"), ("Great fun", "positive"), ("Awful plot", "negative"),
-           ("Best of the year", "positive"), ("I walked out", "negative"), ("Wonderful cast", "positive"),
-           ("Dull", "negative"), ("Moving and funny", "positive"), ("A waste of time", "negative")]
+RECORDS = [
+    ("I loved this film", "positive"),
+    ("Terrible acting", "negative"),
+    ("A joy to watch", "positive"),
+    ("Boring and long", "negative"),
+    ("Great fun", "positive"),
+    ("Awful plot", "negative"),
+    ("Best of the year", "positive"),
+    ("I walked out", "negative"),
+    ("Wonderful cast", "positive"),
+    ("Dull", "negative"),
+    ("Moving and funny", "positive"),
+    ("A waste of time", "negative"),
+]
 CHOICES = ["positive", "negative"]
 GEN_TOKENS = 10
 
@@ -77,32 +87,59 @@ def test_lm_eval_local_completions_matches_softprompt_eval(tmp_path):
     model_dir = save_tiny(tiny, tmp_path / "model")
     records = [{"instruction": text, "output": label, "label": CHOICES.index(label)} for text, label in RECORDS]
     adapters = tmp_path / "adapters"
-    train(TrainConfig(data=records[:8], out=str(adapters / "sst"), model=tiny, num_virtual_tokens=4, init="random",
-                      lr=0.3, batch_size=4, max_steps=16, progress=False, max_batch_tokens=256, seed=0))
+    train(
+        TrainConfig(
+            data=records[:8],
+            out=str(adapters / "sst"),
+            model=tiny,
+            num_virtual_tokens=4,
+            init="random",
+            lr=0.3,
+            batch_size=4,
+            max_steps=16,
+            progress=False,
+            max_batch_tokens=256,
+            seed=0,
+        )
+    )
     data = tmp_path / "reviews.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     eos = tiny.tokenizer.eos_token
-    kinds = {"sp_choice": MULTIPLE_CHOICE.format(choices=json.dumps([c + eos for c in CHOICES])),
-             "sp_generate": GENERATE.format(tokens=GEN_TOKENS)}
+    kinds = {
+        "sp_choice": MULTIPLE_CHOICE.format(choices=json.dumps([c + eos for c in CHOICES])),
+        "sp_generate": GENERATE.format(tokens=GEN_TOKENS),
+    }
     for name, kind in kinds.items():
-        (tasks / f"{name}.yaml").write_text(TASKS.format(name=name, data=data, cache=tmp_path / "hf-cache",
-                                                         kind=kind))
+        (tasks / f"{name}.yaml").write_text(TASKS.format(name=name, data=data, cache=tmp_path / "hf-cache", kind=kind))
 
-    reference = evaluate(str(data), model=tiny, adapters=[adapters / "sst"], choices=CHOICES,
-                         max_new_tokens=GEN_TOKENS)["results"][0]
-    generated = evaluate(str(data), model=tiny, adapters=[adapters / "sst"], max_new_tokens=GEN_TOKENS,
-                         fields=None)["results"][0]
+    reference = evaluate(
+        str(data), model=tiny, adapters=[adapters / "sst"], choices=CHOICES, max_new_tokens=GEN_TOKENS
+    )["results"][0]
+    generated = evaluate(str(data), model=tiny, adapters=[adapters / "sst"], max_new_tokens=GEN_TOKENS, fields=None)[
+        "results"
+    ][0]
 
     with BackgroundServer(create_app(tiny, adapters)) as server:
         out = simple_evaluate(
             model="local-completions",
-            model_args={"model": "sst", "base_url": server.url + "/v1/completions", "tokenizer": str(model_dir),
-                        "tokenizer_backend": "huggingface", "tokenized_requests": True, "batch_size": 4,
-                        "max_retries": 1, "max_length": 512},
-            tasks=list(kinds), task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
-            log_samples=True, num_fewshot=0, bootstrap_iters=0)
+            model_args={
+                "model": "sst",
+                "base_url": server.url + "/v1/completions",
+                "tokenizer": str(model_dir),
+                "tokenizer_backend": "huggingface",
+                "tokenized_requests": True,
+                "batch_size": 4,
+                "max_retries": 1,
+                "max_length": 512,
+            },
+            tasks=list(kinds),
+            task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+            log_samples=True,
+            num_fewshot=0,
+            bootstrap_iters=0,
+        )
 
     accuracy = out["results"]["sp_choice"]["acc,none"]
     assert accuracy == pytest.approx(reference["accuracy"])
@@ -115,6 +152,8 @@ def test_lm_eval_local_completions_matches_softprompt_eval(tmp_path):
     texts = [s["resps"][0][0] for s in samples]
     assert [t.strip() for t in texts] == [e["generation"] for e in generated["examples"]]
     assert out["results"]["sp_generate"]["exact_match,none"] == pytest.approx(generated["exact_match"])
-    print(f"lm-eval acc {accuracy:.4f} = softprompt eval accuracy {reference['accuracy']:.4f}; lm-eval exact_match "
-          f"{out['results']['sp_generate']['exact_match,none']:.4f} = softprompt eval exact_match "
-          f"{generated['exact_match']:.4f}")
+    print(
+        f"lm-eval acc {accuracy:.4f} = softprompt eval accuracy {reference['accuracy']:.4f}; lm-eval exact_match "
+        f"{out['results']['sp_generate']['exact_match,none']:.4f} = softprompt eval exact_match "
+        f"{generated['exact_match']:.4f}"
+    )

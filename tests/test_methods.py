@@ -9,12 +9,13 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-
 from engine_helpers import peaked_base
 from helpers import text_logits, tiny_base
 from test_train import RECORDS, config, trainable_base
+
 from softprompt.core import forward
 from softprompt.core.prompt import PrefixEncoder, PromptEncoder, SoftPrompt, build_prompt
+from softprompt.data.templates import Template, encode_text
 from softprompt.evaluation.evaluate import evaluate, format_table
 from softprompt.evaluation.inspect import format_report, inspect_adapter
 from softprompt.formats import checkpoint
@@ -25,11 +26,14 @@ from softprompt.serve.vllm_client import PrefixNotSupported, completion_payload
 from softprompt.training import loop as train_module
 from softprompt.training.config import TrainConfig
 from softprompt.training.loop import detect_label_words, train
-from softprompt.data.templates import Template, encode_text
 
-METHODS = {"prompt": {}, "prefix": {"prefix_projection": False}, "prefix-proj": {"prefix_projection": True},
-           "ptuning": {},
-           "ptuning-lstm": {"encoder_type": "lstm"}}
+METHODS = {
+    "prompt": {},
+    "prefix": {"prefix_projection": False},
+    "prefix-proj": {"prefix_projection": True},
+    "ptuning": {},
+    "ptuning-lstm": {"encoder_type": "lstm"},
+}
 
 
 def method_of(name: str) -> str:
@@ -47,11 +51,14 @@ def test_prefix_layout_follows_peft_for_grouped_query_attention(tiny):
     kv = forward.prefix_kv(tiny.model, flat)
     assert len(kv) == 2 and kv[0][0].shape == (1, 2, 3, 8)
     # PEFT's layout: per position [layer 0 keys | layer 0 values | layer 1 keys | ...], each kv_heads x head_dim
-    assert torch.equal(kv[1][0][0, 1, 2], flat[2, 32 + 8:32 + 16])
+    assert torch.equal(kv[1][0][0, 1, 2], flat[2, 32 + 8 : 32 + 16])
     assert torch.equal(kv[0][1][0, 0, 0], flat[0, 16:24])
     assert torch.equal(forward.flat_prefix(kv), flat)
-    with pytest.raises(ValueError, match=r"a prefix for this model needs shape \[N, 64\] \(2 layers x 2 x 2 kv heads "
-                                         r"x 8\), got \(3, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"a prefix for this model needs shape \[N, 64\] \(2 layers x 2 x 2 kv heads "
+        r"x 8\), got \(3, 32\)",
+    ):
         forward.prefix_kv(tiny.model, torch.randn(3, 32))
 
 
@@ -74,8 +81,9 @@ def test_prefix_scores_the_first_text_token_from_nothing(tiny):
     labels = ids.clone()
     nll, counts = forward.label_nll(tiny.model, prefix.virtual(), ids, mask, labels)
     assert counts.tolist() == [5]
-    nll_p, counts_p = forward.label_nll(tiny.model, build_prompt(tiny, "prompt", "random", 3).virtual(), ids, mask,
-                                        labels)
+    nll_p, counts_p = forward.label_nll(
+        tiny.model, build_prompt(tiny, "prompt", "random", 3).virtual(), ids, mask, labels
+    )
     assert counts_p.tolist() == [6]
     with pytest.raises(ValueError, match="a prefix-tuning prompt has no input embeddings to concatenate"):
         forward.label_nll(tiny.model, prefix.virtual(), ids, mask, labels, mode="concat")
@@ -109,8 +117,10 @@ def test_adapter_round_trip_keeps_method_and_output(tiny, tmp_path, name):
     with torch.no_grad():
         assert torch.equal(adapter.embeddings, module())
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert config["peft_type"] == {"prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING",
-                                   "ptuning": "P_TUNING"}[method_of(name)]
+    assert (
+        config["peft_type"]
+        == {"prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING", "ptuning": "P_TUNING"}[method_of(name)]
+    )
     if method_of(name) == "prefix":
         assert (config["num_attention_heads"], config["token_dim"], config["num_layers"]) == (2, 16, 2)
         assert config["prefix_projection"] == (name == "prefix-proj")
@@ -119,18 +129,27 @@ def test_adapter_round_trip_keeps_method_and_output(tiny, tmp_path, name):
 def test_prefix_adapter_that_does_not_fit_is_refused(tiny, tmp_path):
     other = tiny_base(layers=3)
     save_adapter(tmp_path / "a", build_prompt(other, "prefix", "random", 2), other)
-    with pytest.raises(AdapterError, match=r"prefix adapter width 96 does not fit the base model tiny-llama \(prefix "
-                                           r"width 64 = 2 layers x 2 x 2 kv heads x 8 head dim\)"):
+    with pytest.raises(
+        AdapterError,
+        match=r"prefix adapter width 96 does not fit the base model tiny-llama \(prefix "
+        r"width 64 = 2 layers x 2 x 2 kv heads x 8 head dim\)",
+    ):
         load_adapter(tmp_path / "a", tiny)
     config_path = tmp_path / "a" / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "num_layers": 2}))
-    with pytest.raises(AdapterError, match=r"prompt_embeddings has width 96 but adapter_config.json fields "
-                                           r"num_layers x 2 x token_dim say 64"):
+    with pytest.raises(
+        AdapterError,
+        match=r"prompt_embeddings has width 96 but adapter_config.json fields "
+        r"num_layers x 2 x token_dim say 64",
+    ):
         load_adapter(tmp_path / "a")
     config_path.write_text(json.dumps({**config, "num_virtual_tokens": 5}))
-    with pytest.raises(AdapterError, match=r"prompt_embeddings has shape \(2, 96\), expected "
-                                           r"\[num_virtual_tokens=5, layers x 2 x kv_heads x head_dim\]"):
+    with pytest.raises(
+        AdapterError,
+        match=r"prompt_embeddings has shape \(2, 96\), expected "
+        r"\[num_virtual_tokens=5, layers x 2 x kv_heads x head_dim\]",
+    ):
         load_adapter(tmp_path / "a")
 
 
@@ -178,8 +197,10 @@ def test_resume_restores_the_encoder_exactly(base, tmp_path, monkeypatch, name):
     resumed = train(cfg(tmp_path / "cut", base, name, resume=str(tmp_path / "cut")))
     assert resumed.steps == whole.steps == 12
     assert torch.equal(load_adapter(whole.adapter_dir).embeddings, load_adapter(resumed.adapter_dir).embeddings)
-    with pytest.raises(ValueError, match=r"the checkpoint was made with --method " + method_of(name) +
-                       r", this run has --method prompt"):
+    with pytest.raises(
+        ValueError,
+        match=r"the checkpoint was made with --method " + method_of(name) + r", this run has --method prompt",
+    ):
         train(config(tmp_path / "cut", base, resume=str(tmp_path / "cut")))
 
 
@@ -191,15 +212,17 @@ def test_prefix_refuses_gradient_checkpointing(base, tmp_path):
 def test_ptuning_trains_the_same_with_gradient_checkpointing(base, tmp_path):
     kv = train(cfg(tmp_path / "kv", base, "ptuning", max_steps=3))
     concat = train(cfg(tmp_path / "concat", base, "ptuning", max_steps=3, gradient_checkpointing=True))
-    assert torch.allclose(load_adapter(kv.adapter_dir).embeddings, load_adapter(concat.adapter_dir).embeddings,
-                          atol=1e-5)
+    assert torch.allclose(
+        load_adapter(kv.adapter_dir).embeddings, load_adapter(concat.adapter_dir).embeddings, atol=1e-5
+    )
 
 
 def test_micro_batches_do_not_change_a_prefix_run(base, tmp_path):
     whole = train(cfg(tmp_path / "whole", base, "prefix-proj", max_steps=3, max_batch_tokens=4096))
     split = train(cfg(tmp_path / "split", base, "prefix-proj", max_steps=3, max_batch_tokens=32))
-    assert torch.allclose(load_adapter(whole.adapter_dir).embeddings, load_adapter(split.adapter_dir).embeddings,
-                          atol=1e-5)
+    assert torch.allclose(
+        load_adapter(whole.adapter_dir).embeddings, load_adapter(split.adapter_dir).embeddings, atol=1e-5
+    )
 
 
 DDP_SCRIPT = """
@@ -219,13 +242,18 @@ def test_two_processes_match_one_for_a_prompt_encoder(base, tmp_path):
 
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "two")))
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29531", str(script)], capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", str(script)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     one = train(cfg(tmp_path / "one", base, "ptuning", batch_size=4, max_steps=4))
-    assert torch.allclose(load_adapter(one.adapter_dir).embeddings, load_adapter(tmp_path / "two").embeddings,
-                          atol=1e-5)
+    assert torch.allclose(
+        load_adapter(one.adapter_dir).embeddings, load_adapter(tmp_path / "two").embeddings, atol=1e-5
+    )
 
 
 def test_method_options_are_checked():
@@ -237,59 +265,71 @@ def test_method_options_are_checked():
         TrainConfig(data=RECORDS, out="x", encoder_hidden_size=0)
     with pytest.raises(ValueError, match=r"--encoder-type is for --method ptuning \(this run has --method prompt\)"):
         TrainConfig(data=RECORDS, out="x", encoder_type="lstm")
-    with pytest.raises(ValueError, match="--encoder-hidden-size is for --method ptuning, or --method prefix without "
-                                         "--no-prefix-projection"):
+    with pytest.raises(
+        ValueError,
+        match="--encoder-hidden-size is for --method ptuning, or --method prefix without --no-prefix-projection",
+    ):
         TrainConfig(data=RECORDS, out="x", method="prefix", prefix_projection=False, encoder_hidden_size=8)
     with pytest.raises(ValueError, match="--encoder-hidden-size is for"):
         TrainConfig(data=RECORDS, out="x", encoder_hidden_size=8)
     assert TrainConfig(data=RECORDS, out="x", method="prefix", encoder_hidden_size=8).prefix_projection
-    assert (TrainConfig(data=RECORDS, out="x", method="prefix").peak_lr,
-            TrainConfig(data=RECORDS, out="x", method="ptuning").peak_lr,
-            TrainConfig(data=RECORDS, out="x").peak_lr) == (0.03, 0.03, 0.3)
+    assert (
+        TrainConfig(data=RECORDS, out="x", method="prefix").peak_lr,
+        TrainConfig(data=RECORDS, out="x", method="ptuning").peak_lr,
+        TrainConfig(data=RECORDS, out="x").peak_lr,
+    ) == (0.03, 0.03, 0.3)
     assert TrainConfig(data=RECORDS, out="x", method="prefix").peak_lr > 0
     assert TrainConfig(data=RECORDS, out="x", method="prefix", lr=0.01).peak_lr == 0.01
 
 
 # ---- label words noticed in classification data -------------------------------------------------------------------
 
-CLASSIFICATION = [{"instruction": f"film number {i} was {'good' if i % 2 else 'bad'}",
-                   "output": "positive" if i % 2 else "negative"} for i in range(24)]
+CLASSIFICATION = [
+    {"instruction": f"film number {i} was {'good' if i % 2 else 'bad'}", "output": "positive" if i % 2 else "negative"}
+    for i in range(24)
+]
 
 
 def test_detect_label_words(tiny):
     outputs = [r["output"] for r in CLASSIFICATION]
     assert detect_label_words(outputs, tiny.tokenizer, 20) == ["negative", "positive"]
-    assert detect_label_words(outputs[:10], tiny.tokenizer, 20) is None          # too few records
-    assert detect_label_words(outputs, tiny.tokenizer, 1) is None                 # more words than virtual tokens
+    assert detect_label_words(outputs[:10], tiny.tokenizer, 20) is None  # too few records
+    assert detect_label_words(outputs, tiny.tokenizer, 1) is None  # more words than virtual tokens
     assert detect_label_words([f"answer {i}" for i in range(24)], tiny.tokenizer, 20) is None  # not a few answers
     assert detect_label_words(["a rather long answer"] * 12 + ["b"] * 12, tiny.tokenizer, 20) is None  # 4 words
     assert detect_label_words(["yes"] * 23 + ["no"], tiny.tokenizer, 20) is None  # an answer seen once
 
 
 def test_train_notices_classification_and_eval_ranks_its_label_words(base, tmp_path, capsys):
-    result = train(config(tmp_path / "run", base, data=CLASSIFICATION, init=None, max_steps=2, batch_size=8,
-                          num_virtual_tokens=4))
+    result = train(
+        config(tmp_path / "run", base, data=CLASSIFICATION, init=None, max_steps=2, batch_size=8, num_virtual_tokens=4)
+    )
     out = capsys.readouterr().out
-    assert ("train: every training answer is one of 2 short answers (negative, positive): using them as label words "
-            "(init labels, saved with the adapter, so softprompt eval ranks them as choices); --no-auto-label-words "
-            "turns this off") in out
+    assert (
+        "train: every training answer is one of 2 short answers (negative, positive): using them as label words "
+        "(init labels, saved with the adapter, so softprompt eval ranks them as choices); --no-auto-label-words "
+        "turns this off"
+    ) in out
     saved = json.loads((tmp_path / "run" / "softprompt.json").read_text())
     assert saved["label_words"] == ["negative", "positive"] and saved["init"] == "labels"
-    report = evaluate(CLASSIFICATION[:6], base, [result.adapter_dir], max_new_tokens=0, compare_base=True,
-                      progress=False)
+    report = evaluate(
+        CLASSIFICATION[:6], base, [result.adapter_dir], max_new_tokens=0, compare_base=True, progress=False
+    )
     assert report["choices"] == ["negative", "positive"]
     assert report["choices_from"] == f"label words saved with {result.adapter_dir}"
-    assert report["notes"] == [f"choices: negative, positive (the label words saved with {result.adapter_dir}; "
-                               "--choices overrides)"]
+    assert report["notes"] == [
+        f"choices: negative, positive (the label words saved with {result.adapter_dir}; --choices overrides)"
+    ]
     assert all("accuracy" in r for r in report["results"])
     other = [{"instruction": "x", "output": "neutral"}]
     report = evaluate(other, base, [result.adapter_dir], max_new_tokens=0, progress=False)
     assert report["choices"] is None and "accuracy" not in report["results"][0]
-    assert report["notes"] == [f"not ranking {result.adapter_dir}'s saved label words (negative, positive) as "
-                               "choices: <records>: record 0 answers 'neutral', which is not one of them"]
+    assert report["notes"] == [
+        f"not ranking {result.adapter_dir}'s saved label words (negative, positive) as "
+        "choices: <records>: record 0 answers 'neutral', which is not one of them"
+    ]
 
-    off = train(config(tmp_path / "off", base, data=CLASSIFICATION, max_steps=1, batch_size=8,
-                       auto_label_words=False))
+    off = train(config(tmp_path / "off", base, data=CLASSIFICATION, max_steps=1, batch_size=8, auto_label_words=False))
     assert "using them as label words" not in capsys.readouterr().out
     assert load_adapter(off.adapter_dir).label_words is None
 
@@ -299,8 +339,26 @@ def test_cli_flag_turns_label_words_off(tiny_dir, tmp_path, capsys):
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in CLASSIFICATION))
-    assert cli.main(["train", "--data", str(data), "--out", str(tmp_path / "o"), "--model", str(tiny_dir),
-                     "--max-steps", "1", "--no-progress", "--no-auto-label-words", "--method", "prefix"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "o"),
+                "--model",
+                str(tiny_dir),
+                "--max-steps",
+                "1",
+                "--no-progress",
+                "--no-auto-label-words",
+                "--method",
+                "prefix",
+            ]
+        )
+        == 0
+    )
     assert load_adapter(tmp_path / "o").label_words is None
     assert load_adapter(tmp_path / "o").method == "prefix"
     assert "using them as label words" not in capsys.readouterr().out
@@ -372,13 +430,17 @@ def test_batch_of_rows_of_every_method_and_the_base_equals_rows_alone(peaked):
     adapters = mixed_adapters(peaked)
     engine = Engine(peaked, adapters)
     texts = ["hello", "a b c d e", "xyz", "the cat"]
-    requests = [GenerationRequest(encode_text(peaked.tokenizer, t), adapter=a, max_new_tokens=6)
-                for t in texts for a in [None, "prompt", "prefix", "ptuning"]]
+    requests = [
+        GenerationRequest(encode_text(peaked.tokenizer, t), adapter=a, max_new_tokens=6)
+        for t in texts
+        for a in [None, "prompt", "prefix", "ptuning"]
+    ]
     batched = engine.generate(requests, batch_size=7)
     outputs = set()
     for request, result in zip(requests, batched):
-        alone = engine.generate([GenerationRequest(request.prompt_ids, adapter=request.adapter, max_new_tokens=6)],
-                                batch_size=1)[0]
+        alone = engine.generate(
+            [GenerationRequest(request.prompt_ids, adapter=request.adapter, max_new_tokens=6)], batch_size=1
+        )[0]
         assert result.token_ids == alone.token_ids
         ref = reference(peaked, adapters.get(request.adapter), request.prompt_ids, 6)
         assert result.token_ids == ref, (request.adapter, texts)
@@ -406,6 +468,7 @@ def test_generate_batch_file_mixes_methods(peaked, tmp_path):
 
 def test_serve_offers_every_method_and_hot_adds_a_prefix(tiny, tmp_path):
     from test_serve import LiveServer, alone
+
     from softprompt.serve.app import create_app
 
     folder = methods_dir(tiny, tmp_path / "adapters")
@@ -457,10 +520,14 @@ def test_inspect_a_ptuning_adapter_finds_nearest_tokens(tiny, tmp_path):
 def test_vllm_route_refuses_prefix_and_carries_ptuning(tiny, tmp_path):
     save_adapter(tmp_path / "prefix", build_prompt(tiny, "prefix", "vocab", 3), tiny)
     save_adapter(tmp_path / "pt", build_prompt(tiny, "ptuning", "vocab", 3), tiny)
-    with pytest.raises(PrefixNotSupported, match=(
+    with pytest.raises(
+        PrefixNotSupported,
+        match=(
             r"adapter .*prefix uses method prefix \(prefix tuning: keys and values inside every layer\); vLLM's "
             r"prompt_embeds input carries input embeddings only, so it serves prompt and ptuning adapters but not "
-            r"prefix ones; serve this adapter with `softprompt serve`")):
+            r"prefix ones; serve this adapter with `softprompt serve`"
+        ),
+    ):
         completion_payload("m", tiny, load_adapter(tmp_path / "prefix", tiny), instruction="hi")
     body = completion_payload("m", tiny, load_adapter(tmp_path / "pt", tiny), instruction="hi")
     assert body["prompt_embeds"]
@@ -473,8 +540,16 @@ def test_demo_runs_with_prefix(tiny, tmp_path):
     from softprompt.demo.run import run_demo
 
     lines = []
-    results = run_demo(tmp_path / "demo", tiny, print_fn=lines.append, steps=2, batch_size=4, method="prefix",
-                       examples=1, progress=False)
+    results = run_demo(
+        tmp_path / "demo",
+        tiny,
+        print_fn=lines.append,
+        steps=2,
+        batch_size=4,
+        method="prefix",
+        examples=1,
+        progress=False,
+    )
     assert results["method"] == "prefix" and load_adapter(tmp_path / "demo").method == "prefix"
     assert any("prefix tuning" in line for line in lines)
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from helpers import text_logits, tiny_base
+
 from softprompt.core import forward
 from softprompt.core.prompt import build_prompt
 from softprompt.formats.adapter import load_adapter, save_adapter
@@ -81,12 +81,14 @@ def peft_config_of(variant: str):
     if variant == "prefix":
         return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n)
     if variant == "prefix-projection":
-        return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, prefix_projection=True,
-                                       encoder_hidden_size=24)
+        return peft.PrefixTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=n, prefix_projection=True, encoder_hidden_size=24
+        )
     if variant == "ptuning-mlp":
         return peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, encoder_hidden_size=20)
-    return peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=n,
-                                    encoder_reparameterization_type="LSTM", encoder_hidden_size=12)
+    return peft.PromptEncoderConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=n, encoder_reparameterization_type="LSTM", encoder_hidden_size=12
+    )
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -110,15 +112,24 @@ def test_peft_saved_adapter_loads_in_softprompt_with_equal_logits(tmp_path, vari
     assert_equal_on_real_tokens(ours, peft_text_logits(reloaded, method, 5, ids, mask), mask)
 
     # and softprompt writes the same adapter_config.json fields PEFT wrote for that adapter
-    save_adapter(tmp_path / "again", adapter.embeddings, base, method=method,
-                 peft_fields={k: v for k, v in adapter.config.items()
-                              if k in ("prefix_projection", "encoder_hidden_size", "encoder_reparameterization_type")})
+    save_adapter(
+        tmp_path / "again",
+        adapter.embeddings,
+        base,
+        method=method,
+        peft_fields={
+            k: v
+            for k, v in adapter.config.items()
+            if k in ("prefix_projection", "encoder_hidden_size", "encoder_reparameterization_type")
+        },
+    )
     ours_config = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
     peft_written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert set(ours_config) == set(peft_written)
     skip = {"base_model_name_or_path"}
-    assert {k: v for k, v in ours_config.items() if k not in skip} == \
-        {k: v for k, v in peft_written.items() if k not in skip}
+    assert {k: v for k, v in ours_config.items() if k not in skip} == {
+        k: v for k, v in peft_written.items() if k not in skip
+    }
 
 
 def test_prefix_tensor_has_the_shape_peft_uses(tmp_path):
@@ -127,6 +138,7 @@ def test_prefix_tensor_has_the_shape_peft_uses(tmp_path):
     from safetensors.torch import load_file
 
     tensor = load_file(str(tmp_path / "sp" / "adapter_model.safetensors"))["prompt_embeddings"]
-    peft_model = peft.get_peft_model(tiny_base(seed=1).model,
-                                     peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    peft_model = peft.get_peft_model(
+        tiny_base(seed=1).model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    )
     assert tensor.shape == peft_model.prompt_encoder["default"].embedding.weight.shape == (3, 2 * 2 * 16)

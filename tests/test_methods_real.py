@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from helpers import text_logits
+
 from softprompt.core import forward
 from softprompt.core.models import load_base
 from softprompt.core.prompt import build_prompt
@@ -26,8 +26,9 @@ def test_real_model_prefix_layout_and_peft_logits(default_base, tmp_path):
         module = build_prompt(default_base, method, "text", seed=1, **options)
         if method == "prefix":
             with torch.no_grad():  # off the init (which equals the prompt-tuning init exactly)
-                module.embedding.add_(0.1 * torch.randn(module.embedding.shape,
-                                                        generator=torch.Generator().manual_seed(0)))
+                module.embedding.add_(
+                    0.1 * torch.randn(module.embedding.shape, generator=torch.Generator().manual_seed(0))
+                )
         save_adapter(tmp_path / method, module, default_base)
         config = json.loads((tmp_path / method / "adapter_config.json").read_text())
         adapter = load_adapter(tmp_path / method, default_base)
@@ -36,11 +37,12 @@ def test_real_model_prefix_layout_and_peft_logits(default_base, tmp_path):
             assert adapter.embeddings.shape == (module.num_virtual_tokens, 30 * 2 * 192)
         with torch.no_grad():
             ours = text_logits(default_base.model, adapter.virtual(), ids, mask)
-            wrapped = peft.PeftModel.from_pretrained(load_base(device="cpu", dtype="float32").model,
-                                                     str(tmp_path / method))
+            wrapped = peft.PeftModel.from_pretrained(
+                load_base(device="cpu", dtype="float32").model, str(tmp_path / method)
+            )
             theirs = wrapped(input_ids=ids, attention_mask=mask).logits
             if method != "prefix":
-                theirs = theirs[:, adapter.num_virtual_tokens:]
+                theirs = theirs[:, adapter.num_virtual_tokens :]
         assert torch.allclose(ours, theirs, atol=1e-4), (method, (ours - theirs).abs().max())
 
 
@@ -48,26 +50,44 @@ def test_real_model_trains_every_method_and_decodes_a_mixed_batch(default_base, 
     from softprompt.training.config import TrainConfig
     from softprompt.training.loop import train
 
-    rows = [{"instruction": f"Is {w} a colour?", "output": "yes" if i % 2 == 0 else "no"}
-            for i, w in enumerate(["red", "table", "blue", "chair", "green", "spoon", "pink", "river"] * 3)]
+    rows = [
+        {"instruction": f"Is {w} a colour?", "output": "yes" if i % 2 == 0 else "no"}
+        for i, w in enumerate(["red", "table", "blue", "chair", "green", "spoon", "pink", "river"] * 3)
+    ]
     adapters = {}
     for method in ("prompt", "prefix", "ptuning"):
-        result = train(TrainConfig(data=rows, out=str(tmp_path / method), model=default_base, method=method,
-                                   num_virtual_tokens=8, max_steps=6, batch_size=8, save_every=6, progress=False,
-                                   max_batch_tokens=4096))
+        result = train(
+            TrainConfig(
+                data=rows,
+                out=str(tmp_path / method),
+                model=default_base,
+                method=method,
+                num_virtual_tokens=8,
+                max_steps=6,
+                batch_size=8,
+                save_every=6,
+                progress=False,
+                max_batch_tokens=4096,
+            )
+        )
         lines = [json.loads(x) for x in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
-        assert result.train_loss is not None and all(torch.isfinite(torch.tensor(r["loss"])) for r in lines
-                                                      if "loss" in r)
+        assert result.train_loss is not None and all(
+            torch.isfinite(torch.tensor(r["loss"])) for r in lines if "loss" in r
+        )
         adapter = load_adapter(result.adapter_dir, default_base)
         assert adapter.method == method and adapter.label_words == ["yes", "no"]  # noticed classification data
         adapters[method] = adapter
     engine = Engine(default_base, adapters)
-    requests = [GenerationRequest(engine.encode(q, adapter=a), adapter=a, max_new_tokens=4)
-                for q in ("Is red a colour?", "Is a spoon a colour?") for a in (None, "prompt", "prefix", "ptuning")]
+    requests = [
+        GenerationRequest(engine.encode(q, adapter=a), adapter=a, max_new_tokens=4)
+        for q in ("Is red a colour?", "Is a spoon a colour?")
+        for a in (None, "prompt", "prefix", "ptuning")
+    ]
     batched = engine.generate(requests, batch_size=8)
     for request, result in zip(requests, batched):
-        alone = engine.generate([GenerationRequest(request.prompt_ids, adapter=request.adapter, max_new_tokens=4)],
-                                batch_size=1)[0]
+        alone = engine.generate(
+            [GenerationRequest(request.prompt_ids, adapter=request.adapter, max_new_tokens=4)], batch_size=1
+        )[0]
         assert result.token_ids == alone.token_ids
         ids, out = list(request.prompt_ids), []
         virtual = adapters[request.adapter].virtual() if request.adapter else None
@@ -84,7 +104,15 @@ def test_real_model_demo_with_prefix(default_base, tmp_path):
     from softprompt.demo.run import run_demo
 
     lines = []
-    results = run_demo(tmp_path / "demo", default_base, print_fn=lines.append, steps=6, batch_size=8,
-                       method="prefix", examples=1, progress=False)
+    results = run_demo(
+        tmp_path / "demo",
+        default_base,
+        print_fn=lines.append,
+        steps=6,
+        batch_size=8,
+        method="prefix",
+        examples=1,
+        progress=False,
+    )
     assert results["method"] == "prefix" and load_adapter(tmp_path / "demo").method == "prefix"
     assert any("prefix tuning: 20 virtual tokens for 6 steps" in line for line in lines)

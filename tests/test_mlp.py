@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
-
 from helpers import text_logits, tiny_llama
+
 from softprompt.core import mlp
 from softprompt.core.forward import label_nll
 
@@ -93,5 +93,9 @@ def test_without_gradients_no_autograd_function_is_recorded(tiny):
         assert block(x).grad_fn is None
     out = block(x.requires_grad_())
     assert type(out.grad_fn).__name__ == "MmBackward0" or "Backward" in type(out.grad_fn).__name__
-    assert torch.equal(out.detach(), torch.nn.functional.linear(
-        torch.nn.functional.silu(block.gate_proj(x)) * block.up_proj(x), block.down_proj.weight).detach())
+    assert torch.equal(
+        out.detach(),
+        torch.nn.functional.linear(
+            torch.nn.functional.silu(block.gate_proj(x)) * block.up_proj(x), block.down_proj.weight
+        ).detach(),
+    )

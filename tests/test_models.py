@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from helpers import text_logits
 
 import softprompt.core.models as models
-from softprompt.formats.adapter import save_adapter
-from helpers import text_logits
 from softprompt.core.models import ModelNotFoundError, load_base
 from softprompt.core.prompt import SoftPrompt
+from softprompt.formats.adapter import save_adapter
 
 
 def test_missing_default_model_says_what_to_install(monkeypatch):
@@ -56,8 +56,9 @@ def test_default_model_converts_once_then_loads_from_cache(tmp_path, monkeypatch
 @pytest.mark.slow
 def test_default_model_answers_and_matches_peft(default_base, tmp_path):
     tok = default_base.tokenizer
-    chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                   tokenize=False, add_generation_prompt=True)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     ids = torch.tensor([tok(chat, add_special_tokens=False)["input_ids"]])
     out = []
     with torch.no_grad():
@@ -74,17 +75,20 @@ def test_default_model_answers_and_matches_peft(default_base, tmp_path):
         ours = text_logits(default_base.model, prompt.embeddings, ids, mask)
         # a separate copy: PEFT wraps the model it is given, and the session fixture is shared
         wrapped = peft.PeftModel.from_pretrained(load_base(device="cpu", dtype="float32").model, str(tmp_path / "a"))
-        theirs = wrapped(input_ids=ids, attention_mask=mask).logits[:, prompt.num_virtual_tokens:]
+        theirs = wrapped(input_ids=ids, attention_mask=mask).logits[:, prompt.num_virtual_tokens :]
     assert torch.allclose(ours, theirs, atol=1e-4)
 
 
-@pytest.mark.parametrize("flags, onednn, expected", [
-    ({"avx512f", "avx512_bf16"}, True, True),            # e.g. AMD Zen 4, Intel Cooper Lake
-    ({"avx512f", "amx_bf16", "amx_tile"}, True, True),   # Intel Sapphire Rapids
-    ({"avx512f", "avx2"}, True, False),                  # AVX-512 without BF16: bf16 would be emulated
-    ({"avx512_bf16"}, False, False),                     # a torch without oneDNN bf16
-    (set(), True, False),                                # no /proc/cpuinfo (macOS, Windows) or another CPU
-])
+@pytest.mark.parametrize(
+    "flags, onednn, expected",
+    [
+        ({"avx512f", "avx512_bf16"}, True, True),  # e.g. AMD Zen 4, Intel Cooper Lake
+        ({"avx512f", "amx_bf16", "amx_tile"}, True, True),  # Intel Sapphire Rapids
+        ({"avx512f", "avx2"}, True, False),  # AVX-512 without BF16: bf16 would be emulated
+        ({"avx512_bf16"}, False, False),  # a torch without oneDNN bf16
+        (set(), True, False),  # no /proc/cpuinfo (macOS, Windows) or another CPU
+    ],
+)
 def test_native_bf16_needs_the_cpu_flag_and_onednn(monkeypatch, flags, onednn, expected):
     models.cpu_has_native_bf16.cache_clear()
     models.cpu_bf16_speedup.cache_clear()
@@ -100,13 +104,16 @@ def test_native_bf16_needs_the_cpu_flag_and_onednn(monkeypatch, flags, onednn, e
         models.cpu_bf16_speedup.cache_clear()
 
 
-@pytest.mark.parametrize("speedup, expected", [
-    (2.1, torch.bfloat16),   # bf16 products about twice as fast (seen on AMD EPYC with AVX-512 BF16)
-    (1.2, torch.bfloat16),   # exactly the threshold
-    (1.1, torch.float32),    # a small gain does not pay for bf16's rounding
-    (0.6, torch.float32),    # native but slower than MKL's fp32 (seen on Intel Xeon with AVX-512 BF16, no AMX)
-    (0.0, torch.float32),    # not native
-])
+@pytest.mark.parametrize(
+    "speedup, expected",
+    [
+        (2.1, torch.bfloat16),  # bf16 products about twice as fast (seen on AMD EPYC with AVX-512 BF16)
+        (1.2, torch.bfloat16),  # exactly the threshold
+        (1.1, torch.float32),  # a small gain does not pay for bf16's rounding
+        (0.6, torch.float32),  # native but slower than MKL's fp32 (seen on Intel Xeon with AVX-512 BF16, no AMX)
+        (0.0, torch.float32),  # not native
+    ],
+)
 def test_auto_dtype_on_a_cpu_follows_the_measured_multiply_rate(monkeypatch, speedup, expected):
     monkeypatch.setattr(models, "cpu_bf16_speedup", lambda: speedup)
     assert models.resolve_dtype("auto", torch.device("cpu")) == expected

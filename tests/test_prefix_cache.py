@@ -8,8 +8,8 @@ import random
 import httpx
 import pytest
 import torch
-
 from engine_helpers import BF16, base, dtype, peaked_base, random_adapter  # noqa: F401 (fixtures)
+
 from softprompt.core.models import cpu_has_native_bf16, load_base
 from softprompt.core.prompt import SoftPrompt, build_prompt
 from softprompt.data.templates import CHAT, Template, encode_text
@@ -42,10 +42,10 @@ def test_a_block_is_found_only_with_its_whole_prefix_and_a_token_is_always_left_
     assert len(cache) == 2  # the full blocks 0..3 and 4..7; tokens 8, 9 are no full block
     hit = cache.match(7, ids)
     assert hit.shape == (1, 2, 1, 8, 2) and hit[0, 0, 0, :, 0].tolist() == [0] * 4 + [4] * 4
-    assert cache.match(7, ids[:8]).shape[3] == 4          # 8 tokens: the last block would leave nothing to run
+    assert cache.match(7, ids[:8]).shape[3] == 4  # 8 tokens: the last block would leave nothing to run
     assert cache.match(7, ids[:4]) is None
     assert cache.match(7, ids[:4] + [9, 9, 9, 9, 1]).shape[3] == 4
-    assert cache.match(8, ids) is None                    # another adapter (owner)
+    assert cache.match(8, ids) is None  # another adapter (owner)
     assert cache.match(7, [9, 1, 2, 3] + ids[4:]) is None  # the second block's tokens match, not its prefix
     stats = cache.stats()
     assert (stats.lookups, stats.hits, stats.cached_tokens) == (6, 3, 16)
@@ -69,13 +69,13 @@ def test_lru_eviction_keeps_memory_bounded_and_evicts_leaves_first():
     size = block(0).numel() * block(0).element_size()
     cache = PrefixCache(3 * size, block_tokens=4)
     first, second = list(range(13)), [50 + i for i in range(9)]
-    cache.store(1, first, block)             # blocks a0 a1 a2
-    cache.store(1, second, block)            # b0 b1: two of first's blocks must go, its leaves (a2, then a1)
+    cache.store(1, first, block)  # blocks a0 a1 a2
+    cache.store(1, second, block)  # b0 b1: two of first's blocks must go, its leaves (a2, then a1)
     stats = cache.stats()
     assert stats.bytes == 3 * size and stats.blocks == 3 and stats.evicted_blocks == 2
-    assert cache.match(1, first).shape[3] == 4     # a0 is still reachable: a parent outlives its children
+    assert cache.match(1, first).shape[3] == 4  # a0 is still reachable: a parent outlives its children
     assert cache.match(1, second).shape[3] == 8
-    cache.store(1, first, block)             # a0 was touched last: b1, then b0 make room for a1, a2
+    cache.store(1, first, block)  # a0 was touched last: b1, then b0 make room for a1, a2
     assert cache.match(1, first).shape[3] == 12 and cache.match(1, second) is None
     assert cache.stats().bytes <= 3 * size
 
@@ -107,16 +107,15 @@ def test_bad_sizes_are_refused():
 # ---- the engine: cached equals uncached ----------------------------------------------------------------------------
 
 
-
-
 def method_adapters(base) -> dict[str, Adapter]:
     """A visibly different adapter of each method (2, 3 and 4 virtual tokens), plus a plain prompt of 7."""
     out = {"plain": random_adapter(7, seed=3)}
     for i, method in enumerate(METHODS):
         module = build_prompt(base, method, "random", 2 + i, seed=10 + i)
         with torch.no_grad():
-            tensor = module().detach().float() + 0.5 * torch.randn(module().shape,
-                                                                    generator=torch.Generator().manual_seed(i))
+            tensor = module().detach().float() + 0.5 * torch.randn(
+                module().shape, generator=torch.Generator().manual_seed(i)
+            )
         peft_type = {"prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING", "ptuning": "P_TUNING"}[method]
         out[method] = Adapter(embeddings=tensor, config={"peft_type": peft_type, "num_virtual_tokens": 2 + i})
     return out
@@ -142,8 +141,13 @@ def decode(engine, requests, prefix_cache=None, join_at=None):
         events += batch.step() + batch.add(requests[split:])
     while len(batch):
         events += batch.step()
-    return {id(r): ([e.token_id for e in events if e.request is r],
-                    torch.stack([e.logits for e in events if e.request is r])) for r in requests}
+    return {
+        id(r): (
+            [e.token_id for e in events if e.request is r],
+            torch.stack([e.logits for e in events if e.request is r]),
+        )
+        for r in requests
+    }
 
 
 def request(engine, text, adapter, max_new_tokens=8):
@@ -175,9 +179,17 @@ def test_mixed_batch_where_some_rows_hit_and_some_miss(engine, dtype):
     cache = PrefixCache(1 << 20)
     decode(engine, [request(engine, HEAD + "warm", a) for a in ("prompt", "prefix", None)], cache)
     rng = random.Random(0)
-    requests = [request(engine, HEAD + tail, adapter, rng.randint(1, 9)) for tail, adapter in
-                [(TAILS[0], "prompt"), (TAILS[1], "ptuning"), (TAILS[2], "prefix"), (TAILS[3], None),
-                 (TAILS[4], "plain"), (TAILS[5], "prompt")]]
+    requests = [
+        request(engine, HEAD + tail, adapter, rng.randint(1, 9))
+        for tail, adapter in [
+            (TAILS[0], "prompt"),
+            (TAILS[1], "ptuning"),
+            (TAILS[2], "prefix"),
+            (TAILS[3], None),
+            (TAILS[4], "plain"),
+            (TAILS[5], "prompt"),
+        ]
+    ]
     requests += [request(engine, text, adapter) for text, adapter in [("short one", "prefix"), ("hi", None)]]
     rng.shuffle(requests)
     before = cache.stats().hits
@@ -201,8 +213,13 @@ def test_a_burst_sharing_a_new_prompt_start_computes_it_once(engine, dtype, monk
     assert stats.hits == 6 and stats.cached_tokens == 6 * (len(HEAD) // 16 * 16)  # ... the others find it
     while len(batch):
         events += batch.step()
-    got = {id(r): ([e.token_id for e in events if e.request is r],
-                   torch.stack([e.logits for e in events if e.request is r])) for r in requests}
+    got = {
+        id(r): (
+            [e.token_id for e in events if e.request is r],
+            torch.stack([e.logits for e in events if e.request is r]),
+        )
+        for r in requests
+    }
     monkeypatch.setattr(DecodeBatch, "_prefill", original)
     assert_equal_to_uncached(engine, requests, got, dtype)
     prefills.clear()
@@ -259,8 +276,12 @@ def test_engine_generate_and_stream_share_one_cache(base, dtype):
 
 
 SYSTEM = " ".join(f"Rule {i}: answer politely, and check the facts about topic {i}." for i in range(30))
-QUESTIONS = ["What is the capital of France?", "Name two primary colours.", "Why is the sky blue?",
-             "What is 12 times 7?"]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name two primary colours.",
+    "Why is the sky blue?",
+    "What is 12 times 7?",
+]
 
 
 @pytest.mark.slow
@@ -271,11 +292,15 @@ def test_real_model_answers_with_a_cached_system_prompt_equal_uncached(dtype_nam
     measured within ~5e-5)."""
     base = load_base(device="cpu", dtype=dtype_name)
     prompt = SoftPrompt.initialise(base, "vocab", num_virtual_tokens=8, seed=0)
-    engine = Engine(base, {"t": Adapter(embeddings=prompt.embeddings.detach().cpu(),
-                                        config={"num_virtual_tokens": 8})}, Template(CHAT))
+    engine = Engine(
+        base,
+        {"t": Adapter(embeddings=prompt.embeddings.detach().cpu(), config={"num_virtual_tokens": 8})},
+        Template(CHAT),
+    )
     messages = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in QUESTIONS]
-    requests = [GenerationRequest(engine.encode_chat(m, a), adapter=a, max_new_tokens=6)
-                for m in messages for a in (None, "t")]
+    requests = [
+        GenerationRequest(engine.encode_chat(m, a), adapter=a, max_new_tokens=6) for m in messages for a in (None, "t")
+    ]
     assert min(len(r.prompt_ids) for r in requests) > 500
     cache = PrefixCache(64 << 20)
     got = {}
@@ -309,8 +334,7 @@ def test_server_reuses_a_shared_system_prompt_and_answers_as_without_it(tiny, tm
     with LiveServer(create_app(tiny, tmp_path, max_tokens_cap=64)) as live:
         for question in TAILS[:4]:
             messages = [system, {"role": "user", "content": question}]
-            out = live.client.chat.completions.create(model="helper", messages=messages, max_tokens=8,
-                                                      temperature=0)
+            out = live.client.chat.completions.create(model="helper", messages=messages, max_tokens=8, temperature=0)
             ref = alone(engine, engine.encode_chat(messages, "helper"), "helper", 8)
             assert out.choices[0].message.content == ref.text
             text = HEAD + question
@@ -367,20 +391,23 @@ def test_a_cached_block_does_not_depend_on_the_prompt_that_computed_it(method):
         pytest.skip("this CPU has no native bf16")
     base = load_base(device="cpu", dtype="bfloat16")
     width = base_width(method, base)
-    adapter = Adapter(embeddings=torch.randn(8, width, generator=torch.Generator().manual_seed(0)) * 0.3,
-                      config={"num_virtual_tokens": 8, "peft_type": {"prompt": "PROMPT_TUNING",
-                                                                     "ptuning": "P_TUNING"}[method]})
+    adapter = Adapter(
+        embeddings=torch.randn(8, width, generator=torch.Generator().manual_seed(0)) * 0.3,
+        config={"num_virtual_tokens": 8, "peft_type": {"prompt": "PROMPT_TUNING", "ptuning": "P_TUNING"}[method]},
+    )
     engine = Engine(base, {"t": adapter})
     head = "the careful assistant answers briefly, checks every fact twice and never invents a source; " * 3
-    short, long = (encode_text(base.tokenizer, head + tail) for tail in
-                   ("why?", "why is the sky blue, and why do the cats and the dogs never check a fact twice?"))
+    short, long = (
+        encode_text(base.tokenizer, head + tail)
+        for tail in ("why?", "why is the sky blue, and why do the cats and the dogs never check a fact twice?")
+    )
     blocks = []
     for ids in (short, long):
         cache = PrefixCache(16 << 20)
         decode(engine, [GenerationRequest(ids, adapter="t", max_new_tokens=1)], cache)
         blocks.append(cache.match(engine.prompt_cache.identity("t"), short + [0] * 16))
     assert blocks[0].shape[3] == 16 * (len(short) // 16) >= 32
-    assert torch.equal(blocks[0], blocks[1][:, :, :, :blocks[0].shape[3]])
+    assert torch.equal(blocks[0], blocks[1][:, :, :, : blocks[0].shape[3]])
     cache = PrefixCache(16 << 20)
     decode(engine, [GenerationRequest(long, adapter="t", max_new_tokens=1)], cache)
     request = GenerationRequest(short, adapter="t", max_new_tokens=4)

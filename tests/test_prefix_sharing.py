@@ -10,8 +10,13 @@ from softprompt.core.prompt import build_prompt
 from softprompt.data import batching
 from softprompt.training import scoring
 
-METHODS = {"prompt": {}, "prefix": {}, "prefix-proj": {"prefix_projection": True}, "ptuning": {},
-           "ptuning-lstm": {"encoder_type": "lstm"}}
+METHODS = {
+    "prompt": {},
+    "prefix": {},
+    "prefix-proj": {"prefix_projection": True},
+    "ptuning": {},
+    "ptuning-lstm": {"encoder_type": "lstm"},
+}
 
 
 def _examples(tiny, shared: int, tails: list[int], answers: list[int], seed: int = 0) -> list[batching.Example]:
@@ -40,8 +45,9 @@ def _nll_and_grad(tiny, module, batches, share: bool):
     nlls = []
     for micro in batches:
         batch = batching.collate([e.after(shared) for e in micro], tiny.tokenizer.pad_token_id)
-        nll, count = forward.label_nll(tiny.model, virtual, batch["input_ids"], batch["attention_mask"],
-                                       batch["labels"], prefix=prefix)
+        nll, count = forward.label_nll(
+            tiny.model, virtual, batch["input_ids"], batch["attention_mask"], batch["labels"], prefix=prefix
+        )
         assert torch.equal(count, torch.tensor([e.label_count for e in micro]))
         nll.sum().backward()
         nlls.append(nll.detach())
@@ -80,8 +86,9 @@ def test_shared_text_equals_the_concat_forward(tiny):
     module = build_prompt(tiny, "prompt", "random", 4, seed=2)
     examples = _examples(tiny, shared=5, tails=[2, 4, 0], answers=[3, 1, 2], seed=3)
     batch = batching.collate(examples, tiny.tokenizer.pad_token_id)
-    expected, _ = forward.label_nll(tiny.model, module.virtual(), batch["input_ids"], batch["attention_mask"],
-                                    batch["labels"], mode="concat")
+    expected, _ = forward.label_nll(
+        tiny.model, module.virtual(), batch["input_ids"], batch["attention_mask"], batch["labels"], mode="concat"
+    )
     (grad_expected,) = torch.autograd.grad(expected.sum(), module.embeddings)
     nll, (grad,) = _nll_and_grad(tiny, module, [examples], share=True)
     assert torch.allclose(nll, expected.detach(), atol=1e-5)
@@ -92,12 +99,12 @@ def test_shared_text_without_a_prompt_scores_like_the_plain_model(tiny):
     examples = _examples(tiny, shared=4, tails=[1, 3], answers=[2, 2], seed=4)
     batch = batching.collate(examples, tiny.tokenizer.pad_token_id)
     with torch.no_grad():
-        expected, _ = forward.label_nll(tiny.model, None, batch["input_ids"], batch["attention_mask"],
-                                        batch["labels"])
+        expected, _ = forward.label_nll(tiny.model, None, batch["input_ids"], batch["attention_mask"], batch["labels"])
         prefix = forward.SharedPrefix(tiny.model, None, torch.tensor(examples[0].ids[:4]))
         rest = batching.collate([e.after(4) for e in examples], tiny.tokenizer.pad_token_id)
-        nll, _ = forward.label_nll(tiny.model, None, rest["input_ids"], rest["attention_mask"], rest["labels"],
-                                   prefix=prefix)
+        nll, _ = forward.label_nll(
+            tiny.model, None, rest["input_ids"], rest["attention_mask"], rest["labels"], prefix=prefix
+        )
     assert torch.allclose(nll, expected, atol=1e-5)
     with pytest.raises(ValueError, match="needs a prompt or shared text"):
         forward.SharedPrefix(tiny.model, None)
@@ -136,14 +143,14 @@ def test_grouped_choice_scoring_equals_full_sequences(tiny, name, max_tokens, ma
     choices = [[7, 8, 1], [7, 9, 1], [10, 1], [11, 12, 13, 1], [14, 1], [15, 16, 1]]
     examples = _choice_examples(tiny, 7, choices, common=common)
     expected, expected_counts = _one_by_one(tiny, virtual, examples)
-    nll, counts = scoring.nll_per_group(tiny.model, virtual, examples, len(choices), tiny.tokenizer.pad_token_id,
-                                        max_tokens, max_rows)
+    nll, counts = scoring.nll_per_group(
+        tiny.model, virtual, examples, len(choices), tiny.tokenizer.pad_token_id, max_tokens, max_rows
+    )
     assert torch.equal(counts, expected_counts)
     assert torch.allclose(nll, expected, atol=1e-4, rtol=1e-5), (nll - expected).abs().max()
     picked = nll.view(7, len(choices)).argmin(1)
     assert torch.equal(picked, expected.view(7, len(choices)).argmin(1))
-    plain, _ = scoring.nll_per_example(tiny.model, virtual, examples, tiny.tokenizer.pad_token_id, max_tokens,
-                                       max_rows)
+    plain, _ = scoring.nll_per_example(tiny.model, virtual, examples, tiny.tokenizer.pad_token_id, max_tokens, max_rows)
     assert torch.allclose(plain, expected, atol=1e-4, rtol=1e-5)
 
 
@@ -160,13 +167,19 @@ def test_grouped_scoring_without_a_common_prompt_falls_back(tiny):
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_training_with_shared_text_equals_training_without(tmp_path, monkeypatch, name):
     from test_train import config, trainable_base
+
     from softprompt.formats.adapter import load_adapter
     from softprompt.training.loop import train
 
     base = trainable_base()
-    records = [{"instruction": "Is this sentence about colours? Answer yes or no.", "input": word,
-                "output": "yes" if i % 2 else "no"} for i, word in enumerate(
-                    ["red", "blue", "house", "tree", "pink", "cyan", "car", "dog"] * 2)]
+    records = [
+        {
+            "instruction": "Is this sentence about colours? Answer yes or no.",
+            "input": word,
+            "output": "yes" if i % 2 else "no",
+        }
+        for i, word in enumerate(["red", "blue", "house", "tree", "pink", "cyan", "car", "dog"] * 2)
+    ]
     sizes = []
     real = batching.shared_prompt_length
     monkeypatch.setattr(batching, "shared_prompt_length", lambda ex: sizes.append(real(ex)) or sizes[-1])
@@ -182,20 +195,31 @@ def test_training_with_shared_text_equals_training_without(tmp_path, monkeypatch
 
 
 def test_eval_rank_classification_matches_the_full_sequence_way(tiny, tmp_path, monkeypatch):
+    from softprompt.data.templates import Template
     from softprompt.evaluation import evaluate as evaluate_module
     from softprompt.formats.adapter import save_adapter
-    from softprompt.data.templates import Template
 
     g = torch.Generator().manual_seed(3)
-    path = save_adapter(tmp_path / "a", torch.randn(4, tiny.hidden_size, generator=g) * 0.5, tiny,
-                        template=Template("Which class is {instruction}? "))
+    path = save_adapter(
+        tmp_path / "a",
+        torch.randn(4, tiny.hidden_size, generator=g) * 0.5,
+        tiny,
+        template=Template("Which class is {instruction}? "),
+    )
     choices = ["abbreviation", "description", "entity", "human", "location", "number"]
-    records = [{"instruction": w, "output": choices[i % 6]} for i, w in
-               enumerate(["red", "blue", "a long question here", "cyan", "teal", "x", "gray", "why is the sky"])]
+    records = [
+        {"instruction": w, "output": choices[i % 6]}
+        for i, w in enumerate(["red", "blue", "a long question here", "cyan", "teal", "x", "gray", "why is the sky"])
+    ]
     grouped = evaluate_module.evaluate(records, tiny, [path], choices=choices, max_new_tokens=0)["results"][0]
     calls = []
-    monkeypatch.setattr(evaluate_module, "nll_per_group", lambda model, prompt, examples, group, *a: calls.append(1)
-                        or scoring.nll_per_example(model, prompt, examples, *a))
+    monkeypatch.setattr(
+        evaluate_module,
+        "nll_per_group",
+        lambda model, prompt, examples, group, *a: (
+            calls.append(1) or scoring.nll_per_example(model, prompt, examples, *a)
+        ),
+    )
     full = evaluate_module.evaluate(records, tiny, [path], choices=choices, max_new_tokens=0)["results"][0]
     assert calls
     assert grouped["accuracy"] == full["accuracy"]

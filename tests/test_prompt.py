@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from softprompt.formats.adapter import load_adapter, save_adapter
 from softprompt.core.models import count_parameters, describe_parameters
 from softprompt.core.prompt import SoftPrompt
+from softprompt.formats.adapter import load_adapter, save_adapter
 
 
 def test_text_init_tiles_and_truncates(tiny):
@@ -15,8 +15,9 @@ def test_text_init_tiles_and_truncates(tiny):
     assert full.num_virtual_tokens == 3 and torch.equal(full.embeddings, table[ids])
     tiled = SoftPrompt.initialise(tiny, "text", num_virtual_tokens=7, init_text="abc")
     assert torch.equal(tiled.embeddings, table[(ids * 3)[:7]])
-    assert torch.equal(SoftPrompt.initialise(tiny, "text", num_virtual_tokens=2, init_text="abc").embeddings,
-                       table[ids[:2]])
+    assert torch.equal(
+        SoftPrompt.initialise(tiny, "text", num_virtual_tokens=2, init_text="abc").embeddings, table[ids[:2]]
+    )
 
 
 def test_vocab_init_uses_real_non_special_rows(tiny):
@@ -39,8 +40,12 @@ def test_random_init_is_on_the_embedding_scale(tiny):
 def test_label_init_averages_sub_tokens(tiny):
     table = tiny.model.get_input_embeddings().weight
     prompt = SoftPrompt.initialise(tiny, "labels", num_virtual_tokens=5, label_words=["no", "yes"])
-    assert torch.allclose(prompt.embeddings[0], table[tiny.tokenizer(" no", add_special_tokens=False)["input_ids"]].mean(0))
-    assert torch.allclose(prompt.embeddings[1], table[tiny.tokenizer(" yes", add_special_tokens=False)["input_ids"]].mean(0))
+    assert torch.allclose(
+        prompt.embeddings[0], table[tiny.tokenizer(" no", add_special_tokens=False)["input_ids"]].mean(0)
+    )
+    assert torch.allclose(
+        prompt.embeddings[1], table[tiny.tokenizer(" yes", add_special_tokens=False)["input_ids"]].mean(0)
+    )
     with pytest.raises(ValueError, match=r"init 'labels' needs label words \(--label-words negative,positive\)"):
         SoftPrompt.initialise(tiny, "labels", num_virtual_tokens=5)
     with pytest.raises(ValueError, match="3 label words do not fit in 2 virtual tokens"):
@@ -66,4 +71,5 @@ def test_base_is_frozen_and_parameters_are_reported(tiny):
     assert trainable == 10 * tiny.hidden_size
     assert total == sum(p.numel() for p in tiny.model.parameters()) + trainable
     assert describe_parameters(tiny.model, prompt) == (
-        f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+        f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+    )

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from engine_helpers import peaked_base, random_adapter
+
 from softprompt.cli import main
 from softprompt.core.forward import lm_logits, run_body
 from softprompt.evaluation.evaluate import evaluate
@@ -16,8 +16,9 @@ from softprompt.inference.sampling import banned_ngram_tokens, is_looping, proce
 
 
 def rules(**kw) -> SimpleNamespace:
-    values = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, presence_penalty=0.0, frequency_penalty=0.0,
-                  logit_bias=None)
+    values = dict(
+        repetition_penalty=1.0, no_repeat_ngram_size=0, presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None
+    )
     return SimpleNamespace(**{**values, **kw})
 
 
@@ -49,8 +50,7 @@ def reference_penalised(base, prompt, ids, steps, request):
         embeds = model.get_input_embeddings()(torch.tensor([ids]))
         embeds = torch.cat([prompt.unsqueeze(0), embeds], dim=1)
         length = embeds.shape[1]
-        hidden, _ = run_body(model, embeds, torch.ones(1, length, dtype=torch.long),
-                             torch.arange(length).unsqueeze(0))
+        hidden, _ = run_body(model, embeds, torch.ones(1, length, dtype=torch.long), torch.arange(length).unsqueeze(0))
         token = int(process_logits(lm_logits(model, hidden[:, -1])[0], request, out).argmax())
         out.append(token)
         ids.append(token)
@@ -68,8 +68,11 @@ def test_engine_applies_them_per_row_alone_and_in_a_mixed_batch():
         ids = base.tokenizer("aaaa bbb"[: 4 + i], add_special_tokens=False)["input_ids"]
         return GenerationRequest(ids, adapter="a", max_new_tokens=24, logit_bias={eos: -100.0}, **kw)
 
-    settings = [dict(repetition_penalty=3.0), dict(no_repeat_ngram_size=1), dict(repetition_penalty=1.5,
-                                                                                  no_repeat_ngram_size=2)]
+    settings = [
+        dict(repetition_penalty=3.0),
+        dict(no_repeat_ngram_size=1),
+        dict(repetition_penalty=1.5, no_repeat_ngram_size=2),
+    ]
     for i, kw in enumerate(settings):
         plain = engine.generate([request(i)])[0].token_ids
         alone = engine.generate([request(i, **kw)])[0].token_ids
@@ -90,12 +93,48 @@ def test_eval_reports_the_loop_share_and_takes_the_flags(tiny, tiny_dir, tmp_pat
     assert "looping" not in evaluate(records, tiny, [], max_new_tokens=0)["results"][0]
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert main(["eval", "--data", str(data), "--model", str(tiny_dir), "--max-new-tokens", "40", "--dtype",
-                 "float32", "--no-repeat-ngram-size", "2", "--json", str(tmp_path / "r.json"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--data",
+                str(data),
+                "--model",
+                str(tiny_dir),
+                "--max-new-tokens",
+                "40",
+                "--dtype",
+                "float32",
+                "--no-repeat-ngram-size",
+                "2",
+                "--json",
+                str(tmp_path / "r.json"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["results"][0]["looping"] == 0.0
-    assert main(["generate", "hi", "--model", str(tiny_dir), "--greedy", "--max-new-tokens", "12",
-                 "--no-repeat-ngram-size", "1", "--dtype", "float32"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "hi",
+                "--model",
+                str(tiny_dir),
+                "--greedy",
+                "--max-new-tokens",
+                "12",
+                "--no-repeat-ngram-size",
+                "1",
+                "--dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
+
 
 def test_out_of_range_values_are_refused_in_one_place(capsys):
     assert main(["generate", "hi", "--repetition-penalty", "0"]) == 2

@@ -25,13 +25,16 @@ def test_passive_waits_on_a_busy_machine():
     assert environ == {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
-@pytest.mark.parametrize("counts,cores,busy", [
-    ([1, 1, 2, 1, 1], 2, False),     # only this process (one sample catches a short-lived task)
-    ([2, 2, 3, 2, 2], 2, True),      # one other runnable task on 2 cores: half of them
-    ([3, 3, 3, 3, 3], 2, True),      # one competitor per core
-    ([2, 2, 2, 2, 2], 4, False),     # one other task on 4 cores: a quarter
-    ([1, None, 1, 1, 1], 2, False),  # unknown: never busy
-])
+@pytest.mark.parametrize(
+    "counts,cores,busy",
+    [
+        ([1, 1, 2, 1, 1], 2, False),  # only this process (one sample catches a short-lived task)
+        ([2, 2, 3, 2, 2], 2, True),  # one other runnable task on 2 cores: half of them
+        ([3, 3, 3, 3, 3], 2, True),  # one competitor per core
+        ([2, 2, 2, 2, 2], 4, False),  # one other task on 4 cores: a quarter
+        ([1, None, 1, 1, 1], 2, False),  # unknown: never busy
+    ],
+)
 def test_busy_means_other_runnable_tasks_fill_half_the_cores(monkeypatch, counts, cores, busy):
     samples = iter(counts)
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
@@ -43,9 +46,16 @@ def test_runnable_tasks_counts_this_process_at_least():
     assert count is None or count >= 1
 
 
-@pytest.mark.parametrize("variable,value", [("OMP_WAIT_POLICY", "ACTIVE"), ("OMP_WAIT_POLICY", "PASSIVE"),
-                                            ("GOMP_SPINCOUNT", "1"), ("KMP_BLOCKTIME", "0"),
-                                            ("SOFTPROMPT_OMP_WAIT", "keep")])
+@pytest.mark.parametrize(
+    "variable,value",
+    [
+        ("OMP_WAIT_POLICY", "ACTIVE"),
+        ("OMP_WAIT_POLICY", "PASSIVE"),
+        ("GOMP_SPINCOUNT", "1"),
+        ("KMP_BLOCKTIME", "0"),
+        ("SOFTPROMPT_OMP_WAIT", "keep"),
+    ],
+)
 def test_the_users_choice_is_kept(variable, value):
     environ = {variable: value}
     assert runtime.configure_openmp_waits(environ, modules={}, busy=lambda: True) == "user"
@@ -64,8 +74,10 @@ def clean_env(**extra) -> dict[str, str]:
     return env
 
 
-PROBE = ("import os, sys; import {module}; assert 'torch' not in sys.modules; "
-         "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('KMP_BLOCKTIME'), os.environ.get('OMP_WAIT_POLICY'))")
+PROBE = (
+    "import os, sys; import {module}; assert 'torch' not in sys.modules; "
+    "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('KMP_BLOCKTIME'), os.environ.get('OMP_WAIT_POLICY'))"
+)
 
 
 @contextlib.contextmanager
@@ -84,13 +96,23 @@ def competitors():
 @pytest.mark.parametrize("module", ["softprompt", "softprompt.cli"])
 def test_import_softprompt_and_the_cli_choose_passive_waits_on_a_busy_machine_before_torch(module):
     with competitors():
-        out = subprocess.run([sys.executable, "-c", PROBE.format(module=module)], env=clean_env(),
-                             capture_output=True, text=True, check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", PROBE.format(module=module)],
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
     assert out == ["None", "None", "PASSIVE"]
 
 
 def test_a_user_policy_reaches_torch_unchanged():
     with competitors():
-        out = subprocess.run([sys.executable, "-c", PROBE.format(module="softprompt")],
-                             env=clean_env(OMP_WAIT_POLICY="ACTIVE"), capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", PROBE.format(module="softprompt")],
+            env=clean_env(OMP_WAIT_POLICY="ACTIVE"),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     assert out.stdout.split() == ["None", "None", "ACTIVE"]

@@ -19,17 +19,16 @@ import openai
 import pytest
 
 from softprompt.core import forward
+from softprompt.core.prompt import SoftPrompt
+from softprompt.data.templates import Template, encode_text
 from softprompt.formats.adapter import load_adapter, save_adapter
 from softprompt.inference.engine import Engine, GenerationRequest
 from softprompt.inference.generate import generate
-from softprompt.core.prompt import SoftPrompt
 from softprompt.serve import BackgroundServer
 from softprompt.serve.app import create_app
 from softprompt.serve.registry import AdapterRegistry, RegistryError, validate_name
-from softprompt.data.templates import Template, encode_text
 
 TEMPLATES = {"alpha": ("human-assistant", 4), "beta": ("chat", 6), "gamma": ("Q: {instruction}\nA:", 3)}
-
 
 
 def make_adapter(base, folder: Path, name: str, template: str, n: int, seed: int = 0) -> None:
@@ -69,8 +68,9 @@ def server(tiny, adapters_dir):
 
 def alone(engine, ids, adapter, max_new_tokens, **kw):
     """The reference: one request alone through the engine."""
-    return engine.generate([GenerationRequest(ids, adapter=adapter, max_new_tokens=max_new_tokens, **kw)],
-                           batch_size=1)[0]
+    return engine.generate(
+        [GenerationRequest(ids, adapter=adapter, max_new_tokens=max_new_tokens, **kw)], batch_size=1
+    )[0]
 
 
 def error_of(response: httpx.Response) -> dict:
@@ -123,8 +123,16 @@ def test_chat_equals_generate_with_the_adapter_template(server, engine, tiny, ad
 
 
 def test_streaming_completion_and_chat(server, engine):
-    chunks = list(server.client.completions.create(model="gamma", prompt="abc", max_tokens=20, temperature=0,
-                                                   stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        server.client.completions.create(
+            model="gamma",
+            prompt="abc",
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     whole = server.client.completions.create(model="gamma", prompt="abc", max_tokens=20, temperature=0)
     texts = [c.choices[0].text for c in chunks if c.choices]
     assert len(texts) > 1 and "".join(texts) == whole.choices[0].text
@@ -132,8 +140,9 @@ def test_streaming_completion_and_chat(server, engine):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
     messages = [{"role": "user", "content": "hi"}]
-    stream = server.client.chat.completions.create(model="beta", messages=messages, max_tokens=15, temperature=0,
-                                                   stream=True)
+    stream = server.client.chat.completions.create(
+        model="beta", messages=messages, max_tokens=15, temperature=0, stream=True
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     content = "".join(c.choices[0].delta.content or "" for c in chunks)
@@ -147,7 +156,7 @@ def test_stop_strings_and_seeded_sampling(server, engine, tiny):
     assert len(full) > 6, "the reference answer is too short to cut"
     stop = full[3:5]
     out = server.client.completions.create(model="alpha", prompt="xyz", max_tokens=30, temperature=0, stop=stop)
-    assert out.choices[0].text == full[:full.index(stop)] and out.choices[0].finish_reason == "stop"
+    assert out.choices[0].text == full[: full.index(stop)] and out.choices[0].finish_reason == "stop"
 
     kw = dict(model="gamma", prompt="xyz", max_tokens=12, temperature=1.0, top_p=0.9, seed=11)
     first = server.client.completions.create(**kw).choices[0].text
@@ -156,8 +165,10 @@ def test_stop_strings_and_seeded_sampling(server, engine, tiny):
 
 
 def test_concurrent_mixed_adapters_match_requests_run_alone(server, engine, tiny, monkeypatch):
-    jobs = [(model, f"prompt {i} {'x' * (i % 5)}", 6 + i % 9)
-            for i, model in enumerate(["alpha", "beta", "gamma", "base"] * 4)]
+    jobs = [
+        (model, f"prompt {i} {'x' * (i % 5)}", 6 + i % 9)
+        for i, model in enumerate(["alpha", "beta", "gamma", "base"] * 4)
+    ]
     before = server.state.scheduler.snapshot()["max_live"]
     kv_runs = []
     real_prompt_kv = forward.prompt_kv
@@ -179,8 +190,11 @@ def test_concurrent_mixed_adapters_match_requests_run_alone(server, engine, tiny
 
 # ---- errors --------------------------------------------------------------------------------------------------
 def test_malformed_json_and_missing_fields(server):
-    r = httpx.post(server.url + "/v1/completions", content=b'{"model": "alpha", "prompt": ',
-                   headers={"Content-Type": "application/json"})
+    r = httpx.post(
+        server.url + "/v1/completions",
+        content=b'{"model": "alpha", "prompt": ',
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == 400
     err = error_of(r)
     assert err["type"] == "invalid_request_error" and err["code"] == "invalid_json"
@@ -188,8 +202,12 @@ def test_malformed_json_and_missing_fields(server):
 
     r = httpx.post(server.url + "/v1/completions", json={"model": "alpha"})
     assert r.status_code == 400
-    assert error_of(r) == {"message": "Missing required parameter: 'prompt'.", "type": "invalid_request_error",
-                           "param": "prompt", "code": "missing_required_parameter"}
+    assert error_of(r) == {
+        "message": "Missing required parameter: 'prompt'.",
+        "type": "invalid_request_error",
+        "param": "prompt",
+        "code": "missing_required_parameter",
+    }
     r = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 400 and error_of(r)["param"] == "model"
     r = httpx.post(server.url + "/v1/completions", json=["not", "an", "object"])
@@ -201,8 +219,12 @@ def test_openai_client_sees_openai_errors(server):
     with pytest.raises(openai.NotFoundError) as info:
         client.completions.create(model="nope", prompt="x", max_tokens=2)
     assert info.value.status_code == 404
-    assert info.value.body == {"message": "The model `nope` does not exist.", "type": "invalid_request_error",
-                               "param": "model", "code": "model_not_found"}
+    assert info.value.body == {
+        "message": "The model `nope` does not exist.",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_found",
+    }
 
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="alpha", prompt="x", max_tokens=65)
@@ -324,6 +346,7 @@ def test_add_remove_rescan_adapters(tiny, tmp_path):
         (folder / "bad name").mkdir()
         (folder / "bad name" / "adapter_config.json").write_text("{}")
         import shutil
+
         shutil.rmtree(folder / "one")
         report = httpx.post(url + "/v1/adapters/rescan").json()
         assert report["added"] == ["three", "two"] and report["removed"] == ["one"]
@@ -339,22 +362,28 @@ def test_adapter_names_and_paths_are_validated(tiny, tmp_path):
     make_adapter(tiny, tmp_path, "outside", "human-assistant", 2)
     (folder / "link").symlink_to(outside)
     (folder / "pickled").mkdir()
-    (folder / "pickled" / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 2}))
+    (folder / "pickled" / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 2})
+    )
     (folder / "pickled" / "adapter_model.bin").write_bytes(b"\x80\x04not really")
     with LiveServer(create_app(tiny, folder, allow_admin=True)) as live:
         assert "link" in live.state.scan["skipped"]  # a symlink leading outside is never served
-        cases = [({"name": "../ok"}, 400, "invalid adapter name '../ok'"),
-                 ({"name": "a/b"}, 400, "invalid adapter name 'a/b'"),
-                 ({"name": "/etc"}, 400, "invalid adapter name '/etc'"),
-                 ({"name": "base"}, 409, "the name 'base' is reserved for the base model"),
-                 ({"name": "x", "path": "/etc"}, 400, "invalid adapter path '/etc'"),
-                 ({"name": "x", "path": "../outside"}, 400, "invalid adapter path '../outside'"),
-                 ({"name": "x", "path": "link"}, 400, "it leads outside the adapters folder"),
-                 ({"name": "x", "path": "missing"}, 404, "adapter folder not found: missing"),
-                 ({"name": "x", "path": "pickled"}, 400, "only adapter_model.bin (pickle) found; softprompt "
-                                                         "reads safetensors only"),
-                 ({"name": "x", "extra": 1}, 400, "Unrecognized request argument supplied: extra")]
+        cases = [
+            ({"name": "../ok"}, 400, "invalid adapter name '../ok'"),
+            ({"name": "a/b"}, 400, "invalid adapter name 'a/b'"),
+            ({"name": "/etc"}, 400, "invalid adapter name '/etc'"),
+            ({"name": "base"}, 409, "the name 'base' is reserved for the base model"),
+            ({"name": "x", "path": "/etc"}, 400, "invalid adapter path '/etc'"),
+            ({"name": "x", "path": "../outside"}, 400, "invalid adapter path '../outside'"),
+            ({"name": "x", "path": "link"}, 400, "it leads outside the adapters folder"),
+            ({"name": "x", "path": "missing"}, 404, "adapter folder not found: missing"),
+            (
+                {"name": "x", "path": "pickled"},
+                400,
+                "only adapter_model.bin (pickle) found; softprompt reads safetensors only",
+            ),
+            ({"name": "x", "extra": 1}, 400, "Unrecognized request argument supplied: extra"),
+        ]
         for body, status, message in cases:
             r = httpx.post(live.url + "/v1/adapters", json=body)
             assert r.status_code == status and message in error_of(r)["message"], (body, r.text)
@@ -384,8 +413,10 @@ def test_registry_unit(tiny, tmp_path):
 
 
 # cli.main with only the verbs whose modules exist (other verbs may still be being written; a no-op once all are).
-CLI = ("import importlib.util, sys; from softprompt import cli; "
-       "cli.VERBS = {v: m for v, m in cli.VERBS.items() if importlib.util.find_spec(m)}; sys.exit(cli.main())")
+CLI = (
+    "import importlib.util, sys; from softprompt import cli; "
+    "cli.VERBS = {v: m for v, m in cli.VERBS.items() if importlib.util.find_spec(m)}; sys.exit(cli.main())"
+)
 
 
 # ---- the CLI -------------------------------------------------------------------------------------------------
@@ -395,9 +426,29 @@ def test_cli_serves_a_model_folder(tiny_dir, adapters_dir, tmp_path):
         port = s.getsockname()[1]
     log = open(tmp_path / "serve.log", "w+")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--model", str(tiny_dir), "--adapters", str(adapters_dir),
-                             "--port", str(port), "--device", "cpu", "--threads", "1", "--log-level", "warning"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            CLI,
+            "serve",
+            "--model",
+            str(tiny_dir),
+            "--adapters",
+            str(adapters_dir),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--log-level",
+            "warning",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 90
@@ -411,8 +462,9 @@ def test_cli_serves_a_model_folder(tiny_dir, adapters_dir, tmp_path):
                 time.sleep(0.2)
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         assert sorted(m.id for m in client.models.list().data) == ["alpha", "base", "beta", "gamma"]
-        out = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}],
-                                             max_tokens=4, temperature=0)
+        out = client.chat.completions.create(
+            model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
+        )
         assert out.usage.completion_tokens >= 1
     finally:
         proc.terminate()
@@ -425,16 +477,25 @@ def test_cli_serves_a_model_folder(tiny_dir, adapters_dir, tmp_path):
 def test_real_model_chat_equals_generate(default_base, tmp_path):
     """SmolLM2 (byte-level BPE): a chat answer streamed over HTTP equals `generate` for the same instruction."""
     prompt = SoftPrompt.initialise(default_base, "text", init_text="Answer briefly and correctly.")
-    save_adapter(tmp_path / "brief", prompt.embeddings, default_base, init="text",
-                 init_text="Answer briefly and correctly.", template=Template("chat"))
+    save_adapter(
+        tmp_path / "brief",
+        prompt.embeddings,
+        default_base,
+        init="text",
+        init_text="Answer briefly and correctly.",
+        template=Template("chat"),
+    )
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     with LiveServer(create_app(default_base, tmp_path)) as live:
-        chunks = live.client.chat.completions.create(model="brief", messages=messages, max_tokens=12, temperature=0,
-                                                     stream=True)
+        chunks = live.client.chat.completions.create(
+            model="brief", messages=messages, max_tokens=12, temperature=0, stream=True
+        )
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
         out = live.client.chat.completions.create(model="base", messages=messages, max_tokens=12, temperature=0)
-    assert streamed == generate("What is the capital of France?", base=default_base, adapter=tmp_path / "brief",
-                                greedy=True, max_new_tokens=12)
-    assert out.choices[0].message.content == generate("What is the capital of France?", base=default_base,
-                                                      greedy=True, max_new_tokens=12)
+    assert streamed == generate(
+        "What is the capital of France?", base=default_base, adapter=tmp_path / "brief", greedy=True, max_new_tokens=12
+    )
+    assert out.choices[0].message.content == generate(
+        "What is the capital of France?", base=default_base, greedy=True, max_new_tokens=12
+    )
     assert streamed.strip()

@@ -18,6 +18,7 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_serve import LiveServer, error_of, make_adapter
 
 import softprompt.serve.app as app_module
 import softprompt.serve.state as state_module
@@ -27,7 +28,6 @@ from softprompt.inference.engine import Engine, GenerationRequest
 from softprompt.serve.app import create_app
 from softprompt.serve.schemas import TEMPERATURE_EPSILON, TOP_P_EPSILON, CompletionRequest
 from softprompt.serve.security import check_exposure
-from test_serve import LiveServer, error_of, make_adapter
 
 JSON = {"Content-Type": "application/json"}
 
@@ -51,17 +51,27 @@ def post_raw(url: str, raw: str | bytes, headers=JSON, **kw) -> httpx.Response:
 
 
 # ---- request content: 400s that used to be 500s -----------------------------------------------------------------
-@pytest.mark.parametrize("path,raw,param", [
-    ("/v1/completions", '{"model": "alpha", "prompt": "abc\\ud800def", "max_tokens": 2}', "prompt"),
-    ("/v1/completions", '{"model": "alpha", "prompt": ["ok", "abc\\udfffdef"], "max_tokens": 2}', "prompt.1"),
-    ("/v1/completions", '{"model": "alpha", "prompt": "x", "stop": ["\\ud800"], "max_tokens": 2}', "stop.0"),
-    ("/v1/completions", '{"model": "al\\ud800pha", "prompt": "x", "max_tokens": 2}', "model"),
-    ("/v1/completions", '{"model": "alpha", "prompt": "abc\\ud800def", "max_tokens": 2, "stream": true}', "prompt"),
-    ("/v1/chat/completions", '{"model": "alpha", "messages": [{"role": "user", "content": "hi\\ud800"}]}',
-     "messages.0.content"),
-    ("/v1/chat/completions", '{"model": "alpha", "messages": [{"role": "user", "content": '
-                             '[{"type": "text", "text": "\\udc00"}]}], "stream": true}', "messages.0.content.0.text"),
-])
+@pytest.mark.parametrize(
+    "path,raw,param",
+    [
+        ("/v1/completions", '{"model": "alpha", "prompt": "abc\\ud800def", "max_tokens": 2}', "prompt"),
+        ("/v1/completions", '{"model": "alpha", "prompt": ["ok", "abc\\udfffdef"], "max_tokens": 2}', "prompt.1"),
+        ("/v1/completions", '{"model": "alpha", "prompt": "x", "stop": ["\\ud800"], "max_tokens": 2}', "stop.0"),
+        ("/v1/completions", '{"model": "al\\ud800pha", "prompt": "x", "max_tokens": 2}', "model"),
+        ("/v1/completions", '{"model": "alpha", "prompt": "abc\\ud800def", "max_tokens": 2, "stream": true}', "prompt"),
+        (
+            "/v1/chat/completions",
+            '{"model": "alpha", "messages": [{"role": "user", "content": "hi\\ud800"}]}',
+            "messages.0.content",
+        ),
+        (
+            "/v1/chat/completions",
+            '{"model": "alpha", "messages": [{"role": "user", "content": '
+            '[{"type": "text", "text": "\\udc00"}]}], "stream": true}',
+            "messages.0.content.0.text",
+        ),
+    ],
+)
 def test_lone_surrogate_is_a_400_naming_the_field(server, path, raw, param):
     r = post_raw(server.url + path, raw)
     assert r.status_code == 400, r.text
@@ -99,12 +109,36 @@ def test_nan_and_huge_numbers_are_400(server):
     assert r.status_code == 400 and error_of(r)["code"] == "invalid_json"
 
 
-@pytest.mark.parametrize("field,value", [
-    ("max_tokens", "4"), ("max_tokens", True), ("max_tokens", 2.5), ("max_tokens", 0), ("temperature", "0.5"),
-    ("temperature", True), ("temperature", 2.5), ("top_p", 0), ("top_k", -1), ("top_k", 2 ** 31), ("stream", "yes"),
-    ("stream", 1), ("seed", 2 ** 64), ("seed", -(2 ** 63) - 1), ("seed", 1.5), ("seed", "7"), ("n", True),
-    ("stop", [1]), ("prompt", 5), ("prompt", [1, "a"]), ("prompt", [[1], "a"]), ("prompt", [True]), ("model", 3), ("user", 5), ("presence_penalty", "0"),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("max_tokens", "4"),
+        ("max_tokens", True),
+        ("max_tokens", 2.5),
+        ("max_tokens", 0),
+        ("temperature", "0.5"),
+        ("temperature", True),
+        ("temperature", 2.5),
+        ("top_p", 0),
+        ("top_k", -1),
+        ("top_k", 2**31),
+        ("stream", "yes"),
+        ("stream", 1),
+        ("seed", 2**64),
+        ("seed", -(2**63) - 1),
+        ("seed", 1.5),
+        ("seed", "7"),
+        ("n", True),
+        ("stop", [1]),
+        ("prompt", 5),
+        ("prompt", [1, "a"]),
+        ("prompt", [[1], "a"]),
+        ("prompt", [True]),
+        ("model", 3),
+        ("user", 5),
+        ("presence_penalty", "0"),
+    ],
+)
 def test_strict_types_and_ranges_name_the_field(server, field, value):
     body = {"model": "alpha", "prompt": "x", "max_tokens": 2, field: value}
     for stream in (False, True):
@@ -117,7 +151,7 @@ def test_strict_types_and_ranges_name_the_field(server, field, value):
 
 
 def test_seed_edges_are_served(server):
-    for seed in (0, -(2 ** 63), 2 ** 64 - 1):
+    for seed in (0, -(2**63), 2**64 - 1):
         body = {"model": "alpha", "prompt": "x", "max_tokens": 3, "temperature": 1.0, "seed": seed}
         assert httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code == 200, seed
         with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
@@ -216,13 +250,18 @@ def test_tokenising_runs_off_the_event_loop(server, monkeypatch):
 
     monkeypatch.setattr(state_module, "encode_text", slow_encode)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        slow = pool.submit(httpx.post, server.url + "/v1/completions",
-                           json={"model": "alpha", "prompt": "SLOW x", "max_tokens": 2}, timeout=60)
+        slow = pool.submit(
+            httpx.post,
+            server.url + "/v1/completions",
+            json={"model": "alpha", "prompt": "SLOW x", "max_tokens": 2},
+            timeout=60,
+        )
         assert entered.wait(20)
         started = time.monotonic()
         assert httpx.get(server.url + "/health", timeout=10).status_code == 200
-        ok = httpx.post(server.url + "/v1/completions", json={"model": "alpha", "prompt": "fast", "max_tokens": 2},
-                        timeout=10)
+        ok = httpx.post(
+            server.url + "/v1/completions", json={"model": "alpha", "prompt": "fast", "max_tokens": 2}, timeout=10
+        )
         assert ok.status_code == 200
         assert time.monotonic() - started < 1.5, "the event loop was blocked by tokenising"
         assert slow.result().status_code == 200
@@ -243,8 +282,11 @@ def test_client_mistakes_deep_inside_are_never_5xx(server, monkeypatch):
         raise jinja2.exceptions.TemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
 
     monkeypatch.setattr(Template, "chat_prompt", refuse)
-    r = httpx.post(server.url + "/v1/chat/completions",
-                   json={"model": "alpha", "messages": [{"role": "user", "content": "x"}]}, timeout=60)
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"model": "alpha", "messages": [{"role": "user", "content": "x"}]},
+        timeout=60,
+    )
     assert r.status_code == 400 and error_of(r)["param"] == "messages" and "alternate" in error_of(r)["message"]
 
 
@@ -260,8 +302,11 @@ def _traffic(url: str, model: str, prompts: list[str], until_done: threading.Eve
             changes += 1
 
     def send(prompt):
-        return httpx.post(url + "/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 4,
-                                                          "temperature": 0}, timeout=60)
+        return httpx.post(
+            url + "/v1/completions",
+            json={"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0},
+            timeout=60,
+        )
 
     thread = threading.Thread(target=changer)
     thread.start()
@@ -280,10 +325,17 @@ def test_replacing_an_adapter_under_traffic_never_fails_a_request(tiny, tmp_path
     make_adapter(tiny, folder, "b2", "human-assistant", 3, seed=22)
     engine = Engine(tiny, {"b": load_adapter(folder / "b", tiny), "b2": load_adapter(folder / "b2", tiny)})
     prompts = [f"q{i}" for i in range(48)]
-    refs = {p: {engine.generate([GenerationRequest(encode_text(tiny.tokenizer, p), adapter=a, max_new_tokens=4)],
-                                batch_size=1)[0].text for a in ("b", "b2")} for p in prompts}
+    refs = {
+        p: {
+            engine.generate(
+                [GenerationRequest(encode_text(tiny.tokenizer, p), adapter=a, max_new_tokens=4)], batch_size=1
+            )[0].text
+            for a in ("b", "b2")
+        }
+        for p in prompts
+    }
     with LiveServer(create_app(tiny, folder, allow_admin=True)) as live:
-        flip = iter(range(10 ** 6))
+        flip = iter(range(10**6))
 
         def replace():
             path = "b2" if next(flip) % 2 == 0 else "b"
@@ -302,7 +354,7 @@ def test_rescan_reload_under_traffic_never_fails_a_request(tiny, tmp_path):
     make_adapter(tiny, folder, "b", "human-assistant", 3, seed=21)
     weights = folder / "b" / "adapter_model.safetensors"
     with LiveServer(create_app(tiny, folder, allow_admin=True)) as live:
-        stamp = iter(range(1, 10 ** 6))
+        stamp = iter(range(1, 10**6))
 
         def reload():
             t = 1_700_000_000 + next(stamp)
@@ -336,8 +388,12 @@ def test_registry_swap_keeps_the_name_in_the_cache(tiny, tmp_path):
 # ---- adapters: bad folders never block the others ----------------------------------------------------------------
 def _bad_folders(tiny, folder: Path, outside: Path) -> dict[str, str]:
     """Bad adapter folders next to good ones; returns name -> a word the reason must contain."""
-    config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 2,
-              "token_dim": tiny.hidden_size}
+    config = {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": 2,
+        "token_dim": tiny.hidden_size,
+    }
 
     def folder_with(name, tensor=None, cfg=None, raw_weights=None):
         (folder / name).mkdir(parents=True)
@@ -361,8 +417,17 @@ def _bad_folders(tiny, folder: Path, outside: Path) -> dict[str, str]:
     (folder / "sneaky").mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (folder / "sneaky" / name).symlink_to(outside / "secret" / name)
-    return {"corrupt": "", "not-json": "", "json-list": "", "wrong-size": "", "integers": "", "nan": "",
-            "no-weights": "", "weights-dir": "", "sneaky": "symbolic link"}
+    return {
+        "corrupt": "",
+        "not-json": "",
+        "json-list": "",
+        "wrong-size": "",
+        "integers": "",
+        "nan": "",
+        "no-weights": "",
+        "weights-dir": "",
+        "sneaky": "symbolic link",
+    }
 
 
 def test_bad_adapter_folders_are_skipped_with_a_reason(tiny, tmp_path):
@@ -396,8 +461,11 @@ def test_bad_adapter_folders_are_skipped_with_a_reason(tiny, tmp_path):
 # ---- security defaults -------------------------------------------------------------------------------------------
 def test_admin_endpoints_are_opt_in(tiny, adapters_dir):
     with LiveServer(create_app(tiny, adapters_dir)) as live:
-        for method, path, body in [("POST", "/v1/adapters", {"name": "alpha", "replace": True}),
-                                   ("DELETE", "/v1/adapters/alpha", None), ("POST", "/v1/adapters/rescan", None)]:
+        for method, path, body in [
+            ("POST", "/v1/adapters", {"name": "alpha", "replace": True}),
+            ("DELETE", "/v1/adapters/alpha", None),
+            ("POST", "/v1/adapters/rescan", None),
+        ]:
             r = httpx.request(method, live.url + path, json=body)
             assert r.status_code == 403, (path, r.text)
             err = error_of(r)
@@ -447,15 +515,27 @@ def test_allowed_hosts_and_cors_are_opt_in(tiny, adapters_dir):
     with LiveServer(app) as live:
         assert httpx.get(live.url + "/v1/models", headers={"Host": "models.internal:80"}).status_code == 200
         assert httpx.get(live.url + "/v1/models", headers={"Host": "other.internal"}).status_code == 421
-        r = httpx.post(live.url + "/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 2},
-                       headers={"Origin": "http://app.example"}, timeout=60)
+        r = httpx.post(
+            live.url + "/v1/completions",
+            json={"model": "alpha", "prompt": "x", "max_tokens": 2},
+            headers={"Origin": "http://app.example"},
+            timeout=60,
+        )
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
-        pre = httpx.options(live.url + "/v1/completions", headers={
-            "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "content-type"})
+        pre = httpx.options(
+            live.url + "/v1/completions",
+            headers={
+                "Origin": "http://app.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type",
+            },
+        )
         assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://app.example"
-        r = httpx.post(live.url + "/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 2},
-                       headers={"Origin": "http://evil.example"})
+        r = httpx.post(
+            live.url + "/v1/completions",
+            json={"model": "alpha", "prompt": "x", "max_tokens": 2},
+            headers={"Origin": "http://evil.example"},
+        )
         assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
     with LiveServer(create_app(tiny, adapters_dir, allowed_hosts=["*"])) as live:
         assert httpx.get(live.url + "/v1/models", headers={"Host": "anything.example"}).status_code == 200
@@ -499,8 +579,11 @@ def test_check_exposure():
 def test_openapi_publishes_the_real_models(server):
     doc = httpx.get(server.url + "/openapi.json").json()
     assert "422" not in json.dumps(doc) and "HTTPValidationError" not in doc["components"]["schemas"]
-    for path, model, ok in [("/v1/completions", "CompletionRequest", "200"),
-                            ("/v1/chat/completions", "ChatRequest", "200"), ("/v1/adapters", "AdapterAdd", "201")]:
+    for path, model, ok in [
+        ("/v1/completions", "CompletionRequest", "200"),
+        ("/v1/chat/completions", "ChatRequest", "200"),
+        ("/v1/adapters", "AdapterAdd", "201"),
+    ]:
         op = doc["paths"][path]["post"]
         assert op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/" + model)
         assert op["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
@@ -510,11 +593,17 @@ def test_openapi_publishes_the_real_models(server):
     assert gen["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/Completion")
     schemas = doc["components"]["schemas"]
     assert schemas["CompletionRequest"]["additionalProperties"] is False
-    assert schemas["CompletionRequest"]["properties"]["max_tokens"]["anyOf"][0] == {"type": "integer",
-                                                                                     "minimum": 0}
+    assert schemas["CompletionRequest"]["properties"]["max_tokens"]["anyOf"][0] == {"type": "integer", "minimum": 0}
     assert schemas["ChatRequest"]["properties"]["max_tokens"]["anyOf"][0] == {"type": "integer", "minimum": 1}
-    assert {"ErrorResponse", "ChatCompletionChunk", "ModelList", "RescanReport", "CompletionLogprobs",
-            "ChoiceLogprobs", "TokenizeResponse"} <= set(schemas)
+    assert {
+        "ErrorResponse",
+        "ChatCompletionChunk",
+        "ModelList",
+        "RescanReport",
+        "CompletionLogprobs",
+        "ChoiceLogprobs",
+        "TokenizeResponse",
+    } <= set(schemas)
     # the new fields are published: a client generated from /openapi.json can use them
     assert {"logprobs", "echo", "n", "best_of", "logit_bias"} <= set(schemas["CompletionRequest"]["properties"])
     assert {"logprobs", "top_logprobs", "n"} <= set(schemas["ChatRequest"]["properties"])

@@ -14,6 +14,8 @@ import time
 
 import httpx
 import pytest
+from test_serve import LiveServer, error_of, make_adapter
+
 from softprompt.core.prompt import SoftPrompt
 from softprompt.data.templates import Template
 from softprompt.formats.adapter import AdapterError, load_adapter, save_adapter
@@ -21,7 +23,6 @@ from softprompt.inference.prompt_cache import PromptCache
 from softprompt.serve.app import create_app
 from softprompt.serve.batch import PromptScorer, prompt_logprobs
 from softprompt.serve.export import ExportVllmConfig, export_vllm
-from test_serve import LiveServer, error_of, make_adapter
 
 TEXT = "abcdefghij" * 40  # 400 tokens with the character tokenizer: 4 scoring slices
 
@@ -76,8 +77,11 @@ def test_scoring_runs_in_slices_between_decode_steps(tiny, folder, monkeypatch):
     slow(monkeypatch, ServeBatch, "step", 0.0, log, "step")
     with LiveServer(create_app(tiny, folder, max_batch=2, max_queue=1)) as live:
         results = {}
-        scorer = threading.Thread(target=lambda: results.update(score=completion(
-            live.url, model="a", prompt=[TEXT, TEXT], max_tokens=0, echo=True, logprobs=2)))
+        scorer = threading.Thread(
+            target=lambda: results.update(
+                score=completion(live.url, model="a", prompt=[TEXT, TEXT], max_tokens=0, echo=True, logprobs=2)
+            )
+        )
         scorer.start()
         while "slice" not in log:
             time.sleep(0.005)
@@ -85,7 +89,7 @@ def test_scoring_runs_in_slices_between_decode_steps(tiny, folder, monkeypatch):
         scorer.join(60)
         assert stream.status_code == 200 and results["score"].status_code == 200
         slices = [i for i, what in enumerate(log) if what == "slice"]
-        assert len(slices) == 8 and any(what == "step" for what in log[slices[0]:slices[3]])
+        assert len(slices) == 8 and any(what == "step" for what in log[slices[0] : slices[3]])
         ids = tiny.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
         alone = [entry.logprob for entry in prompt_logprobs(tiny, live.state.cache, "a", ids, 2)]
         for choice in results["score"].json()["choices"]:
@@ -98,8 +102,11 @@ def test_a_client_that_leaves_stops_its_scoring(tiny, folder, monkeypatch):
     slow(monkeypatch, PromptScorer, "advance", 0.1, log, "slice")
     with LiveServer(create_app(tiny, folder)) as live:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(live.url + "/v1/completions", json={"model": "a", "prompt": [TEXT] * 4, "max_tokens": 0,
-                                                           "echo": True, "logprobs": 1}, timeout=0.3)
+            httpx.post(
+                live.url + "/v1/completions",
+                json={"model": "a", "prompt": [TEXT] * 4, "max_tokens": 0, "echo": True, "logprobs": 1},
+                timeout=0.3,
+            )
         deadline = time.monotonic() + 10
         while live.state.scheduler.snapshot()["cancelled"] < 4 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -126,8 +133,7 @@ def test_a_request_is_served_by_one_adapter_version_across_a_replace_and_a_remov
             while live.state.scheduler.snapshot()["running"] == 0 and time.monotonic() < deadline:
                 time.sleep(0.005)  # until the first choice decodes (the second one waits for the only row)
             if change == "replace":
-                r = httpx.post(live.url + "/v1/adapters", json={"name": "a", "path": "b", "replace": True},
-                               timeout=60)
+                r = httpx.post(live.url + "/v1/adapters", json={"name": "a", "path": "b", "replace": True}, timeout=60)
                 assert r.status_code == 201
             else:
                 assert httpx.delete(live.url + "/v1/adapters/a", timeout=60).status_code == 200
@@ -162,8 +168,10 @@ def test_an_adapter_longer_than_the_context_is_refused_at_load(tiny, tmp_path):
     folder = tmp_path / "adapters"
     prompt = SoftPrompt.initialise(tiny, "random", num_virtual_tokens=context - 1, seed=0)
     save_adapter(folder / "long", prompt.embeddings, tiny, template=Template())
-    message = re.escape(f"511 virtual tokens do not fit the base model's context of {context} tokens (at most 510: a prompt "
-               "token and a generated one need room too)")
+    message = re.escape(
+        f"511 virtual tokens do not fit the base model's context of {context} tokens (at most 510: a prompt "
+        "token and a generated one need room too)"
+    )
     with pytest.raises(AdapterError, match=message):
         load_adapter(folder / "long", tiny)
     adapter = load_adapter(folder / "long")  # no base: nothing to check against
@@ -185,7 +193,7 @@ def test_a_rescan_mid_write_keeps_the_served_version(tiny, folder):
     with LiveServer(create_app(tiny, folder, allow_admin=True)) as live:
         before = completion(live.url, **body).json()["choices"][0]["text"]
         good = weights.read_bytes()
-        weights.write_bytes(good[:len(good) // 2])  # a writer caught half-way
+        weights.write_bytes(good[: len(good) // 2])  # a writer caught half-way
         report = httpx.post(live.url + "/v1/adapters/rescan", timeout=60).json()
         assert report["removed"] == [] and "still serving the version loaded before" in report["skipped"]["a"]
         assert "corrupt or unreadable" in report["skipped"]["a"]

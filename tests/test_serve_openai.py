@@ -12,16 +12,16 @@ import httpx
 import openai
 import pytest
 import torch
+from helpers import text_logits
+from test_serve import LiveServer, make_adapter
 
 from softprompt.core import forward
 from softprompt.data.templates import encode_text
 from softprompt.formats.adapter import load_adapter
-from softprompt.serve.app import create_app
-from softprompt.serve.replies import choice_seed
 from softprompt.inference.sampling import process_logits
+from softprompt.serve.app import create_app
 from softprompt.serve.batch import ServeRequest
-from test_serve import LiveServer, make_adapter
-from helpers import text_logits
+from softprompt.serve.replies import choice_seed
 
 ADAPTERS = {"alpha": ("human-assistant", 4), "gamma": ("Q: {instruction}\nA:", 3)}
 
@@ -47,8 +47,9 @@ def virtual(tiny, folder, model):
 def reference_logprobs(tiny, folder, model, ids: list[int]) -> torch.Tensor:
     """log-softmax over the vocabulary at every position of `ids` [L, V] (row t predicts token t + 1)."""
     with torch.no_grad():
-        logits = text_logits(tiny.model, virtual(tiny, folder, model), torch.tensor([ids]),
-                             torch.ones(1, len(ids), dtype=torch.long))
+        logits = text_logits(
+            tiny.model, virtual(tiny, folder, model), torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)
+        )
     return torch.log_softmax(logits[0].float(), dim=-1)
 
 
@@ -101,12 +102,20 @@ def test_echo_scores_the_prompt_like_label_nll(server, tiny, folder):
     assert lp["tokens"] == [tiny.tokenizer.decode([t]) for t in ids]
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None  # the first token: no prediction
     labels = torch.tensor([[-100] + ids[1:]])
-    nll, count = forward.label_nll(tiny.model, virtual(tiny, folder, "alpha"), torch.tensor([ids]),
-                                   torch.ones(1, len(ids), dtype=torch.long), labels)
+    nll, count = forward.label_nll(
+        tiny.model,
+        virtual(tiny, folder, "alpha"),
+        torch.tensor([ids]),
+        torch.ones(1, len(ids), dtype=torch.long),
+        labels,
+    )
     assert sum(lp["token_logprobs"][1:]) == pytest.approx(-float(nll[0]), abs=1e-4)
     usage = out["usage"]
-    assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (4 + len(ids), 0,
-                                                                                          4 + len(ids))
+    assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (
+        4 + len(ids),
+        0,
+        4 + len(ids),
+    )
 
     one = completion(server, model="alpha", prompt=[ids], max_tokens=1, echo=True, logprobs=1, temperature=0)
     lp1 = one["choices"][0]["logprobs"]
@@ -123,8 +132,10 @@ def test_echo_scores_the_prompt_like_label_nll(server, tiny, folder):
 def test_streamed_logprobs_and_echo(server, tiny):
     kw = dict(model="gamma", prompt="xy", max_tokens=6, temperature=0, logprobs=2, echo=True)
     whole = completion(server, **kw)
-    chunks = [c.model_dump() for c in server.client.completions.create(
-        **kw, stream=True, stream_options={"include_usage": True})]
+    chunks = [
+        c.model_dump()
+        for c in server.client.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    ]
     parts = [c["choices"][0] for c in chunks if c["choices"]]
     assert "".join(p["text"] for p in parts) == whole["choices"][0]["text"]
     tokens = [t for p in parts if p["logprobs"] for t in p["logprobs"]["tokens"]]
@@ -165,8 +176,9 @@ def test_best_of_returns_the_most_likely_candidates(server):
 # ---- chat ------------------------------------------------------------------------------------------------------------
 def test_chat_logprobs_top_logprobs_and_n(server):
     messages = [{"role": "user", "content": "Name a colour."}]
-    out = server.client.chat.completions.create(model="alpha", messages=messages, max_completion_tokens=6,
-                                                temperature=0, logprobs=True, top_logprobs=2, n=2)
+    out = server.client.chat.completions.create(
+        model="alpha", messages=messages, max_completion_tokens=6, temperature=0, logprobs=True, top_logprobs=2, n=2
+    )
     assert [c.index for c in out.choices] == [0, 1]
     assert out.choices[0].message.content == out.choices[1].message.content  # greedy: the same answer
     content = out.choices[0].logprobs.content
@@ -176,8 +188,9 @@ def test_chat_logprobs_top_logprobs_and_n(server):
         assert bytes(t.bytes).decode("utf-8") == t.token
     plain = server.client.chat.completions.create(model="alpha", messages=messages, max_tokens=6, temperature=0)
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == out.choices[0].message.content
-    stream = server.client.chat.completions.create(model="alpha", messages=messages, max_tokens=6, temperature=0,
-                                                   logprobs=True, stream=True)
+    stream = server.client.chat.completions.create(
+        model="alpha", messages=messages, max_tokens=6, temperature=0, logprobs=True, stream=True
+    )
     streamed = [t for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert [t.token for t in streamed] == [t.token for t in content]
 
@@ -185,16 +198,25 @@ def test_chat_logprobs_top_logprobs_and_n(server):
 # ---- penalties and logit_bias ------------------------------------------------------------------------------------
 def test_logit_bias_and_penalties(server, tiny, folder):
     x = tiny.tokenizer.convert_tokens_to_ids("x")
-    out = completion(server, model="alpha", prompt="abc", max_tokens=5, temperature=0, logit_bias={str(x): 100},
-                     logprobs=1)
+    out = completion(
+        server, model="alpha", prompt="abc", max_tokens=5, temperature=0, logit_bias={str(x): 100}, logprobs=1
+    )
     assert out["choices"][0]["text"] == "xxxxx"
     assert all(v < 0 for v in out["choices"][0]["logprobs"]["token_logprobs"])  # raw logprobs, before the bias
     banned = completion(server, model="alpha", prompt="abc", max_tokens=8, temperature=0, logit_bias={str(x): -100})
     assert "x" not in banned["choices"][0]["text"]
     # penalties: greedy decoding equals a reference loop over the forward pass applying OpenAI's formula
     kw = dict(presence_penalty=1.5, frequency_penalty=0.7, logit_bias={1: -100.0})  # no EOS: all 8 tokens
-    fresh = completion(server, model="gamma", prompt="aaaa", max_tokens=8, temperature=0,
-                       logit_bias={"1": -100}, presence_penalty=1.5, frequency_penalty=0.7)
+    fresh = completion(
+        server,
+        model="gamma",
+        prompt="aaaa",
+        max_tokens=8,
+        temperature=0,
+        logit_bias={"1": -100},
+        presence_penalty=1.5,
+        frequency_penalty=0.7,
+    )
     ids, generated = encode_text(tiny.tokenizer, "aaaa"), []
     for _ in range(8):
         row = reference_logprobs(tiny, folder, "gamma", ids + generated)[-1]
@@ -202,17 +224,35 @@ def test_logit_bias_and_penalties(server, tiny, folder):
     assert fresh["choices"][0]["text"] == tiny.tokenizer.decode(generated)
     # the repetition penalty and the n-gram ban: the same engine code as generate / chat / eval
     kw = dict(repetition_penalty=2.5, no_repeat_ngram_size=2, logit_bias={1: -100.0})
-    fresh = completion(server, model="gamma", prompt="aaaa", max_tokens=8, temperature=0, logit_bias={"1": -100},
-                       extra_body={"repetition_penalty": 2.5, "no_repeat_ngram_size": 2})  # vLLM-style extras
+    fresh = completion(
+        server,
+        model="gamma",
+        prompt="aaaa",
+        max_tokens=8,
+        temperature=0,
+        logit_bias={"1": -100},
+        extra_body={"repetition_penalty": 2.5, "no_repeat_ngram_size": 2},
+    )  # vLLM-style extras
     generated = []
     for _ in range(8):  # raw logits: the repetition penalty scales them, so log-probabilities would differ
         with torch.no_grad():
-            row = text_logits(tiny.model, virtual(tiny, folder, "gamma"), torch.tensor([ids + generated]),
-                              torch.ones(1, len(ids + generated), dtype=torch.long))[0, -1]
+            row = text_logits(
+                tiny.model,
+                virtual(tiny, folder, "gamma"),
+                torch.tensor([ids + generated]),
+                torch.ones(1, len(ids + generated), dtype=torch.long),
+            )[0, -1]
         generated.append(int(process_logits(row, ServeRequest([1], **kw), generated).argmax()))
     assert fresh["choices"][0]["text"] == tiny.tokenizer.decode(generated)
-    once = completion(server, model="gamma", prompt="aaaa", max_tokens=8, temperature=0, logit_bias={"1": -100},
-                      extra_body={"no_repeat_ngram_size": 1})["choices"][0]["text"]
+    once = completion(
+        server,
+        model="gamma",
+        prompt="aaaa",
+        max_tokens=8,
+        temperature=0,
+        logit_bias={"1": -100},
+        extra_body={"no_repeat_ngram_size": 1},
+    )["choices"][0]["text"]
     assert len(once) == 8 and len(set(once)) == 8  # character tokens: none twice
     logits = torch.randn(20)
     request = ServeRequest([1], presence_penalty=0.5, frequency_penalty=0.25, logit_bias={3: 2.0})
@@ -229,13 +269,35 @@ def test_same_request_alone_and_in_a_mixed_batch(server, tiny):
     x = tiny.tokenizer.convert_tokens_to_ids("e")
     requests = [
         dict(model="alpha", prompt="one", max_tokens=7, temperature=0, logprobs=2),
-        dict(model="gamma", prompt=encode_text(tiny.tokenizer, "two"), max_tokens=5, temperature=0.9, seed=3,
-             logprobs=1, n=2),
-        dict(model="base", prompt="three", max_tokens=6, temperature=0, presence_penalty=1.0, logprobs=0,
-             logit_bias={str(x): 5.0}),
+        dict(
+            model="gamma",
+            prompt=encode_text(tiny.tokenizer, "two"),
+            max_tokens=5,
+            temperature=0.9,
+            seed=3,
+            logprobs=1,
+            n=2,
+        ),
+        dict(
+            model="base",
+            prompt="three",
+            max_tokens=6,
+            temperature=0,
+            presence_penalty=1.0,
+            logprobs=0,
+            logit_bias={str(x): 5.0},
+        ),
         dict(model="alpha", prompt="four four", max_tokens=0, echo=True, logprobs=3),
-        dict(model="gamma", prompt="five", max_tokens=6, temperature=1.0, seed=9, frequency_penalty=0.5,
-             best_of=3, logprobs=1),
+        dict(
+            model="gamma",
+            prompt="five",
+            max_tokens=6,
+            temperature=1.0,
+            seed=9,
+            frequency_penalty=0.5,
+            best_of=3,
+            logprobs=1,
+        ),
     ] * 2
     alone = [completion(server, **kw) for kw in requests[:5]] * 2
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -245,41 +307,50 @@ def test_same_request_alone_and_in_a_mixed_batch(server, tiny):
             assert cm["text"] == ca["text"]
             assert cm["logprobs"]["tokens"] == ca["logprobs"]["tokens"]
             assert [v for v in cm["logprobs"]["token_logprobs"] if v is not None] == pytest.approx(
-                [v for v in ca["logprobs"]["token_logprobs"] if v is not None], abs=1e-5)
+                [v for v in ca["logprobs"]["token_logprobs"] if v is not None], abs=1e-5
+            )
 
 
 # ---- tokenizer endpoints and refusals ------------------------------------------------------------------------------
 def test_tokenize_and_detokenize(server, tiny):
     r = httpx.post(server.url + "/tokenize", json={"model": "alpha", "prompt": "hello"}).json()
-    assert r == {"count": 5, "max_model_len": 512, "tokens": encode_text(tiny.tokenizer, "hello"),
-                 "num_virtual_tokens": 4}
-    chat = httpx.post(server.url + "/tokenize", json={"model": "gamma", "messages": [
-        {"role": "user", "content": "hi"}]}).json()
+    assert r == {
+        "count": 5,
+        "max_model_len": 512,
+        "tokens": encode_text(tiny.tokenizer, "hello"),
+        "num_virtual_tokens": 4,
+    }
+    chat = httpx.post(
+        server.url + "/tokenize", json={"model": "gamma", "messages": [{"role": "user", "content": "hi"}]}
+    ).json()
     assert chat["tokens"] == encode_text(tiny.tokenizer, "Q: hi\nA:")
     back = httpx.post(server.url + "/detokenize", json={"model": "base", "tokens": r["tokens"]}).json()
     assert back == {"prompt": "hello"}
-    bad = httpx.post(server.url + "/detokenize", json={"model": "base", "tokens": [10 ** 6]})
+    bad = httpx.post(server.url + "/detokenize", json={"model": "base", "tokens": [10**6]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
     assert httpx.post(server.url + "/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404
 
 
-@pytest.mark.parametrize("body,param,message", [
-    ({"max_tokens": 0}, "max_tokens", "0 is only allowed with echo"),
-    ({"logprobs": 21}, "logprobs", "less than or equal to 20"),
-    ({"n": 2, "best_of": 1}, "best_of", "must be >= n"),
-    ({"best_of": 2, "stream": True}, "best_of", "cannot be combined with stream"),
-    ({"prompt": [5, 10 ** 6]}, "prompt", "token id 1000000 is outside the vocabulary"),
-    ({"prompt": [[5], [10 ** 6]]}, "prompt.1", "token id 1000000 is outside the vocabulary"),
-    ({"prompt": [[5], []]}, "prompt.1", "prompt is empty"),
-    ({"logit_bias": {"a": 1}}, "logit_bias", "keys are token ids"),
-    ({"logit_bias": {"5": 101}}, "logit_bias", "must be in [-100, 100]"),
-    ({"logit_bias": {"999999": 1}}, "logit_bias", "outside the vocabulary"),
-    ({"presence_penalty": 2.5}, "presence_penalty", "less than or equal to 2"),
-    ({"repetition_penalty": 0.1}, "repetition_penalty", "greater than or equal to 0.5"),
-    ({"no_repeat_ngram_size": 65}, "no_repeat_ngram_size", "less than or equal to 64"),
-    ({"n": 100}, "n", "less than or equal to 64"),
-    ({"n": 64, "prompt": ["a", "b"]}, "n", "2 prompt(s) x 64 choices (n / best_of) in one request can never be"),
-])
+@pytest.mark.parametrize(
+    "body,param,message",
+    [
+        ({"max_tokens": 0}, "max_tokens", "0 is only allowed with echo"),
+        ({"logprobs": 21}, "logprobs", "less than or equal to 20"),
+        ({"n": 2, "best_of": 1}, "best_of", "must be >= n"),
+        ({"best_of": 2, "stream": True}, "best_of", "cannot be combined with stream"),
+        ({"prompt": [5, 10**6]}, "prompt", "token id 1000000 is outside the vocabulary"),
+        ({"prompt": [[5], [10**6]]}, "prompt.1", "token id 1000000 is outside the vocabulary"),
+        ({"prompt": [[5], []]}, "prompt.1", "prompt is empty"),
+        ({"logit_bias": {"a": 1}}, "logit_bias", "keys are token ids"),
+        ({"logit_bias": {"5": 101}}, "logit_bias", "must be in [-100, 100]"),
+        ({"logit_bias": {"999999": 1}}, "logit_bias", "outside the vocabulary"),
+        ({"presence_penalty": 2.5}, "presence_penalty", "less than or equal to 2"),
+        ({"repetition_penalty": 0.1}, "repetition_penalty", "greater than or equal to 0.5"),
+        ({"no_repeat_ngram_size": 65}, "no_repeat_ngram_size", "less than or equal to 64"),
+        ({"n": 100}, "n", "less than or equal to 64"),
+        ({"n": 64, "prompt": ["a", "b"]}, "n", "2 prompt(s) x 64 choices (n / best_of) in one request can never be"),
+    ],
+)
 def test_refusals_name_the_field(server, body, param, message):
     r = httpx.post(server.url + "/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 2, **body})
     assert r.status_code == 400, r.text
@@ -289,7 +360,10 @@ def test_refusals_name_the_field(server, body, param, message):
 
 def test_chat_refusals_name_the_field(server):
     messages = [{"role": "user", "content": "x"}]
-    for body, param in [({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21},
-                                                                 "top_logprobs"), ({"echo": True}, "echo")]:
+    for body, param in [
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"echo": True}, "echo"),
+    ]:
         r = httpx.post(server.url + "/v1/chat/completions", json={"model": "alpha", "messages": messages, **body})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

@@ -21,14 +21,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, validators
+from test_serve import LiveServer, make_adapter
 
 from softprompt.serve.app import create_app
 from softprompt.serve.schemas import MAX_JSON_DEPTH
-from test_serve import LiveServer, make_adapter
 
-SETTINGS = dict(deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                                       HealthCheck.filter_too_much])
+SETTINGS = dict(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much],
+)
 SERVED = ["alpha", "gamma", "spare", "base"]
 CAP = 8
 
@@ -53,8 +56,9 @@ def live(tiny, tmp_path_factory):
 def _pattern(validator, pattern, instance, schema):
     """JSON Schema patterns are ECMA-262 regular expressions, where `$` is the very end (Python's `re.search`, which
     jsonschema uses, also lets `$` match before a final newline)."""
-    if isinstance(instance, str) and not re.search(pattern[:-1] + r"\Z" if pattern.endswith("$") else pattern,
-                                                   instance):
+    if isinstance(instance, str) and not re.search(
+        pattern[:-1] + r"\Z" if pattern.endswith("$") else pattern, instance
+    ):
         from jsonschema.exceptions import ValidationError
 
         yield ValidationError(f"{instance!r} does not match {pattern!r}")
@@ -92,9 +96,11 @@ def stated_rules_hold(name: str, body) -> bool:
 
 # ---- generating bodies from a schema -----------------------------------------------------------------------------
 text = st.text(alphabet=st.characters(codec="utf-8"), max_size=12)
-json_values = st.recursive(st.none() | st.booleans() | st.integers(-5, 200) | st.floats(-3, 3) | text,
-                           lambda inner: st.lists(inner, max_size=2) | st.dictionaries(text, inner, max_size=2),
-                           max_leaves=4)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 200) | st.floats(-3, 3) | text,
+    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(text, inner, max_size=2),
+    max_leaves=4,
+)
 
 
 def from_schema(schema: dict, components: dict) -> st.SearchStrategy:
@@ -120,16 +126,24 @@ def from_schema(schema: dict, components: dict) -> st.SearchStrategy:
     if kind == "number":
         low, high = schema.get("minimum", schema.get("exclusiveMinimum")), schema.get("maximum")
         return st.floats(low, high, exclude_min="exclusiveMinimum" in schema) | st.integers(
-            None if low is None else int(low) + 1, None if high is None else int(high))
+            None if low is None else int(low) + 1, None if high is None else int(high)
+        )
     if kind == "string":
         if "pattern" in schema:
             return st.from_regex(schema["pattern"], fullmatch=True).filter(
-                lambda s: len(s) <= schema.get("maxLength", 64))
-        return st.text(alphabet=st.characters(codec="utf-8"), min_size=schema.get("minLength", 0),
-                       max_size=min(schema.get("maxLength", 12), 12))
+                lambda s: len(s) <= schema.get("maxLength", 64)
+            )
+        return st.text(
+            alphabet=st.characters(codec="utf-8"),
+            min_size=schema.get("minLength", 0),
+            max_size=min(schema.get("maxLength", 12), 12),
+        )
     if kind == "array":
-        return st.lists(from_schema(schema.get("items", {}), components), min_size=schema.get("minItems", 0),
-                        max_size=min(schema.get("maxItems", 3), 3))
+        return st.lists(
+            from_schema(schema.get("items", {}), components),
+            min_size=schema.get("minItems", 0),
+            max_size=min(schema.get("maxItems", 3), 3),
+        )
     return _object(schema, components)
 
 
@@ -137,25 +151,43 @@ def _object(schema: dict, components: dict) -> st.SearchStrategy:
     props = schema.get("properties")
     if props:
         required = set(schema.get("required", ()))
-        return st.fixed_dictionaries({k: from_schema(v, components) for k, v in props.items() if k in required},
-                                     optional={k: from_schema(v, components) for k, v in props.items()
-                                               if k not in required})
+        return st.fixed_dictionaries(
+            {k: from_schema(v, components) for k, v in props.items() if k in required},
+            optional={k: from_schema(v, components) for k, v in props.items() if k not in required},
+        )
     values = schema.get("additionalProperties", True)
     names = schema.get("propertyNames", {})
     keys = st.from_regex(names["pattern"], fullmatch=True) if "pattern" in names else text
-    return st.dictionaries(keys, json_values if values is True else from_schema(values, components),
-                           max_size=min(schema.get("maxProperties", 2), 2))
+    return st.dictionaries(
+        keys,
+        json_values if values is True else from_schema(values, components),
+        max_size=min(schema.get("maxProperties", 2), 2),
+    )
 
 
 def narrowed(components: dict, vocab: int) -> dict:
     """The published schemas narrowed to what this server can serve (every narrowing is a limit of the server,
     not of the schema: served names, vocabulary, --max-tokens-cap, the queue, a short context)."""
     c = copy.deepcopy(components)
-    ids = {"type": "array", "minItems": 1, "maxItems": 5, "items": {"type": "integer", "minimum": 0,
-                                                                     "maximum": vocab - 1}}
-    bias = {"anyOf": [{"type": "object", "propertyNames": {"pattern": "^[0-9]{1,2}$"}, "maxProperties": 2,
-                       "additionalProperties": c["CompletionRequest"]["properties"]["logit_bias"]["anyOf"][0][
-                           "additionalProperties"]}, {"type": "null"}]}
+    ids = {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": 5,
+        "items": {"type": "integer", "minimum": 0, "maximum": vocab - 1},
+    }
+    bias = {
+        "anyOf": [
+            {
+                "type": "object",
+                "propertyNames": {"pattern": "^[0-9]{1,2}$"},
+                "maxProperties": 2,
+                "additionalProperties": c["CompletionRequest"]["properties"]["logit_bias"]["anyOf"][0][
+                    "additionalProperties"
+                ],
+            },
+            {"type": "null"},
+        ]
+    }
     for name in ("CompletionRequest", "ChatRequest", "TokenizeRequest", "DetokenizeRequest"):
         c[name]["properties"]["model"] = {"enum": SERVED}
     for name in ("CompletionRequest", "ChatRequest"):
@@ -184,16 +216,41 @@ def with_a_user_message(body):
     return body
 
 
-wrong_values = st.one_of(json_values, st.sampled_from(
-    ["\ud800", -1, 2 ** 64, 1.5, "", [], [[]], [""], {}, {"type": "image_url"}, [-1], "auto", "../x", "a..b", "a\n",
-     {"0x1": 1}, {"1": 101}, [{"type": "text"}], json.loads("[" * 40 + "]" * 40)]))
+wrong_values = st.one_of(
+    json_values,
+    st.sampled_from(
+        [
+            "\ud800",
+            -1,
+            2**64,
+            1.5,
+            "",
+            [],
+            [[]],
+            [""],
+            {},
+            {"type": "image_url"},
+            [-1],
+            "auto",
+            "../x",
+            "a..b",
+            "a\n",
+            {"0x1": 1},
+            {"1": 101},
+            [{"type": "text"}],
+            json.loads("[" * 40 + "]" * 40),
+        ]
+    ),
+)
 
 
 def spoiled(bodies: st.SearchStrategy, fields: list[str]) -> st.SearchStrategy:
     """A body with one field replaced by a wrong-looking value, or removed."""
+
     def spoil(pair):
         body, field = pair
         return wrong_values.map(lambda v: {**body, field: v}) | st.just({k: v for k, v in body.items() if k != field})
+
     return st.tuples(bodies, st.sampled_from(fields)).flatmap(spoil)
 
 
@@ -220,8 +277,10 @@ def check_agreement(live, name: str, path: str, body, served: tuple[int, ...] = 
 # ---- properties --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def strategies(live):
-    return {name: bodies_for(live, name) for name in
-            ("CompletionRequest", "ChatRequest", "TokenizeRequest", "DetokenizeRequest", "AdapterAdd")}
+    return {
+        name: bodies_for(live, name)
+        for name in ("CompletionRequest", "ChatRequest", "TokenizeRequest", "DetokenizeRequest", "AdapterAdd")
+    }
 
 
 @settings(max_examples=120, **SETTINGS)
@@ -247,29 +306,79 @@ def test_tokenize_detokenize_and_adapters_schema_and_server_agree(live, strategi
 
 
 # ---- the cases of issue 24, item 7, one by one -------------------------------------------------------------------
-@pytest.mark.parametrize("name, path, body, param, message", [
-    ("TokenizeRequest", "/tokenize", {"model": "alpha", "prompt": "a", "messages": [{"role": "user", "content": "b"}]},
-     "prompt", "give exactly one of prompt or messages"),
-    ("TokenizeRequest", "/tokenize", {"model": "alpha"}, "prompt", "give exactly one of prompt or messages"),
-    ("AdapterAdd", "/v1/adapters", {"name": "a..b", "path": "spare"}, None, "invalid adapter name 'a..b'"),
-    ("AdapterAdd", "/v1/adapters", {"name": "x\n", "path": "spare"}, None, "invalid adapter name 'x\\n'"),
-    ("CompletionRequest", "/v1/completions", {"model": "alpha", "prompt": "x", "logit_bias": {"0x1": 1}},
-     "logit_bias", "keys are token ids written as strings"),
-    ("CompletionRequest", "/v1/completions", {"model": "alpha", "prompt": "x", "logit_bias": {"12\n": 1}},
-     "logit_bias", "keys are token ids written as strings"),
-    ("CompletionRequest", "/v1/completions", {"model": "alpha", "prompt": []}, "prompt",
-     "an empty list has nothing to complete"),
-    ("CompletionRequest", "/v1/completions", {"model": "alpha", "prompt": [[3], []]}, "prompt.1", "prompt is empty"),
-    ("CompletionRequest", "/v1/completions", {"model": "alpha", "prompt": ""}, "prompt", "prompt is empty"),
-    ("DetokenizeRequest", "/detokenize", {"model": "alpha", "tokens": [3, -1]}, "tokens", "token id -1 is outside"),
-    ("ChatRequest", "/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": "hi"}],
-                                             "tool_choice": "auto"}, "tool_choice",
-     "Invalid value for 'tool_choice': not supported (tools are not supported)"),
-    ("ChatRequest", "/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": "hi"}],
-                                             "tool_choice": "none"}, "tool_choice", "not supported"),
-    ("CompletionRequest", "/v1/completions", {"model": "alpha", "prompt": "x", "stop": ["", ] * 17}, "stop",
-     "at most 16 stop strings"),
-])
+@pytest.mark.parametrize(
+    "name, path, body, param, message",
+    [
+        (
+            "TokenizeRequest",
+            "/tokenize",
+            {"model": "alpha", "prompt": "a", "messages": [{"role": "user", "content": "b"}]},
+            "prompt",
+            "give exactly one of prompt or messages",
+        ),
+        ("TokenizeRequest", "/tokenize", {"model": "alpha"}, "prompt", "give exactly one of prompt or messages"),
+        ("AdapterAdd", "/v1/adapters", {"name": "a..b", "path": "spare"}, None, "invalid adapter name 'a..b'"),
+        ("AdapterAdd", "/v1/adapters", {"name": "x\n", "path": "spare"}, None, "invalid adapter name 'x\\n'"),
+        (
+            "CompletionRequest",
+            "/v1/completions",
+            {"model": "alpha", "prompt": "x", "logit_bias": {"0x1": 1}},
+            "logit_bias",
+            "keys are token ids written as strings",
+        ),
+        (
+            "CompletionRequest",
+            "/v1/completions",
+            {"model": "alpha", "prompt": "x", "logit_bias": {"12\n": 1}},
+            "logit_bias",
+            "keys are token ids written as strings",
+        ),
+        (
+            "CompletionRequest",
+            "/v1/completions",
+            {"model": "alpha", "prompt": []},
+            "prompt",
+            "an empty list has nothing to complete",
+        ),
+        (
+            "CompletionRequest",
+            "/v1/completions",
+            {"model": "alpha", "prompt": [[3], []]},
+            "prompt.1",
+            "prompt is empty",
+        ),
+        ("CompletionRequest", "/v1/completions", {"model": "alpha", "prompt": ""}, "prompt", "prompt is empty"),
+        ("DetokenizeRequest", "/detokenize", {"model": "alpha", "tokens": [3, -1]}, "tokens", "token id -1 is outside"),
+        (
+            "ChatRequest",
+            "/v1/chat/completions",
+            {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "auto"},
+            "tool_choice",
+            "Invalid value for 'tool_choice': not supported (tools are not supported)",
+        ),
+        (
+            "ChatRequest",
+            "/v1/chat/completions",
+            {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "none"},
+            "tool_choice",
+            "not supported",
+        ),
+        (
+            "CompletionRequest",
+            "/v1/completions",
+            {
+                "model": "alpha",
+                "prompt": "x",
+                "stop": [
+                    "",
+                ]
+                * 17,
+            },
+            "stop",
+            "at most 16 stop strings",
+        ),
+    ],
+)
 def test_what_the_server_refuses_the_schema_refuses(live, name, path, body, param, message):
     assert not schema_valid(live.doc["components"]["schemas"], name, body)
     response = live.http.post(path, json=body)
@@ -279,8 +388,11 @@ def test_what_the_server_refuses_the_schema_refuses(live, name, path, body, para
 
 def test_the_delete_path_publishes_the_adapter_name_rule(live):
     (parameter,) = live.doc["paths"]["/v1/adapters/{name}"]["delete"]["parameters"]
-    assert parameter["schema"]["pattern"] == live.doc["components"]["schemas"]["AdapterAdd"]["properties"]["name"][
-        "pattern"] and parameter["schema"]["maxLength"] == 64
+    assert (
+        parameter["schema"]["pattern"]
+        == live.doc["components"]["schemas"]["AdapterAdd"]["properties"]["name"]["pattern"]
+        and parameter["schema"]["maxLength"] == 64
+    )
     assert live.http.delete("/v1/adapters/a..b").status_code == 400
     assert live.http.delete("/v1/adapters/never-served").status_code == 404
 
@@ -293,8 +405,15 @@ def test_integral_numbers_are_integers_as_the_schema_says(live):
     assert live.http.post("/v1/completions", json={**body, "max_tokens": 2.5}).status_code == 400
 
 
-@pytest.mark.parametrize("path, allowed", [("/v1/adapters/rescan", "DELETE, POST"), ("/v1/completions", "POST"),
-                                           ("/v1/adapters/alpha", "DELETE"), ("/v1/models", "GET")])
+@pytest.mark.parametrize(
+    "path, allowed",
+    [
+        ("/v1/adapters/rescan", "DELETE, POST"),
+        ("/v1/completions", "POST"),
+        ("/v1/adapters/alpha", "DELETE"),
+        ("/v1/models", "GET"),
+    ],
+)
 def test_a_405_lists_every_method_of_the_path(live, path, allowed):
     response = live.http.request("OPTIONS", path)
     assert response.status_code == 405 and response.headers["allow"] == allowed
@@ -313,8 +432,10 @@ def test_a_client_leaving_mid_body_logs_no_traceback(live):
     try:
         host, port = live.url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port))) as sock:
-            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 1000\r\n\r\n{\"model\": \"alpha\",")
+            sock.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"model": "alpha",'
+            )
             time.sleep(0.2)
         time.sleep(0.3)
         assert live.http.get("/health").status_code == 200

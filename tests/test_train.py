@@ -10,36 +10,46 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from helpers import tiny_tokenizer
-from softprompt.core import forward
-from softprompt.formats import checkpoint
 from softprompt.cli import build_parser
-from softprompt.training import loop as train_module
-from softprompt.formats.adapter import load_adapter
+from softprompt.core import forward
 from softprompt.core.attention import use_grouped_sdpa
 from softprompt.core.mlp import use_lean_mlp
-from softprompt.data.batching import encode_records
-from softprompt.data.records import DataError, load_records
 from softprompt.core.models import FrozenModel, freeze
 from softprompt.core.prompt import SoftPrompt
+from softprompt.data.batching import encode_records
+from softprompt.data.records import DataError, load_records
 from softprompt.data.templates import Template
+from softprompt.formats import checkpoint
+from softprompt.formats.adapter import load_adapter
+from softprompt.training import loop as train_module
 from softprompt.training.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, TrainConfig, default_batch_tokens
 from softprompt.training.loop import train
 from softprompt.training.scoring import evaluate_loss
 
-RECORDS = [{"instruction": f"question {i}", "input": "x" * (i % 4), "output": "abab" if i % 2 else "cdcd"}
-           for i in range(16)]
+RECORDS = [
+    {"instruction": f"question {i}", "input": "x" * (i % 4), "output": "abab" if i % 2 else "cdcd"} for i in range(16)
+]
 
 
 def trainable_base(seed: int = 0) -> FrozenModel:
     """A tiny Llama whose weights are large enough (init std 0.2) that a soft prompt can move its outputs."""
     torch.manual_seed(seed)
     tok = tiny_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, initializer_range=0.2, attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+        attn_implementation="sdpa",
+    )
     model = LlamaForCausalLM(config)
     assert use_grouped_sdpa(model)  # the attention and MLP load_base gives a model
     assert use_lean_mlp(model) == config.num_hidden_layers
@@ -52,8 +62,20 @@ def base():
 
 
 def config(out, base, **overrides) -> TrainConfig:
-    values = dict(data=RECORDS, out=str(out), model=base, num_virtual_tokens=4, init="random", lr=0.3,
-                  batch_size=4, max_steps=12, save_every=4, log_every=2, progress=False, max_batch_tokens=64)
+    values = dict(
+        data=RECORDS,
+        out=str(out),
+        model=base,
+        num_virtual_tokens=4,
+        init="random",
+        lr=0.3,
+        batch_size=4,
+        max_steps=12,
+        save_every=4,
+        log_every=2,
+        progress=False,
+        max_batch_tokens=64,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -133,8 +155,10 @@ def test_resume_equals_uninterrupted_run(base, tmp_path, monkeypatch, optimizer)
     resumed = train(config(tmp_path / "cut", base, optimizer=optimizer, resume=str(tmp_path / "cut")))
     assert resumed.steps == whole.steps == 12
     assert torch.equal(emb(whole.adapter_dir), emb(resumed.adapter_dir))
-    losses = [[r["loss"] for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())]
-              for d in ("whole", "cut")]
+    losses = [
+        [r["loss"] for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())]
+        for d in ("whole", "cut")
+    ]
     assert losses[0] == losses[1]
 
 
@@ -179,8 +203,12 @@ def test_kill_9_leaves_a_usable_checkpoint(base, tmp_path):
     out = tmp_path / "run"
     script = tmp_path / "job.py"
     script.write_text(KILL_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out)))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and len(checkpoint.list_checkpoints(out)) < 2:
@@ -207,8 +235,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(base, tmp_path, monkeypat
 
     monkeypatch.setattr(forward, "label_nll", poisoned)
     out = tmp_path / "run"
-    with pytest.raises(RuntimeError, match=r"training stopped at step 6: the loss or gradient is not finite \(loss "
-                                           r"nan\); the last good checkpoint is .*step-000004"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"training stopped at step 6: the loss or gradient is not finite \(loss "
+        r"nan\); the last good checkpoint is .*step-000004",
+    ):
         train(config(out, base, max_batch_tokens=4096))  # one forward per step
     assert torch.isfinite(emb(out / "checkpoints" / "step-000004")).all()
     assert not (out / "adapter_model.safetensors").exists()
@@ -218,8 +249,18 @@ def test_early_stopping_keeps_the_best(base, tmp_path, monkeypatch):
     scripted = iter([3.0, 2.0, 2.5, 2.6, 2.7])
     monkeypatch.setattr(train_module, "evaluate_loss", lambda *a, **k: next(scripted))
     out = tmp_path / "run"
-    result = train(config(out, base, eval_fraction=0.25, eval_every=2, early_stopping=2, max_steps=100,
-                          save_every=2, keep_checkpoints=10))
+    result = train(
+        config(
+            out,
+            base,
+            eval_fraction=0.25,
+            eval_every=2,
+            early_stopping=2,
+            max_steps=100,
+            save_every=2,
+            keep_checkpoints=10,
+        )
+    )
     assert (result.stopped, result.steps, result.best_step, result.best_eval_loss) == ("early_stopping", 8, 4, 2.0)
     assert torch.equal(emb(out), emb(out / "best"))
     assert torch.equal(emb(out), emb(out / "checkpoints" / "step-000004"))
@@ -235,19 +276,34 @@ def test_bad_input_errors_name_the_record(base, tmp_path):
     with pytest.raises(DataError, match=r"d.jsonl:2: missing field 'output'"):
         train(config(tmp_path / "o", base, data=str(data)))
     data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "' + "x" * 60 + '", "output": "d"}\n')
-    with pytest.raises(DataError, match=r"d.jsonl:2: the prompt alone is 80 tokens, which fills max_length=50; raise --max-length"):
+    with pytest.raises(
+        DataError, match=r"d.jsonl:2: the prompt alone is 80 tokens, which fills max_length=50; raise --max-length"
+    ):
         train(config(tmp_path / "o", base, data=str(data), max_length=50))
     result = train(config(tmp_path / "o", base, data=str(data), max_length=50, skip_bad=True, max_steps=1))
     assert len(result.skipped) == 1 and result.train_records == 1
-    with pytest.raises(ValueError, match=r"--label-field needs label words: pass --label-words \(the word for label 0, 1, ...\)"):
+    with pytest.raises(
+        ValueError, match=r"--label-field needs label words: pass --label-words \(the word for label 0, 1, ...\)"
+    ):
         train(config(tmp_path / "o", base, label_field="label"))
 
 
 def test_label_field_and_user_template_are_saved(base, tmp_path):
     rows = [{"sentence": f"film {i}", "label": i % 2} for i in range(8)]
     template = "Review: {instruction}\nSentiment: "
-    result = train(config(tmp_path / "o", base, data=rows, fields="instruction=sentence", label_field="label",
-                          label_words="negative,positive", template=template, init="labels", max_steps=2))
+    result = train(
+        config(
+            tmp_path / "o",
+            base,
+            data=rows,
+            fields="instruction=sentence",
+            label_field="label",
+            label_words="negative,positive",
+            template=template,
+            init="labels",
+            max_steps=2,
+        )
+    )
     adapter = load_adapter(result.adapter_dir)
     assert adapter.template.spec == template and adapter.label_words == ["negative", "positive"]
 
@@ -257,14 +313,45 @@ def test_cli_help_documents_every_flag_and_runs(base, tmp_path, tiny_dir):
     sub = parser._subparsers._group_actions[0].choices["train"]
     for action in sub._actions:
         assert action.help, f"{action.option_strings} has no help"
-    for flag in ["--data", "--out", "--model", "--num-virtual-tokens", "--init", "--init-text", "--label-words",
-                 "--lr", "--epochs", "--max-steps", "--batch-size", "--grad-accum", "--max-length", "--eval-data",
-                 "--resume", "--seed"]:
+    for flag in [
+        "--data",
+        "--out",
+        "--model",
+        "--num-virtual-tokens",
+        "--init",
+        "--init-text",
+        "--label-words",
+        "--lr",
+        "--epochs",
+        "--max-steps",
+        "--batch-size",
+        "--grad-accum",
+        "--max-length",
+        "--eval-data",
+        "--resume",
+        "--seed",
+    ]:
         assert flag in sub.format_help()
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    args = parser.parse_args(["train", "--data", str(data), "--out", str(tmp_path / "o"), "--model", str(tiny_dir),
-                              "--max-steps", "2", "--num-virtual-tokens", "3", "--no-progress", "--threads", "1"])
+    args = parser.parse_args(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "o"),
+            "--model",
+            str(tiny_dir),
+            "--max-steps",
+            "2",
+            "--num-virtual-tokens",
+            "3",
+            "--no-progress",
+            "--threads",
+            "1",
+        ]
+    )
     assert args.func(args) == 0
     assert load_adapter(tmp_path / "o").num_virtual_tokens == 3
 
@@ -284,9 +371,13 @@ def test_two_processes_match_one_at_the_same_global_batch(base, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "two"), batch=2))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29517", str(script)], capture_output=True, text=True, env=env,
-                         timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 process(es), 4 records/step" in run.stdout
     one = train(config(tmp_path / "one", base, batch_size=4, max_steps=6, lr=0.3))
@@ -320,16 +411,22 @@ def test_max_length_defaults_to_what_the_records_need(base, tmp_path, capsys):
     result = train(config(tmp_path / "b", base, data=cut, max_steps=1, max_batch_tokens=40))
     assert result.truncated == 1
     assert "2 records (1 truncated to 320 tokens, the longest 320)" in capsys.readouterr().out  # 8 x 40
-    with pytest.raises(DataError, match=r"<records>: record 0: the prompt alone is 420 tokens, which fills "
-                                        r"max_length=320; raise --max-length"):
+    with pytest.raises(
+        DataError,
+        match=r"<records>: record 0: the prompt alone is 420 tokens, which fills "
+        r"max_length=320; raise --max-length",
+    ):
         train(config(tmp_path / "c", base, data=long, max_steps=1, max_batch_tokens=40))
 
 
 def test_classification_steps_are_class_balanced(base, tmp_path, monkeypatch):
     calls = []
     real = train_module.batching.balanced_plan
-    monkeypatch.setattr(train_module.batching, "balanced_plan",
-                        lambda classes, *args: calls.append(list(classes)) or real(classes, *args))
+    monkeypatch.setattr(
+        train_module.batching,
+        "balanced_plan",
+        lambda classes, *args: calls.append(list(classes)) or real(classes, *args),
+    )
     rows = [{"instruction": f"q {i}", "input": "", "output": "yes" if i % 4 else "no"} for i in range(24)]
     train(config(tmp_path / "a", base, data=rows, max_steps=2))  # auto label words: yes, no
     assert calls == [[1 if i % 4 else 0 for i in range(24)]]  # label words in order of appearance: no, yes

@@ -11,11 +11,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from softprompt.formats.adapter import load_adapter, save_adapter
 from softprompt.core.prompt import SoftPrompt
 from softprompt.data.templates import Template, encode_text
-from softprompt.serve.vllm_client import (build_prompt_embeds, complete, completion_payload, decode_prompt_embeds,
-                                    encode_prompt_embeds)
+from softprompt.formats.adapter import load_adapter, save_adapter
+from softprompt.serve.vllm_client import (
+    build_prompt_embeds,
+    complete,
+    completion_payload,
+    decode_prompt_embeds,
+    encode_prompt_embeds,
+)
 
 
 @pytest.fixture()
@@ -35,8 +40,11 @@ def stub_vllm():
                 self.wfile.write(data)
                 return
             embeds = decode_prompt_embeds(body["prompt_embeds"])
-            reply = {"object": "text_completion", "model": body["model"],
-                     "choices": [{"index": 0, "text": f"rows={embeds.shape[0]}", "finish_reason": "length"}]}
+            reply = {
+                "object": "text_completion",
+                "model": body["model"],
+                "choices": [{"index": 0, "text": f"rows={embeds.shape[0]}", "finish_reason": "length"}],
+            }
             data = json.dumps(reply).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -87,8 +95,9 @@ def test_chat_messages_use_the_adapter_template(tiny, tmp_path, stub_vllm):
 
     complete(url + "/v1", "m", tiny, adapter, messages=messages)
 
-    ids = encode_text(tiny.tokenizer, tiny.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                                          add_generation_prompt=True))
+    ids = encode_text(
+        tiny.tokenizer, tiny.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    )
     embeds = decode_prompt_embeds(received[0][1]["prompt_embeds"])
     table = tiny.model.get_input_embeddings().weight
     assert torch.equal(embeds, torch.cat([adapter.embeddings, table[torch.tensor(ids)]]))
@@ -101,8 +110,9 @@ def test_dtype_cast_and_base_model_without_adapter(tiny):
     roundtrip = decode_prompt_embeds(encode_prompt_embeds(embeds))
     assert roundtrip.dtype == torch.bfloat16 and torch.equal(roundtrip, embeds)
     body = completion_payload("m", tiny, None, text="abc")
-    assert torch.equal(decode_prompt_embeds(body["prompt_embeds"]),
-                       tiny.model.get_input_embeddings().weight[torch.tensor(ids)])
+    assert torch.equal(
+        decode_prompt_embeds(body["prompt_embeds"]), tiny.model.get_input_embeddings().weight[torch.tensor(ids)]
+    )
 
 
 def test_bad_inputs(tiny, stub_vllm):
@@ -127,9 +137,27 @@ def test_export_vllm_writes_rows_recipe_and_a_ready_request(tiny, tiny_dir, tmp_
     prompt = SoftPrompt.initialise(tiny, "random", num_virtual_tokens=5, seed=3)
     save_adapter(tmp_path / "task", prompt.embeddings, tiny, template=Template("Review: {instruction}\nLabel:"))
     out = tmp_path / "export"
-    assert main(["export-vllm", str(tmp_path / "task"), "--out", str(out), "--model", str(tiny_dir),
-                 "--instruction", "good film", "--served-model-name", "tiny-llama", "--max-tokens", "3",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "export-vllm",
+                str(tmp_path / "task"),
+                "--out",
+                str(out),
+                "--model",
+                str(tiny_dir),
+                "--instruction",
+                "good film",
+                "--served-model-name",
+                "tiny-llama",
+                "--max-tokens",
+                "3",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "softprompt export-vllm: wrote" in capsys.readouterr().out
     adapter = load_adapter(tmp_path / "task", tiny)
     rows = load_file(str(out / "prompt_embeds.safetensors"))["prompt_embeds"]
@@ -148,6 +176,7 @@ def test_export_vllm_writes_rows_recipe_and_a_ready_request(tiny, tiny_dir, tmp_
     # ... and request.json can be posted as it is.
     url, received = stub_vllm
     from softprompt.serve.vllm_client import post_json
+
     assert post_json(url + "/v1/completions", body)["choices"][0]["text"] == f"rows={5 + len(ids)}"
 
     bf16 = tmp_path / "bf16"

@@ -20,8 +20,10 @@ import httpx
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(os.environ.get("SOFTPROMPT_TEST_VLLM") != "1",
-                                reason="needs a real vLLM: set SOFTPROMPT_TEST_VLLM=1 (scripts/vllm_check.sh)")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("SOFTPROMPT_TEST_VLLM") != "1",
+    reason="needs a real vLLM: set SOFTPROMPT_TEST_VLLM=1 (scripts/vllm_check.sh)",
+)
 
 from softprompt.core.models import resolve_model_path  # noqa: E402
 from softprompt.core.prompt import SoftPrompt  # noqa: E402
@@ -40,10 +42,17 @@ from vllm_server import DEFAULT_VENV, VllmStartError, vllm_server  # noqa: E402 
 
 MAX_TOKENS = 24
 LOGPROB_TOL = 2e-3  # both run float32; kernels differ (vLLM's CPU attention vs torch SDPA)
-INSTRUCTIONS = ["What is the capital of France?", "Name three primary colours.", "Write a haiku about rain.",
-                "Is 17 a prime number?", "Translate 'good morning' into Spanish."]
-ADAPTERS = {"brief": ("chat", "Answer briefly and correctly."),
-            "helper": ("human-assistant", "You are a helpful assistant.")}
+INSTRUCTIONS = [
+    "What is the capital of France?",
+    "Name three primary colours.",
+    "Write a haiku about rain.",
+    "Is 17 a prime number?",
+    "Translate 'good morning' into Spanish.",
+]
+ADAPTERS = {
+    "brief": ("chat", "Answer briefly and correctly."),
+    "helper": ("human-assistant", "You are a helpful assistant."),
+}
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +76,9 @@ def adapters(default_base, tmp_path_factory):
     folder = tmp_path_factory.mktemp("vllm-adapters")
     for name, (template, text) in ADAPTERS.items():
         prompt = SoftPrompt.initialise(default_base, "text", init_text=text)
-        save_adapter(folder / name, prompt.embeddings, default_base, init="text", init_text=text,
-                     template=Template(template))
+        save_adapter(
+            folder / name, prompt.embeddings, default_base, init="text", init_text=text, template=Template(template)
+        )
     return folder
 
 
@@ -89,28 +99,66 @@ def test_vllm_prompt_embeds_equal_softprompt(vllm, model_dir, default_base, adap
             for instruction in INSTRUCTIONS:
                 ids = engine.encode(instruction, adapter=name)
                 ours = engine.generate([GenerationRequest(ids, adapter=name, max_new_tokens=MAX_TOKENS)])[0]
-                theirs = complete(vllm, model_dir, base, adapter, instruction=instruction, max_tokens=MAX_TOKENS,
-                                  temperature=0.0, logprobs=1, return_token_ids=True)
+                theirs = complete(
+                    vllm,
+                    model_dir,
+                    base,
+                    adapter,
+                    instruction=instruction,
+                    max_tokens=MAX_TOKENS,
+                    temperature=0.0,
+                    logprobs=1,
+                    return_token_ids=True,
+                )
                 choice = theirs["choices"][0]
-                served = httpx.post(server.url + "/v1/completions", timeout=120, json={
-                    "model": name or "base", "prompt": ids, "max_tokens": MAX_TOKENS, "temperature": 0,
-                    "logprobs": 1}).json()
+                served = httpx.post(
+                    server.url + "/v1/completions",
+                    timeout=120,
+                    json={
+                        "model": name or "base",
+                        "prompt": ids,
+                        "max_tokens": MAX_TOKENS,
+                        "temperature": 0,
+                        "logprobs": 1,
+                    },
+                ).json()
                 same = strip_eos(choice["token_ids"], eos) == strip_eos(ours.token_ids, eos)
-                diffs = [abs(a - b) for a, b in zip(choice["logprobs"]["token_logprobs"],
-                                                    served["choices"][0]["logprobs"]["token_logprobs"])]
+                diffs = [
+                    abs(a - b)
+                    for a, b in zip(
+                        choice["logprobs"]["token_logprobs"], served["choices"][0]["logprobs"]["token_logprobs"]
+                    )
+                ]
                 worst = max(diffs, default=0.0)
                 usage = (theirs["usage"]["prompt_tokens"], served["usage"]["prompt_tokens"])
-                rows.append(f"{name or 'base':7} {'equal' if same else 'DIFFERENT':9} "
-                            f"{len(strip_eos(ours.token_ids, eos)):3d} tokens  max |dlogprob| {worst:.1e}  "
-                            f"prompt_tokens vLLM {usage[0]} / serve {usage[1]}  {choice['text'][:40]!r}")
+                rows.append(
+                    f"{name or 'base':7} {'equal' if same else 'DIFFERENT':9} "
+                    f"{len(strip_eos(ours.token_ids, eos)):3d} tokens  max |dlogprob| {worst:.1e}  "
+                    f"prompt_tokens vLLM {usage[0]} / serve {usage[1]}  {choice['text'][:40]!r}"
+                )
                 if not same or worst > LOGPROB_TOL or usage[0] != usage[1] or choice["text"] != ours.text:
                     failures.append(rows[-1])
         # the text `softprompt generate` prints, for one case per model
         for name in [*ADAPTERS, None]:
-            text = generate(INSTRUCTIONS[0], base=base, adapter=adapters / name if name else None, greedy=True,
-                            max_new_tokens=MAX_TOKENS)
-            assert text == complete(vllm, model_dir, base, loaded.get(name), instruction=INSTRUCTIONS[0],
-                                    max_tokens=MAX_TOKENS, temperature=0.0)["choices"][0]["text"]
+            text = generate(
+                INSTRUCTIONS[0],
+                base=base,
+                adapter=adapters / name if name else None,
+                greedy=True,
+                max_new_tokens=MAX_TOKENS,
+            )
+            assert (
+                text
+                == complete(
+                    vllm,
+                    model_dir,
+                    base,
+                    loaded.get(name),
+                    instruction=INSTRUCTIONS[0],
+                    max_tokens=MAX_TOKENS,
+                    temperature=0.0,
+                )["choices"][0]["text"]
+            )
 
     # export-vllm's files, used by hand: torch.cat + base64, no softprompt client
     export_vllm(ExportVllmConfig(adapter=str(adapters / "helper"), out=str(tmp_path / "export")))
@@ -119,13 +167,16 @@ def test_vllm_prompt_embeds_equal_softprompt(vllm, model_dir, default_base, adap
     text = info["template_example"].replace("{instruction}", INSTRUCTIONS[0])
     table = base.model.get_input_embeddings().weight.detach()
     embeds = torch.cat([soft, table[torch.tensor(encode_text(base.tokenizer, text))]])
-    by_hand = post_json(vllm + "/v1/completions", {"model": model_dir, "prompt_embeds": encode_prompt_embeds(embeds),
-                                                   "max_tokens": MAX_TOKENS, "temperature": 0})
-    assert by_hand["choices"][0]["text"] == generate(INSTRUCTIONS[0], base=base, adapter=adapters / "helper",
-                                                     greedy=True, max_new_tokens=MAX_TOKENS)
+    by_hand = post_json(
+        vllm + "/v1/completions",
+        {"model": model_dir, "prompt_embeds": encode_prompt_embeds(embeds), "max_tokens": MAX_TOKENS, "temperature": 0},
+    )
+    assert by_hand["choices"][0]["text"] == generate(
+        INSTRUCTIONS[0], base=base, adapter=adapters / "helper", greedy=True, max_new_tokens=MAX_TOKENS
+    )
 
     # prompt="" is what vLLM's own example sends; 0.32 refuses it (why the client leaves `prompt` out)
     body = {"model": model_dir, "prompt": "", "prompt_embeds": encode_prompt_embeds(embeds), "max_tokens": 2}
     refused = httpx.post(vllm + "/v1/completions", json=body, timeout=120)
-    print("\n".join(["", *rows, f"prompt=\"\" -> HTTP {refused.status_code}: {refused.json()['error']['message']}"]))
+    print("\n".join(["", *rows, f'prompt="" -> HTTP {refused.status_code}: {refused.json()["error"]["message"]}']))
     assert not failures, "\n".join(failures)

@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="softprompt",
         description="Prompt tuning for frozen causal language models: train a few virtual tokens, "
-                    "evaluate, generate and serve them. Adapters are PEFT-format folders.",
+        "evaluate, generate and serve them. Adapters are PEFT-format folders.",
     )
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb, module_name in VERBS.items():

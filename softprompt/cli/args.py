@@ -36,8 +36,12 @@ def add_options(parser: argparse.ArgumentParser, config_cls: type, skip: tuple[s
 
 def config_from_args(config_cls: type, args: argparse.Namespace, **extra):
     """Build `config_cls` from parsed arguments (fields the parser does not have keep their defaults)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if hasattr(args, f.name)
-              and not (getattr(args, f.name) is None and f.default_factory is not dataclasses.MISSING)}
+    values = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(config_cls)
+        if hasattr(args, f.name)
+        and not (getattr(args, f.name) is None and f.default_factory is not dataclasses.MISSING)
+    }
     return config_cls(**{**values, **extra})
 
 
@@ -76,8 +80,7 @@ def _argparse_kwargs(field: dataclasses.Field, hint) -> dict:
         kwargs["default"] = None  # argparse would append to a shared default list; the config makes a fresh one
     if spec.positional and field.default is not dataclasses.MISSING:
         kwargs["nargs"] = "?"
-    elif not spec.positional and field.default is dataclasses.MISSING \
-            and field.default_factory is dataclasses.MISSING:
+    elif not spec.positional and field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
         kwargs["required"] = True
     return kwargs
 
@@ -105,8 +108,10 @@ def check_argv_text(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     names = {}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction) and args.verb in action.choices:
-            names = {a.dest: a.option_strings[-1] if a.option_strings else (a.metavar or a.dest).upper()
-                     for a in action.choices[args.verb]._actions}
+            names = {
+                a.dest: a.option_strings[-1] if a.option_strings else (a.metavar or a.dest).upper()
+                for a in action.choices[args.verb]._actions
+            }
     for dest, value in vars(args).items():
         for text in value if isinstance(value, list) else [value]:
             if isinstance(text, str):
@@ -122,8 +127,9 @@ def check_output(path: str | None, flag: str, inputs: dict[str, str | None] | No
     target = Path(path)
     for other_flag, other in (inputs or {}).items():
         if other and _same_file(target, Path(other)):
-            raise ValueError(f"{flag} {path} is the {other_flag} file: writing it would overwrite the input; "
-                             f"choose another {flag}")
+            raise ValueError(
+                f"{flag} {path} is the {other_flag} file: writing it would overwrite the input; choose another {flag}"
+            )
     if target.is_dir():
         raise ValueError(f"{flag} {path}: is a folder, not a file")
     folder = target.parent

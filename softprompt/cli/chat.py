@@ -11,8 +11,10 @@ from softprompt.data.records import check_unicode
 from softprompt.inference.config import ChatConfig
 
 HELP = "chat interactively with a base model and an optional adapter (streamed answers)"
-DESCRIPTION = ("Read messages from stdin, one per line; print each answer as it is generated. Commands: /reset "
-               "forgets the conversation, /quit leaves.")
+DESCRIPTION = (
+    "Read messages from stdin, one per line; print each answer as it is generated. Commands: /reset "
+    "forgets the conversation, /quit leaves."
+)
 
 OPTIONS = (ChatConfig,)
 
@@ -28,10 +30,14 @@ def run(args: argparse.Namespace) -> int:
     engine = build_engine(base, config.chat_template)
     name = add_adapter(engine, config.adapter)
     if engine.template(name).spec != CHAT:
-        print("softprompt chat: this template has no turns; each message is answered on its own "
-              "(use --chat-template for multi-turn with the base model's chat template)", file=sys.stderr)
-    conversation = Conversation(engine, name, config.sampling(), config.max_new_tokens, config.stop, config.seed,
-                                config.system)
+        print(
+            "softprompt chat: this template has no turns; each message is answered on its own "
+            "(use --chat-template for multi-turn with the base model's chat template)",
+            file=sys.stderr,
+        )
+    conversation = Conversation(
+        engine, name, config.sampling(), config.max_new_tokens, config.stop, config.seed, config.system
+    )
     return chat_loop(conversation, CheckedLines(sys.stdin), sys.stdout, sys.stderr)
 
 

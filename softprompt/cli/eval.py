@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 from softprompt.cli.args import check_output, config_from_args
 from softprompt.evaluation.config import EvalConfig
 from softprompt.options import check_options, option
 
 HELP = "evaluate the base model and/or adapters: loss, perplexity, accuracy, exact match, ROUGE-L"
-DESCRIPTION = ("Evaluate the base model and/or adapters on records. Every model gets the loss and perplexity of the "
-               "answer tokens; with --choices, rank-classification accuracy (each choice's full token sequence "
-               "scored after the prompt); greedy answers give exact match and ROUGE-L. An adapter always uses the "
-               "template saved with it.")
+DESCRIPTION = (
+    "Evaluate the base model and/or adapters on records. Every model gets the loss and perplexity of the "
+    "answer tokens; with --choices, rank-classification accuracy (each choice's full token sequence "
+    "scored after the prompt); greedy answers give exact match and ROUGE-L. An adapter always uses the "
+    "template saved with it."
+)
 
 
 @dataclass
@@ -24,8 +25,9 @@ class Report:
     """How the command line shows the evaluation (options of the CLI only)."""
 
     examples: int = option(3, "print this many records with each model's answer", minimum=0, group="report")
-    json: str | None = option(None, "write all metrics and per-record answers to this JSON file", metavar="OUT",
-                              group="report")
+    json: str | None = option(
+        None, "write all metrics and per-record answers to this JSON file", metavar="OUT", group="report"
+    )
 
     def __post_init__(self) -> None:
         check_options(self)

@@ -11,8 +11,10 @@ from softprompt.cli.args import check_output, config_from_args, values_of
 from softprompt.inference.config import BatchOptions, GenerateConfig, GenerationOptions
 
 HELP = "generate answers with a base model and an optional soft-prompt adapter"
-DESCRIPTION = ("Answer one INSTRUCTION (printed as it is generated) or every record of a --batch JSONL file. Rows of "
-               "a batch may each use a different adapter; they are batched together.")
+DESCRIPTION = (
+    "Answer one INSTRUCTION (printed as it is generated) or every record of a --batch JSONL file. Rows of "
+    "a batch may each use a different adapter; they are batched together."
+)
 
 OPTIONS = (GenerateConfig,)
 
@@ -31,8 +33,13 @@ def run(args: argparse.Namespace) -> int:
         load_adapter(config.adapter)  # fail on a missing or malformed folder before loading the model
     base = load_base(config.model, device=config.device, dtype=config.dtype)
     if records is None:
-        generate(config.instruction, config.input, base=base, on_text=lambda t: print(t, end="", flush=True),
-                 **values_of(config, GenerationOptions))
+        generate(
+            config.instruction,
+            config.input,
+            base=base,
+            on_text=lambda t: print(t, end="", flush=True),
+            **values_of(config, GenerationOptions),
+        )
         print(flush=True)
         return 0
     options = {**values_of(config, BatchOptions), "progress": config.progress and sys.stderr.isatty()}

@@ -9,9 +9,11 @@ from softprompt.cli.args import config_from_args
 from softprompt.evaluation.config import InspectConfig
 
 HELP = "show an adapter's config, size and what its virtual tokens are near in the vocabulary"
-DESCRIPTION = ("Show an adapter's config, its size on disk, its trainable parameter count, and for every virtual "
-               "token its norm and the vocabulary tokens whose input embeddings are nearest by cosine similarity "
-               "(the mean vocabulary embedding norm is printed for scale).")
+DESCRIPTION = (
+    "Show an adapter's config, its size on disk, its trainable parameter count, and for every virtual "
+    "token its norm and the vocabulary tokens whose input embeddings are nearest by cosine similarity "
+    "(the mean vocabulary embedding norm is printed for scale)."
+)
 
 OPTIONS = (InspectConfig,)
 

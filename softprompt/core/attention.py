@@ -46,9 +46,9 @@ NAME = "softprompt_sdpa"
 
 @dataclass
 class _RowExact:
-    live: int | None                       # rows >= live are ghost rows (skipped); None = every row is real
-    chunk: int | None = None               # queries per call, aligned to a row's first query (None: all at once)
-    mask: object = None                    # the 4-D mask the cached plan below was made from (one per forward)
+    live: int | None  # rows >= live are ghost rows (skipped); None = every row is real
+    chunk: int | None = None  # queries per call, aligned to a row's first query (None: all at once)
+    mask: object = None  # the 4-D mask the cached plan below was made from (one per forward)
     shape: tuple = ()
     plan: list = field(default_factory=list)
 
@@ -70,8 +70,9 @@ def row_exact(live: int | None = None, chunk: int | None = None):
         _ROW_EXACT.reset(token)
 
 
-def _row_plan(state: _RowExact, attention_mask: torch.Tensor | None, batch: int, q_len: int, k_len: int,
-              device: torch.device) -> list:
+def _row_plan(
+    state: _RowExact, attention_mask: torch.Tensor | None, batch: int, q_len: int, k_len: int, device: torch.device
+) -> list:
     """Per real row: (row, key index, query index, chunks), each chunk (first, end, seen, its [end - first, seen]
     mask or None): queries[first:end] over the row's first `seen` real keys. Made once per forward pass (every layer
     shares the mask) and reused by every layer."""
@@ -113,26 +114,49 @@ def _row_exact_sdpa(state: _RowExact, module, query, key, value, attention_mask,
         k = key[b].index_select(1, keys).unsqueeze(0)
         v = value[b].index_select(1, keys).unsqueeze(0)
         for first, end, seen, mask in chunks:
-            o = F.scaled_dot_product_attention(q[:, :, first:end], k[:, :, :seen], v[:, :, :seen], attn_mask=mask,
-                                               scale=scaling, enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(
+                q[:, :, first:end], k[:, :, :seen], v[:, :, :seen], attn_mask=mask, scale=scaling, enable_gqa=gqa
+            )
             out[b].index_copy_(0, queries[first:end], o[0].transpose(0, 1))
     return out
 
 
-def grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-                 is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+def grouped_sdpa(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """transformers attention-function signature: query [B, heads, Lq, D], key/value [B, kv_heads, Lk, D]."""
     state = _ROW_EXACT.get()
-    if (state is not None and query.device.type == "cpu" and not dropout and kwargs.get("position_bias") is None
-            and kwargs.get("softcap") is None):
+    if (
+        state is not None
+        and query.device.type == "cpu"
+        and not dropout
+        and kwargs.get("position_bias") is None
+        and kwargs.get("softcap") is None
+    ):
         return _row_exact_sdpa(state, module, query, key, value, attention_mask, scaling), None
     groups = getattr(module, "num_key_value_groups", 1)
-    if (query.device.type != "cpu" or groups == 1 or attention_mask is None or query.shape[2] == 1
-            or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                         scale=scaling, enable_gqa=True)
+    if (
+        query.device.type != "cpu"
+        or groups == 1
+        or attention_mask is None
+        or query.shape[2] == 1
+        or kwargs.get("position_bias") is not None
+        or kwargs.get("softcap") is not None
+    ):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
+    )
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -71,12 +71,19 @@ def positions_from_mask(mask: torch.Tensor, offset: torch.Tensor | int = 0) -> t
     return (pos + offset).clamp(min=0)
 
 
-def run_body(model, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-             cache=None, use_cache: bool = False):
+def run_body(
+    model,
+    embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache=None,
+    use_cache: bool = False,
+):
     """Run the decoder stack (no LM head). attention_mask covers cached + new positions."""
     kwargs = {cache_kwarg(model): cache} if cache is not None else {}
-    out = model.base_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=use_cache, **kwargs)
+    out = model.base_model(
+        inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache, **kwargs
+    )
     return out.last_hidden_state, (cache if use_cache else None)
 
 
@@ -152,15 +159,19 @@ def check_prefix_fits(model) -> None:
         return
     base = (fields["num_key_value_heads"], fields.get("head_dim") or head_dim)
     per = {str(k): v for k, v in (fields.get("per_layer_config") or {}).items()}
-    shapes = {(per.get(str(i), {}).get("num_key_value_heads", base[0]), per.get(str(i), {}).get("head_dim", base[1]))
-              for i in range(layers)}
+    shapes = {
+        (per.get(str(i), {}).get("num_key_value_heads", base[0]), per.get(str(i), {}).get("head_dim", base[1]))
+        for i in range(layers)
+    }
     if fields.get("global_head_dim") is not None:
         shapes |= {base, (kv_heads, head_dim)}
     if len(shapes) > 1:
         described = ", ".join(f"{k} x {d}" for k, d in sorted(shapes))
-        raise ValueError(f"prefix tuning cannot run on {type(model).__name__}: its layers' keys/values differ in "
-                         f"shape (kv heads x head dim: {described}) and a prefix gives every layer one shape; "
-                         "use --method prompt or ptuning")
+        raise ValueError(
+            f"prefix tuning cannot run on {type(model).__name__}: its layers' keys/values differ in "
+            f"shape (kv heads x head dim: {described}) and a prefix gives every layer one shape; "
+            "use --method prompt or ptuning"
+        )
 
 
 def _first(fields: dict, *names: str):
@@ -183,8 +194,10 @@ def prefix_kv(model, flat: torch.Tensor) -> Kv:
     layers, kv_heads, head_dim = prefix_layout(model)
     check_prefix_fits(model)
     if flat.ndim != 2 or flat.shape[1] != layers * 2 * kv_heads * head_dim:
-        raise ValueError(f"a prefix for this model needs shape [N, {layers * 2 * kv_heads * head_dim}] "
-                         f"({layers} layers x 2 x {kv_heads} kv heads x {head_dim}), got {tuple(flat.shape)}")
+        raise ValueError(
+            f"a prefix for this model needs shape [N, {layers * 2 * kv_heads * head_dim}] "
+            f"({layers} layers x 2 x {kv_heads} kv heads x {head_dim}), got {tuple(flat.shape)}"
+        )
     weight = model.get_input_embeddings().weight
     per = flat.to(weight.device, weight.dtype).view(flat.shape[0], layers * 2, kv_heads, head_dim).permute(1, 2, 0, 3)
     return [(per[2 * i].unsqueeze(0), per[2 * i + 1].unsqueeze(0)) for i in range(layers)]
@@ -239,8 +252,9 @@ class SharedPrefix:
             s = ids.shape[1]
             mask = torch.ones(1, length + s, dtype=torch.long, device=ids.device)
             pos = torch.arange(length, length + s, device=ids.device).unsqueeze(0)
-            hidden, cache = run_body(model, model.get_input_embeddings()(ids), mask, pos, cache=make_cache(kv),
-                                     use_cache=True)
+            hidden, cache = run_body(
+                model, model.get_input_embeddings()(ids), mask, pos, cache=make_cache(kv), use_cache=True
+            )
             kv, last, length = cache_tensors(cache), hidden[0, -1], length + s
         if not length:
             raise ValueError("a SharedPrefix needs a prompt or shared text")
@@ -258,9 +272,14 @@ class SharedPrefix:
             torch.autograd.backward([s for s, _ in used], [g for _, g in used])
 
 
-def text_hidden(model, prompt: "torch.Tensor | Virtual | None", input_ids: torch.Tensor,
-                attention_mask: torch.Tensor, mode: str = "kv", prefix: SharedPrefix | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def text_hidden(
+    model,
+    prompt: "torch.Tensor | Virtual | None",
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mode: str = "kv",
+    prefix: SharedPrefix | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Hidden states at the text positions [B, L, H] with the soft prompt in front, plus the hidden state that
     predicts the first text token (the last virtual token's; None without a prompt or with a prefix). `prefix` (kv
     mode): the prompt's keys/values already computed, instead of running the virtual tokens here; with shared text in
@@ -278,8 +297,10 @@ def text_hidden(model, prompt: "torch.Tensor | Virtual | None", input_ids: torch
         if prefix is not None:
             raise ValueError("a SharedPrefix is for mode 'kv' (mode 'concat' runs the whole sequence)")
         if not prompt.embeds_input:
-            raise ValueError("a prefix-tuning prompt has no input embeddings to concatenate (mode 'concat', used with "
-                             "gradient checkpointing); use mode 'kv'")
+            raise ValueError(
+                "a prefix-tuning prompt has no input embeddings to concatenate (mode 'concat', used with "
+                "gradient checkpointing); use mode 'kv'"
+            )
         p = prompt.tensor.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
         hidden, _ = run_body(model, torch.cat([p, embeds], dim=1), full_mask, positions_from_mask(full_mask))
         return hidden[:, n:], hidden[0, n - 1]
@@ -291,9 +312,15 @@ def text_hidden(model, prompt: "torch.Tensor | Virtual | None", input_ids: torch
     return hidden, last
 
 
-def label_nll(model, prompt: "torch.Tensor | Virtual | None", input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              labels: torch.Tensor, mode: str = "kv", prefix: SharedPrefix | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def label_nll(
+    model,
+    prompt: "torch.Tensor | Virtual | None",
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    mode: str = "kv",
+    prefix: SharedPrefix | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row summed negative log-likelihood of the label tokens and per-row label counts.
 
     labels follow the Hugging Face convention: same shape as input_ids, -100 where there is nothing to learn; the
@@ -326,8 +353,12 @@ def head_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = HE
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
     if not (torch.is_grad_enabled() and hidden.requires_grad):
-        return torch.cat([F.cross_entropy(lm_logits(model, h), t, reduction="none")
-                          for h, t in zip(hidden.split(chunk), targets.split(chunk))])
+        return torch.cat(
+            [
+                F.cross_entropy(lm_logits(model, h), t, reduction="none")
+                for h, t in zip(hidden.split(chunk), targets.split(chunk))
+            ]
+        )
     head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
     return _FusedHeadNLL.apply(hidden, targets, head.weight, head.bias, cap, chunk)

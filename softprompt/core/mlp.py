@@ -51,8 +51,9 @@ def _lean_forward(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def is_swiglu(module: torch.nn.Module) -> bool:
     """A Llama-style gated MLP: gate_proj, up_proj, down_proj linear layers and a SiLU activation."""
     linears = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-    return all(isinstance(layer, torch.nn.Linear) for layer in linears) and \
-        isinstance(getattr(module, "act_fn", None), SILU_MODULES)
+    return all(isinstance(layer, torch.nn.Linear) for layer in linears) and isinstance(
+        getattr(module, "act_fn", None), SILU_MODULES
+    )
 
 
 def use_lean_mlp(model: torch.nn.Module) -> int:

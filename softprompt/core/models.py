@@ -87,8 +87,10 @@ def resolve_device(device: str | None = None) -> torch.device:
     except RuntimeError as err:
         raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N ({err})") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} was requested but CUDA is not available here "
-                           "(no GPU, or a CPU-only torch build); use --device cpu or auto")
+        raise RuntimeError(
+            f"device {device!r} was requested but CUDA is not available here "
+            "(no GPU, or a CPU-only torch build); use --device cpu or auto"
+        )
     return dev
 
 
@@ -132,9 +134,13 @@ def cpu_bf16_speedup() -> float:
         return 0.0
     rows, width, out = PROBE_SHAPE
     generator = torch.Generator().manual_seed(0)
-    pairs = {dtype: (torch.randn(rows, width, generator=generator).to(dtype),
-                     torch.randn(out, width, generator=generator).to(dtype))
-             for dtype in (torch.float32, torch.bfloat16)}
+    pairs = {
+        dtype: (
+            torch.randn(rows, width, generator=generator).to(dtype),
+            torch.randn(out, width, generator=generator).to(dtype),
+        )
+        for dtype in (torch.float32, torch.bfloat16)
+    }
     seconds = {dtype: float("inf") for dtype in pairs}
     for _ in range(8):  # interleaved, best of each: a busy machine slows both alike
         for dtype, (x, w) in pairs.items():
@@ -157,8 +163,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         if device.type == "cpu" and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP:
             return torch.bfloat16
         return torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}: use one of auto, float32, bfloat16, float16")
     return names[dtype]
@@ -218,8 +230,13 @@ def resolve_model_path(model: str | None) -> tuple[str, str]:
     return model, model
 
 
-def load_base(model: str | None = None, *, device: str | None = None, dtype: str | torch.dtype | None = None,
-              attn_implementation: str | None = "sdpa") -> FrozenModel:
+def load_base(
+    model: str | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    attn_implementation: str | None = "sdpa",
+) -> FrozenModel:
     """Load a causal LM frozen (eval mode, requires_grad False everywhere) with its tokenizer.
 
     `model`: None or "default" for the embedded SmolLM2-135M-Instruct, a local directory, a hub id, or a .gguf file.
@@ -265,8 +282,12 @@ def _from_pretrained(auto, path: str, dtype: torch.dtype, attn_implementation: s
         if attn_implementation != "sdpa" or SDPA_REFUSED not in str(err):
             raise
         name = str(err).split(" ", 1)[0]
-        print(f"softprompt: {name} has no SDPA attention in this transformers; using eager attention (slower; "
-              "below fp32 a generated row may depend on its batch-mates)", file=sys.stderr, flush=True)
+        print(
+            f"softprompt: {name} has no SDPA attention in this transformers; using eager attention (slower; "
+            "below fp32 a generated row may depend on its batch-mates)",
+            file=sys.stderr,
+            flush=True,
+        )
         return auto.from_pretrained(path, **{**kwargs, "attn_implementation": "eager"})
 
 
@@ -280,23 +301,32 @@ def check_family(model: torch.nn.Module) -> None:
     except (NotImplementedError, AttributeError):
         embeddings = None
     if getattr(embeddings, "weight", None) is None:
-        raise UnsupportedModelError(f"{name} cannot be used: it exposes no input embedding matrix "
-                                    "(get_input_embeddings), which soft prompts live in")
+        raise UnsupportedModelError(
+            f"{name} cannot be used: it exposes no input embedding matrix "
+            "(get_input_embeddings), which soft prompts live in"
+        )
     params = inspect.signature(model.base_model.forward).parameters
-    needs = {"inputs_embeds": "input embeddings (inputs_embeds)",
-             "position_ids": "explicit position ids (position_ids)"}
+    needs = {
+        "inputs_embeds": "input embeddings (inputs_embeds)",
+        "position_ids": "explicit position ids (position_ids)",
+    }
     for arg, what in needs.items():
         if arg not in params:
-            raise UnsupportedModelError(f"{name} cannot be used: its forward takes no {what}, which every "
-                                        "prompt-learning method feeds it")
+            raise UnsupportedModelError(
+                f"{name} cannot be used: its forward takes no {what}, which every prompt-learning method feeds it"
+            )
     if not {"past_key_values", "cache"} & set(params):
-        raise UnsupportedModelError(f"{name} cannot be used: its forward takes no KV cache (past_key_values), "
-                                    "which prefix tuning and cached generation need")
+        raise UnsupportedModelError(
+            f"{name} cannot be used: its forward takes no KV cache (past_key_values), "
+            "which prefix tuning and cached generation need"
+        )
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if getattr(config, "hidden_size_per_layer_input", None):  # Gemma 3n, Gemma 4 E2B/E4B
-        raise UnsupportedModelError(f"{name} cannot be used: it derives per-layer inputs from the token ids "
-                                    "(hidden_size_per_layer_input), so a soft prompt, which has no token ids, cannot "
-                                    "feed it")
+        raise UnsupportedModelError(
+            f"{name} cannot be used: it derives per-layer inputs from the token ids "
+            "(hidden_size_per_layer_input), so a soft prompt, which has no token ids, cannot "
+            "feed it"
+        )
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

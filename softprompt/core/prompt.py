@@ -23,7 +23,6 @@ a fresh prefix starts where the same prompt-tuning init starts; for P-tuning: th
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
@@ -44,8 +43,9 @@ class SoftPrompt(nn.Module):
     def __init__(self, embeddings: torch.Tensor, init: str = "random", init_text: str | None = None):
         super().__init__()
         if embeddings.ndim != 2 or embeddings.shape[0] < 1:
-            raise ValueError("a soft prompt needs shape [num_virtual_tokens >= 1, hidden], "
-                             f"got {tuple(embeddings.shape)}")
+            raise ValueError(
+                f"a soft prompt needs shape [num_virtual_tokens >= 1, hidden], got {tuple(embeddings.shape)}"
+            )
         self.embeddings = nn.Parameter(embeddings.detach().to(torch.float32).clone())
         self.init = init
         self.init_text = init_text
@@ -69,9 +69,15 @@ class SoftPrompt(nn.Module):
         return {}
 
     @classmethod
-    def initialise(cls, base, method: str = "text", num_virtual_tokens: int | None = None,
-                   init_text: str | None = None, label_words: list[str] | None = None,
-                   seed: int = 0) -> "SoftPrompt":
+    def initialise(
+        cls,
+        base,
+        method: str = "text",
+        num_virtual_tokens: int | None = None,
+        init_text: str | None = None,
+        label_words: list[str] | None = None,
+        seed: int = 0,
+    ) -> "SoftPrompt":
         """Build a fresh soft prompt for `base` (a models.FrozenModel) with one of INIT_METHODS."""
         table = base.model.get_input_embeddings().weight.detach().float().cpu()
         generator = torch.Generator().manual_seed(seed)
@@ -128,9 +134,16 @@ class PrefixEncoder(nn.Module):
 
     method = "prefix"
 
-    def __init__(self, start: torch.Tensor, width: int, projection: bool = False,
-                 encoder_hidden_size: int | None = None, init: str = "random", init_text: str | None = None,
-                 seed: int = 0):
+    def __init__(
+        self,
+        start: torch.Tensor,
+        width: int,
+        projection: bool = False,
+        encoder_hidden_size: int | None = None,
+        init: str = "random",
+        init_text: str | None = None,
+        seed: int = 0,
+    ):
         super().__init__()
         if start.ndim != 2 or start.shape[0] < 1:
             raise ValueError(f"a prefix needs shape [num_virtual_tokens >= 1, ...], got {tuple(start.shape)}")
@@ -144,8 +157,11 @@ class PrefixEncoder(nn.Module):
                 raise ValueError("a projected prefix needs its encoder_hidden_size")
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                self.transform = nn.Sequential(nn.Linear(start.shape[1], self.encoder_hidden_size), nn.Tanh(),
-                                               nn.Linear(self.encoder_hidden_size, width))
+                self.transform = nn.Sequential(
+                    nn.Linear(start.shape[1], self.encoder_hidden_size),
+                    nn.Tanh(),
+                    nn.Linear(self.encoder_hidden_size, width),
+                )
         else:
             if start.shape[1] != width:
                 raise ValueError(f"a prefix for this model needs shape [N, {width}], got {tuple(start.shape)}")
@@ -171,14 +187,22 @@ class PromptEncoder(nn.Module):
 
     method = "ptuning"
 
-    def __init__(self, start: torch.Tensor, encoder_hidden_size: int | None = None, encoder_type: str = "mlp",
-                 init: str = "random", init_text: str | None = None, seed: int = 0):
+    def __init__(
+        self,
+        start: torch.Tensor,
+        encoder_hidden_size: int | None = None,
+        encoder_type: str = "mlp",
+        init: str = "random",
+        init_text: str | None = None,
+        seed: int = 0,
+    ):
         super().__init__()
         if encoder_type not in ENCODER_TYPES:
             raise ValueError(f"unknown encoder type {encoder_type!r}: use one of {', '.join(ENCODER_TYPES)}")
         if start.ndim != 2 or start.shape[0] < 1:
-            raise ValueError(f"a P-tuning prompt needs shape [num_virtual_tokens >= 1, hidden], got "
-                             f"{tuple(start.shape)}")
+            raise ValueError(
+                f"a P-tuning prompt needs shape [num_virtual_tokens >= 1, hidden], got {tuple(start.shape)}"
+            )
         hidden = start.shape[1]
         self.encoder_type = encoder_type
         self.encoder_hidden_size = e = encoder_hidden_size or hidden
@@ -190,8 +214,9 @@ class PromptEncoder(nn.Module):
                 self.lstm_head = nn.LSTM(hidden, e, num_layers=2, bidirectional=True, batch_first=True)
                 self.mlp_head = nn.Sequential(nn.Linear(2 * e, 2 * e), nn.ReLU(), nn.Linear(2 * e, hidden))
             else:
-                self.mlp_head = nn.Sequential(nn.Linear(hidden, e), nn.ReLU(), nn.Linear(e, e), nn.ReLU(),
-                                              nn.Linear(e, hidden))
+                self.mlp_head = nn.Sequential(
+                    nn.Linear(hidden, e), nn.ReLU(), nn.Linear(e, e), nn.ReLU(), nn.Linear(e, hidden)
+                )
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -206,14 +231,25 @@ class PromptEncoder(nn.Module):
         return Virtual(self(), self.method)
 
     def peft_fields(self) -> dict:
-        return {"encoder_reparameterization_type": self.encoder_type.upper(),
-                "encoder_hidden_size": self.encoder_hidden_size}
+        return {
+            "encoder_reparameterization_type": self.encoder_type.upper(),
+            "encoder_hidden_size": self.encoder_hidden_size,
+        }
 
 
-def build_prompt(base, method: str = "prompt", init: str = "vocab", num_virtual_tokens: int | None = None,
-                 init_text: str | None = None, label_words: list[str] | None = None, seed: int = 0, *,
-                 prefix_projection: bool = False, encoder_hidden_size: int | None = None,
-                 encoder_type: str = "mlp") -> nn.Module:
+def build_prompt(
+    base,
+    method: str = "prompt",
+    init: str = "vocab",
+    num_virtual_tokens: int | None = None,
+    init_text: str | None = None,
+    label_words: list[str] | None = None,
+    seed: int = 0,
+    *,
+    prefix_projection: bool = False,
+    encoder_hidden_size: int | None = None,
+    encoder_type: str = "mlp",
+) -> nn.Module:
     """A fresh trainable soft prompt of `method` (see METHODS) for `base` (a models.FrozenModel), on its device."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
@@ -221,8 +257,9 @@ def build_prompt(base, method: str = "prompt", init: str = "vocab", num_virtual_
     if method == "prompt":
         return start
     if method == "ptuning":
-        return PromptEncoder(start.embeddings, encoder_hidden_size, encoder_type, start.init, start.init_text,
-                             seed).to(base.device)
+        return PromptEncoder(start.embeddings, encoder_hidden_size, encoder_type, start.init, start.init_text, seed).to(
+            base.device
+        )
     layers, kv_heads, head_dim = prefix_layout(base.model)
     check_prefix_fits(base.model)
     width = layers * 2 * kv_heads * head_dim
@@ -234,5 +271,6 @@ def build_prompt(base, method: str = "prompt", init: str = "vocab", num_virtual_
         with torch.no_grad():
             kv, _ = prompt_kv(base.model, start.embeddings)
         vectors = flat_prefix(kv)
-    return PrefixEncoder(vectors, width, prefix_projection, encoder_hidden_size, start.init, start.init_text,
-                         seed).to(base.device)
+    return PrefixEncoder(vectors, width, prefix_projection, encoder_hidden_size, start.init, start.init_text, seed).to(
+        base.device
+    )

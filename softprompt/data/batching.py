@@ -56,14 +56,18 @@ def shared_prompt_length(examples: list[Example]) -> int:
     first = examples[0]
     limit = min(len(e) for e in examples) - 1
     shared = 0
-    while shared < limit and first.labels[shared] == -100 and all(
-            e.ids[shared] == first.ids[shared] and e.labels[shared] == -100 for e in examples):
+    while (
+        shared < limit
+        and first.labels[shared] == -100
+        and all(e.ids[shared] == first.ids[shared] and e.labels[shared] == -100 for e in examples)
+    ):
         shared += 1
     return shared
 
 
-def encode_records(records: list[Record], tokenizer, template: Template, max_length: int,
-                   skip_bad: bool = False) -> tuple[list[Example], list[str], int]:
+def encode_records(
+    records: list[Record], tokenizer, template: Template, max_length: int, skip_bad: bool = False
+) -> tuple[list[Example], list[str], int]:
     """Tokenise records. Returns (examples, skipped reasons, number truncated to max_length).
 
     A record whose prompt alone fills max_length raises DataError naming the record (or is skipped and reported
@@ -72,8 +76,9 @@ def encode_records(records: list[Record], tokenizer, template: Template, max_len
     examples, skipped, truncated = [], [], 0
     for record in records:
         try:
-            ids, labels, cut = encode_example(template, tokenizer, record.instruction, record.input, record.output,
-                                              max_length)
+            ids, labels, cut = encode_example(
+                template, tokenizer, record.instruction, record.input, record.output, max_length
+            )
         except ValueError as err:
             message = f"{record.where}: {err}; raise --max-length or shorten the record"
             if not skip_bad:
@@ -94,8 +99,8 @@ def epoch_plan(lengths: list[int], step_records: int, seed: int, epoch: int, shu
     mega = step_records * MEGA_BATCH_STEPS
     grouped = []
     for start in range(0, len(order), mega):
-        grouped += sorted(order[start:start + mega], key=lambda i: -lengths[i])
-    steps = [grouped[i:i + step_records] for i in range(0, len(grouped), step_records)]
+        grouped += sorted(order[start : start + mega], key=lambda i: -lengths[i])
+    steps = [grouped[i : i + step_records] for i in range(0, len(grouped), step_records)]
     if shuffle:
         rng.shuffle(steps)
     return steps
@@ -116,7 +121,7 @@ def balanced_plan(classes: list[int], step_records: int, seed: int, epoch: int) 
         offset = rng.random()
         keyed += [((j + offset) / len(group), rng.random(), i) for j, i in enumerate(group)]
     order = [i for *_, i in sorted(keyed)]
-    steps = [order[k:k + step_records] for k in range(0, len(order), step_records)]
+    steps = [order[k : k + step_records] for k in range(0, len(order), step_records)]
     rng.shuffle(steps)
     return steps
 
@@ -149,9 +154,9 @@ def collate(examples: list[Example], pad_id: int, device=None) -> dict[str, torc
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
     for row, e in enumerate(examples):
-        ids[row, :len(e)] = torch.tensor(e.ids)
-        mask[row, :len(e)] = 1
-        labels[row, :len(e)] = torch.tensor(e.labels)
+        ids[row, : len(e)] = torch.tensor(e.ids)
+        mask[row, : len(e)] = 1
+        labels[row, : len(e)] = torch.tensor(e.labels)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 

@@ -49,8 +49,9 @@ class Fields:
         return cls(**pairs)
 
     @classmethod
-    def with_labels(cls, spec: str | dict | None, label_field: str | None, label_words: list[str] | None,
-                    words_flag: str) -> tuple["Fields", list[str] | None]:
+    def with_labels(
+        cls, spec: str | dict | None, label_field: str | None, label_words: list[str] | None, words_flag: str
+    ) -> tuple["Fields", list[str] | None]:
         """Fields plus the label mapping for load_records: with `label_field`, that field's integer label i becomes
         the output word label_words[i]. `words_flag` names the option that gives the words, for the error."""
         fields = cls.parse(spec)
@@ -90,8 +91,13 @@ class Records:
         return len(self.items)
 
 
-def load_records(source, fields: Fields | str | dict | None = None, label_words: list[str] | None = None,
-                 skip_bad: bool = False, limit: int | None = None) -> Records:
+def load_records(
+    source,
+    fields: Fields | str | dict | None = None,
+    label_words: list[str] | None = None,
+    skip_bad: bool = False,
+    limit: int | None = None,
+) -> Records:
     """Load and validate training records.
 
     source: a path (.json array, .jsonl, .csv, .parquet, or a `save_to_disk` folder) or a list of dicts.
@@ -220,13 +226,16 @@ def _label_word(value, label_words: list[str], where: str, key: str) -> str:
         elif value in label_words:
             return value
         else:
-            raise DataError(f"{where}: label {value!r} in field {key!r} is neither an index nor one of the "
-                            f"label words {label_words}")
+            raise DataError(
+                f"{where}: label {value!r} in field {key!r} is neither an index nor one of the "
+                f"label words {label_words}"
+            )
     if isinstance(value, bool) or not isinstance(value, int):
         raise DataError(f"{where}: label in field {key!r} must be an integer index, got {type(value).__name__}")
     if not 0 <= value < len(label_words):
-        raise DataError(f"{where}: label {value} in field {key!r} is out of range for {len(label_words)} "
-                        f"label words {label_words}")
+        raise DataError(
+            f"{where}: label {value} in field {key!r} is out of range for {len(label_words)} label words {label_words}"
+        )
     return label_words[value]
 
 
@@ -238,8 +247,10 @@ def detect_format(path: Path) -> str:
         return suffix
     if suffix == "ndjson":
         return "jsonl"
-    raise DataError(f"{path}: unknown data format {path.suffix!r}: use .json, .jsonl, .csv, .parquet or a "
-                    "datasets save_to_disk folder")
+    raise DataError(
+        f"{path}: unknown data format {path.suffix!r}: use .json, .jsonl, .csv, .parquet or a "
+        "datasets save_to_disk folder"
+    )
 
 
 def _read_rows(path: Path) -> Iterator[tuple[str, object]]:
@@ -308,6 +319,7 @@ def parse_json(text: str, where: str, whole_file: bool = False):
     """json.loads, with every failure a one-line DataError naming `where` (`file:line`) — malformed JSON, an
     integer too long for Python to convert, nesting too deep for the parser. `whole_file`: `where` is a file name
     and the line is found in `text`."""
+
     def at(line: int) -> str:
         return f"{where}:{line}" if whole_file else where
 
@@ -316,8 +328,9 @@ def parse_json(text: str, where: str, whole_file: bool = False):
     except json.JSONDecodeError as err:
         raise DataError(f"{at(err.lineno)}: malformed JSON: {err.msg} (column {err.colno})") from None
     except RecursionError:
-        raise DataError(f"{at(_deep_line(text))}: JSON nested too deeply for the parser (at most about "
-                        f"{MAX_DEPTH} levels)") from None
+        raise DataError(
+            f"{at(_deep_line(text))}: JSON nested too deeply for the parser (at most about {MAX_DEPTH} levels)"
+        ) from None
     except ValueError:  # an integer literal past int_max_str_digits
         long = _LONG_INTEGER.search(text)
         line = text.count("\n", 0, long.start()) + 1 if long else 1
@@ -369,10 +382,12 @@ def not_utf8(path: Path, err: UnicodeDecodeError) -> DataError:
                 try:
                     raw.decode("utf-8")
                 except UnicodeDecodeError as bad:
-                    column = len(raw[:bad.start].decode("utf-8")) + 1
+                    column = len(raw[: bad.start].decode("utf-8")) + 1
                     hint = " (it looks like UTF-16)" if number == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
-                    return not_unicode(f"{path}:{number}", f"byte 0x{raw[bad.start]:02x} at column {column} is "
-                                                           f"not UTF-8{hint}; save the file as UTF-8")
+                    return not_unicode(
+                        f"{path}:{number}",
+                        f"byte 0x{raw[bad.start]:02x} at column {column} is not UTF-8{hint}; save the file as UTF-8",
+                    )
     except OSError:
         pass
     return not_unicode(str(path), f"{err}; save the file as UTF-8")
@@ -411,8 +426,9 @@ def split_holdout(records: Records, fraction: float, seed: int) -> tuple[Records
         raise DataError(f"eval fraction must be between 0 and 1, got {fraction}")
     n_eval = max(1, round(len(records.items) * fraction))
     if n_eval >= len(records.items):
-        raise DataError(f"{records.source}: {len(records.items)} records are too few to hold out {fraction:.0%} "
-                        "for evaluation")
+        raise DataError(
+            f"{records.source}: {len(records.items)} records are too few to hold out {fraction:.0%} for evaluation"
+        )
     order = list(range(len(records.items)))
     random.Random(seed).shuffle(order)
     held = set(order[:n_eval])

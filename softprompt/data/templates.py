@@ -40,16 +40,20 @@ class Template:
         if self.spec in (HUMAN_ASSISTANT, CHAT):
             return
         try:
-            placeholders = [(name, spec, conv) for _, name, spec, conv in _FORMATTER.parse(self.spec)
-                            if name is not None]
+            placeholders = [
+                (name, spec, conv) for _, name, spec, conv in _FORMATTER.parse(self.spec) if name is not None
+            ]
         except ValueError as err:
-            raise TemplateError(f"template {self.spec!r} has a stray brace ({err}); write a literal brace as "
-                                "{{ or }}") from err
+            raise TemplateError(
+                f"template {self.spec!r} has a stray brace ({err}); write a literal brace as {{{{ or }}}}"
+            ) from err
         for name, spec, conv in placeholders:
             if name not in PLACEHOLDERS or spec or conv:
                 text = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
-                raise TemplateError(f"template {self.spec!r} has the placeholder {text}; only {{instruction}} and "
-                                    "{input} are allowed (no index, attribute, conversion or format spec)")
+                raise TemplateError(
+                    f"template {self.spec!r} has the placeholder {text}; only {{instruction}} and "
+                    "{input} are allowed (no index, attribute, conversion or format spec)"
+                )
         if not any(name == "instruction" for name, _, _ in placeholders):
             raise TemplateError(
                 f"template {self.spec!r} must be 'human-assistant', 'chat', or a string containing {{instruction}} "
@@ -98,8 +102,9 @@ class Template:
         return cls(value or HUMAN_ASSISTANT)
 
 
-def encode_example(template: Template, tokenizer, instruction: str, input: str, output: str,
-                   max_length: int) -> tuple[list[int], list[int], bool]:
+def encode_example(
+    template: Template, tokenizer, instruction: str, input: str, output: str, max_length: int
+) -> tuple[list[int], list[int], bool]:
     """Tokenise one training record: ids, labels (-100 on the prompt), and whether it was truncated.
 
     Prompt and target are tokenised separately so the prompt/answer boundary is exact. Raises ValueError when the

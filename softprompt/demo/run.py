@@ -16,10 +16,10 @@ import json
 import time
 from pathlib import Path
 
-from softprompt.demo import task as demo_task
-from softprompt.evaluation.evaluate import evaluate, format_examples, format_table
 from softprompt.core.models import FrozenModel, load_base
+from softprompt.demo import task as demo_task
 from softprompt.demo.config import DEFAULT_OUT, DemoConfig
+from softprompt.evaluation.evaluate import evaluate, format_examples, format_table
 
 RESULTS_FILE = "demo_results.json"
 # The optimiser measured for this task (held-out accuracy over seeds and dtypes in docs/evaluation.md); pinned so
@@ -34,8 +34,9 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def run_demo(out: str | Path = DEFAULT_OUT, model: str | FrozenModel | None = None, *, print_fn=print,
-             **options) -> dict:
+def run_demo(
+    out: str | Path = DEFAULT_OUT, model: str | FrozenModel | None = None, *, print_fn=print, **options
+) -> dict:
     """Run the demo (`options`: DemoConfig's fields); returns the metrics written to OUT/demo_results.json."""
     config = DemoConfig(out=str(out), model=model, **options)
     clock = {"start": time.perf_counter(), "cpu": time.process_time()}
@@ -43,16 +44,17 @@ def run_demo(out: str | Path = DEFAULT_OUT, model: str | FrozenModel | None = No
     base = model if isinstance(model, FrozenModel) else load_base(model, dtype=config.dtype)
     clock["loaded"] = time.perf_counter()
     task = _write_task(out, config, base, print_fn)
-    eval_kwargs = {"choices": demo_task.CHOICES, "batch_size": 16, "template": demo_task.TEMPLATE,
-                   "progress": False}
+    eval_kwargs = {"choices": demo_task.CHOICES, "batch_size": 16, "template": demo_task.TEMPLATE, "progress": False}
 
     print_fn("\n[1/3] zero-shot evaluation ...")
     before = evaluate(str(task["eval_file"]), base, [], **eval_kwargs)["results"][0]
     print_fn(f"      accuracy {before['accuracy']:.1%}, exact match {before['exact_match']:.1%}")
     clock["evaluated"] = time.perf_counter()
 
-    print_fn(f"\n[2/3] {METHOD_NAMES[config.method]}: {config.num_virtual_tokens} virtual tokens for {config.steps} "
-             f"steps of {config.batch_size} records ...")
+    print_fn(
+        f"\n[2/3] {METHOD_NAMES[config.method]}: {config.num_virtual_tokens} virtual tokens for {config.steps} "
+        f"steps of {config.batch_size} records ..."
+    )
     trained = _train(config, base, task["train_rows"])
     clock["tuned"] = time.perf_counter()
 
@@ -71,16 +73,22 @@ def run_demo(out: str | Path = DEFAULT_OUT, model: str | FrozenModel | None = No
 
 def _write_task(out: Path, config: DemoConfig, base: FrozenModel, print_fn) -> dict:
     """Generate the compass-game records, write them to OUT/data and say what the task is."""
-    train_rows, eval_rows = demo_task.make_records(config.train_records or config.steps * config.batch_size,
-                                                   config.seed)
+    train_rows, eval_rows = demo_task.make_records(
+        config.train_records or config.steps * config.batch_size, config.seed
+    )
     data_dir = out / "data"
-    task = {"train_rows": train_rows, "eval_rows": eval_rows,
-            "train_file": write_jsonl(data_dir / "train.jsonl", train_rows),
-            "eval_file": write_jsonl(data_dir / "eval.jsonl", eval_rows)}
-    print_fn(f"The compass game: every word points to a direction by a rule the model is never told "
-             f"({', '.join(f'{k}s -> {v}' for k, v in demo_task.RULE.items())}).\n"
-             f"{len(train_rows)} training records from {len(demo_task.word_split()[0])} words, {len(eval_rows)} "
-             f"evaluation records from other words; template {demo_task.TEMPLATE!r}; base model {base.name}.")
+    task = {
+        "train_rows": train_rows,
+        "eval_rows": eval_rows,
+        "train_file": write_jsonl(data_dir / "train.jsonl", train_rows),
+        "eval_file": write_jsonl(data_dir / "eval.jsonl", eval_rows),
+    }
+    print_fn(
+        f"The compass game: every word points to a direction by a rule the model is never told "
+        f"({', '.join(f'{k}s -> {v}' for k, v in demo_task.RULE.items())}).\n"
+        f"{len(train_rows)} training records from {len(demo_task.word_split()[0])} words, {len(eval_rows)} "
+        f"evaluation records from other words; template {demo_task.TEMPLATE!r}; base model {base.name}."
+    )
     return task
 
 
@@ -95,47 +103,76 @@ def train_config(config: DemoConfig, base: FrozenModel, train_rows: list[dict]):
     from softprompt.training.config import TrainConfig
 
     return TrainConfig(
-        data=train_rows, out=config.out, model=base, method=config.method,
-        num_virtual_tokens=config.num_virtual_tokens, init=config.init,
-        label_words=demo_task.CHOICES, template=demo_task.TEMPLATE, optimizer=DEMO_OPTIMIZER, lr=config.lr,
-        max_steps=config.steps, batch_size=config.batch_size, max_batch_tokens=4096, save_every=config.steps,
-        log_every=max(1, config.steps // 30), keep_checkpoints=1, seed=config.seed, progress=config.progress,
+        data=train_rows,
+        out=config.out,
+        model=base,
+        method=config.method,
+        num_virtual_tokens=config.num_virtual_tokens,
+        init=config.init,
+        label_words=demo_task.CHOICES,
+        template=demo_task.TEMPLATE,
+        optimizer=DEMO_OPTIMIZER,
+        lr=config.lr,
+        max_steps=config.steps,
+        batch_size=config.batch_size,
+        max_batch_tokens=4096,
+        save_every=config.steps,
+        log_every=max(1, config.steps // 30),
+        keep_checkpoints=1,
+        seed=config.seed,
+        progress=config.progress,
     )
 
 
-def _results(config: DemoConfig, base: FrozenModel, task: dict, trained, before: dict, after: dict,
-             clock: dict) -> dict:
+def _results(
+    config: DemoConfig, base: FrozenModel, task: dict, trained, before: dict, after: dict, clock: dict
+) -> dict:
     """What OUT/demo_results.json holds."""
     return {
-        "task": "compass game (softprompt.demo.task)", "model": base.name, "template": demo_task.TEMPLATE,
-        "choices": demo_task.CHOICES, "train_records": len(task["train_rows"]), "eval_records": len(task["eval_rows"]),
-        "steps": trained.steps, "batch_size": config.batch_size, "lr": config.lr,
-        "method": config.method, "num_virtual_tokens": config.num_virtual_tokens, "init": config.init,
+        "task": "compass game (softprompt.demo.task)",
+        "model": base.name,
+        "template": demo_task.TEMPLATE,
+        "choices": demo_task.CHOICES,
+        "train_records": len(task["train_rows"]),
+        "eval_records": len(task["eval_rows"]),
+        "steps": trained.steps,
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "method": config.method,
+        "num_virtual_tokens": config.num_virtual_tokens,
+        "init": config.init,
         "optimizer": DEMO_OPTIMIZER,
-        "train_loss": trained.train_loss, "tokens_per_second": round(trained.tokens_per_second, 1),
+        "train_loss": trained.train_loss,
+        "tokens_per_second": round(trained.tokens_per_second, 1),
         "before": {k: v for k, v in before.items() if k != "examples"},
         "after": {k: v for k, v in after.items() if k != "examples"},
-        "examples": [{"input": b["input"], "expected": b["output"], "before": b.get("generation"),
-                      "after": a.get("generation")} for b, a in zip(before["examples"], after["examples"])],
-        "seconds": {"load_model": round(clock["loaded"] - clock["start"], 1),
-                    "zero_shot_eval": round(clock["evaluated"] - clock["loaded"], 1),
-                    "train": round(clock["tuned"] - clock["evaluated"], 1),
-                    "tuned_eval": round(clock["done"] - clock["tuned"], 1),
-                    "total": round(clock["done"] - clock["start"], 1),
-                    "cpu_total": round(time.process_time() - clock["cpu"], 1)},
+        "examples": [
+            {"input": b["input"], "expected": b["output"], "before": b.get("generation"), "after": a.get("generation")}
+            for b, a in zip(before["examples"], after["examples"])
+        ],
+        "seconds": {
+            "load_model": round(clock["loaded"] - clock["start"], 1),
+            "zero_shot_eval": round(clock["evaluated"] - clock["loaded"], 1),
+            "train": round(clock["tuned"] - clock["evaluated"], 1),
+            "tuned_eval": round(clock["done"] - clock["tuned"], 1),
+            "total": round(clock["done"] - clock["start"], 1),
+            "cpu_total": round(time.process_time() - clock["cpu"], 1),
+        },
     }
 
 
 def _closing_lines(out: Path, task: dict, seconds: dict) -> str:
     """Where everything went, and the next commands to try."""
     curve = out / "loss_curve.png"
-    return (f"\nDone in {seconds['total']:.0f} s ({seconds['cpu_total']:.0f} s of CPU time). In {out}/:\n"
-            f"  adapter (PEFT format)   {out}/adapter_config.json, {out}/adapter_model.safetensors\n"
-            f"  training metrics        {out}/metrics.jsonl\n"
-            + (f"  loss curve              {curve}\n" if curve.exists() else "")
-            + f"  before/after metrics    {out / RESULTS_FILE}\n"
-            f"  task data               {task['train_file']}, {task['eval_file']}\n"
-            f"Next:\n  softprompt inspect {out}\n"
-            f"  softprompt generate --adapter {out} --greedy {json.dumps(demo_task.QUESTION)} --input tiger\n"
-            f"  softprompt eval --data {task['eval_file']} --adapter {out} --compare-base "
-            f"--choices {','.join(demo_task.CHOICES)}")
+    return (
+        f"\nDone in {seconds['total']:.0f} s ({seconds['cpu_total']:.0f} s of CPU time). In {out}/:\n"
+        f"  adapter (PEFT format)   {out}/adapter_config.json, {out}/adapter_model.safetensors\n"
+        f"  training metrics        {out}/metrics.jsonl\n"
+        + (f"  loss curve              {curve}\n" if curve.exists() else "")
+        + f"  before/after metrics    {out / RESULTS_FILE}\n"
+        f"  task data               {task['train_file']}, {task['eval_file']}\n"
+        f"Next:\n  softprompt inspect {out}\n"
+        f"  softprompt generate --adapter {out} --greedy {json.dumps(demo_task.QUESTION)} --input tiger\n"
+        f"  softprompt eval --data {task['eval_file']} --adapter {out} --compare-base "
+        f"--choices {','.join(demo_task.CHOICES)}"
+    )

@@ -27,24 +27,31 @@ from pathlib import Path
 
 import torch
 
+from softprompt.core.models import FrozenModel, load_base
 from softprompt.data import batching
-from softprompt.formats.adapter import Adapter, load_adapter
 from softprompt.data.records import DataError, Fields, Record, load_records, parse_words
+from softprompt.data.templates import Template, encode_example, encode_text
+from softprompt.evaluation.config import DEFAULT_MAX_NEW_TOKENS, EvalConfig
+from softprompt.evaluation.rouge import exact_match, rouge_l
+from softprompt.formats.adapter import Adapter, load_adapter
 from softprompt.inference.engine import Engine, GenerationRequest, GenerationResult
 from softprompt.inference.sampling import is_looping
-from softprompt.core.models import FrozenModel, load_base
-from softprompt.evaluation.rouge import exact_match, rouge_l
-from softprompt.evaluation.config import DEFAULT_MAX_NEW_TOKENS, EvalConfig
 from softprompt.training.scoring import nll_per_example, nll_per_group
-from softprompt.data.templates import Template, encode_example, encode_text
 
 
-def load_eval_records(data, fields=None, label_field: str | None = None, label_words: list[str] | None = None,
-                      limit: int | None = None, skip_bad: bool = False) -> tuple[list[Record], list[str]]:
+def load_eval_records(
+    data,
+    fields=None,
+    label_field: str | None = None,
+    label_words: list[str] | None = None,
+    limit: int | None = None,
+    skip_bad: bool = False,
+) -> tuple[list[Record], list[str]]:
     """Records as training reads them (data.load_records), plus the skipped ones ('where: why') with `skip_bad`;
     `label_field` maps integer labels to `label_words`."""
-    fields, mapping = Fields.with_labels(fields, label_field, label_words,
-                                         "--choices (or an adapter saved with label words)")
+    fields, mapping = Fields.with_labels(
+        fields, label_field, label_words, "--choices (or an adapter saved with label words)"
+    )
     loaded = load_records(data, fields, mapping, skip_bad=skip_bad, limit=limit)
     return loaded.items, loaded.skipped
 
@@ -59,9 +66,18 @@ def _encode(template: Template, tokenizer, record: Record, output: str, max_leng
     return batching.Example(ids, labels, record.where)
 
 
-def score_model(base: FrozenModel, adapter: Adapter | None, template: Template, records: list[Record],
-                choices: list[str] | None, generations: list[str] | None, batch_size: int, max_batch_tokens: int,
-                max_length: int, progress: bool = False) -> dict:
+def score_model(
+    base: FrozenModel,
+    adapter: Adapter | None,
+    template: Template,
+    records: list[Record],
+    choices: list[str] | None,
+    generations: list[str] | None,
+    batch_size: int,
+    max_batch_tokens: int,
+    max_length: int,
+    progress: bool = False,
+) -> dict:
     """Metrics of one model (the base when `adapter` is None) on `records`; `generations`: its greedy answers."""
     tok = base.tokenizer
     prompt = adapter.virtual(base.device) if adapter is not None else None
@@ -76,11 +92,11 @@ def score_model(base: FrozenModel, adapter: Adapter | None, template: Template, 
 
         bar = tqdm(total=len(examples), desc="score", unit="seq", leave=False)
     if choices:
-        nll, counts = nll_per_group(base.model, prompt, examples, len(choices), tok.pad_token_id, max_batch_tokens,
-                                    batch_size, bar)
+        nll, counts = nll_per_group(
+            base.model, prompt, examples, len(choices), tok.pad_token_id, max_batch_tokens, batch_size, bar
+        )
     else:
-        nll, counts = nll_per_example(base.model, prompt, examples, tok.pad_token_id, max_batch_tokens, batch_size,
-                                      bar)
+        nll, counts = nll_per_example(base.model, prompt, examples, tok.pad_token_id, max_batch_tokens, batch_size, bar)
     if bar is not None:
         bar.close()
     predicted = None
@@ -100,9 +116,14 @@ def score_model(base: FrozenModel, adapter: Adapter | None, template: Template, 
         if not choices:
             result["rouge_l"] = sum(rouge_l(g, r.output) for g, r in zip(generations, records)) / len(records)
     result["examples"] = [
-        {"where": r.where, "instruction": r.instruction, "input": r.input, "output": r.output,
-         **({"choice": predicted[i]} if predicted else {}),
-         **({"generation": generations[i]} if generations is not None else {})}
+        {
+            "where": r.where,
+            "instruction": r.instruction,
+            "input": r.input,
+            "output": r.output,
+            **({"choice": predicted[i]} if predicted else {}),
+            **({"generation": generations[i]} if generations is not None else {}),
+        }
         for i, r in enumerate(records)
     ]
     return result
@@ -124,8 +145,11 @@ def evaluate_config(config: EvalConfig) -> dict:
     Fields.parse(config.fields)
     if config.template:
         Template(config.template)
-    base = config.model if isinstance(config.model, FrozenModel) else load_base(
-        config.model, device=config.device, dtype=config.dtype)
+    base = (
+        config.model
+        if isinstance(config.model, FrozenModel)
+        else load_base(config.model, device=config.device, dtype=config.dtype)
+    )
     adapters = {str(path): load_adapter(path, base) for path in config.adapters}
     notes, choices_from = [], "--choices" if choices else None
     records, skipped = _records(config, choices, adapters)
@@ -139,27 +163,57 @@ def evaluate_config(config: EvalConfig) -> dict:
         max_new_tokens = longest + 2 if choices else DEFAULT_MAX_NEW_TOKENS
     generations, gen_seconds = {}, {}
     if max_new_tokens:
-        penalties = {"repetition_penalty": config.repetition_penalty,
-                     "no_repeat_ngram_size": config.no_repeat_ngram_size}
-        generations, gen_seconds = _generate(base, base_template, models, records, max_new_tokens, config.batch_size,
-                                             config.progress, penalties)
+        penalties = {
+            "repetition_penalty": config.repetition_penalty,
+            "no_repeat_ngram_size": config.no_repeat_ngram_size,
+        }
+        generations, gen_seconds = _generate(
+            base, base_template, models, records, max_new_tokens, config.batch_size, config.progress, penalties
+        )
     results = []
     for name, adapter, template in models:
         start = time.perf_counter()
         answers = generations.get(name)
         texts = [a.text.strip() for a in answers] if answers is not None else None
-        metrics = score_model(base, adapter, template, records, choices, texts, config.batch_size,
-                              config.max_batch_tokens, _length_limit(config, base, adapter), config.progress)
+        metrics = score_model(
+            base,
+            adapter,
+            template,
+            records,
+            choices,
+            texts,
+            config.batch_size,
+            config.max_batch_tokens,
+            _length_limit(config, base, adapter),
+            config.progress,
+        )
         if answers is not None and not choices:  # choice answers are a few tokens long: they cannot loop
-            metrics = {**{k: v for k, v in metrics.items() if k != "examples"}, "looping": loop_share(answers),
-                       "examples": metrics["examples"]}
-        results.append({"adapter": name, "method": adapter.method if adapter is not None else None,
-                        "template": template.spec, **metrics,
-                        "seconds": round(time.perf_counter() - start + gen_seconds.get(name, 0.0), 2)})
+            metrics = {
+                **{k: v for k, v in metrics.items() if k != "examples"},
+                "looping": loop_share(answers),
+                "examples": metrics["examples"],
+            }
+        results.append(
+            {
+                "adapter": name,
+                "method": adapter.method if adapter is not None else None,
+                "template": template.spec,
+                **metrics,
+                "seconds": round(time.perf_counter() - start + gen_seconds.get(name, 0.0), 2),
+            }
+        )
     source = config.data if isinstance(config.data, (str, Path)) else "<records>"
-    return {"data": str(source), "model": base.name, "n": len(records), "choices": choices,
-            "choices_from": choices_from, "notes": notes, "max_new_tokens": max_new_tokens, "skipped": skipped,
-            "results": results}
+    return {
+        "data": str(source),
+        "model": base.name,
+        "n": len(records),
+        "choices": choices,
+        "choices_from": choices_from,
+        "notes": notes,
+        "max_new_tokens": max_new_tokens,
+        "skipped": skipped,
+        "results": results,
+    }
 
 
 def _length_limit(config: EvalConfig, base: FrozenModel, adapter: Adapter | None) -> int:
@@ -173,57 +227,87 @@ def _length_limit(config: EvalConfig, base: FrozenModel, adapter: Adapter | None
 FALLBACK_CONTEXT = 2048  # a model config without max_position_embeddings
 
 
-def _saved_choices(adapters: dict[str, Adapter], records: list[Record]
-                   ) -> tuple[list[str] | None, str | None, str | None]:
+def _saved_choices(
+    adapters: dict[str, Adapter], records: list[Record]
+) -> tuple[list[str] | None, str | None, str | None]:
     """(choices, where from, a note for the report) when no --choices were given: the first adapter's saved label
     words, if every record's answer is one of them."""
-    name, words = next(((n, a.label_words) for n, a in adapters.items() if a.label_words and
-                        len(a.label_words) >= 2), (None, None))
+    name, words = next(
+        ((n, a.label_words) for n, a in adapters.items() if a.label_words and len(a.label_words) >= 2), (None, None)
+    )
     if not words:
         return None, None, None
     outside = next((r for r in records if r.output not in words), None)
     if outside is not None:
-        return None, None, (f"not ranking {name}'s saved label words ({', '.join(words)}) as choices: "
-                            f"{outside.where} answers {outside.output!r}, which is not one of them")
-    return list(words), f"label words saved with {name}", (
-        f"choices: {', '.join(words)} (the label words saved with {name}; --choices overrides)")
+        return (
+            None,
+            None,
+            (
+                f"not ranking {name}'s saved label words ({', '.join(words)}) as choices: "
+                f"{outside.where} answers {outside.output!r}, which is not one of them"
+            ),
+        )
+    return (
+        list(words),
+        f"label words saved with {name}",
+        (f"choices: {', '.join(words)} (the label words saved with {name}; --choices overrides)"),
+    )
 
 
-def _records(config: EvalConfig, choices: list[str] | None, adapters: dict[str, Adapter]
-             ) -> tuple[list[Record], list[str]]:
+def _records(
+    config: EvalConfig, choices: list[str] | None, adapters: dict[str, Adapter]
+) -> tuple[list[Record], list[str]]:
     """The evaluation records (labels mapped to --choices or an adapter's saved label words) and the skipped ones."""
     label_words = choices or next((a.label_words for a in adapters.values() if a.label_words), None)
-    records, skipped = load_eval_records(config.data, config.fields, config.label_field, label_words, config.limit,
-                                         config.skip_bad)
+    records, skipped = load_eval_records(
+        config.data, config.fields, config.label_field, label_words, config.limit, config.skip_bad
+    )
     for r in records if choices else ():
         if r.output not in choices:
             raise DataError(f"{r.where}: the answer {r.output!r} is not one of the choices {choices}")
     return records, skipped
 
 
-def _models(config: EvalConfig, adapters: dict[str, Adapter]
-            ) -> tuple[list[tuple[str | None, Adapter | None, Template]], Template]:
+def _models(
+    config: EvalConfig, adapters: dict[str, Adapter]
+) -> tuple[list[tuple[str | None, Adapter | None, Template]], Template]:
     """(name, adapter, template) of each model to evaluate, the base model first, and the base model's template:
     --template, else the first adapter's, so base and adapter see the same text. Adapters use their saved one."""
     first = next(iter(adapters.values()), None)
-    base_template = Template(config.template) if config.template else (
-        first.template_or(Template()) if first else Template())
+    base_template = (
+        Template(config.template) if config.template else (first.template_or(Template()) if first else Template())
+    )
     models: list[tuple[str | None, Adapter | None, Template]] = []
     if config.compare_base or not adapters:
         models.append((None, None, base_template))
     return models + [(name, a, a.template_or(Template())) for name, a in adapters.items()], base_template
 
 
-def _generate(base: FrozenModel, base_template: Template, models, records: list[Record], max_new_tokens: int,
-              batch_size: int, progress: bool, penalties: dict) -> tuple[dict, dict]:
+def _generate(
+    base: FrozenModel,
+    base_template: Template,
+    models,
+    records: list[Record],
+    max_new_tokens: int,
+    batch_size: int,
+    progress: bool,
+    penalties: dict,
+) -> tuple[dict, dict]:
     """Greedy answers of every model and the seconds each took; one Engine, so each adapter's soft-prompt KV is
     computed once."""
     engine = Engine(base, {name: a for name, a, _ in models if a is not None}, default_template=base_template)
     out, seconds = {}, {}
     for name, _, _ in models:
         start = time.perf_counter()
-        requests = [GenerationRequest(prompt_ids=engine.encode(r.instruction, r.input, name), adapter=name,
-                                      max_new_tokens=max_new_tokens, **penalties) for r in records]
+        requests = [
+            GenerationRequest(
+                prompt_ids=engine.encode(r.instruction, r.input, name),
+                adapter=name,
+                max_new_tokens=max_new_tokens,
+                **penalties,
+            )
+            for r in records
+        ]
         out[name] = engine.generate(requests, batch_size=batch_size, progress=progress)
         seconds[name] = time.perf_counter() - start
     return out, seconds
@@ -235,12 +319,17 @@ def loop_share(answers: list[GenerationResult]) -> float:
     return sum(is_looping(a.token_ids, a.finish_reason == "length") for a in answers) / max(1, len(answers))
 
 
-
-
-METRICS = [("method", "method", "{}"), ("n", "n", "{:d}"), ("loss", "loss (answer tokens)", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
-           ("accuracy", "accuracy (rank classification)", "{:.1%}"), ("exact_match", "exact match (greedy)", "{:.1%}"),
-           ("rouge_l", "ROUGE-L (greedy)", "{:.3f}"), ("looping", "stuck in a loop (greedy)", "{:.1%}"),
-           ("seconds", "seconds", "{:.1f}")]
+METRICS = [
+    ("method", "method", "{}"),
+    ("n", "n", "{:d}"),
+    ("loss", "loss (answer tokens)", "{:.4f}"),
+    ("perplexity", "perplexity", "{:.2f}"),
+    ("accuracy", "accuracy (rank classification)", "{:.1%}"),
+    ("exact_match", "exact match (greedy)", "{:.1%}"),
+    ("rouge_l", "ROUGE-L (greedy)", "{:.3f}"),
+    ("looping", "stuck in a loop (greedy)", "{:.1%}"),
+    ("seconds", "seconds", "{:.1f}"),
+]
 
 
 def model_label(result: dict) -> str:
@@ -250,8 +339,11 @@ def model_label(result: dict) -> str:
 def format_table(results: list[dict], labels: list[str] | None = None) -> str:
     """Metrics as rows, models side by side as columns."""
     labels = labels or [model_label(r) for r in results]
-    rows = [[title] + [fmt.format(r[key]) if r.get(key) is not None else "-" for r in results]
-            for key, title, fmt in METRICS if any(key in r for r in results)]
+    rows = [
+        [title] + [fmt.format(r[key]) if r.get(key) is not None else "-" for r in results]
+        for key, title, fmt in METRICS
+        if any(key in r for r in results)
+    ]
     header = ["metric"] + labels
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
@@ -260,7 +352,7 @@ def format_table(results: list[dict], labels: list[str] | None = None) -> str:
 
 def _short(text, width: int = 160) -> str:
     shown = repr(text)
-    return shown if len(shown) <= width else shown[:width - 4] + "...'"
+    return shown if len(shown) <= width else shown[: width - 4] + "...'"
 
 
 def format_examples(results: list[dict], count: int, labels: list[str] | None = None) -> str:
@@ -275,6 +367,8 @@ def format_examples(results: list[dict], count: int, labels: list[str] | None = 
         for label, r in zip(labels, results):
             e = r["examples"][i]
             answer = e.get("generation", e.get("choice"))
-            lines.append(f"    {label}: {_short(answer)}" + (f" (ranked choice: {e['choice']})" if "generation" in e and
-                                                        "choice" in e else ""))
+            lines.append(
+                f"    {label}: {_short(answer)}"
+                + (f" (ranked choice: {e['choice']})" if "generation" in e and "choice" in e else "")
+            )
     return "\n".join(lines)

@@ -20,12 +20,14 @@ from pathlib import Path
 import torch
 
 from softprompt.core import forward
+from softprompt.core.models import DEFAULT_MODEL, DEFAULT_MODEL_NAME, load_base
 from softprompt.core.prompt import DEFAULT_INIT_TEXT
 from softprompt.formats.adapter import load_adapter
-from softprompt.core.models import DEFAULT_MODEL, DEFAULT_MODEL_NAME, load_base
 
-PREFIX_NOTE = ("a prefix holds keys and values inside every layer, not input embeddings, so its vectors have no "
-               "nearest vocabulary tokens; shown: per-layer norms")
+PREFIX_NOTE = (
+    "a prefix holds keys and values inside every layer, not input embeddings, so its vectors have no "
+    "nearest vocabulary tokens; shown: per-layer norms"
+)
 
 
 def nearest_tokens(embeddings: torch.Tensor, table: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,9 +100,15 @@ def _prefix_report(info: dict, adapter, base) -> dict:
     per = adapter.embeddings.float().view(adapter.embeddings.shape[0], layers, 2, token_dim)
     norms = per.norm(dim=-1).mean(0)  # [layers, 2]: mean over positions of each position's key / value norm
     text = _text_kv_norms(base) if base is not None else None
-    info["layers"] = [{"layer": i, "key_norm": round(float(norms[i, 0]), 4), "value_norm": round(float(norms[i, 1]), 4),
-                       **({"text_key_norm": round(text[i][0], 4), "text_value_norm": round(text[i][1], 4)}
-                          if text else {})} for i in range(layers)]
+    info["layers"] = [
+        {
+            "layer": i,
+            "key_norm": round(float(norms[i, 0]), 4),
+            "value_norm": round(float(norms[i, 1]), 4),
+            **({"text_key_norm": round(text[i][0], 4), "text_value_norm": round(text[i][1], 4)} if text else {}),
+        }
+        for i in range(layers)
+    ]
     return info
 
 
@@ -129,8 +137,9 @@ def format_report(info: dict) -> str:
         + (f", label words: {extra['label_words']}" if extra.get("label_words") else ""),
         f"  size on disk: {info['size_bytes']:,} bytes ({', '.join(f'{k} {v:,}' for k, v in info['files'].items())})",
         f"  virtual tokens: {info['num_virtual_tokens']} x hidden {info['hidden_size']} = "
-        f"{info['trainable_parameters']:,} trainable parameters" if info.get("method") != "prefix" else
-        f"  virtual positions: {info['num_virtual_tokens']} x prefix width {info['prefix_width']} "
+        f"{info['trainable_parameters']:,} trainable parameters"
+        if info.get("method") != "prefix"
+        else f"  virtual positions: {info['num_virtual_tokens']} x prefix width {info['prefix_width']} "
         f"(layers x 2 x kv heads x head dim) = {info['trainable_parameters']:,} parameters",
     ]
     summary = {k: v for k, v in extra.items() if k not in ("template", "label_words")}
@@ -139,15 +148,18 @@ def format_report(info: dict) -> str:
     if info.get("method") == "prefix":
         return "\n".join(lines + _prefix_lines(info))
     if "vocab_mean_norm" in info:
-        lines.append(f"  nearest vocabulary tokens by cosine similarity (mean vocabulary embedding norm "
-                     f"{info['vocab_mean_norm']:.3f}):")
+        lines.append(
+            f"  nearest vocabulary tokens by cosine similarity (mean vocabulary embedding norm "
+            f"{info['vocab_mean_norm']:.3f}):"
+        )
     else:
         lines.append("  per-token norms:")
     for entry in info["tokens"]:
         line = f"  {entry['index']:>4}  norm {entry['norm']:8.3f}"
         if "nearest" in entry:
-            line += "  " + "  ".join(f"{json.dumps(n['token'], ensure_ascii=False)} {n['cosine']:.2f}"
-                                     for n in entry["nearest"])
+            line += "  " + "  ".join(
+                f"{json.dumps(n['token'], ensure_ascii=False)} {n['cosine']:.2f}" for n in entry["nearest"]
+            )
         lines.append(line)
     return "\n".join(lines)
 
@@ -155,14 +167,21 @@ def format_report(info: dict) -> str:
 def _prefix_lines(info: dict) -> list[str]:
     lines = [f"  {info['note']}"]
     if "layers" not in info:
-        lines.append("  (the layer layout is unknown without a base model or the config's num_layers/token_dim; "
-                     "per-position norms over all layers:)")
+        lines.append(
+            "  (the layer layout is unknown without a base model or the config's num_layers/token_dim; "
+            "per-position norms over all layers:)"
+        )
         lines += [f"  {e['index']:>4}  norm {e['norm']:8.3f}" for e in info["tokens"]]
         return lines
     text = "text_key_norm" in info["layers"][0]
-    lines.append("  layer  key norm  value norm" + ("   text key norm  text value norm   (mean over positions; text: "
-                                                     "the keys/values real text produces there)" if text else
-                                                     "   (mean over positions)"))
+    lines.append(
+        "  layer  key norm  value norm"
+        + (
+            "   text key norm  text value norm   (mean over positions; text: the keys/values real text produces there)"
+            if text
+            else "   (mean over positions)"
+        )
+    )
     for e in info["layers"]:
         line = f"  {e['layer']:>5}  {e['key_norm']:8.3f}  {e['value_norm']:10.3f}"
         if text:

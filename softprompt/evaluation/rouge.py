@@ -10,8 +10,10 @@ import re
 import unicodedata
 
 # CJK ideographs, kana, hangul syllables, and CJK / full-width punctuation: one token per character.
-_CJK = (r"\u3000-\u303f\u3040-\u309f\u30a0-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
-        r"\uff00-\uffef")
+_CJK = (
+    r"\u3000-\u303f\u3040-\u309f\u30a0-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+    r"\uff00-\uffef"
+)
 _TOKEN = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+")
 
 

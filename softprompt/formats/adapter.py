@@ -50,7 +50,7 @@ MAX_ABS_VALUE = 1e4
 NAME_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$"
 NAME_MAX = 64
 SIZE_FIELDS = ("num_layers", "token_dim")  # sizes in adapter_config.json that shape the tensor (two negatives
-                                          # would multiply to a plausible prefix width)
+# would multiply to a plausible prefix width)
 NAME_RE = re.compile(NAME_PATTERN)
 
 
@@ -58,8 +58,10 @@ def check_adapter_name(name: object) -> str:
     """Return `name` if it can name an adapter (a folder under an adapters directory, a served model name), else
     raise ValueError. One rule for batch files and the server."""
     if not isinstance(name, str) or len(name) > NAME_MAX or not NAME_RE.fullmatch(name):
-        raise ValueError(f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
-                         "letter or digit (no '/', no '..', not an absolute path)")
+        raise ValueError(
+            f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit (no '/', no '..', not an absolute path)"
+        )
     return name
 
 
@@ -104,15 +106,33 @@ class Adapter:
         return self.template if "template" in (self.extra or {}) else default
 
 
-def peft_config(num_virtual_tokens: int, token_dim: int, base_name: str, num_layers: int | None,
-                num_heads: int | None, init: str = "RANDOM", init_text: str | None = None, *,
-                method: str = "prompt", model_config=None, peft_fields: dict | None = None) -> dict:
+def peft_config(
+    num_virtual_tokens: int,
+    token_dim: int,
+    base_name: str,
+    num_layers: int | None,
+    num_heads: int | None,
+    init: str = "RANDOM",
+    init_text: str | None = None,
+    *,
+    method: str = "prompt",
+    model_config=None,
+    peft_fields: dict | None = None,
+) -> dict:
     """The adapter_config.json PEFT 0.21 writes for a causal-LM adapter of `method` (prompt tuning by default;
     prefix and ptuning take their shape fields from `model_config` and their encoder fields from `peft_fields`)."""
     if method != "prompt":
-        common = {"auto_mapping": None, "base_model_name_or_path": base_name, "inference_mode": True,
-                  "modules_to_save": None, "num_transformer_submodules": 1, "num_virtual_tokens": num_virtual_tokens,
-                  "peft_version": PEFT_VERSION, "revision": None, "task_type": "CAUSAL_LM"}
+        common = {
+            "auto_mapping": None,
+            "base_model_name_or_path": base_name,
+            "inference_mode": True,
+            "modules_to_save": None,
+            "num_transformer_submodules": 1,
+            "num_virtual_tokens": num_virtual_tokens,
+            "peft_version": PEFT_VERSION,
+            "revision": None,
+            "task_type": "CAUSAL_LM",
+        }
         fields = config_fields(method, model_config, peft_fields)
         if model_config is None:  # unknown base: what the tensor itself says
             fields["token_dim"] = token_dim if method == "ptuning" else None
@@ -141,10 +161,19 @@ def peft_config(num_virtual_tokens: int, token_dim: int, base_name: str, num_lay
     }
 
 
-def save_adapter(out_dir: str | Path, embeddings, base, *, init: str | None = None,
-                 init_text: str | None = None, template: Template | None = None,
-                 label_words: list[str] | None = None, extra: dict | None = None, method: str | None = None,
-                 peft_fields: dict | None = None) -> Path:
+def save_adapter(
+    out_dir: str | Path,
+    embeddings,
+    base,
+    *,
+    init: str | None = None,
+    init_text: str | None = None,
+    template: Template | None = None,
+    label_words: list[str] | None = None,
+    extra: dict | None = None,
+    method: str | None = None,
+    peft_fields: dict | None = None,
+) -> Path:
     """Write a PEFT-format adapter folder atomically (a temp folder renamed into place).
 
     `embeddings` is a core.prompt module of any method (its output is saved; its method, encoder fields, init
@@ -167,13 +196,19 @@ def save_adapter(out_dir: str | Path, embeddings, base, *, init: str | None = No
     if base is not None and tensor.shape[1] != base_width(method, base):
         raise ValueError(misfit(method, tensor.shape[1], base))
     config = peft_config(
-        tensor.shape[0], tensor.shape[1], base.name if base is not None else None,
-        getattr(cfg, "num_hidden_layers", None), getattr(cfg, "num_attention_heads", None), init, init_text,
-        method=method, model_config=cfg, peft_fields=peft_fields,
+        tensor.shape[0],
+        tensor.shape[1],
+        base.name if base is not None else None,
+        getattr(cfg, "num_hidden_layers", None),
+        getattr(cfg, "num_attention_heads", None),
+        init,
+        init_text,
+        method=method,
+        model_config=cfg,
+        peft_fields=peft_fields,
     )
     # PEFT's config only knows TEXT / SAMPLE_VOCAB / RANDOM; the exact method (e.g. "labels") is kept here.
-    meta = {"template": (template or Template()).to_json(), "label_words": label_words, "init": init,
-            **(extra or {})}
+    meta = {"template": (template or Template()).to_json(), "label_words": label_words, "init": init, **(extra or {})}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
@@ -191,9 +226,11 @@ def check_fits_context(num_virtual_tokens: int, context: int | None, where: obje
     """Refuse a soft prompt that leaves no room in the model's context for one prompt token and one generated
     token (every request to it would fail, after its keys/values were computed for nothing)."""
     if context is not None and num_virtual_tokens > context - 2:
-        raise AdapterError(f"{where}: {num_virtual_tokens} virtual tokens do not fit the base model's context of "
-                           f"{context} tokens (at most {max(context - 2, 0)}: a prompt token and a generated one "
-                           "need room too)")
+        raise AdapterError(
+            f"{where}: {num_virtual_tokens} virtual tokens do not fit the base model's context of "
+            f"{context} tokens (at most {max(context - 2, 0)}: a prompt token and a generated one "
+            "need room too)"
+        )
 
 
 def load_adapter(path: str | Path, base=None) -> Adapter:
@@ -208,18 +245,22 @@ def load_adapter(path: str | Path, base=None) -> Adapter:
     config = _read_json_object(config_path)
     peft_type = config.get("peft_type")
     if peft_type not in METHOD_OF:
-        raise AdapterError(f"{config_path}: peft_type is {peft_type!r}; softprompt loads only "
-                           f"{', '.join(METHOD_OF)} adapters")
+        raise AdapterError(
+            f"{config_path}: peft_type is {peft_type!r}; softprompt loads only {', '.join(METHOD_OF)} adapters"
+        )
     if config.get("num_transformer_submodules") not in (None, 1):
-        raise AdapterError(f"{config_path}: num_transformer_submodules is {config.get('num_transformer_submodules')!r}"
-                           "; a causal LM adapter has 1")
+        raise AdapterError(
+            f"{config_path}: num_transformer_submodules is {config.get('num_transformer_submodules')!r}"
+            "; a causal LM adapter has 1"
+        )
     if config.get("task_type") not in (None, "CAUSAL_LM"):
         raise AdapterError(f"{config_path}: task_type is {config.get('task_type')!r}; expected CAUSAL_LM")
     for key in SIZE_FIELDS:
         value = config.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise AdapterError(f"{config_path}: field {key!r} must be a positive integer (or null), got "
-                               f"{_short(value)}")
+            raise AdapterError(
+                f"{config_path}: field {key!r} must be a positive integer (or null), got {_short(value)}"
+            )
     if not weights_path.is_file():
         if (path / "adapter_model.bin").is_file():
             raise AdapterError(f"{path}: only adapter_model.bin (pickle) found; softprompt reads safetensors only")
@@ -241,8 +282,12 @@ def load_adapter(path: str | Path, base=None) -> Adapter:
     extra = _read_json_object(extra_path) if extra_path.is_file() else {}
     template, label_words = _check_extra(extra, extra_path)
     return Adapter(
-        embeddings=emb.to(torch.float32), config=config, template=template,
-        label_words=label_words, extra=extra, path=str(path),
+        embeddings=emb.to(torch.float32),
+        config=config,
+        template=template,
+        label_words=label_words,
+        extra=extra,
+        path=str(path),
     )
 
 
@@ -252,29 +297,40 @@ def _check_embeddings(emb: torch.Tensor, weights_path: Path, config: dict, confi
     n = config.get("num_virtual_tokens")
     if emb.ndim != 2 or (n is not None and emb.shape[0] != n):
         columns = "layers x 2 x kv_heads x head_dim" if method_of(config) == "prefix" else "hidden"
-        raise AdapterError(f"{weights_path}: {TENSOR_KEY} has shape {tuple(emb.shape)}, "
-                           f"expected [num_virtual_tokens={n}, {columns}]")
+        raise AdapterError(
+            f"{weights_path}: {TENSOR_KEY} has shape {tuple(emb.shape)}, expected [num_virtual_tokens={n}, {columns}]"
+        )
     if emb.shape[0] == 0 or emb.shape[1] == 0:
-        raise AdapterError(f"{weights_path}: {TENSOR_KEY} has shape {tuple(emb.shape)}: a soft prompt needs at "
-                           "least one virtual token of at least one dimension")
+        raise AdapterError(
+            f"{weights_path}: {TENSOR_KEY} has shape {tuple(emb.shape)}: a soft prompt needs at "
+            "least one virtual token of at least one dimension"
+        )
     method = method_of(config) or "prompt"
     width = expected_width(method, config)
     if width is not None and width != emb.shape[1]:
         if method == "prefix":
-            raise AdapterError(f"{weights_path}: {TENSOR_KEY} has width {emb.shape[1]} but {config_path.name} "
-                               f"fields num_layers x 2 x token_dim say {width}")
-        raise AdapterError(f"{weights_path}: {TENSOR_KEY} has hidden size {emb.shape[1]} but {config_path.name} "
-                           f"field 'token_dim' says {width}")
+            raise AdapterError(
+                f"{weights_path}: {TENSOR_KEY} has width {emb.shape[1]} but {config_path.name} "
+                f"fields num_layers x 2 x token_dim say {width}"
+            )
+        raise AdapterError(
+            f"{weights_path}: {TENSOR_KEY} has hidden size {emb.shape[1]} but {config_path.name} "
+            f"field 'token_dim' says {width}"
+        )
     if not emb.is_floating_point():
-        raise AdapterError(f"{weights_path}: {TENSOR_KEY} has dtype {str(emb.dtype).replace('torch.', '')}; "
-                           "a soft prompt must be a floating-point tensor")
+        raise AdapterError(
+            f"{weights_path}: {TENSOR_KEY} has dtype {str(emb.dtype).replace('torch.', '')}; "
+            "a soft prompt must be a floating-point tensor"
+        )
     values = emb.to(torch.float32)
     if not torch.isfinite(values).all():
         raise AdapterError(f"{weights_path}: {TENSOR_KEY} contains NaN or inf")
     largest = values.abs().max().item()
     if largest > MAX_ABS_VALUE:
-        raise AdapterError(f"{weights_path}: {TENSOR_KEY} holds a value of magnitude {largest:.3g}, above the "
-                           f"{MAX_ABS_VALUE:g} any embedding could have (a corrupt or hand-made file?)")
+        raise AdapterError(
+            f"{weights_path}: {TENSOR_KEY} holds a value of magnitude {largest:.3g}, above the "
+            f"{MAX_ABS_VALUE:g} any embedding could have (a corrupt or hand-made file?)"
+        )
 
 
 def _check_extra(extra: dict, extra_path: Path) -> tuple[Template, list[str] | None]:
@@ -289,8 +345,10 @@ def _check_extra(extra: dict, extra_path: Path) -> tuple[Template, list[str] | N
     words = extra.get("label_words")
     if words is not None:
         if not isinstance(words, list):
-            raise AdapterError(f"{extra_path}: field 'label_words' must be a list of strings or null, got "
-                               f"{type(words).__name__} {_short(words)}")
+            raise AdapterError(
+                f"{extra_path}: field 'label_words' must be a list of strings or null, got "
+                f"{type(words).__name__} {_short(words)}"
+            )
         bad = [w for w in words if not isinstance(w, str) or not w]
         if bad:
             raise AdapterError(f"{extra_path}: field 'label_words' must hold non-empty strings, got {_short(bad[0])}")
@@ -300,7 +358,7 @@ def _check_extra(extra: dict, extra_path: Path) -> tuple[Template, list[str] | N
 def _short(value: object, limit: int = 60) -> str:
     """repr(value) cut to `limit` characters, for one-line error messages."""
     text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _read_json_object(path: Path) -> dict:

@@ -34,8 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from softprompt.formats.adapter import (CONFIG_FILE, EXTRA_FILE, WEIGHTS_FILE, AdapterError,
-                                        load_adapter, save_adapter)
+from softprompt.formats.adapter import CONFIG_FILE, EXTRA_FILE, WEIGHTS_FILE, AdapterError, load_adapter, save_adapter
 from softprompt.formats.folders import fsync_dir, replace_folder
 
 STATE_TENSORS = "training_state.safetensors"
@@ -49,8 +48,10 @@ FINAL_STAGING = ".staging-final"
 # The hidden folders this module and save_adapter (tempfile.mkdtemp names: ".NAME-" + 8 of [a-z0-9_]) write while
 # assembling: OUT/checkpoints/.staging-step-N and its ..staging-step-N-xxxxxxxx, OUT/.staging-final and its
 # ..staging-final-xxxxxxxx, OUT/.best-xxxxxxxx.
-STAGING = {CHECKPOINTS: re.compile(r"^\.(?:\.)?staging-step-\d+(?:-[a-z0-9_]{8})?$"),
-           ".": re.compile(r"^(?:\.(?:\.)?staging-final(?:-[a-z0-9_]{8})?|\.best-[a-z0-9_]{8})$")}
+STAGING = {
+    CHECKPOINTS: re.compile(r"^\.(?:\.)?staging-step-\d+(?:-[a-z0-9_]{8})?$"),
+    ".": re.compile(r"^(?:\.(?:\.)?staging-final(?:-[a-z0-9_]{8})?|\.best-[a-z0-9_]{8})$"),
+}
 MOVED_ASIDE = {CHECKPOINTS: re.compile(r"^\.(step-\d+)\.old$"), ".": re.compile(r"^\.(best)\.old$")}
 
 
@@ -99,9 +100,17 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
 
 
-def save_checkpoint(out_dir: str | Path, step: int, embeddings: torch.Tensor, base, adapter_kwargs: dict,
-                    optimizer: torch.optim.Optimizer, state: dict, keep: int | None = 2,
-                    tensors: dict[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(
+    out_dir: str | Path,
+    step: int,
+    embeddings: torch.Tensor,
+    base,
+    adapter_kwargs: dict,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    keep: int | None = 2,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write OUT/checkpoints/step-NNNNNN atomically, with checksums, and prune all but the newest `keep` (None
     keeps all). `tensors`: more training-state tensors to keep (e.g. a prompt encoder's weights, which the
     adapter, holding only the encoder's output, does not)."""
@@ -161,8 +170,11 @@ def _sha256(path: Path) -> str:
 def write_manifest(folder: str | Path) -> Path:
     """Write checksums.json: the sha256 and size of every other file in `folder`."""
     folder = Path(folder)
-    files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
-             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    files = {
+        p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
     path = folder / MANIFEST
     with open(path, "w", encoding="utf-8") as handle:
         json.dump({"format": MANIFEST_FORMAT, "algorithm": "sha256", "files": files}, handle, indent=2)
@@ -184,17 +196,22 @@ def verify_checkpoint(folder: str | Path) -> bool:
     try:
         listed = json.loads(manifest.read_text(encoding="utf-8"))
         files = listed["files"]
-        if listed.get("algorithm") != "sha256" or not isinstance(files, dict) or not all(
-                isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in files.values()):
+        if (
+            listed.get("algorithm") != "sha256"
+            or not isinstance(files, dict)
+            or not all(isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in files.values())
+        ):
             raise ValueError("not a sha256 manifest")
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{folder}: {MANIFEST} is unreadable ({err}), so the checkpoint cannot be "
-                              "verified") from err
+        raise CheckpointError(
+            f"{folder}: {MANIFEST} is unreadable ({err}), so the checkpoint cannot be verified"
+        ) from err
     problems = []
     for name in REQUIRED:
         if name not in files:
-            problems.append(f"{name} is missing" if not (folder / name).is_file() else
-                            f"{name} is not listed in {MANIFEST}")
+            problems.append(
+                f"{name} is missing" if not (folder / name).is_file() else f"{name} is not listed in {MANIFEST}"
+            )
     for name, entry in files.items():
         path = folder / name
         if not name or "/" in name or "\\" in name or name in (".", ".."):
@@ -202,8 +219,9 @@ def verify_checkpoint(folder: str | Path) -> bool:
         elif not path.is_file():
             problems.append(f"{name} is missing")
         elif isinstance(entry.get("bytes"), int) and path.stat().st_size != entry["bytes"]:
-            problems.append(f"{name} does not match its checksum ({path.stat().st_size} bytes, expected "
-                            f"{entry['bytes']})")
+            problems.append(
+                f"{name} does not match its checksum ({path.stat().st_size} bytes, expected {entry['bytes']})"
+            )
         elif _sha256(path) != entry["sha256"]:
             problems.append(f"{name} does not match its checksum")
     if problems:
@@ -216,8 +234,11 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     root = Path(out_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and
-             (p / STATE_JSON).is_file() and (p / STATE_TENSORS).is_file()]
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := STEP_DIR.match(p.name)) and (p / STATE_JSON).is_file() and (p / STATE_TENSORS).is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -228,17 +249,26 @@ def resolve_resume(path: str | Path) -> Path:
     checkpoint that does not verify is skipped with one line on stderr; CheckpointError when none is left.
     """
     path = Path(path)
-    named = (path / STATE_JSON).is_file() or (path / MANIFEST).is_file() or (
-        path.is_dir() and STEP_DIR.match(path.name) and path.parent.name == CHECKPOINTS)
+    named = (
+        (path / STATE_JSON).is_file()
+        or (path / MANIFEST).is_file()
+        or (path.is_dir() and STEP_DIR.match(path.name) and path.parent.name == CHECKPOINTS)
+    )
     if named:
         check_checkpoint(path)
         return path
     root = path / CHECKPOINTS
-    candidates = sorted(((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and
-                         p.is_dir()), reverse=True) if root.is_dir() else []
+    candidates = (
+        sorted(
+            ((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()), reverse=True
+        )
+        if root.is_dir()
+        else []
+    )
     if not candidates:
-        raise FileNotFoundError(f"--resume {path}: no checkpoint found (expected {path}/{STATE_JSON} or "
-                                f"{path}/{CHECKPOINTS}/step-NNNNNN/)")
+        raise FileNotFoundError(
+            f"--resume {path}: no checkpoint found (expected {path}/{STATE_JSON} or {path}/{CHECKPOINTS}/step-NNNNNN/)"
+        )
     skipped = []
     for _, folder in candidates:
         try:
@@ -248,8 +278,9 @@ def resolve_resume(path: str | Path) -> Path:
             skipped.append(str(err))
             continue
         return folder
-    raise CheckpointError(f"--resume {path}: no usable checkpoint ({len(skipped)} found, none verifies; the newest: "
-                          f"{skipped[0]})")
+    raise CheckpointError(
+        f"--resume {path}: no usable checkpoint ({len(skipped)} found, none verifies; the newest: {skipped[0]})"
+    )
 
 
 def check_checkpoint(folder: str | Path) -> None:

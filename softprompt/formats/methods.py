@@ -38,15 +38,19 @@ def config_fields(method: str, model_config, peft_fields: dict | None = None) ->
             fields.update(num_attention_heads=kv_heads, token_dim=kv_heads * head_dim)
         else:
             fields.update(token_dim=None)
-        fields.update(prefix_projection=bool(peft_fields.get("prefix_projection", False)),
-                      encoder_hidden_size=peft_fields.get("encoder_hidden_size") or fields["token_dim"],
-                      init_weights=None)
+        fields.update(
+            prefix_projection=bool(peft_fields.get("prefix_projection", False)),
+            encoder_hidden_size=peft_fields.get("encoder_hidden_size") or fields["token_dim"],
+            init_weights=None,
+        )
     elif method == "ptuning":
-        fields.update(token_dim=hidden,
-                      encoder_reparameterization_type=str(peft_fields.get("encoder_reparameterization_type",
-                                                                          "MLP")).upper(),
-                      encoder_hidden_size=peft_fields.get("encoder_hidden_size") or hidden,
-                      encoder_num_layers=2, encoder_dropout=0.0)
+        fields.update(
+            token_dim=hidden,
+            encoder_reparameterization_type=str(peft_fields.get("encoder_reparameterization_type", "MLP")).upper(),
+            encoder_hidden_size=peft_fields.get("encoder_hidden_size") or hidden,
+            encoder_num_layers=2,
+            encoder_dropout=0.0,
+        )
     return fields
 
 
@@ -75,6 +79,8 @@ def misfit(method: str, width: int, base) -> str:
     """The error message for an adapter of `width` that does not fit `base`."""
     if method == "prefix":
         layers, kv_heads, head_dim = prefix_layout(base.model)
-        return (f"prefix adapter width {width} does not fit the base model {base.name} (prefix width "
-                f"{layers * 2 * kv_heads * head_dim} = {layers} layers x 2 x {kv_heads} kv heads x {head_dim} head dim)")
+        return (
+            f"prefix adapter width {width} does not fit the base model {base.name} (prefix width "
+            f"{layers * 2 * kv_heads * head_dim} = {layers} layers x 2 x {kv_heads} kv heads x {head_dim} head dim)"
+        )
     return f"adapter hidden size {width} does not fit the base model {base.name} (hidden size {base.hidden_size})"

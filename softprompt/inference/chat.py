@@ -16,8 +16,16 @@ from softprompt.inference.engine import Engine, GenerationRequest
 class Conversation:
     """The message history and how one more turn is generated."""
 
-    def __init__(self, engine: Engine, adapter: str | None, settings: dict, max_new_tokens: int,
-                 stop=(), seed: int | None = None, system: str | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        adapter: str | None,
+        settings: dict,
+        max_new_tokens: int,
+        stop=(),
+        seed: int | None = None,
+        system: str | None = None,
+    ):
         self.engine, self.adapter, self.settings = engine, adapter, settings
         self.max_new_tokens, self.stop, self.seed, self.system = max_new_tokens, tuple(stop), seed, system
         self.turns = 0
@@ -32,9 +40,13 @@ class Conversation:
         self.messages.append({"role": "user", "content": text})
         while True:
             request = GenerationRequest(
-                self.engine.encode_chat(self.messages, self.adapter), adapter=self.adapter,
-                max_new_tokens=self.max_new_tokens, stop=self.stop,
-                seed=None if self.seed is None else self.seed + self.turns, **self.settings)
+                self.engine.encode_chat(self.messages, self.adapter),
+                adapter=self.adapter,
+                max_new_tokens=self.max_new_tokens,
+                stop=self.stop,
+                seed=None if self.seed is None else self.seed + self.turns,
+                **self.settings,
+            )
             try:
                 self.engine.check(request)
                 return request
@@ -43,7 +55,7 @@ class Conversation:
                 if len(self.messages) - first <= 1:
                     self.messages.pop()
                     raise
-                del self.messages[first:first + 2]
+                del self.messages[first : first + 2]
 
     def reply(self, text: str, out: TextIO) -> str:
         """Generate the answer to one user message, writing it to `out` as it is produced."""

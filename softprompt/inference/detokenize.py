@@ -19,7 +19,7 @@ class Detokenizer:
         self.stop = [s for s in stop if s]
         self.ids: list[int] = []
         self.emitted = 0  # characters of the decoded text already handed out
-        self.text = ""    # the final text (cut before a stop string once stopped)
+        self.text = ""  # the final text (cut before a stop string once stopped)
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a token; return (newly final text, whether a stop string was hit)."""
@@ -42,10 +42,10 @@ class Detokenizer:
         return self._emit(text, len(text))
 
     def _emit(self, text: str, upto: int) -> str:
-        self.text = text[:max(upto, self.emitted)]
+        self.text = text[: max(upto, self.emitted)]
         if upto <= self.emitted:
             return ""
-        new = text[self.emitted:upto]
+        new = text[self.emitted : upto]
         self.emitted = upto
         return new
 

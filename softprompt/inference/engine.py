@@ -44,42 +44,42 @@ from __future__ import annotations
 
 import warnings
 from collections import deque
-from contextlib import nullcontext
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
-from softprompt.formats.adapter import Adapter
-from softprompt.inference.detokenize import Detokenizer
 from softprompt.core.attention import row_exact, use_grouped_sdpa
 from softprompt.core.forward import Kv, cache_tensors, lm_logits, make_cache, positions_from_mask, run_body
+from softprompt.core.models import FrozenModel
+from softprompt.data.templates import Template, encode_text
+from softprompt.formats.adapter import Adapter
+from softprompt.inference.detokenize import Detokenizer
 from softprompt.inference.prefix_cache import PrefixCache
 from softprompt.inference.prompt_cache import CachedPrompt, PromptCache, UnknownAdapterError
-from softprompt.core.models import FrozenModel
 from softprompt.inference.sampling import check_params, make_generator, next_tokens, penalised, process_logits
-from softprompt.data.templates import Template, encode_text
 
 
 @dataclass(eq=False)
 class GenerationRequest:
     """One prompt to continue. Requests are compared by identity (the same prompt twice is two requests)."""
 
-    prompt_ids: list[int]          # the templated prompt's token ids (placed right after the soft prompt)
-    adapter: str | None = None     # a name in the PromptCache; None = the base model
+    prompt_ids: list[int]  # the templated prompt's token ids (placed right after the soft prompt)
+    adapter: str | None = None  # a name in the PromptCache; None = the base model
     max_new_tokens: int = 128
-    temperature: float = 0.0       # 0 = greedy
-    top_k: int = 0                 # 0 = off
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
     top_p: float = 1.0
-    seed: int | None = None        # per-request generator: sampled output does not depend on batch-mates
-    stop: Sequence[str] = ()       # stop strings; generation also stops at EOS
-    id: object = None              # caller's handle
-    truncate: bool = False         # too long for the context: drop the prompt's left side instead of raising
+    seed: int | None = None  # per-request generator: sampled output does not depend on batch-mates
+    stop: Sequence[str] = ()  # stop strings; generation also stops at EOS
+    id: object = None  # caller's handle
+    truncate: bool = False  # too long for the context: drop the prompt's left side instead of raising
     entry: CachedPrompt | None = None  # the adapter's PromptCache entry, pinned (a server pins it when it admits
     # the request, so a replace or removal meanwhile does not change it); None: the one loaded under `adapter`
     # logit processing before the token choice (sampling.process_logits; generated tokens only, not the prompt)
-    repetition_penalty: float = 1.0    # 1 = off
-    no_repeat_ngram_size: int = 0      # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off
+    no_repeat_ngram_size: int = 0  # 0 = off
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
@@ -91,8 +91,8 @@ class TokenEvent:
 
     request: GenerationRequest
     token_id: int
-    text: str                      # newly final text (incremental detokenisation, stop strings cut off)
-    finish_reason: str | None      # None while running, "stop" (EOS / stop string) or "length"
+    text: str  # newly final text (incremental detokenisation, stop strings cut off)
+    finish_reason: str | None  # None while running, "stop" (EOS / stop string) or "length"
     logits: torch.Tensor | None = None  # fp32 [V] on CPU, only when the batch was built with keep_logits=True
 
 
@@ -104,7 +104,7 @@ class GenerationResult:
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    prompt_tokens: int = 0         # prompt length after any truncation (virtual tokens not counted)
+    prompt_tokens: int = 0  # prompt length after any truncation (virtual tokens not counted)
 
 
 @dataclass(eq=False)
@@ -140,8 +140,14 @@ def context_length(base: FrozenModel) -> int | None:
 
 def fit_prompt(request: GenerationRequest, num_virtual_tokens: int, context: int | None) -> list[int]:
     """Validate a request against the model's context; return its prompt ids (left-truncated only if asked)."""
-    check_params(request.temperature, request.top_k, request.top_p, request.max_new_tokens,
-                 request.repetition_penalty, request.no_repeat_ngram_size)
+    check_params(
+        request.temperature,
+        request.top_k,
+        request.top_p,
+        request.max_new_tokens,
+        request.repetition_penalty,
+        request.no_repeat_ngram_size,
+    )
     ids = list(request.prompt_ids)
     if not ids:
         raise ValueError("a generation request needs at least one prompt token")
@@ -203,8 +209,13 @@ class DecodeBatch:
     # whole bf16 step; fp32 keeps the plain batched kernels. Benchmarks set True / False to measure the cost.
     exact: bool | None = None
 
-    def __init__(self, base: FrozenModel, prompt_cache: PromptCache, keep_logits: bool = False,
-                 prefix_cache: PrefixCache | None = None):
+    def __init__(
+        self,
+        base: FrozenModel,
+        prompt_cache: PromptCache,
+        keep_logits: bool = False,
+        prefix_cache: PrefixCache | None = None,
+    ):
         self.base = base
         self.prompt_cache = prompt_cache
         self.prefix_cache = prefix_cache
@@ -212,12 +223,15 @@ class DecodeBatch:
         self.min_rows = min_rows(base.model)
         self.chunk_tokens = prefix_cache.block_tokens if prefix_cache is not None else PREFILL_CHUNK
         if self.exact and not use_grouped_sdpa(base.model):
-            warnings.warn(f"{base.name}: attention {base.model.config._attn_implementation!r} is not sdpa, so the "
-                          "engine cannot run it row by row: in this dtype a row's tokens may depend on its "
-                          "batch-mates (load the model with attn_implementation='sdpa')", stacklevel=2)
+            warnings.warn(
+                f"{base.name}: attention {base.model.config._attn_implementation!r} is not sdpa, so the "
+                "engine cannot run it row by row: in this dtype a row's tokens may depend on its "
+                "batch-mates (load the model with attn_implementation='sdpa')",
+                stacklevel=2,
+            )
         self.keep_logits = keep_logits
         self.rows: list[_Row] = []
-        self.cache = None            # transformers DynamicCache over the per-layer [B, kv_heads, T, head_dim] tensors
+        self.cache = None  # transformers DynamicCache over the per-layer [B, kv_heads, T, head_dim] tensors
         self.mask: torch.Tensor | None = None  # [B, T] 1 = real key
         self.eos = eos_ids(base)
         self.context = context_length(base)
@@ -251,9 +265,16 @@ class DecodeBatch:
             picked = [requests[i] for i in wave], [prompts[i] for i in wave], [ns[i] for i in wave]
             kv, mask, logits = self._prefill(*picked)
             self._merge(kv, mask)
-            new_rows = [_Row(request, make_generator(request.seed), Detokenizer(self.base.tokenizer, request.stop),
-                             next_pos=n + len(ids), prompt_tokens=len(ids))
-                        for request, ids, n in zip(*picked)]
+            new_rows = [
+                _Row(
+                    request,
+                    make_generator(request.seed),
+                    Detokenizer(self.base.tokenizer, request.stop),
+                    next_pos=n + len(ids),
+                    prompt_tokens=len(ids),
+                )
+                for request, ids, n in zip(*picked)
+            ]
             self.rows.extend(new_rows)
             events += self._accept(new_rows, logits)
         self._drop_finished()
@@ -304,8 +325,10 @@ class DecodeBatch:
         if request.entry is not None:
             return request.entry
         if request.adapter not in self.prompt_cache:
-            raise UnknownAdapterError(f"request {request.id!r} names adapter {request.adapter!r}, which is not "
-                                      f"loaded (loaded: {', '.join(self.prompt_cache.names()) or 'none'})")
+            raise UnknownAdapterError(
+                f"request {request.id!r} names adapter {request.adapter!r}, which is not "
+                f"loaded (loaded: {', '.join(self.prompt_cache.names()) or 'none'})"
+            )
         return self.prompt_cache.entry(request.adapter)
 
     def _owner(self, request: GenerationRequest) -> int:
@@ -321,7 +344,7 @@ class DecodeBatch:
         hits = self._cached_prefixes(owners, prompts)
         cached = [0 if hit is None else hit.shape[3] for hit in hits]
         runs = [prompt[c:] for prompt, c in zip(prompts, cached)]  # the tokens to run
-        fronts = [n + c for n, c in zip(ns, cached)]                 # positions in front of them
+        fronts = [n + c for n, c in zip(ns, cached)]  # positions in front of them
         batch, width, l_max = len(requests), max(fronts), max(len(r) for r in runs)
         if self.exact:
             l_max = max(l_max, -(-self.min_rows // batch))  # enough token rows for every matrix product
@@ -330,15 +353,21 @@ class DecodeBatch:
         block_mask = torch.zeros(batch, l_max, dtype=torch.long, device=device)
         front_mask = torch.zeros(batch, width, dtype=torch.long, device=device)
         for b, run in enumerate(runs):
-            ids[b, :len(run)] = torch.tensor(run, device=device)
-            block_mask[b, :len(run)] = 1
-            front_mask[b, width - fronts[b]:] = 1
+            ids[b, : len(run)] = torch.tensor(run, device=device)
+            block_mask[b, : len(run)] = 1
+            front_mask[b, width - fronts[b] :] = 1
         mask = torch.cat([front_mask, block_mask], dim=1)
         offset = torch.tensor(fronts, device=device)
         embeds = model.get_input_embeddings()(ids)
         with row_exact(chunk=self.chunk_tokens) if self.exact else nullcontext():
-            hidden, cache = run_body(model, embeds, mask, positions_from_mask(block_mask, offset),
-                                     cache=make_cache(self._front_kv(requests, hits, width)), use_cache=True)
+            hidden, cache = run_body(
+                model,
+                embeds,
+                mask,
+                positions_from_mask(block_mask, offset),
+                cache=make_cache(self._front_kv(requests, hits, width)),
+                use_cache=True,
+            )
         kv = cache_tensors(cache)
         self._store(owners, prompts, [width - c for c in cached], kv)
         last = torch.tensor([len(r) - 1 for r in runs], device=device)
@@ -383,7 +412,7 @@ class DecodeBatch:
         front = like.new_zeros(layers, 2, len(rows), kv_heads, width, head_dim)
         for b, row in enumerate(rows):
             if row is not None:
-                front[:, :, b, :, width - row.shape[3]:] = row
+                front[:, :, b, :, width - row.shape[3] :] = row
         return [(front[layer, 0], front[layer, 1]) for layer in range(layers)]
 
     def _store(self, owners: list[int], prompts: list[list[int]], starts: list[int], kv: Kv) -> None:
@@ -421,9 +450,13 @@ class DecodeBatch:
             shape[dim] = width
             return torch.cat([x.new_zeros(shape), x], dim=dim)
 
-        merged = [(torch.cat([left_pad(ko, 2, t - t_old), left_pad(kn, 2, t - t_new)]),
-                   torch.cat([left_pad(vo, 2, t - t_old), left_pad(vn, 2, t - t_new)]))
-                  for (ko, vo), (kn, vn) in zip(old, kv)]
+        merged = [
+            (
+                torch.cat([left_pad(ko, 2, t - t_old), left_pad(kn, 2, t - t_new)]),
+                torch.cat([left_pad(vo, 2, t - t_old), left_pad(vn, 2, t - t_new)]),
+            )
+            for (ko, vo), (kn, vn) in zip(old, kv)
+        ]
         self.mask = torch.cat([left_pad(self.mask, 1, t - t_old), left_pad(mask, 1, t - t_new)])
         self.cache = make_cache(merged)
 
@@ -432,8 +465,12 @@ class DecodeBatch:
         settings = [(r.request.temperature, r.request.top_k, r.request.top_p) for r in rows]
         chosen_from = logits
         if any(penalised(r.request) for r in rows):  # per row, from its own logits and tokens only
-            chosen_from = torch.stack([process_logits(logits[i], r.request, r.generated) if penalised(r.request)
-                                       else logits[i].float() for i, r in enumerate(rows)])
+            chosen_from = torch.stack(
+                [
+                    process_logits(logits[i], r.request, r.generated) if penalised(r.request) else logits[i].float()
+                    for i, r in enumerate(rows)
+                ]
+            )
         tokens = next_tokens(chosen_from, settings, [r.generator for r in rows])
         events = []
         for index, (row, token) in enumerate(zip(rows, tokens)):
@@ -467,8 +504,12 @@ class DecodeBatch:
         mask = self.mask.index_select(0, index)
         first = int(mask.any(0).nonzero()[0])
         self.mask = mask[:, first:]
-        self.cache = make_cache([(k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:])
-                                 for k, v in cache_tensors(self.cache)])
+        self.cache = make_cache(
+            [
+                (k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:])
+                for k, v in cache_tensors(self.cache)
+            ]
+        )
 
 
 class Engine:
@@ -477,8 +518,13 @@ class Engine:
     `prefix_cache` (opt-in, e.g. `PrefixCache(256 << 20)`): reuse the keys/values of prompt starts that requests
     share (a system prompt, a template's fixed text) instead of recomputing them; see prefix_cache.py."""
 
-    def __init__(self, base: FrozenModel, adapters: dict[str, Adapter] | None = None,
-                 default_template: Template | None = None, prefix_cache: PrefixCache | None = None):
+    def __init__(
+        self,
+        base: FrozenModel,
+        adapters: dict[str, Adapter] | None = None,
+        default_template: Template | None = None,
+        prefix_cache: PrefixCache | None = None,
+    ):
         self.base = base
         self.prompt_cache = PromptCache(base, default_template)
         self.prefix_cache = prefix_cache
@@ -503,15 +549,18 @@ class Engine:
     def check(self, request: GenerationRequest) -> None:
         """Raise the error `DecodeBatch.add` would raise for this request, before any work is done."""
         if request.adapter not in self.prompt_cache:
-            raise UnknownAdapterError(f"request {request.id!r} names adapter {request.adapter!r}, which is not "
-                                      f"loaded (loaded: {', '.join(self.prompt_cache.names()) or 'none'})")
+            raise UnknownAdapterError(
+                f"request {request.id!r} names adapter {request.adapter!r}, which is not "
+                f"loaded (loaded: {', '.join(self.prompt_cache.names()) or 'none'})"
+            )
         fit_prompt(request, self.prompt_cache.num_virtual_tokens(request.adapter), context_length(self.base))
 
     def _batch(self) -> DecodeBatch:
         return DecodeBatch(self.base, self.prompt_cache, prefix_cache=self.prefix_cache)
 
-    def generate(self, requests: list[GenerationRequest], batch_size: int = 8,
-                 progress: bool = False) -> list[GenerationResult]:
+    def generate(
+        self, requests: list[GenerationRequest], batch_size: int = 8, progress: bool = False
+    ) -> list[GenerationResult]:
         """Run all requests with continuous batching (finished rows leave, queued ones join); results in order."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -522,6 +571,7 @@ class Engine:
         bar = None
         if progress:
             from tqdm import tqdm
+
             bar = tqdm(total=len(requests), desc="generate", unit="req")
         while queue or len(batch):
             if queue and len(batch) < batch_size:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from softprompt.formats.adapter import Adapter, check_adapter_name, load_adapter
-from softprompt.data.records import read_jsonl
-from softprompt.inference.engine import Engine, GenerationRequest
 from softprompt.core.models import FrozenModel, load_base
+from softprompt.data.records import read_jsonl
 from softprompt.data.templates import CHAT, HUMAN_ASSISTANT, Template
+from softprompt.formats.adapter import Adapter, check_adapter_name, load_adapter
 from softprompt.inference.config import BatchOptions, GenerationOptions
+from softprompt.inference.engine import Engine, GenerationRequest
 
 
 def build_engine(base: FrozenModel, chat_template: bool = False) -> Engine:
@@ -50,9 +50,15 @@ def generate(instruction: str, input: str = "", *, base: FrozenModel | None = No
     opts = GenerationOptions(**options)
     engine = build_engine(_base(base, opts), opts.chat_template)
     name = add_adapter(engine, opts.adapter)
-    request = GenerationRequest(engine.encode(instruction, input, name), adapter=name,
-                                max_new_tokens=opts.max_new_tokens, seed=opts.seed, stop=tuple(opts.stop),
-                                truncate=opts.truncate, **opts.sampling())
+    request = GenerationRequest(
+        engine.encode(instruction, input, name),
+        adapter=name,
+        max_new_tokens=opts.max_new_tokens,
+        seed=opts.seed,
+        stop=tuple(opts.stop),
+        truncate=opts.truncate,
+        **opts.sampling(),
+    )
     pieces = []
     for event in engine.stream(request):
         if event.text:
@@ -128,13 +134,22 @@ def generate_batch(records: list[dict], *, base: FrozenModel | None = None, **op
             engine.add_adapter(name, load_adapter(Path(opts.adapters_dir) / name, engine.base))
         try:
             prompt_ids = engine.encode(record["instruction"], record.get("input") or "", name)
-            request = GenerationRequest(prompt_ids, adapter=name, max_new_tokens=opts.max_new_tokens,
-                                        seed=None if opts.seed is None else opts.seed + i, stop=tuple(opts.stop),
-                                        truncate=opts.truncate, id=i, **opts.sampling())
+            request = GenerationRequest(
+                prompt_ids,
+                adapter=name,
+                max_new_tokens=opts.max_new_tokens,
+                seed=None if opts.seed is None else opts.seed + i,
+                stop=tuple(opts.stop),
+                truncate=opts.truncate,
+                id=i,
+                **opts.sampling(),
+            )
             engine.check(request)
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from err
         requests.append(request)
     results = engine.generate(requests, batch_size=opts.batch_size, progress=opts.progress)
-    return [{**{k: v for k, v in record.items() if k != "_where"}, "output": result.text}
-            for record, result in zip(records, results)]
+    return [
+        {**{k: v for k, v in record.items() if k != "_where"}, "output": result.text}
+        for record, result in zip(records, results)
+    ]

@@ -41,16 +41,16 @@ ROOT = -1  # the parent of a prompt's first block
 
 @dataclass(frozen=True)
 class _Key:
-    owner: int                 # the adapter's identity (PromptCache.identity)
-    parent: int                # the previous block's id, ROOT for a prompt's first block
-    tokens: tuple[int, ...]    # this block's token ids
+    owner: int  # the adapter's identity (PromptCache.identity)
+    parent: int  # the previous block's id, ROOT for a prompt's first block
+    tokens: tuple[int, ...]  # this block's token ids
 
 
 @dataclass(frozen=True)
 class _Block:
     id: int
     key: _Key
-    kv: torch.Tensor           # [layers, 2 (keys, values), kv_heads, block_tokens, head_dim]
+    kv: torch.Tensor  # [layers, 2 (keys, values), kv_heads, block_tokens, head_dim]
 
     @property
     def nbytes(self) -> int:
@@ -63,14 +63,14 @@ class PrefixCacheStats:
 
     block_tokens: int
     max_bytes: int
-    lookups: int = 0           # prompts looked up
-    hits: int = 0              # of them, prompts that found at least one block
-    prompt_tokens: int = 0     # tokens of the prompts looked up
-    cached_tokens: int = 0     # of them, tokens whose keys/values came from the cache (not recomputed)
+    lookups: int = 0  # prompts looked up
+    hits: int = 0  # of them, prompts that found at least one block
+    prompt_tokens: int = 0  # tokens of the prompts looked up
+    cached_tokens: int = 0  # of them, tokens whose keys/values came from the cache (not recomputed)
     stored_blocks: int = 0
-    evicted_blocks: int = 0    # evicted for room (LRU) or dropped with their adapter
-    blocks: int = 0            # held now
-    bytes: int = 0             # held now
+    evicted_blocks: int = 0  # evicted for room (LRU) or dropped with their adapter
+    blocks: int = 0  # held now
+    bytes: int = 0  # held now
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -88,7 +88,7 @@ class PrefixCache:
             raise ValueError(f"block_tokens must be an integer >= 1, got {block_tokens!r}")
         self.max_bytes, self.block_tokens = max_bytes, block_tokens
         self._blocks: OrderedDict[_Key, _Block] = OrderedDict()  # least recently used first
-        self._owners: dict[int, int] = {}                          # owner -> number of blocks held
+        self._owners: dict[int, int] = {}  # owner -> number of blocks held
         self._ids = itertools.count()
         self._stats = PrefixCacheStats(block_tokens, max_bytes)
         self._lock = threading.Lock()
@@ -122,7 +122,7 @@ class PrefixCache:
         with self._lock:
             path, parent = [], ROOT
             for start in range(0, len(ids) // size * size, size):
-                key = _Key(owner, parent, tuple(ids[start:start + size]))
+                key = _Key(owner, parent, tuple(ids[start : start + size]))
                 block = self._blocks.get(key)
                 if block is None:
                     kv = block_kv(start).detach().contiguous()
@@ -161,7 +161,7 @@ class PrefixCache:
         """The held blocks of `ids` from its start to the first miss, leaving at least one token."""
         size, path, parent = self.block_tokens, [], ROOT
         for start in range(0, (len(ids) - 1) // size * size, size):
-            block = self._blocks.get(_Key(owner, parent, tuple(ids[start:start + size])))
+            block = self._blocks.get(_Key(owner, parent, tuple(ids[start : start + size])))
             if block is None:
                 break
             path.append(block)

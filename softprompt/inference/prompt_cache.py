@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import torch
 
 from softprompt.core import forward
-from softprompt.formats.adapter import Adapter, AdapterError, check_fits_context
-from softprompt.formats.methods import base_width, misfit
 from softprompt.core.forward import Kv
 from softprompt.core.models import FrozenModel
 from softprompt.data.templates import Template
+from softprompt.formats.adapter import Adapter, AdapterError, check_fits_context
+from softprompt.formats.methods import base_width, misfit
 
 _IDENTITIES = itertools.count(1)  # shared by every PromptCache, so no two entries (or base models) ever share one
 
@@ -32,7 +32,7 @@ _IDENTITIES = itertools.count(1)  # shared by every PromptCache, so no two entri
 class CachedPrompt:
     """One adapter's soft prompt in ready-to-use form."""
 
-    kv: Kv                    # per layer (keys, values) [1, kv_heads, N, head_dim], model dtype, model device
+    kv: Kv  # per layer (keys, values) [1, kv_heads, N, head_dim], model dtype, model device
     num_virtual_tokens: int
     template: Template
     adapter: Adapter
@@ -86,8 +86,9 @@ class PromptCache:
 
     def remove(self, name: str) -> None:
         if name not in self._entries:
-            raise UnknownAdapterError(f"no adapter named {name!r} is loaded "
-                                      f"(loaded: {', '.join(self.names()) or 'none'})")
+            raise UnknownAdapterError(
+                f"no adapter named {name!r} is loaded (loaded: {', '.join(self.names()) or 'none'})"
+            )
         del self._entries[name]
 
     def get(self, name: str | None) -> tuple[Kv | None, int]:
@@ -101,8 +102,9 @@ class PromptCache:
         try:
             return self._entries[name]
         except KeyError:
-            raise UnknownAdapterError(f"no adapter named {name!r} is loaded "
-                                      f"(loaded: {', '.join(self.names()) or 'none'})") from None
+            raise UnknownAdapterError(
+                f"no adapter named {name!r} is loaded (loaded: {', '.join(self.names()) or 'none'})"
+            ) from None
 
     def template(self, name: str | None) -> Template:
         """The template to format prompts for this adapter (the default one for the base model)."""

@@ -9,8 +9,14 @@ from __future__ import annotations
 import torch
 
 
-def check_params(temperature: float, top_k: int, top_p: float, max_new_tokens: int | None = None,
-                 repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> None:
+def check_params(
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    max_new_tokens: int | None = None,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+) -> None:
     """Raise ValueError for sampling settings that make no sense."""
     if not repetition_penalty > 0:
         raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
@@ -52,8 +58,7 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return logits
 
 
-def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-               generator: torch.Generator) -> int:
+def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> int:
     """One sampled token id from one row of logits [V] (inverse-CDF with a uniform draw from `generator`)."""
     probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
     cdf = probs.cumsum(-1)
@@ -65,8 +70,9 @@ def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
     return index
 
 
-def next_tokens(logits: torch.Tensor, settings: list[tuple[float, int, float]],
-                generators: list[torch.Generator]) -> list[int]:
+def next_tokens(
+    logits: torch.Tensor, settings: list[tuple[float, int, float]], generators: list[torch.Generator]
+) -> list[int]:
     """Next token per row of logits [B, V]; settings[i] = (temperature, top_k, top_p); temperature 0 or top_k 1
     means greedy (argmax, no random draw)."""
     greedy = torch.argmax(logits, dim=-1).tolist()
@@ -81,8 +87,13 @@ def next_tokens(logits: torch.Tensor, settings: list[tuple[float, int, float]],
 
 def penalised(request) -> bool:
     """Whether a request (GenerationRequest) asks for any logit processing before the token choice."""
-    return bool(request.presence_penalty or request.frequency_penalty or request.repetition_penalty != 1.0
-                or request.no_repeat_ngram_size or request.logit_bias)
+    return bool(
+        request.presence_penalty
+        or request.frequency_penalty
+        or request.repetition_penalty != 1.0
+        or request.no_repeat_ngram_size
+        or request.logit_bias
+    )
 
 
 def banned_ngram_tokens(generated: list[int], n: int) -> list[int]:
@@ -92,8 +103,8 @@ def banned_ngram_tokens(generated: list[int], n: int) -> list[int]:
         return []
     if n == 1:
         return list(set(generated))
-    tail = generated[-(n - 1):]
-    return list({generated[i + n - 1] for i in range(len(generated) - n + 1) if generated[i:i + n - 1] == tail})
+    tail = generated[-(n - 1) :]
+    return list({generated[i + n - 1] for i in range(len(generated) - n + 1) if generated[i : i + n - 1] == tail})
 
 
 def process_logits(logits: torch.Tensor, request, generated: list[int]) -> torch.Tensor:
@@ -126,8 +137,9 @@ def process_logits(logits: torch.Tensor, request, generated: list[int]) -> torch
 LOOP_WINDOW, LOOP_MAX_PERIOD = 32, 16
 
 
-def is_looping(token_ids: list[int], hit_length_limit: bool, window: int = LOOP_WINDOW,
-               max_period: int = LOOP_MAX_PERIOD) -> bool:
+def is_looping(
+    token_ids: list[int], hit_length_limit: bool, window: int = LOOP_WINDOW, max_period: int = LOOP_MAX_PERIOD
+) -> bool:
     """Whether an answer is stuck in a repetition loop (see LOOP_WINDOW)."""
     if not hit_length_limit or len(token_ids) < window:
         return False

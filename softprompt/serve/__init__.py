@@ -30,15 +30,26 @@ def run_server(config: ServeConfig) -> None:
         torch.set_num_threads(config.threads)
     base = load_base(config.model, device=config.device, dtype=config.dtype)
     template = Template(CHAT if config.chat_template else HUMAN_ASSISTANT)
-    app = create_app(base, config.adapters, template=template, max_batch=config.max_batch,
-                     max_queue=config.max_queue, max_tokens_cap=config.max_tokens_cap,
-                     max_model_len=config.max_model_len, api_key=api_key, allow_admin=config.allow_admin,
-                     max_request_bytes=config.max_request_bytes, allowed_hosts=config.allowed_hosts,
-                     allow_origins=config.allow_origins, prefix_cache_mb=config.prefix_cache_mb)
+    app = create_app(
+        base,
+        config.adapters,
+        template=template,
+        max_batch=config.max_batch,
+        max_queue=config.max_queue,
+        max_tokens_cap=config.max_tokens_cap,
+        max_model_len=config.max_model_len,
+        api_key=api_key,
+        allow_admin=config.allow_admin,
+        max_request_bytes=config.max_request_bytes,
+        allowed_hosts=config.allowed_hosts,
+        allow_origins=config.allow_origins,
+        prefix_cache_mb=config.prefix_cache_mb,
+    )
     state = app.state.softprompt
     names = ["base"] + state.registry.names()
-    print(f"softprompt serve: {base.name} on {base.device}; serving {len(names)} models: {', '.join(names)}",
-          flush=True)
+    print(
+        f"softprompt serve: {base.name} on {base.device}; serving {len(names)} models: {', '.join(names)}", flush=True
+    )
     for name, reason in state.scan.get("skipped", {}).items():
         print(f"softprompt serve: warning: not serving {name}: {reason}", flush=True)
     if warning:
@@ -49,8 +60,8 @@ def run_server(config: ServeConfig) -> None:
 class BackgroundServer:
     """Run an app (create_app's) with uvicorn in a background thread, e.g. for tests, benchmarks and notebooks:
 
-        with BackgroundServer(create_app(base, "adapters/")) as server:
-            client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    with BackgroundServer(create_app(base, "adapters/")) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
     """
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):

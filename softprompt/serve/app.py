@@ -39,12 +39,12 @@ from starlette.requests import ClientDisconnect
 from softprompt.data.templates import Template
 from softprompt.formats.adapter import NAME_MAX, NAME_PATTERN
 from softprompt.serve.config import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_PREFIX_CACHE_MB
-from softprompt.serve.registry import BASE_NAME, RegistryError, validate_name
-from softprompt.serve.schemas import (AdapterAdd, APIError)
 from softprompt.serve.openapi import error_responses, generation_responses, json_body, json_response, openapi_for
+from softprompt.serve.registry import BASE_NAME, RegistryError, validate_name
 from softprompt.serve.replies import run_generation
-from softprompt.serve.state import CLIENT_ERRORS, ServerState, as_client_error, in_thread, read_body, validate_body
+from softprompt.serve.schemas import AdapterAdd, APIError
 from softprompt.serve.security import Guard
+from softprompt.serve.state import CLIENT_ERRORS, ServerState, as_client_error, in_thread, read_body, validate_body
 
 
 def _lifespan(state: ServerState):
@@ -61,11 +61,22 @@ def _lifespan(state: ServerState):
     return lifespan
 
 
-def create_app(base, adapters_dir=None, *, template: Template | None = None, max_batch: int = 16,
-               max_queue: int = 64, max_tokens_cap: int = 2048, max_model_len: int | None = None,
-               api_key: str | None = None, allow_admin: bool = False,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, allowed_hosts: list[str] | None = None,
-               allow_origins: list[str] | None = None, prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB) -> FastAPI:
+def create_app(
+    base,
+    adapters_dir=None,
+    *,
+    template: Template | None = None,
+    max_batch: int = 16,
+    max_queue: int = 64,
+    max_tokens_cap: int = 2048,
+    max_model_len: int | None = None,
+    api_key: str | None = None,
+    allow_admin: bool = False,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    allowed_hosts: list[str] | None = None,
+    allow_origins: list[str] | None = None,
+    prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB,
+) -> FastAPI:
     """Build the server for `base` (a models.FrozenModel) and the adapter folders under `adapters_dir`.
 
     `template`: the default template (for `base` and adapters saved without one). `api_key`: when set, every
@@ -80,8 +91,16 @@ def create_app(base, adapters_dir=None, *, template: Template | None = None, max
     """
     if max_request_bytes < 1:
         raise ValueError("max_request_bytes must be >= 1")
-    state = ServerState(base, adapters_dir, template=template, max_batch=max_batch, max_queue=max_queue,
-                        max_tokens_cap=max_tokens_cap, max_model_len=max_model_len, prefix_cache_mb=prefix_cache_mb)
+    state = ServerState(
+        base,
+        adapters_dir,
+        template=template,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_tokens_cap=max_tokens_cap,
+        max_model_len=max_model_len,
+        prefix_cache_mb=prefix_cache_mb,
+    )
 
     async def authorise(request: Request):
         if api_key is None or request.url.path == "/health":
@@ -92,25 +111,43 @@ def create_app(base, adapters_dir=None, *, template: Template | None = None, max
 
     async def require_admin():
         if not allow_admin:
-            raise APIError(403, "Adapter administration is disabled on this server: start it with --allow-admin "
-                                "(create_app(..., allow_admin=True)) to add, remove or rescan adapters over HTTP"
-                                + (" (and set --api-key when others can reach it)." if api_key is None else "."),
-                           type="permission_error", code="admin_disabled")
+            raise APIError(
+                403,
+                "Adapter administration is disabled on this server: start it with --allow-admin "
+                "(create_app(..., allow_admin=True)) to add, remove or rescan adapters over HTTP"
+                + (" (and set --api-key when others can reach it)." if api_key is None else "."),
+                type="permission_error",
+                code="admin_disabled",
+            )
 
-    app = FastAPI(title="softprompt", version="1", lifespan=_lifespan(state), docs_url=None, redoc_url=None,
-                  dependencies=[Depends(authorise)],
-                  description="OpenAI-compatible server for soft-prompt adapters on one frozen base model.")
+    app = FastAPI(
+        title="softprompt",
+        version="1",
+        lifespan=_lifespan(state),
+        docs_url=None,
+        redoc_url=None,
+        dependencies=[Depends(authorise)],
+        description="OpenAI-compatible server for soft-prompt adapters on one frozen base model.",
+    )
     app.state.softprompt = state
     app.openapi = openapi_for(app, api_key)
     _install_error_handlers(app)
-    app.add_middleware(Guard, allowed_hosts=allowed_hosts, allow_origins=allow_origins,
-                       max_request_bytes=max_request_bytes)
+    app.add_middleware(
+        Guard, allowed_hosts=allowed_hosts, allow_origins=allow_origins, max_request_bytes=max_request_bytes
+    )
     if allow_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST", "DELETE"],
-                           allow_headers=["Authorization", "Content-Type"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(allow_origins),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
 
-    routers = [_model_routes(state), _generation_routes(state, max_request_bytes),
-               _admin_routes(state, max_request_bytes)]
+    routers = [
+        _model_routes(state),
+        _generation_routes(state, max_request_bytes),
+        _admin_routes(state, max_request_bytes),
+    ]
     app.include_router(routers[0])
     app.include_router(routers[1])
     app.include_router(routers[2], dependencies=[Depends(require_admin)])
@@ -122,17 +159,28 @@ def _model_routes(state: ServerState) -> APIRouter:
     """GET /health, /v1/models, /v1/models/{name}."""
     router = APIRouter()
 
-    @router.get("/health", responses={200: json_response("Health", "the worker is running"),
-                                   503: json_response("Health", "the worker is not running")})
+    @router.get(
+        "/health",
+        responses={
+            200: json_response("Health", "the worker is running"),
+            503: json_response("Health", "the worker is not running"),
+        },
+    )
     async def health():
         stats = state.scheduler.snapshot()
         prefix = state.prefix_cache.stats().as_dict() if state.prefix_cache is not None else None
-        body = {"status": "ok" if stats["alive"] else "unavailable", "model": state.base.name,
-                "adapters": len(state.registry.names()), "scheduler": stats, "prefix_cache": prefix}
+        body = {
+            "status": "ok" if stats["alive"] else "unavailable",
+            "model": state.base.name,
+            "adapters": len(state.registry.names()),
+            "scheduler": stats,
+            "prefix_cache": prefix,
+        }
         return JSONResponse(body, status_code=200 if stats["alive"] else 503)
 
-    @router.get("/v1/models", responses={200: json_response("ModelList", "the served models"),
-                                         **error_responses(401, 403, 421)})
+    @router.get(
+        "/v1/models", responses={200: json_response("ModelList", "the served models"), **error_responses(401, 403, 421)}
+    )
     async def models():
         names = [BASE_NAME] + state.registry.names()
         cards = []
@@ -141,8 +189,10 @@ def _model_routes(state: ServerState) -> APIRouter:
                 cards.append(state.model_card(name))
         return {"object": "list", "data": cards}
 
-    @router.get("/v1/models/{name}", responses={200: json_response("ModelCard", "one served model"),
-                                              **error_responses(401, 403, 404, 421)})
+    @router.get(
+        "/v1/models/{name}",
+        responses={200: json_response("ModelCard", "one served model"), **error_responses(401, 403, 404, 421)},
+    )
     async def model(name: str):
         state.adapter_key(name)
         try:
@@ -157,31 +207,46 @@ def _generation_routes(state: ServerState, max_request_bytes: int) -> APIRouter:
     """POST /v1/completions, /v1/chat/completions, /tokenize, /detokenize."""
     router = APIRouter()
 
-    @router.post("/v1/completions", openapi_extra=json_body("CompletionRequest"),
-              responses=generation_responses("Completion", "CompletionChunk"))
+    @router.post(
+        "/v1/completions",
+        openapi_extra=json_body("CompletionRequest"),
+        responses=generation_responses("Completion", "CompletionChunk"),
+    )
     async def completions(request: Request):
         raw = await read_body(request, max_request_bytes)
         prepared = await in_thread(state.prepare_completion, raw)
         return await run_generation(request, state, prepared, chat=False)
 
-    @router.post("/v1/chat/completions", openapi_extra=json_body("ChatRequest"),
-              responses=generation_responses("ChatCompletion", "ChatCompletionChunk"))
+    @router.post(
+        "/v1/chat/completions",
+        openapi_extra=json_body("ChatRequest"),
+        responses=generation_responses("ChatCompletion", "ChatCompletionChunk"),
+    )
     async def chat_completions(request: Request):
         raw = await read_body(request, max_request_bytes)
         prepared = await in_thread(state.prepare_chat, raw)
         return await run_generation(request, state, prepared, chat=True)
 
-    @router.post("/tokenize", openapi_extra=json_body("TokenizeRequest"),
-              responses={200: json_response("TokenizeResponse",
-                                            "the token ids (the adapter's virtual tokens not included)"),
-                         **error_responses(400, 401, 403, 404, 413, 415, 421)})
+    @router.post(
+        "/tokenize",
+        openapi_extra=json_body("TokenizeRequest"),
+        responses={
+            200: json_response("TokenizeResponse", "the token ids (the adapter's virtual tokens not included)"),
+            **error_responses(400, 401, 403, 404, 413, 415, 421),
+        },
+    )
     async def tokenize(request: Request):
         raw = await read_body(request, max_request_bytes)
         return await in_thread(state.prepare_tokenize, raw)
 
-    @router.post("/detokenize", openapi_extra=json_body("DetokenizeRequest"),
-              responses={200: json_response("DetokenizeResponse", "the text of the token ids"),
-                         **error_responses(400, 401, 403, 404, 413, 415, 421)})
+    @router.post(
+        "/detokenize",
+        openapi_extra=json_body("DetokenizeRequest"),
+        responses={
+            200: json_response("DetokenizeResponse", "the text of the token ids"),
+            **error_responses(400, 401, 403, 404, 413, 415, 421),
+        },
+    )
     async def detokenize(request: Request):
         raw = await read_body(request, max_request_bytes)
         return await in_thread(state.prepare_detokenize, raw)
@@ -193,27 +258,41 @@ def _admin_routes(state: ServerState, max_request_bytes: int) -> APIRouter:
     """POST /v1/adapters, DELETE /v1/adapters/{name}, POST /v1/adapters/rescan (the caller adds the admin check)."""
     router = APIRouter()
 
-    @router.post("/v1/adapters", status_code=201, openapi_extra=json_body("AdapterAdd"),
-              responses={201: json_response("ModelCard", "the adapter is served"),
-                         **error_responses(400, 401, 403, 404, 409, 413, 415, 421)})
+    @router.post(
+        "/v1/adapters",
+        status_code=201,
+        openapi_extra=json_body("AdapterAdd"),
+        responses={
+            201: json_response("ModelCard", "the adapter is served"),
+            **error_responses(400, 401, 403, 404, 409, 413, 415, 421),
+        },
+    )
     async def add_adapter(request: Request):
         raw = await read_body(request, max_request_bytes)
         body = await in_thread(validate_body, raw, AdapterAdd)
         await in_thread(state.registry.add, body.name, body.path, body.replace)
         return JSONResponse(state.model_card(body.name), status_code=201)
 
-    @router.delete("/v1/adapters/{name}",
-                responses={200: json_response("AdapterDeleted", "the adapter is no longer served"),
-                           **error_responses(400, 401, 403, 404, 409, 421)})
+    @router.delete(
+        "/v1/adapters/{name}",
+        responses={
+            200: json_response("AdapterDeleted", "the adapter is no longer served"),
+            **error_responses(400, 401, 403, 404, 409, 421),
+        },
+    )
     async def remove_adapter(name: str = Path(json_schema_extra={"pattern": NAME_PATTERN, "maxLength": NAME_MAX})):
         if name != BASE_NAME:
             validate_name(name)
         await in_thread(state.registry.remove, name)
         return {"id": name, "object": "model", "deleted": True}
 
-    @router.post("/v1/adapters/rescan",
-              responses={200: json_response("RescanReport", "what changed, and the folders not served with the reason"),
-                         **error_responses(400, 401, 403, 415, 421)})
+    @router.post(
+        "/v1/adapters/rescan",
+        responses={
+            200: json_response("RescanReport", "what changed, and the folders not served with the reason"),
+            **error_responses(400, 401, 403, 415, 421),
+        },
+    )
     async def rescan():
         return await in_thread(state.registry.rescan)
 
@@ -266,8 +345,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def client_left(request, err: ClientDisconnect):
         # the client closed the connection before sending its whole body: nobody is left to answer, and it is
         # not the server's failure (no traceback in the log)
-        return _error_response(APIError(400, "The client closed the connection before sending the whole body.",
-                                        code="client_disconnected"))
+        return _error_response(
+            APIError(400, "The client closed the connection before sending the whole body.", code="client_disconnected")
+        )
 
     @app.exception_handler(Exception)
     async def internal(request, err: Exception):

@@ -29,15 +29,15 @@ from softprompt.inference.engine import PREFILL_CHUNK, DecodeBatch, GenerationRe
 from softprompt.inference.prompt_cache import CachedPrompt, PromptCache
 
 NEG_INF_LOGPROB = -9999.0  # what an impossible token's log-probability is reported as (JSON has no -inf), as vLLM
-HEAD_CHUNK = 128           # prompt positions per LM-head chunk when scoring a prompt
-SCORE_SLICE = 128          # prompt tokens a scoring job runs between two decode steps (a multiple of PREFILL_CHUNK)
+HEAD_CHUNK = 128  # prompt positions per LM-head chunk when scoring a prompt
+SCORE_SLICE = 128  # prompt tokens a scoring job runs between two decode steps (a multiple of PREFILL_CHUNK)
 
 
 @dataclass(eq=False)
 class ServeRequest(GenerationRequest):
     """A GenerationRequest with log-probability reporting (the penalties and logit_bias are GenerationRequest's)."""
 
-    logprobs: int | None = None    # None: no log-probabilities; N: the chosen token's and the N most likely
+    logprobs: int | None = None  # None: no log-probabilities; N: the chosen token's and the N most likely
 
 
 @dataclass(eq=False)
@@ -93,15 +93,14 @@ class PromptScorer:
     Slices always start at multiples of `slice_tokens` (and, in row-exact mode, run their attention in the engine's
     block-aligned chunks), so the values depend only on the adapter and the prompt, never on the server's load."""
 
-    def __init__(self, base, entry: CachedPrompt | None, ids: list[int], top_n: int,
-                 slice_tokens: int = SCORE_SLICE):
+    def __init__(self, base, entry: CachedPrompt | None, ids: list[int], top_n: int, slice_tokens: int = SCORE_SLICE):
         if not ids:
             raise ValueError("a prompt to score needs at least one token")
         self.base, self.ids, self.top_n, self.slice_tokens = base, list(ids), top_n, slice_tokens
         self.n = entry.num_virtual_tokens if entry is not None else 0
         self.cache = make_cache(list(entry.kv) if entry is not None else None)
         self.exact = base.dtype != torch.float32
-        self.done = 0                  # prompt tokens run so far
+        self.done = 0  # prompt tokens run so far
         self.result: list[TokenLogprobs] = [TokenLogprobs(self.ids[0], None, None)]
 
     @property
@@ -123,7 +122,7 @@ class PromptScorer:
             hidden, self.cache = run_body(model, embeds, mask, positions, cache=self.cache, use_cache=True)
         last = min(stop, len(self.ids) - 1)  # the prompt's last token predicts nothing that is scored
         if last > start:
-            self.result += self._score(hidden[0, :last - start], self.ids[start + 1:last + 1])
+            self.result += self._score(hidden[0, : last - start], self.ids[start + 1 : last + 1])
         self.done = stop
         if self.finished:
             self.cache = None  # free the keys/values at once
@@ -132,21 +131,22 @@ class PromptScorer:
     def _score(self, hidden: torch.Tensor, targets: list[int]) -> list[TokenLogprobs]:
         out = []
         for begin in range(0, len(targets), HEAD_CHUNK):
-            part = targets[begin:begin + HEAD_CHUNK]
-            logp = torch.log_softmax(lm_logits(self.base.model, hidden[begin:begin + len(part)]), dim=-1)
+            part = targets[begin : begin + HEAD_CHUNK]
+            logp = torch.log_softmax(lm_logits(self.base.model, hidden[begin : begin + len(part)]), dim=-1)
             chosen = logp.gather(1, torch.tensor(part, device=logp.device).unsqueeze(1)).squeeze(1).tolist()
             if self.top_n > 0:
                 values, top_ids = torch.topk(logp, min(self.top_n, logp.shape[-1]), dim=-1)
-                tops = [[(int(i), _finite(float(v))) for i, v in zip(r_ids, r_vals)]
-                        for r_ids, r_vals in zip(top_ids.tolist(), values.tolist())]
+                tops = [
+                    [(int(i), _finite(float(v))) for i, v in zip(r_ids, r_vals)]
+                    for r_ids, r_vals in zip(top_ids.tolist(), values.tolist())
+                ]
             else:
                 tops = [[] for _ in chosen]
             out += [TokenLogprobs(t, _finite(c), top) for t, c, top in zip(part, chosen, tops)]
         return out
 
 
-def prompt_logprobs(base, cache: PromptCache, adapter: str | None, ids: list[int], top_n: int
-                    ) -> list[TokenLogprobs]:
+def prompt_logprobs(base, cache: PromptCache, adapter: str | None, ids: list[int], top_n: int) -> list[TokenLogprobs]:
     """Each prompt token's log-probability given the soft prompt and the tokens before it (the first token's is
     None: OpenAI's and vLLM's convention, kept with an adapter too), and the top_n most likely tokens there.
 

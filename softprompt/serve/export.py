@@ -30,18 +30,28 @@ FORMAT = "softprompt-vllm-export/1"
 class ExportVllmConfig:
     """What `export_vllm` writes and from which adapter."""
 
-    adapter: str = option(help="adapter folder (prompt tuning or P-tuning; prefix tuning cannot go through "
-                               "prompt_embeds)", positional=True)
+    adapter: str = option(
+        help="adapter folder (prompt tuning or P-tuning; prefix tuning cannot go through prompt_embeds)",
+        positional=True,
+    )
     out: str = option(help="folder to write (created; files in it are replaced)", metavar="DIR")
-    dtype: str = option("float32", "dtype of the exported rows: the vLLM server's --dtype (its `auto` is the "
-                                   "model config's torch_dtype)", choices=EXPORT_DTYPES)
-    instruction: str | None = option(None, "also write request.json: a /v1/completions body for this instruction, "
-                                           "formatted with the adapter's template (loads the base model)")
-    text: str | None = option(None, "like --instruction, but raw text placed right after the soft prompt (no "
-                                    "template)")
+    dtype: str = option(
+        "float32",
+        "dtype of the exported rows: the vLLM server's --dtype (its `auto` is the model config's torch_dtype)",
+        choices=EXPORT_DTYPES,
+    )
+    instruction: str | None = option(
+        None,
+        "also write request.json: a /v1/completions body for this instruction, "
+        "formatted with the adapter's template (loads the base model)",
+    )
+    text: str | None = option(None, "like --instruction, but raw text placed right after the soft prompt (no template)")
     served_model_name: str | None = option(
-        None, "the `model` field of request.json: the name the vLLM server knows the base model by (default: the "
-              "adapter's recorded base model)", metavar="NAME")
+        None,
+        "the `model` field of request.json: the name the vLLM server knows the base model by (default: the "
+        "adapter's recorded base model)",
+        metavar="NAME",
+    )
     max_tokens: int = option(64, "max_tokens in request.json", minimum=1)
     model: str | None = model_option()
     device: str = device_option()
@@ -66,8 +76,9 @@ def export_vllm(config: ExportVllmConfig, base=None) -> dict:
     check_embeddable(adapter)
     recorded = adapter.config.get("base_model_name_or_path")
     model_name = config.model or (DEFAULT_MODEL if recorded in (None, DEFAULT_MODEL_NAME) else recorded)
-    context = (getattr(base.model.config, "max_position_embeddings", None) if base is not None
-               else _model_context(model_name))
+    context = (
+        getattr(base.model.config, "max_position_embeddings", None) if base is not None else _model_context(model_name)
+    )
     check_fits_context(adapter.embeddings.shape[0], context, adapter.path or config.adapter)
     dtype = getattr(torch, config.dtype)
     rows = adapter.embeddings.detach().to(device="cpu", dtype=dtype).contiguous()
@@ -85,10 +96,13 @@ def export_vllm(config: ExportVllmConfig, base=None) -> dict:
         "hidden_size": int(rows.shape[1]),
         "dtype": config.dtype,
         "template": template.spec,
-        "template_example": template.prompt("{instruction}", "") if template.spec != "chat" else
-        "the base model's chat template applied to one user message (add_generation_prompt=True)",
-        "files": {"prompt_embeds.safetensors": "tensor 'prompt_embeds' [num_virtual_tokens, hidden_size]",
-                  "prompt_embeds.pt": "the same tensor, torch.save'd"},
+        "template_example": template.prompt("{instruction}", "")
+        if template.spec != "chat"
+        else "the base model's chat template applied to one user message (add_generation_prompt=True)",
+        "files": {
+            "prompt_embeds.safetensors": "tensor 'prompt_embeds' [num_virtual_tokens, hidden_size]",
+            "prompt_embeds.pt": "the same tensor, torch.save'd",
+        },
         "recipe": [
             "start vLLM with --enable-prompt-embeds (and the same base model)",
             "format the prompt text with `template` (what `softprompt generate` does) and tokenize it without "
@@ -96,7 +110,7 @@ def export_vllm(config: ExportVllmConfig, base=None) -> dict:
             "embeds = cat([soft prompt rows, base model input-embedding rows of those token ids]) -> "
             "[num_virtual_tokens + L, hidden_size], in the server's dtype",
             "POST /v1/completions {model, prompt_embeds: base64(torch.save(embeds)), max_tokens, ...} and no "
-            "`prompt` field (vLLM 0.32 answers 400 to prompt=\"\")",
+            '`prompt` field (vLLM 0.32 answers 400 to prompt="")',
             "usage.prompt_tokens counts the num_virtual_tokens rows too (as softprompt serve does)",
         ],
     }
@@ -107,9 +121,9 @@ def export_vllm(config: ExportVllmConfig, base=None) -> dict:
         kwargs = {"instruction": config.instruction} if config.instruction is not None else {"text": config.text}
         body = completion_payload(served, base, adapter, max_tokens=config.max_tokens, dtype=dtype, **kwargs)
         (out / "request.json").write_text(json.dumps(body) + "\n")
-        info["files"]["request.json"] = ("a /v1/completions body for " + (
-            f"the instruction {config.instruction!r}" if config.instruction is not None else
-            f"the text {config.text!r}"))
+        info["files"]["request.json"] = "a /v1/completions body for " + (
+            f"the instruction {config.instruction!r}" if config.instruction is not None else f"the text {config.text!r}"
+        )
     (out / "vllm.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return info
 
@@ -122,7 +136,10 @@ def _model_context(model: str) -> int | None:
     from softprompt.core.models import resolve_model_path
 
     try:
-        return getattr(AutoConfig.from_pretrained(resolve_model_path(model)[0], local_files_only=True),
-                       "max_position_embeddings", None)
+        return getattr(
+            AutoConfig.from_pretrained(resolve_model_path(model)[0], local_files_only=True),
+            "max_position_embeddings",
+            None,
+        )
     except Exception:  # noqa: BLE001 (a hub id not cached here, a folder without config.json, ...)
         return None

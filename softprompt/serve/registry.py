@@ -26,8 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from softprompt.formats.adapter import (CONFIG_FILE, WEIGHTS_FILE, Adapter, AdapterError, check_adapter_name,
-                                        load_adapter)
+from softprompt.formats.adapter import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    Adapter,
+    AdapterError,
+    check_adapter_name,
+    load_adapter,
+)
 
 BASE_NAME = "base"
 
@@ -61,8 +67,13 @@ class Entry:
 class AdapterRegistry:
     """Name -> adapter folder, kept in step with the engine's PromptCache."""
 
-    def __init__(self, base, prompt_cache, root: str | Path | None = None,
-                 run_on_worker: Callable[[Callable], object] | None = None):
+    def __init__(
+        self,
+        base,
+        prompt_cache,
+        root: str | Path | None = None,
+        run_on_worker: Callable[[Callable], object] | None = None,
+    ):
         self.base = base
         self.cache = prompt_cache
         self.root = Path(root).resolve() if root is not None else None
@@ -70,10 +81,11 @@ class AdapterRegistry:
             raise RegistryError(f"adapters folder not found: {root}")
         self.run = run_on_worker or (lambda fn: fn())
         self.entries: dict[str, Entry] = {}
-        self.lock = threading.RLock()      # guards `entries` (short holds, lookups)
-        self.changes = threading.RLock()   # one change (add / remove / rescan) at a time
-        self._roots = sorted({str(self.root), str(Path(root).absolute()), str(root)} if root is not None else (),
-                             key=len, reverse=True)
+        self.lock = threading.RLock()  # guards `entries` (short holds, lookups)
+        self.changes = threading.RLock()  # one change (add / remove / rescan) at a time
+        self._roots = sorted(
+            {str(self.root), str(Path(root).absolute()), str(root)} if root is not None else (), key=len, reverse=True
+        )
 
     def clean(self, message: str) -> str:
         """A message with the adapters folder's absolute path replaced by `<adapters>`."""
@@ -106,10 +118,20 @@ class AdapterRegistry:
         if self.root is None:
             raise RegistryError("this server was started without an adapters folder (--adapters)")
         rel = name if path is None else path
-        if not isinstance(rel, str) or not rel or os.path.isabs(rel) or rel.startswith(("~", "\\")) \
-                or "\\" in rel or ":" in rel or any(part in ("..", ".") for part in rel.split("/")) or "\x00" in rel:
-            raise RegistryError(f"invalid adapter path {rel!r}: give a folder inside the adapters folder, relative "
-                                "to it (no absolute paths, no '..')")
+        if (
+            not isinstance(rel, str)
+            or not rel
+            or os.path.isabs(rel)
+            or rel.startswith(("~", "\\"))
+            or "\\" in rel
+            or ":" in rel
+            or any(part in ("..", ".") for part in rel.split("/"))
+            or "\x00" in rel
+        ):
+            raise RegistryError(
+                f"invalid adapter path {rel!r}: give a folder inside the adapters folder, relative "
+                "to it (no absolute paths, no '..')"
+            )
         full = (self.root / rel).resolve()
         if full != self.root and self.root not in full.parents:
             raise RegistryError(f"invalid adapter path {rel!r}: it leads outside the adapters folder")
@@ -122,8 +144,10 @@ class AdapterRegistry:
                 continue
             target = Path(os.path.realpath(entry.path))
             if target != self.root and self.root not in target.parents:
-                raise RegistryError(f"invalid adapter folder {folder.name!r}: {entry.name} is a symbolic link leading "
-                                    "outside the adapters folder")
+                raise RegistryError(
+                    f"invalid adapter folder {folder.name!r}: {entry.name} is a symbolic link leading "
+                    "outside the adapters folder"
+                )
 
     # ---- changes -------------------------------------------------------------------------------------------
     def add(self, name: str, path: str | None = None, replace: bool = False) -> Adapter:
@@ -134,8 +158,7 @@ class AdapterRegistry:
         with self.changes:
             with self.lock:
                 if name in self.entries and not replace:
-                    raise RegistryError(f"an adapter named {name!r} is already served (pass replace to swap it)",
-                                        409)
+                    raise RegistryError(f"an adapter named {name!r} is already served (pass replace to swap it)", 409)
             if not folder.is_dir():
                 raise RegistryError(f"adapter folder not found: {folder.name} (in the adapters folder)", status=404)
             try:
@@ -216,8 +239,9 @@ class AdapterRegistry:
                     continue
                 self.add(name, replace=True)
             except Exception as err:  # noqa: BLE001 (one bad folder never blocks the others)
-                skipped[name] = self.clean(str(err) if isinstance(err, (RegistryError, AdapterError))
-                                           else f"{type(err).__name__}: {err}")
+                skipped[name] = self.clean(
+                    str(err) if isinstance(err, (RegistryError, AdapterError)) else f"{type(err).__name__}: {err}"
+                )
                 if self._serves(name, child):  # re-saved but unreadable (mid-write?): the version loaded before goes on
                     found.add(name)
                     skipped[name] += KEPT

@@ -15,14 +15,14 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from softprompt.inference.prompt_cache import UnknownAdapterError
-from softprompt.serve.scheduler import Job, Overloaded, Unavailable
 from softprompt.serve.batch import PromptScorer, ServeRequest, TokenLogprobs
-from softprompt.serve.schemas import (APIError)
+from softprompt.serve.scheduler import Job, Overloaded, Unavailable
+from softprompt.serve.schemas import APIError
 from softprompt.serve.state import Prepared, ServerState
+
 
 class ClientGone(Exception):
     """The client closed the connection before its answer was ready."""
-
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:
@@ -34,13 +34,11 @@ def choice_seed(seed: int | None, index: int) -> int | None:
     return int.from_bytes(digest, "big") >> 1
 
 
-
 def _asked_logprobs(body, chat: bool) -> int | None:
     """How many alternatives per token the client asked for (None: no logprobs at all)."""
     if chat:
         return (body.top_logprobs or 0) if body.logprobs else None
     return body.logprobs
-
 
 
 async def run_generation(request: Request, state: ServerState, prepared: Prepared, chat: bool):
@@ -59,20 +57,38 @@ async def run_generation(request: Request, state: ServerState, prepared: Prepare
         if limit == 0:
             continue
         for c in range(candidates):
-            gen = ServeRequest(prompt_ids=ids, adapter=key, entry=prepared.entry, max_new_tokens=limit,
-                               temperature=temperature, top_k=top_k, top_p=top_p, seed=choice_seed(body.seed, c),
-                               stop=body.stop_list(),
-                               id=(p, c), presence_penalty=body.presence_penalty,
-                               frequency_penalty=body.frequency_penalty, logit_bias=bias, logprobs=track,
-                               repetition_penalty=body.repetition_penalty,
-                               no_repeat_ngram_size=body.no_repeat_ngram_size)
+            gen = ServeRequest(
+                prompt_ids=ids,
+                adapter=key,
+                entry=prepared.entry,
+                max_new_tokens=limit,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                seed=choice_seed(body.seed, c),
+                stop=body.stop_list(),
+                id=(p, c),
+                presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
+                logit_bias=bias,
+                logprobs=track,
+                repetition_penalty=body.repetition_penalty,
+                no_repeat_ngram_size=body.no_repeat_ngram_size,
+            )
             jobs.append(Job(gen, lambda item, i=len(jobs): events.put_nowait((i, item)), loop))
             slots.append((p, c))
     scored: asyncio.Queue = asyncio.Queue()
     scoring = []  # echo with logprobs: one scoring job per prompt, run by the worker in slices between steps
     if not chat and body.echo and asked is not None:
-        scoring = [Job(None, lambda item, p=p: scored.put_nowait((p, item)), loop,
-                       scorer=PromptScorer(state.base, prepared.entry, ids, asked)) for p, ids in enumerate(prompts)]
+        scoring = [
+            Job(
+                None,
+                lambda item, p=p: scored.put_nowait((p, item)),
+                loop,
+                scorer=PromptScorer(state.base, prepared.entry, ids, asked),
+            )
+            for p, ids in enumerate(prompts)
+        ]
     try:
         if jobs or scoring:
             state.scheduler.submit_many(scoring + jobs)
@@ -80,8 +96,13 @@ async def run_generation(request: Request, state: ServerState, prepared: Prepare
             raise Unavailable("the generation worker is not running")
     except (Overloaded, Unavailable) as err:
         status, kind = (429, "rate_limit_error") if isinstance(err, Overloaded) else (503, "server_error")
-        raise APIError(status, str(err), type=kind, code="server_overloaded" if status == 429 else "unavailable",
-                       headers={"Retry-After": "1"})
+        raise APIError(
+            status,
+            str(err),
+            type=kind,
+            code="server_overloaded" if status == 429 else "unavailable",
+            headers={"Retry-After": "1"},
+        )
 
     def cancel_all():
         for job in scoring + jobs:
@@ -99,8 +120,13 @@ async def run_generation(request: Request, state: ServerState, prepared: Prepare
             raise as_api_error(err) from err
 
     if body.stream:
-        return _EventStream(reply.stream(events), events, on_close=cancel_all, media_type="text/event-stream",
-                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _EventStream(
+            reply.stream(events),
+            events,
+            on_close=cancel_all,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     watcher = asyncio.create_task(_watch_disconnect(request, events))
     try:
         return JSONResponse(await reply.collect(events))
@@ -109,7 +135,6 @@ async def run_generation(request: Request, state: ServerState, prepared: Prepare
     finally:
         watcher.cancel()
         cancel_all()
-
 
 
 async def _scores(request: Request, scored: asyncio.Queue, count: int) -> list[list[TokenLogprobs]]:
@@ -137,7 +162,6 @@ async def _watch_disconnect(request: Request, events: asyncio.Queue) -> None:
             return
 
 
-
 class _EventStream(StreamingResponse):
     """A streaming response that notices a disconnect even while no token is being sent (e.g. the request still
     waits for a batch slot), and runs `on_close` however it ends (finished, client gone, error)."""
@@ -161,15 +185,22 @@ class _EventStream(StreamingResponse):
             self.on_close()
 
 
-
 class _Reply:
     """Turns the TokenEvents of a request's jobs into OpenAI response objects.
 
     Choice i * n + j is prompt i's j-th choice. With best_of > n, each prompt's n candidates with the highest summed
     token log-probability are returned (in the order they were sampled)."""
 
-    def __init__(self, state: ServerState, prepared: Prepared, jobs: list[Job], slots: list[tuple[int, int]],
-                 chat: bool, candidates: int, asked: int | None):
+    def __init__(
+        self,
+        state: ServerState,
+        prepared: Prepared,
+        jobs: list[Job],
+        slots: list[tuple[int, int]],
+        chat: bool,
+        candidates: int,
+        asked: int | None,
+    ):
         self.state, self.prepared, self.body, self.jobs, self.slots = state, prepared, prepared.body, jobs, slots
         self.chat, self.candidates, self.asked = chat, candidates, asked
         self.n = self.body.n
@@ -186,8 +217,14 @@ class _Reply:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _envelope(self, obj: str, choices: list) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.body.model,
-                "system_fingerprint": None, "choices": choices}
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.body.model,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
 
     # ---- log-probabilities -----------------------------------------------------------------------------------
     def token_string(self, token: int) -> str:
@@ -218,8 +255,11 @@ class _Reply:
             text = self.token_string(token)
             return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
 
-        return {"content": [{**item(e.token_id, e.logprob),
-                             "top_logprobs": [item(t, v) for t, v in (e.top or [])]} for e in entries]}
+        return {
+            "content": [
+                {**item(e.token_id, e.logprob), "top_logprobs": [item(t, v) for t, v in (e.top or [])]} for e in entries
+            ]
+        }
 
     def echo_part(self, prompt: int) -> tuple[str, list[TokenLogprobs]]:
         """(echoed text, its token log-probabilities) of a prompt ('' and [] without echo)."""
@@ -250,7 +290,7 @@ class _Reply:
         for p in range(len(self.prepared.prompts)):
             picked = by_prompt.get(p)
             if picked is not None and len(picked) > self.n:  # best_of: the n most likely candidates
-                best = sorted(picked, key=lambda i: -sum(e.logprob for e in scores[i]))[:self.n]
+                best = sorted(picked, key=lambda i: -sum(e.logprob for e in scores[i]))[: self.n]
                 picked = sorted(best)
             echo_text, echo_scores = self.echo_part(p)
             for j in range(self.n):
@@ -261,25 +301,37 @@ class _Reply:
                     i = picked[j]
                     text, entries, reason = echo_text + texts[i], echo_scores + scores[i], reasons[i]
                 if self.chat:
-                    choices.append({"index": index, "message": {"role": "assistant", "content": text},
-                                    "logprobs": self.chat_logprobs(entries) if self.asked is not None else None,
-                                    "finish_reason": reason})
+                    choices.append(
+                        {
+                            "index": index,
+                            "message": {"role": "assistant", "content": text},
+                            "logprobs": self.chat_logprobs(entries) if self.asked is not None else None,
+                            "finish_reason": reason,
+                        }
+                    )
                 else:
-                    choices.append({"index": index, "text": text,
-                                    "logprobs": self.legacy_logprobs(entries) if self.asked is not None else None,
-                                    "finish_reason": reason})
+                    choices.append(
+                        {
+                            "index": index,
+                            "text": text,
+                            "logprobs": self.legacy_logprobs(entries) if self.asked is not None else None,
+                            "finish_reason": reason,
+                        }
+                    )
         return {**self._envelope(self.object, choices), "usage": self.usage()}
 
     # ---- streams -----------------------------------------------------------------------------------------------
-    def _chunk(self, index: int, text: str | None, reason: str | None, role: bool = False,
-               logprobs: dict | None = None) -> str:
+    def _chunk(
+        self, index: int, text: str | None, reason: str | None, role: bool = False, logprobs: dict | None = None
+    ) -> str:
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             data = self._envelope("chat.completion.chunk", [choice])
         else:
-            data = self._envelope("text_completion", [{"index": index, "text": text or "", "logprobs": logprobs,
-                                                       "finish_reason": reason}])
+            data = self._envelope(
+                "text_completion", [{"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": reason}]
+            )
         return _sse(data)
 
     async def stream(self, events: asyncio.Queue):
@@ -322,23 +374,26 @@ class _Reply:
                 remaining -= 1
         options = self.body.stream_options
         if remaining == 0 and options is not None and options.include_usage:
-            yield _sse({**self._envelope("chat.completion.chunk" if self.chat else "text_completion", []),
-                        "usage": self.usage()})
+            yield _sse(
+                {
+                    **self._envelope("chat.completion.chunk" if self.chat else "text_completion", []),
+                    "usage": self.usage(),
+                }
+            )
         yield "data: [DONE]\n\n"
-
 
 
 def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-
 def as_api_error(err: BaseException) -> APIError:
     if isinstance(err, APIError):
         return err
     if isinstance(err, UnknownAdapterError):
-        return APIError(404, f"the model was removed while the request waited: {err}", param="model",
-                        code="model_not_found")
+        return APIError(
+            404, f"the model was removed while the request waited: {err}", param="model", code="model_not_found"
+        )
     if isinstance(err, Unavailable):
         return APIError(503, str(err), type="server_error", code="unavailable")
     if isinstance(err, ValueError):

@@ -54,8 +54,9 @@ class Job:
 class Scheduler:
     """The worker thread and its bounded queue."""
 
-    def __init__(self, make_batch: Callable[[], DecodeBatch], max_batch: int = 16, max_queue: int = 64,
-                 idle_wait: float = 0.5):
+    def __init__(
+        self, make_batch: Callable[[], DecodeBatch], max_batch: int = 16, max_queue: int = 64, idle_wait: float = 0.5
+    ):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.make_batch = make_batch
@@ -70,8 +71,18 @@ class Scheduler:
         self.thread: threading.Thread | None = None
         self.running = False
         self.error: BaseException | None = None
-        self.stats = {"submitted": 0, "completed": 0, "cancelled": 0, "failed": 0, "rejected": 0,
-                      "tokens": 0, "steps": 0, "prefills": 0, "score_slices": 0, "max_live": 0}
+        self.stats = {
+            "submitted": 0,
+            "completed": 0,
+            "cancelled": 0,
+            "failed": 0,
+            "rejected": 0,
+            "tokens": 0,
+            "steps": 0,
+            "prefills": 0,
+            "score_slices": 0,
+            "max_live": 0,
+        }
 
     # ---- public, any thread --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -112,15 +123,18 @@ class Scheduler:
         queue, Unavailable when the worker is not running."""
         with self.cond:
             if not self.alive:
-                raise Unavailable("the generation worker is not running" +
-                                  (f" (it failed: {self.error})" if self.error else ""))
+                raise Unavailable(
+                    "the generation worker is not running" + (f" (it failed: {self.error})" if self.error else "")
+                )
             scoring = len(self.scoring) + sum(job.scorer is not None for job in jobs)
             free = max(0, self.max_batch - len(self.live) - self.admitting - min(scoring, 1))
             queued = len(self.waiting) + max(scoring - 1, 0)  # scoring jobs but the one being run wait
             if queued + sum(job.scorer is None for job in jobs) - free > self.max_queue:
                 self.stats["rejected"] += 1
-                raise Overloaded(f"the server is busy: {len(self.live)} requests running and {len(self.waiting)} "
-                                 "waiting (the queue is full); retry later")
+                raise Overloaded(
+                    f"the server is busy: {len(self.live)} requests running and {len(self.waiting)} "
+                    "waiting (the queue is full); retry later"
+                )
             self.waiting.extend(job for job in jobs if job.scorer is None)
             self.scoring.extend(job for job in jobs if job.scorer is not None)
             self.stats["submitted"] += len(jobs)
@@ -147,8 +161,15 @@ class Scheduler:
 
     def snapshot(self) -> dict:
         with self.cond:
-            return {**self.stats, "running": len(self.live), "scoring": len(self.scoring), "waiting": len(self.waiting),
-                    "max_batch": self.max_batch, "max_queue": self.max_queue, "alive": self.alive}
+            return {
+                **self.stats,
+                "running": len(self.live),
+                "scoring": len(self.scoring),
+                "waiting": len(self.waiting),
+                "max_batch": self.max_batch,
+                "max_queue": self.max_queue,
+                "alive": self.alive,
+            }
 
     # ---- the worker ----------------------------------------------------------------------------------------
     def _loop(self) -> None:

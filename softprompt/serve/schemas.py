@@ -34,29 +34,41 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from softprompt.formats.adapter import NAME_MAX, NAME_PATTERN
+
 # repetition_penalty / no_repeat_ngram_size: the defaults and ranges of the command-line options
-from softprompt.options import (DEFAULT_NO_REPEAT_NGRAM, DEFAULT_REPETITION_PENALTY, NO_REPEAT_NGRAM_MAX,
-                                REPETITION_PENALTY_RANGE)
+from softprompt.options import (
+    DEFAULT_NO_REPEAT_NGRAM,
+    DEFAULT_REPETITION_PENALTY,
+    NO_REPEAT_NGRAM_MAX,
+    REPETITION_PENALTY_RANGE,
+)
 
 MAX_STOP = 16
-MAX_JSON_DEPTH = 32           # levels of nested objects/arrays a request body may have
-TEMPERATURE_EPSILON = 1e-4    # temperature below it: greedy (logits / tiny temperature overflows float32)
-TOP_P_EPSILON = 1e-6          # top_p below it: only the most likely token (top_p rounds to 0 in float32)
-SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what torch.Generator.manual_seed accepts
-TOP_K_MAX = 2 ** 31 - 1
-MAX_N = 64                    # choices per prompt (n, best_of); the server's capacity bounds prompts x choices too
-MAX_LOGPROBS = 20             # top alternatives per token (vLLM's default max_logprobs; OpenAI allows 5 / 20)
-PENALTY_MAX = 2.0             # |presence_penalty|, |frequency_penalty| (OpenAI's range)
-LOGIT_BIAS_MAX = 100.0        # |bias| per token (OpenAI's range)
-MAX_LOGIT_BIAS = 1024         # entries in logit_bias
+MAX_JSON_DEPTH = 32  # levels of nested objects/arrays a request body may have
+TEMPERATURE_EPSILON = 1e-4  # temperature below it: greedy (logits / tiny temperature overflows float32)
+TOP_P_EPSILON = 1e-6  # top_p below it: only the most likely token (top_p rounds to 0 in float32)
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+TOP_K_MAX = 2**31 - 1
+MAX_N = 64  # choices per prompt (n, best_of); the server's capacity bounds prompts x choices too
+MAX_LOGPROBS = 20  # top alternatives per token (vLLM's default max_logprobs; OpenAI allows 5 / 20)
+PENALTY_MAX = 2.0  # |presence_penalty|, |frequency_penalty| (OpenAI's range)
+LOGIT_BIAS_MAX = 100.0  # |bias| per token (OpenAI's range)
+MAX_LOGIT_BIAS = 1024  # entries in logit_bias
 TOKEN_KEY_PATTERN = r"^[0-9]{1,12}$"  # a logit_bias key: a token id written as a string
 
 
 class APIError(Exception):
     """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
@@ -72,14 +84,18 @@ def nullable(schema: dict) -> dict:
 
 def only_with(field: str, when: dict, other: str, value) -> dict:
     """A JSON Schema rule: when `field` is present and matches `when`, `other` must be present and equal `value`."""
-    return {"if": {"required": [field], "properties": {field: when}},
-            "then": {"required": [other], "properties": {other: {"const": value}}}}
+    return {
+        "if": {"required": [field], "properties": {field: when}},
+        "then": {"required": [other], "properties": {other: {"const": value}}},
+    }
 
 
 def with_rules(*rules: dict):
     """A model's json_schema_extra adding `rules` (e.g. only_with) to its published schema, under allOf."""
+
     def extra(schema: dict) -> None:
         schema.setdefault("allOf", []).extend(rules)
+
     return extra
 
 
@@ -90,8 +106,11 @@ def non_empty_lists(schema: dict) -> None:
             branch["minItems"] = 1
 
 
-TEXT_PART = {"type": "object", "required": ["type", "text"],
-             "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+TEXT_PART = {
+    "type": "object",
+    "required": ["type", "text"],
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+}
 TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
 
 
@@ -101,40 +120,80 @@ class StreamOptions(BaseModel):
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=with_rules(
-        only_with("stream_options", {"type": "object"}, "stream", True)))
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra=with_rules(only_with("stream_options", {"type": "object"}, "stream", True)),
+    )
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False,
-                               description=f"0 (or below {TEMPERATURE_EPSILON}) = greedy")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False,
-                         description=f"below {TOP_P_EPSILON}: only the most likely token")
+    temperature: float = Field(
+        default=1.0, ge=0.0, le=2.0, allow_inf_nan=False, description=f"0 (or below {TEMPERATURE_EPSILON}) = greedy"
+    )
+    top_p: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description=f"below {TOP_P_EPSILON}: only the most likely token",
+    )
     top_k: int = Field(default=0, ge=0, le=TOP_K_MAX, description="0 = off (not OpenAI's; vLLM's)")
-    stop: Union[str, list[str], None] = Field(default=None, json_schema_extra={"anyOf": [
-        {"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP}, {"type": "null"}]})
+    stop: Union[str, list[str], None] = Field(
+        default=None,
+        json_schema_extra={
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP},
+                {"type": "null"},
+            ]
+        },
+    )
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=MAX_N, description="choices per prompt (sampled; reproducible with seed)")
-    presence_penalty: float = Field(default=0.0, ge=-PENALTY_MAX, le=PENALTY_MAX, allow_inf_nan=False,
-                                    description="subtracted from the logit of every token already generated")
-    frequency_penalty: float = Field(default=0.0, ge=-PENALTY_MAX, le=PENALTY_MAX, allow_inf_nan=False,
-                                     description="times the number of times a token was generated, subtracted "
-                                                 "from its logit")
+    presence_penalty: float = Field(
+        default=0.0,
+        ge=-PENALTY_MAX,
+        le=PENALTY_MAX,
+        allow_inf_nan=False,
+        description="subtracted from the logit of every token already generated",
+    )
+    frequency_penalty: float = Field(
+        default=0.0,
+        ge=-PENALTY_MAX,
+        le=PENALTY_MAX,
+        allow_inf_nan=False,
+        description="times the number of times a token was generated, subtracted from its logit",
+    )
     repetition_penalty: float = Field(
-        default=DEFAULT_REPETITION_PENALTY, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1],
-        allow_inf_nan=False, description="divides a positive logit of every token already generated (multiplies a "
-                                         "negative one); 1 = off (vLLM's extra parameter; not OpenAI's)")
+        default=DEFAULT_REPETITION_PENALTY,
+        ge=REPETITION_PENALTY_RANGE[0],
+        le=REPETITION_PENALTY_RANGE[1],
+        allow_inf_nan=False,
+        description="divides a positive logit of every token already generated (multiplies a "
+        "negative one); 1 = off (vLLM's extra parameter; not OpenAI's)",
+    )
     no_repeat_ngram_size: int = Field(
-        default=DEFAULT_NO_REPEAT_NGRAM, ge=0, le=NO_REPEAT_NGRAM_MAX,
-        description="never repeat an n-gram of this many generated tokens; 0 = off (not OpenAI's)")
+        default=DEFAULT_NO_REPEAT_NGRAM,
+        ge=0,
+        le=NO_REPEAT_NGRAM_MAX,
+        description="never repeat an n-gram of this many generated tokens; 0 = off (not OpenAI's)",
+    )
     logit_bias: dict[str, float] | None = Field(
-        default=None, description=f"token id (as a string) -> bias added to its logit, in [-{LOGIT_BIAS_MAX:g}, "
-                                  f"{LOGIT_BIAS_MAX:g}]; at most {MAX_LOGIT_BIAS} entries",
-        json_schema_extra=nullable({"type": "object", "propertyNames": {"pattern": TOKEN_KEY_PATTERN},
-                                    "maxProperties": MAX_LOGIT_BIAS, "additionalProperties": {
-                                        "type": "number", "minimum": -LOGIT_BIAS_MAX, "maximum": LOGIT_BIAS_MAX}}))
+        default=None,
+        description=f"token id (as a string) -> bias added to its logit, in [-{LOGIT_BIAS_MAX:g}, "
+        f"{LOGIT_BIAS_MAX:g}]; at most {MAX_LOGIT_BIAS} entries",
+        json_schema_extra=nullable(
+            {
+                "type": "object",
+                "propertyNames": {"pattern": TOKEN_KEY_PATTERN},
+                "maxProperties": MAX_LOGIT_BIAS,
+                "additionalProperties": {"type": "number", "minimum": -LOGIT_BIAS_MAX, "maximum": LOGIT_BIAS_MAX},
+            }
+        ),
+    )
     user: str | None = None
     metadata: dict[str, Any] | None = None
     store: bool | None = None
@@ -166,11 +225,14 @@ class _Common(BaseModel):
                 raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} entries are supported")
             for key, value in self.logit_bias.items():
                 if not re.fullmatch(TOKEN_KEY_PATTERN, key):
-                    raise ValueError(f"logit_bias: keys are token ids written as strings (e.g. \"50256\"), got "
-                                     f"{key[:20]!r}")
+                    raise ValueError(
+                        f'logit_bias: keys are token ids written as strings (e.g. "50256"), got {key[:20]!r}'
+                    )
                 if not math.isfinite(value) or abs(value) > LOGIT_BIAS_MAX:
-                    raise ValueError(f"logit_bias: the bias of token {key} must be in [-{LOGIT_BIAS_MAX:g}, "
-                                     f"{LOGIT_BIAS_MAX:g}], got {value}")
+                    raise ValueError(
+                        f"logit_bias: the bias of token {key} must be in [-{LOGIT_BIAS_MAX:g}, "
+                        f"{LOGIT_BIAS_MAX:g}], got {value}"
+                    )
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
         return self
@@ -181,26 +243,49 @@ class CompletionRequest(_Common):
     token ids; a list of texts or of token-id lists gives several prompts (`n` choices each, in order).
     best_of must be >= n, and above n it cannot be combined with stream."""
 
-    model_config = ConfigDict(json_schema_extra=with_rules(
-        only_with("stream_options", {"type": "object"}, "stream", True),
-        only_with("max_tokens", {"const": 0}, "echo", True)))
+    model_config = ConfigDict(
+        json_schema_extra=with_rules(
+            only_with("stream_options", {"type": "object"}, "stream", True),
+            only_with("max_tokens", {"const": 0}, "echo", True),
+        )
+    )
 
     prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
         description="a text, a list of texts, a list of token ids, or a list of token-id lists (none empty)",
-        json_schema_extra={"anyOf": [{"type": "string", "minLength": 1},
-                                     {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
-                                     TOKEN_IDS, {"type": "array", "minItems": 1, "items": TOKEN_IDS}]})
+        json_schema_extra={
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                TOKEN_IDS,
+                {"type": "array", "minItems": 1, "items": TOKEN_IDS},
+            ]
+        },
+    )
     max_tokens: int | None = Field(default=None, ge=0, description="0 only with echo (score the prompt)")
-    echo: bool = Field(default=False, description="return the prompt before the completion (with logprobs: the "
-                                                   "prompt tokens' log-probabilities too, the first one null)")
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,
-                                 description="log-probabilities of each token and of the N most likely tokens at "
-                                             "its place (the model's raw distribution)")
-    best_of: int | None = Field(default=None, ge=1, le=MAX_N,
-                                description="sample best_of completions per prompt, return the n with the highest "
-                                            "sum of token log-probabilities")
-    suffix: str | None = Field(default=None, description="not supported: only null or \"\"",
-                               json_schema_extra=nullable({"type": "string", "maxLength": 0}))
+    echo: bool = Field(
+        default=False,
+        description="return the prompt before the completion (with logprobs: the "
+        "prompt tokens' log-probabilities too, the first one null)",
+    )
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="log-probabilities of each token and of the N most likely tokens at "
+        "its place (the model's raw distribution)",
+    )
+    best_of: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_N,
+        description="sample best_of completions per prompt, return the n with the highest "
+        "sum of token log-probabilities",
+    )
+    suffix: str | None = Field(
+        default=None,
+        description='not supported: only null or ""',
+        json_schema_extra=nullable({"type": "string", "maxLength": 0}),
+    )
 
     @model_validator(mode="after")
     def _completion_supported(self):
@@ -213,8 +298,7 @@ class CompletionRequest(_Common):
         if self.best_of is not None and self.best_of < self.n:
             raise ValueError(f"best_of: must be >= n ({self.n}), got {self.best_of}")
         if self.stream and self.best_of is not None and self.best_of > self.n:
-            raise ValueError("best_of: cannot be combined with stream (the best completions are known only at the "
-                             "end)")
+            raise ValueError("best_of: cannot be combined with stream (the best completions are known only at the end)")
         return self
 
     def candidates(self) -> int:
@@ -239,8 +323,10 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[dict], None] = Field(
-        default=None, description="a text, or a list of text parts", json_schema_extra={"anyOf": [
-            {"type": "string"}, {"type": "array", "items": TEXT_PART}, {"type": "null"}]})
+        default=None,
+        description="a text, or a list of text parts",
+        json_schema_extra={"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART}, {"type": "null"}]},
+    )
 
     def text(self) -> str:
         """The message's text; content parts other than text are refused."""
@@ -249,8 +335,11 @@ class ChatMessage(BaseModel):
         parts = []
         for part in self.content:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(400, f"messages: content part of type {part.get('type')!r} is not supported "
-                                    "(text only)", param="messages")
+                raise APIError(
+                    400,
+                    f"messages: content part of type {part.get('type')!r} is not supported (text only)",
+                    param="messages",
+                )
             parts.append(part["text"])
         return "".join(parts)
 
@@ -259,23 +348,34 @@ class ChatRequest(_Common):
     """POST /v1/chat/completions: the conversation is formatted with the adapter's template.chat_prompt, exactly
     as `softprompt generate` formats it."""
 
-    model_config = ConfigDict(json_schema_extra=with_rules(
-        only_with("stream_options", {"type": "object"}, "stream", True),
-        only_with("top_logprobs", {"type": "integer"}, "logprobs", True)))
+    model_config = ConfigDict(
+        json_schema_extra=with_rules(
+            only_with("stream_options", {"type": "object"}, "stream", True),
+            only_with("top_logprobs", {"type": "integer"}, "logprobs", True),
+        )
+    )
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = Field(default=False, description="log-probability of each generated token (the model's raw "
-                                                       "distribution)")
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,
-                                     description="with logprobs: the N most likely tokens at each place")
-    tools: list | None = Field(default=None, description="not supported: only null or []",
-                               json_schema_extra=nullable({"type": "array", "maxItems": 0}))
-    tool_choice: Any = Field(default=None, description="not supported (there are no tools): only null",
-                             json_schema_extra={"type": "null"})
+    logprobs: bool = Field(
+        default=False, description="log-probability of each generated token (the model's raw distribution)"
+    )
+    top_logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS, description="with logprobs: the N most likely tokens at each place"
+    )
+    tools: list | None = Field(
+        default=None,
+        description="not supported: only null or []",
+        json_schema_extra=nullable({"type": "array", "maxItems": 0}),
+    )
+    tool_choice: Any = Field(
+        default=None, description="not supported (there are no tools): only null", json_schema_extra={"type": "null"}
+    )
     response_format: dict | None = Field(
-        default=None, description="only type 'text'",
-        json_schema_extra=nullable({"type": "object", "properties": {"type": {"enum": ["text", None]}}}))
+        default=None,
+        description="only type 'text'",
+        json_schema_extra=nullable({"type": "object", "properties": {"type": {"enum": ["text", None]}}}),
+    )
 
     @model_validator(mode="after")
     def _chat_supported(self):
@@ -303,8 +403,10 @@ class AdapterAdd(BaseModel):
     """POST /v1/adapters: serve the folder `path` (relative to the adapters folder; default: `name`) as `name`."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    name: str = Field(description="1-64 letters, digits, '.', '_' or '-', starting with a letter or digit, no '..'",
-                      json_schema_extra={"pattern": NAME_PATTERN, "maxLength": NAME_MAX})
+    name: str = Field(
+        description="1-64 letters, digits, '.', '_' or '-', starting with a letter or digit, no '..'",
+        json_schema_extra={"pattern": NAME_PATTERN, "maxLength": NAME_MAX},
+    )
     path: str | None = None
     replace: bool = False
 
@@ -318,8 +420,12 @@ def _field_part(part) -> bool:
     if isinstance(part, int):
         return True
     text = str(part)
-    return not ("[" in text or text.startswith(("function-", "union", "lax-or-strict", "json-or-python"))
-                or text in _TYPE_TAGS or text.startswith("constrained-"))
+    return not (
+        "[" in text
+        or text.startswith(("function-", "union", "lax-or-strict", "json-or-python"))
+        or text in _TYPE_TAGS
+        or text.startswith("constrained-")
+    )
 
 
 def validation_error(err: ValidationError) -> APIError:
@@ -330,15 +436,15 @@ def validation_error(err: ValidationError) -> APIError:
     if first.get("type") == "missing":
         return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     if first.get("type") == "extra_forbidden":
-        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
-                        code="unknown_parameter")
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
     message = first.get("msg", "invalid value")
     if message.startswith("Value error, "):
-        message = message[len("Value error, "):]
+        message = message[len("Value error, ") :]
         if not loc and ": " in message:  # a model-level check names its field as "field: what is wrong"
             param, message = message.split(": ", 1)
-    return APIError(400, f"Invalid value for '{param}': {message}" if param else message, param=param,
-                    code="invalid_value")
+    return APIError(
+        400, f"Invalid value for '{param}': {message}" if param else message, param=param, code="invalid_value"
+    )
 
 
 # ---- raw bodies ----------------------------------------------------------------------------------------------
@@ -360,8 +466,9 @@ def decode_body(raw: bytes) -> dict:
     try:
         data = json.loads(raw, parse_constant=_reject_constant, parse_float=_json_number)
     except RecursionError:
-        raise APIError(400, f"The request body is nested too deeply (at most {MAX_JSON_DEPTH} levels).",
-                       code="invalid_json") from None
+        raise APIError(
+            400, f"The request body is nested too deeply (at most {MAX_JSON_DEPTH} levels).", code="invalid_json"
+        ) from None
     except (ValueError, UnicodeError) as err:  # JSONDecodeError, UnicodeDecodeError, too many int digits, NaN
         raise APIError(400, f"We could not parse the JSON body of your request: {err}", code="invalid_json") from None
     if not isinstance(data, dict):
@@ -396,8 +503,13 @@ def check_tree(data) -> None:
         if isinstance(value, str):
             if not _valid_text(value):
                 param = _path(path)
-                raise APIError(400, f"Invalid value for '{param}': the text contains a lone UTF-16 surrogate (such as "
-                                    "\\ud800), which is not valid Unicode", param=param, code="invalid_value")
+                raise APIError(
+                    400,
+                    f"Invalid value for '{param}': the text contains a lone UTF-16 surrogate (such as "
+                    "\\ud800), which is not valid Unicode",
+                    param=param,
+                    code="invalid_value",
+                )
             continue
         if not isinstance(value, (dict, list)):
             continue
@@ -406,15 +518,25 @@ def check_tree(data) -> None:
             while top is not None and top[0] is not None:
                 top = top[0]
             param = _path(top)
-            raise APIError(400, f"The request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)"
-                                + (f" in '{param}'." if param else "."), param=param, code="invalid_value")
+            raise APIError(
+                400,
+                f"The request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)"
+                + (f" in '{param}'." if param else "."),
+                param=param,
+                code="invalid_value",
+            )
         items = value.items() if isinstance(value, dict) else enumerate(value)
         for key, item in items:
             if isinstance(key, str) and not _valid_text(key):
                 param = _path(path)
-                raise APIError(400, "A key in the request body" + (f" (in '{param}')" if param else "")
-                               + " contains a lone UTF-16 surrogate, which is not valid Unicode", param=param,
-                               code="invalid_value")
+                raise APIError(
+                    400,
+                    "A key in the request body"
+                    + (f" (in '{param}')" if param else "")
+                    + " contains a lone UTF-16 surrogate, which is not valid Unicode",
+                    param=param,
+                    code="invalid_value",
+                )
             stack.append((item, (path, key), depth + 1))
 
 
@@ -452,7 +574,8 @@ class CompletionLogprobs(BaseModel):
     tokens: list[str]
     token_logprobs: list[float | None]
     top_logprobs: list[dict[str, float] | None] = Field(
-        description="per token: the `logprobs` most likely tokens and the chosen one (so up to logprobs + 1)")
+        description="per token: the `logprobs` most likely tokens and the chosen one (so up to logprobs + 1)"
+    )
     text_offset: list[int] = Field(description="where each token's text starts in the choice's text")
 
 
@@ -593,22 +716,33 @@ class Health(BaseModel):
     adapters: int
     scheduler: dict[str, Any]
     prefix_cache: dict[str, Any] | None = Field(
-        default=None, description="prefix cache counters (lookups, hits, prompt_tokens, cached_tokens, blocks, bytes, "
-                                  "...); null when the cache is off")
+        default=None,
+        description="prefix cache counters (lookups, hits, prompt_tokens, cached_tokens, blocks, bytes, "
+        "...); null when the cache is off",
+    )
 
 
 class TokenizeRequest(BaseModel):
     """POST /tokenize (vLLM's endpoint): the token ids of `prompt`, or of `messages` formatted with the model's
     template (exactly what /v1/chat/completions would run); virtual tokens are not included."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"oneOf": [
-        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
-        {"required": ["messages"], "properties": {"messages": {"type": "array"}}}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+                {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+            ]
+        },
+    )
     model: str
     prompt: str | None = Field(default=None, description="give exactly one of prompt or messages")
     messages: list[ChatMessage] | None = Field(default=None, json_schema_extra=non_empty_lists)
-    add_special_tokens: bool = Field(default=False, description="add the tokenizer's special tokens (e.g. BOS); "
-                                                                "the completions endpoint never adds them")
+    add_special_tokens: bool = Field(
+        default=False,
+        description="add the tokenizer's special tokens (e.g. BOS); the completions endpoint never adds them",
+    )
 
     @model_validator(mode="after")
     def _one(self):
@@ -639,5 +773,17 @@ class DetokenizeResponse(BaseModel):
 
 
 REQUEST_MODELS = (CompletionRequest, ChatRequest, AdapterAdd, TokenizeRequest, DetokenizeRequest)
-RESPONSE_MODELS = (ErrorResponse, Completion, CompletionChunk, ChatCompletion, ChatCompletionChunk, ModelCard,
-                   ModelList, AdapterDeleted, RescanReport, Health, TokenizeResponse, DetokenizeResponse)
+RESPONSE_MODELS = (
+    ErrorResponse,
+    Completion,
+    CompletionChunk,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ModelCard,
+    ModelList,
+    AdapterDeleted,
+    RescanReport,
+    Health,
+    TokenizeResponse,
+    DetokenizeResponse,
+)

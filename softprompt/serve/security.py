@@ -41,8 +41,10 @@ def check_exposure(host: str, api_key: str | None, allow_insecure: bool = False)
     Returns None when there is nothing to say."""
     if is_loopback(host) or api_key:
         return None
-    message = (f"--host {host} makes the server reachable from other machines, and without --api-key anyone who "
-               "can reach it may use it")
+    message = (
+        f"--host {host} makes the server reachable from other machines, and without --api-key anyone who "
+        "can reach it may use it"
+    )
     if not allow_insecure:
         raise ValueError(f"{message}: set --api-key (or $SOFTPROMPT_API_KEY), or pass --allow-insecure to do it anyway")
     warning = f"WARNING: {message} (--allow-insecure)"
@@ -54,7 +56,7 @@ def split_host(value: str) -> str:
     """The host part of a Host header value ("[::1]:8000" -> "::1", "Example.COM:80" -> "example.com")."""
     value = value.strip().lower()
     if value.startswith("["):
-        return value[1:value.find("]")] if "]" in value else value[1:]
+        return value[1 : value.find("]")] if "]" in value else value[1:]
     if value.count(":") == 1:
         return value.split(":", 1)[0]
     return value  # a bare IPv6 address, or no port
@@ -70,8 +72,15 @@ class Guard:
     connection arrived on; ["*"]: any). `allow_origins`: origins allowed to call (CORS itself is added by the app
     when asked)."""
 
-    def __init__(self, app, *, allowed_hosts=None, allow_origins=None, max_request_bytes: int | None = None,
-                 open_paths=("/health",)):
+    def __init__(
+        self,
+        app,
+        *,
+        allowed_hosts=None,
+        allow_origins=None,
+        max_request_bytes: int | None = None,
+        open_paths=("/health",),
+    ):
         self.app = app
         self.any_host = allowed_hosts is not None and "*" in allowed_hosts
         self.hosts = {split_host(h) for h in (allowed_hosts or ()) if h != "*"}
@@ -89,9 +98,17 @@ class Guard:
             await self.app(scope, receive, send)
             return
         status, body = refusal
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     def host_allowed(self, host: str, scope) -> bool:
@@ -106,13 +123,21 @@ class Guard:
             headers.setdefault(key.decode("latin-1").lower(), value.decode("latin-1"))
         host_header = headers.get("host")
         if host_header is not None and not self.host_allowed(split_host(host_header), scope):
-            return _error(421, f"Host {host_header!r} is not served here: this server answers only to its own "
-                               "address and loopback names (DNS-rebinding protection); start it with allowed_hosts "
-                               "(the hosts this server may be called as) to allow others.", "invalid_host")
+            return _error(
+                421,
+                f"Host {host_header!r} is not served here: this server answers only to its own "
+                "address and loopback names (DNS-rebinding protection); start it with allowed_hosts "
+                "(the hosts this server may be called as) to allow others.",
+                "invalid_host",
+            )
         origin = headers.get("origin")
         if origin is not None and not self.origin_allowed(origin, host_header):
-            return _error(403, f"Cross-origin requests from {origin!r} are not allowed; start the server with "
-                               "allow_origins to allow a web page's origin.", "origin_not_allowed")
+            return _error(
+                403,
+                f"Cross-origin requests from {origin!r} are not allowed; start the server with "
+                "allow_origins to allow a web page's origin.",
+                "origin_not_allowed",
+            )
         method = scope.get("method", "GET")
         length = headers.get("content-length")
         if self.max_request_bytes is not None and length is not None:
@@ -126,8 +151,12 @@ class Guard:
             media = headers.get("content-type")
             has_body = (length not in (None, "0")) or "transfer-encoding" in headers
             if media is None and has_body or media is not None and not is_json(media):
-                return _error(415, f"Unsupported Content-Type {media!r}: request bodies must be JSON "
-                                   "(Content-Type: application/json).", "unsupported_media_type")
+                return _error(
+                    415,
+                    f"Unsupported Content-Type {media!r}: request bodies must be JSON "
+                    "(Content-Type: application/json).",
+                    "unsupported_media_type",
+                )
         return None
 
     def origin_allowed(self, origin: str, host_header: str | None) -> bool:

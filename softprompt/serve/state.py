@@ -11,16 +11,22 @@ from fastapi import Request
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from softprompt.data.templates import Template, TemplateError, encode_text
 from softprompt.inference.engine import context_length
 from softprompt.inference.prefix_cache import PrefixCache
 from softprompt.inference.prompt_cache import CachedPrompt, PromptCache, UnknownAdapterError
-from softprompt.data.templates import Template, TemplateError, encode_text
+from softprompt.serve.batch import ServeBatch
 from softprompt.serve.registry import BASE_NAME, AdapterRegistry, RegistryError
 from softprompt.serve.scheduler import Scheduler
-from softprompt.serve.batch import ServeBatch
-from softprompt.serve.schemas import (APIError, ChatRequest,
-                                      CompletionRequest, DetokenizeRequest, TokenizeRequest, decode_body,
-                                      validation_error)
+from softprompt.serve.schemas import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    decode_body,
+    validation_error,
+)
 from softprompt.serve.security import too_large_message
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -29,31 +35,48 @@ DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 CLIENT_ERRORS = (ValueError, TypeError, UnicodeError, RecursionError)  # raised by request content: 400, never 500
 
 
-
 class Prepared:
     """A fully validated generation request: the body, the adapter key, the prompts' ids and token budgets, the
     adapter's number of virtual tokens, (completions) the prompts' texts for echo, and the adapter's PromptCache
     entry it was validated against: every job of the request runs on that entry (pinned), so the request is served
     entirely by one version of the adapter even if it is replaced or removed meanwhile."""
 
-    def __init__(self, body, key: str | None, prompts: list[list[int]], limits: list[int], virtual: int = 0,
-                 texts: list[str] | None = None, entry: CachedPrompt | None = None):
+    def __init__(
+        self,
+        body,
+        key: str | None,
+        prompts: list[list[int]],
+        limits: list[int],
+        virtual: int = 0,
+        texts: list[str] | None = None,
+        entry: CachedPrompt | None = None,
+    ):
         self.body, self.key, self.prompts, self.limits = body, key, prompts, limits
         self.virtual, self.texts, self.entry = virtual, texts, entry
-
 
 
 class ServerState:
     """What the endpoints share: base model, adapters, worker and limits."""
 
-    def __init__(self, base, adapters_dir, *, template: Template | None, max_batch: int, max_queue: int,
-                 max_tokens_cap: int, max_model_len: int | None, prefix_cache_mb: int = 0):
+    def __init__(
+        self,
+        base,
+        adapters_dir,
+        *,
+        template: Template | None,
+        max_batch: int,
+        max_queue: int,
+        max_tokens_cap: int,
+        max_model_len: int | None,
+        prefix_cache_mb: int = 0,
+    ):
         self.base = base
         self.tokenizer = copy.deepcopy(base.tokenizer)  # the worker thread decodes with base.tokenizer
         self.cache = PromptCache(base, template or Template())
         self.prefix_cache = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb else None
-        self.scheduler = Scheduler(lambda: ServeBatch(base, self.cache, prefix_cache=self.prefix_cache), max_batch,
-                                   max_queue)
+        self.scheduler = Scheduler(
+            lambda: ServeBatch(base, self.cache, prefix_cache=self.prefix_cache), max_batch, max_queue
+        )
         self.registry = AdapterRegistry(base, self.cache, adapters_dir, run_on_worker=self.scheduler.run)
         self.max_tokens_cap = max_tokens_cap
         model_len = context_length(base)
@@ -63,10 +86,16 @@ class ServerState:
 
     def model_card(self, name: str) -> dict:
         adapter = self.registry.adapter(name)
-        card = {"id": name, "object": "model", "created": self.created, "owned_by": "softprompt",
-                "root": self.base.name, "parent": None if adapter is None else self.base.name,
-                "num_virtual_tokens": 0 if adapter is None else adapter.num_virtual_tokens,
-                "max_model_len": self.context}
+        card = {
+            "id": name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "softprompt",
+            "root": self.base.name,
+            "parent": None if adapter is None else self.base.name,
+            "num_virtual_tokens": 0 if adapter is None else adapter.num_virtual_tokens,
+            "max_model_len": self.context,
+        }
         return card
 
     def adapter_key(self, model: str) -> str | None:
@@ -91,18 +120,26 @@ class ServerState:
     def max_tokens(self, asked: int | None, default: int | None, used: int, param: str = "max_tokens") -> int:
         """The completion budget: checked against the server cap and the context left after `used` tokens."""
         if asked is not None and asked > self.max_tokens_cap:
-            raise APIError(400, f"max_tokens is too large: {asked}. This server allows at most "
-                                f"{self.max_tokens_cap} completion tokens (--max-tokens-cap).",
-                           param=param, code="invalid_value")
+            raise APIError(
+                400,
+                f"max_tokens is too large: {asked}. This server allows at most "
+                f"{self.max_tokens_cap} completion tokens (--max-tokens-cap).",
+                param=param,
+                code="invalid_value",
+            )
         room = self.context - used if self.context else self.max_tokens_cap
         limit = asked if asked is not None else min(default or self.max_tokens_cap, self.max_tokens_cap, room)
         if self.context and (used + limit > self.context or limit < 1):
             limit = max(limit, 1)
-            raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, you "
-                                f"requested {used + limit} tokens ({used} in the prompt, including the adapter's "
-                                f"virtual tokens; {limit} for the completion). Please reduce the prompt or "
-                                "max_tokens.", param="messages" if asked is None else param,
-                           code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.context} tokens. However, you "
+                f"requested {used + limit} tokens ({used} in the prompt, including the adapter's "
+                f"virtual tokens; {limit} for the completion). Please reduce the prompt or "
+                "max_tokens.",
+                param="messages" if asked is None else param,
+                code="context_length_exceeded",
+            )
         return limit
 
     def check_capacity(self, count: int, choices: int = 1, param: str = "prompt", scored: int = 0) -> None:
@@ -112,12 +149,20 @@ class ServerState:
         if count * choices + scored > sched.capacity:
             what = f"{count} prompts" if choices == 1 else f"{count} prompt(s) x {choices} choices (n / best_of)"
             if scored:
-                what = (f"{scored} prompts to score (echo with logprobs)" if not count else
-                        f"{what} plus {scored} prompts to score (echo with logprobs)")
-            raise APIError(400, f"Invalid value for '{param}': {what} in one request can never be served: this "
-                                f"server runs at most {sched.max_batch} requests at once and queues at most "
-                                f"{sched.max_queue} (--max-batch, --max-queue), so ask for at most {sched.capacity} "
-                                "completions per request.", param=param, code="invalid_value")
+                what = (
+                    f"{scored} prompts to score (echo with logprobs)"
+                    if not count
+                    else f"{what} plus {scored} prompts to score (echo with logprobs)"
+                )
+            raise APIError(
+                400,
+                f"Invalid value for '{param}': {what} in one request can never be served: this "
+                f"server runs at most {sched.max_batch} requests at once and queues at most "
+                f"{sched.max_queue} (--max-batch, --max-queue), so ask for at most {sched.capacity} "
+                "completions per request.",
+                param=param,
+                code="invalid_value",
+            )
 
     # ---- request preparation (runs in the thread pool) -----------------------------------------------------
     def vocab_size(self) -> int:
@@ -128,8 +173,12 @@ class ServerState:
         vocab = self.vocab_size()
         for token in body.bias():
             if token >= vocab:
-                raise APIError(400, f"Invalid value for 'logit_bias': token id {token} is outside the vocabulary "
-                                    f"(0..{vocab - 1})", param="logit_bias", code="invalid_value")
+                raise APIError(
+                    400,
+                    f"Invalid value for 'logit_bias': token id {token} is outside the vocabulary (0..{vocab - 1})",
+                    param="logit_bias",
+                    code="invalid_value",
+                )
 
     def prepare_completion(self, raw: bytes) -> Prepared:
         body = validate_body(raw, CompletionRequest)
@@ -139,8 +188,12 @@ class ServerState:
         count = len(token_prompts) if token_prompts is not None else len(body.prompts())
         generated = count if body.max_tokens != 0 else 0  # echo only (max_tokens 0) generates nothing
         scored = count if body.echo and body.logprobs is not None else 0  # each scored prompt is a job too
-        self.check_capacity(generated, body.candidates(), "prompt" if body.candidates() == 1 or not generated else
-                            "best_of" if body.best_of else "n", scored=scored)
+        self.check_capacity(
+            generated,
+            body.candidates(),
+            "prompt" if body.candidates() == 1 or not generated else "best_of" if body.best_of else "n",
+            scored=scored,
+        )
         single = not isinstance(body.prompt, list) or (token_prompts is not None and isinstance(body.prompt[0], int))
         prompts, texts = [], []
         vocab = self.vocab_size()
@@ -150,25 +203,36 @@ class ServerState:
                 ids = token_prompts[index]
                 bad = next((t for t in ids if not 0 <= t < vocab), None)
                 if bad is not None:
-                    raise APIError(400, f"Invalid value for '{param}': token id {bad} is outside the vocabulary "
-                                        f"(0..{vocab - 1})", param=param, code="invalid_value")
+                    raise APIError(
+                        400,
+                        f"Invalid value for '{param}': token id {bad} is outside the vocabulary (0..{vocab - 1})",
+                        param=param,
+                        code="invalid_value",
+                    )
                 text = self.tokenizer.decode(ids) if body.echo else ""
             else:
                 text = body.prompts()[index]
                 ids = encode_text(self.tokenizer, text)
             if not ids:
-                raise APIError(400, "prompt is empty: give at least one token" + (" of text" if token_prompts is None
-                                                                                   else ""), param=param)
+                raise APIError(
+                    400,
+                    "prompt is empty: give at least one token" + (" of text" if token_prompts is None else ""),
+                    param=param,
+                )
             prompts.append(ids)
             texts.append(text)
         if body.max_tokens == 0:  # echo only: score the prompt, generate nothing
             limits = [0] * len(prompts)
             for ids in prompts:
                 if self.context and n + len(ids) > self.context:
-                    raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, "
-                                        f"the prompt has {n + len(ids)} tokens (including the adapter's {n} virtual "
-                                        "tokens). Please reduce the prompt.", param="prompt",
-                                   code="context_length_exceeded")
+                    raise APIError(
+                        400,
+                        f"This model's maximum context length is {self.context} tokens. However, "
+                        f"the prompt has {n + len(ids)} tokens (including the adapter's {n} virtual "
+                        "tokens). Please reduce the prompt.",
+                        param="prompt",
+                        code="context_length_exceeded",
+                    )
         else:
             limits = [self.max_tokens(body.max_tokens, DEFAULT_COMPLETION_TOKENS, n + len(ids)) for ids in prompts]
         return Prepared(body, key, prompts, limits, n, texts, entry)
@@ -201,8 +265,12 @@ class ServerState:
         vocab = self.vocab_size()
         bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
         if bad is not None:
-            raise APIError(400, f"Invalid value for 'tokens': token id {bad} is outside the vocabulary "
-                                f"(0..{vocab - 1})", param="tokens", code="invalid_value")
+            raise APIError(
+                400,
+                f"Invalid value for 'tokens': token id {bad} is outside the vocabulary (0..{vocab - 1})",
+                param="tokens",
+                code="invalid_value",
+            )
         return {"prompt": self.tokenizer.decode(body.tokens)}
 
     def chat_text(self, template: Template, messages: list[dict]) -> str:
@@ -212,9 +280,11 @@ class ServerState:
         except APIError:
             raise
         except Exception as err:  # noqa: BLE001 (TemplateError, or the model's jinja chat template refusing it)
-            raise APIError(400, f"the conversation cannot be formatted: {err}" if not isinstance(err, TemplateError)
-                           else str(err), param="messages") from err
-
+            raise APIError(
+                400,
+                f"the conversation cannot be formatted: {err}" if not isinstance(err, TemplateError) else str(err),
+                param="messages",
+            ) from err
 
 
 def validate_body(raw: bytes, model):
@@ -223,7 +293,6 @@ def validate_body(raw: bytes, model):
         return model.model_validate(data)
     except ValidationError as err:
         raise validation_error(err) from None
-
 
 
 def as_client_error(err: BaseException) -> APIError:
@@ -242,14 +311,12 @@ def as_client_error(err: BaseException) -> APIError:
     return APIError(400, f"Invalid request: {err}", code="invalid_value")
 
 
-
 async def in_thread(fn, *args):
     """Run request handling in the thread pool; its client mistakes come back as APIErrors (4xx)."""
     try:
         return await run_in_threadpool(fn, *args)
     except (APIError, RegistryError) + CLIENT_ERRORS as err:
         raise as_client_error(err) from err
-
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -45,11 +45,19 @@ def check_embeddable(adapter) -> None:
         raise PrefixNotSupported(
             f"adapter{where} uses method prefix (prefix tuning: keys and values inside every layer); vLLM's "
             "prompt_embeds input carries input embeddings only, so it serves prompt and ptuning adapters but not "
-            "prefix ones; serve this adapter with `softprompt serve`")
+            "prefix ones; serve this adapter with `softprompt serve`"
+        )
 
 
-def prompt_text(template: Template, tokenizer, *, instruction: str | None = None, input: str = "",
-                messages: list[dict] | None = None, text: str | None = None) -> str:
+def prompt_text(
+    template: Template,
+    tokenizer,
+    *,
+    instruction: str | None = None,
+    input: str = "",
+    messages: list[dict] | None = None,
+    text: str | None = None,
+) -> str:
     """The text placed after the soft prompt: a raw `text`, a chat conversation (`messages`, formatted with
     template.chat_prompt exactly as the server's chat endpoint does) or an `instruction` (+ `input`)."""
     given = [x is not None for x in (instruction, messages, text)]
@@ -62,8 +70,9 @@ def prompt_text(template: Template, tokenizer, *, instruction: str | None = None
     return template.prompt(instruction, input, tokenizer)
 
 
-def build_prompt_embeds(base, soft_prompt: torch.Tensor | None, prompt_ids: list[int],
-                        dtype: torch.dtype | None = None) -> torch.Tensor:
+def build_prompt_embeds(
+    base, soft_prompt: torch.Tensor | None, prompt_ids: list[int], dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """[soft prompt ; token embeddings] as one [N + L, hidden] tensor on the CPU.
 
     `soft_prompt` is an adapter's fp32 [N, hidden] embeddings (None: the plain base model, N = 0). Both parts are
@@ -73,14 +82,19 @@ def build_prompt_embeds(base, soft_prompt: torch.Tensor | None, prompt_ids: list
     dtype = dtype or table.weight.dtype
     with torch.no_grad():
         ids = torch.tensor(prompt_ids, dtype=torch.long, device=table.weight.device)
-        tokens = table(ids).to(device="cpu", dtype=dtype) if len(prompt_ids) else torch.empty(0, base.hidden_size,
-                                                                                                 dtype=dtype)
+        tokens = (
+            table(ids).to(device="cpu", dtype=dtype)
+            if len(prompt_ids)
+            else torch.empty(0, base.hidden_size, dtype=dtype)
+        )
     if soft_prompt is None:
         rows = tokens
     else:
         if soft_prompt.ndim != 2 or soft_prompt.shape[1] != base.hidden_size:
-            raise ValueError(f"soft prompt has shape {tuple(soft_prompt.shape)}; expected [N, {base.hidden_size}] "
-                             f"for base model {base.name}")
+            raise ValueError(
+                f"soft prompt has shape {tuple(soft_prompt.shape)}; expected [N, {base.hidden_size}] "
+                f"for base model {base.name}"
+            )
         rows = torch.cat([soft_prompt.detach().to(device="cpu", dtype=dtype), tokens], dim=0)
     if rows.shape[0] == 0:
         raise ValueError("the prompt is empty: no soft prompt and no text tokens")
@@ -99,11 +113,24 @@ def decode_prompt_embeds(data: str) -> torch.Tensor:
     return torch.load(io.BytesIO(base64.b64decode(data)), weights_only=True, map_location="cpu")
 
 
-def completion_payload(model: str, base, adapter=None, *, instruction: str | None = None, input: str = "",
-                       messages: list[dict] | None = None, text: str | None = None, max_tokens: int = 16,
-                       temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
-                       seed: int | None = None, dtype: torch.dtype | None = None, template: Template | None = None,
-                       **extra) -> dict:
+def completion_payload(
+    model: str,
+    base,
+    adapter=None,
+    *,
+    instruction: str | None = None,
+    input: str = "",
+    messages: list[dict] | None = None,
+    text: str | None = None,
+    max_tokens: int = 16,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: list[str] | None = None,
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+    template: Template | None = None,
+    **extra,
+) -> dict:
     """The JSON body of a vLLM /v1/completions request carrying [soft prompt ; prompt tokens] as prompt_embeds.
 
     `adapter` is an adapter.Adapter (its template formats the prompt unless `template` is given) or None.
@@ -115,8 +142,13 @@ def completion_payload(model: str, base, adapter=None, *, instruction: str | Non
     embeds = build_prompt_embeds(base, adapter.embeddings if adapter is not None else None, ids, dtype)
     # No `prompt` field: vLLM 0.32 turns prompt="" (which its own example sends) into a second, empty prompt and
     # answers 400 "The decoder prompt cannot be empty"; prompt_embeds alone is the whole prompt.
-    body = {"model": model, "prompt_embeds": encode_prompt_embeds(embeds), "max_tokens": max_tokens,
-            "temperature": temperature, "top_p": top_p}
+    body = {
+        "model": model,
+        "prompt_embeds": encode_prompt_embeds(embeds),
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+    }
     if stop:
         body["stop"] = list(stop)
     if seed is not None:
@@ -139,8 +171,9 @@ def post_json(url: str, body: dict, timeout: float = 600.0, api_key: str | None 
         raise RuntimeError(f"{url}: HTTP {err.code}: {detail}") from err
 
 
-def complete(url: str, model: str, base, adapter=None, *, timeout: float = 600.0, api_key: str | None = None,
-             **kwargs) -> dict:
+def complete(
+    url: str, model: str, base, adapter=None, *, timeout: float = 600.0, api_key: str | None = None, **kwargs
+) -> dict:
     """Send one completion to a vLLM server started with `--enable-prompt-embeds`; returns its JSON response.
 
     `url` is the server root (http://host:8000) or its /v1 base; kwargs as in completion_payload.

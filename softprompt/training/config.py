@@ -9,8 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from softprompt.core import ENCODER_TYPES, INIT_METHODS, METHODS
-from softprompt.options import (SEED_MAX, OptionError, check_options, device_option, dtype_option, model_option,
-                                option, progress_option, threads_option)
+from softprompt.options import (
+    SEED_MAX,
+    OptionError,
+    check_options,
+    device_option,
+    dtype_option,
+    model_option,
+    option,
+    progress_option,
+    threads_option,
+)
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -57,107 +66,176 @@ class TrainConfig:
 
     data: str | list[dict] = option(
         help="training records: .json (array), .jsonl, .csv, .parquet, or a datasets save_to_disk folder",
-        metavar="FILE_OR_DIR", group=DATA)
+        metavar="FILE_OR_DIR",
+        group=DATA,
+    )
     out: str = option(help="output folder (the final adapter, checkpoints, metrics)", metavar="DIR", group=OUTPUT)
     model: str | object | None = model_option()
     method: str = option(
-        "prompt", "prompt-learning method: prompt (prompt tuning: N input embeddings), prefix (prefix tuning / "
-                  "P-tuning v2: keys and values of N virtual positions in every layer), ptuning (P-tuning: N input "
-                  "embeddings produced by a prompt encoder while training; the adapter saves its output)",
-        choices=METHODS, group=PROMPT)
+        "prompt",
+        "prompt-learning method: prompt (prompt tuning: N input embeddings), prefix (prefix tuning / "
+        "P-tuning v2: keys and values of N virtual positions in every layer), ptuning (P-tuning: N input "
+        "embeddings produced by a prompt encoder while training; the adapter saves its output)",
+        choices=METHODS,
+        group=PROMPT,
+    )
     prefix_projection: bool = option(
-        True, "--method prefix: learn the keys/values directly instead of producing them with PEFT's two-layer MLP "
-              "while training (prefix_projection, on by default: measured better; the adapter saves the resulting "
-              "keys/values either way)", group=PROMPT)
+        True,
+        "--method prefix: learn the keys/values directly instead of producing them with PEFT's two-layer MLP "
+        "while training (prefix_projection, on by default: measured better; the adapter saves the resulting "
+        "keys/values either way)",
+        group=PROMPT,
+    )
     encoder_hidden_size: int | None = option(
-        None, "hidden size of the prefix projection (default: kv heads x head dim) or of the P-tuning prompt encoder "
-              "(default: the model's hidden size)", minimum=1, maximum=65536, group=PROMPT)
-    encoder_type: str = option("mlp", "--method ptuning: the prompt encoder, PEFT's encoder_reparameterization_type",
-                               choices=ENCODER_TYPES, group=PROMPT)
+        None,
+        "hidden size of the prefix projection (default: kv heads x head dim) or of the P-tuning prompt encoder "
+        "(default: the model's hidden size)",
+        minimum=1,
+        maximum=65536,
+        group=PROMPT,
+    )
+    encoder_type: str = option(
+        "mlp",
+        "--method ptuning: the prompt encoder, PEFT's encoder_reparameterization_type",
+        choices=ENCODER_TYPES,
+        group=PROMPT,
+    )
     num_virtual_tokens: int = option(
-        20, "soft-prompt length (with --init text: the init text's token count when not given)", minimum=1,
-        maximum=4096, group=PROMPT)
+        20,
+        "soft-prompt length (with --init text: the init text's token count when not given)",
+        minimum=1,
+        maximum=4096,
+        group=PROMPT,
+    )
     init: str | None = option(
-        None, "initialisation: embeddings of --init-text, sampled frequent-vocabulary rows, random at the embedding "
-              "scale, or the --label-words (default: labels when --label-words is given, else vocab)",
-        choices=INIT_METHODS, group=PROMPT)
-    init_text: str | None = option(None, "text whose token embeddings initialise the prompt (--init text)",
-                                   group=PROMPT)
+        None,
+        "initialisation: embeddings of --init-text, sampled frequent-vocabulary rows, random at the embedding "
+        "scale, or the --label-words (default: labels when --label-words is given, else vocab)",
+        choices=INIT_METHODS,
+        group=PROMPT,
+    )
+    init_text: str | None = option(
+        None, "text whose token embeddings initialise the prompt (--init text)", group=PROMPT
+    )
     label_words: str | list[str] | None = option(
-        None, "comma-separated answer words for the classes (for --label-field and --init labels)", group=DATA)
+        None, "comma-separated answer words for the classes (for --label-field and --init labels)", group=DATA
+    )
     auto_label_words: bool = option(
-        True, "do not treat classification-like data specially (by default, when every training answer is one of "
-              "at most 10 short answers, they become the label words: --init labels and saved with the adapter, "
-              "so softprompt eval ranks them as choices)", group=DATA)
+        True,
+        "do not treat classification-like data specially (by default, when every training answer is one of "
+        "at most 10 short answers, they become the label words: --init labels and saved with the adapter, "
+        "so softprompt eval ranks them as choices)",
+        group=DATA,
+    )
     template: str = option(
-        "human-assistant", "prompt format: 'human-assistant' (Human: ...\\n\\nAssistant: ), 'chat' (the base "
-                           "model's chat template), or a string with {instruction} and optionally {input}; saved "
-                           "with the adapter", group=DATA)
+        "human-assistant",
+        "prompt format: 'human-assistant' (Human: ...\\n\\nAssistant: ), 'chat' (the base "
+        "model's chat template), or a string with {instruction} and optionally {input}; saved "
+        "with the adapter",
+        group=DATA,
+    )
     fields: str | dict | None = option(
-        None, "source field names, e.g. 'instruction=sentence,input=context,output=answer' (defaults instruction / "
-              "input / output; the input field is optional)", group=DATA)
+        None,
+        "source field names, e.g. 'instruction=sentence,input=context,output=answer' (defaults instruction / "
+        "input / output; the input field is optional)",
+        group=DATA,
+    )
     label_field: str | None = option(
-        None, "a field holding integer class labels; label i becomes the output word i of --label-words "
-              "(e.g. --label-field label --label-words negative,positive)", group=DATA)
+        None,
+        "a field holding integer class labels; label i becomes the output word i of --label-words "
+        "(e.g. --label-field label --label-words negative,positive)",
+        group=DATA,
+    )
     lr: float | None = option(
-        None, "peak learning rate (Adafactor: the cap on each step relative to a tensor's RMS; AdamW: absolute, "
-              "try 3e-2); default per --method: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()),
-        above=0, group=OPTIM)
+        None,
+        "peak learning rate (Adafactor: the cap on each step relative to a tensor's RMS; AdamW: absolute, "
+        "try 3e-2); default per --method: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()),
+        above=0,
+        group=OPTIM,
+    )
     optimizer: str = option("adafactor", "optimiser", choices=OPTIMIZERS, group=OPTIM)
     weight_decay: float = option(0.0, "decoupled weight decay", minimum=0, maximum=1, group=OPTIM)
     schedule: str = option("cosine", "learning-rate decay after warmup", choices=SCHEDULES, group=OPTIM)
-    warmup_steps: int | None = option(None, "linear warmup steps (default: 5% of the steps)", minimum=0,
-                                      group=OPTIM)
+    warmup_steps: int | None = option(None, "linear warmup steps (default: 5% of the steps)", minimum=0, group=OPTIM)
     epochs: float = option(1.0, "passes over the training data", above=0, maximum=10_000, group=OPTIM)
     max_steps: int | None = option(None, "optimiser steps (overrides --epochs)", minimum=1, group=OPTIM)
     batch_size: int = option(
-        8, "records per process per step and accumulation round; a step covers batch-size x grad-accum x "
-           "processes records", minimum=1, group=OPTIM)
+        8,
+        "records per process per step and accumulation round; a step covers batch-size x grad-accum x "
+        "processes records",
+        minimum=1,
+        group=OPTIM,
+    )
     grad_accum: int = option(1, "gradient accumulation factor", minimum=1, group=OPTIM)
     balance_classes: bool = option(
-        True, "do not balance the classes of each step (by default, when every answer is one of the label words, "
-              "every step holds the classes in the proportions of the training data instead of records grouped by "
-              "length; measured more stable over seeds, docs/training.md)", group=DATA)
+        True,
+        "do not balance the classes of each step (by default, when every answer is one of the label words, "
+        "every step holds the classes in the proportions of the training data instead of records grouped by "
+        "length; measured more stable over seeds, docs/training.md)",
+        group=DATA,
+    )
     max_length: int | None = option(
-        None, "truncate prompt + answer to this many tokens (default: what the longest record needs, up to the "
-              "model's context less the virtual tokens and at most "
-              f"{AUTO_LENGTH_BUDGETS} x --max-batch-tokens; the start line reports how many records were cut)",
-        minimum=2, group=DATA)
+        None,
+        "truncate prompt + answer to this many tokens (default: what the longest record needs, up to the "
+        "model's context less the virtual tokens and at most "
+        f"{AUTO_LENGTH_BUDGETS} x --max-batch-tokens; the start line reports how many records were cut)",
+        minimum=2,
+        group=DATA,
+    )
     max_batch_tokens: int | None = option(
-        None, "token budget of one forward pass (rows x longest row); a step's records are packed into such "
-              f"micro-batches, which never changes the result, only speed and memory (default: {CPU_BATCH_TOKENS} on "
-              f"a CPU, where matrix products reach full speed by then, {GPU_BATCH_TOKENS} on a GPU)", minimum=1,
-        group=OPTIM)
+        None,
+        "token budget of one forward pass (rows x longest row); a step's records are packed into such "
+        f"micro-batches, which never changes the result, only speed and memory (default: {CPU_BATCH_TOKENS} on "
+        f"a CPU, where matrix products reach full speed by then, {GPU_BATCH_TOKENS} on a GPU)",
+        minimum=1,
+        group=OPTIM,
+    )
     max_grad_norm: float | None = option(1.0, "gradient clipping by global norm (0: off)", minimum=0, group=OPTIM)
     eval_data: str | list[dict] | None = option(
-        None, "evaluation records (same formats); the eval loss is computed every --eval-every steps and the best "
-              "adapter kept", metavar="FILE", group=DATA)
+        None,
+        "evaluation records (same formats); the eval loss is computed every --eval-every steps and the best "
+        "adapter kept",
+        metavar="FILE",
+        group=DATA,
+    )
     eval_fraction: float = option(
-        0.0, "hold out this fraction of --data as the evaluation split (when --eval-data is not given)", minimum=0,
-        maximum=0.9, group=DATA)
-    eval_every: int | None = option(None, "evaluate every N steps (default: --save-every)", minimum=1,
-                                    group=OUTPUT)
+        0.0,
+        "hold out this fraction of --data as the evaluation split (when --eval-data is not given)",
+        minimum=0,
+        maximum=0.9,
+        group=DATA,
+    )
+    eval_every: int | None = option(None, "evaluate every N steps (default: --save-every)", minimum=1, group=OUTPUT)
     save_every: int = option(100, "write a checkpoint every N steps", minimum=1, group=OUTPUT)
     log_every: int = option(10, "log loss, learning rate and tokens/s every N steps", minimum=1, group=OUTPUT)
     keep_checkpoints: int = option(2, "newest checkpoints kept", minimum=1, group=OUTPUT)
-    early_stopping: int | None = option(None, "stop after N evaluations without improvement", minimum=1,
-                                        metavar="N", group=OUTPUT)
+    early_stopping: int | None = option(
+        None, "stop after N evaluations without improvement", minimum=1, metavar="N", group=OUTPUT
+    )
     final: str = option(
-        "best", "adapter written to --out: the best-eval one (when there is an eval split) or the last step's",
-        choices=FINAL_CHOICES, group=OUTPUT)
+        "best",
+        "adapter written to --out: the best-eval one (when there is an eval split) or the last step's",
+        choices=FINAL_CHOICES,
+        group=OUTPUT,
+    )
     resume: str | None = option(
-        None, "continue from a checkpoint folder, or from an output folder's newest good checkpoint (same data, "
-              "batch size and seed)", metavar="DIR", group=OUTPUT)
-    seed: int = option(0, "seed for initialisation, data order and hold-out", minimum=0, maximum=SEED_MAX,
-                       group=OPTIM)
+        None,
+        "continue from a checkpoint folder, or from an output folder's newest good checkpoint (same data, "
+        "batch size and seed)",
+        metavar="DIR",
+        group=OUTPUT,
+    )
+    seed: int = option(0, "seed for initialisation, data order and hold-out", minimum=0, maximum=SEED_MAX, group=OPTIM)
     limit: int | None = option(None, "use only the first N good records of --data", minimum=1, group=DATA)
-    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, ~30% "
-                                                 "slower)", group=OPTIM)
+    gradient_checkpointing: bool = option(
+        False, "recompute activations in the backward pass (less memory, ~30% slower)", group=OPTIM
+    )
     dtype: str = dtype_option()
     device: str | None = device_option()
     threads: int | None = threads_option()
-    skip_bad: bool = option(False, "skip (and count and report) bad records instead of stopping at the first one",
-                            group=DATA)
+    skip_bad: bool = option(
+        False, "skip (and count and report) bad records instead of stopping at the first one", group=DATA
+    )
     tensorboard: bool = option(False, "also write TensorBoard logs to OUT/tensorboard", group=OUTPUT)
     progress: bool = progress_option()
 
@@ -166,9 +244,11 @@ class TrainConfig:
         if self.encoder_type != "mlp" and self.method != "ptuning":
             raise OptionError(f"--encoder-type is for --method ptuning (this run has --method {self.method})")
         if self.encoder_hidden_size is not None and not (
-                self.method == "ptuning" or (self.method == "prefix" and self.prefix_projection)):
-            raise OptionError("--encoder-hidden-size is for --method ptuning, or --method prefix without "
-                              "--no-prefix-projection")
+            self.method == "ptuning" or (self.method == "prefix" and self.prefix_projection)
+        ):
+            raise OptionError(
+                "--encoder-hidden-size is for --method ptuning, or --method prefix without --no-prefix-projection"
+            )
 
     @property
     def peak_lr(self) -> float:

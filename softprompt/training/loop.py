@@ -21,10 +21,10 @@ across processes with one all-reduce. See checkpoint.py for the output folder la
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from contextlib import contextmanager
-import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,9 +102,11 @@ class EpochPlans:
         epoch, index = divmod(step, per_epoch)
         if epoch != self.epoch:
             self.epoch = epoch
-            self.plan = (batching.balanced_plan(self.classes, self.step_records, self.seed, epoch)
-                         if self.classes is not None else
-                         batching.epoch_plan(self.lengths, self.step_records, self.seed, epoch))
+            self.plan = (
+                batching.balanced_plan(self.classes, self.step_records, self.seed, epoch)
+                if self.classes is not None
+                else batching.epoch_plan(self.lengths, self.step_records, self.seed, epoch)
+            )
         return self.plan[index]
 
 
@@ -181,27 +183,37 @@ def _setup(config: TrainConfig) -> Run:
     template = Template(config.template)
     label_words = parse_words(config.label_words, "--label-words")
     if config.method == "prefix" and config.gradient_checkpointing:
-        raise ValueError("--gradient-checkpointing does not work with --method prefix: the prefix enters every layer "
-                         "as cached keys/values, which recomputing a layer would extend twice (PEFT refuses the same)")
+        raise ValueError(
+            "--gradient-checkpointing does not work with --method prefix: the prefix enters every layer "
+            "as cached keys/values, which recomputing a layer would extend twice (PEFT refuses the same)"
+        )
     train_recs, eval_recs = _load_records(config, label_words)
     # the model is loaded after the records, so bad data fails fast
-    base = config.model if isinstance(config.model, FrozenModel) else load_base(
-        config.model, device=str(accelerator.device) if auto else config.device, dtype=config.dtype)
+    base = (
+        config.model
+        if isinstance(config.model, FrozenModel)
+        else load_base(config.model, device=str(accelerator.device) if auto else config.device, dtype=config.dtype)
+    )
     if label_words is None and config.auto_label_words and config.label_field is None:
-        label_words = detect_label_words([r.output for r in train_recs.items], base.tokenizer,
-                                         config.num_virtual_tokens)
+        label_words = detect_label_words(
+            [r.output for r in train_recs.items], base.tokenizer, config.num_virtual_tokens
+        )
         if label_words and accelerator.is_main_process:
-            print(f"train: every training answer is one of {len(label_words)} short answers "
-                  f"({', '.join(label_words)}): using them as label words ("
-                  + ("init labels, " if config.init is None else "")
-                  + "saved with the adapter, so softprompt eval ranks them as choices); --no-auto-label-words "
-                    "turns this off", flush=True)
+            print(
+                f"train: every training answer is one of {len(label_words)} short answers "
+                f"({', '.join(label_words)}): using them as label words ("
+                + ("init labels, " if config.init is None else "")
+                + "saved with the adapter, so softprompt eval ranks them as choices); --no-auto-label-words "
+                "turns this off",
+                flush=True,
+            )
     if config.max_batch_tokens is None:
         config = dataclasses.replace(config, max_batch_tokens=default_batch_tokens(base.device.type))
     if config.max_length is None:  # what the records need, up to the context and the memory cap
         context = getattr(base.model.config, "max_position_embeddings", None)
-        config = dataclasses.replace(config, max_length=length_cap(context, config.num_virtual_tokens,
-                                                                   config.max_batch_tokens))
+        config = dataclasses.replace(
+            config, max_length=length_cap(context, config.num_virtual_tokens, config.max_batch_tokens)
+        )
     examples, eval_examples, skipped, truncated = _encode(config, base, template, train_recs, eval_recs)
     lengths = [len(e) for e in examples]
 
@@ -209,28 +221,69 @@ def _setup(config: TrainConfig) -> Run:
     per_epoch = batching.steps_per_epoch(len(examples), step_records)
     total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
     init = config.init or ("labels" if label_words else "vocab")
-    prompt = build_prompt(base, config.method, init, config.num_virtual_tokens, config.init_text, label_words,
-                          config.seed, prefix_projection=config.prefix_projection and config.method == "prefix",
-                          encoder_hidden_size=config.encoder_hidden_size, encoder_type=config.encoder_type)
+    prompt = build_prompt(
+        base,
+        config.method,
+        init,
+        config.num_virtual_tokens,
+        config.init_text,
+        label_words,
+        config.seed,
+        prefix_projection=config.prefix_projection and config.method == "prefix",
+        encoder_hidden_size=config.encoder_hidden_size,
+        encoder_type=config.encoder_type,
+    )
     optimizer = build_optimizer(config.optimizer, list(prompt.parameters()), config.peak_lr, config.weight_decay)
-    state = TrainState(best_eval_loss=None, best_step=None, bad_evals=0, tokens=0, records=len(examples),
-                       step_records=step_records, seed=config.seed)
+    state = TrainState(
+        best_eval_loss=None,
+        best_step=None,
+        bad_evals=0,
+        tokens=0,
+        records=len(examples),
+        step_records=step_records,
+        seed=config.seed,
+    )
     start = 0
     if accelerator.is_main_process:
         checkpoint.clean_staging(config.out)  # what a run killed while writing left behind
     if config.resume:
         start, state = _resume(config, prompt, optimizer, state)
-    run = Run(config=config, accelerator=accelerator, base=base, out=Path(config.out), examples=examples,
-              eval_examples=eval_examples, lengths=lengths, skipped=skipped, truncated=truncated, prompt=prompt,
-              optimizer=optimizer, adapter_kwargs={"method": prompt.method, "peft_fields": prompt.peft_fields(),
-                                                   "init": init, "init_text": prompt.init_text, "template": template,
-                                                   "label_words": label_words},
-              scaler=torch.amp.GradScaler(base.device.type, enabled=base.dtype == torch.float16),
-              mode="concat" if config.gradient_checkpointing else "kv", per_epoch=per_epoch, total=total,
-              warmup=config.warmup_steps if config.warmup_steps is not None else int(0.05 * total),
-              eval_every=config.eval_every or config.save_every, start=start, done=start, state=state,
-              plans=EpochPlans(lengths, step_records, config.seed,
-                               _classes(examples, train_recs.items, label_words) if config.balance_classes else None))
+    run = Run(
+        config=config,
+        accelerator=accelerator,
+        base=base,
+        out=Path(config.out),
+        examples=examples,
+        eval_examples=eval_examples,
+        lengths=lengths,
+        skipped=skipped,
+        truncated=truncated,
+        prompt=prompt,
+        optimizer=optimizer,
+        adapter_kwargs={
+            "method": prompt.method,
+            "peft_fields": prompt.peft_fields(),
+            "init": init,
+            "init_text": prompt.init_text,
+            "template": template,
+            "label_words": label_words,
+        },
+        scaler=torch.amp.GradScaler(base.device.type, enabled=base.dtype == torch.float16),
+        mode="concat" if config.gradient_checkpointing else "kv",
+        per_epoch=per_epoch,
+        total=total,
+        warmup=config.warmup_steps if config.warmup_steps is not None else int(0.05 * total),
+        eval_every=config.eval_every or config.save_every,
+        start=start,
+        done=start,
+        state=state,
+        plans=EpochPlans(
+            lengths,
+            step_records,
+            config.seed,
+            _classes(examples, train_recs.items, label_words) if config.balance_classes else None,
+        ),
+    )
     _start_reporting(run)
     return run
 
@@ -268,8 +321,14 @@ def detect_label_words(outputs: list[str], tokenizer, num_virtual_tokens: int) -
     words = list(counts)
     if len(words) < 2 or len(words) > num_virtual_tokens or min(counts.values()) < 2:
         return None
-    if any(not w.strip() or "," in w or len(w) > AUTO_LABELS_MAX_CHARS or len(w.split()) > AUTO_LABELS_MAX_WORDS
-           or not tokenizer(w, add_special_tokens=False)["input_ids"] for w in words):
+    if any(
+        not w.strip()
+        or "," in w
+        or len(w) > AUTO_LABELS_MAX_CHARS
+        or len(w.split()) > AUTO_LABELS_MAX_WORDS
+        or not tokenizer(w, add_special_tokens=False)["input_ids"]
+        for w in words
+    ):
         return None
     return words
 
@@ -289,13 +348,15 @@ def _load_records(config: TrainConfig, label_words):
 def _encode(config: TrainConfig, base: FrozenModel, template: Template, train_recs, eval_recs):
     """Tokenised (train examples, eval examples, skipped records' reasons, truncated count)."""
     skipped = list(train_recs.skipped) + (list(eval_recs.skipped) if eval_recs else [])
-    examples, bad, truncated = batching.encode_records(train_recs.items, base.tokenizer, template,
-                                                       config.max_length, config.skip_bad)
+    examples, bad, truncated = batching.encode_records(
+        train_recs.items, base.tokenizer, template, config.max_length, config.skip_bad
+    )
     skipped += bad
     eval_examples = []
     if eval_recs is not None:
-        eval_examples, bad, _ = batching.encode_records(eval_recs.items, base.tokenizer, template,
-                                                        config.max_length, config.skip_bad)
+        eval_examples, bad, _ = batching.encode_records(
+            eval_recs.items, base.tokenizer, template, config.max_length, config.skip_bad
+        )
         skipped += bad
     if not examples:
         raise DataError(f"{train_recs.source}: no usable records after tokenisation ({len(skipped)} skipped)")
@@ -309,22 +370,28 @@ def _resume(config: TrainConfig, prompt: torch.nn.Module, optimizer, state: Trai
     tensors, saved = checkpoint.load_checkpoint(folder)
     for key in ("records", "step_records", "seed"):
         if saved.get(key) != getattr(state, key):
-            raise ValueError(f"--resume {folder}: the checkpoint was made with {key}={saved.get(key)}, this run has "
-                             f"{getattr(state, key)}; resume with the same data, batch size, processes and seed")
+            raise ValueError(
+                f"--resume {folder}: the checkpoint was made with {key}={saved.get(key)}, this run has "
+                f"{getattr(state, key)}; resume with the same data, batch size, processes and seed"
+            )
     saved_method = saved.get("method", "prompt")
     if saved_method != prompt.method:
-        raise ValueError(f"--resume {folder}: the checkpoint was made with --method {saved_method}, this run has "
-                         f"--method {prompt.method}")
+        raise ValueError(
+            f"--resume {folder}: the checkpoint was made with --method {saved_method}, this run has "
+            f"--method {prompt.method}"
+        )
     ours = prompt.state_dict()
-    theirs = {k[len(MODULE_KEY):]: v for k, v in tensors.items() if k.startswith(MODULE_KEY)}
+    theirs = {k[len(MODULE_KEY) :]: v for k, v in tensors.items() if k.startswith(MODULE_KEY)}
     if not theirs and prompt.method == "prompt":  # checkpoints written before module tensors were saved
         theirs = {"embeddings": load_adapter(folder).embeddings}
     for key, value in ours.items():
         if key not in theirs or theirs[key].shape != value.shape:
             found = tuple(theirs[key].shape) if key in theirs else "missing"
-            raise ValueError(f"--resume {folder}: trainable tensor {key} is {found} in the checkpoint, "
-                             f"{tuple(value.shape)} in this run (same --method, --num-virtual-tokens and encoder "
-                             "options?)")
+            raise ValueError(
+                f"--resume {folder}: trainable tensor {key} is {found} in the checkpoint, "
+                f"{tuple(value.shape)} in this run (same --method, --num-virtual-tokens and encoder "
+                "options?)"
+            )
     prompt.load_state_dict({k: theirs[k] for k in ours})
     checkpoint.load_optimizer_state(optimizer, tensors, saved.pop("optimizer"))
     checkpoint.restore_rng(tensors)
@@ -338,15 +405,17 @@ MODULE_KEY = "prompt."  # checkpoint tensors of the trainable module: prompt.<st
 def _start_reporting(run: Run) -> None:
     """Open metrics.jsonl (trimmed to the resumed step), print the run's outline, start the progress bar."""
     config = run.config
-    run.logger = MetricsLogger(run.out, run.main, config.tensorboard,
-                               resume_step=run.start if config.resume else None)
+    run.logger = MetricsLogger(run.out, run.main, config.tensorboard, resume_step=run.start if config.resume else None)
     if run.main:
         print(describe_parameters(run.base.model, run.prompt))
-        print(f"train: {len(run.examples)} records ({run.truncated} truncated to {config.max_length} tokens, the "
-              f"longest {max(run.lengths)}), "
-              f"eval: {len(run.eval_examples)}, {run.accelerator.num_processes} process(es), "
-              f"{run.state.step_records} records/step, {run.total} steps, device {run.base.device}, "
-              f"dtype {run.base.dtype}, up to {config.max_batch_tokens} tokens per forward pass", flush=True)
+        print(
+            f"train: {len(run.examples)} records ({run.truncated} truncated to {config.max_length} tokens, the "
+            f"longest {max(run.lengths)}), "
+            f"eval: {len(run.eval_examples)}, {run.accelerator.num_processes} process(es), "
+            f"{run.state.step_records} records/step, {run.total} steps, device {run.base.device}, "
+            f"dtype {run.base.dtype}, up to {config.max_batch_tokens} tokens per forward pass",
+            flush=True,
+        )
     run.bar = _progress(config.progress and run.main, run.total, run.start)
     run.window = LogWindow(started=time.perf_counter())
 
@@ -387,7 +456,7 @@ def _optimiser_step(run: Run, step: int) -> None:
         flat = run.accelerator.reduce(torch.cat([p.grad.reshape(-1) for p in params]), reduction="sum")
         offset = 0
         for param in params:
-            param.grad.copy_(flat[offset:offset + param.numel()].view_as(param))
+            param.grad.copy_(flat[offset : offset + param.numel()].view_as(param))
             offset += param.numel()
         nll_sum = run.accelerator.reduce(nll_sum, reduction="sum")
     step_loss = nll_sum.item() / label_total
@@ -429,8 +498,15 @@ def _accumulate_gradients(run: Run, mine: list[int], label_total: int) -> torch.
     rest = [e.after(shared) for e in examples]
     for micro in batching.micro_batches(list(range(len(rest))), [len(e) for e in rest], run.config.max_batch_tokens):
         batch = batching.collate([rest[i] for i in micro], run.base.tokenizer.pad_token_id, device)
-        nll, _ = forward.label_nll(model, virtual or prompt.virtual(), batch["input_ids"], batch["attention_mask"],
-                                   batch["labels"], mode=run.mode, prefix=prefix)
+        nll, _ = forward.label_nll(
+            model,
+            virtual or prompt.virtual(),
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            mode=run.mode,
+            prefix=prefix,
+        )
         loss = nll.sum() / label_total
         run.scaler.scale(loss).backward()
         nll_sum += nll.sum().detach().float()
@@ -445,17 +521,29 @@ def _log(run: Run) -> None:
     if not _due(done, run.config.log_every, run.total):
         return
     now = time.perf_counter()
-    run.logger.log("train", done, epoch=round(done / run.per_epoch, 4), loss=window.nll / window.labels,
-                   lr=run.optimizer.param_groups[0]["lr"], tokens_per_s=window.tokens / (now - window.started),
-                   tokens=run.state.tokens)
+    run.logger.log(
+        "train",
+        done,
+        epoch=round(done / run.per_epoch, 4),
+        loss=window.nll / window.labels,
+        lr=run.optimizer.param_groups[0]["lr"],
+        tokens_per_s=window.tokens / (now - window.started),
+        tokens=run.state.tokens,
+    )
     run.window = LogWindow(started=now)
 
 
 def _evaluate(run: Run) -> None:
     """Eval loss; an improvement is saved to OUT/best, --early-stopping non-improvements in a row stop the run."""
     config, state, done = run.config, run.state, run.done
-    eval_loss = evaluate_loss(run.base.model, run.prompt, run.eval_examples, config.max_batch_tokens,
-                              run.base.tokenizer.pad_token_id, run.accelerator)
+    eval_loss = evaluate_loss(
+        run.base.model,
+        run.prompt,
+        run.eval_examples,
+        config.max_batch_tokens,
+        run.base.tokenizer.pad_token_id,
+        run.accelerator,
+    )
     improved = state.best_eval_loss is None or eval_loss < state.best_eval_loss
     if improved:
         state.best_eval_loss, state.best_step, state.bad_evals = eval_loss, done, 0
@@ -463,8 +551,13 @@ def _evaluate(run: Run) -> None:
         state.bad_evals += 1
     run.logger.log("eval", done, eval_loss=eval_loss, best_eval_loss=state.best_eval_loss)
     if run.main and improved:
-        save_adapter(run.out / "best", _saved_tensor(run.prompt), run.base, **run.adapter_kwargs,
-                     extra={"step": done, "eval_loss": eval_loss})
+        save_adapter(
+            run.out / "best",
+            _saved_tensor(run.prompt),
+            run.base,
+            **run.adapter_kwargs,
+            extra={"step": done, "eval_loss": eval_loss},
+        )
     if config.early_stopping and state.bad_evals >= config.early_stopping:
         run.stopped = "early_stopping"
 
@@ -473,9 +566,17 @@ def _save_checkpoint(run: Run) -> None:
     """OUT/checkpoints/step-NNNNNN from the main process; every process waits for it."""
     if run.main:
         module = {MODULE_KEY + k: v.detach().cpu().contiguous() for k, v in run.prompt.state_dict().items()}
-        checkpoint.save_checkpoint(run.out, run.done, _saved_tensor(run.prompt), run.base, run.adapter_kwargs,
-                                   run.optimizer, {**run.state.for_checkpoint(run.epoch), "method": run.prompt.method},
-                                   run.config.keep_checkpoints, tensors=module)
+        checkpoint.save_checkpoint(
+            run.out,
+            run.done,
+            _saved_tensor(run.prompt),
+            run.base,
+            run.adapter_kwargs,
+            run.optimizer,
+            {**run.state.for_checkpoint(run.epoch), "method": run.prompt.method},
+            run.config.keep_checkpoints,
+            tensors=module,
+        )
     run.accelerator.wait_for_everyone()
 
 
@@ -487,19 +588,33 @@ def _finish(run: Run) -> TrainResult:
     final_emb = _saved_tensor(run.prompt)
     if config.final == "best" and state.best_step is not None and run.main:
         final_emb = load_adapter(run.out / "best").embeddings
-    summary = {"steps": run.done, "train_loss": run.last_loss, "best_eval_loss": state.best_eval_loss,
-               "best_step": state.best_step, "stopped": run.stopped,
-               "final": config.final if state.best_step is not None else "last"}
+    summary = {
+        "steps": run.done,
+        "train_loss": run.last_loss,
+        "best_eval_loss": state.best_eval_loss,
+        "best_step": state.best_step,
+        "stopped": run.stopped,
+        "final": config.final if state.best_step is not None else "last",
+    }
     if run.main:
-        checkpoint.write_adapter_into(run.out, final_emb, run.base,
-                                      {**run.adapter_kwargs, "extra": {"training": summary}})
+        checkpoint.write_adapter_into(
+            run.out, final_emb, run.base, {**run.adapter_kwargs, "extra": {"training": summary}}
+        )
         run.logger.close()
     run.accelerator.wait_for_everyone()
-    return TrainResult(adapter_dir=str(run.out), steps=run.done, train_loss=run.last_loss,
-                       best_eval_loss=state.best_eval_loss, best_step=state.best_step, stopped=run.stopped,
-                       tokens_per_second=run.run_tokens / run.run_time if run.run_time else 0.0,
-                       train_records=len(run.examples), eval_records=len(run.eval_examples), skipped=run.skipped,
-                       truncated=run.truncated)
+    return TrainResult(
+        adapter_dir=str(run.out),
+        steps=run.done,
+        train_loss=run.last_loss,
+        best_eval_loss=state.best_eval_loss,
+        best_step=state.best_step,
+        stopped=run.stopped,
+        tokens_per_second=run.run_tokens / run.run_time if run.run_time else 0.0,
+        train_records=len(run.examples),
+        eval_records=len(run.eval_examples),
+        skipped=run.skipped,
+        truncated=run.truncated,
+    )
 
 
 def _saved_tensor(prompt: torch.nn.Module) -> torch.Tensor:
@@ -512,10 +627,15 @@ def _stop_on_nan(out: Path, step: int, loss: float, bar) -> None:
     if bar is not None:
         bar.close()
     found = checkpoint.list_checkpoints(out)
-    keep = f"the last good checkpoint is {found[-1]} (resume with --resume {out})" if found else \
-        "no checkpoint had been written yet"
-    raise RuntimeError(f"training stopped at step {step}: the loss or gradient is not finite (loss {loss}); "
-                       f"{keep}. Try a lower --lr, --max-grad-norm, or --dtype float32.")
+    keep = (
+        f"the last good checkpoint is {found[-1]} (resume with --resume {out})"
+        if found
+        else "no checkpoint had been written yet"
+    )
+    raise RuntimeError(
+        f"training stopped at step {step}: the loss or gradient is not finite (loss {loss}); "
+        f"{keep}. Try a lower --lr, --max-grad-norm, or --dtype float32."
+    )
 
 
 def _progress(enabled: bool, total: int, start: int):

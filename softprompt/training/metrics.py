@@ -18,8 +18,9 @@ CURVE_FILE = "loss_curve.png"
 class MetricsLogger:
     """Appends metrics; writes nothing when `enabled` is False (non-main processes)."""
 
-    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = False,
-                 resume_step: int | None = None):
+    def __init__(
+        self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = False, resume_step: int | None = None
+    ):
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / METRICS_FILE
         self.enabled = enabled

@@ -22,13 +22,19 @@ from softprompt.data import batching
 def _batches(lengths: list[int], max_tokens: int, max_rows: int | None) -> list[list[int]]:
     batches = batching.micro_batches(list(range(len(lengths))), lengths, max_tokens)
     if max_rows:
-        batches = [b[i:i + max_rows] for b in batches for i in range(0, len(b), max_rows)]
+        batches = [b[i : i + max_rows] for b in batches for i in range(0, len(b), max_rows)]
     return batches
 
 
-def nll_per_example(model, prompt: "torch.Tensor | forward.Virtual | None", examples: list[batching.Example],
-                    pad_id: int, max_tokens: int,
-                    max_rows: int | None = None, bar=None) -> tuple[torch.Tensor, torch.Tensor]:
+def nll_per_example(
+    model,
+    prompt: "torch.Tensor | forward.Virtual | None",
+    examples: list[batching.Example],
+    pad_id: int,
+    max_tokens: int,
+    max_rows: int | None = None,
+    bar=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL of each example's label tokens and its label count (float64 / long, on the CPU), computed without
     gradients in length-grouped batches of at most `max_tokens` padded tokens (and `max_rows` rows). The prompt
     tokens all examples start with run once, with the soft prompt, and the batches hold what follows them."""
@@ -45,8 +51,9 @@ def nll_per_example(model, prompt: "torch.Tensor | forward.Virtual | None", exam
         rest = [e.after(shared) for e in examples]
         for rows in _batches([len(e) for e in rest], max_tokens, max_rows):
             batch = batching.collate([rest[i] for i in rows], pad_id, device)
-            row_nll, row_counts = forward.label_nll(model, prompt, batch["input_ids"], batch["attention_mask"],
-                                                    batch["labels"], prefix=prefix)
+            row_nll, row_counts = forward.label_nll(
+                model, prompt, batch["input_ids"], batch["attention_mask"], batch["labels"], prefix=prefix
+            )
             nll[rows] = row_nll.double().cpu()
             counts[rows] = row_counts.cpu()
             if bar is not None:
@@ -54,23 +61,31 @@ def nll_per_example(model, prompt: "torch.Tensor | forward.Virtual | None", exam
     return nll, counts
 
 
-def nll_per_group(model, prompt: "torch.Tensor | forward.Virtual | None", examples: list[batching.Example],
-                  group: int, pad_id: int, max_tokens: int, max_rows: int | None = None, bar=None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def nll_per_group(
+    model,
+    prompt: "torch.Tensor | forward.Virtual | None",
+    examples: list[batching.Example],
+    group: int,
+    pad_id: int,
+    max_tokens: int,
+    max_rows: int | None = None,
+    bar=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`nll_per_example` for examples in consecutive groups of `group` that share their prompt (a record once per
     choice, record-major): each group's common prompt tokens run once per group, and its members run only what
     follows them (the choice and EOS) on a copy of that group's keys/values. Same results, fewer tokens."""
     if len(examples) % group:
         raise ValueError(f"{len(examples)} examples do not split into groups of {group}")
-    groups = [examples[i:i + group] for i in range(0, len(examples), group)]
+    groups = [examples[i : i + group] for i in range(0, len(examples), group)]
     shared = [batching.shared_prompt_length(g) for g in groups]
     nll = torch.zeros(len(examples), dtype=torch.float64)
     counts = torch.zeros(len(examples), dtype=torch.long)
     alone = [i for i, s in enumerate(shared) if not s]  # nothing in common (or groups of one): score them whole
     if alone:
         rows = [i * group + j for i in alone for j in range(group)]
-        part_nll, part_counts = nll_per_example(model, prompt, [examples[r] for r in rows], pad_id, max_tokens,
-                                                max_rows, bar)
+        part_nll, part_counts = nll_per_example(
+            model, prompt, [examples[r] for r in rows], pad_id, max_tokens, max_rows, bar
+        )
         nll[rows], counts[rows] = part_nll, part_counts
     todo = [i for i, s in enumerate(shared) if s]
     if not todo:
@@ -78,31 +93,45 @@ def nll_per_group(model, prompt: "torch.Tensor | forward.Virtual | None", exampl
     device = model.get_input_embeddings().weight.device
     # the prompt tokens every group starts with (a fixed instruction) run once, with the soft prompt; each group's
     # own prompt tokens after them (at least one, whose hidden state predicts the choices' first token) run per group
-    heads = [batching.Example(groups[i][0].ids[:shared[i]], [-100] * shared[i], "") for i in todo]
+    heads = [batching.Example(groups[i][0].ids[: shared[i]], [-100] * shared[i], "") for i in todo]
     common = min(batching.shared_prompt_length(heads), min(shared[i] for i in todo) - 1)
     with torch.no_grad():
         virtual = None
         if prompt is not None or common > 0:
-            virtual = forward.SharedPrefix(model, prompt, torch.tensor(heads[0].ids[:common], dtype=torch.long,
-                                                                       device=device))
+            virtual = forward.SharedPrefix(
+                model, prompt, torch.tensor(heads[0].ids[:common], dtype=torch.long, device=device)
+            )
         n = virtual.length if virtual is not None else 0
         shared = [s - common for s in shared]
         for batch_of in _batches([shared[i] for i in todo], max_tokens, max_rows):
             chosen = [todo[b] for b in batch_of]
-            heads = [batching.Example(groups[i][0].ids[common:common + shared[i]], [-100] * shared[i], "")
-                     for i in chosen]
+            heads = [
+                batching.Example(groups[i][0].ids[common : common + shared[i]], [-100] * shared[i], "") for i in chosen
+            ]
             kv, head_mask, last = _run_heads(model, virtual, heads, pad_id, device)
             # (owner prompt's row in this batch, example index, the example after its prompt)
-            members = [(k, i * group + j, examples[i * group + j].after(common + shared[i]))
-                       for k, i in enumerate(chosen) for j in range(group)]
+            members = [
+                (k, i * group + j, examples[i * group + j].after(common + shared[i]))
+                for k, i in enumerate(chosen)
+                for j in range(group)
+            ]
             # choice rows per forward: their own tokens plus their copy of the prompt's keys/values count in the
             # token budget; max_rows counts records, as for the prompts
             width = n + head_mask.shape[1]
             lengths = [width + len(tail) for _, _, tail in members]
             for rows in _batches(lengths, max_tokens, max_rows and max_rows * group):
                 part = [members[r] for r in rows]
-                row_nll, row_counts = _run_tails(model, kv, head_mask, last, n, [k for k, _, _ in part],
-                                                 [tail for _, _, tail in part], pad_id, device)
+                row_nll, row_counts = _run_tails(
+                    model,
+                    kv,
+                    head_mask,
+                    last,
+                    n,
+                    [k for k, _, _ in part],
+                    [tail for _, _, tail in part],
+                    pad_id,
+                    device,
+                )
                 out = [index for _, index, _ in part]
                 nll[out] = row_nll.double().cpu()
                 counts[out] = row_counts.cpu()
@@ -129,8 +158,17 @@ def _run_heads(model, virtual: "forward.SharedPrefix | None", heads: list[batchi
     return forward.cache_tensors(cache), mask, last
 
 
-def _run_tails(model, kv, head_mask: torch.Tensor, last: torch.Tensor, n: int, owners: list[int],
-               tails: list[batching.Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _run_tails(
+    model,
+    kv,
+    head_mask: torch.Tensor,
+    last: torch.Tensor,
+    n: int,
+    owners: list[int],
+    tails: list[batching.Example],
+    pad_id: int,
+    device,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed label NLL and label count of each tail, run on a copy of its owner prompt's keys/values."""
     index = torch.tensor(owners, device=device)
     batch = batching.collate(tails, pad_id, device)
@@ -150,8 +188,9 @@ def _run_tails(model, kv, head_mask: torch.Tensor, last: torch.Tensor, n: int, o
 
 
 @torch.no_grad()
-def evaluate_loss(model, prompt: torch.nn.Module, examples: list[batching.Example], max_tokens: int, pad_id: int,
-                  accelerator=None) -> float:
+def evaluate_loss(
+    model, prompt: torch.nn.Module, examples: list[batching.Example], max_tokens: int, pad_id: int, accelerator=None
+) -> float:
     """Mean NLL per answer token over `examples` (split across processes when there are several); `prompt` is a
     core.prompt module of any method."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
