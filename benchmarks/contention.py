@@ -56,7 +56,8 @@ def child(args) -> None:
     import softprompt  # noqa: F401  (first: it chooses OpenMP's waits before torch loads)
     from softprompt.core.models import load_base
     from softprompt.demo.task import make_records
-    from softprompt.inference.engine import Engine, GenerationRequest
+    from softprompt.inference.batch import GenerationRequest
+    from softprompt.inference.engine import Engine
     from softprompt.training.config import TrainConfig
     from softprompt.training.loop import train
 

@@ -52,7 +52,8 @@ from softprompt.core.forward import lm_logits, run_body  # noqa: E402
 from softprompt.core.models import load_base, resolve_dtype, resolve_model_path  # noqa: E402
 from softprompt.core.prompt import SoftPrompt  # noqa: E402
 from softprompt.formats.adapter import Adapter  # noqa: E402
-from softprompt.inference.engine import DecodeBatch, Engine, GenerationRequest, eos_ids  # noqa: E402
+from softprompt.inference.batch import DecodeBatch, GenerationRequest, eos_ids  # noqa: E402
+from softprompt.inference.engine import Engine  # noqa: E402
 from softprompt.serve.vllm_client import build_prompt_embeds, encode_prompt_embeds, post_json  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

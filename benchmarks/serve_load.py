@@ -62,7 +62,8 @@ from softprompt.core.models import load_base  # noqa: E402
 from softprompt.core.prompt import SoftPrompt  # noqa: E402
 from softprompt.data.templates import CHAT, Template, encode_text  # noqa: E402
 from softprompt.formats.adapter import load_adapter, save_adapter  # noqa: E402
-from softprompt.inference.engine import Engine, GenerationRequest  # noqa: E402
+from softprompt.inference.batch import GenerationRequest  # noqa: E402
+from softprompt.inference.engine import Engine  # noqa: E402
 from softprompt.serve import BackgroundServer  # noqa: E402
 from softprompt.serve.app import create_app  # noqa: E402
 from softprompt.serve.config import DEFAULT_PREFIX_CACHE_MB  # noqa: E402
@@ -338,7 +339,7 @@ def mixed_requests(n: int, max_tokens: int) -> list[dict]:
 def mixed_reference(base, engine: Engine, req: dict, version: str | None = None) -> dict:
     """What the request gives run alone through the engine (no prefix cache): texts and token counts per choice,
     and the echoed prompt's log-probabilities."""
-    from softprompt.serve.batch import prompt_logprobs
+    from softprompt.inference.scoring import prompt_logprobs
     from softprompt.serve.replies import choice_seed
 
     key = version or (None if req["model"] == "base" else req["model"])

@@ -37,7 +37,7 @@ _PUBLIC = {
     "TrainResult": "softprompt.training.loop",
     "train": "softprompt.training.loop",
     "Engine": "softprompt.inference.engine",
-    "GenerationRequest": "softprompt.inference.engine",
+    "GenerationRequest": "softprompt.inference.batch",
     "generate": "softprompt.inference.generate",
     "generate_batch": "softprompt.inference.generate",
     "evaluate": "softprompt.evaluation.evaluate",

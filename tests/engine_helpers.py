@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from softprompt.core.forward import as_virtual, lm_logits, run_body, text_hidden
 from softprompt.core.models import FrozenModel, cpu_has_native_bf16, freeze
 from softprompt.formats.adapter import Adapter
-from softprompt.inference.engine import eos_ids
+from softprompt.inference.batch import eos_ids
 
 
 def peaked_base(seed: int = 0, hidden: int = 32, layers: int = 2, max_positions: int = 512) -> FrozenModel:

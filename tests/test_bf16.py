@@ -23,7 +23,8 @@ from softprompt.core.prompt import SoftPrompt
 from softprompt.data.templates import Template, encode_text
 from softprompt.evaluation.evaluate import evaluate
 from softprompt.formats.adapter import load_adapter, save_adapter
-from softprompt.inference.engine import DecodeBatch, Engine, GenerationRequest
+from softprompt.inference.batch import DecodeBatch, GenerationRequest
+from softprompt.inference.engine import Engine
 from softprompt.inference.generate import generate_batch
 from softprompt.serve import BackgroundServer
 from softprompt.serve.app import create_app

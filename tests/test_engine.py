@@ -9,8 +9,9 @@ from engine_helpers import base, dtype, peaked_base, random_adapter, reference_g
 import softprompt.core.attention
 import softprompt.core.forward
 from softprompt.formats.adapter import AdapterError
+from softprompt.inference.batch import DecodeBatch, GenerationRequest
 from softprompt.inference.detokenize import Detokenizer
-from softprompt.inference.engine import DecodeBatch, Engine, GenerationRequest
+from softprompt.inference.engine import Engine
 from softprompt.inference.prompt_cache import PromptCache, UnknownAdapterError
 from softprompt.inference.sampling import filter_logits
 
@@ -297,3 +298,52 @@ def test_row_exact_mode_follows_the_dtype(adapters):
     bf16.model.to(torch.bfloat16)
     assert DecodeBatch(bf16, PromptCache(bf16)).exact is True
     assert bf16.model.config._attn_implementation == softprompt.core.attention.NAME
+
+
+@pytest.mark.parametrize("adapter", [None, "a7"])
+def test_logprobs_are_the_reference_loops_log_softmax(engine, base, adapters, adapter, dtype):
+    """A request's logprobs are the log-softmax of the logits the no-cache loop computes at each step, and the
+    top-N list is that distribution's N largest entries in order; greedy picks the first of them."""
+    if dtype != torch.float32:
+        pytest.skip("the no-cache loop rounds differently in bf16; the bf16 promise is batch invariance (below)")
+    ids = engine.encode("tell me about cats", adapter=adapter)
+    (result,) = engine.generate([GenerationRequest(ids, adapter=adapter, max_new_tokens=8, logprobs=3)])
+    ref_tokens, ref_logits = reference_greedy(base, prompt_of(adapters, adapter), ids, 8)
+    assert result.token_ids == ref_tokens and len(result.logprobs) == len(ref_tokens)
+    for entry, token, logits in zip(result.logprobs, ref_tokens, ref_logits):
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        values, top_ids = torch.topk(logp, 3)
+        assert entry.token_id == token and [i for i, _ in entry.top] == top_ids.tolist()
+        assert entry.top[0][0] == token
+        assert entry.logprob == pytest.approx(float(logp[token]), abs=1e-4)
+        assert [v for _, v in entry.top] == pytest.approx(values.tolist(), abs=1e-4)
+
+
+def test_logprobs_do_not_depend_on_batch_mates(engine, dtype):
+    """The same request alone and in a mixed batch (other adapters, other lengths, one without logprobs) gets the
+    same tokens and the same log-probabilities: bit-identical in bf16, to rounding in fp32."""
+    rng = random.Random(3)
+    mine = GenerationRequest(engine.encode("why sky blue", adapter="a3"), adapter="a3", max_new_tokens=6, logprobs=2)
+    others = [
+        GenerationRequest(engine.encode(t, adapter=a), adapter=a, max_new_tokens=9, logprobs=n)
+        for t, a, n in zip(texts(rng, 4), [None, "a7", "a12", "a3"], [None, 1, None, 0])
+    ]
+    (alone,) = engine.generate([mine])
+    together = engine.generate(others[:2] + [mine] + others[2:], batch_size=3)[2]
+    assert together.token_ids == alone.token_ids
+    exact = dtype != torch.float32
+    for a, b in zip(alone.logprobs, together.logprobs):
+        assert a.top == b.top if exact else [i for i, _ in a.top] == [i for i, _ in b.top]
+        assert a.logprob == b.logprob if exact else a.logprob == pytest.approx(b.logprob, abs=1e-5)
+    assert engine.generate(others[:1])[0].logprobs is None  # not asked: not computed
+
+
+def test_stream_and_generate_run_the_same_scheduler(engine):
+    """A streamed request yields the tokens generate returns for it, one event per token, the last with the finish."""
+    request = GenerationRequest(engine.encode("a long story", adapter="a12"), adapter="a12", max_new_tokens=7)
+    events = list(engine.stream(request))
+    (result,) = engine.generate([request])
+    assert [e.token_id for e in events] == result.token_ids
+    assert "".join(e.text for e in events) == result.text
+    assert [e.finish_reason for e in events][-1] == result.finish_reason and events[-1].finish_reason is not None
+    assert all(e.finish_reason is None for e in events[:-1])

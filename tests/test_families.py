@@ -32,7 +32,8 @@ from softprompt.core.models import (
 from softprompt.core.prompt import build_prompt
 from softprompt.data.templates import encode_text
 from softprompt.formats.adapter import Adapter, load_adapter
-from softprompt.inference.engine import DecodeBatch, Engine, GenerationRequest
+from softprompt.inference.batch import DecodeBatch, GenerationRequest
+from softprompt.inference.engine import Engine
 from softprompt.serve import BackgroundServer
 from softprompt.serve.app import create_app
 from softprompt.training.config import TrainConfig

@@ -14,8 +14,8 @@ from helpers import reload_tiny, save_tiny
 from softprompt.cli import main
 from softprompt.data.templates import Template, encode_text
 from softprompt.formats.adapter import load_adapter, save_adapter
+from softprompt.inference.batch import GenerationRequest
 from softprompt.inference.chat import Conversation, chat_loop
-from softprompt.inference.engine import GenerationRequest
 from softprompt.inference.generate import add_adapter, build_engine, generate, generate_batch
 
 USER_TEMPLATE = "Q: {instruction} {input}\nA:"
@@ -340,3 +340,27 @@ def test_adapter_written_by_peft_uses_the_reference_template(env, tmp_path):
         "tell me about cats", base=env.base, adapter=tmp_path / "peft-adapter", greedy=True, max_new_tokens=10
     )
     assert got == env.base.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_cli_logprobs_prints_the_answer_and_its_log_probabilities(env, capsys):
+    """`generate INSTRUCTION --logprobs N` prints one JSON record: the answer generate gives, and per generated token
+    its text, id, log-probability and N alternatives, equal to generate_batch's; the tokens spell the answer."""
+    adapter = str(env.adapters / "alpha")
+    code = main(["generate", "tell me", "--model", env.model, "--adapter", adapter, "--greedy", "--max-new-tokens",
+                 "6", "--logprobs", "2", "--dtype", "float32"])  # fmt: skip
+    assert code == 0
+    record = json.loads(capsys.readouterr().out)
+    expected = generate("tell me", base=env.base, adapter=adapter, greedy=True, max_new_tokens=6)
+    assert record["output"] == expected
+    entries = record["logprobs"]
+    assert "".join(e["token"] for e in entries) == record["output"]
+    assert all(len(e["top_logprobs"]) == 2 and e["top_logprobs"][0]["id"] == e["id"] for e in entries)  # greedy
+    assert all(e["logprob"] == e["top_logprobs"][0]["logprob"] <= 0 for e in entries)
+    (api,) = generate_batch([{"instruction": "tell me"}], base=env.base, adapter=adapter, greedy=True,
+                            max_new_tokens=6, logprobs=2)  # fmt: skip
+    assert api["logprobs"] == entries
+
+
+def test_logprobs_range_is_checked_before_the_model_loads(capsys):
+    assert main(["generate", "hi", "--logprobs", "21", "--model", "/nonexistent"]) == 2
+    assert capsys.readouterr().err.strip() == "softprompt generate: error: --logprobs must be <= 20, got 21"

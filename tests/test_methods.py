@@ -20,7 +20,8 @@ from softprompt.evaluation.evaluate import evaluate, format_table
 from softprompt.evaluation.inspect import format_report, inspect_adapter
 from softprompt.formats import checkpoint
 from softprompt.formats.adapter import Adapter, AdapterError, load_adapter, save_adapter
-from softprompt.inference.engine import Engine, GenerationRequest
+from softprompt.inference.batch import GenerationRequest
+from softprompt.inference.engine import Engine
 from softprompt.inference.generate import generate_batch
 from softprompt.serve.vllm_client import PrefixNotSupported, completion_payload
 from softprompt.training import loop as train_module

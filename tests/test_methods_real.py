@@ -11,7 +11,8 @@ from softprompt.core import forward
 from softprompt.core.models import load_base
 from softprompt.core.prompt import build_prompt
 from softprompt.formats.adapter import load_adapter, save_adapter
-from softprompt.inference.engine import Engine, GenerationRequest
+from softprompt.inference.batch import GenerationRequest
+from softprompt.inference.engine import Engine
 
 pytestmark = pytest.mark.slow
 

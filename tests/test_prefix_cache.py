@@ -15,7 +15,8 @@ from softprompt.core.prompt import SoftPrompt, build_prompt
 from softprompt.data.templates import CHAT, Template, encode_text
 from softprompt.formats.adapter import Adapter, load_adapter, save_adapter
 from softprompt.formats.methods import base_width
-from softprompt.inference.engine import DecodeBatch, Engine, GenerationRequest
+from softprompt.inference.batch import DecodeBatch, GenerationRequest
+from softprompt.inference.engine import Engine
 from softprompt.inference.prefix_cache import PrefixCache
 from softprompt.options import OptionError
 from softprompt.serve.app import create_app

@@ -22,7 +22,8 @@ from softprompt.core import forward
 from softprompt.core.prompt import SoftPrompt
 from softprompt.data.templates import Template, encode_text
 from softprompt.formats.adapter import load_adapter, save_adapter
-from softprompt.inference.engine import Engine, GenerationRequest
+from softprompt.inference.batch import GenerationRequest
+from softprompt.inference.engine import Engine
 from softprompt.inference.generate import generate
 from softprompt.serve import BackgroundServer
 from softprompt.serve.app import create_app

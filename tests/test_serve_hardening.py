@@ -24,7 +24,8 @@ import softprompt.serve.app as app_module
 import softprompt.serve.state as state_module
 from softprompt.data.templates import Template, encode_text
 from softprompt.formats.adapter import load_adapter
-from softprompt.inference.engine import Engine, GenerationRequest
+from softprompt.inference.batch import GenerationRequest
+from softprompt.inference.engine import Engine
 from softprompt.serve.app import create_app
 from softprompt.serve.schemas import TEMPERATURE_EPSILON, TOP_P_EPSILON, CompletionRequest
 from softprompt.serve.security import check_exposure

@@ -20,8 +20,8 @@ from softprompt.core.prompt import SoftPrompt
 from softprompt.data.templates import Template
 from softprompt.formats.adapter import AdapterError, load_adapter, save_adapter
 from softprompt.inference.prompt_cache import PromptCache
+from softprompt.inference.scoring import PromptScorer, prompt_logprobs
 from softprompt.serve.app import create_app
-from softprompt.serve.batch import PromptScorer, prompt_logprobs
 from softprompt.serve.export import ExportVllmConfig, export_vllm
 
 TEXT = "abcdefghij" * 40  # 400 tokens with the character tokenizer: 4 scoring slices
@@ -70,11 +70,11 @@ def test_scoring_runs_in_slices_between_decode_steps(tiny, folder, monkeypatch):
     """A stream sent while two long prompts are scored on a two-row server is admitted at once (the prompts are
     scored one after the other, holding one row) and gets its tokens between the slices, not after them; the scores
     equal those of one uninterrupted run."""
-    from softprompt.serve.batch import ServeBatch
+    from softprompt.inference.batch import DecodeBatch
 
     log = []
     slow(monkeypatch, PromptScorer, "advance", 0.1, log, "slice")
-    slow(monkeypatch, ServeBatch, "step", 0.0, log, "step")
+    slow(monkeypatch, DecodeBatch, "step", 0.0, log, "step")
     with LiveServer(create_app(tiny, folder, max_batch=2, max_queue=1)) as live:
         results = {}
         scorer = threading.Thread(
@@ -119,9 +119,9 @@ def test_a_client_that_leaves_stops_its_scoring(tiny, folder, monkeypatch):
 def test_a_request_is_served_by_one_adapter_version_across_a_replace_and_a_removal(tiny, folder, monkeypatch):
     """n=2 on a one-row server: the second choice waits while the first decodes; the adapter is replaced (then
     removed) meanwhile, and both choices still come from the version the request was admitted with."""
-    from softprompt.serve.batch import ServeBatch
+    from softprompt.inference.batch import DecodeBatch
 
-    slow(monkeypatch, ServeBatch, "step", 0.01)
+    slow(monkeypatch, DecodeBatch, "step", 0.01)
     body = dict(model="a", prompt="hello", max_tokens=40, temperature=1.0, seed=7, n=2)  # seeded: reproducible
     with LiveServer(create_app(tiny, folder, max_batch=1, max_queue=4, allow_admin=True)) as live:
         before = [c["text"] for c in completion(live.url, **body).json()["choices"]]

@@ -18,9 +18,10 @@ from test_serve import LiveServer, make_adapter
 from softprompt.core import forward
 from softprompt.data.templates import encode_text
 from softprompt.formats.adapter import load_adapter
+from softprompt.inference.batch import GenerationRequest
+from softprompt.inference.generate import generate_batch
 from softprompt.inference.sampling import process_logits
 from softprompt.serve.app import create_app
-from softprompt.serve.batch import ServeRequest
 from softprompt.serve.replies import choice_seed
 
 ADAPTERS = {"alpha": ("human-assistant", 4), "gamma": ("Q: {instruction}\nA:", 3)}
@@ -89,6 +90,26 @@ def test_logprobs_are_the_models_distribution(server, tiny, folder, model):
         assert len(top) == 3 and value == max(top.values())  # greedy: the chosen token is the most likely
         best = torch.topk(row, 3)
         assert sorted(top.values(), reverse=True) == pytest.approx(best.values.tolist(), abs=1e-4)
+
+
+def test_server_logprobs_equal_generate_batch_logprobs(server, tiny, folder):
+    """One engine: the server's logprobs of a greedy completion are the ones `generate_batch(..., logprobs=N)`
+    returns offline for the same prompt and adapter (same tokens, same values, same alternatives)."""
+    out = completion(server, model="gamma", prompt="Q: dog\nA:", max_tokens=6, temperature=0, logprobs=2)
+    lp = out["choices"][0]["logprobs"]
+    (record,) = generate_batch(
+        [{"instruction": "dog", "adapter": "gamma"}],
+        base=tiny,
+        adapters_dir=str(folder),
+        greedy=True,
+        max_new_tokens=6,
+        logprobs=2,
+    )
+    offline = record["logprobs"]
+    assert record["output"] == out["choices"][0]["text"]
+    assert [e["token"] for e in offline] == lp["tokens"]
+    assert [e["logprob"] for e in offline] == lp["token_logprobs"]
+    assert [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in offline] == lp["top_logprobs"]
 
 
 def test_echo_scores_the_prompt_like_label_nll(server, tiny, folder):
@@ -220,7 +241,7 @@ def test_logit_bias_and_penalties(server, tiny, folder):
     ids, generated = encode_text(tiny.tokenizer, "aaaa"), []
     for _ in range(8):
         row = reference_logprobs(tiny, folder, "gamma", ids + generated)[-1]
-        generated.append(int(process_logits(row, ServeRequest([1], **kw), generated).argmax()))
+        generated.append(int(process_logits(row, GenerationRequest([1], **kw), generated).argmax()))
     assert fresh["choices"][0]["text"] == tiny.tokenizer.decode(generated)
     # the repetition penalty and the n-gram ban: the same engine code as generate / chat / eval
     kw = dict(repetition_penalty=2.5, no_repeat_ngram_size=2, logit_bias={1: -100.0})
@@ -242,7 +263,7 @@ def test_logit_bias_and_penalties(server, tiny, folder):
                 torch.tensor([ids + generated]),
                 torch.ones(1, len(ids + generated), dtype=torch.long),
             )[0, -1]
-        generated.append(int(process_logits(row, ServeRequest([1], **kw), generated).argmax()))
+        generated.append(int(process_logits(row, GenerationRequest([1], **kw), generated).argmax()))
     assert fresh["choices"][0]["text"] == tiny.tokenizer.decode(generated)
     once = completion(
         server,
@@ -255,7 +276,7 @@ def test_logit_bias_and_penalties(server, tiny, folder):
     )["choices"][0]["text"]
     assert len(once) == 8 and len(set(once)) == 8  # character tokens: none twice
     logits = torch.randn(20)
-    request = ServeRequest([1], presence_penalty=0.5, frequency_penalty=0.25, logit_bias={3: 2.0})
+    request = GenerationRequest([1], presence_penalty=0.5, frequency_penalty=0.25, logit_bias={3: 2.0})
     processed = process_logits(logits, request, [4, 4, 7])
     expected = logits.clone()
     expected[4] -= 0.5 + 0.5

@@ -29,7 +29,8 @@ from softprompt.core.models import resolve_model_path  # noqa: E402
 from softprompt.core.prompt import SoftPrompt  # noqa: E402
 from softprompt.data.templates import Template, encode_text  # noqa: E402
 from softprompt.formats.adapter import load_adapter, save_adapter  # noqa: E402
-from softprompt.inference.engine import Engine, GenerationRequest, eos_ids  # noqa: E402
+from softprompt.inference.batch import GenerationRequest, eos_ids  # noqa: E402
+from softprompt.inference.engine import Engine  # noqa: E402
 from softprompt.inference.generate import generate  # noqa: E402
 from softprompt.serve import BackgroundServer  # noqa: E402
 from softprompt.serve.app import create_app  # noqa: E402

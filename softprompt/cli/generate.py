@@ -27,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
     from softprompt.inference.generate import check_batch, generate, generate_batch, read_batch
 
     records = read_batch(config.batch) if config.batch else None
+    if records is None and config.logprobs is not None:  # the answer and its log-probabilities as one JSON record
+        records = [{"instruction": config.instruction, "input": config.input}]
     if records is not None:
         check_batch(records, config.adapters_dir)
     if config.adapter is not None:

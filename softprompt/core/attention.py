@@ -43,6 +43,10 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "softprompt_sdpa"
 
+# Queries per attention call in a row-exact prefill without a prefix cache: the prefix cache's default block size, so
+# an engine with the default cache and one without compute every prompt token alike.
+PREFILL_CHUNK = 16
+
 
 @dataclass
 class _RowExact:

@@ -34,7 +34,8 @@ from softprompt.data.templates import Template, encode_example, encode_text
 from softprompt.evaluation.config import DEFAULT_MAX_NEW_TOKENS, EvalConfig
 from softprompt.evaluation.rouge import exact_match, rouge_l
 from softprompt.formats.adapter import Adapter, load_adapter
-from softprompt.inference.engine import Engine, GenerationRequest, GenerationResult
+from softprompt.inference.batch import GenerationRequest, GenerationResult
+from softprompt.inference.engine import Engine
 from softprompt.inference.sampling import is_looping
 from softprompt.training.scoring import nll_per_example, nll_per_group
 

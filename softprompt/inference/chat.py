@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import TextIO
 
-from softprompt.inference.engine import Engine, GenerationRequest
+from softprompt.inference.batch import GenerationRequest
+from softprompt.inference.engine import Engine
 
 
 class Conversation:

@@ -22,6 +22,7 @@ DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_K = 50
 DEFAULT_TOP_P = 0.9
 SAMPLING = "sampling"
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's and the server's limit
 
 
 @dataclass
@@ -103,6 +104,15 @@ class BatchOptions(GenerationOptions):
     )
     batch_size: int = option(8, "with --batch: rows decoded together", minimum=1, maximum=4096, group="batch")
     progress: bool = progress_option()
+    logprobs: int | None = option(
+        None,
+        "report each generated token's log-probability and the N most likely tokens there (0 = the chosen token "
+        "only); the answer is then printed as a JSON record with 'logprobs'",
+        minimum=0,
+        maximum=MAX_LOGPROBS,
+        metavar="N",
+        group=SAMPLING,
+    )
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """`softprompt generate`: answer one instruction (streamed) or a JSONL file of records (mixed adapters, batched).
 
-Python API: `generate(instruction, ...) -> str` and `generate_batch(records, ...) -> list[dict]`.
+Python API: `generate(instruction, ...) -> str` and `generate_batch(records, ...) -> list[dict]`; with `logprobs=N`
+each record of `generate_batch` also gets 'logprobs': per generated token its text, id, log-probability and the N
+most likely tokens there (`logprobs_json`).
 The prompt template is the one saved with the adapter; for the base model or an adapter without one (e.g. written
 by PEFT) it is the human-assistant template ("Human: ...\\n\\nAssistant: "), or the model's chat template on request.
 """
@@ -13,8 +15,10 @@ from softprompt.core.models import FrozenModel, load_base
 from softprompt.data.records import read_jsonl
 from softprompt.data.templates import CHAT, HUMAN_ASSISTANT, Template
 from softprompt.formats.adapter import Adapter, check_adapter_name, load_adapter
+from softprompt.inference.batch import GenerationRequest
 from softprompt.inference.config import BatchOptions, GenerationOptions
-from softprompt.inference.engine import Engine, GenerationRequest
+from softprompt.inference.engine import Engine
+from softprompt.inference.scoring import TokenLogprobs
 
 
 def build_engine(base: FrozenModel, chat_template: bool = False) -> Engine:
@@ -142,6 +146,7 @@ def generate_batch(records: list[dict], *, base: FrozenModel | None = None, **op
                 stop=tuple(opts.stop),
                 truncate=opts.truncate,
                 id=i,
+                logprobs=opts.logprobs,
                 **opts.sampling(),
             )
             engine.check(request)
@@ -149,7 +154,20 @@ def generate_batch(records: list[dict], *, base: FrozenModel | None = None, **op
             raise ValueError(f"{where}: {err}") from err
         requests.append(request)
     results = engine.generate(requests, batch_size=opts.batch_size, progress=opts.progress)
-    return [
-        {**{k: v for k, v in record.items() if k != "_where"}, "output": result.text}
-        for record, result in zip(records, results)
-    ]
+    out = []
+    for record, result in zip(records, results):
+        answer = {**{k: v for k, v in record.items() if k != "_where"}, "output": result.text}
+        if result.logprobs is not None:
+            answer["logprobs"] = logprobs_json(result.logprobs, engine.base.tokenizer)
+        out.append(answer)
+    return out
+
+
+def logprobs_json(entries: list[TokenLogprobs], tokenizer) -> list[dict]:
+    """Per generated token: its text, id, log-probability (of the model's raw distribution) and the most likely
+    tokens at its place, most likely first."""
+
+    def token(token_id: int, logprob: float | None) -> dict:
+        return {"token": tokenizer.decode([token_id]), "id": token_id, "logprob": logprob}
+
+    return [{**token(e.token_id, e.logprob), "top_logprobs": [token(i, lp) for i, lp in e.top or []]} for e in entries]

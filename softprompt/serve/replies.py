@@ -14,9 +14,10 @@ import uuid
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from softprompt.inference.batch import GenerationRequest
 from softprompt.inference.prompt_cache import UnknownAdapterError
-from softprompt.serve.batch import PromptScorer, ServeRequest, TokenLogprobs
-from softprompt.serve.scheduler import Job, Overloaded, Unavailable
+from softprompt.inference.scheduler import Job, Overloaded, Unavailable
+from softprompt.inference.scoring import PromptScorer, TokenLogprobs
 from softprompt.serve.schemas import APIError
 from softprompt.serve.state import Prepared, ServerState
 
@@ -57,7 +58,7 @@ async def run_generation(request: Request, state: ServerState, prepared: Prepare
         if limit == 0:
             continue
         for c in range(candidates):
-            gen = ServeRequest(
+            gen = GenerationRequest(
                 prompt_ids=ids,
                 adapter=key,
                 entry=prepared.entry,

@@ -12,12 +12,11 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from softprompt.data.templates import Template, TemplateError, encode_text
-from softprompt.inference.engine import context_length
+from softprompt.inference.batch import context_length
+from softprompt.inference.engine import Engine
 from softprompt.inference.prefix_cache import PrefixCache
 from softprompt.inference.prompt_cache import CachedPrompt, PromptCache, UnknownAdapterError
-from softprompt.serve.batch import ServeBatch
 from softprompt.serve.registry import BASE_NAME, AdapterRegistry, RegistryError
-from softprompt.serve.scheduler import Scheduler
 from softprompt.serve.schemas import (
     APIError,
     ChatRequest,
@@ -72,11 +71,10 @@ class ServerState:
     ):
         self.base = base
         self.tokenizer = copy.deepcopy(base.tokenizer)  # the worker thread decodes with base.tokenizer
-        self.cache = PromptCache(base, template or Template())
-        self.prefix_cache = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb else None
-        self.scheduler = Scheduler(
-            lambda: ServeBatch(base, self.cache, prefix_cache=self.prefix_cache), max_batch, max_queue
-        )
+        prefix_cache = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb else None
+        self.engine = Engine(base, default_template=template or Template(), prefix_cache=prefix_cache)
+        self.cache, self.prefix_cache = self.engine.prompt_cache, prefix_cache
+        self.scheduler = self.engine.scheduler(max_batch, max_queue)  # started on a worker thread by the app
         self.registry = AdapterRegistry(base, self.cache, adapters_dir, run_on_worker=self.scheduler.run)
         self.max_tokens_cap = max_tokens_cap
         model_len = context_length(base)

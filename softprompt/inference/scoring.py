@@ -1,15 +1,10 @@
-"""What the server adds to the engine's DecodeBatch: log-probabilities, prompt scoring.
+"""Log-probabilities beside the engine: of a chosen token (`token_logprobs`, what DecodeBatch reports when a request
+asks for `logprobs`) and of a prompt's own tokens (`PromptScorer`, echo with logprobs / prompt logprobs, what
+lm-evaluation-harness reads for log-likelihood tasks).
 
-- `ServeRequest` is a GenerationRequest with `logprobs` (None: none; N >= 0: the chosen token's log-probability and
-  the N most likely tokens). OpenAI's presence/frequency penalties and logit_bias, and the repetition penalty and
-  n-gram ban, are GenerationRequest fields that the engine applies to each row's own fp32 logits
-  (inference/sampling.process_logits), the same code for generate, chat, eval and the server.
-- `ServeBatch` is a DecodeBatch whose events carry the log-probabilities (`ScoredEvent`). Everything is computed per row from that row's logits only, so a request
-  gives the same tokens and log-probabilities alone or in any mixed batch (the engine guarantees the logits).
-- `PromptScorer` scores a prompt's own tokens after an adapter's cached soft-prompt keys/values (echo with
-  logprobs; what lm-evaluation-harness reads for log-likelihood tasks), SCORE_SLICE tokens at a time, so the
-  server's worker runs it between decode steps (scheduler.py). It runs one prompt alone, in slices fixed by the
-  prompt, so it too does not depend on what else the server is doing; `prompt_logprobs` runs it to the end.
+`PromptScorer` scores a prompt after an adapter's cached soft-prompt keys/values, SCORE_SLICE tokens at a time, so
+the scheduler (scheduler.py) runs it between decode steps. It runs one prompt alone, in slices fixed by the prompt, so
+its values do not depend on what else is running; `prompt_logprobs` runs it to the end.
 
 Log-probabilities are those of the model's raw distribution (log-softmax of the logits, before temperature,
 top-k/top-p, penalties and logit_bias), as vLLM returns them by default.
@@ -17,27 +12,18 @@ top-k/top-p, penalties and logit_bias), as vLLM returns them by default.
 
 from __future__ import annotations
 
-import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from softprompt.core.attention import row_exact
+from softprompt.core.attention import PREFILL_CHUNK, row_exact
 from softprompt.core.forward import lm_logits, make_cache, run_body
-from softprompt.inference.engine import PREFILL_CHUNK, DecodeBatch, GenerationRequest, TokenEvent
 from softprompt.inference.prompt_cache import CachedPrompt, PromptCache
 
 NEG_INF_LOGPROB = -9999.0  # what an impossible token's log-probability is reported as (JSON has no -inf), as vLLM
 HEAD_CHUNK = 128  # prompt positions per LM-head chunk when scoring a prompt
 SCORE_SLICE = 128  # prompt tokens a scoring job runs between two decode steps (a multiple of PREFILL_CHUNK)
-
-
-@dataclass(eq=False)
-class ServeRequest(GenerationRequest):
-    """A GenerationRequest with log-probability reporting (the penalties and logit_bias are GenerationRequest's)."""
-
-    logprobs: int | None = None  # None: no log-probabilities; N: the chosen token's and the N most likely
 
 
 @dataclass(eq=False)
@@ -48,13 +34,6 @@ class TokenLogprobs:
     token_id: int
     logprob: float | None
     top: list[tuple[int, float]] | None
-
-
-@dataclass(eq=False)
-class ScoredEvent(TokenEvent):
-    """A TokenEvent with the chosen token's log-probabilities (None unless the request asked for them)."""
-
-    logprobs: TokenLogprobs | None = None
 
 
 def _finite(x: float) -> float:
@@ -69,20 +48,6 @@ def token_logprobs(logits: torch.Tensor, token: int, top_n: int) -> TokenLogprob
         values, ids = torch.topk(logp, min(top_n, logp.shape[-1]))
         top = [(int(i), _finite(float(v))) for i, v in zip(ids.tolist(), values.tolist())]
     return TokenLogprobs(token, _finite(float(logp[token])), top)
-
-
-class ServeBatch(DecodeBatch):
-    """A DecodeBatch that applies ServeRequest's logit processing per row and reports log-probabilities."""
-
-    def _accept(self, rows, logits: torch.Tensor):
-        events = super()._accept(rows, logits)  # penalties and logit_bias: the engine's (sampling.process_logits)
-        scored = []
-        for index, (row, event) in enumerate(zip(rows, events)):
-            asked = getattr(row.request, "logprobs", None)
-            info = token_logprobs(logits[index], event.token_id, asked) if asked is not None else None
-            values = {f.name: getattr(event, f.name) for f in dataclasses.fields(TokenEvent)}
-            scored.append(ScoredEvent(**values, logprobs=info))
-        return scored
 
 
 class PromptScorer:
