@@ -178,9 +178,8 @@ def main() -> None:
         }
 
     if args.demo:
+        from softprompt import evaluate, run_demo
         from softprompt.demo import task as demo_task
-        from softprompt.demo.run import run_demo
-        from softprompt.evaluation.evaluate import evaluate
 
         own, rescored = {}, {}
         for seed in seeds:

@@ -43,11 +43,11 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from softprompt import evaluate
     from softprompt.core.models import load_base
     from softprompt.demo import task as demo_task
     from softprompt.demo.config import DemoConfig
     from softprompt.demo.run import train_config
-    from softprompt.evaluation.evaluate import evaluate
     from softprompt.training.loop import train
 
     demo_fields = {f.name for f in dataclasses.fields(DemoConfig)}

@@ -103,7 +103,7 @@ def straightforward(peft_model, tokenizer, records: list[dict], choices: list[st
 
 def ours(base, adapter_dir: str, records: list[dict], choices: list[str], batch_size: int):
     """softprompt eval's rank classification; returns (per-record chosen index, loss, seconds)."""
-    from softprompt.evaluation.evaluate import evaluate
+    from softprompt import evaluate
 
     start = time.perf_counter()
     report = evaluate(

@@ -58,6 +58,7 @@ import softprompt  # noqa: E402, F401
 
 import torch  # noqa: E402
 
+from softprompt import create_app  # noqa: E402
 from softprompt.core.models import load_base  # noqa: E402
 from softprompt.core.prompt import SoftPrompt  # noqa: E402
 from softprompt.data.templates import CHAT, Template, encode_text  # noqa: E402
@@ -65,7 +66,6 @@ from softprompt.formats.adapter import load_adapter, save_adapter  # noqa: E402
 from softprompt.inference.batch import GenerationRequest  # noqa: E402
 from softprompt.inference.engine import Engine  # noqa: E402
 from softprompt.serve import BackgroundServer  # noqa: E402
-from softprompt.serve.app import create_app  # noqa: E402
 from softprompt.serve.config import DEFAULT_PREFIX_CACHE_MB  # noqa: E402
 
 INSTRUCTIONS = [

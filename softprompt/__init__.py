@@ -38,12 +38,12 @@ _PUBLIC = {
     "train": "softprompt.training.loop",
     "Engine": "softprompt.inference.engine",
     "GenerationRequest": "softprompt.inference.batch",
-    "generate": "softprompt.inference.generate",
-    "generate_batch": "softprompt.inference.generate",
-    "evaluate": "softprompt.evaluation.evaluate",
+    "generate": "softprompt.api",
+    "generate_batch": "softprompt.api",
+    "evaluate": "softprompt.api",
     "inspect_adapter": "softprompt.evaluation.inspect",
-    "create_app": "softprompt.serve.app",
-    "run_demo": "softprompt.demo.run",
+    "create_app": "softprompt.api",
+    "run_demo": "softprompt.api",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -16,18 +16,16 @@ import torch
 from engine_helpers import peaked_base, random_adapter
 from helpers import save_tiny
 
+from softprompt import create_app, evaluate, generate_batch
 from softprompt.cli import main
 from softprompt.core import models
 from softprompt.core.models import cpu_has_native_bf16, load_base, resolve_dtype
 from softprompt.core.prompt import SoftPrompt
 from softprompt.data.templates import Template, encode_text
-from softprompt.evaluation.evaluate import evaluate
 from softprompt.formats.adapter import load_adapter, save_adapter
 from softprompt.inference.batch import DecodeBatch, GenerationRequest
 from softprompt.inference.engine import Engine
-from softprompt.inference.generate import generate_batch
 from softprompt.serve import BackgroundServer
-from softprompt.serve.app import create_app
 
 pytestmark = pytest.mark.skipif(
     not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX-512 BF16 / AMX): --dtype auto keeps fp32"

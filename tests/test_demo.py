@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from softprompt import cli
+from softprompt import cli, run_demo
 from softprompt.demo import task as demo_task
-from softprompt.demo.run import RESULTS_FILE, run_demo
+from softprompt.demo.run import RESULTS_FILE
 from softprompt.formats.adapter import load_adapter
 
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 from helpers import text_logits
 
-from softprompt import cli
+from softprompt import cli, evaluate
 from softprompt.data.records import DataError
 from softprompt.data.templates import Template, encode_text
-from softprompt.evaluation.evaluate import evaluate, format_examples, format_table
+from softprompt.evaluation.evaluate import format_examples, format_table
 from softprompt.evaluation.rouge import exact_match, lcs_length, rouge_l, tokenize
 from softprompt.formats.adapter import load_adapter, save_adapter
 

@@ -19,6 +19,7 @@ from family_helpers import FAMILIES, HIDDEN, SLIDING_WINDOW, family_base, family
 from helpers import text_logits
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaModel, PretrainedConfig
 
+from softprompt import create_app
 from softprompt.cli import main
 from softprompt.core import forward
 from softprompt.core.models import (
@@ -35,7 +36,6 @@ from softprompt.formats.adapter import Adapter, load_adapter
 from softprompt.inference.batch import DecodeBatch, GenerationRequest
 from softprompt.inference.engine import Engine
 from softprompt.serve import BackgroundServer
-from softprompt.serve.app import create_app
 from softprompt.training.config import TrainConfig
 from softprompt.training.loop import train
 

@@ -11,12 +11,13 @@ import torch
 from engine_helpers import peaked_base, random_adapter, reference_greedy
 from helpers import reload_tiny, save_tiny
 
+from softprompt import generate, generate_batch
 from softprompt.cli import main
 from softprompt.data.templates import Template, encode_text
 from softprompt.formats.adapter import load_adapter, save_adapter
 from softprompt.inference.batch import GenerationRequest
 from softprompt.inference.chat import Conversation, chat_loop
-from softprompt.inference.generate import add_adapter, build_engine, generate, generate_batch
+from softprompt.inference.generate import add_adapter, build_engine
 
 USER_TEMPLATE = "Q: {instruction} {input}\nA:"
 

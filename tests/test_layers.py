@@ -18,6 +18,7 @@ ALLOWED = {
     "evaluation": {"core", "data", "formats", "training", "inference"},
     "serve": {"core", "data", "formats", "inference"},
     "demo": {"core", "data", "formats", "training", "inference", "evaluation"},
+    "api": {"core", "data", "formats", "training", "inference", "evaluation", "serve", "demo"},
     "cli": {"core", "data", "formats", "training", "inference", "evaluation", "serve", "demo"},
 }
 LEAVES = {"options", "runtime"}  # modules at the top that import nothing from softprompt

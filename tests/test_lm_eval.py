@@ -18,9 +18,8 @@ import pytest
 from helpers import save_tiny
 from test_train import trainable_base
 
-from softprompt.evaluation.evaluate import evaluate
+from softprompt import create_app, evaluate
 from softprompt.serve import BackgroundServer
-from softprompt.serve.app import create_app
 from softprompt.training.config import TrainConfig
 from softprompt.training.loop import train
 

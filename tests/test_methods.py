@@ -13,16 +13,16 @@ from engine_helpers import peaked_base
 from helpers import text_logits, tiny_base
 from test_train import RECORDS, config, trainable_base
 
+from softprompt import evaluate, generate_batch
 from softprompt.core import forward
 from softprompt.core.prompt import PrefixEncoder, PromptEncoder, SoftPrompt, build_prompt
 from softprompt.data.templates import Template, encode_text
-from softprompt.evaluation.evaluate import evaluate, format_table
+from softprompt.evaluation.evaluate import format_table
 from softprompt.evaluation.inspect import format_report, inspect_adapter
 from softprompt.formats import checkpoint
 from softprompt.formats.adapter import Adapter, AdapterError, load_adapter, save_adapter
 from softprompt.inference.batch import GenerationRequest
 from softprompt.inference.engine import Engine
-from softprompt.inference.generate import generate_batch
 from softprompt.serve.vllm_client import PrefixNotSupported, completion_payload
 from softprompt.training import loop as train_module
 from softprompt.training.config import TrainConfig
@@ -470,7 +470,7 @@ def test_generate_batch_file_mixes_methods(peaked, tmp_path):
 def test_serve_offers_every_method_and_hot_adds_a_prefix(tiny, tmp_path):
     from test_serve import LiveServer, alone
 
-    from softprompt.serve.app import create_app
+    from softprompt import create_app
 
     folder = methods_dir(tiny, tmp_path / "adapters")
     shutil.move(str(folder / "prefix"), str(tmp_path / "later"))
@@ -538,7 +538,7 @@ def test_vllm_route_refuses_prefix_and_carries_ptuning(tiny, tmp_path):
 
 
 def test_demo_runs_with_prefix(tiny, tmp_path):
-    from softprompt.demo.run import run_demo
+    from softprompt import run_demo
 
     lines = []
     results = run_demo(
@@ -559,8 +559,9 @@ def test_demo_runs_with_prefix(tiny, tmp_path):
 def test_chat_with_any_method_equals_generate(peaked, tmp_path, method):
     import io
 
+    from softprompt import generate
     from softprompt.inference.chat import Conversation, chat_loop
-    from softprompt.inference.generate import add_adapter, build_engine, generate
+    from softprompt.inference.generate import add_adapter, build_engine
 
     save_adapter(tmp_path / method, mixed_adapters(peaked)[method].embeddings, peaked, method=method)
     engine = build_engine(peaked)

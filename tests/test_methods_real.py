@@ -102,7 +102,7 @@ def test_real_model_trains_every_method_and_decodes_a_mixed_batch(default_base, 
 
 
 def test_real_model_demo_with_prefix(default_base, tmp_path):
-    from softprompt.demo.run import run_demo
+    from softprompt import run_demo
 
     lines = []
     results = run_demo(

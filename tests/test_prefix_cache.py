@@ -10,6 +10,7 @@ import pytest
 import torch
 from engine_helpers import BF16, base, dtype, peaked_base, random_adapter  # noqa: F401 (fixtures)
 
+from softprompt import create_app
 from softprompt.core.models import cpu_has_native_bf16, load_base
 from softprompt.core.prompt import SoftPrompt, build_prompt
 from softprompt.data.templates import CHAT, Template, encode_text
@@ -19,7 +20,6 @@ from softprompt.inference.batch import DecodeBatch, GenerationRequest
 from softprompt.inference.engine import Engine
 from softprompt.inference.prefix_cache import PrefixCache
 from softprompt.options import OptionError
-from softprompt.serve.app import create_app
 from softprompt.serve.config import DEFAULT_PREFIX_CACHE_MB, ServeConfig
 
 HEAD = "You are a careful assistant. Answer briefly, check every fact twice, and never invent a source. "  # 96 chars

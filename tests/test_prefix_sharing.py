@@ -197,6 +197,7 @@ def test_training_with_shared_text_equals_training_without(tmp_path, monkeypatch
 def test_eval_rank_classification_matches_the_full_sequence_way(tiny, tmp_path, monkeypatch):
     from softprompt.data.templates import Template
     from softprompt.evaluation import evaluate as evaluate_module
+    from softprompt.evaluation.config import EvalConfig
     from softprompt.formats.adapter import save_adapter
 
     g = torch.Generator().manual_seed(3)
@@ -211,7 +212,9 @@ def test_eval_rank_classification_matches_the_full_sequence_way(tiny, tmp_path, 
         {"instruction": w, "output": choices[i % 6]}
         for i, w in enumerate(["red", "blue", "a long question here", "cyan", "teal", "x", "gray", "why is the sky"])
     ]
-    grouped = evaluate_module.evaluate(records, tiny, [path], choices=choices, max_new_tokens=0)["results"][0]
+    grouped = evaluate_module.evaluate(EvalConfig(records, tiny, [path], choices=choices, max_new_tokens=0))["results"][
+        0
+    ]
     calls = []
     monkeypatch.setattr(
         evaluate_module,
@@ -220,7 +223,7 @@ def test_eval_rank_classification_matches_the_full_sequence_way(tiny, tmp_path, 
             calls.append(1) or scoring.nll_per_example(model, prompt, examples, *a)
         ),
     )
-    full = evaluate_module.evaluate(records, tiny, [path], choices=choices, max_new_tokens=0)["results"][0]
+    full = evaluate_module.evaluate(EvalConfig(records, tiny, [path], choices=choices, max_new_tokens=0))["results"][0]
     assert calls
     assert grouped["accuracy"] == full["accuracy"]
     assert [e["choice"] for e in grouped["examples"]] == [e["choice"] for e in full["examples"]]

@@ -8,9 +8,9 @@ import pytest
 import torch
 from engine_helpers import peaked_base, random_adapter
 
+from softprompt import evaluate
 from softprompt.cli import main
 from softprompt.core.forward import lm_logits, run_body
-from softprompt.evaluation.evaluate import evaluate
 from softprompt.inference.batch import GenerationRequest, fit_prompt
 from softprompt.inference.engine import Engine
 from softprompt.inference.sampling import banned_ngram_tokens, is_looping, process_logits

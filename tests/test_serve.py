@@ -18,15 +18,14 @@ import httpx
 import openai
 import pytest
 
+from softprompt import create_app, generate
 from softprompt.core import forward
 from softprompt.core.prompt import SoftPrompt
 from softprompt.data.templates import Template, encode_text
 from softprompt.formats.adapter import load_adapter, save_adapter
 from softprompt.inference.batch import GenerationRequest
 from softprompt.inference.engine import Engine
-from softprompt.inference.generate import generate
 from softprompt.serve import BackgroundServer
-from softprompt.serve.app import create_app
 from softprompt.serve.registry import AdapterRegistry, RegistryError, validate_name
 
 TEMPLATES = {"alpha": ("human-assistant", 4), "beta": ("chat", 6), "gamma": ("Q: {instruction}\nA:", 3)}

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from test_serve import LiveServer, make_adapter
 
-from softprompt.serve.app import create_app
+from softprompt import create_app
 
 SETTINGS = dict(
     deadline=None,

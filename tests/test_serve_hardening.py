@@ -20,13 +20,13 @@ import torch
 from safetensors.torch import save_file
 from test_serve import LiveServer, error_of, make_adapter
 
-import softprompt.serve.app as app_module
+import softprompt.serve.config as serve_config
 import softprompt.serve.state as state_module
+from softprompt import create_app
 from softprompt.data.templates import Template, encode_text
 from softprompt.formats.adapter import load_adapter
 from softprompt.inference.batch import GenerationRequest
 from softprompt.inference.engine import Engine
-from softprompt.serve.app import create_app
 from softprompt.serve.schemas import TEMPERATURE_EPSILON, TOP_P_EPSILON, CompletionRequest
 from softprompt.serve.security import check_exposure
 
@@ -224,7 +224,7 @@ def test_request_body_limit_413(tiny, adapters_dir):
         assert time.monotonic() - started < 10
         small = {"model": "alpha", "prompt": "x" * 100, "max_tokens": 2}
         assert httpx.post(live.url + "/v1/completions", json=small, timeout=60).status_code == 200
-    assert app_module.DEFAULT_MAX_REQUEST_BYTES <= 16 * 1024 * 1024
+    assert serve_config.DEFAULT_MAX_REQUEST_BYTES <= 16 * 1024 * 1024
 
 
 def test_default_body_limit_refuses_50_mb_at_once(server):

@@ -16,12 +16,12 @@ import httpx
 import pytest
 from test_serve import LiveServer, error_of, make_adapter
 
+from softprompt import create_app
 from softprompt.core.prompt import SoftPrompt
 from softprompt.data.templates import Template
 from softprompt.formats.adapter import AdapterError, load_adapter, save_adapter
 from softprompt.inference.prompt_cache import PromptCache
 from softprompt.inference.scoring import PromptScorer, prompt_logprobs
-from softprompt.serve.app import create_app
 from softprompt.serve.export import ExportVllmConfig, export_vllm
 
 TEXT = "abcdefghij" * 40  # 400 tokens with the character tokenizer: 4 scoring slices

@@ -15,13 +15,12 @@ import torch
 from helpers import text_logits
 from test_serve import LiveServer, make_adapter
 
+from softprompt import create_app, generate_batch
 from softprompt.core import forward
 from softprompt.data.templates import encode_text
 from softprompt.formats.adapter import load_adapter
 from softprompt.inference.batch import GenerationRequest
-from softprompt.inference.generate import generate_batch
 from softprompt.inference.sampling import process_logits
-from softprompt.serve.app import create_app
 from softprompt.serve.replies import choice_seed
 
 ADAPTERS = {"alpha": ("human-assistant", 4), "gamma": ("Q: {instruction}\nA:", 3)}

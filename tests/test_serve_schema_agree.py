@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, validators
 from test_serve import LiveServer, make_adapter
 
-from softprompt.serve.app import create_app
+from softprompt import create_app
 from softprompt.serve.schemas import MAX_JSON_DEPTH
 
 SETTINGS = dict(

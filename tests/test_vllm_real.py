@@ -25,15 +25,17 @@ pytestmark = pytest.mark.skipif(
     reason="needs a real vLLM: set SOFTPROMPT_TEST_VLLM=1 (scripts/vllm_check.sh)",
 )
 
+from softprompt import (
+    create_app,  # noqa: E402
+    generate,  # noqa: E402
+)
 from softprompt.core.models import resolve_model_path  # noqa: E402
 from softprompt.core.prompt import SoftPrompt  # noqa: E402
 from softprompt.data.templates import Template, encode_text  # noqa: E402
 from softprompt.formats.adapter import load_adapter, save_adapter  # noqa: E402
 from softprompt.inference.batch import GenerationRequest, eos_ids  # noqa: E402
 from softprompt.inference.engine import Engine  # noqa: E402
-from softprompt.inference.generate import generate  # noqa: E402
 from softprompt.serve import BackgroundServer  # noqa: E402
-from softprompt.serve.app import create_app  # noqa: E402
 from softprompt.serve.export import ExportVllmConfig, export_vllm  # noqa: E402
 from softprompt.serve.vllm_client import complete, encode_prompt_embeds, post_json  # noqa: E402
 

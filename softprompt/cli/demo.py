@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from softprompt.cli.args import config_from_args
 from softprompt.demo.config import DemoConfig
@@ -24,5 +23,5 @@ def run(args: argparse.Namespace) -> int:
     from softprompt.demo.run import run_demo
 
     config = config_from_args(DemoConfig, args)
-    run_demo(**dataclasses.asdict(config))
+    run_demo(config)
     return 0

@@ -40,9 +40,9 @@ def run(args: argparse.Namespace) -> int:
     shown = config_from_args(Report, args)  # every flag checked before the model loads (seconds)
     config = config_from_args(EvalConfig, args)
     check_output(shown.json, "--json", {"--data": config.data})
-    from softprompt.evaluation.evaluate import evaluate_config, format_examples, format_table
+    from softprompt.evaluation.evaluate import evaluate, format_examples, format_table
 
-    report = evaluate_config(config)
+    report = evaluate(config)
     for reason in report["skipped"]:
         print(f"skipped: {reason}")
     print(f"{report['data']}: {report['n']} records, model {report['model']}")

@@ -35,17 +35,12 @@ def run(args: argparse.Namespace) -> int:
         load_adapter(config.adapter)  # fail on a missing or malformed folder before loading the model
     base = load_base(config.model, device=config.device, dtype=config.dtype)
     if records is None:
-        generate(
-            config.instruction,
-            config.input,
-            base=base,
-            on_text=lambda t: print(t, end="", flush=True),
-            **values_of(config, GenerationOptions),
-        )
+        options = GenerationOptions(**values_of(config, GenerationOptions))
+        generate(options, config.instruction, config.input, base=base, on_text=lambda t: print(t, end="", flush=True))
         print(flush=True)
         return 0
-    options = {**values_of(config, BatchOptions), "progress": config.progress and sys.stderr.isatty()}
-    out = generate_batch(records, base=base, **options)
+    options = BatchOptions(**{**values_of(config, BatchOptions), "progress": config.progress and sys.stderr.isatty()})
+    out = generate_batch(records, options, base=base)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out)
     if config.out:
         Path(config.out).parent.mkdir(parents=True, exist_ok=True)

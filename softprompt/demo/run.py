@@ -18,7 +18,8 @@ from pathlib import Path
 
 from softprompt.core.models import FrozenModel, load_base
 from softprompt.demo import task as demo_task
-from softprompt.demo.config import DEFAULT_OUT, DemoConfig
+from softprompt.demo.config import DemoConfig
+from softprompt.evaluation.config import EvalConfig
 from softprompt.evaluation.evaluate import evaluate, format_examples, format_table
 
 RESULTS_FILE = "demo_results.json"
@@ -34,20 +35,19 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def run_demo(
-    out: str | Path = DEFAULT_OUT, model: str | FrozenModel | None = None, *, print_fn=print, **options
-) -> dict:
-    """Run the demo (`options`: DemoConfig's fields); returns the metrics written to OUT/demo_results.json."""
-    config = DemoConfig(out=str(out), model=model, **options)
+def run_demo(config: DemoConfig, *, print_fn=print) -> dict:
+    """Run the demo; returns the metrics written to OUT/demo_results.json (the keyword form is
+    `softprompt.run_demo(out, model, **options)`)."""
+    model = config.model
     clock = {"start": time.perf_counter(), "cpu": time.process_time()}
     out = Path(config.out)
     base = model if isinstance(model, FrozenModel) else load_base(model, dtype=config.dtype)
     clock["loaded"] = time.perf_counter()
     task = _write_task(out, config, base, print_fn)
-    eval_kwargs = {"choices": demo_task.CHOICES, "batch_size": 16, "template": demo_task.TEMPLATE, "progress": False}
+    eval_options = {"choices": demo_task.CHOICES, "batch_size": 16, "template": demo_task.TEMPLATE, "progress": False}
 
     print_fn("\n[1/3] zero-shot evaluation ...")
-    before = evaluate(str(task["eval_file"]), base, [], **eval_kwargs)["results"][0]
+    before = evaluate(EvalConfig(str(task["eval_file"]), base, [], **eval_options))["results"][0]
     print_fn(f"      accuracy {before['accuracy']:.1%}, exact match {before['exact_match']:.1%}")
     clock["evaluated"] = time.perf_counter()
 
@@ -59,7 +59,7 @@ def run_demo(
     clock["tuned"] = time.perf_counter()
 
     print_fn("\n[3/3] evaluation with the soft prompt ...")
-    after = evaluate(str(task["eval_file"]), base, [str(out)], **eval_kwargs)["results"][0]
+    after = evaluate(EvalConfig(str(task["eval_file"]), base, [str(out)], **eval_options))["results"][0]
     clock["done"] = time.perf_counter()
 
     labels = ["zero-shot", {"prompt": "prompt-tuned", "prefix": "prefix-tuned", "ptuning": "p-tuned"}[config.method]]

@@ -130,17 +130,12 @@ def score_model(
     return result
 
 
-def evaluate(data, model: str | FrozenModel | None = None, adapters: list[str | Path] = (), **options) -> dict:
-    """Evaluate the base model (when `compare_base` or no adapters are given) and each adapter on `data` (a path
-    or a list of dicts); `options` are EvalConfig's fields (e.g. choices, max_new_tokens=0 to skip greedy
-    generation, skip_bad). Returns a JSON-ready dict whose `results` holds one entry per model, each with `adapter`
-    (None for the base), `n`, `loss`, `perplexity`, and `accuracy` (with choices), `exact_match`, `rouge_l` (without
-    choices), `examples` (per record: gold, prediction)."""
-    return evaluate_config(EvalConfig(data=data, model=model, adapters=list(adapters), **options))
-
-
-def evaluate_config(config: EvalConfig) -> dict:
-    """`evaluate` for a ready EvalConfig."""
+def evaluate(config: EvalConfig) -> dict:
+    """Evaluate the base model (when `compare_base` or no adapters are given) and each adapter on `config.data` (a
+    path or a list of dicts). Returns a JSON-ready dict whose `results` holds one entry per model, each with
+    `adapter` (None for the base), `n`, `loss`, `perplexity`, and `accuracy` (with choices), `exact_match`,
+    `rouge_l` (without choices), `examples` (per record: gold, prediction). The keyword form is
+    `softprompt.evaluate(data, model, adapters, **options)`."""
     # what the flags alone can get wrong fails before the model loads (seconds)
     choices = parse_words(config.choices, "--choices", minimum=2)
     Fields.parse(config.fields)

@@ -1,8 +1,9 @@
 """`softprompt generate`: answer one instruction (streamed) or a JSONL file of records (mixed adapters, batched).
 
-Python API: `generate(instruction, ...) -> str` and `generate_batch(records, ...) -> list[dict]`; with `logprobs=N`
-each record of `generate_batch` also gets 'logprobs': per generated token its text, id, log-probability and the N
-most likely tokens there (`logprobs_json`).
+Python API: `generate(options, instruction, ...) -> str` and `generate_batch(records, options) -> list[dict]`, with
+a GenerationOptions / BatchOptions (the keyword forms are `softprompt.generate` and `softprompt.generate_batch`);
+with `logprobs=N` each record of `generate_batch` also gets 'logprobs': per generated token its text, id,
+log-probability and the N most likely tokens there (`logprobs_json`).
 The prompt template is the one saved with the adapter; for the base model or an adapter without one (e.g. written
 by PEFT) it is the human-assistant template ("Human: ...\\n\\nAssistant: "), or the model's chat template on request.
 """
@@ -47,11 +48,11 @@ def _base(base: FrozenModel | None, options: GenerationOptions) -> FrozenModel:
     return load_base(options.model, device=options.device, dtype=options.dtype)
 
 
-def generate(instruction: str, input: str = "", *, base: FrozenModel | None = None, on_text=None, **options) -> str:
-    """Answer one instruction; `options` are GenerationOptions' fields (adapter, greedy, temperature, top_k, top_p,
-    seed, max_new_tokens, stop, truncate, chat_template, model, device, dtype). `on_text(piece)` is called with each
-    newly final piece of text (streaming)."""
-    opts = GenerationOptions(**options)
+def generate(
+    opts: GenerationOptions, instruction: str, input: str = "", *, base: FrozenModel | None = None, on_text=None
+) -> str:
+    """Answer one instruction with `opts` (the adapter, the model, how tokens are chosen). `on_text(piece)` is called
+    with each newly final piece of text (streaming)."""
     engine = build_engine(_base(base, opts), opts.chat_template)
     name = add_adapter(engine, opts.adapter)
     request = GenerationRequest(
@@ -119,12 +120,10 @@ def read_batch(path: str | Path) -> list[dict]:
     return records
 
 
-def generate_batch(records: list[dict], *, base: FrozenModel | None = None, **options) -> list[dict]:
+def generate_batch(records: list[dict], opts: BatchOptions, *, base: FrozenModel | None = None) -> list[dict]:
     """Answer many records in mixed-task batches. Each record has 'instruction', optional 'input' and optional
-    'adapter' (a folder name under `adapters_dir`; absent = the `adapter` option, or the base model). `options` are
-    BatchOptions' fields. Returns each record plus 'output', in input order. With a seed, record i samples with
-    seed + i."""
-    opts = BatchOptions(**options)
+    'adapter' (a folder name under `opts.adapters_dir`; absent = `opts.adapter`, or the base model). Returns each
+    record plus 'output' (and 'logprobs' when asked), in input order. With a seed, record i samples with seed + i."""
     wheres = [r.get("_where") or f"record {i + 1}" for i, r in enumerate(records)]
     check_batch(records, opts.adapters_dir, wheres)
     engine = build_engine(_base(base, opts), opts.chat_template)

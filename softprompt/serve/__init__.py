@@ -6,6 +6,7 @@ benchmarks, notebooks). Nothing heavy is imported here: FastAPI, uvicorn and the
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -18,7 +19,6 @@ def run_server(config: ServeConfig) -> None:
     import uvicorn
 
     from softprompt.core.models import load_base
-    from softprompt.data.templates import CHAT, HUMAN_ASSISTANT, Template
     from softprompt.serve.app import create_app
     from softprompt.serve.security import check_exposure
 
@@ -29,22 +29,7 @@ def run_server(config: ServeConfig) -> None:
 
         torch.set_num_threads(config.threads)
     base = load_base(config.model, device=config.device, dtype=config.dtype)
-    template = Template(CHAT if config.chat_template else HUMAN_ASSISTANT)
-    app = create_app(
-        base,
-        config.adapters,
-        template=template,
-        max_batch=config.max_batch,
-        max_queue=config.max_queue,
-        max_tokens_cap=config.max_tokens_cap,
-        max_model_len=config.max_model_len,
-        api_key=api_key,
-        allow_admin=config.allow_admin,
-        max_request_bytes=config.max_request_bytes,
-        allowed_hosts=config.allowed_hosts,
-        allow_origins=config.allow_origins,
-        prefix_cache_mb=config.prefix_cache_mb,
-    )
+    app = create_app(base, dataclasses.replace(config, api_key=api_key))
     state = app.state.softprompt
     names = ["base"] + state.registry.names()
     print(
@@ -60,7 +45,7 @@ def run_server(config: ServeConfig) -> None:
 class BackgroundServer:
     """Run an app (create_app's) with uvicorn in a background thread, e.g. for tests, benchmarks and notebooks:
 
-    with BackgroundServer(create_app(base, "adapters/")) as server:
+    with BackgroundServer(create_app(base, ServeConfig(adapters="adapters/"))) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
     """
 

@@ -36,9 +36,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
-from softprompt.data.templates import Template
+from softprompt.data.templates import CHAT, HUMAN_ASSISTANT, Template
 from softprompt.formats.adapter import NAME_MAX, NAME_PATTERN
-from softprompt.serve.config import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_PREFIX_CACHE_MB
+from softprompt.serve.config import ServeConfig
 from softprompt.serve.openapi import error_responses, generation_responses, json_body, json_response, openapi_for
 from softprompt.serve.registry import BASE_NAME, RegistryError, validate_name
 from softprompt.serve.replies import run_generation
@@ -61,46 +61,18 @@ def _lifespan(state: ServerState):
     return lifespan
 
 
-def create_app(
-    base,
-    adapters_dir=None,
-    *,
-    template: Template | None = None,
-    max_batch: int = 16,
-    max_queue: int = 64,
-    max_tokens_cap: int = 2048,
-    max_model_len: int | None = None,
-    api_key: str | None = None,
-    allow_admin: bool = False,
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-    allowed_hosts: list[str] | None = None,
-    allow_origins: list[str] | None = None,
-    prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB,
-) -> FastAPI:
-    """Build the server for `base` (a models.FrozenModel) and the adapter folders under `adapters_dir`.
-
-    `template`: the default template (for `base` and adapters saved without one). `api_key`: when set, every
-    endpoint but /health (and /openapi.json, which carries no secrets) needs `Authorization: Bearer <api_key>`.
-    `allow_admin`: enable POST /v1/adapters, DELETE /v1/adapters/{name} and POST /v1/adapters/rescan (otherwise
-    403; with an api_key they need it too). `max_request_bytes`: the largest request body (413 beyond).
-    `allowed_hosts`: Host names the server may be called as besides loopback names and the address a connection
-    arrives on (["*"]: any; others get 421, against DNS rebinding). `allow_origins`: web origins allowed to call it
-    (adds CORS; default none: a request carrying another Origin gets 403). `prefix_cache_mb`: memory for the prefix
-    cache (inference/prefix_cache.py: shared prompt starts are computed once per adapter; 0 = off). The worker thread
-    starts and stops with the app's lifespan.
+def create_app(base, config: ServeConfig | None = None, template: Template | None = None) -> FastAPI:
+    """Build the server for `base` (a models.FrozenModel) as `config` says (ServeConfig: the adapters folder, limits,
+    access control; `config.model`, host and port are run_server's). `template`: the default template for `base`
+    and adapters saved without one (default: the chat template with `config.chat_template`, else human-assistant).
+    The worker thread starts and stops with the app's lifespan. The keyword form is
+    `softprompt.create_app(base, adapters_dir, **options)`.
     """
-    if max_request_bytes < 1:
-        raise ValueError("max_request_bytes must be >= 1")
-    state = ServerState(
-        base,
-        adapters_dir,
-        template=template,
-        max_batch=max_batch,
-        max_queue=max_queue,
-        max_tokens_cap=max_tokens_cap,
-        max_model_len=max_model_len,
-        prefix_cache_mb=prefix_cache_mb,
-    )
+    config = config if config is not None else ServeConfig()
+    if template is None:
+        template = Template(CHAT if config.chat_template else HUMAN_ASSISTANT)
+    state = ServerState(base, config, template)
+    api_key, allow_admin = config.api_key, config.allow_admin
 
     async def authorise(request: Request):
         if api_key is None or request.url.path == "/health":
@@ -133,20 +105,23 @@ def create_app(
     app.openapi = openapi_for(app, api_key)
     _install_error_handlers(app)
     app.add_middleware(
-        Guard, allowed_hosts=allowed_hosts, allow_origins=allow_origins, max_request_bytes=max_request_bytes
+        Guard,
+        allowed_hosts=config.allowed_hosts,
+        allow_origins=config.allow_origins,
+        max_request_bytes=config.max_request_bytes,
     )
-    if allow_origins:
+    if config.allow_origins:
         app.add_middleware(
             CORSMiddleware,
-            allow_origins=list(allow_origins),
+            allow_origins=list(config.allow_origins),
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
         )
 
     routers = [
         _model_routes(state),
-        _generation_routes(state, max_request_bytes),
-        _admin_routes(state, max_request_bytes),
+        _generation_routes(state, config.max_request_bytes),
+        _admin_routes(state, config.max_request_bytes),
     ]
     app.include_router(routers[0])
     app.include_router(routers[1])

@@ -16,6 +16,7 @@ from softprompt.inference.batch import context_length
 from softprompt.inference.engine import Engine
 from softprompt.inference.prefix_cache import PrefixCache
 from softprompt.inference.prompt_cache import CachedPrompt, PromptCache, UnknownAdapterError
+from softprompt.serve.config import ServeConfig
 from softprompt.serve.registry import BASE_NAME, AdapterRegistry, RegistryError
 from softprompt.serve.schemas import (
     APIError,
@@ -57,30 +58,19 @@ class Prepared:
 class ServerState:
     """What the endpoints share: base model, adapters, worker and limits."""
 
-    def __init__(
-        self,
-        base,
-        adapters_dir,
-        *,
-        template: Template | None,
-        max_batch: int,
-        max_queue: int,
-        max_tokens_cap: int,
-        max_model_len: int | None,
-        prefix_cache_mb: int = 0,
-    ):
+    def __init__(self, base, config: ServeConfig, template: Template):
         self.base = base
         self.tokenizer = copy.deepcopy(base.tokenizer)  # the worker thread decodes with base.tokenizer
-        prefix_cache = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb else None
-        self.engine = Engine(base, default_template=template or Template(), prefix_cache=prefix_cache)
+        prefix_cache = PrefixCache(config.prefix_cache_mb << 20) if config.prefix_cache_mb else None
+        self.engine = Engine(base, default_template=template, prefix_cache=prefix_cache)
         self.cache, self.prefix_cache = self.engine.prompt_cache, prefix_cache
-        self.scheduler = self.engine.scheduler(max_batch, max_queue)  # started on a worker thread by the app
-        self.registry = AdapterRegistry(base, self.cache, adapters_dir, run_on_worker=self.scheduler.run)
-        self.max_tokens_cap = max_tokens_cap
-        model_len = context_length(base)
-        self.context = min(x for x in (model_len, max_model_len) if x) if (model_len or max_model_len) else None
+        self.scheduler = self.engine.scheduler(config.max_batch, config.max_queue)  # the app starts its worker
+        self.registry = AdapterRegistry(base, self.cache, config.adapters, run_on_worker=self.scheduler.run)
+        self.max_tokens_cap = config.max_tokens_cap
+        limits = [x for x in (context_length(base), config.max_model_len) if x]
+        self.context = min(limits) if limits else None
         self.created = int(time.time())
-        self.scan = self.registry.rescan() if adapters_dir is not None else {"added": [], "skipped": {}}
+        self.scan = self.registry.rescan() if config.adapters is not None else {"added": [], "skipped": {}}
 
     def model_card(self, name: str) -> dict:
         adapter = self.registry.adapter(name)
