@@ -52,6 +52,20 @@ def slow(monkeypatch, cls, method: str, seconds: float, log: list | None = None,
     monkeypatch.setattr(cls, method, wrapper)
 
 
+def slow_slices(monkeypatch, seconds: float, log: list) -> None:
+    """Make every scoring forward (one slice of one or several prompts) sleep first, noting it in `log`."""
+    from softprompt.inference import scoring
+
+    real = scoring._run_slices
+
+    def wrapper(scorers):
+        log.append("slice")
+        time.sleep(seconds)
+        return real(scorers)
+
+    monkeypatch.setattr(scoring, "_run_slices", wrapper)
+
+
 # ---- echo scoring ------------------------------------------------------------------------------------------------
 def test_scored_prompts_count_against_capacity(tiny, folder):
     with LiveServer(create_app(tiny, folder, max_batch=2, max_queue=3)) as live:
@@ -68,12 +82,12 @@ def test_scored_prompts_count_against_capacity(tiny, folder):
 
 def test_scoring_runs_in_slices_between_decode_steps(tiny, folder, monkeypatch):
     """A stream sent while two long prompts are scored on a two-row server is admitted at once (the prompts are
-    scored one after the other, holding one row) and gets its tokens between the slices, not after them; the scores
-    equal those of one uninterrupted run."""
+    scored together, one batched forward per slice, holding one row) and gets its tokens between the slices, not
+    after them; the scores equal those of one uninterrupted run of each prompt alone."""
     from softprompt.inference.batch import DecodeBatch
 
     log = []
-    slow(monkeypatch, PromptScorer, "advance", 0.1, log, "slice")
+    slow_slices(monkeypatch, 0.1, log)
     slow(monkeypatch, DecodeBatch, "step", 0.0, log, "step")
     with LiveServer(create_app(tiny, folder, max_batch=2, max_queue=1)) as live:
         results = {}
@@ -89,18 +103,19 @@ def test_scoring_runs_in_slices_between_decode_steps(tiny, folder, monkeypatch):
         scorer.join(60)
         assert stream.status_code == 200 and results["score"].status_code == 200
         slices = [i for i, what in enumerate(log) if what == "slice"]
-        assert len(slices) == 8 and any(what == "step" for what in log[slices[0] : slices[3]])
+        assert len(slices) == 4 and any(what == "step" for what in log[slices[0] : slices[3]])
         ids = tiny.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
         alone = [entry.logprob for entry in prompt_logprobs(tiny, live.state.cache, "a", ids, 2)]
         for choice in results["score"].json()["choices"]:
             assert choice["logprobs"]["token_logprobs"] == alone and alone[0] is None
-        assert live.state.scheduler.snapshot()["score_slices"] == 8
+        assert live.state.scheduler.snapshot()["score_slices"] == 4
 
 
 def test_a_client_that_leaves_stops_its_scoring(tiny, folder, monkeypatch):
     log = []
-    slow(monkeypatch, PromptScorer, "advance", 0.1, log, "slice")
+    slow_slices(monkeypatch, 0.1, log)
     with LiveServer(create_app(tiny, folder)) as live:
+        live.state.scheduler.score_batch = 1  # one prompt per slice: 16 slices, so "stopped early" is visible
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(
                 live.url + "/v1/completions",

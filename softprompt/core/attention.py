@@ -47,6 +47,20 @@ NAME = "softprompt_sdpa"
 # an engine with the default cache and one without compute every prompt token alike.
 PREFILL_CHUNK = 16
 
+ONEDNN_MIN_WORK = 16 * 16 * 16  # torch hands a bf16 product to oneDNN only when m * k * n exceeds this (ATen
+# native/mkldnn/Matmul.cpp, checksize); smaller ones run torch's own kernel, which rounds differently
+
+
+def min_rows(model) -> int:
+    """The fewest rows a matrix product of this model may have in row-exact mode: 2 (oneDNN sums a one-row product in
+    another order) or more where a layer is so small that fewer rows would leave oneDNN (tiny test models)."""
+    rows = getattr(model, "_softprompt_min_rows", None)
+    if rows is None:
+        sizes = [m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        rows = max([2] + [ONEDNN_MIN_WORK // size + 1 for size in sizes])
+        model._softprompt_min_rows = rows
+    return rows
+
 
 @dataclass
 class _RowExact:

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from softprompt.core.attention import PREFILL_CHUNK, row_exact, use_grouped_sdpa
+from softprompt.core.attention import PREFILL_CHUNK, min_rows, row_exact, use_grouped_sdpa
 from softprompt.core.forward import Kv, cache_tensors, lm_logits, make_cache, positions_from_mask, run_body
 from softprompt.core.models import FrozenModel
 from softprompt.inference.detokenize import Detokenizer
@@ -163,21 +163,6 @@ def fit_prompt(request: GenerationRequest, num_virtual_tokens: int, context: int
         f"{request.max_new_tokens} = {total} exceeds the model's context of {context} tokens; shorten the prompt, "
         "lower max_new_tokens" + (", or ask for truncation" if not request.truncate else "")
     )
-
-
-ONEDNN_MIN_WORK = 16 * 16 * 16  # torch hands a bf16 product to oneDNN only when m * k * n exceeds this (ATen
-# native/mkldnn/Matmul.cpp, checksize); smaller ones run torch's own kernel, which rounds differently
-
-
-def min_rows(model) -> int:
-    """The fewest rows a matrix product of this model may have in row-exact mode: 2 (oneDNN sums a one-row product in
-    another order) or more where a layer is so small that fewer rows would leave oneDNN (tiny test models)."""
-    rows = getattr(model, "_softprompt_min_rows", None)
-    if rows is None:
-        sizes = [m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        rows = max([2] + [ONEDNN_MIN_WORK // size + 1 for size in sizes])
-        model._softprompt_min_rows = rows
-    return rows
 
 
 def right_align(kv: Kv, mask: torch.Tensor, tails: torch.Tensor) -> tuple[Kv, torch.Tensor]:

@@ -6,7 +6,8 @@ A `Scheduler` owns a DecodeBatch and two queues: generation jobs waiting for a b
 1. runs queued control calls (`run`: the server's adapter add/remove happen here, between steps);
 2. drops cancelled jobs (a row leaves the batch; a waiting job frees its queue place at once);
 3. admits waiting jobs up to `max_batch` live rows, in one batched prefill;
-4. runs one slice (SCORE_SLICE tokens) of the first scoring job, so a large scoring request never stalls the streams;
+4. runs one slice (SCORE_SLICE tokens) of the first scoring jobs, several prompts in one batched forward (up to
+   SCORE_TOKENS tokens), so a large scoring request never stalls the streams;
 5. advances every live row by one token.
 
 Rows leave the moment they finish, so requests join and leave between steps and a row's tokens never depend on its
@@ -14,9 +15,10 @@ batch-mates (the DecodeBatch guarantees that). Each TokenEvent goes to its job's
 with an asyncio `loop`, through `loop.call_soon_threadsafe`.
 
 `Engine.generate` and `Engine.stream` tick on the caller's thread until their jobs are done (`drain`, `ticks`); the
-server calls `start()`, and a worker thread ticks whenever there is work. Scoring jobs wait in order and run one at
-a time: the one being scored takes a batch slot and each waiting one a queue place, so they count against capacity
-like generation jobs, but a stream submitted after a large scoring request is admitted at once.
+server calls `start()`, and a worker thread ticks whenever there is work. Scoring jobs wait in order and the first
+ones are scored together (`score_batch` prompts, SCORE_TOKENS tokens a tick); for capacity the scoring jobs hold one
+batch slot and each further one a queue place, so they count against capacity like generation jobs, but a stream
+submitted after a large scoring request is admitted at once.
 
 The waiting queue is bounded (`max_queue`; None = unbounded, offline): `submit_many` raises Overloaded (the server
 answers 429) when it is full, and Unavailable (503) when the worker is not running. A request's jobs are accepted
@@ -35,7 +37,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from softprompt.inference.batch import DecodeBatch, GenerationRequest, TokenEvent
-from softprompt.inference.scoring import PromptScorer
+from softprompt.inference.scoring import PromptScorer, advance_together
+
+SCORE_TOKENS = 2048  # most prompt tokens one tick scores (several prompts' slices in one forward): bounds how long
+# the decode streams wait between two tokens while prompts are being scored
 
 
 class Overloaded(RuntimeError):
@@ -93,6 +98,7 @@ class Scheduler:
         self.make_batch = make_batch
         self.batch = make_batch()
         self.max_batch, self.max_queue, self.idle_wait = max_batch, max_queue, idle_wait
+        self.score_batch = max_batch  # most prompts scored together in one tick (1: one at a time)
         self.waiting: collections.deque[Job] = collections.deque()
         self.live: dict[int, Job] = {}  # id(request) -> job
         self.admitting = 0  # jobs taken from `waiting` whose prefill is running (not yet in `live`)
@@ -289,21 +295,32 @@ class Scheduler:
         self._dispatch(events)
 
     def _score(self) -> None:
-        """One slice of the first scoring job (which stays first until it is done: jobs are scored in order)."""
-        job = self.scoring[0]
+        """One slice of the first scoring jobs, batched: in order, as many as fit `score_batch` prompts and
+        SCORE_TOKENS tokens (jobs finish in order of their prompts' lengths, not necessarily of submission)."""
+        group, tokens = [], 0
+        for job in self.scoring:
+            size = job.scorer.next_tokens
+            if group and (len(group) >= self.score_batch or tokens + size > SCORE_TOKENS):
+                break
+            group.append(job)
+            tokens += size
         try:
-            done = job.scorer.advance()
-        except Exception as err:  # noqa: BLE001 (a prompt that cannot be scored fails alone)
-            with self.cond:
-                self.scoring.popleft()
-            self._fail(job, err)
-            return
+            advance_together([job.scorer for job in group])
+        except Exception:  # noqa: BLE001 (find the prompt that cannot be scored: it fails alone)
+            for job in group:
+                try:
+                    job.scorer.advance()
+                except Exception as err:  # noqa: BLE001
+                    with self.cond:
+                        self.scoring.remove(job)
+                    self._fail(job, err)
         self.stats.score_slices += 1
-        if done:
-            with self.cond:
-                self.scoring.popleft()
-            self._finish(job, cancelled=False)
-            self._send(job, job.scorer.result)
+        for job in group:
+            if job.scorer.finished and not job.finished:
+                with self.cond:
+                    self.scoring.remove(job)
+                self._finish(job, cancelled=False)
+                self._send(job, job.scorer.result)
 
     def _step(self) -> None:
         try:

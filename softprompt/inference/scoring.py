@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from softprompt.core.attention import PREFILL_CHUNK, row_exact
-from softprompt.core.forward import lm_logits, make_cache, run_body
+from softprompt.core.attention import PREFILL_CHUNK, min_rows, row_exact, use_grouped_sdpa
+from softprompt.core.forward import cache_tensors, lm_logits, make_cache, positions_from_mask, run_body
 from softprompt.inference.prompt_cache import CachedPrompt, PromptCache
 
 NEG_INF_LOGPROB = -9999.0  # what an impossible token's log-probability is reported as (JSON has no -inf), as vLLM
@@ -53,18 +53,23 @@ def token_logprobs(logits: torch.Tensor, token: int, top_n: int) -> TokenLogprob
 class PromptScorer:
     """Scores one prompt's tokens (echo with logprobs) a slice at a time, so the server's worker can run it between
     decode steps: `advance()` runs the next `slice_tokens` tokens on top of the keys/values of those before it and
-    returns True once every token is scored; `result` then holds what `prompt_logprobs` returns.
+    returns True once every token is scored; `result` then holds what `prompt_logprobs` returns. `advance_together`
+    runs the next slice of several scorers (any mix of adapters and lengths) in one batched forward.
 
     Slices always start at multiples of `slice_tokens` (and, in row-exact mode, run their attention in the engine's
-    block-aligned chunks), so the values depend only on the adapter and the prompt, never on the server's load."""
+    block-aligned chunks, and their matrix products with at least `min_rows` rows), so in bf16 the values depend only
+    on the adapter and the prompt, never on the server's load or on which prompts are scored alongside; in fp32 the
+    batched kernels are kept, as in generation (differences ~1e-7)."""
 
     def __init__(self, base, entry: CachedPrompt | None, ids: list[int], top_n: int, slice_tokens: int = SCORE_SLICE):
         if not ids:
             raise ValueError("a prompt to score needs at least one token")
         self.base, self.ids, self.top_n, self.slice_tokens = base, list(ids), top_n, slice_tokens
         self.n = entry.num_virtual_tokens if entry is not None else 0
-        self.cache = make_cache(list(entry.kv) if entry is not None else None)
+        self.kv = list(entry.kv) if entry is not None else None  # per layer [1, kv_heads, n + done, head_dim]
         self.exact = base.dtype != torch.float32
+        if self.exact:
+            use_grouped_sdpa(base.model)  # row by row needs softprompt's attention (a no-op once switched)
         self.done = 0  # prompt tokens run so far
         self.result: list[TokenLogprobs] = [TokenLogprobs(self.ids[0], None, None)]
 
@@ -72,26 +77,23 @@ class PromptScorer:
     def finished(self) -> bool:
         return self.done >= len(self.ids)
 
-    @torch.no_grad()
+    @property
+    def next_tokens(self) -> int:
+        """How many tokens the next slice runs."""
+        return min(self.slice_tokens, len(self.ids) - self.done)
+
     def advance(self) -> bool:
         """Run one slice; True when the whole prompt is scored."""
-        if self.finished:
-            return True
-        model, device = self.base.model, self.base.device
-        start, stop = self.done, min(self.done + self.slice_tokens, len(self.ids))
-        tokens = torch.tensor([self.ids[start:stop]], dtype=torch.long, device=device)
-        mask = torch.ones(1, self.n + stop, dtype=torch.long, device=device)
-        positions = torch.arange(self.n + start, self.n + stop, device=device).unsqueeze(0)
-        embeds = model.get_input_embeddings()(tokens)
-        with row_exact(chunk=PREFILL_CHUNK) if self.exact else nullcontext():
-            hidden, self.cache = run_body(model, embeds, mask, positions, cache=self.cache, use_cache=True)
+        return advance_together([self])[0]
+
+    def _take(self, hidden: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Record one slice's results: its hidden states [len, H] and the row's keys/values so far."""
+        start, stop = self.done, self.done + hidden.shape[0]
         last = min(stop, len(self.ids) - 1)  # the prompt's last token predicts nothing that is scored
         if last > start:
-            self.result += self._score(hidden[0, : last - start], self.ids[start + 1 : last + 1])
+            self.result += self._score(hidden[: last - start], self.ids[start + 1 : last + 1])
         self.done = stop
-        if self.finished:
-            self.cache = None  # free the keys/values at once
-        return self.finished
+        self.kv = None if self.finished else kv  # free the keys/values at once when done
 
     def _score(self, hidden: torch.Tensor, targets: list[int]) -> list[TokenLogprobs]:
         out = []
@@ -109,6 +111,66 @@ class PromptScorer:
                 tops = [[] for _ in chosen]
             out += [TokenLogprobs(t, _finite(c), top) for t, c, top in zip(part, chosen, tops)]
         return out
+
+
+@torch.no_grad()
+def advance_together(scorers: list[PromptScorer]) -> list[bool]:
+    """Run the next slice of every scorer in one forward; per scorer, True when its prompt is scored.
+
+    Each row is laid out as the decode batch's prefill: [left pads | its keys/values so far | its slice | right pads],
+    with its own positions (n + start, ...); masked keys have no effect, and in row-exact mode (bf16) attention runs
+    row by row and every matrix product keeps at least `min_rows` rows, so a row's values do not depend on the others.
+    """
+    todo = [s for s in scorers if not s.finished]
+    if todo:
+        _run_slices(todo)
+    return [s.finished for s in scorers]
+
+
+def _run_slices(scorers: list[PromptScorer]) -> None:
+    base = scorers[0].base
+    model, device, exact = base.model, base.device, scorers[0].exact
+    lengths = [s.next_tokens for s in scorers]
+    fronts = [s.n + s.done for s in scorers]  # keys in front of each row's slice
+    batch, width, l_max = len(scorers), max(fronts), max(lengths)
+    if exact:
+        l_max = max(l_max, -(-min_rows(model) // batch))  # no product with fewer rows than min_rows
+    pad = base.tokenizer.pad_token_id or 0
+    ids = torch.full((batch, l_max), pad, dtype=torch.long, device=device)
+    block_mask = torch.zeros(batch, l_max, dtype=torch.long, device=device)
+    front_mask = torch.zeros(batch, width, dtype=torch.long, device=device)
+    for b, (scorer, length) in enumerate(zip(scorers, lengths)):
+        ids[b, :length] = torch.tensor(scorer.ids[scorer.done : scorer.done + length], device=device)
+        block_mask[b, :length] = 1
+        front_mask[b, width - fronts[b] :] = 1
+    mask = torch.cat([front_mask, block_mask], dim=1)
+    positions = positions_from_mask(block_mask, torch.tensor(fronts, device=device))
+    front = _front_kv(scorers, width)
+    embeds = model.get_input_embeddings()(ids)
+    with row_exact(chunk=PREFILL_CHUNK) if exact else nullcontext():
+        hidden, cache = run_body(model, embeds, mask, positions, cache=make_cache(front), use_cache=True)
+    kv = cache_tensors(cache)
+    for b, (scorer, length) in enumerate(zip(scorers, lengths)):
+        cols = slice(width - fronts[b], width + length)
+        scorer._take(hidden[b, :length], [(k[b : b + 1, :, cols], v[b : b + 1, :, cols]) for k, v in kv])
+
+
+def _front_kv(scorers: list[PromptScorer], width: int):
+    """Per layer (keys, values) [B, kv_heads, width, head_dim]: each row's keys/values so far, right-aligned."""
+    like = next((s.kv for s in scorers if s.kv is not None), None)
+    if like is None:
+        return None
+    out = []
+    for layer, (k0, v0) in enumerate(like):
+        keys = k0.new_zeros(len(scorers), k0.shape[1], width, k0.shape[3])
+        values = v0.new_zeros(len(scorers), v0.shape[1], width, v0.shape[3])
+        for b, scorer in enumerate(scorers):
+            if scorer.kv is not None:
+                k, v = scorer.kv[layer]
+                keys[b, :, width - k.shape[2] :] = k[0]
+                values[b, :, width - v.shape[2] :] = v[0]
+        out.append((keys, values))
+    return out
 
 
 def prompt_logprobs(base, cache: PromptCache, adapter: str | None, ids: list[int], top_n: int) -> list[TokenLogprobs]:
