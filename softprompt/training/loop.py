@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,10 @@ from typing import Any
 import torch
 
 from softprompt.core import forward
-from softprompt.core.models import FrozenModel, describe_parameters, load_base
+from softprompt.core.models import FrozenModel, activation_checkpointing, describe_parameters, load_base
 from softprompt.core.prompt import build_prompt
 from softprompt.data import batching
+from softprompt.data.labels import detect_label_words, example_classes
 from softprompt.data.records import DataError, Fields, load_records, parse_words, split_holdout
 from softprompt.data.templates import Template
 from softprompt.formats import checkpoint
@@ -88,29 +88,6 @@ class LogWindow:
 
 
 @dataclass
-class EpochPlans:
-    """The current epoch's step-by-step record order (one epoch cached; epochs are visited in order)."""
-
-    lengths: list[int]
-    step_records: int
-    seed: int
-    classes: list[int] | None = None  # each record's class (label word index): class-balanced steps
-    epoch: int | None = None
-    plan: list[list[int]] = field(default_factory=list)
-
-    def records(self, step: int, per_epoch: int) -> list[int]:
-        epoch, index = divmod(step, per_epoch)
-        if epoch != self.epoch:
-            self.epoch = epoch
-            self.plan = (
-                batching.balanced_plan(self.classes, self.step_records, self.seed, epoch)
-                if self.classes is not None
-                else batching.epoch_plan(self.lengths, self.step_records, self.seed, epoch)
-            )
-        return self.plan[index]
-
-
-@dataclass
 class Run:
     """What the set-up produced, plus the counters the loop moves forward."""
 
@@ -134,7 +111,7 @@ class Run:
     eval_every: int
     start: int
     state: TrainState
-    plans: EpochPlans
+    plans: batching.EpochPlans
     logger: MetricsLogger | None = None
     bar: Any = None
     window: LogWindow | None = None
@@ -153,7 +130,7 @@ class Run:
 def train(config: TrainConfig) -> TrainResult:
     """Train a soft prompt as configured; returns where the adapter went and how training went."""
     run = _setup(config)
-    with _activation_checkpointing(run.base.model, config.gradient_checkpointing):
+    with activation_checkpointing(run.base.model, config.gradient_checkpointing):
         for step in range(run.start, run.total):
             _optimiser_step(run, step)
             _log(run)
@@ -277,60 +254,15 @@ def _setup(config: TrainConfig) -> Run:
         start=start,
         done=start,
         state=state,
-        plans=EpochPlans(
+        plans=batching.EpochPlans(
             lengths,
             step_records,
             config.seed,
-            _classes(examples, train_recs.items, label_words) if config.balance_classes else None,
+            example_classes(examples, train_recs.items, label_words) if config.balance_classes else None,
         ),
     )
     _start_reporting(run)
     return run
-
-
-def _classes(examples: list[batching.Example], records, label_words: list[str] | None) -> list[int] | None:
-    """Each example's class (the index of its answer among the label words), or None unless every answer is one."""
-    if not label_words:
-        return None
-    output = {r.where: r.output for r in records}
-    classes = [label_words.index(output[e.where]) if output[e.where] in label_words else -1 for e in examples]
-    return None if -1 in classes else classes
-
-
-# Classification-like data (detect_label_words): at most this many distinct answers over at least this many records,
-# each answer seen at least twice and short: at most this many words and characters (a few tokens with any
-# subword tokenizer; counted without one, so the rule does not depend on the model).
-AUTO_LABELS_MAX_ANSWERS = 10
-AUTO_LABELS_MIN_RECORDS = 20
-AUTO_LABELS_MAX_WORDS = 3
-AUTO_LABELS_MAX_CHARS = 24
-
-
-def detect_label_words(outputs: list[str], tokenizer, num_virtual_tokens: int) -> list[str] | None:
-    """The distinct answers (in order of first appearance) when the data looks like classification: 2 to
-    AUTO_LABELS_MAX_ANSWERS distinct answers over at least AUTO_LABELS_MIN_RECORDS records, each short (at most
-    AUTO_LABELS_MAX_WORDS words and AUTO_LABELS_MAX_CHARS characters, no comma), seen at least twice, non-empty once
-    tokenised, and no more of them than virtual tokens (they initialise the prompt); else None."""
-    if len(outputs) < AUTO_LABELS_MIN_RECORDS:
-        return None
-    counts: dict[str, int] = {}
-    for out in outputs:
-        counts[out] = counts.get(out, 0) + 1
-        if len(counts) > AUTO_LABELS_MAX_ANSWERS:
-            return None
-    words = list(counts)
-    if len(words) < 2 or len(words) > num_virtual_tokens or min(counts.values()) < 2:
-        return None
-    if any(
-        not w.strip()
-        or "," in w
-        or len(w) > AUTO_LABELS_MAX_CHARS
-        or len(w.split()) > AUTO_LABELS_MAX_WORDS
-        or not tokenizer(w, add_special_tokens=False)["input_ids"]
-        for w in words
-    ):
-        return None
-    return words
 
 
 def _load_records(config: TrainConfig, label_words):
@@ -418,24 +350,6 @@ def _start_reporting(run: Run) -> None:
         )
     run.bar = _progress(config.progress and run.main, run.total, run.start)
     run.window = LogWindow(started=time.perf_counter())
-
-
-@contextmanager
-def _activation_checkpointing(model, enabled: bool):
-    """Recompute activations in the backward pass while training (--gradient-checkpointing); always undone."""
-    if not enabled:
-        yield
-        return
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-        model.activation_checkpointing_enable({"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()  # transformers only checkpoints in training mode; the frozen weights are unaffected
-    try:
-        yield
-    finally:
-        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
-        model.eval()
 
 
 def _optimiser_step(run: Run, step: int) -> None:
