@@ -38,7 +38,7 @@ from softprompt.data.labels import detect_label_words, example_classes
 from softprompt.data.records import DataError, Fields, load_records, parse_words, split_holdout
 from softprompt.data.templates import Template
 from softprompt.formats import checkpoint
-from softprompt.formats.adapter import load_adapter, save_adapter
+from softprompt.formats.adapter import AdapterMetadata, load_adapter, save_adapter
 from softprompt.training.config import TrainConfig, default_batch_tokens, length_cap
 from softprompt.training.metrics import MetricsLogger
 from softprompt.training.optim import build_optimizer, lr_at
@@ -103,7 +103,7 @@ class Run:
     prompt: torch.nn.Module  # core.prompt: SoftPrompt, PrefixEncoder or PromptEncoder
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    adapter_kwargs: dict
+    metadata: AdapterMetadata  # what every adapter of the run is saved with
     mode: str  # "kv" or "concat" (see forward.label_nll)
     per_epoch: int
     total: int
@@ -237,14 +237,7 @@ def _setup(config: TrainConfig) -> Run:
         truncated=truncated,
         prompt=prompt,
         optimizer=optimizer,
-        adapter_kwargs={
-            "method": prompt.method,
-            "peft_fields": prompt.peft_fields(),
-            "init": init,
-            "init_text": prompt.init_text,
-            "template": template,
-            "label_words": label_words,
-        },
+        metadata=AdapterMetadata.of(prompt, init=init, template=template, label_words=label_words),
         scaler=torch.amp.GradScaler(base.device.type, enabled=base.dtype == torch.float16),
         mode="concat" if config.gradient_checkpointing else "kv",
         per_epoch=per_epoch,
@@ -465,13 +458,8 @@ def _evaluate(run: Run) -> None:
         state.bad_evals += 1
     run.logger.log("eval", done, eval_loss=eval_loss, best_eval_loss=state.best_eval_loss)
     if run.main and improved:
-        save_adapter(
-            run.out / "best",
-            _saved_tensor(run.prompt),
-            run.base,
-            **run.adapter_kwargs,
-            extra={"step": done, "eval_loss": eval_loss},
-        )
+        meta = run.metadata.with_extra(step=done, eval_loss=eval_loss)
+        save_adapter(run.out / "best", _saved_tensor(run.prompt), run.base, metadata=meta)
     if config.early_stopping and state.bad_evals >= config.early_stopping:
         run.stopped = "early_stopping"
 
@@ -485,7 +473,7 @@ def _save_checkpoint(run: Run) -> None:
             run.done,
             _saved_tensor(run.prompt),
             run.base,
-            run.adapter_kwargs,
+            run.metadata,
             run.optimizer,
             {**run.state.for_checkpoint(run.epoch), "method": run.prompt.method},
             run.config.keep_checkpoints,
@@ -511,9 +499,7 @@ def _finish(run: Run) -> TrainResult:
         "final": config.final if state.best_step is not None else "last",
     }
     if run.main:
-        checkpoint.write_adapter_into(
-            run.out, final_emb, run.base, {**run.adapter_kwargs, "extra": {"training": summary}}
-        )
+        checkpoint.write_adapter_into(run.out, final_emb, run.base, run.metadata.with_extra(training=summary))
         run.logger.close()
     run.accelerator.wait_for_everyone()
     return TrainResult(
