@@ -1,4 +1,5 @@
-"""Adapter-only checkpoints that survive kill -9, and the training state needed to resume exactly.
+"""Adapter-only checkpoints that survive kill -9, and the training state needed to resume exactly: how the files are
+written, verified and found. What goes in them, and reading them back for a resume, is run_folder.RunFolder's.
 
 Layout of an output folder:
     OUT/adapter_config.json, adapter_model.safetensors, softprompt.json   the final adapter (PEFT format)
@@ -122,7 +123,7 @@ def save_checkpoint(
     """Write OUT/checkpoints/step-NNNNNN atomically, with checksums, and prune all but the newest `keep` (None
     keeps all): the adapter (`embeddings` saved with `metadata`), the optimiser and RNG states, `state` (more
     trainer_state.json entries). `tensors`: more training-state tensors to keep (e.g. a prompt encoder's weights,
-    which the adapter, holding only the encoder's output, does not)."""
+    which the adapter, holding only the encoder's output, does not). run_folder.RunFolder decides what goes in."""
     root = Path(out_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
