@@ -11,7 +11,7 @@ from softprompt.data.records import DataError, load_records
 from softprompt.data.templates import Template, TemplateError
 from softprompt.formats import adapter as adapter_module
 from softprompt.formats import checkpoint, folders
-from softprompt.formats.adapter import MAX_ABS_VALUE, AdapterError, load_adapter, save_adapter
+from softprompt.formats.adapter import MAX_ABS_VALUE, AdapterError, AdapterMetadata, load_adapter, save_adapter
 
 # ---- one atomic folder replace -----------------------------------------------------------------------------------
 
@@ -61,8 +61,8 @@ def test_adapters_and_checkpoints_share_the_one_folder_replace(tmp_path, tiny, m
     save_adapter(tmp_path / "a", torch.zeros(2, tiny.hidden_size), tiny)
     prompt = torch.zeros(2, tiny.hidden_size, requires_grad=True)
     optimizer = torch.optim.AdamW([prompt])
-    checkpoint.save_checkpoint(tmp_path / "run", 3, prompt, tiny, {}, optimizer, {})
-    checkpoint.save_checkpoint(tmp_path / "run", 3, prompt, tiny, {}, optimizer, {})  # re-saving a step
+    checkpoint.save_checkpoint(tmp_path / "run", 3, prompt, tiny, AdapterMetadata(), optimizer, {})
+    checkpoint.save_checkpoint(tmp_path / "run", 3, prompt, tiny, AdapterMetadata(), optimizer, {})  # re-saving a step
     assert calls == ["a", ".staging-step-000003", "step-000003", ".staging-step-000003", "step-000003"]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000003"]
     assert checkpoint.verify_checkpoint(tmp_path / "run" / "checkpoints" / "step-000003")

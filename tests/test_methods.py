@@ -16,6 +16,7 @@ from test_train import RECORDS, config, trainable_base
 from softprompt import evaluate, generate_batch
 from softprompt.core import forward
 from softprompt.core.prompt import PrefixEncoder, PromptEncoder, SoftPrompt, build_prompt
+from softprompt.data.labels import detect_label_words
 from softprompt.data.templates import Template, encode_text
 from softprompt.evaluation.evaluate import format_table
 from softprompt.evaluation.inspect import format_report, inspect_adapter
@@ -26,7 +27,7 @@ from softprompt.inference.engine import Engine
 from softprompt.serve.vllm_client import PrefixNotSupported, completion_payload
 from softprompt.training import loop as train_module
 from softprompt.training.config import TrainConfig
-from softprompt.training.loop import detect_label_words, train
+from softprompt.training.loop import train
 
 METHODS = {
     "prompt": {},

@@ -23,7 +23,7 @@ from softprompt.data.batching import encode_records
 from softprompt.data.records import DataError, load_records
 from softprompt.data.templates import Template
 from softprompt.formats import checkpoint
-from softprompt.formats.adapter import load_adapter
+from softprompt.formats.adapter import AdapterMetadata, load_adapter
 from softprompt.training import loop as train_module
 from softprompt.training.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, TrainConfig, default_batch_tokens
 from softprompt.training.loop import train
@@ -181,7 +181,7 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one(base, tmp_path, mo
     prompt = SoftPrompt.initialise(base, "random", 4)
     optim = torch.optim.AdamW([prompt.embeddings])
     with pytest.raises(OSError, match="disk full"):
-        checkpoint.save_checkpoint(tmp_path / "run", 8, prompt.embeddings, base, {}, optim, {})
+        checkpoint.save_checkpoint(tmp_path / "run", 8, prompt.embeddings, base, AdapterMetadata(), optim, {})
     found = checkpoint.list_checkpoints(tmp_path / "run")
     assert [p.name for p in found] == ["step-000004"]
     assert torch.equal(emb(found[-1]), before)

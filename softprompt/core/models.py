@@ -16,6 +16,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -335,6 +337,25 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     return model
+
+
+@contextmanager
+def activation_checkpointing(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Recompute a transformers model's activations in the backward pass while inside (training's
+    --gradient-checkpointing); always undone on the way out. A no-op when not `enabled`."""
+    if not enabled:
+        yield
+        return
+    if hasattr(model, "activation_checkpointing_enable"):  # the name in transformers >= 5.2x
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # transformers only checkpoints in training mode; the frozen weights are unaffected
+    try:
+        yield
+    finally:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+        model.eval()
 
 
 def prepare_tokenizer(tokenizer):

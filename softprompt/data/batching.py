@@ -7,6 +7,7 @@
 - `balanced_plan`: the same for classification data: every step holds the classes in the data set's proportions
   (no length grouping: a step whose records share one answer length would tilt the prompt towards whatever class
   those records happen to have, and its answers are short anyway).
+- `EpochPlans`: the step plans of the epoch being trained, made when an epoch starts.
 - `shard`: one process's share of a step (sorted by length, dealt round-robin, so processes get similar work).
 - `micro_batches`: packs a share into batches whose padded size (rows x longest row) stays within a token budget.
   The loss is normalised over the whole step, so how a step is split never changes the result, only the speed.
@@ -20,7 +21,7 @@ Nothing here runs a model: scoring batches lives in training/scoring.py.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -124,6 +125,31 @@ def balanced_plan(classes: list[int], step_records: int, seed: int, epoch: int) 
     steps = [order[k : k + step_records] for k in range(0, len(order), step_records)]
     rng.shuffle(steps)
     return steps
+
+
+@dataclass
+class EpochPlans:
+    """Each optimiser step's records, step by step: the current epoch's plan (epoch_plan, or balanced_plan when each
+    record's class is given), made when a step of a new epoch is asked for (epochs are visited in order)."""
+
+    lengths: list[int]
+    step_records: int
+    seed: int
+    classes: list[int] | None = None  # each record's class (label word index): class-balanced steps
+    epoch: int | None = None
+    plan: list[list[int]] = field(default_factory=list)
+
+    def records(self, step: int, per_epoch: int) -> list[int]:
+        """The records of 0-based `step`, with `per_epoch` steps per epoch."""
+        epoch, index = divmod(step, per_epoch)
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.plan = (
+                balanced_plan(self.classes, self.step_records, self.seed, epoch)
+                if self.classes is not None
+                else epoch_plan(self.lengths, self.step_records, self.seed, epoch)
+            )
+        return self.plan[index]
 
 
 def shard(step: list[int], lengths: list[int], rank: int, world: int) -> list[int]:

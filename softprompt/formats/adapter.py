@@ -15,7 +15,7 @@ import json
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -106,6 +106,39 @@ class Adapter:
         return self.template if "template" in (self.extra or {}) else default
 
 
+@dataclass(frozen=True)
+class AdapterMetadata:
+    """What an adapter folder records beside its tensor: the method and its encoder fields (adapter_config.json),
+    and the exact init, the template, the label words and any further entries (softprompt.json)."""
+
+    method: str = "prompt"
+    peft_fields: dict = field(default_factory=dict)  # e.g. prefix_projection, encoder_hidden_size
+    init: str = "random"
+    init_text: str | None = None
+    template: Template = field(default_factory=Template)
+    label_words: list[str] | None = None
+    extra: dict = field(default_factory=dict)  # more softprompt.json entries (a training summary, a step)
+
+    @classmethod
+    def of(cls, module: torch.nn.Module, **fields) -> AdapterMetadata:
+        """The metadata of a core.prompt module (its method, encoder fields, init and init text); `fields` override."""
+        own = {
+            "method": module.method,
+            "peft_fields": module.peft_fields(),
+            "init": module.init,
+            "init_text": module.init_text,
+        }
+        return cls(**{**own, **fields})
+
+    def with_extra(self, **entries) -> AdapterMetadata:
+        """A copy with more softprompt.json entries."""
+        return replace(self, extra={**self.extra, **entries})
+
+    def softprompt_json(self) -> dict:
+        # PEFT's config only knows TEXT / SAMPLE_VOCAB / RANDOM; the exact method (e.g. "labels") is kept here.
+        return {"template": self.template.to_json(), "label_words": self.label_words, "init": self.init, **self.extra}
+
+
 def peft_config(
     num_virtual_tokens: int,
     token_dim: int,
@@ -173,42 +206,54 @@ def save_adapter(
     extra: dict | None = None,
     method: str | None = None,
     peft_fields: dict | None = None,
+    metadata: AdapterMetadata | None = None,
 ) -> Path:
     """Write a PEFT-format adapter folder atomically (a temp folder renamed into place).
 
     `embeddings` is a core.prompt module of any method (its output is saved; its method, encoder fields, init
     method and text are recorded) or the tensor to save, of `method` (default prompt) with `peft_fields` (e.g.
     prefix_projection, encoder_hidden_size); `base` is a models.FrozenModel (for the base name and shape fields) or
-    None.
+    None. `metadata` gives all of init ... peft_fields at once, instead of those keywords.
     """
-    out_dir = Path(out_dir)
-    if isinstance(embeddings, torch.nn.Module):
-        init = init or embeddings.init
-        init_text = init_text or embeddings.init_text
-        method = method or embeddings.method
-        peft_fields = peft_fields or embeddings.peft_fields()
+    given = dict(
+        init=init,
+        init_text=init_text,
+        template=template,
+        label_words=label_words,
+        extra=extra,
+        method=method,
+        peft_fields=peft_fields,
+    )
+    module = embeddings if isinstance(embeddings, torch.nn.Module) else None
+    if metadata is None:
+        metadata = _keyword_metadata(module, **given)
+    elif any(value is not None for value in given.values()):
+        raise TypeError("save_adapter: pass metadata or its fields (init, template, ...), not both")
+    if module is not None:
         with torch.no_grad():
-            embeddings = embeddings()
-    method = method or "prompt"
-    init = init or "random"
-    tensor = embeddings.detach().to(device="cpu", dtype=torch.float32).contiguous()
+            embeddings = module()
+    return _write_adapter(Path(out_dir), embeddings.detach().to(device="cpu", dtype=torch.float32), base, metadata)
+
+
+def _write_adapter(out_dir: Path, tensor: torch.Tensor, base, metadata: AdapterMetadata) -> Path:
+    """save_adapter's writer: the fp32 CPU `tensor` and `metadata`, checked to fit `base` (or None)."""
+    tensor = tensor.contiguous()
     cfg = getattr(base.model, "config", None) if base is not None else None
-    if base is not None and tensor.shape[1] != base_width(method, base):
-        raise ValueError(misfit(method, tensor.shape[1], base))
+    if base is not None and tensor.shape[1] != base_width(metadata.method, base):
+        raise ValueError(misfit(metadata.method, tensor.shape[1], base))
     config = peft_config(
         tensor.shape[0],
         tensor.shape[1],
         base.name if base is not None else None,
         getattr(cfg, "num_hidden_layers", None),
         getattr(cfg, "num_attention_heads", None),
-        init,
-        init_text,
-        method=method,
+        metadata.init,
+        metadata.init_text,
+        method=metadata.method,
         model_config=cfg,
-        peft_fields=peft_fields,
+        peft_fields=metadata.peft_fields,
     )
-    # PEFT's config only knows TEXT / SAMPLE_VOCAB / RANDOM; the exact method (e.g. "labels") is kept here.
-    meta = {"template": (template or Template()).to_json(), "label_words": label_words, "init": init, **(extra or {})}
+    meta = metadata.softprompt_json()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
@@ -220,6 +265,21 @@ def save_adapter(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _keyword_metadata(module: torch.nn.Module | None, **given) -> AdapterMetadata:
+    """save_adapter's keywords as AdapterMetadata: where one is not given, the module's own (method, encoder fields,
+    init and init text) or the default."""
+    own = AdapterMetadata.of(module) if module is not None else AdapterMetadata()
+    return AdapterMetadata(
+        method=given["method"] or own.method,
+        peft_fields=given["peft_fields"] or own.peft_fields,
+        init=given["init"] or own.init or "random",
+        init_text=given["init_text"] or own.init_text,
+        template=given["template"] or Template(),
+        label_words=given["label_words"],
+        extra=dict(given["extra"] or {}),
+    )
 
 
 def check_fits_context(num_virtual_tokens: int, context: int | None, where: object) -> None:

@@ -1,4 +1,5 @@
-"""Adapter-only checkpoints that survive kill -9, and the training state needed to resume exactly.
+"""Adapter-only checkpoints that survive kill -9, and the training state needed to resume exactly: how the files are
+written, verified and found. What goes in them, and reading them back for a resume, is run_folder.RunFolder's.
 
 Layout of an output folder:
     OUT/adapter_config.json, adapter_model.safetensors, softprompt.json   the final adapter (PEFT format)
@@ -34,7 +35,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from softprompt.formats.adapter import CONFIG_FILE, EXTRA_FILE, WEIGHTS_FILE, AdapterError, load_adapter, save_adapter
+from softprompt.formats.adapter import (
+    CONFIG_FILE,
+    EXTRA_FILE,
+    WEIGHTS_FILE,
+    AdapterError,
+    AdapterMetadata,
+    load_adapter,
+    save_adapter,
+)
 from softprompt.formats.folders import fsync_dir, replace_folder
 
 STATE_TENSORS = "training_state.safetensors"
@@ -105,22 +114,23 @@ def save_checkpoint(
     step: int,
     embeddings: torch.Tensor,
     base,
-    adapter_kwargs: dict,
+    metadata: AdapterMetadata,
     optimizer: torch.optim.Optimizer,
     state: dict,
     keep: int | None = 2,
     tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write OUT/checkpoints/step-NNNNNN atomically, with checksums, and prune all but the newest `keep` (None
-    keeps all). `tensors`: more training-state tensors to keep (e.g. a prompt encoder's weights, which the
-    adapter, holding only the encoder's output, does not)."""
+    keeps all): the adapter (`embeddings` saved with `metadata`), the optimiser and RNG states, `state` (more
+    trainer_state.json entries). `tensors`: more training-state tensors to keep (e.g. a prompt encoder's weights,
+    which the adapter, holding only the encoder's output, does not). run_folder.RunFolder decides what goes in."""
     root = Path(out_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     staging = root / f".staging-step-{step:06d}"
     if staging.exists():
         shutil.rmtree(staging)
-    save_adapter(staging, embeddings, base, **adapter_kwargs)
+    save_adapter(staging, embeddings, base, metadata=metadata)
     extra = dict(tensors or {})
     tensors, optim_meta = optimizer_state(optimizer)
     tensors.update(rng_tensors())
@@ -320,13 +330,13 @@ def load_checkpoint(folder: str | Path, verify: bool = True) -> tuple[dict[str, 
     return tensors, state
 
 
-def write_adapter_into(out_dir: str | Path, embeddings: torch.Tensor, base, adapter_kwargs: dict) -> Path:
+def write_adapter_into(out_dir: str | Path, embeddings: torch.Tensor, base, metadata: AdapterMetadata) -> Path:
     """Write the adapter files into an existing folder (which also holds checkpoints), each file atomically."""
     out_dir = Path(out_dir)
     staging = out_dir / FINAL_STAGING
     if staging.exists():
         shutil.rmtree(staging)
-    save_adapter(staging, embeddings, base, **adapter_kwargs)  # fsync'ed by replace_folder
+    save_adapter(staging, embeddings, base, metadata=metadata)  # fsync'ed by replace_folder
     # Weights last: a folder is only an adapter once its safetensors file is there.
     for name in (EXTRA_FILE, CONFIG_FILE, WEIGHTS_FILE):
         os.replace(staging / name, out_dir / name)

@@ -16,7 +16,8 @@ The loop is a lean one on accelerate (device placement, process group): one opti
 batch_size x grad_accum records per process, packed into token-budget micro-batches of similar-length records;
 the loss is the summed NLL of answer tokens / answer tokens in the whole step (over all processes), so the
 split into micro-batches or processes does not change the result. Gradients of the trainable tensors are summed
-across processes with one all-reduce. See checkpoint.py for the output folder layout.
+across processes with one all-reduce. The loop says when to save, resume and write the final adapter;
+formats/run_folder.RunFolder owns the output folder and knows where and how.
 """
 
 from __future__ import annotations
@@ -24,21 +25,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from softprompt.core import forward
-from softprompt.core.models import FrozenModel, describe_parameters, load_base
+from softprompt.core.models import FrozenModel, activation_checkpointing, describe_parameters, load_base
 from softprompt.core.prompt import build_prompt
 from softprompt.data import batching
+from softprompt.data.labels import detect_label_words, example_classes
 from softprompt.data.records import DataError, Fields, load_records, parse_words, split_holdout
 from softprompt.data.templates import Template
-from softprompt.formats import checkpoint
-from softprompt.formats.adapter import load_adapter, save_adapter
+from softprompt.formats.adapter import AdapterMetadata
+from softprompt.formats.run_folder import Progress, RunFolder, RunKey, RunSummary
 from softprompt.training.config import TrainConfig, default_batch_tokens, length_cap
 from softprompt.training.metrics import MetricsLogger
 from softprompt.training.optim import build_optimizer, lr_at
@@ -61,20 +61,19 @@ class TrainResult:
 
 
 @dataclass
-class TrainState:
-    """What a checkpoint's trainer_state.json carries and a resume restores. The field order is the JSON's key
-    order; records / step_records / seed identify the run (a resume must match them)."""
+class TrainData:
+    """The tokenised records of a run."""
 
-    best_eval_loss: float | None
-    best_step: int | None
-    bad_evals: int
-    tokens: int
-    records: int
-    step_records: int
-    seed: int
+    examples: list[batching.Example]
+    eval_examples: list[batching.Example]
+    skipped: list[str]  # why each skipped record was skipped
+    truncated: int
+    label_words: list[str] | None
+    classes: list[int] | None  # each example's class, for class-balanced steps (None: length-grouped steps)
+    lengths: list[int] = field(init=False)  # each example's tokens
 
-    def for_checkpoint(self, epoch: int) -> dict:
-        return {**asdict(self), "epoch": epoch}
+    def __post_init__(self) -> None:
+        self.lengths = [len(e) for e in self.examples]
 
 
 @dataclass
@@ -88,53 +87,25 @@ class LogWindow:
 
 
 @dataclass
-class EpochPlans:
-    """The current epoch's step-by-step record order (one epoch cached; epochs are visited in order)."""
-
-    lengths: list[int]
-    step_records: int
-    seed: int
-    classes: list[int] | None = None  # each record's class (label word index): class-balanced steps
-    epoch: int | None = None
-    plan: list[list[int]] = field(default_factory=list)
-
-    def records(self, step: int, per_epoch: int) -> list[int]:
-        epoch, index = divmod(step, per_epoch)
-        if epoch != self.epoch:
-            self.epoch = epoch
-            self.plan = (
-                batching.balanced_plan(self.classes, self.step_records, self.seed, epoch)
-                if self.classes is not None
-                else batching.epoch_plan(self.lengths, self.step_records, self.seed, epoch)
-            )
-        return self.plan[index]
-
-
-@dataclass
 class Run:
     """What the set-up produced, plus the counters the loop moves forward."""
 
     config: TrainConfig
     accelerator: Any
     base: FrozenModel
-    out: Path
-    examples: list
-    eval_examples: list
-    lengths: list[int]
-    skipped: list[str]
-    truncated: int
+    data: TrainData
     prompt: torch.nn.Module  # core.prompt: SoftPrompt, PrefixEncoder or PromptEncoder
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    adapter_kwargs: dict
+    folder: RunFolder  # OUT: checkpoints, OUT/best, the final adapter
     mode: str  # "kv" or "concat" (see forward.label_nll)
     per_epoch: int
     total: int
     warmup: int
     eval_every: int
     start: int
-    state: TrainState
-    plans: EpochPlans
+    progress: Progress
+    plans: batching.EpochPlans
     logger: MetricsLogger | None = None
     bar: Any = None
     window: LogWindow | None = None
@@ -153,11 +124,11 @@ class Run:
 def train(config: TrainConfig) -> TrainResult:
     """Train a soft prompt as configured; returns where the adapter went and how training went."""
     run = _setup(config)
-    with _activation_checkpointing(run.base.model, config.gradient_checkpointing):
+    with activation_checkpointing(run.base.model, config.gradient_checkpointing):
         for step in range(run.start, run.total):
             _optimiser_step(run, step)
             _log(run)
-            if run.eval_examples and _due(run.done, run.eval_every, run.total):
+            if run.data.eval_examples and _due(run.done, run.eval_every, run.total):
                 _evaluate(run)
             if _due(run.done, config.save_every, run.total) or run.stopped != "completed":
                 _save_checkpoint(run)
@@ -170,16 +141,79 @@ def _due(done: int, every: int, total: int) -> bool:
     return done % every == 0 or done == total
 
 
+# --- set-up ----------------------------------------------------------------------------------------------------------
+
+
 def _setup(config: TrainConfig) -> Run:
-    """Records, model, encoded examples, prompt, optimiser, a resume if asked for, metrics and the start lines."""
+    """Records, model, encoded examples, prompt, optimiser, the run folder (and a resume if asked for), metrics and
+    the start lines."""
+    accelerator = _accelerator(config)
+    config, base, template, data = _load(config, accelerator)
+    step_records = config.batch_size * config.grad_accum * accelerator.num_processes
+    per_epoch = batching.steps_per_epoch(len(data.examples), step_records)
+    total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
+    init = config.init or ("labels" if data.label_words else "vocab")
+    prompt = build_prompt(
+        base,
+        config.method,
+        init,
+        config.num_virtual_tokens,
+        config.init_text,
+        data.label_words,
+        config.seed,
+        prefix_projection=config.prefix_projection and config.method == "prefix",
+        encoder_hidden_size=config.encoder_hidden_size,
+        encoder_type=config.encoder_type,
+    )
+    optimizer = build_optimizer(config.optimizer, list(prompt.parameters()), config.peak_lr, config.weight_decay)
+    metadata = AdapterMetadata.of(prompt, init=init, template=template, label_words=data.label_words)
+    key = RunKey(len(data.examples), step_records, config.seed, prompt.method)
+    folder = RunFolder(config.out, base, metadata, key, keep=config.keep_checkpoints)
+    if accelerator.is_main_process:
+        folder.clean()  # what a run killed while writing left behind
+    progress, start = Progress(), 0
+    if config.resume:
+        saved = folder.resume(config.resume, prompt, optimizer)
+        print(f"resuming from {saved.folder} (step {saved.step})", flush=True)
+        progress, start = saved.progress, saved.step
+    run = Run(
+        config=config,
+        accelerator=accelerator,
+        base=base,
+        data=data,
+        prompt=prompt,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler(base.device.type, enabled=base.dtype == torch.float16),
+        folder=folder,
+        mode="concat" if config.gradient_checkpointing else "kv",
+        per_epoch=per_epoch,
+        total=total,
+        warmup=config.warmup_steps if config.warmup_steps is not None else int(0.05 * total),
+        eval_every=config.eval_every or config.save_every,
+        start=start,
+        done=start,
+        progress=progress,
+        plans=batching.EpochPlans(data.lengths, step_records, config.seed, data.classes),
+    )
+    _start_reporting(run)
+    return run
+
+
+def _accelerator(config: TrainConfig):
+    """accelerate's Accelerator for this process (the device, the process group), and the thread count."""
     from accelerate import Accelerator
 
     # accelerate only sets up CPU process groups (gloo) when told it runs on CPU
     auto = config.device in (None, "auto")  # auto: the device accelerate gives this process
-    on_cpu = config.device == "cpu" or (auto and not torch.cuda.is_available())
-    accelerator = Accelerator(cpu=on_cpu)
+    accelerator = Accelerator(cpu=config.device == "cpu" or (auto and not torch.cuda.is_available()))
     if config.threads:
         torch.set_num_threads(config.threads)
+    return accelerator
+
+
+def _load(config: TrainConfig, accelerator) -> tuple[TrainConfig, FrozenModel, Template, TrainData]:
+    """The template, the records, the model, label words found in the data, and the tokenised examples; the config
+    with the sizes left to the model filled in."""
     template = Template(config.template)
     label_words = parse_words(config.label_words, "--label-words")
     if config.method == "prefix" and config.gradient_checkpointing:
@@ -189,6 +223,7 @@ def _setup(config: TrainConfig) -> Run:
         )
     train_recs, eval_recs = _load_records(config, label_words)
     # the model is loaded after the records, so bad data fails fast
+    auto = config.device in (None, "auto")
     base = (
         config.model
         if isinstance(config.model, FrozenModel)
@@ -207,6 +242,12 @@ def _setup(config: TrainConfig) -> Run:
                 "turns this off",
                 flush=True,
             )
+    config = _sized(config, base)
+    return config, base, template, _encode(config, base, template, train_recs, eval_recs, label_words)
+
+
+def _sized(config: TrainConfig, base: FrozenModel) -> TrainConfig:
+    """The config with the token budget per forward pass and the longest record (when not given) for this model."""
     if config.max_batch_tokens is None:
         config = dataclasses.replace(config, max_batch_tokens=default_batch_tokens(base.device.type))
     if config.max_length is None:  # what the records need, up to the context and the memory cap
@@ -214,123 +255,7 @@ def _setup(config: TrainConfig) -> Run:
         config = dataclasses.replace(
             config, max_length=length_cap(context, config.num_virtual_tokens, config.max_batch_tokens)
         )
-    examples, eval_examples, skipped, truncated = _encode(config, base, template, train_recs, eval_recs)
-    lengths = [len(e) for e in examples]
-
-    step_records = config.batch_size * config.grad_accum * accelerator.num_processes
-    per_epoch = batching.steps_per_epoch(len(examples), step_records)
-    total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
-    init = config.init or ("labels" if label_words else "vocab")
-    prompt = build_prompt(
-        base,
-        config.method,
-        init,
-        config.num_virtual_tokens,
-        config.init_text,
-        label_words,
-        config.seed,
-        prefix_projection=config.prefix_projection and config.method == "prefix",
-        encoder_hidden_size=config.encoder_hidden_size,
-        encoder_type=config.encoder_type,
-    )
-    optimizer = build_optimizer(config.optimizer, list(prompt.parameters()), config.peak_lr, config.weight_decay)
-    state = TrainState(
-        best_eval_loss=None,
-        best_step=None,
-        bad_evals=0,
-        tokens=0,
-        records=len(examples),
-        step_records=step_records,
-        seed=config.seed,
-    )
-    start = 0
-    if accelerator.is_main_process:
-        checkpoint.clean_staging(config.out)  # what a run killed while writing left behind
-    if config.resume:
-        start, state = _resume(config, prompt, optimizer, state)
-    run = Run(
-        config=config,
-        accelerator=accelerator,
-        base=base,
-        out=Path(config.out),
-        examples=examples,
-        eval_examples=eval_examples,
-        lengths=lengths,
-        skipped=skipped,
-        truncated=truncated,
-        prompt=prompt,
-        optimizer=optimizer,
-        adapter_kwargs={
-            "method": prompt.method,
-            "peft_fields": prompt.peft_fields(),
-            "init": init,
-            "init_text": prompt.init_text,
-            "template": template,
-            "label_words": label_words,
-        },
-        scaler=torch.amp.GradScaler(base.device.type, enabled=base.dtype == torch.float16),
-        mode="concat" if config.gradient_checkpointing else "kv",
-        per_epoch=per_epoch,
-        total=total,
-        warmup=config.warmup_steps if config.warmup_steps is not None else int(0.05 * total),
-        eval_every=config.eval_every or config.save_every,
-        start=start,
-        done=start,
-        state=state,
-        plans=EpochPlans(
-            lengths,
-            step_records,
-            config.seed,
-            _classes(examples, train_recs.items, label_words) if config.balance_classes else None,
-        ),
-    )
-    _start_reporting(run)
-    return run
-
-
-def _classes(examples: list[batching.Example], records, label_words: list[str] | None) -> list[int] | None:
-    """Each example's class (the index of its answer among the label words), or None unless every answer is one."""
-    if not label_words:
-        return None
-    output = {r.where: r.output for r in records}
-    classes = [label_words.index(output[e.where]) if output[e.where] in label_words else -1 for e in examples]
-    return None if -1 in classes else classes
-
-
-# Classification-like data (detect_label_words): at most this many distinct answers over at least this many records,
-# each answer seen at least twice and short: at most this many words and characters (a few tokens with any
-# subword tokenizer; counted without one, so the rule does not depend on the model).
-AUTO_LABELS_MAX_ANSWERS = 10
-AUTO_LABELS_MIN_RECORDS = 20
-AUTO_LABELS_MAX_WORDS = 3
-AUTO_LABELS_MAX_CHARS = 24
-
-
-def detect_label_words(outputs: list[str], tokenizer, num_virtual_tokens: int) -> list[str] | None:
-    """The distinct answers (in order of first appearance) when the data looks like classification: 2 to
-    AUTO_LABELS_MAX_ANSWERS distinct answers over at least AUTO_LABELS_MIN_RECORDS records, each short (at most
-    AUTO_LABELS_MAX_WORDS words and AUTO_LABELS_MAX_CHARS characters, no comma), seen at least twice, non-empty once
-    tokenised, and no more of them than virtual tokens (they initialise the prompt); else None."""
-    if len(outputs) < AUTO_LABELS_MIN_RECORDS:
-        return None
-    counts: dict[str, int] = {}
-    for out in outputs:
-        counts[out] = counts.get(out, 0) + 1
-        if len(counts) > AUTO_LABELS_MAX_ANSWERS:
-            return None
-    words = list(counts)
-    if len(words) < 2 or len(words) > num_virtual_tokens or min(counts.values()) < 2:
-        return None
-    if any(
-        not w.strip()
-        or "," in w
-        or len(w) > AUTO_LABELS_MAX_CHARS
-        or len(w.split()) > AUTO_LABELS_MAX_WORDS
-        or not tokenizer(w, add_special_tokens=False)["input_ids"]
-        for w in words
-    ):
-        return None
-    return words
+    return config
 
 
 def _load_records(config: TrainConfig, label_words):
@@ -345,8 +270,10 @@ def _load_records(config: TrainConfig, label_words):
     return train_recs, eval_recs
 
 
-def _encode(config: TrainConfig, base: FrozenModel, template: Template, train_recs, eval_recs):
-    """Tokenised (train examples, eval examples, skipped records' reasons, truncated count)."""
+def _encode(
+    config: TrainConfig, base: FrozenModel, template: Template, train_recs, eval_recs, label_words
+) -> TrainData:
+    """The records tokenised with the template (and each example's class for --balance-classes)."""
     skipped = list(train_recs.skipped) + (list(eval_recs.skipped) if eval_recs else [])
     examples, bad, truncated = batching.encode_records(
         train_recs.items, base.tokenizer, template, config.max_length, config.skip_bad
@@ -360,59 +287,22 @@ def _encode(config: TrainConfig, base: FrozenModel, template: Template, train_re
         skipped += bad
     if not examples:
         raise DataError(f"{train_recs.source}: no usable records after tokenisation ({len(skipped)} skipped)")
-    return examples, eval_examples, skipped, truncated
-
-
-def _resume(config: TrainConfig, prompt: torch.nn.Module, optimizer, state: TrainState) -> tuple[int, TrainState]:
-    """Load a checkpoint's prompt (every trainable tensor, e.g. a prompt encoder's), optimiser state and RNG;
-    returns (its step, its training state)."""
-    folder = checkpoint.resolve_resume(config.resume)
-    tensors, saved = checkpoint.load_checkpoint(folder)
-    for key in ("records", "step_records", "seed"):
-        if saved.get(key) != getattr(state, key):
-            raise ValueError(
-                f"--resume {folder}: the checkpoint was made with {key}={saved.get(key)}, this run has "
-                f"{getattr(state, key)}; resume with the same data, batch size, processes and seed"
-            )
-    saved_method = saved.get("method", "prompt")
-    if saved_method != prompt.method:
-        raise ValueError(
-            f"--resume {folder}: the checkpoint was made with --method {saved_method}, this run has "
-            f"--method {prompt.method}"
-        )
-    ours = prompt.state_dict()
-    theirs = {k[len(MODULE_KEY) :]: v for k, v in tensors.items() if k.startswith(MODULE_KEY)}
-    if not theirs and prompt.method == "prompt":  # checkpoints written before module tensors were saved
-        theirs = {"embeddings": load_adapter(folder).embeddings}
-    for key, value in ours.items():
-        if key not in theirs or theirs[key].shape != value.shape:
-            found = tuple(theirs[key].shape) if key in theirs else "missing"
-            raise ValueError(
-                f"--resume {folder}: trainable tensor {key} is {found} in the checkpoint, "
-                f"{tuple(value.shape)} in this run (same --method, --num-virtual-tokens and encoder "
-                "options?)"
-            )
-    prompt.load_state_dict({k: theirs[k] for k in ours})
-    checkpoint.load_optimizer_state(optimizer, tensors, saved.pop("optimizer"))
-    checkpoint.restore_rng(tensors)
-    print(f"resuming from {folder} (step {saved['step']})", flush=True)
-    return saved["step"], TrainState(**{k: saved.get(k, v) for k, v in asdict(state).items()})
-
-
-MODULE_KEY = "prompt."  # checkpoint tensors of the trainable module: prompt.<state_dict key>
+    classes = example_classes(examples, train_recs.items, label_words) if config.balance_classes else None
+    return TrainData(examples, eval_examples, skipped, truncated, label_words, classes)
 
 
 def _start_reporting(run: Run) -> None:
     """Open metrics.jsonl (trimmed to the resumed step), print the run's outline, start the progress bar."""
-    config = run.config
-    run.logger = MetricsLogger(run.out, run.main, config.tensorboard, resume_step=run.start if config.resume else None)
+    config, data = run.config, run.data
+    resume_step = run.start if config.resume else None
+    run.logger = MetricsLogger(run.folder.path, run.main, config.tensorboard, resume_step=resume_step)
     if run.main:
         print(describe_parameters(run.base.model, run.prompt))
         print(
-            f"train: {len(run.examples)} records ({run.truncated} truncated to {config.max_length} tokens, the "
-            f"longest {max(run.lengths)}), "
-            f"eval: {len(run.eval_examples)}, {run.accelerator.num_processes} process(es), "
-            f"{run.state.step_records} records/step, {run.total} steps, device {run.base.device}, "
+            f"train: {len(data.examples)} records ({data.truncated} truncated to {config.max_length} tokens, the "
+            f"longest {max(data.lengths)}), "
+            f"eval: {len(data.eval_examples)}, {run.accelerator.num_processes} process(es), "
+            f"{run.folder.key.step_records} records/step, {run.total} steps, device {run.base.device}, "
             f"dtype {run.base.dtype}, up to {config.max_batch_tokens} tokens per forward pass",
             flush=True,
         )
@@ -420,30 +310,15 @@ def _start_reporting(run: Run) -> None:
     run.window = LogWindow(started=time.perf_counter())
 
 
-@contextmanager
-def _activation_checkpointing(model, enabled: bool):
-    """Recompute activations in the backward pass while training (--gradient-checkpointing); always undone."""
-    if not enabled:
-        yield
-        return
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-        model.activation_checkpointing_enable({"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()  # transformers only checkpoints in training mode; the frozen weights are unaffected
-    try:
-        yield
-    finally:
-        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
-        model.eval()
+# --- one optimiser step ----------------------------------------------------------------------------------------------
 
 
 def _optimiser_step(run: Run, step: int) -> None:
     """One optimiser step (0-based `step`) over its records, then the step's bookkeeping."""
-    config, prompt, optimizer, scaler = run.config, run.prompt, run.optimizer, run.scaler
+    config, prompt, optimizer, scaler, data = run.config, run.prompt, run.optimizer, run.scaler, run.data
     records = run.plans.records(step, run.per_epoch)
-    label_total = sum(run.examples[i].label_count for i in records)
-    mine = batching.shard(records, run.lengths, run.accelerator.process_index, run.accelerator.num_processes)
+    label_total = sum(data.examples[i].label_count for i in records)
+    mine = batching.shard(records, data.lengths, run.accelerator.process_index, run.accelerator.num_processes)
     tick = time.perf_counter()
     for lr_group in optimizer.param_groups:
         lr_group["lr"] = lr_at(step, run.total, config.peak_lr, run.warmup, config.schedule)
@@ -462,7 +337,7 @@ def _optimiser_step(run: Run, step: int) -> None:
     step_loss = nll_sum.item() / label_total
     scaler.unscale_(optimizer)
     if not math.isfinite(step_loss) or not all(torch.isfinite(p.grad).all() for p in params):
-        _stop_on_nan(run.out, step + 1, step_loss, run.bar)
+        _stop_on_nan(run, step + 1, step_loss)
     if config.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
     scaler.step(optimizer)
@@ -470,10 +345,10 @@ def _optimiser_step(run: Run, step: int) -> None:
     optimizer.zero_grad(set_to_none=True)
 
     run.done, run.epoch, run.last_loss = step + 1, run.plans.epoch, step_loss
-    step_tokens = sum(run.lengths[i] for i in records)
+    step_tokens = sum(data.lengths[i] for i in records)
     run.run_tokens += step_tokens
     run.run_time += time.perf_counter() - tick
-    run.state.tokens += step_tokens
+    run.progress.tokens += step_tokens
     run.window.nll += step_loss * label_total
     run.window.labels += label_total
     run.window.tokens += step_tokens
@@ -491,7 +366,7 @@ def _accumulate_gradients(run: Run, mine: list[int], label_total: int) -> torch.
     # leading prompt tokens all of the step's records share (see forward.SharedPrefix); the micro-batches hold what
     # follows them. Concat mode re-runs the prompt in each micro-batch, whose backward consumes its graph.
     virtual = prompt.virtual() if run.mode == "kv" else None
-    examples = [run.examples[i] for i in mine]
+    examples = [run.data.examples[i] for i in mine]
     shared = batching.shared_prompt_length(examples) if run.mode == "kv" else 0
     text = torch.tensor(examples[0].ids[:shared] if shared else [], dtype=torch.long, device=device)
     prefix = forward.SharedPrefix(model, virtual, text) if run.mode == "kv" else None
@@ -515,6 +390,9 @@ def _accumulate_gradients(run: Run, mine: list[int], label_total: int) -> torch.
     return nll_sum
 
 
+# --- between steps: metrics, evaluation, checkpoints, the end -------------------------------------------------------
+
+
 def _log(run: Run) -> None:
     """Every --log-every steps and at the end: a "train" row averaged over the steps since the last one."""
     done, window = run.done, run.window
@@ -528,107 +406,79 @@ def _log(run: Run) -> None:
         loss=window.nll / window.labels,
         lr=run.optimizer.param_groups[0]["lr"],
         tokens_per_s=window.tokens / (now - window.started),
-        tokens=run.state.tokens,
+        tokens=run.progress.tokens,
     )
     run.window = LogWindow(started=now)
 
 
 def _evaluate(run: Run) -> None:
     """Eval loss; an improvement is saved to OUT/best, --early-stopping non-improvements in a row stop the run."""
-    config, state, done = run.config, run.state, run.done
+    config, progress, done = run.config, run.progress, run.done
     eval_loss = evaluate_loss(
         run.base.model,
         run.prompt,
-        run.eval_examples,
+        run.data.eval_examples,
         config.max_batch_tokens,
         run.base.tokenizer.pad_token_id,
         run.accelerator,
     )
-    improved = state.best_eval_loss is None or eval_loss < state.best_eval_loss
+    improved = progress.best_eval_loss is None or eval_loss < progress.best_eval_loss
     if improved:
-        state.best_eval_loss, state.best_step, state.bad_evals = eval_loss, done, 0
+        progress.best_eval_loss, progress.best_step, progress.bad_evals = eval_loss, done, 0
     else:
-        state.bad_evals += 1
-    run.logger.log("eval", done, eval_loss=eval_loss, best_eval_loss=state.best_eval_loss)
+        progress.bad_evals += 1
+    run.logger.log("eval", done, eval_loss=eval_loss, best_eval_loss=progress.best_eval_loss)
     if run.main and improved:
-        save_adapter(
-            run.out / "best",
-            _saved_tensor(run.prompt),
-            run.base,
-            **run.adapter_kwargs,
-            extra={"step": done, "eval_loss": eval_loss},
-        )
-    if config.early_stopping and state.bad_evals >= config.early_stopping:
+        run.folder.save_best(run.prompt, done, eval_loss)
+    if config.early_stopping and progress.bad_evals >= config.early_stopping:
         run.stopped = "early_stopping"
 
 
 def _save_checkpoint(run: Run) -> None:
     """OUT/checkpoints/step-NNNNNN from the main process; every process waits for it."""
     if run.main:
-        module = {MODULE_KEY + k: v.detach().cpu().contiguous() for k, v in run.prompt.state_dict().items()}
-        checkpoint.save_checkpoint(
-            run.out,
-            run.done,
-            _saved_tensor(run.prompt),
-            run.base,
-            run.adapter_kwargs,
-            run.optimizer,
-            {**run.state.for_checkpoint(run.epoch), "method": run.prompt.method},
-            run.config.keep_checkpoints,
-            tensors=module,
-        )
+        run.folder.save_step(run.done, run.epoch, run.prompt, run.optimizer, run.progress)
     run.accelerator.wait_for_everyone()
 
 
 def _finish(run: Run) -> TrainResult:
     """Write the final adapter (the best-eval one or the last step's) into OUT and summarise the run."""
-    config, state = run.config, run.state
+    progress, data = run.progress, run.data
     if run.bar is not None:
         run.bar.close()
-    final_emb = _saved_tensor(run.prompt)
-    if config.final == "best" and state.best_step is not None and run.main:
-        final_emb = load_adapter(run.out / "best").embeddings
-    summary = {
-        "steps": run.done,
-        "train_loss": run.last_loss,
-        "best_eval_loss": state.best_eval_loss,
-        "best_step": state.best_step,
-        "stopped": run.stopped,
-        "final": config.final if state.best_step is not None else "last",
-    }
+    summary = RunSummary(
+        steps=run.done,
+        train_loss=run.last_loss,
+        best_eval_loss=progress.best_eval_loss,
+        best_step=progress.best_step,
+        stopped=run.stopped,
+        final=run.config.final if progress.best_step is not None else "last",
+    )
     if run.main:
-        checkpoint.write_adapter_into(
-            run.out, final_emb, run.base, {**run.adapter_kwargs, "extra": {"training": summary}}
-        )
+        run.folder.write_final(run.prompt, summary)
         run.logger.close()
     run.accelerator.wait_for_everyone()
     return TrainResult(
-        adapter_dir=str(run.out),
+        adapter_dir=str(run.folder.path),
         steps=run.done,
         train_loss=run.last_loss,
-        best_eval_loss=state.best_eval_loss,
-        best_step=state.best_step,
+        best_eval_loss=progress.best_eval_loss,
+        best_step=progress.best_step,
         stopped=run.stopped,
         tokens_per_second=run.run_tokens / run.run_time if run.run_time else 0.0,
-        train_records=len(run.examples),
-        eval_records=len(run.eval_examples),
-        skipped=run.skipped,
-        truncated=run.truncated,
+        train_records=len(data.examples),
+        eval_records=len(data.eval_examples),
+        skipped=data.skipped,
+        truncated=data.truncated,
     )
 
 
-def _saved_tensor(prompt: torch.nn.Module) -> torch.Tensor:
-    """What the adapter saves: the module's output (a prompt encoder's embeddings, a projected prefix), fp32 CPU."""
-    with torch.no_grad():
-        return prompt().detach().float().cpu()
-
-
-def _stop_on_nan(out: Path, step: int, loss: float, bar) -> None:
-    if bar is not None:
-        bar.close()
-    found = checkpoint.list_checkpoints(out)
+def _stop_on_nan(run: Run, step: int, loss: float) -> None:
+    if run.bar is not None:
+        run.bar.close()
+    found = run.folder.checkpoints()
     keep = (
-        f"the last good checkpoint is {found[-1]} (resume with --resume {out})"
+        f"the last good checkpoint is {found[-1]} (resume with --resume {run.folder.path})"
         if found
         else "no checkpoint had been written yet"
     )
