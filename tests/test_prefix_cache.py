@@ -53,6 +53,60 @@ def test_a_block_is_found_only_with_its_whole_prefix_and_a_token_is_always_left_
     assert stats.prompt_tokens == 10 + 8 + 4 + 9 + 10 + 10
 
 
+def test_pinned_blocks_survive_memory_pressure_until_unpinned():
+    one = block(0).numel() * block(0).element_size()  # bytes per block
+    cache = PrefixCache(4 * one, block_tokens=4)
+    document = list(range(100, 112))  # 3 full blocks
+    cache.store(7, document, block)
+    assert cache.pin(7, document) == 12 and cache.pin(7, document) == 12  # pinning twice is one pin
+    for i in range(6):  # other prompts push everything unpinned out
+        cache.store(7, [i] * 8, block)
+    assert cache.cached_length(7, document + [0]) == 12  # still held: never evicted
+    stats = cache.stats()
+    assert (stats.pinned_blocks, stats.pinned_bytes, stats.bytes) == (3, 3 * one, 4 * one)
+    cache.store(8, list(range(8)), block)  # two blocks, room for one beside the pins
+    assert cache.pin(8, list(range(8))) == 4 and cache.stats().pinned_blocks == 4  # its second block was evicted
+    assert cache.unpin(7, document) == 12 and cache.stats().pinned_blocks == 1
+    for i in range(6):
+        cache.store(7, [50 + i] * 8, block)
+    assert cache.cached_length(7, document + [0]) == 0  # evicted like any other block once unpinned
+    cache.store(7, document, block)
+    cache.pin(7, document)
+    cache.retain({8})  # its adapter was removed: the pin goes with it
+    assert cache.cached_length(7, document + [0]) == 0 and cache.stats().pinned_bytes == one  # owner 8's stays
+
+
+def test_engine_pins_a_document_and_requests_reuse_it_exactly(base, dtype):
+    """A pinned document stays cached through traffic that would evict it, and a question about it gives the
+    tokens it gives with no cache at all (bit for bit in bf16)."""
+    adapter = random_adapter(5, seed=4)
+    plain = Engine(base, {"a": adapter})
+    cache = PrefixCache(1 << 17)
+    engine = Engine(base, {"a": adapter}, prefix_cache=cache)
+    document = engine.encode(HEAD * 3, adapter="a")[:-4]
+    pinned = engine.pin_prefix(document, adapter="a")
+    assert pinned == len(document) // 16 * 16 and cache.stats().pinned_blocks == pinned // 16
+    rng = random.Random(0)
+    noise = [GenerationRequest(engine.encode(rng.choice(TAILS) * 20, adapter="a"), adapter="a", max_new_tokens=2)
+             for _ in range(6)]  # fmt: skip
+    engine.generate(noise)
+    assert cache.stats().evicted_blocks > 0  # the traffic did overflow the cache
+    owner = engine.prompt_cache.identity("a")
+    assert cache.cached_length(owner, document + [1]) == pinned
+    question = GenerationRequest(document + engine.encode("Why?"), adapter="a", max_new_tokens=8)
+    before = cache.stats().cached_tokens
+    (got,) = engine.generate([question])
+    (want,) = plain.generate([question])
+    assert cache.stats().cached_tokens - before == pinned
+    assert got.token_ids == want.token_ids
+    assert engine.unpin_prefix(document, adapter="a") == pinned
+    small = Engine(base, {"a": adapter}, prefix_cache=PrefixCache(cache.stats().bytes // 8))
+    with pytest.raises(ValueError) as err:
+        small.pin_prefix(document, adapter="a")
+    assert str(err.value).startswith(f"the prefix cache ({small.prefix_cache.max_bytes:,} bytes) cannot hold this ")
+    assert small.prefix_cache.stats().pinned_blocks == 0
+
+
 def test_store_computes_only_blocks_it_does_not_hold():
     cache = PrefixCache(1 << 20, block_tokens=4)
     asked = []

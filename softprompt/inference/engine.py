@@ -70,6 +70,30 @@ class Engine:
             )
         fit_prompt(request, self.prompt_cache.num_virtual_tokens(request.adapter), context_length(self.base))
 
+    def pin_prefix(self, prompt_ids: list[int], adapter: str | None = None) -> int:
+        """Compute the keys/values of a prompt start (a document, a system prompt) for `adapter` and pin them in the
+        prefix cache, so that every later prompt starting with it reuses them and they are never evicted; returns
+        the number of tokens pinned (whole blocks). `unpin_prefix` releases them."""
+        if self.prefix_cache is None:
+            raise ValueError("pinning a prefix needs a prefix cache (Engine(..., prefix_cache=PrefixCache(...)))")
+        self.generate([GenerationRequest(list(prompt_ids), adapter=adapter, max_new_tokens=1)])  # stores its blocks
+        owner, size = self.prompt_cache.identity(adapter), self.prefix_cache.block_tokens
+        pinned, wanted = self.prefix_cache.pin(owner, prompt_ids), len(prompt_ids) // size * size
+        if pinned < wanted:
+            self.prefix_cache.unpin(owner, prompt_ids)
+            raise ValueError(
+                f"the prefix cache ({self.prefix_cache.max_bytes:,} bytes) cannot hold this prefix of "
+                f"{len(prompt_ids)} tokens besides what is pinned already ({pinned} of {wanted} tokens fit); give "
+                "the cache more memory (--prefix-cache-mb)"
+            )
+        return pinned
+
+    def unpin_prefix(self, prompt_ids: list[int], adapter: str | None = None) -> int:
+        """Let a pinned prompt start be evicted again; returns the number of tokens unpinned."""
+        if self.prefix_cache is None:
+            return 0
+        return self.prefix_cache.unpin(self.prompt_cache.identity(adapter), prompt_ids)
+
     def new_batch(self) -> DecodeBatch:
         """An empty DecodeBatch over this engine's caches."""
         return DecodeBatch(self.base, self.prompt_cache, prefix_cache=self.prefix_cache)

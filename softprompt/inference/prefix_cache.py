@@ -17,6 +17,11 @@ recently used than its descendants: eviction takes leaves first and never leaves
 the blocks of owners that are gone (removed or replaced adapters). All methods take one lock, so the server's worker
 thread and a /health request can use the cache at once.
 
+Pinned prefixes (`pin`): the blocks of a prompt start that must stay (a long document many requests ask about, a
+system prompt) are never evicted; they count against `max_bytes` (what is left is shared LRU by everything else).
+A pin covers a whole path from the first block, so eviction still never strands a block.
+Pins end with `unpin` or when their adapter is removed or replaced (`retain`).
+
 What is exact: a cached block holds the tensors any prefill of a prompt with the same start computes for those
 tokens (in row-exact mode the engine runs a prefill's attention in chunks of `block_tokens` aligned to the prompt's
 start, so a block does not depend on what follows it), and the engine runs the rest of the prompt on top of them.
@@ -71,6 +76,8 @@ class PrefixCacheStats:
     evicted_blocks: int = 0  # evicted for room (LRU) or dropped with their adapter
     blocks: int = 0  # held now
     bytes: int = 0  # held now
+    pinned_blocks: int = 0  # of them, pinned (never evicted)
+    pinned_bytes: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -89,6 +96,7 @@ class PrefixCache:
         self.max_bytes, self.block_tokens = max_bytes, block_tokens
         self._blocks: OrderedDict[_Key, _Block] = OrderedDict()  # least recently used first
         self._owners: dict[int, int] = {}  # owner -> number of blocks held
+        self._pinned: set[_Key] = set()
         self._ids = itertools.count()
         self._stats = PrefixCacheStats(block_tokens, max_bytes)
         self._lock = threading.Lock()
@@ -135,6 +143,29 @@ class PrefixCache:
             self._touch(path)
             self._evict()
 
+    def pin(self, owner: int, ids: Sequence[int]) -> int:
+        """Pin the held blocks of `ids`'s start (from its first block to the first one not held) so that they are
+        never evicted; returns the number of tokens pinned (fewer than `ids` has when the cache could not hold them
+        all)."""
+        with self._lock:
+            path = self._walk(owner, list(ids) + [-1])  # whole blocks, the last one included
+            for block in path:
+                if block.key not in self._pinned:
+                    self._pinned.add(block.key)
+                    self._stats.pinned_blocks += 1
+                    self._stats.pinned_bytes += block.nbytes
+            self._touch(path)
+            return len(path) * self.block_tokens
+
+    def unpin(self, owner: int, ids: Sequence[int]) -> int:
+        """Let the blocks of `ids`'s start be evicted again (LRU); returns the number of tokens unpinned."""
+        with self._lock:
+            path = [block for block in self._walk(owner, list(ids) + [-1]) if block.key in self._pinned]
+            for block in path:
+                self._unpin(block)
+            self._evict()
+            return len(path) * self.block_tokens
+
     def retain(self, owners: set[int]) -> None:
         """Drop every block whose owner is not in `owners` (adapters removed or replaced since)."""
         with self._lock:
@@ -179,7 +210,14 @@ class PrefixCache:
         self._stats.blocks += 1
         self._stats.bytes += block.nbytes
 
+    def _unpin(self, block: _Block) -> None:
+        self._pinned.discard(block.key)
+        self._stats.pinned_blocks -= 1
+        self._stats.pinned_bytes -= block.nbytes
+
     def _remove(self, key: _Key) -> None:
+        if key in self._pinned:
+            self._unpin(self._blocks[key])
         block = self._blocks.pop(key)
         left = self._owners[key.owner] - 1
         if left:
@@ -191,5 +229,10 @@ class PrefixCache:
         self._stats.bytes -= block.nbytes
 
     def _evict(self) -> None:
-        while self._stats.bytes > self.max_bytes:
-            self._remove(next(iter(self._blocks)))
+        """Remove least recently used unpinned blocks until the cache fits max_bytes."""
+        if self._stats.bytes <= self.max_bytes:
+            return
+        for key in [k for k in self._blocks if k not in self._pinned]:
+            if self._stats.bytes <= self.max_bytes:
+                break
+            self._remove(key)
