@@ -230,6 +230,13 @@ class TrainConfig:
     gradient_checkpointing: bool = option(
         False, "recompute activations in the backward pass (less memory, ~30% slower)", group=OPTIM
     )
+    shard_base: bool = option(
+        False,
+        "under torchrun / accelerate launch, shard the frozen base's decoder layers over the processes (FSDP2), so "
+        "each keeps 1/N of their weights: for a base bigger than one device (the prompt stays whole on every "
+        "process)",
+        group=OPTIM,
+    )
     dtype: str = dtype_option()
     device: str | None = device_option()
     threads: int | None = threads_option()
@@ -243,6 +250,11 @@ class TrainConfig:
         check_options(self)
         if self.encoder_type != "mlp" and self.method != "ptuning":
             raise OptionError(f"--encoder-type is for --method ptuning (this run has --method {self.method})")
+        if self.shard_base and self.gradient_checkpointing:
+            raise OptionError(
+                "--shard-base does not work with --gradient-checkpointing: recomputing a sharded layer would gather "
+                "its weights a third time in an order the other processes do not follow"
+            )
         if self.encoder_hidden_size is not None and not (
             self.method == "ptuning" or (self.method == "prefix" and self.prefix_projection)
         ):

@@ -39,6 +39,7 @@ from softprompt.data.records import DataError, Fields, load_records, parse_words
 from softprompt.data.templates import Template
 from softprompt.formats import checkpoint
 from softprompt.formats.adapter import load_adapter, save_adapter
+from softprompt.training import distributed
 from softprompt.training.config import TrainConfig, default_batch_tokens, length_cap
 from softprompt.training.metrics import MetricsLogger
 from softprompt.training.optim import build_optimizer, lr_at
@@ -135,6 +136,7 @@ class Run:
     start: int
     state: TrainState
     plans: EpochPlans
+    sharded: distributed.ShardedBase | None = None  # --shard-base: every process runs the same passes
     logger: MetricsLogger | None = None
     bar: Any = None
     window: LogWindow | None = None
@@ -189,10 +191,13 @@ def _setup(config: TrainConfig) -> Run:
         )
     train_recs, eval_recs = _load_records(config, label_words)
     # the model is loaded after the records, so bad data fails fast
+    device = str(accelerator.device) if auto else config.device
     base = (
         config.model
         if isinstance(config.model, FrozenModel)
-        else load_base(config.model, device=str(accelerator.device) if auto else config.device, dtype=config.dtype)
+        else load_base(
+            config.model, **distributed.load_args(config.shard_base, accelerator.num_processes, device, config.dtype)
+        )
     )
     if label_words is None and config.auto_label_words and config.label_field is None:
         label_words = detect_label_words(
@@ -233,6 +238,7 @@ def _setup(config: TrainConfig) -> Run:
         encoder_hidden_size=config.encoder_hidden_size,
         encoder_type=config.encoder_type,
     )
+    sharded = distributed.shard_if_asked(config.shard_base, base, accelerator, device)
     optimizer = build_optimizer(config.optimizer, list(prompt.parameters()), config.peak_lr, config.weight_decay)
     state = TrainState(
         best_eval_loss=None,
@@ -283,6 +289,7 @@ def _setup(config: TrainConfig) -> Run:
             config.seed,
             _classes(examples, train_recs.items, label_words) if config.balance_classes else None,
         ),
+        sharded=sharded,
     )
     _start_reporting(run)
     return run
@@ -493,11 +500,20 @@ def _accumulate_gradients(run: Run, mine: list[int], label_total: int) -> torch.
     virtual = prompt.virtual() if run.mode == "kv" else None
     examples = [run.examples[i] for i in mine]
     shared = batching.shared_prompt_length(examples) if run.mode == "kv" else 0
+    if run.sharded is not None and not distributed.agree_all(shared > 0, device):
+        shared = 0  # a sharded base runs the shared text on every process or on none (same values either way)
     text = torch.tensor(examples[0].ids[:shared] if shared else [], dtype=torch.long, device=device)
     prefix = forward.SharedPrefix(model, virtual, text) if run.mode == "kv" else None
     rest = [e.after(shared) for e in examples]
-    for micro in batching.micro_batches(list(range(len(rest))), [len(e) for e in rest], run.config.max_batch_tokens):
-        batch = batching.collate([rest[i] for i in micro], run.base.tokenizer.pad_token_id, device)
+    micros = batching.micro_batches(list(range(len(rest))), [len(e) for e in rest], run.config.max_batch_tokens)
+    passes = distributed.agree_max(len(micros), device) if run.sharded is not None else len(micros)
+    for k in range(passes):
+        # a sharded base needs the same passes on every process: one with fewer micro-batches repeats its last
+        # one at weight 0 (its gradient adds exact zeros)
+        weight = 1.0 if k < len(micros) else 0.0
+        batch = batching.collate(
+            [rest[i] for i in micros[min(k, len(micros) - 1)]], run.base.tokenizer.pad_token_id, device
+        )
         nll, _ = forward.label_nll(
             model,
             virtual or prompt.virtual(),
@@ -507,9 +523,9 @@ def _accumulate_gradients(run: Run, mine: list[int], label_total: int) -> torch.
             mode=run.mode,
             prefix=prefix,
         )
-        loss = nll.sum() / label_total
+        loss = nll.sum() / label_total * weight  # x 1.0 is exact: unsharded runs are unchanged
         run.scaler.scale(loss).backward()
-        nll_sum += nll.sum().detach().float()
+        nll_sum += nll.sum().detach().float() * weight
     if prefix is not None:
         prefix.backward()
     return nll_sum
@@ -542,7 +558,7 @@ def _evaluate(run: Run) -> None:
         run.eval_examples,
         config.max_batch_tokens,
         run.base.tokenizer.pad_token_id,
-        run.accelerator,
+        run.accelerator if run.sharded is None else None,  # sharded: every process scores all, in lock-step
     )
     improved = state.best_eval_loss is None or eval_loss < state.best_eval_loss
     if improved:
