@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_tokenizer
+from helpers import save_tiny, tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from softprompt.cli import build_parser
 from softprompt.core.attention import use_grouped_sdpa
 from softprompt.core.mlp import use_lean_mlp
 from softprompt.core.models import FrozenModel, freeze
@@ -95,9 +96,27 @@ for method in METHODS:  # one launch for both methods (a launch costs seconds)
     base.model.base_model.reshard()  # the root (final norm) stays gathered after a forward; the layers never do
     local = {{"model": distributed.weight_bytes(base.model), "layers": distributed.weight_bytes(layers)}}
     reports[method] = {{"local": local, "calls": list(calls), "eval": result.best_eval_loss}}
+# the command line, with a model folder: loaded into host memory, then only the shards move to the device
+build_parser = __import__("softprompt.cli", fromlist=["build_parser"]).build_parser
+args = build_parser().parse_args(["train", "--shard-base", "--batch-size", "2", *{cli!r}])
+assert args.func(args) == 0
 with open({report!r} + str(dist.get_rank()), "w") as f:
     json.dump(reports, f)
 """
+
+
+def cli_flags(tmp: Path, out: Path) -> list[str]:
+    """`softprompt train` flags for the settings() run on a saved model folder (batch size apart)."""
+    data, eval_data = tmp / "train.jsonl", tmp / "eval.jsonl"
+    for path, records in ((data, RECORDS), (eval_data, EVAL)):
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    if not (tmp / "model").exists():
+        save_tiny(sharded_llama(), tmp / "model")
+    flags = "--num-virtual-tokens 4 --init random --lr 0.3 --max-steps 4 --eval-every 2 --save-every 2"
+    flags += " --max-batch-tokens 56 --no-progress --threads 1 --dtype float32"
+    return ["--data", str(data), "--eval-data", str(eval_data), "--out", str(out), "--model", str(tmp / "model")] + (
+        flags.split()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +126,8 @@ def two_processes(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sharded")
     report = str(tmp / "rank")
     script = tmp / "sharded.py"
-    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp / "two"), report=report))
+    cli = cli_flags(tmp, tmp / "two-cli")
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp / "two"), report=report, cli=cli))
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541", script],
         capture_output=True,
@@ -116,13 +136,14 @@ def two_processes(tmp_path_factory):
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("base sharded over 2 processes (FSDP2, 4 decoder layers)") == len(METHODS)
-    return tmp / "two", [json.loads(Path(report + str(rank)).read_text()) for rank in range(2)]
+    assert run.stdout.count("base sharded over 2 processes (FSDP2, 4 decoder layers)") == len(METHODS) + 1
+    return tmp, [json.loads(Path(report + str(rank)).read_text()) for rank in range(2)]
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_sharded_base_trains_the_adapter_one_process_trains(two_processes, tmp_path, method):
-    prefix, reports = two_processes
+    tmp, reports = two_processes
+    prefix = tmp / "two"
     ranks = [r[method] for r in reports]
     whole = sharded_llama()
     one = train(TrainConfig(**settings(tmp_path / "one", model=whole, batch_size=4, method=method)))
@@ -143,6 +164,15 @@ def test_sharded_base_trains_the_adapter_one_process_trains(two_processes, tmp_p
     counts = list(zip(ranks[0]["calls"], ranks[1]["calls"]))
     assert len(counts) == 4 and all(a[1] == b[1] == max(a[0], b[0]) for a, b in counts)
     assert any(a[0] != b[0] for a, b in counts)
+
+
+def test_sharded_base_from_the_command_line_trains_what_one_process_trains(two_processes, tmp_path):
+    tmp, _ = two_processes
+    args = build_parser().parse_args(["train", "--batch-size", "4", *cli_flags(tmp, tmp_path / "one")])
+    assert args.func(args) == 0
+    assert torch.allclose(
+        load_adapter(tmp_path / "one").embeddings, load_adapter(tmp / "two-cli").embeddings, atol=1e-5
+    )
 
 
 def test_shard_base_is_refused_with_gradient_checkpointing(tmp_path):
