@@ -250,11 +250,6 @@ class TrainConfig:
         check_options(self)
         if self.encoder_type != "mlp" and self.method != "ptuning":
             raise OptionError(f"--encoder-type is for --method ptuning (this run has --method {self.method})")
-        if self.shard_base and self.gradient_checkpointing:
-            raise OptionError(
-                "--shard-base does not work with --gradient-checkpointing: recomputing a sharded layer would gather "
-                "its weights a third time in an order the other processes do not follow"
-            )
         if self.encoder_hidden_size is not None and not (
             self.method == "ptuning" or (self.method == "prefix" and self.prefix_projection)
         ):
