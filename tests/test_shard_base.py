@@ -3,6 +3,7 @@ one process holding the whole base, while each process holds half of the decoder
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,8 @@ RECORDS = [
     {"instruction": f"question {i}", "input": "x" * (i * 7 % 23), "output": "abab" if i % 2 else "cdcd"}
     for i in range(16)
 ]
-EVAL = [{"instruction": f"held {i}", "input": "y" * (i * 5 % 11), "output": "abab"} for i in range(5)]
+# one long record: the process scoring it needs 2 batches, the other 1
+EVAL = [{"instruction": f"held {i}", "input": "y" * n, "output": "abab"} for i, n in enumerate([30, 0, 2, 4, 6])]
 
 
 def sharded_llama(seed: int = 0) -> FrozenModel:
@@ -82,7 +84,7 @@ from softprompt.training import distributed
 from softprompt.training.config import TrainConfig
 from softprompt.training.loop import train
 
-calls = []  # (this process's micro-batch count, the count every process runs)
+calls = []  # (this process's micro-batch count, the count every process runs), in training and evaluation
 agree = distributed.agree_max
 distributed.agree_max = lambda value, device: calls.append((value, agree(value, device))) or calls[-1][1]
 reports = {{}}
@@ -119,6 +121,13 @@ def cli_flags(tmp: Path, out: Path) -> list[str]:
     )
 
 
+def free_port() -> str:
+    """A port no one listens on now (a fixed one collides with another run of the suite on the machine)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     """Train each method with --shard-base on 2 torchrun processes: (output prefix, each process's report: its
@@ -129,7 +138,7 @@ def two_processes(tmp_path_factory):
     cli = cli_flags(tmp, tmp / "two-cli")
     script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp / "two"), report=report, cli=cli))
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541", script],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(), script],
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -162,8 +171,9 @@ def test_sharded_base_trains_the_adapter_one_process_trains(two_processes, tmp_p
         assert 0.5 < rank["local"]["model"] / full < 0.6
     # in some steps the two processes had different micro-batch counts, and both ran the larger count
     counts = list(zip(ranks[0]["calls"], ranks[1]["calls"]))
-    assert len(counts) == 4 and all(a[1] == b[1] == max(a[0], b[0]) for a, b in counts)
-    assert any(a[0] != b[0] for a, b in counts)
+    assert len(counts) == 6 and all(a[1] == b[1] == max(a[0], b[0]) for a, b in counts)
+    steps, evaluations = [counts[i] for i in (0, 1, 3, 4)], [counts[i] for i in (2, 5)]  # eval after steps 2 and 4
+    assert any(a[0] != b[0] for a, b in steps) and all(a[0] != b[0] for a, b in evaluations)
 
 
 def test_sharded_base_with_gradient_checkpointing_from_the_command_line(two_processes, tmp_path):

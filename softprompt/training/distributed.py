@@ -9,7 +9,7 @@ weight is a DTensor that cannot mix with plain tensors; for a 70B Llama they are
 
 The trainable prompt is not touched: every process holds all of it, and the loop sums its gradient with one
 all-reduce as without sharding. What sharding asks of the loop is lock-step: every gather is a collective, so every
-process must run the same sequence of forward and backward passes through the base (`agree_max`, `agree_all`).
+process must run the same sequence of forward and backward passes through the base (`Lockstep`).
 """
 
 from __future__ import annotations
@@ -29,14 +29,15 @@ class ShardedBase:
     layers: int
     local_bytes: int  # this process's bytes of the base's weights: its shards plus the whole embedding / head
     full_bytes: int  # all of the base's weight bytes (tied tensors once)
-    sharded_full_bytes: int  # the bytes that are sharded (all of the decoder layers')
+    sharded_full_bytes: int  # the decoder layers' bytes (sharded)
+    whole_bytes: int  # the embedding's and LM head's bytes (whole on every process)
 
     def describe(self) -> str:
         gb = 1e9
         return (
             f"base sharded over {self.processes} processes (FSDP2, {self.layers} decoder layers): "
             f"{self.local_bytes / gb:.3g} GB of its {self.full_bytes / gb:.3g} GB of weights on each process "
-            f"(the embedding and LM head, {(self.full_bytes - self.sharded_full_bytes) / gb:.3g} GB, whole)"
+            f"(the embedding and LM head, {self.whole_bytes / gb:.3g} GB, whole)"
         )
 
 
@@ -103,7 +104,8 @@ def shard_base(base: FrozenModel, device: torch.device, processes: int) -> Shard
         fully_shard(layer, mesh=mesh, reshard_after_forward=True)
     # the root gathers what is left of the stack (final norm, learned positions) for its whole forward
     fully_shard(model.base_model, mesh=mesh, ignored_params=whole)
-    return ShardedBase(processes, len(layers), weight_bytes(model), full, layer_bytes)
+    whole_bytes = sum(p.numel() * p.element_size() for p in whole)
+    return ShardedBase(processes, len(layers), weight_bytes(model), full, layer_bytes, whole_bytes)
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
@@ -116,6 +118,20 @@ def weight_bytes(module: torch.nn.Module) -> int:
         local = param.to_local() if isinstance(param, DTensor) else param
         total += local.numel() * local.element_size()
     return total
+
+
+@dataclass(frozen=True)
+class Lockstep:
+    """What keeps processes sharing a sharded base in step (`agree_max`, `agree_all` on `device`); every process
+    calls each method at the same point."""
+
+    device: torch.device
+
+    def max(self, value: int) -> int:
+        return agree_max(value, self.device)
+
+    def all(self, flag: bool) -> bool:
+        return agree_all(flag, self.device)
 
 
 def agree_max(value: int, device: torch.device) -> int:

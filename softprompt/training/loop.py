@@ -500,13 +500,14 @@ def _accumulate_gradients(run: Run, mine: list[int], label_total: int) -> torch.
     virtual = prompt.virtual() if run.mode == "kv" else None
     examples = [run.examples[i] for i in mine]
     shared = batching.shared_prompt_length(examples) if run.mode == "kv" else 0
-    if run.sharded is not None and not distributed.agree_all(shared > 0, device):
+    lockstep = distributed.Lockstep(device) if run.sharded is not None else None
+    if lockstep is not None and not lockstep.all(shared > 0):
         shared = 0  # a sharded base runs the shared text on every process or on none (same values either way)
     text = torch.tensor(examples[0].ids[:shared] if shared else [], dtype=torch.long, device=device)
     prefix = forward.SharedPrefix(model, virtual, text) if run.mode == "kv" else None
     rest = [e.after(shared) for e in examples]
     micros = batching.micro_batches(list(range(len(rest))), [len(e) for e in rest], run.config.max_batch_tokens)
-    passes = distributed.agree_max(len(micros), device) if run.sharded is not None else len(micros)
+    passes = lockstep.max(len(micros)) if lockstep is not None else len(micros)
     for k in range(passes):
         # a sharded base needs the same passes on every process: one with fewer micro-batches repeats its last
         # one at weight 0 (its gradient adds exact zeros)
@@ -558,7 +559,8 @@ def _evaluate(run: Run) -> None:
         run.eval_examples,
         config.max_batch_tokens,
         run.base.tokenizer.pad_token_id,
-        run.accelerator if run.sharded is None else None,  # sharded: every process scores all, in lock-step
+        run.accelerator,
+        lockstep=distributed.Lockstep(run.base.device) if run.sharded is not None else None,
     )
     improved = state.best_eval_loss is None or eval_loss < state.best_eval_loss
     if improved:
