@@ -247,7 +247,12 @@ class SharedPrefix:
         prompt = as_virtual(prompt)
         kv, last = prompt_kv(model, prompt) if prompt is not None else ([], None)
         length = prompt.num_virtual_tokens if prompt is not None else 0
+        self._anchor = None
         if text_ids is not None and text_ids.numel():
+            # a base sharded with FSDP (--shard-base) gathers a layer's weights for the backward pass when the
+            # gradient of the layer's output arrives; the virtual tokens' last layer output then feeds nothing but
+            # its keys/values do, so it gets a zero gradient that makes that layer gather first
+            self._anchor = last if last is not None and _fsdp_sharded(model) else None
             ids = text_ids.reshape(1, -1)
             s = ids.shape[1]
             mask = torch.ones(1, length + s, dtype=torch.long, device=ids.device)
@@ -268,8 +273,19 @@ class SharedPrefix:
         sources = [t for pair in self._kv for t in pair] + [s for s, _ in last]
         copies = [t for pair in self.kv for t in pair] + [c for _, c in last]
         used = [(s, c.grad) for s, c in zip(sources, copies) if c.grad is not None and s.requires_grad]
+        if used and self._anchor is not None and self._anchor.requires_grad:
+            used.append((self._anchor, torch.zeros_like(self._anchor)))
         if used:
             torch.autograd.backward([s for s, _ in used], [g for _, g in used])
+
+
+def _fsdp_sharded(model) -> bool:
+    """True when the decoder stack is sharded with torch's FSDP2 (fully_shard)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model.base_model, FSDPModule)
 
 
 def text_hidden(

@@ -230,6 +230,13 @@ class TrainConfig:
     gradient_checkpointing: bool = option(
         False, "recompute activations in the backward pass (less memory, ~30% slower)", group=OPTIM
     )
+    shard_base: bool = option(
+        False,
+        "under torchrun / accelerate launch, shard the frozen base's decoder layers over the processes (FSDP2), so "
+        "each keeps 1/N of their weights: for a base bigger than one device (the prompt stays whole on every "
+        "process)",
+        group=OPTIM,
+    )
     dtype: str = dtype_option()
     device: str | None = device_option()
     threads: int | None = threads_option()

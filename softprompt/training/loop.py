@@ -39,6 +39,7 @@ from softprompt.data.records import DataError, Fields, load_records, parse_words
 from softprompt.data.templates import Template
 from softprompt.formats.adapter import AdapterMetadata
 from softprompt.formats.run_folder import Progress, RunFolder, RunKey, RunSummary
+from softprompt.training import distributed
 from softprompt.training.config import TrainConfig, default_batch_tokens, length_cap
 from softprompt.training.metrics import MetricsLogger
 from softprompt.training.optim import build_optimizer, lr_at
@@ -106,6 +107,7 @@ class Run:
     start: int
     progress: Progress
     plans: batching.EpochPlans
+    sharded: distributed.ShardedBase | None = None  # --shard-base: every process runs the same passes
     logger: MetricsLogger | None = None
     bar: Any = None
     window: LogWindow | None = None
@@ -165,6 +167,7 @@ def _setup(config: TrainConfig) -> Run:
         encoder_hidden_size=config.encoder_hidden_size,
         encoder_type=config.encoder_type,
     )
+    sharded = distributed.shard_if_asked(config.shard_base, base, accelerator, _device(config, accelerator))
     optimizer = build_optimizer(config.optimizer, list(prompt.parameters()), config.peak_lr, config.weight_decay)
     metadata = AdapterMetadata.of(prompt, init=init, template=template, label_words=data.label_words)
     key = RunKey(len(data.examples), step_records, config.seed, prompt.method)
@@ -194,6 +197,7 @@ def _setup(config: TrainConfig) -> Run:
         done=start,
         progress=progress,
         plans=batching.EpochPlans(data.lengths, step_records, config.seed, data.classes),
+        sharded=sharded,
     )
     _start_reporting(run)
     return run
@@ -211,6 +215,11 @@ def _accelerator(config: TrainConfig):
     return accelerator
 
 
+def _device(config: TrainConfig, accelerator) -> str:
+    """The device this process trains on: the one accelerate gives it (auto), or the one asked for."""
+    return str(accelerator.device) if config.device in (None, "auto") else config.device
+
+
 def _load(config: TrainConfig, accelerator) -> tuple[TrainConfig, FrozenModel, Template, TrainData]:
     """The template, the records, the model, label words found in the data, and the tokenised examples; the config
     with the sizes left to the model filled in."""
@@ -223,11 +232,13 @@ def _load(config: TrainConfig, accelerator) -> tuple[TrainConfig, FrozenModel, T
         )
     train_recs, eval_recs = _load_records(config, label_words)
     # the model is loaded after the records, so bad data fails fast
-    auto = config.device in (None, "auto")
+    device = _device(config, accelerator)
     base = (
         config.model
         if isinstance(config.model, FrozenModel)
-        else load_base(config.model, device=str(accelerator.device) if auto else config.device, dtype=config.dtype)
+        else load_base(
+            config.model, **distributed.load_args(config.shard_base, accelerator.num_processes, device, config.dtype)
+        )
     )
     if label_words is None and config.auto_label_words and config.label_field is None:
         label_words = detect_label_words(
@@ -368,11 +379,21 @@ def _accumulate_gradients(run: Run, mine: list[int], label_total: int) -> torch.
     virtual = prompt.virtual() if run.mode == "kv" else None
     examples = [run.data.examples[i] for i in mine]
     shared = batching.shared_prompt_length(examples) if run.mode == "kv" else 0
+    lockstep = distributed.Lockstep(device) if run.sharded is not None else None
+    if lockstep is not None and not lockstep.all(shared > 0):
+        shared = 0  # a sharded base runs the shared text on every process or on none (same values either way)
     text = torch.tensor(examples[0].ids[:shared] if shared else [], dtype=torch.long, device=device)
     prefix = forward.SharedPrefix(model, virtual, text) if run.mode == "kv" else None
     rest = [e.after(shared) for e in examples]
-    for micro in batching.micro_batches(list(range(len(rest))), [len(e) for e in rest], run.config.max_batch_tokens):
-        batch = batching.collate([rest[i] for i in micro], run.base.tokenizer.pad_token_id, device)
+    micros = batching.micro_batches(list(range(len(rest))), [len(e) for e in rest], run.config.max_batch_tokens)
+    passes = lockstep.max(len(micros)) if lockstep is not None else len(micros)
+    for k in range(passes):
+        # a sharded base needs the same passes on every process: one with fewer micro-batches repeats its last
+        # one at weight 0 (its gradient adds exact zeros)
+        weight = 1.0 if k < len(micros) else 0.0
+        batch = batching.collate(
+            [rest[i] for i in micros[min(k, len(micros) - 1)]], run.base.tokenizer.pad_token_id, device
+        )
         nll, _ = forward.label_nll(
             model,
             virtual or prompt.virtual(),
@@ -382,9 +403,9 @@ def _accumulate_gradients(run: Run, mine: list[int], label_total: int) -> torch.
             mode=run.mode,
             prefix=prefix,
         )
-        loss = nll.sum() / label_total
+        loss = nll.sum() / label_total * weight  # x 1.0 is exact: unsharded runs are unchanged
         run.scaler.scale(loss).backward()
-        nll_sum += nll.sum().detach().float()
+        nll_sum += nll.sum().detach().float() * weight
     if prefix is not None:
         prefix.backward()
     return nll_sum
@@ -421,6 +442,7 @@ def _evaluate(run: Run) -> None:
         config.max_batch_tokens,
         run.base.tokenizer.pad_token_id,
         run.accelerator,
+        lockstep=distributed.Lockstep(run.base.device) if run.sharded is not None else None,
     )
     improved = progress.best_eval_loss is None or eval_loss < progress.best_eval_loss
     if improved:

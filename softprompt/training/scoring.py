@@ -34,10 +34,13 @@ def nll_per_example(
     max_tokens: int,
     max_rows: int | None = None,
     bar=None,
+    lockstep=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL of each example's label tokens and its label count (float64 / long, on the CPU), computed without
     gradients in length-grouped batches of at most `max_tokens` padded tokens (and `max_rows` rows). The prompt
-    tokens all examples start with run once, with the soft prompt, and the batches hold what follows them."""
+    tokens all examples start with run once, with the soft prompt, and the batches hold what follows them.
+    `lockstep` (training.distributed.Lockstep, a sharded base): every process runs the same passes, each with at
+    least one example."""
     device = model.get_input_embeddings().weight.device
     nll = torch.zeros(len(examples), dtype=torch.float64)
     counts = torch.zeros(len(examples), dtype=torch.long)
@@ -45,15 +48,22 @@ def nll_per_example(
         return nll, counts
     with torch.no_grad():
         shared = batching.shared_prompt_length(examples)
+        if lockstep is not None and not lockstep.all(shared > 0):
+            shared = 0  # the shared text runs on every process or on none (same values either way)
         prefix = None
         if shared or prompt is not None:
             prefix = forward.SharedPrefix(model, prompt, torch.tensor(examples[0].ids[:shared], device=device))
         rest = [e.after(shared) for e in examples]
-        for rows in _batches([len(e) for e in rest], max_tokens, max_rows):
+        batches = _batches([len(e) for e in rest], max_tokens, max_rows)
+        passes = lockstep.max(len(batches)) if lockstep is not None else len(batches)
+        for k in range(passes):
+            rows = batches[min(k, len(batches) - 1)]  # past its own batches, a process repeats its last one unused
             batch = batching.collate([rest[i] for i in rows], pad_id, device)
             row_nll, row_counts = forward.label_nll(
                 model, prompt, batch["input_ids"], batch["attention_mask"], batch["labels"], prefix=prefix
             )
+            if k >= len(batches):
+                continue
             nll[rows] = row_nll.double().cpu()
             counts[rows] = row_counts.cpu()
             if bar is not None:
@@ -189,13 +199,23 @@ def _run_tails(
 
 @torch.no_grad()
 def evaluate_loss(
-    model, prompt: torch.nn.Module, examples: list[batching.Example], max_tokens: int, pad_id: int, accelerator=None
+    model,
+    prompt: torch.nn.Module,
+    examples: list[batching.Example],
+    max_tokens: int,
+    pad_id: int,
+    accelerator=None,
+    lockstep=None,
 ) -> float:
     """Mean NLL per answer token over `examples` (split across processes when there are several); `prompt` is a
-    core.prompt module of any method."""
+    core.prompt module of any method. `lockstep`: see nll_per_example."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     mine = batching.shard(list(range(len(examples))), [len(e) for e in examples], rank, world)
-    nll, counts = nll_per_example(model, prompt.virtual(), [examples[i] for i in mine], pad_id, max_tokens)
+    if lockstep is not None and world > 1 and not lockstep.all(bool(mine)):
+        mine, world = list(range(len(examples))), 1  # fewer examples than processes: every process scores all
+    nll, counts = nll_per_example(
+        model, prompt.virtual(), [examples[i] for i in mine], pad_id, max_tokens, lockstep=lockstep
+    )
     device = model.get_input_embeddings().weight.device
     totals = torch.stack([nll.sum(), counts.sum().double()]).to(device)
     if world > 1:
