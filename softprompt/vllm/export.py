@@ -70,7 +70,7 @@ def export_vllm(config: ExportVllmConfig, base=None) -> dict:
 
     from softprompt.core.models import DEFAULT_MODEL, DEFAULT_MODEL_NAME, load_base
     from softprompt.formats.adapter import check_fits_context, load_adapter
-    from softprompt.serve.vllm_client import check_embeddable, completion_payload
+    from softprompt.vllm.client import check_embeddable, completion_payload
 
     adapter = load_adapter(config.adapter)
     check_embeddable(adapter)
