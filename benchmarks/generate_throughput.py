@@ -54,7 +54,7 @@ from softprompt.core.prompt import SoftPrompt  # noqa: E402
 from softprompt.formats.adapter import Adapter  # noqa: E402
 from softprompt.inference.batch import DecodeBatch, GenerationRequest, eos_ids  # noqa: E402
 from softprompt.inference.engine import Engine  # noqa: E402
-from softprompt.serve.vllm_client import build_prompt_embeds, encode_prompt_embeds, post_json  # noqa: E402
+from softprompt.vllm.client import build_prompt_embeds, encode_prompt_embeds, post_json  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vllm_server import DEFAULT_VENV, VllmStartError, vllm_server, vllm_version  # noqa: E402

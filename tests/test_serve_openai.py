@@ -21,7 +21,7 @@ from softprompt.data.templates import encode_text
 from softprompt.formats.adapter import load_adapter
 from softprompt.inference.batch import GenerationRequest
 from softprompt.inference.sampling import process_logits
-from softprompt.serve.replies import choice_seed
+from softprompt.serve.protocol import choice_seed
 
 ADAPTERS = {"alpha": ("human-assistant", 4), "gamma": ("Q: {instruction}\nA:", 3)}
 

@@ -24,7 +24,7 @@ from jsonschema import Draft202012Validator, validators
 from test_serve import LiveServer, make_adapter
 
 from softprompt import create_app
-from softprompt.serve.schemas import MAX_JSON_DEPTH
+from softprompt.serve.body import MAX_JSON_DEPTH
 
 SETTINGS = dict(
     deadline=None,

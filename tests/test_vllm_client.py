@@ -14,7 +14,7 @@ import torch
 from softprompt.core.prompt import SoftPrompt
 from softprompt.data.templates import Template, encode_text
 from softprompt.formats.adapter import load_adapter, save_adapter
-from softprompt.serve.vllm_client import (
+from softprompt.vllm.client import (
     build_prompt_embeds,
     complete,
     completion_payload,
@@ -175,7 +175,7 @@ def test_export_vllm_writes_rows_recipe_and_a_ready_request(tiny, tiny_dir, tmp_
     assert body == completion_payload("tiny-llama", tiny, adapter, instruction="good film", max_tokens=3)
     # ... and request.json can be posted as it is.
     url, received = stub_vllm
-    from softprompt.serve.vllm_client import post_json
+    from softprompt.vllm.client import post_json
 
     assert post_json(url + "/v1/completions", body)["choices"][0]["text"] == f"rows={5 + len(ids)}"
 

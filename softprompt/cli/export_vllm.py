@@ -1,4 +1,4 @@
-"""`softprompt export-vllm`: flags generated from serve.export.ExportVllmConfig."""
+"""`softprompt export-vllm`: flags generated from vllm.export.ExportVllmConfig."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 
 from softprompt.cli.args import config_from_args
-from softprompt.serve.export import ExportVllmConfig
+from softprompt.vllm.export import ExportVllmConfig
 
 HELP = "write what a vLLM server (--enable-prompt-embeds) needs to serve an adapter"
 DESCRIPTION = (
@@ -21,7 +21,7 @@ OPTIONS = (ExportVllmConfig,)
 
 
 def run(args: argparse.Namespace) -> int:
-    from softprompt.serve.export import export_vllm
+    from softprompt.vllm.export import export_vllm
 
     config = config_from_args(ExportVllmConfig, args)
     info = export_vllm(config)

@@ -307,10 +307,7 @@ class DecodeBatch:
         if request.entry is not None:
             return request.entry
         if request.adapter not in self.prompt_cache:
-            raise UnknownAdapterError(
-                f"request {request.id!r} names adapter {request.adapter!r}, which is not "
-                f"loaded (loaded: {', '.join(self.prompt_cache.names()) or 'none'})"
-            )
+            raise UnknownAdapterError.in_request(request.id, request.adapter, self.prompt_cache.names())
         return self.prompt_cache.entry(request.adapter)
 
     def _owner(self, request: GenerationRequest) -> int:

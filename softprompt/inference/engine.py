@@ -64,10 +64,7 @@ class Engine:
     def check(self, request: GenerationRequest) -> None:
         """Raise the error `DecodeBatch.add` would raise for this request, before any work is done."""
         if request.adapter not in self.prompt_cache:
-            raise UnknownAdapterError(
-                f"request {request.id!r} names adapter {request.adapter!r}, which is not "
-                f"loaded (loaded: {', '.join(self.prompt_cache.names()) or 'none'})"
-            )
+            raise UnknownAdapterError.in_request(request.id, request.adapter, self.prompt_cache.names())
         fit_prompt(request, self.prompt_cache.num_virtual_tokens(request.adapter), context_length(self.base))
 
     def pin_prefix(self, prompt_ids: list[int], adapter: str | None = None) -> int:

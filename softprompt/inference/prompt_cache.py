@@ -46,6 +46,18 @@ class CachedPrompt:
 class UnknownAdapterError(ValueError):
     """A request names an adapter that is not loaded."""
 
+    @classmethod
+    def named(cls, name: str, loaded: list[str]) -> UnknownAdapterError:
+        """The error for adapter `name`, not among `loaded`."""
+        return cls(f"no adapter named {name!r} is loaded (loaded: {', '.join(loaded) or 'none'})")
+
+    @classmethod
+    def in_request(cls, request_id, name: str, loaded: list[str]) -> UnknownAdapterError:
+        """The error for a request whose adapter `name` is not among `loaded`."""
+        return cls(
+            f"request {request_id!r} names adapter {name!r}, which is not loaded (loaded: {', '.join(loaded) or 'none'})"
+        )
+
 
 class PromptCache:
     """Per-adapter keys/values of the virtual tokens (forward.prompt_kv), computed once when an adapter is added and
@@ -86,9 +98,7 @@ class PromptCache:
 
     def remove(self, name: str) -> None:
         if name not in self._entries:
-            raise UnknownAdapterError(
-                f"no adapter named {name!r} is loaded (loaded: {', '.join(self.names()) or 'none'})"
-            )
+            raise UnknownAdapterError.named(name, self.names())
         del self._entries[name]
 
     def get(self, name: str | None) -> tuple[Kv | None, int]:
@@ -102,9 +112,7 @@ class PromptCache:
         try:
             return self._entries[name]
         except KeyError:
-            raise UnknownAdapterError(
-                f"no adapter named {name!r} is loaded (loaded: {', '.join(self.names()) or 'none'})"
-            ) from None
+            raise UnknownAdapterError.named(name, self.names()) from None
 
     def template(self, name: str | None) -> Template:
         """The template to format prompts for this adapter (the default one for the base model)."""

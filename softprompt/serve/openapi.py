@@ -1,5 +1,5 @@
-"""The published /openapi.json: the real request and response models (schemas.py), the error schema on every
-documented 4xx, `text/event-stream` for streams, and no 422 (the server never answers it)."""
+"""The published /openapi.json: the real request and response models (protocol.py, responses.py), the error
+schema on every documented 4xx, `text/event-stream` for streams, and no 422 (the server never answers it)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
-from softprompt.serve.schemas import REQUEST_MODELS, RESPONSE_MODELS
+from softprompt.serve.protocol import REQUEST_MODELS
+from softprompt.serve.responses import RESPONSE_MODELS
 
 
 def schema_ref(name: str) -> dict:

@@ -13,7 +13,7 @@ The soft-prompt KV of each adapter lives in the engine's PromptCache, which the 
 between decode steps. The registry computes a new entry's KV in the calling thread (PromptCache.prepare: the
 worker keeps decoding meanwhile) and changes the cache only through `run_on_worker` (Scheduler.run), never directly
 from a request thread. Replacing an adapter is atomic: PromptCache.put swaps the entry in one assignment, and a
-request pins the entry it was validated against (state.Prepared.entry), so it is served entirely by the old or
+request pins the entry it was validated against (validation.Prepared.entry), so it is served entirely by the old or
 entirely by the new soft prompt; a request admitted before a removal finishes on the removed entry.
 Changes (add, remove, rescan) are serialised by one lock.
 """
@@ -34,16 +34,9 @@ from softprompt.formats.adapter import (
     check_adapter_name,
     load_adapter,
 )
+from softprompt.serve.errors import RegistryError, model_missing
 
 BASE_NAME = "base"
-
-
-class RegistryError(ValueError):
-    """A bad adapter name or path (status 400), an unknown one (404) or a name clash (409)."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
 
 
 def validate_name(name: object) -> str:
@@ -109,7 +102,7 @@ class AdapterRegistry:
         with self.lock:
             entry = self.entries.get(name)
         if entry is None:
-            raise RegistryError(f"The model `{name}` does not exist.", status=404)
+            raise RegistryError(model_missing(name), status=404)
         return entry.adapter
 
     # ---- paths ---------------------------------------------------------------------------------------------
@@ -188,7 +181,7 @@ class AdapterRegistry:
         with self.changes:
             with self.lock:
                 if name not in self.entries:
-                    raise RegistryError(f"The model `{name}` does not exist.", status=404)
+                    raise RegistryError(model_missing(name), status=404)
                 del self.entries[name]
             self.run(lambda: self.cache.remove(name) if name in self.cache else None)
 

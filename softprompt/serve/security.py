@@ -11,15 +11,22 @@
   - POST bodies must be JSON (Content-Type application/json or */*+json); anything else is 415, so an HTML form
     or a `text/plain` fetch from a web page never reaches an endpoint. A POST without a body and without a
     Content-Type (e.g. `curl -X POST .../rescan`) is allowed.
-  - A Content-Length above `max_request_bytes` is 413 before the body is read (the app also counts streamed
+  - A Content-Length above `max_request_bytes` is 413 before the body is read (body.read_body also counts streamed
     bytes, for chunked bodies).
+* `api_key_check(api_key)`, `admin_check(allow_admin, api_key)`: the app's dependencies for the bearer key (on
+  everything but /health) and for the adapter-admin endpoints (403 unless allowed).
 """
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import json
 import warnings
+
+from fastapi import Request
+
+from softprompt.serve.errors import APIError, too_large_message
 
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
 
@@ -63,8 +70,39 @@ def split_host(value: str) -> str:
 
 
 def _error(status: int, message: str, code: str, type: str = "invalid_request_error") -> tuple[int, bytes]:
-    body = {"error": {"message": message, "type": type, "param": None, "code": code}}
-    return status, json.dumps(body).encode()
+    return status, json.dumps(APIError(status, message, type=type, code=code).body()).encode()
+
+
+# ---- the app's dependencies (FastAPI) --------------------------------------------------------------------------
+def api_key_check(api_key: str | None):
+    """A dependency requiring `Authorization: Bearer <api_key>` (compared in constant time) on every path but
+    /health; none when `api_key` is None."""
+
+    async def authorise(request: Request):
+        if api_key is None or request.url.path == "/health":
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), f"Bearer {api_key}".encode()):
+            raise APIError(401, "Incorrect API key provided.", type="authentication_error", code="invalid_api_key")
+
+    return authorise
+
+
+def admin_check(allow_admin: bool, api_key: str | None):
+    """A dependency refusing (403) the adapter-admin endpoints unless `allow_admin`."""
+
+    async def require_admin():
+        if not allow_admin:
+            raise APIError(
+                403,
+                "Adapter administration is disabled on this server: start it with --allow-admin "
+                "(create_app(..., allow_admin=True)) to add, remove or rescan adapters over HTTP"
+                + (" (and set --api-key when others can reach it)." if api_key is None else "."),
+                type="permission_error",
+                code="admin_disabled",
+            )
+
+    return require_admin
 
 
 class Guard:
@@ -171,10 +209,6 @@ class Guard:
 def is_json(content_type: str) -> bool:
     media = content_type.split(";", 1)[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
-
-
-def too_large_message(limit: int) -> str:
-    return f"The request body is too large: this server accepts at most {limit} bytes (max_request_bytes)."
 
 
 def request_too_large(limit: int) -> tuple[int, bytes]:

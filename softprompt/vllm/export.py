@@ -70,7 +70,7 @@ def export_vllm(config: ExportVllmConfig, base=None) -> dict:
 
     from softprompt.core.models import DEFAULT_MODEL, DEFAULT_MODEL_NAME, load_base
     from softprompt.formats.adapter import check_fits_context, load_adapter
-    from softprompt.serve.vllm_client import check_embeddable, completion_payload
+    from softprompt.vllm.client import check_embeddable, completion_payload
 
     adapter = load_adapter(config.adapter)
     check_embeddable(adapter)
@@ -86,8 +86,25 @@ def export_vllm(config: ExportVllmConfig, base=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_file({"prompt_embeds": rows}, str(out / "prompt_embeds.safetensors"))
     torch.save(rows, out / "prompt_embeds.pt")
+    info = _description(config, adapter, rows, recorded)
+    if config.instruction is not None or config.text is not None:
+        if base is None:
+            base = load_base(model_name, device=config.device, dtype=config.dtype)
+        served = config.served_model_name or recorded or base.name
+        kwargs = {"instruction": config.instruction} if config.instruction is not None else {"text": config.text}
+        body = completion_payload(served, base, adapter, max_tokens=config.max_tokens, dtype=dtype, **kwargs)
+        (out / "request.json").write_text(json.dumps(body) + "\n")
+        info["files"]["request.json"] = "a /v1/completions body for " + (
+            f"the instruction {config.instruction!r}" if config.instruction is not None else f"the text {config.text!r}"
+        )
+    (out / "vllm.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    return info
+
+
+def _description(config: ExportVllmConfig, adapter, rows, recorded: str | None) -> dict:
+    """What vllm.json says: the exported rows, the template to format prompts with, the files and the recipe."""
     template = adapter.template
-    info = {
+    return {
         "format": FORMAT,
         "adapter": str(adapter.path or config.adapter),
         "method": adapter.method,
@@ -114,18 +131,6 @@ def export_vllm(config: ExportVllmConfig, base=None) -> dict:
             "usage.prompt_tokens counts the num_virtual_tokens rows too (as softprompt serve does)",
         ],
     }
-    if config.instruction is not None or config.text is not None:
-        if base is None:
-            base = load_base(model_name, device=config.device, dtype=config.dtype)
-        served = config.served_model_name or recorded or base.name
-        kwargs = {"instruction": config.instruction} if config.instruction is not None else {"text": config.text}
-        body = completion_payload(served, base, adapter, max_tokens=config.max_tokens, dtype=dtype, **kwargs)
-        (out / "request.json").write_text(json.dumps(body) + "\n")
-        info["files"]["request.json"] = "a /v1/completions body for " + (
-            f"the instruction {config.instruction!r}" if config.instruction is not None else f"the text {config.text!r}"
-        )
-    (out / "vllm.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
-    return info
 
 
 def _model_context(model: str) -> int | None:

@@ -1,4 +1,6 @@
-"""Request and response bodies of the OpenAI-compatible endpoints, and OpenAI's error shape.
+"""The request models of the endpoints (what a body may hold; /openapi.json publishes them) and the engine requests
+they make: `CompletionRequest` and `ChatRequest` give their `GenerationRequest`s (sampling, stop strings, penalties,
+logit_bias, logprobs, one per prompt and choice), `TokenizeRequest`, `DetokenizeRequest` and `AdapterAdd` the rest.
 
 Implemented beyond plain generation: `prompt` as token ids, `logprobs` / `top_logprobs`, `echo`, `n`, `best_of`,
 `presence_penalty`, `frequency_penalty`, `logit_bias`, stop arrays, `max_completion_tokens`,
@@ -7,33 +9,31 @@ accepted only at their neutral value; anything else is a 400 naming the field, n
 are 400s too, except a few purely informational ones clients send (user, metadata, store).
 
 Types are strict: `max_tokens: "4"` or `max_tokens: true` is a 400, not 4 or 1 (an integer is accepted where a
-number is expected, and, as in JSON Schema, a number without a fractional part such as 4.0 is an integer). Every
-string in a body must be valid Unicode (a lone UTF-16 surrogate such as "\\ud800" is a 400 naming the field), and
-bodies nest at most MAX_JSON_DEPTH levels (`decode_body`).
+number is expected; body.py reads a number without a fractional part such as 4.0 as an integer, as JSON Schema
+does). Unicode and nesting depth are body.py's checks.
 
 The published schema states every rule these models check (`json_schema_extra` next to each check: patterns, empty
 lists, "at most one of", "only with"), so a body valid by /openapi.json is never a 400 for its shape, and an invalid
 one always is (tests/test_serve_schema_agree.py). Beyond JSON Schema, and said in the descriptions: the Unicode and
-depth rules above, best_of >= n, and no best_of > n with stream. What depends on the served model (its name, the
-vocabulary, the context, --max-tokens-cap, the queue) is checked afterwards.
+depth rules, best_of >= n, and no best_of > n with stream. What depends on the served model (its name, the
+vocabulary, the context, --max-tokens-cap, the queue) is checked afterwards (validation.py).
 
 Sampling is kept numerically safe in float32: a temperature below TEMPERATURE_EPSILON means greedy decoding (as 0
 does), and a top_p below TOP_P_EPSILON keeps only the most likely token (`sampling()`).
-
-The response models (Completion, ChatCompletion, their streamed chunks, ModelCard, ErrorResponse, ...) are what
-/openapi.json publishes; the server builds its answers as plain dicts of exactly these shapes.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import math
 import re
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from softprompt.formats.adapter import NAME_MAX, NAME_PATTERN
+from softprompt.inference.batch import GenerationRequest
+from softprompt.inference.prompt_cache import CachedPrompt
 
 # repetition_penalty / no_repeat_ngram_size: the defaults and ranges of the command-line options
 from softprompt.options import (
@@ -42,9 +42,9 @@ from softprompt.options import (
     NO_REPEAT_NGRAM_MAX,
     REPETITION_PENALTY_RANGE,
 )
+from softprompt.serve.errors import APIError
 
 MAX_STOP = 16
-MAX_JSON_DEPTH = 32  # levels of nested objects/arrays a request body may have
 TEMPERATURE_EPSILON = 1e-4  # temperature below it: greedy (logits / tiny temperature overflows float32)
 TOP_P_EPSILON = 1e-6  # top_p below it: only the most likely token (top_p rounds to 0 in float32)
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
@@ -55,26 +55,6 @@ PENALTY_MAX = 2.0  # |presence_penalty|, |frequency_penalty| (OpenAI's range)
 LOGIT_BIAS_MAX = 100.0  # |bias| per token (OpenAI's range)
 MAX_LOGIT_BIAS = 1024  # entries in logit_bias
 TOKEN_KEY_PATTERN = r"^[0-9]{1,12}$"  # a logit_bias key: a token id written as a string
-
-
-class APIError(Exception):
-    """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 def nullable(schema: dict) -> dict:
@@ -216,6 +196,58 @@ class _Common(BaseModel):
         """logit_bias with integer token ids (validated: ids are non-negative integers, biases in range)."""
         return {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
 
+    # ---- the engine requests --------------------------------------------------------------------------------
+    def candidates(self) -> int:
+        """Completions generated per prompt (n; for completions best_of when given)."""
+        return self.n
+
+    def asked_logprobs(self) -> int | None:
+        """How many alternatives per token the client asked for (None: no logprobs at all)."""
+        raise NotImplementedError
+
+    def echoes(self) -> bool:
+        """Whether the prompt is returned before the completion (completions' echo)."""
+        return False
+
+    def scores_prompts(self) -> bool:
+        """Whether each prompt's tokens are scored (echo with logprobs): one scoring job per prompt."""
+        return self.echoes() and self.asked_logprobs() is not None
+
+    def generation_requests(
+        self, prompts: list[list[int]], limits: list[int], adapter: str | None, entry: CachedPrompt | None
+    ) -> list[GenerationRequest]:
+        """One engine request per prompt and choice, in that order: choice c of prompt p has id (p, c) and seed
+        choice_seed(seed, c); a prompt whose limit is 0 (echo only) has none. All run on the adapter `entry` the
+        request was validated against."""
+        temperature, top_k, top_p = self.sampling()
+        asked = self.asked_logprobs()
+        # best_of ranks candidates by their summed log-probability, so it needs the chosen tokens' log-probabilities
+        track = asked if asked is not None else (0 if self.candidates() > self.n else None)
+        bias = self.bias() or None
+        return [
+            GenerationRequest(
+                prompt_ids=ids,
+                adapter=adapter,
+                entry=entry,
+                max_new_tokens=limit,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                seed=choice_seed(self.seed, c),
+                stop=self.stop_list(),
+                id=(p, c),
+                presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
+                logit_bias=bias,
+                logprobs=track,
+                repetition_penalty=self.repetition_penalty,
+                no_repeat_ngram_size=self.no_repeat_ngram_size,
+            )
+            for p, (ids, limit) in enumerate(zip(prompts, limits))
+            if limit != 0
+            for c in range(self.candidates())
+        ]
+
     @model_validator(mode="after")
     def _supported(self):
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
@@ -305,6 +337,12 @@ class CompletionRequest(_Common):
         """Completions generated per prompt (best_of, else n)."""
         return self.best_of or self.n
 
+    def asked_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def echoes(self) -> bool:
+        return self.echo
+
     def token_prompts(self) -> list[list[int]] | None:
         """The prompts when given as token ids (None when given as text)."""
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], int):
@@ -389,6 +427,9 @@ class ChatRequest(_Common):
             raise ValueError("response_format: only type 'text' is supported")
         return self
 
+    def asked_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
@@ -409,317 +450,6 @@ class AdapterAdd(BaseModel):
     )
     path: str | None = None
     replace: bool = False
-
-
-_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "any"}
-
-
-def _field_part(part) -> bool:
-    """Whether a pydantic error-location element names a field or an index (not a union member's type tag such
-    as 'str', 'list[str]' or 'function-after[...]')."""
-    if isinstance(part, int):
-        return True
-    text = str(part)
-    return not (
-        "[" in text
-        or text.startswith(("function-", "union", "lax-or-strict", "json-or-python"))
-        or text in _TYPE_TAGS
-        or text.startswith("constrained-")
-    )
-
-
-def validation_error(err: ValidationError) -> APIError:
-    """The first pydantic error as an OpenAI-style 400 naming the field."""
-    first = err.errors()[0]
-    loc = [str(x) for x in first.get("loc", ()) if _field_part(x)]
-    param = ".".join(loc) or None
-    if first.get("type") == "missing":
-        return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
-    if first.get("type") == "extra_forbidden":
-        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
-    message = first.get("msg", "invalid value")
-    if message.startswith("Value error, "):
-        message = message[len("Value error, ") :]
-        if not loc and ": " in message:  # a model-level check names its field as "field: what is wrong"
-            param, message = message.split(": ", 1)
-    return APIError(
-        400, f"Invalid value for '{param}': {message}" if param else message, param=param, code="invalid_value"
-    )
-
-
-# ---- raw bodies ----------------------------------------------------------------------------------------------
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _json_number(text: str) -> int | float:
-    """A JSON number with a fraction or exponent: an int when it has no fractional part (4.0, 1e3), as JSON Schema
-    counts it an integer, so /openapi.json's "integer" fields and the server agree."""
-    value = float(text)
-    return int(value) if value.is_integer() else value
-
-
-def decode_body(raw: bytes) -> dict:
-    """Parse a request body into a JSON object, or raise a 400 APIError: malformed JSON (incl. NaN/Infinity),
-    invalid UTF-8, nesting deeper than MAX_JSON_DEPTH, or a string (value or key) that is not valid Unicode (a lone
-    surrogate, which no tokenizer can take), naming the field."""
-    try:
-        data = json.loads(raw, parse_constant=_reject_constant, parse_float=_json_number)
-    except RecursionError:
-        raise APIError(
-            400, f"The request body is nested too deeply (at most {MAX_JSON_DEPTH} levels).", code="invalid_json"
-        ) from None
-    except (ValueError, UnicodeError) as err:  # JSONDecodeError, UnicodeDecodeError, too many int digits, NaN
-        raise APIError(400, f"We could not parse the JSON body of your request: {err}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
-    check_tree(data)
-    return data
-
-
-def _path(node) -> str | None:
-    parts = []
-    while node is not None:
-        node, key = node
-        parts.append(key if isinstance(key, str) else str(key))
-    return ".".join(reversed(parts)) or None
-
-
-def _valid_text(text: str) -> bool:
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def check_tree(data) -> None:
-    """Walk a parsed body without recursion: depth limit and valid Unicode everywhere (see decode_body)."""
-    stack = [(data, None, 0)]  # (value, path as (parent_path, key) links, depth)
-    while stack:
-        value, path, depth = stack.pop()
-        if isinstance(value, str):
-            if not _valid_text(value):
-                param = _path(path)
-                raise APIError(
-                    400,
-                    f"Invalid value for '{param}': the text contains a lone UTF-16 surrogate (such as "
-                    "\\ud800), which is not valid Unicode",
-                    param=param,
-                    code="invalid_value",
-                )
-            continue
-        if not isinstance(value, (dict, list)):
-            continue
-        if depth >= MAX_JSON_DEPTH:
-            top = path
-            while top is not None and top[0] is not None:
-                top = top[0]
-            param = _path(top)
-            raise APIError(
-                400,
-                f"The request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)"
-                + (f" in '{param}'." if param else "."),
-                param=param,
-                code="invalid_value",
-            )
-        items = value.items() if isinstance(value, dict) else enumerate(value)
-        for key, item in items:
-            if isinstance(key, str) and not _valid_text(key):
-                param = _path(path)
-                raise APIError(
-                    400,
-                    "A key in the request body"
-                    + (f" (in '{param}')" if param else "")
-                    + " contains a lone UTF-16 surrogate, which is not valid Unicode",
-                    param=param,
-                    code="invalid_value",
-                )
-            stack.append((item, (path, key), depth + 1))
-
-
-# ---- responses (what /openapi.json publishes) ----------------------------------------------------------------
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(BaseModel):
-    """Every error: {"error": {"message", "type", "param", "code"}} (OpenAI's shape)."""
-
-    error: ErrorBody
-
-
-FinishReason = Literal["stop", "length"]
-
-
-class Usage(BaseModel):
-    """Token counts. prompt_tokens counts each prompt once (not once per choice) and includes the adapter's
-    virtual tokens, as vLLM counts the rows of prompt_embeds: prompt_tokens + completion_tokens is what the
-    context window holds (the model card's num_virtual_tokens says how many of them are virtual)."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class CompletionLogprobs(BaseModel):
-    """OpenAI's legacy completions logprobs, one entry per token (the echoed prompt's tokens first). A prompt's
-    first token has no prediction: its token_logprobs and top_logprobs entries are null."""
-
-    tokens: list[str]
-    token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float] | None] = Field(
-        description="per token: the `logprobs` most likely tokens and the chosen one (so up to logprobs + 1)"
-    )
-    text_offset: list[int] = Field(description="where each token's text starts in the choice's text")
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None
-    finish_reason: FinishReason
-
-
-class Completion(BaseModel):
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    system_fingerprint: None
-    choices: list[CompletionChoice]
-    usage: Usage
-
-
-class CompletionChunkChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None
-    finish_reason: FinishReason | None
-
-
-class CompletionChunk(BaseModel):
-    """One `data:` event of a streamed completion (the last one, with stream_options.include_usage, has no
-    choices and the usage); the stream ends with `data: [DONE]`, or an ErrorResponse event if generation fails."""
-
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    system_fingerprint: None
-    choices: list[CompletionChunkChoice]
-    usage: Usage | None = None
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"]
-    content: str
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None = Field(description="the token's text as UTF-8 bytes")
-
-
-class TokenLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None
-    top_logprobs: list[TopLogprob] = Field(description="the top_logprobs most likely tokens at this place")
-
-
-class ChoiceLogprobs(BaseModel):
-    """Chat logprobs: one entry per generated token."""
-
-    content: list[TokenLogprob] | None
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: ChoiceLogprobs | None
-    finish_reason: FinishReason
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    system_fingerprint: None
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class ChatDelta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int
-    delta: ChatDelta
-    logprobs: ChoiceLogprobs | None
-    finish_reason: FinishReason | None
-
-
-class ChatCompletionChunk(BaseModel):
-    """One `data:` event of a streamed chat completion (see CompletionChunk)."""
-
-    id: str
-    object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
-    system_fingerprint: None
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-    root: str
-    parent: str | None
-    num_virtual_tokens: int
-    max_model_len: int | None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"]
-    data: list[ModelCard]
-
-
-class AdapterDeleted(BaseModel):
-    id: str
-    object: Literal["model"]
-    deleted: bool
-
-
-class RescanReport(BaseModel):
-    added: list[str]
-    reloaded: list[str]
-    removed: list[str]
-    skipped: dict[str, str] = Field(description="folder name -> why it is not served")
-
-
-class Health(BaseModel):
-    status: Literal["ok", "unavailable"]
-    model: str
-    adapters: int
-    scheduler: dict[str, Any]
-    prefix_cache: dict[str, Any] | None = Field(
-        default=None,
-        description="prefix cache counters (lookups, hits, prompt_tokens, cached_tokens, blocks, bytes, "
-        "...); null when the cache is off",
-    )
 
 
 class TokenizeRequest(BaseModel):
@@ -761,29 +491,13 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int] = Field(json_schema_extra={"items": {"type": "integer", "minimum": 0}})
 
 
-class TokenizeResponse(BaseModel):
-    count: int
-    max_model_len: int | None
-    tokens: list[int]
-    num_virtual_tokens: int = Field(description="the model's virtual tokens, placed before these tokens")
-
-
-class DetokenizeResponse(BaseModel):
-    prompt: str
-
-
 REQUEST_MODELS = (CompletionRequest, ChatRequest, AdapterAdd, TokenizeRequest, DetokenizeRequest)
-RESPONSE_MODELS = (
-    ErrorResponse,
-    Completion,
-    CompletionChunk,
-    ChatCompletion,
-    ChatCompletionChunk,
-    ModelCard,
-    ModelList,
-    AdapterDeleted,
-    RescanReport,
-    Health,
-    TokenizeResponse,
-    DetokenizeResponse,
-)
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of a prompt's choice `index` (n > 1 or best_of): choice 0 keeps the request's seed (so n=1 is
+    unchanged), the others get distinct seeds derived from it; None stays None (fresh entropy per choice)."""
+    if seed is None or index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
