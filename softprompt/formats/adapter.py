@@ -46,7 +46,7 @@ PEFT_VERSION = "0.21.2"
 MAX_ABS_VALUE = 1e4
 
 # A letter or digit, then letters, digits, '.', '_', '-' with no '..'; written without look-arounds so that the
-# server's published JSON Schema (serve/schemas.py) states the same rule.
+# server's published JSON Schema (serve/protocol.py) states the same rule.
 NAME_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$"
 NAME_MAX = 64
 SIZE_FIELDS = ("num_layers", "token_dim")  # sizes in adapter_config.json that shape the tensor (two negatives
