@@ -13,7 +13,7 @@ bodies nest at most MAX_JSON_DEPTH levels (`decode_body`).
 
 The published schema states every rule these models check (`json_schema_extra` next to each check: patterns, empty
 lists, "at most one of", "only with"), so a body valid by /openapi.json is never a 400 for its shape, and an invalid
-one always is (tests/test_serve_schema_agree.py). Beyond JSON Schema, and said in the descriptions: the Unicode and
+one always is (tests/serve/test_schema_agrees.py). Beyond JSON Schema, and said in the descriptions: the Unicode and
 depth rules above, best_of >= n, and no best_of > n with stream. What depends on the served model (its name, the
 vocabulary, the context, --max-tokens-cap, the queue) is checked afterwards.
 
