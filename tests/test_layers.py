@@ -109,3 +109,17 @@ def test_the_library_has_no_argparse():
         if p.relative_to(PACKAGE).parts[0] != "cli" and "argparse" in p.read_text(encoding="utf-8")
     ]
     assert offenders == []
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in conftest.py and the *_helpers.py modules, never in a test module."""
+    tests = PACKAGE.parent / "tests"
+    names = {p.stem for p in tests.rglob("test_*.py")}
+    offenders = []
+    for path in tests.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            found = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            found += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            offenders += [f"{path.relative_to(tests)} imports {m}" for m in found if m.split(".")[0] in names]
+    assert not offenders, offenders

@@ -14,7 +14,7 @@ does). Unicode and nesting depth are body.py's checks.
 
 The published schema states every rule these models check (`json_schema_extra` next to each check: patterns, empty
 lists, "at most one of", "only with"), so a body valid by /openapi.json is never a 400 for its shape, and an invalid
-one always is (tests/test_serve_schema_agree.py). Beyond JSON Schema, and said in the descriptions: the Unicode and
+one always is (tests/serve/test_schema_agrees.py). Beyond JSON Schema, and said in the descriptions: the Unicode and
 depth rules, best_of >= n, and no best_of > n with stream. What depends on the served model (its name, the
 vocabulary, the context, --max-tokens-cap, the queue) is checked afterwards (validation.py).
 

@@ -10,14 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from train_helpers import RECORDS, config, trainable_base
 
 from softprompt.cli import build_parser
 from softprompt.core import forward
-from softprompt.core.attention import use_grouped_sdpa
-from softprompt.core.mlp import use_lean_mlp
-from softprompt.core.models import FrozenModel, freeze
 from softprompt.core.prompt import SoftPrompt
 from softprompt.data.batching import encode_records
 from softprompt.data.records import DataError, load_records
@@ -25,59 +21,14 @@ from softprompt.data.templates import Template
 from softprompt.formats import checkpoint
 from softprompt.formats.adapter import AdapterMetadata, load_adapter
 from softprompt.training import loop as train_module
-from softprompt.training.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, TrainConfig, default_batch_tokens
+from softprompt.training.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, default_batch_tokens
 from softprompt.training.loop import train
 from softprompt.training.scoring import evaluate_loss
-
-RECORDS = [
-    {"instruction": f"question {i}", "input": "x" * (i % 4), "output": "abab" if i % 2 else "cdcd"} for i in range(16)
-]
-
-
-def trainable_base(seed: int = 0) -> FrozenModel:
-    """A tiny Llama whose weights are large enough (init std 0.2) that a soft prompt can move its outputs."""
-    torch.manual_seed(seed)
-    tok = tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        initializer_range=0.2,
-        attn_implementation="sdpa",
-    )
-    model = LlamaForCausalLM(config)
-    assert use_grouped_sdpa(model)  # the attention and MLP load_base gives a model
-    assert use_lean_mlp(model) == config.num_hidden_layers
-    return FrozenModel(freeze(model), tok, "tiny-llama-trainable")
 
 
 @pytest.fixture(scope="module")
 def base():
     return trainable_base()
-
-
-def config(out, base, **overrides) -> TrainConfig:
-    values = dict(
-        data=RECORDS,
-        out=str(out),
-        model=base,
-        num_virtual_tokens=4,
-        init="random",
-        lr=0.3,
-        batch_size=4,
-        max_steps=12,
-        save_every=4,
-        log_every=2,
-        progress=False,
-        max_batch_tokens=64,
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
 
 
 def emb(path) -> torch.Tensor:
@@ -191,7 +142,7 @@ KILL_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
-from test_train import RECORDS, trainable_base
+from train_helpers import RECORDS, trainable_base
 from softprompt.training.config import TrainConfig
 from softprompt.training.loop import train
 train(TrainConfig(data=RECORDS * 50, out={out!r}, model=trainable_base(), num_virtual_tokens=4, init="random",
@@ -202,7 +153,7 @@ train(TrainConfig(data=RECORDS * 50, out={out!r}, model=trainable_base(), num_vi
 def test_kill_9_leaves_a_usable_checkpoint(base, tmp_path):
     out = tmp_path / "run"
     script = tmp_path / "job.py"
-    script.write_text(KILL_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out)))
+    script.write_text(KILL_SCRIPT.format(tests=str(Path(__file__).parents[1]), out=str(out)))
     proc = subprocess.Popen(
         [sys.executable, str(script)],
         stdout=subprocess.DEVNULL,
@@ -359,7 +310,7 @@ def test_cli_help_documents_every_flag_and_runs(base, tmp_path, tiny_dir):
 DDP_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
-from test_train import RECORDS, trainable_base
+from train_helpers import RECORDS, trainable_base
 from softprompt.training.config import TrainConfig
 from softprompt.training.loop import train
 train(TrainConfig(data=RECORDS, out={out!r}, model=trainable_base(), num_virtual_tokens=4, init="random", lr=0.3,
@@ -369,7 +320,7 @@ train(TrainConfig(data=RECORDS, out={out!r}, model=trainable_base(), num_virtual
 
 def test_two_processes_match_one_at_the_same_global_batch(base, tmp_path):
     script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "two"), batch=2))
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parents[1]), out=str(tmp_path / "two"), batch=2))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(script)],

@@ -14,7 +14,7 @@ import time
 
 import httpx
 import pytest
-from test_serve import LiveServer, error_of, make_adapter
+from serve_helpers import LiveServer, error_of, make_adapter
 
 from softprompt import create_app
 from softprompt.core.prompt import SoftPrompt

@@ -77,7 +77,7 @@ METHODS = ("prompt", "prefix")
 
 SCRIPT = """
 import json, sys
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {tests!r} + '/training']
 import torch.distributed as dist
 from test_shard_base import METHODS, settings, sharded_llama
 from softprompt.training import distributed
@@ -136,7 +136,7 @@ def two_processes(tmp_path_factory):
     report = str(tmp / "rank")
     script = tmp / "sharded.py"
     cli = cli_flags(tmp, tmp / "two-cli")
-    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp / "two"), report=report, cli=cli))
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parents[1]), out=str(tmp / "two"), report=report, cli=cli))
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(), script],
         capture_output=True,

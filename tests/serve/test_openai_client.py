@@ -13,7 +13,7 @@ import openai
 import pytest
 import torch
 from helpers import text_logits
-from test_serve import LiveServer, make_adapter
+from serve_helpers import LiveServer, make_adapter
 
 from softprompt import create_app, generate_batch
 from softprompt.core import forward

@@ -381,7 +381,7 @@ def chat_adapter(base, folder, name, seed):
 
 
 def test_server_reuses_a_shared_system_prompt_and_answers_as_without_it(tiny, tmp_path):
-    from test_serve import LiveServer, alone
+    from serve_helpers import LiveServer, alone
 
     chat_adapter(tiny, tmp_path, "helper", seed=1)
     engine = Engine(tiny, {"helper": load_adapter(tmp_path / "helper", tiny)}, Template("human-assistant"))
@@ -404,7 +404,7 @@ def test_server_reuses_a_shared_system_prompt_and_answers_as_without_it(tiny, tm
 
 
 def test_server_hot_swap_drops_the_old_adapters_blocks(tmp_path):
-    from test_serve import LiveServer, alone
+    from serve_helpers import LiveServer, alone
 
     tiny = peaked_base()  # its answers depend on the soft prompt even behind a long prompt
     folder = tmp_path / "adapters"

@@ -9,17 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import SafetensorError
-from test_train import config, trainable_base
+from train_helpers import config, interrupted, trainable_base
 
 from softprompt.formats import checkpoint
 from softprompt.formats.adapter import load_adapter
 from softprompt.formats.checkpoint import CheckpointError
-from softprompt.training import loop as train_module
 from softprompt.training.loop import train
-
-
-class Crash(Exception):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -33,24 +28,6 @@ def whole(base, tmp_path_factory):
     out = tmp_path_factory.mktemp("whole")
     train(config(out, base))
     return load_adapter(out).embeddings
-
-
-def interrupted(base, out, monkeypatch, at_step=10):
-    """A run killed at the start of step `at_step` (checkpoints at steps 4 and 8 are kept)."""
-    real = train_module.lr_at
-
-    def crashing(step, *args):
-        if step == at_step - 1:
-            raise Crash()
-        return real(step, *args)
-
-    monkeypatch.setattr(train_module, "lr_at", crashing)
-    with pytest.raises(Crash):
-        train(config(out, base))
-    monkeypatch.setattr(train_module, "lr_at", real)
-    found = checkpoint.list_checkpoints(out)
-    assert [p.name for p in found] == ["step-000004", "step-000008"]
-    return found
 
 
 def truncate(path: Path) -> None:

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, validators
-from test_serve import LiveServer, make_adapter
+from serve_helpers import LiveServer, make_adapter
 
 from softprompt import create_app
 from softprompt.serve.body import MAX_JSON_DEPTH

@@ -8,8 +8,7 @@ from dataclasses import asdict
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_checkpoint import interrupted
-from test_train import RECORDS, config, trainable_base
+from train_helpers import RECORDS, config, interrupted, trainable_base
 
 from softprompt.core.prompt import SoftPrompt, build_prompt
 from softprompt.data.templates import Template

@@ -12,29 +12,21 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from serve_helpers import LiveServer, alone, error_of, make_adapter
 
 from softprompt import create_app, generate
 from softprompt.core import forward
 from softprompt.core.prompt import SoftPrompt
 from softprompt.data.templates import Template, encode_text
 from softprompt.formats.adapter import load_adapter, save_adapter
-from softprompt.inference.batch import GenerationRequest
 from softprompt.inference.engine import Engine
-from softprompt.serve import BackgroundServer
 from softprompt.serve.registry import AdapterRegistry, RegistryError, validate_name
 
 TEMPLATES = {"alpha": ("human-assistant", 4), "beta": ("chat", 6), "gamma": ("Q: {instruction}\nA:", 3)}
-
-
-def make_adapter(base, folder: Path, name: str, template: str, n: int, seed: int = 0) -> None:
-    prompt = SoftPrompt.initialise(base, "random", num_virtual_tokens=n, seed=seed)
-    # Random tiny-model prompts are far off scale; scale them up so adapters visibly change the output.
-    save_adapter(folder / name, prompt.embeddings * 8, base, template=Template(template))
 
 
 @pytest.fixture(scope="module")
@@ -50,33 +42,10 @@ def engine(tiny, adapters_dir):
     return Engine(tiny, {n: load_adapter(adapters_dir / n, tiny) for n in TEMPLATES}, Template("human-assistant"))
 
 
-class LiveServer(BackgroundServer):
-    """The server on 127.0.0.1, a free port, in a background thread, plus an openai client for it."""
-
-    def __enter__(self):
-        super().__enter__()
-        self.state = self.app.state.softprompt
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0, timeout=60)
-        return self
-
-
 @pytest.fixture(scope="module")
 def server(tiny, adapters_dir):
     with LiveServer(create_app(tiny, adapters_dir, max_tokens_cap=64)) as live:
         yield live
-
-
-def alone(engine, ids, adapter, max_new_tokens, **kw):
-    """The reference: one request alone through the engine."""
-    return engine.generate(
-        [GenerationRequest(ids, adapter=adapter, max_new_tokens=max_new_tokens, **kw)], batch_size=1
-    )[0]
-
-
-def error_of(response: httpx.Response) -> dict:
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
-    return body["error"]
 
 
 # ---- the happy paths -----------------------------------------------------------------------------------------

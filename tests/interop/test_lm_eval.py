@@ -16,7 +16,7 @@ import json
 
 import pytest
 from helpers import save_tiny
-from test_train import trainable_base
+from train_helpers import trainable_base
 
 from softprompt import create_app, evaluate
 from softprompt.serve import BackgroundServer

@@ -166,7 +166,7 @@ def test_grouped_scoring_without_a_common_prompt_falls_back(tiny):
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_training_with_shared_text_equals_training_without(tmp_path, monkeypatch, name):
-    from test_train import config, trainable_base
+    from train_helpers import config, trainable_base
 
     from softprompt.formats.adapter import load_adapter
     from softprompt.training.loop import train

@@ -5,7 +5,7 @@ import json
 import os
 
 import pytest
-from test_train import config, trainable_base
+from train_helpers import config, trainable_base
 
 from softprompt.formats import checkpoint
 from softprompt.formats.adapter import AdapterError, load_adapter, save_adapter

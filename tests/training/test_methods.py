@@ -11,7 +11,7 @@ import pytest
 import torch
 from engine_helpers import peaked_base
 from helpers import text_logits, tiny_base
-from test_train import RECORDS, config, trainable_base
+from train_helpers import RECORDS, config, trainable_base
 
 from softprompt import evaluate, generate_batch
 from softprompt.core import forward
@@ -230,7 +230,7 @@ def test_micro_batches_do_not_change_a_prefix_run(base, tmp_path):
 DDP_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
-from test_train import RECORDS, trainable_base
+from train_helpers import RECORDS, trainable_base
 from softprompt.training.config import TrainConfig
 from softprompt.training.loop import train
 train(TrainConfig(data=RECORDS, out={out!r}, model=trainable_base(), num_virtual_tokens=4, init="random", lr=0.3,
@@ -243,7 +243,7 @@ def test_two_processes_match_one_for_a_prompt_encoder(base, tmp_path):
     import subprocess
 
     script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "two")))
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parents[1]), out=str(tmp_path / "two")))
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", str(script)],
         capture_output=True,
@@ -469,7 +469,7 @@ def test_generate_batch_file_mixes_methods(peaked, tmp_path):
 
 
 def test_serve_offers_every_method_and_hot_adds_a_prefix(tiny, tmp_path):
-    from test_serve import LiveServer, alone
+    from serve_helpers import LiveServer, alone
 
     from softprompt import create_app
 

@@ -39,7 +39,7 @@ from softprompt.serve import BackgroundServer  # noqa: E402
 from softprompt.vllm.client import complete, encode_prompt_embeds, post_json  # noqa: E402
 from softprompt.vllm.export import ExportVllmConfig, export_vllm  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from vllm_server import DEFAULT_VENV, VllmStartError, vllm_server  # noqa: E402  (the launcher the benchmark uses)
 

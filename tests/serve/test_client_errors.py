@@ -18,7 +18,7 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_serve import LiveServer, error_of, make_adapter
+from serve_helpers import LiveServer, error_of, make_adapter
 
 import softprompt.serve.config as serve_config
 import softprompt.serve.validation as state_module

@@ -1,0 +1,82 @@
+"""Shared by the training tests: the records, a tiny Llama a soft prompt can move, a small TrainConfig, and a run
+killed mid-way (for the resume tests)."""
+
+import pytest
+import torch
+from helpers import tiny_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from softprompt.core.attention import use_grouped_sdpa
+from softprompt.core.mlp import use_lean_mlp
+from softprompt.core.models import FrozenModel, freeze
+from softprompt.formats import checkpoint
+from softprompt.training import loop as train_module
+from softprompt.training.config import TrainConfig
+from softprompt.training.loop import train
+
+RECORDS = [
+    {"instruction": f"question {i}", "input": "x" * (i % 4), "output": "abab" if i % 2 else "cdcd"} for i in range(16)
+]
+
+
+def trainable_base(seed: int = 0) -> FrozenModel:
+    """A tiny Llama whose weights are large enough (init std 0.2) that a soft prompt can move its outputs."""
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(config)
+    assert use_grouped_sdpa(model)  # the attention and MLP load_base gives a model
+    assert use_lean_mlp(model) == config.num_hidden_layers
+    return FrozenModel(freeze(model), tok, "tiny-llama-trainable")
+
+
+def config(out, base, **overrides) -> TrainConfig:
+    values = dict(
+        data=RECORDS,
+        out=str(out),
+        model=base,
+        num_virtual_tokens=4,
+        init="random",
+        lr=0.3,
+        batch_size=4,
+        max_steps=12,
+        save_every=4,
+        log_every=2,
+        progress=False,
+        max_batch_tokens=64,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+class Crash(Exception):
+    pass
+
+
+def interrupted(base, out, monkeypatch, at_step=10):
+    """A run killed at the start of step `at_step` (checkpoints at steps 4 and 8 are kept)."""
+    real = train_module.lr_at
+
+    def crashing(step, *args):
+        if step == at_step - 1:
+            raise Crash()
+        return real(step, *args)
+
+    monkeypatch.setattr(train_module, "lr_at", crashing)
+    with pytest.raises(Crash):
+        train(config(out, base))
+    monkeypatch.setattr(train_module, "lr_at", real)
+    found = checkpoint.list_checkpoints(out)
+    assert [p.name for p in found] == ["step-000004", "step-000008"]
+    return found
