@@ -452,6 +452,25 @@ class AdapterAdd(BaseModel):
     replace: bool = False
 
 
+class PrefixPin(BaseModel):
+    """POST /v1/prefixes: pin (or, with `pin: false`, unpin) the keys/values of a prompt start for a model in the
+    prefix cache, so every request to that model starting with it reuses them and they are never evicted."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str
+    prompt: str | list[int] = Field(
+        description="the prompt start as completions send it: text (no special tokens added) or token ids",
+        json_schema_extra={"anyOf": [{"type": "string", "minLength": 1}, TOKEN_IDS]},
+    )
+    pin: bool = True
+
+    @model_validator(mode="after")
+    def _not_empty(self):
+        if not self.prompt:
+            raise ValueError("prompt: an empty prompt has nothing to pin")
+        return self
+
+
 class TokenizeRequest(BaseModel):
     """POST /tokenize (vLLM's endpoint): the token ids of `prompt`, or of `messages` formatted with the model's
     template (exactly what /v1/chat/completions would run); virtual tokens are not included."""
@@ -491,7 +510,7 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int] = Field(json_schema_extra={"items": {"type": "integer", "minimum": 0}})
 
 
-REQUEST_MODELS = (CompletionRequest, ChatRequest, AdapterAdd, TokenizeRequest, DetokenizeRequest)
+REQUEST_MODELS = (CompletionRequest, ChatRequest, AdapterAdd, PrefixPin, TokenizeRequest, DetokenizeRequest)
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:

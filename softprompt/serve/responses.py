@@ -229,6 +229,13 @@ class DetokenizeResponse(Wire):
     prompt: str
 
 
+class PrefixPinned(Wire):
+    model: str
+    pinned: bool = Field(description="whether the prefix is pinned now")
+    tokens: int = Field(description="tokens pinned or unpinned (whole prefix-cache blocks of the prompt start)")
+    pinned_tokens: int = Field(description="tokens pinned in the whole prefix cache now")
+
+
 RESPONSE_MODELS = (
     ErrorResponse,
     Completion,
@@ -242,4 +249,5 @@ RESPONSE_MODELS = (
     Health,
     TokenizeResponse,
     DetokenizeResponse,
+    PrefixPinned,
 )

@@ -25,7 +25,13 @@ from softprompt.serve.registry import BASE_NAME, validate_name
 from softprompt.serve.replies import run_generation
 from softprompt.serve.responses import AdapterDeleted, RescanReport
 from softprompt.serve.state import ServerState
-from softprompt.serve.validation import prepare_chat, prepare_completion, prepare_detokenize, prepare_tokenize
+from softprompt.serve.validation import (
+    pin_prefix,
+    prepare_chat,
+    prepare_completion,
+    prepare_detokenize,
+    prepare_tokenize,
+)
 
 REQUEST_ERRORS = error_responses(400, 401, 403, 404, 413, 415, 421)
 
@@ -126,7 +132,8 @@ def generation_routes(state: ServerState, max_request_bytes: int) -> APIRouter:
 
 
 def admin_routes(state: ServerState, max_request_bytes: int) -> APIRouter:
-    """POST /v1/adapters, DELETE /v1/adapters/{name}, POST /v1/adapters/rescan (the caller adds the admin check)."""
+    """POST /v1/adapters, DELETE /v1/adapters/{name}, POST /v1/adapters/rescan, POST /v1/prefixes (the caller adds
+    the admin check)."""
     router = APIRouter()
 
     @router.post(
@@ -156,6 +163,18 @@ def admin_routes(state: ServerState, max_request_bytes: int) -> APIRouter:
             validate_name(name)
         await in_thread(state.registry.remove, name)
         return AdapterDeleted(id=name, object="model", deleted=True).wire()
+
+    @router.post(
+        "/v1/prefixes",
+        openapi_extra=json_body("PrefixPin"),
+        responses={
+            200: json_response("PrefixPinned", "the prompt start is pinned (or unpinned) in the prefix cache"),
+            **error_responses(400, 401, 403, 404, 413, 415, 421),
+        },
+    )
+    async def prefixes(request: Request):
+        raw = await read_body(request, max_request_bytes)
+        return (await in_thread(pin_prefix, state, raw)).wire()
 
     @router.post(
         "/v1/adapters/rescan",

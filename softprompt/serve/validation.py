@@ -9,8 +9,8 @@ from softprompt.data.templates import Template, TemplateError, encode_text
 from softprompt.inference.prompt_cache import CachedPrompt
 from softprompt.serve.body import validate_body
 from softprompt.serve.errors import APIError, outside_vocabulary
-from softprompt.serve.protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from softprompt.serve.responses import DetokenizeResponse, TokenizeResponse
+from softprompt.serve.protocol import ChatRequest, CompletionRequest, DetokenizeRequest, PrefixPin, TokenizeRequest
+from softprompt.serve.responses import DetokenizeResponse, PrefixPinned, TokenizeResponse
 from softprompt.serve.state import ServerState
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -191,6 +191,28 @@ def prepare_tokenize(state: ServerState, raw: bytes) -> TokenizeResponse:
         text = body.prompt
     ids = state.tokenizer(text, add_special_tokens=body.add_special_tokens)["input_ids"]
     return TokenizeResponse(count=len(ids), max_model_len=state.context, tokens=ids, num_virtual_tokens=n)
+
+
+def pin_prefix(state: ServerState, raw: bytes) -> PrefixPinned:
+    """POST /v1/prefixes: pin or unpin a prompt start of a model in the prefix cache (run in the thread pool: the
+    prefill runs beside the worker, which keeps decoding)."""
+    body = validate_body(raw, PrefixPin)
+    key, n, _, _ = state.lookup(body.model)
+    if state.prefix_cache is None:
+        raise APIError(400, "this server runs without a prefix cache (--prefix-cache-mb 0): nothing can be pinned",
+                       param="model", code="prefix_cache_off")  # fmt: skip
+    ids = list(body.prompt) if isinstance(body.prompt, list) else encode_text(state.tokenizer, body.prompt)
+    check_tokens(state, ids, "prompt")
+    if state.context is not None and n + len(ids) >= state.context:
+        raise APIError(400, f"prompt: {n} virtual tokens + {len(ids)} prompt tokens leave no room in the model's "
+                       f"context of {state.context} tokens", param="prompt", code="context_length_exceeded")  # fmt: skip
+    try:
+        tokens = state.engine.pin_prefix(ids, key) if body.pin else state.engine.unpin_prefix(ids, key)
+    except ValueError as err:
+        raise APIError(400, str(err), param="prompt", code="prefix_too_large") from None
+    block = state.prefix_cache.block_tokens
+    return PrefixPinned(model=body.model, pinned=body.pin, tokens=tokens,
+                        pinned_tokens=state.prefix_cache.stats().pinned_blocks * block)  # fmt: skip
 
 
 def prepare_detokenize(state: ServerState, raw: bytes) -> DetokenizeResponse:

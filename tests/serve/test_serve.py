@@ -468,3 +468,39 @@ def test_real_model_chat_equals_generate(default_base, tmp_path):
         "What is the capital of France?", base=default_base, greedy=True, max_new_tokens=12
     )
     assert streamed.strip()
+
+
+def test_a_pinned_prefix_is_reused_and_stays_until_unpinned(tiny, adapters_dir):
+    """POST /v1/prefixes pins a document's keys/values for one model (admin only); a completion that starts with it
+    reads them from the cache and answers as a server without any cache; unpinning releases them."""
+    document = "The cat sat on the mat. " * 8  # 192 characters: 12 blocks of the character tokenizer
+    question = document + "Where is the cat?"
+    with LiveServer(create_app(tiny, adapters_dir, prefix_cache_mb=0)) as plain:
+        want = plain.client.completions.create(model="alpha", prompt=question, max_tokens=8, temperature=0)
+        r = httpx.post(plain.url + "/v1/prefixes", json={"model": "alpha", "prompt": document}, timeout=60)
+        assert r.status_code == 403  # admin endpoints are off unless asked
+    with LiveServer(create_app(tiny, adapters_dir, prefix_cache_mb=0, allow_admin=True)) as plain:
+        r = httpx.post(plain.url + "/v1/prefixes", json={"model": "alpha", "prompt": document}, timeout=60)
+        assert r.status_code == 400 and error_of(r)["message"] == (
+            "this server runs without a prefix cache (--prefix-cache-mb 0): nothing can be pinned"
+        )
+    with LiveServer(create_app(tiny, adapters_dir, allow_admin=True)) as live:
+        r = httpx.post(live.url + "/v1/prefixes", json={"model": "alpha", "prompt": document}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"model": "alpha", "pinned": True, "tokens": 192, "pinned_tokens": 192}
+        before = live.state.prefix_cache.stats().cached_tokens
+        got = live.client.completions.create(model="alpha", prompt=question, max_tokens=8, temperature=0)
+        assert got.choices[0].text == want.choices[0].text
+        assert live.state.prefix_cache.stats().cached_tokens - before >= 192
+        assert httpx.get(live.url + "/health").json()["prefix_cache"]["pinned_blocks"] == 12
+        for body, status, message in [
+            ({"model": "nope", "prompt": document}, 404, "The model `nope` does not exist."),
+            ({"model": "alpha", "prompt": ""}, 400, "Invalid value for 'prompt': an empty prompt has nothing to pin"),
+            ({"model": "alpha", "prompt": [1, 10**9]}, 400, None),
+        ]:
+            r = httpx.post(live.url + "/v1/prefixes", json=body, timeout=60)
+            assert r.status_code == status, r.text
+            assert message is None or message in error_of(r)["message"]
+        off = {"model": "alpha", "prompt": document, "pin": False}
+        r = httpx.post(live.url + "/v1/prefixes", json=off, timeout=60)
+        assert r.json() == {"model": "alpha", "pinned": False, "tokens": 192, "pinned_tokens": 0}
