@@ -191,21 +191,21 @@ DEFAULT_REPETITION_PENALTY, DEFAULT_NO_REPEAT_NGRAM = 1.0, 0
 REPETITION_PENALTY_RANGE, NO_REPEAT_NGRAM_MAX = (0.5, 5.0), 64  # also the server's request limits
 
 
-def repetition_penalty_option(group: str = "sampling") -> Any:
+def repetition_penalty_option(group: str = "sampling", note: str = "") -> Any:
     return option(
         DEFAULT_REPETITION_PENALTY,
         "divide a positive logit of every token the answer already has by this (multiply a negative one; "
-        "CTRL's repetition penalty; the prompt does not count); 1 = off",
+        "CTRL's repetition penalty; the prompt does not count); 1 = off" + note,
         minimum=REPETITION_PENALTY_RANGE[0],
         maximum=REPETITION_PENALTY_RANGE[1],
         group=group,
     )
 
 
-def no_repeat_ngram_option(group: str = "sampling") -> Any:
+def no_repeat_ngram_option(group: str = "sampling", note: str = "") -> Any:
     return option(
         DEFAULT_NO_REPEAT_NGRAM,
-        "never repeat an n-gram of this many tokens within an answer (the prompt does not count); 0 = off",
+        "never repeat an n-gram of this many tokens within an answer (the prompt does not count); 0 = off" + note,
         minimum=0,
         maximum=NO_REPEAT_NGRAM_MAX,
         group=group,

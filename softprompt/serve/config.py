@@ -10,12 +10,15 @@ from softprompt.options import (
     device_option,
     dtype_option,
     model_option,
+    no_repeat_ngram_option,
     option,
+    repetition_penalty_option,
     threads_option,
 )
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
-LIMITS, ACCESS = "limits", "access"
+LIMITS, ACCESS, DEFAULTS = "limits", "access", "generation defaults"
+REQUEST_NOTE = "; the server's default for requests that do not set {}"
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 DEFAULT_PREFIX_CACHE_MB = 256
 
@@ -106,6 +109,8 @@ class ServeConfig:
         maximum=1 << 20,
         group=LIMITS,
     )
+    repetition_penalty: float = repetition_penalty_option(DEFAULTS, REQUEST_NOTE.format("repetition_penalty"))
+    no_repeat_ngram_size: int = no_repeat_ngram_option(DEFAULTS, REQUEST_NOTE.format("no_repeat_ngram_size"))
     log_level: str = option("info", "uvicorn log level", choices=LOG_LEVELS, group="output")
 
     def __post_init__(self) -> None:

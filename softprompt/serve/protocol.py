@@ -214,12 +214,21 @@ class _Common(BaseModel):
         return self.echoes() and self.asked_logprobs() is not None
 
     def generation_requests(
-        self, prompts: list[list[int]], limits: list[int], adapter: str | None, entry: CachedPrompt | None
+        self,
+        prompts: list[list[int]],
+        limits: list[int],
+        adapter: str | None,
+        entry: CachedPrompt | None,
+        defaults: dict | None = None,
     ) -> list[GenerationRequest]:
         """One engine request per prompt and choice, in that order: choice c of prompt p has id (p, c) and seed
         choice_seed(seed, c); a prompt whose limit is 0 (echo only) has none. All run on the adapter `entry` the
-        request was validated against."""
+        request was validated against. `defaults`: the server's values of repetition_penalty and
+        no_repeat_ngram_size, for a request that does not set them."""
         temperature, top_k, top_p = self.sampling()
+        given = {name: getattr(self, name) for name in self.model_fields_set}
+        penalty = {**(defaults or {}), **given}.get("repetition_penalty", self.repetition_penalty)
+        ngram = {**(defaults or {}), **given}.get("no_repeat_ngram_size", self.no_repeat_ngram_size)
         asked = self.asked_logprobs()
         # best_of ranks candidates by their summed log-probability, so it needs the chosen tokens' log-probabilities
         track = asked if asked is not None else (0 if self.candidates() > self.n else None)
@@ -240,8 +249,8 @@ class _Common(BaseModel):
                 frequency_penalty=self.frequency_penalty,
                 logit_bias=bias,
                 logprobs=track,
-                repetition_penalty=self.repetition_penalty,
-                no_repeat_ngram_size=self.no_repeat_ngram_size,
+                repetition_penalty=penalty,
+                no_repeat_ngram_size=ngram,
             )
             for p, (ids, limit) in enumerate(zip(prompts, limits))
             if limit != 0

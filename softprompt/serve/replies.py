@@ -22,7 +22,9 @@ async def run_generation(request: Request, state: ServerState, prepared: Prepare
     """Submit the request's jobs, then answer as JSON or as server-sent events."""
     body, loop = prepared.body, asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    requests = body.generation_requests(prepared.prompts, prepared.limits, prepared.key, prepared.entry)
+    requests = body.generation_requests(
+        prepared.prompts, prepared.limits, prepared.key, prepared.entry, state.sampling_defaults
+    )
     jobs = [Job(gen, lambda item, i=i: events.put_nowait((i, item)), loop) for i, gen in enumerate(requests)]
     scored: asyncio.Queue = asyncio.Queue()
     scoring = []  # echo with logprobs: one scoring job per prompt, run by the worker in slices between steps

@@ -504,3 +504,22 @@ def test_a_pinned_prefix_is_reused_and_stays_until_unpinned(tiny, adapters_dir):
         off = {"model": "alpha", "prompt": document, "pin": False}
         r = httpx.post(live.url + "/v1/prefixes", json=off, timeout=60)
         assert r.json() == {"model": "alpha", "pinned": False, "tokens": 192, "pinned_tokens": 0}
+
+
+def test_server_wide_repetition_defaults_apply_unless_a_request_sets_its_own(tiny, adapters_dir):
+    """`serve --repetition-penalty / --no-repeat-ngram-size` are the defaults of requests that do not set them: a
+    request on such a server answers as the same request with those values on a plain server, and a request that
+    sets its own values gets exactly those."""
+    prompt, tuned = "abcabcabc", {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2}
+    with LiveServer(create_app(tiny, adapters_dir)) as plain:
+
+        def ask(server, **extra):
+            r = httpx.post(server.url + "/v1/completions", timeout=60,
+                           json={"model": "base", "prompt": prompt, "max_tokens": 24, "temperature": 0, **extra})  # fmt: skip
+            return r.json()["choices"][0]["text"]
+
+        untouched, with_tuned = ask(plain), ask(plain, **tuned)
+        assert untouched != with_tuned  # the penalties change this answer (else the test shows nothing)
+    with LiveServer(create_app(tiny, adapters_dir, **tuned)) as tuned_server:
+        assert ask(tuned_server) == with_tuned
+        assert ask(tuned_server, repetition_penalty=1.0, no_repeat_ngram_size=0) == untouched
