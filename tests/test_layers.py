@@ -123,3 +123,28 @@ def test_no_test_module_imports_another():
             found += [a.name for a in node.names] if isinstance(node, ast.Import) else []
             offenders += [f"{path.relative_to(tests)} imports {m}" for m in found if m.split(".")[0] in names]
     assert not offenders, offenders
+
+
+def test_architecture_doc_lists_every_module():
+    """docs/architecture.md names every module of every package in that package's bullet ("- `pkg/...`")."""
+    doc = (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    bullets: dict[str, str] = {}
+    current = None
+    for line in doc.splitlines():
+        if line.startswith("- `") and "/" in line.split("`")[1]:
+            current = line.split("`")[1].split("/")[0]
+            bullets[current] = bullets.get(current, "") + line
+        elif current and line.startswith("  "):
+            bullets[current] += line
+        else:
+            current = None
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).parts
+        if len(parts) == 1:
+            if path.stem not in ("__init__", "__main__") and path.name not in doc:
+                missing.append(path.name)
+        elif path.name != "__init__.py" or parts[0] == "cli":
+            if path.name not in bullets.get(parts[0], ""):
+                missing.append("/".join(parts))
+    assert not missing, f"docs/architecture.md does not describe: {', '.join(missing)}"
