@@ -9,7 +9,10 @@ Per dtype (default: float32, plus bfloat16 where the CPU computes it natively, i
     -> ttft_ratio = cached / recomputed (target <= 0.7).
 (c) single-stream decoding without an adapter: softprompt's engine vs Hugging Face `model.generate` on the same model,
     greedy, same prompt, same number of new tokens -> single_stream_vs_hf = softprompt tokens/s / HF tokens/s
-    (>= 1: softprompt is not slower); same_tokens_as_hf says whether the tokens agree.
+    (>= 1: softprompt is not slower); same_tokens_as_hf says whether the tokens agree. Interleaved with it: the engine
+    without prepacked weights (unpacked_tok_s, core/packed.py), and without them and the Llama decode path (plain_tok_s,
+    core/forward.py decode_body; same_tokens_without: both give the same tokens), and the memory read bandwidth
+    measured now (a 256 MiB sum) -> bound_tok_s = bandwidth / weight bytes read per step, of_bound = tokens/s / bound.
 (d) with --invariance-cost, in each dtype where the engine runs row-exact (bf16): (a) and (c) again with row-exact mode
     off, -> invariance_cost = time with / time without (batched and single stream).
 (e) vLLM, where it is installed (--vllm-venv, default .venv-vllm; scripts/vllm_check.sh creates it): after (a)-(d), a
@@ -50,6 +53,7 @@ import torch  # noqa: E402
 
 from softprompt.core.forward import lm_logits, run_body  # noqa: E402
 from softprompt.core.models import load_base, resolve_dtype, resolve_model_path  # noqa: E402
+from softprompt.core.packed import packed_weights  # noqa: E402
 from softprompt.core.prompt import SoftPrompt  # noqa: E402
 from softprompt.formats.adapter import Adapter  # noqa: E402
 from softprompt.inference.batch import DecodeBatch, GenerationRequest, eos_ids  # noqa: E402
@@ -99,8 +103,31 @@ def recompute_first_token(base, prompt: torch.Tensor, ids: list[int]) -> int:
     return int(lm_logits(model, hidden[:, -1]).argmax())
 
 
+def memory_bandwidth(device: torch.device, repeats: int = 5, mib: int = 256) -> float:
+    """Read bandwidth of the device's memory in bytes/s, measured now (on the CPU with torch's threads): the median
+    time to sum a `mib` MiB fp32 tensor (far larger than the caches, so every byte comes from memory)."""
+    x = torch.ones(mib << 18, device=device)
+
+    def read():
+        total = x.sum()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return total
+
+    read()  # warm-up: pages touched, threads started
+    seconds, _ = timed(read, repeats)
+    return x.numel() * x.element_size() / seconds
+
+
+def weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads: every parameter once (a tied LM head reads the embedding matrix,
+    counted once; the embedding lookup itself reads one row)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def single_stream(base, engine, ids: list[int], tokens: int, repeats: int = 3) -> dict:
-    """(c) greedy decoding of one request without an adapter: softprompt's engine vs HF model.generate."""
+    """(c) greedy decoding of one request without an adapter: softprompt's engine (with and without prepacked
+    weights, core/packed.py) vs HF model.generate on the plain model, and the memory-bandwidth bound."""
     model = base.model
     ours = engine.generate([GenerationRequest(ids, max_new_tokens=tokens)])[0].token_ids  # warm-up, and the length
     n = len(ours)
@@ -115,22 +142,61 @@ def single_stream(base, engine, ids: list[int], tokens: int, repeats: int = 3) -
     )
 
     def hf():
-        with torch.no_grad():
+        with torch.no_grad(), packed_weights(False):
             return model.generate(input_ids, **hf_kwargs)[0, len(ids) :].tolist()
 
+    def engine_run(packed: bool, fast: bool):
+        DecodeBatch.fast_path = fast
+        try:
+            with packed_weights(packed):
+                return engine.generate([GenerationRequest(ids, max_new_tokens=tokens)])[0].token_ids
+        finally:
+            DecodeBatch.fast_path = True
+
+    # without prepacking; without the decode path too (neither runs in fp32: nothing to compare there)
+    variants = {"unpacked": (False, True), "plain": (False, False)} if base.dtype == torch.bfloat16 else {}
     theirs = hf()  # warm-up
-    t_ours, t_hf = [], []
-    for _ in range(repeats):  # interleaved, so both see the same machine load
-        t_ours.append(timed(lambda: engine.generate([GenerationRequest(ids, max_new_tokens=tokens)]))[0])
+    same = {name: engine_run(*flags) == ours for name, flags in variants.items()}  # warm-up, and their tokens
+    t_ours, t_hf, bandwidth, t_variants = [], [], [], {name: [] for name in variants}
+    for _ in range(repeats):  # interleaved, so all see the same machine load
+        t_ours.append(timed(lambda: engine_run(True, True))[0])
+        for name, flags in variants.items():
+            t_variants[name].append(timed(lambda flags=flags: engine_run(*flags))[0])
         t_hf.append(timed(hf)[0])
+        bandwidth.append(memory_bandwidth(base.device))
     ours_s, hf_s = statistics.median(t_ours), statistics.median(t_hf)
+    bound = statistics.median(bandwidth) / weight_bytes(model)  # tokens/s if a step only read the weights once
     return {
         "tokens": n,
         "softprompt_tok_s": n / ours_s,
+        **{f"{name}_tok_s": n / statistics.median(t) for name, t in t_variants.items()},
+        "same_tokens_without": all(same.values()),
         "hf_tok_s": n / hf_s,
         "ratio": hf_s / ours_s,
         "same_tokens_as_hf": theirs[:n] == ours,
+        "bandwidth_gb_s": statistics.median(bandwidth) / 1e9,
+        "weight_mb": weight_bytes(model) / 1e6,
+        "bound_tok_s": bound,
+        "of_bound": n / ours_s / bound,
     }
+
+
+def report_single(name: str, single: dict) -> None:
+    """Print (c)'s line."""
+    without = (
+        f"({single['unpacked_tok_s']:.1f} without prepacked weights, {single['plain_tok_s']:.1f} without the decode "
+        f"path too; same tokens: {single['same_tokens_without']}), "
+        if "plain_tok_s" in single
+        else ""
+    )
+    print(
+        f"[{name}] (c) single stream, {single['tokens']} tokens: softprompt {single['softprompt_tok_s']:.1f} tok/s "
+        f"{without}HF generate {single['hf_tok_s']:.1f} tok/s, ratio {single['ratio']:.2f}, "
+        f"same tokens: {single['same_tokens_as_hf']}; bound {single['bound_tok_s']:.1f} tok/s "
+        f"({single['weight_mb']:.0f} MB of weights per step at {single['bandwidth_gb_s']:.1f} GB/s measured now), "
+        f"{100 * single['of_bound']:.0f}% of it, load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
 
 
 def run_dtype(args, dtype: str) -> tuple[dict, dict]:
@@ -195,12 +261,7 @@ def run_dtype(args, dtype: str) -> tuple[dict, dict]:
     # (c) single stream vs Hugging Face generate, no adapter
     stream_ids = engine.encode(STREAM_PROMPT)
     single = single_stream(base, engine, stream_ids, args.stream_tokens)
-    print(
-        f"[{name}] (c) single stream, {single['tokens']} tokens: softprompt {single['softprompt_tok_s']:.1f} tok/s, "
-        f"HF generate {single['hf_tok_s']:.1f} tok/s, ratio {single['ratio']:.2f}, "
-        f"same tokens: {single['same_tokens_as_hf']}",
-        flush=True,
-    )
+    report_single(name, single)
 
     out = {
         "mixed_batch_speedup": round(t_seq / t_batch, 3),
@@ -216,6 +277,13 @@ def run_dtype(args, dtype: str) -> tuple[dict, dict]:
         "ttft_recompute_ms": round(1000 * t_recompute, 2),
         "single_stream_tok_s": round(single["softprompt_tok_s"], 2),
         "hf_tok_s": round(single["hf_tok_s"], 2),
+        **{key: round(single[key], 2) for key in ("unpacked_tok_s", "plain_tok_s") if key in single},
+        "same_tokens_without": single["same_tokens_without"],
+        "bandwidth_gb_s": round(single["bandwidth_gb_s"], 2),
+        "weight_mb": round(single["weight_mb"], 1),
+        "bound_tok_s": round(single["bound_tok_s"], 2),
+        "of_bound": round(single["of_bound"], 3),
+        "load_average": round(os.getloadavg()[0], 2),
         "row_exact": DecodeBatch(base, engine.prompt_cache).exact,
     }
 

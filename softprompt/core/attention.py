@@ -123,11 +123,24 @@ def _row_plan(
     return plan
 
 
-def _row_exact_sdpa(state: _RowExact, module, query, key, value, attention_mask, scaling) -> torch.Tensor:
+def decode_plan(key_mask: torch.Tensor, live: int) -> list:
+    """The row plan of a one-token step from the [B, T] key mask (1 = real key), for the first `live` rows: each
+    row's one query over all its real keys. It is the plan `_row_plan` makes from the 4-D mask of the same step
+    (a new token's query sees every real key), without building that mask."""
+    plan = []
+    query = torch.zeros(1, dtype=torch.long, device=key_mask.device)
+    for b in range(live):
+        keys = key_mask[b].nonzero().flatten()
+        plan.append((b, keys, query, [(0, 1, len(keys), None)]))
+    return plan
+
+
+def planned_attention(plan: list, query, key, value, scaling) -> torch.Tensor:
+    """Attention row by row as a row plan says: [B, Lq, heads, D], zeros for rows the plan skips (ghost rows)."""
     batch, heads, q_len, dim = query.shape
     out = query.new_zeros(batch, q_len, heads, value.shape[-1])
     gqa = key.shape[1] != heads
-    for b, keys, queries, chunks in _row_plan(state, attention_mask, batch, q_len, key.shape[2], query.device):
+    for b, keys, queries, chunks in plan:
         q = query[b].index_select(1, queries).unsqueeze(0)
         k = key[b].index_select(1, keys).unsqueeze(0)
         v = value[b].index_select(1, keys).unsqueeze(0)
@@ -137,6 +150,12 @@ def _row_exact_sdpa(state: _RowExact, module, query, key, value, attention_mask,
             )
             out[b].index_copy_(0, queries[first:end], o[0].transpose(0, 1))
     return out
+
+
+def _row_exact_sdpa(state: _RowExact, module, query, key, value, attention_mask, scaling) -> torch.Tensor:
+    batch, _, q_len, _ = query.shape
+    plan = _row_plan(state, attention_mask, batch, q_len, key.shape[2], query.device)
+    return planned_attention(plan, query, key, value, scaling)
 
 
 def grouped_sdpa(

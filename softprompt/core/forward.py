@@ -34,11 +34,19 @@ Only their producer differs (`Virtual`: a method and its saved tensor):
 from __future__ import annotations
 
 import inspect
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+
+from softprompt.core.attention import NAME, decode_plan, planned_attention
+
+try:  # transformers >= 4.56: a cache is a list of layer objects
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # pragma: no cover - older transformers: plain DynamicCache, concatenating
+    DynamicLayer = None
 
 Kv = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [batch, kv_heads, seq, head_dim]
 
@@ -53,9 +61,77 @@ def cache_kwarg(model) -> str:
     return name
 
 
+DECODE_SPARE = 64  # columns of room a cache layer adds when a small append (decoding) outgrows it
+
+
+if DynamicLayer is not None:
+
+    class GrowingLayer(DynamicLayer):
+        """A DynamicLayer that appends in place into spare room instead of concatenating its whole keys/values at
+        every step (a decode step then copies one column per layer, not the cache twice). Its keys/values are views
+        of a buffer only this layer writes, and only past every view it has handed out, so those views never
+        change. Appends that autograd must see (training) concatenate as DynamicLayer does."""
+
+        def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
+            super().__init__()
+            self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+            self._written = 0  # columns of the buffers written so far (every view handed out is within them)
+            if keys is not None:  # held as given (no copy); the first append copies them into a buffer
+                self.device, self.keys, self.values, self.is_initialized = keys.device, keys, values, True
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self.is_initialized:  # as DynamicLayer starts (its lazy_initialization's signature varies)
+                self.device, self.is_initialized = key_states.device, True
+                self.keys, self.values = key_states.new_empty(0), value_states.new_empty(0)
+            if torch.is_grad_enabled() and (
+                key_states.requires_grad or value_states.requires_grad or self.keys.requires_grad
+            ):
+                self._buffers = None
+                return super().update(key_states, value_states, *args, **kwargs)
+            length, new = (self.keys.shape[-2] if self.keys.numel() else 0), key_states.shape[-2]
+            if not self._owns(length, key_states) or length + new > self._buffers[0].shape[-2]:
+                self._grow(length, new, key_states, value_states)
+            keys, values = self._buffers
+            keys[..., length : length + new, :] = key_states
+            values[..., length : length + new, :] = value_states
+            self.keys, self.values = keys[..., : length + new, :], values[..., : length + new, :]
+            self._written = length + new
+            return self.keys, self.values
+
+        def _owns(self, length: int, key_states: torch.Tensor) -> bool:
+            """True when keys/values are still this layer's own buffer views, as long as all it wrote (nothing
+            replaced or cropped them: writing past a cropped view would change a longer one handed out before)."""
+            if self._buffers is None or length == 0 or length != self._written:
+                return False
+            keys = self._buffers[0]
+            return (
+                self.keys.data_ptr() == keys.data_ptr()
+                and self.keys.shape[:-2] == key_states.shape[:-2] == keys.shape[:-2]
+                and self.values.data_ptr() == self._buffers[1].data_ptr()
+            )
+
+        def _grow(self, length: int, new: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            """A fresh buffer holding the current keys/values, with room for `new` more (and DECODE_SPARE more for a
+            small append, so that decoding reallocates once per DECODE_SPARE steps; a prefill gets no spare)."""
+            room = length + new + (DECODE_SPARE if new <= 4 and length else 0)
+            buffers = []
+            for old, states in ((self.keys, key_states), (self.values, value_states)):
+                buffer = states.new_empty(*states.shape[:-2], room, states.shape[-1])
+                if length:
+                    buffer[..., :length, :] = old
+                buffers.append(buffer)
+            self._buffers = (buffers[0], buffers[1])
+
+
 def make_cache(kv: Kv | None = None) -> DynamicCache:
-    """A transformers cache holding the given per-layer keys/values (or an empty one)."""
-    return DynamicCache(ddp_cache_data=kv) if kv else DynamicCache()
+    """A transformers cache holding the given per-layer keys/values (or an empty one); its layers append in place
+    (`GrowingLayer`) where transformers has layer objects."""
+    if DynamicLayer is None:
+        return DynamicCache(ddp_cache_data=kv) if kv else DynamicCache()
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = GrowingLayer
+    cache.layers = [GrowingLayer(k, v) for k, v in kv] if kv else []
+    return cache
 
 
 def cache_tensors(cache) -> Kv:
@@ -85,6 +161,57 @@ def run_body(
         inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache, **kwargs
     )
     return out.last_hidden_state, (cache if use_cache else None)
+
+
+FAST_DECODE_MODELS = {"LlamaModel": ("LlamaDecoderLayer", "LlamaAttention")}  # bodies `decode_body` mirrors
+
+
+def fast_decode(model) -> bool:
+    """True when `decode_body` can run this model's decode steps: a Llama body (SmolLM2, Llama) exactly as
+    transformers defines it, on the CPU (where row-exact attention runs row by row), attention through
+    core/attention.py's grouped SDPA, no sliding window."""
+    body = model.base_model
+    if model.config._attn_implementation != NAME or model.device.type != "cpu":  # each time: these can change
+        return False
+    known = getattr(body, "_softprompt_fast_decode", None)
+    if known is None:  # the body's structure does not change: checked once
+        layers = FAST_DECODE_MODELS.get(type(body).__name__)
+        known = (
+            layers is not None
+            and getattr(model.config, "sliding_window", None) is None
+            and callable(getattr(sys.modules[type(body).__module__], "apply_rotary_pos_emb", None))
+            and all(
+                type(layer).__name__ == layers[0] and type(layer.self_attn).__name__ == layers[1]
+                for layer in body.layers
+            )
+        )
+        body._softprompt_fast_decode = known
+    return known
+
+
+def decode_body(model, embeds: torch.Tensor, key_mask: torch.Tensor, position_ids: torch.Tensor, cache, live: int):
+    """One row-exact decode step of a `fast_decode` model: embeds [B, 1, H] -> last hidden states [B, 1, H], the
+    new keys/values appended to `cache`. The same modules and kernels, in the same order, as the model's own forward
+    in `row_exact(live)` (tests check the logits are the same bits); what it leaves out is the per-step work around
+    them: the 4-D mask, the attention dispatch, the per-layer keyword plumbing."""
+    body = model.base_model
+    rotate = sys.modules[type(body).__module__].apply_rotary_pos_emb
+    cos, sin = body.rotary_emb(embeds, position_ids=position_ids)
+    plan = decode_plan(key_mask, live)
+    hidden = embeds
+    for layer in body.layers[: model.config.num_hidden_layers]:
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        shape = (*x.shape[:-1], -1, attn.head_dim)
+        q = attn.q_proj(x).view(shape).transpose(1, 2)
+        k = attn.k_proj(x).view(shape).transpose(1, 2)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        q, k = rotate(q, k, cos, sin)
+        k, v = cache.update(k, v, attn.layer_idx)
+        out = planned_attention(plan, q, k, v, attn.scaling)
+        hidden = hidden + attn.o_proj(out.reshape(*x.shape[:-1], -1).contiguous())
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return body.norm(hidden)
 
 
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:

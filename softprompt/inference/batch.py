@@ -49,8 +49,18 @@ from dataclasses import dataclass, field
 import torch
 
 from softprompt.core.attention import PREFILL_CHUNK, min_rows, row_exact, use_grouped_sdpa
-from softprompt.core.forward import Kv, cache_tensors, lm_logits, make_cache, positions_from_mask, run_body
+from softprompt.core.forward import (
+    Kv,
+    cache_tensors,
+    decode_body,
+    fast_decode,
+    lm_logits,
+    make_cache,
+    positions_from_mask,
+    run_body,
+)
 from softprompt.core.models import FrozenModel
+from softprompt.core.packed import use_packed_linears
 from softprompt.inference.detokenize import Detokenizer
 from softprompt.inference.prefix_cache import PrefixCache
 from softprompt.inference.prompt_cache import CachedPrompt, PromptCache, UnknownAdapterError
@@ -190,6 +200,9 @@ class DecodeBatch:
     # Row-exact mode (see the module docstring): None = on below fp32 (bf16, fp16), where a rounding difference flips a
     # whole bf16 step; fp32 keeps the plain batched kernels. Benchmarks set True / False to measure the cost.
     exact: bool | None = None
+    # Row-exact decode steps of Llama bodies through core/forward.py's `decode_body` (the same bits as the model's own
+    # forward); benchmarks set False to measure it.
+    fast_path: bool = True
 
     def __init__(
         self,
@@ -203,6 +216,8 @@ class DecodeBatch:
         self.prefix_cache = prefix_cache
         self.exact = self.exact if self.exact is not None else base.dtype != torch.float32
         self.min_rows = min_rows(base.model)
+        if base.dtype == torch.bfloat16 and base.device.type == "cpu":
+            use_packed_linears(base.model)  # same bits, ~2x faster few-row products (core/packed.py)
         self.chunk_tokens = prefix_cache.block_tokens if prefix_cache is not None else PREFILL_CHUNK
         if self.exact and not use_grouped_sdpa(base.model):
             warnings.warn(
@@ -273,7 +288,7 @@ class DecodeBatch:
         ids = torch.tensor([[row.last_token] for row in self.rows], device=device)
         pos = torch.tensor([[row.next_pos] for row in self.rows], device=device)
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        mask, cache = self.mask, self.cache
+        mask = self.mask
         ghosts = self.min_rows - live if self.exact and live < self.min_rows else 0
         if ghosts:  # copies of row 0 keep every matrix product on the kernel it takes with many rows
 
@@ -281,19 +296,25 @@ class DecodeBatch:
                 return torch.cat([x, x[:1].expand(ghosts, *x.shape[1:])])
 
             ids, pos, mask = grow(ids), grow(pos), grow(mask)
-            cache = make_cache([(grow(k), grow(v)) for k, v in cache_tensors(cache)])
+            if self._cache_rows() == live:  # the ghosts' keys/values stay in the cache until the rows change
+                self.cache = make_cache([(grow(k), grow(v)) for k, v in cache_tensors(self.cache)])
         embeds = self.base.model.get_input_embeddings()(ids)
-        with row_exact(live) if self.exact else nullcontext():
-            hidden, cache = run_body(self.base.model, embeds, mask, pos, cache=cache, use_cache=True)
-        if ghosts:
-            cache = make_cache([(k[:live], v[:live]) for k, v in cache_tensors(cache)])
-        self.cache = cache
+        model = self.base.model
+        if self.exact and self.fast_path and fast_decode(model):  # same bits, less per-step work (core/forward.py)
+            hidden = decode_body(model, embeds, mask, pos, self.cache, live)
+        else:
+            with row_exact(live) if self.exact else nullcontext():
+                hidden, self.cache = run_body(model, embeds, mask, pos, cache=self.cache, use_cache=True)
         logits = self._head(hidden[:, -1], live)
         for row in self.rows:
             row.next_pos += 1
         events = self._accept(self.rows, logits)
         self._drop_finished()
         return events
+
+    def _cache_rows(self) -> int:
+        """Rows of the cache's keys/values: the live rows, then any ghost rows `step` added (never read)."""
+        return next(iter(self.cache))[0].shape[0]
 
     def remove(self, requests) -> None:
         """Drop rows (finished or cancelled); requests not in the batch are ignored."""
@@ -418,7 +439,8 @@ class DecodeBatch:
         if not self.rows:
             self.cache, self.mask = make_cache(kv), mask
             return
-        old = cache_tensors(self.cache)
+        live = len(self.rows)
+        old = [(k[:live], v[:live]) for k, v in cache_tensors(self.cache)]  # without ghost rows
         t_old, t_new = self.mask.shape[1], mask.shape[1]
         t = max(t_old, t_new)
 

@@ -1,0 +1,101 @@
+"""The decode step's fast parts give the bits of the plain ones: prepacked bf16 weights (core/packed.py), the cache
+that appends in place (core/forward.py `GrowingLayer`), and the Llama decode path (`decode_body`)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from engine_helpers import peaked_base, random_adapter
+
+from softprompt.core import packed
+from softprompt.core.forward import cache_tensors, decode_body, fast_decode, make_cache
+from softprompt.core.models import cpu_has_native_bf16
+from softprompt.inference import engine as engine_module
+from softprompt.inference.engine import DecodeBatch, Engine, GenerationRequest
+
+needs_bf16 = pytest.mark.skipif(
+    not (cpu_has_native_bf16() and packed.supported()), reason="no native bf16 / oneDNN packing on this CPU"
+)
+
+
+@needs_bf16
+def test_packed_linear_gives_the_plain_products_bits_and_steps_aside_when_it_must():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(256, 384).to(torch.bfloat16).requires_grad_(False)
+    plain = torch.nn.Linear(256, 384).to(torch.bfloat16)
+    plain.load_state_dict(layer.state_dict())
+    assert packed.use_packed_linears(layer) == 1 and packed.use_packed_linears(layer) == 1  # idempotent
+    x = torch.randn(5, 3, 256).to(torch.bfloat16)
+    for rows in (1, 2, 3, 5):
+        assert torch.equal(layer(x[:rows]), plain(x[:rows]))
+        assert torch.equal(layer(x[:rows, 0]), plain(x[:rows, 0]))
+    with packed.packed_weights(False):
+        assert torch.equal(layer(x), plain(x))
+    grad_x = x.clone().requires_grad_()
+    out = layer(grad_x)  # autograd needs the product: plain F.linear, which it can differentiate
+    assert out.grad_fn is not None and torch.equal(out.detach(), plain(x))
+    with torch.no_grad():
+        layer.weight.mul_(2)  # changed in place: the stale packed copy must not be used
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    packed.use_packed_linears(layer)  # repacked from the new weight
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert layer._softprompt_packed.version == layer.weight._version
+
+
+def test_growing_cache_appends_like_concatenation_and_never_changes_a_view_it_gave():
+    torch.manual_seed(0)
+    k0, v0 = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    cache = make_cache([(k0, v0)])
+    keys, values, views = k0, v0, []
+    for step in range(150):  # past several reallocations (DECODE_SPARE columns each)
+        k, v = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)
+        got_k, got_v = cache.update(k, v, 0)
+        keys, values = torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2)
+        assert torch.equal(got_k, keys) and torch.equal(got_v, values)
+        views.append((got_k, keys.clone()))
+    assert all(torch.equal(view, copy) for view, copy in views)
+    assert torch.equal(cache_tensors(cache)[0][0], keys)
+    block = torch.randn(2, 3, 7, 4)  # a multi-token append (a prefill chunk) too
+    assert torch.equal(cache.update(block, block, 0)[0], torch.cat([keys, block], dim=2))
+
+
+def test_growing_cache_concatenates_where_autograd_must_see_the_append():
+    prefix = torch.randn(1, 2, 3, 4, requires_grad=True)
+    cache = make_cache([(prefix, prefix)])
+    keys, _ = cache.update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4), 0)
+    keys.sum().backward()
+    assert torch.equal(prefix.grad, torch.ones_like(prefix))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_llama_decode_path_gives_the_model_forwards_bits(dtype, monkeypatch):
+    """Row-exact decoding (forced in fp32, so the test runs on any CPU) through `decode_body` vs through the model's
+    own forward: the same tokens and bit-identical logits, for rows alone, with ghost rows, and rows joining."""
+    if dtype == "bfloat16" and not cpu_has_native_bf16():
+        pytest.skip("no native bf16 on this CPU")
+    base = peaked_base(seed=3)
+    base.model.to(getattr(torch, dtype))
+    monkeypatch.setattr(DecodeBatch, "exact", True)
+    engine = Engine(base, {"a": random_adapter(3, seed=1), "b": random_adapter(6, seed=2)})
+    requests = [
+        GenerationRequest(engine.encode(text, adapter=adapter), adapter=adapter, max_new_tokens=n)
+        for text, adapter, n in [("tell me", None, 12), ("why sky", "a", 5), ("cats", "b", 9), ("a story", "a", 7)]
+    ]
+
+    def run(fast: bool, rows: list) -> list:
+        monkeypatch.setattr(DecodeBatch, "fast_path", fast)
+        batch = DecodeBatch(base, engine.prompt_cache, keep_logits=True)
+        events = batch.add(rows[:1]) + batch.step() + batch.step() + batch.add(rows[1:])
+        while len(batch):
+            events += batch.step()
+        return [(e.request.id, e.token_id, e.logits) for e in events]
+
+    calls = []
+    monkeypatch.setattr(engine_module, "decode_body", lambda *args: calls.append(1) or decode_body(*args))
+    for rows in (requests[:1], requests):
+        slow = run(False, rows)
+        assert not calls
+        fast = run(True, rows)
+        assert calls and fast_decode(base.model)  # the fast path ran (the engine switched to grouped SDPA)
+        calls.clear()
+        assert [e[:2] for e in fast] == [e[:2] for e in slow]
+        assert all(torch.equal(a[2], b[2]) for a, b in zip(fast, slow))
