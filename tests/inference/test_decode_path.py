@@ -9,8 +9,9 @@ from engine_helpers import peaked_base, random_adapter
 from softprompt.core import packed
 from softprompt.core.forward import cache_tensors, decode_body, fast_decode, make_cache
 from softprompt.core.models import cpu_has_native_bf16
-from softprompt.inference import engine as engine_module
-from softprompt.inference.engine import DecodeBatch, Engine, GenerationRequest
+from softprompt.inference import batch as batch_module
+from softprompt.inference.batch import DecodeBatch, GenerationRequest
+from softprompt.inference.engine import Engine
 
 needs_bf16 = pytest.mark.skipif(
     not (cpu_has_native_bf16() and packed.supported()), reason="no native bf16 / oneDNN packing on this CPU"
@@ -90,7 +91,7 @@ def test_llama_decode_path_gives_the_model_forwards_bits(dtype, monkeypatch):
         return [(e.request.id, e.token_id, e.logits) for e in events]
 
     calls = []
-    monkeypatch.setattr(engine_module, "decode_body", lambda *args: calls.append(1) or decode_body(*args))
+    monkeypatch.setattr(batch_module, "decode_body", lambda *args: calls.append(1) or decode_body(*args))
     for rows in (requests[:1], requests):
         slow = run(False, rows)
         assert not calls
