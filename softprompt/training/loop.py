@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from softprompt.core import forward
+from softprompt.core import KV_METHODS, forward
 from softprompt.core.models import FrozenModel, describe_parameters, load_base
 from softprompt.core.prompt import build_prompt
 from softprompt.data import batching
@@ -182,11 +182,7 @@ def _setup(config: TrainConfig) -> Run:
         torch.set_num_threads(config.threads)
     template = Template(config.template)
     label_words = parse_words(config.label_words, "--label-words")
-    if config.method == "prefix" and config.gradient_checkpointing:
-        raise ValueError(
-            "--gradient-checkpointing does not work with --method prefix: the prefix enters every layer "
-            "as cached keys/values, which recomputing a layer would extend twice (PEFT refuses the same)"
-        )
+    init_text = _init_text(config)
     train_recs, eval_recs = _load_records(config, label_words)
     # the model is loaded after the records, so bad data fails fast
     base = (
@@ -202,7 +198,7 @@ def _setup(config: TrainConfig) -> Run:
             print(
                 f"train: every training answer is one of {len(label_words)} short answers "
                 f"({', '.join(label_words)}): using them as label words ("
-                + ("init labels, " if config.init is None else "")
+                + ("init labels, " if config.init is None and init_text is None else "")
                 + "saved with the adapter, so softprompt eval ranks them as choices); --no-auto-label-words "
                 "turns this off",
                 flush=True,
@@ -220,18 +216,19 @@ def _setup(config: TrainConfig) -> Run:
     step_records = config.batch_size * config.grad_accum * accelerator.num_processes
     per_epoch = batching.steps_per_epoch(len(examples), step_records)
     total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
-    init = config.init or ("labels" if label_words else "vocab")
+    init = config.init or ("text" if init_text is not None else "labels" if label_words else "vocab")
     prompt = build_prompt(
         base,
         config.method,
         init,
         config.num_virtual_tokens,
-        config.init_text,
+        init_text,
         label_words,
         config.seed,
         prefix_projection=config.prefix_projection and config.method == "prefix",
         encoder_hidden_size=config.encoder_hidden_size,
         encoder_type=config.encoder_type,
+        num_frozen_tokens=config.frozen_tokens,
     )
     optimizer = build_optimizer(config.optimizer, list(prompt.parameters()), config.peak_lr, config.weight_decay)
     state = TrainState(
@@ -269,7 +266,9 @@ def _setup(config: TrainConfig) -> Run:
             "label_words": label_words,
         },
         scaler=torch.amp.GradScaler(base.device.type, enabled=base.dtype == torch.float16),
-        mode="concat" if config.gradient_checkpointing else "kv",
+        # checkpointing re-runs layers: prompts of input embeddings are concatenated; keys/values (prefix,
+        # cartridge) stay in kv mode, read through forward.ReadOnlyCache, which a recompute reads unchanged
+        mode="concat" if config.gradient_checkpointing and config.method not in KV_METHODS else "kv",
         per_epoch=per_epoch,
         total=total,
         warmup=config.warmup_steps if config.warmup_steps is not None else int(0.05 * total),
@@ -286,6 +285,20 @@ def _setup(config: TrainConfig) -> Run:
     )
     _start_reporting(run)
     return run
+
+
+def _init_text(config: TrainConfig) -> str | None:
+    """--init-text, or the text of --init-file (one line naming the file when it cannot be read or is empty)."""
+    if config.init_file is None:
+        return config.init_text
+    path = Path(config.init_file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"--init-file {path}: cannot read: {getattr(err, 'strerror', None) or err}") from err
+    if not text.strip():
+        raise DataError(f"--init-file {path}: the file is empty")
+    return text
 
 
 def _classes(examples: list[batching.Example], records, label_words: list[str] | None) -> list[int] | None:
@@ -431,9 +444,16 @@ def _activation_checkpointing(model, enabled: bool):
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # transformers only checkpoints in training mode; the frozen weights are unaffected
+    # transformers drops a checkpointed layer's cache (a recompute would extend it twice) unless the layer says it
+    # only reads it; the text passes of training read the prompt's keys/values through forward.ReadOnlyCache
+    readers = [m for m in model.modules() if hasattr(type(m), "_can_checkpoint_with_cache")]
+    for layer in readers:
+        layer._can_checkpoint_with_cache = True
     try:
         yield
     finally:
+        for layer in readers:
+            del layer._can_checkpoint_with_cache
         (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
         model.eval()
 
@@ -492,7 +512,10 @@ def _accumulate_gradients(run: Run, mine: list[int], label_total: int) -> torch.
     # follows them. Concat mode re-runs the prompt in each micro-batch, whose backward consumes its graph.
     virtual = prompt.virtual() if run.mode == "kv" else None
     examples = [run.examples[i] for i in mine]
-    shared = batching.shared_prompt_length(examples) if run.mode == "kv" else 0
+    # (not under checkpointing: the shared text's pass writes a cache, which a layer's recompute would extend twice)
+    shared = (
+        batching.shared_prompt_length(examples) if run.mode == "kv" and not run.config.gradient_checkpointing else 0
+    )
     text = torch.tensor(examples[0].ids[:shared] if shared else [], dtype=torch.long, device=device)
     prefix = forward.SharedPrefix(model, virtual, text) if run.mode == "kv" else None
     rest = [e.after(shared) for e in examples]
