@@ -5,8 +5,10 @@ Used by training and evaluation; generation reuses `prompt_kv` and `run_body` wi
 Two equivalent ways to put the prompt in front (tests check they agree):
 - `kv` (default): run the N virtual tokens once (batch 1), then expand their keys/values to every row and run the
   text on top of them. The prompt is the same for every row, so this saves (B-1)*N token positions per batch.
-- `concat`: the textbook [prompt ; embeddings] concatenation (needed with gradient checkpointing, which re-runs
-  layers and so cannot share a cache object).
+- `concat`: the textbook [prompt ; embeddings] concatenation (used for prompt tuning and P-tuning with gradient
+  checkpointing). The text pass of `kv` reads its prompt through a `ReadOnlyCache`, which a checkpointed layer's
+  recompute reads again unchanged, so a prefix or cartridge (which has no embeddings to concatenate) trains under
+  gradient checkpointing in `kv` mode.
 
 Position ids are always explicit: virtual tokens take 0..N-1 and each row's real tokens continue N, N+1, ...
 counting only unmasked tokens, so a row's result does not depend on padding side or on how many pads it has.
@@ -25,8 +27,8 @@ Every prompt-learning method is, downstream, the same thing: per-layer keys/valu
 Only their producer differs (`Virtual`: a method and its saved tensor):
 - `prompt` (prompt tuning) and `ptuning` (P-tuning, whose saved tensor is its encoder's output): [N, hidden] input
   embeddings, run through the model; the last virtual token's hidden state predicts the first text token;
-- `prefix` (prefix tuning / P-tuning v2): [N, layers * 2 * kv_heads * head_dim], the keys/values themselves, laid out
-  as PEFT lays them out (`prefix_kv`). Nothing is run, and there is no last virtual hidden state: as in PEFT, the first
+- `prefix` (prefix tuning / P-tuning v2) and `cartridge` (the same keys/values learned directly, PEFT's CARTRIDGE):
+  [N, layers * 2 * kv_heads * head_dim], the keys/values themselves, laid out as PEFT lays them out (`prefix_kv`). Nothing is run, and there is no last virtual hidden state: as in PEFT, the first
   text token is not predicted (labels shift inside the text). Text positions start at N either way, as PEFT's prefix
   forward gives them (cache_position N, N+1, ...).
 """
@@ -41,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from softprompt.core import KV_METHODS
 from softprompt.core.attention import NAME, decode_plan, planned_attention
 
 try:  # transformers >= 4.56: a cache is a list of layer objects
@@ -132,6 +135,20 @@ def make_cache(kv: Kv | None = None) -> DynamicCache:
     cache.layer_class_to_replicate = GrowingLayer
     cache.layers = [GrowingLayer(k, v) for k, v in kv] if kv else []
     return cache
+
+
+class ReadOnlyCache(DynamicCache):
+    """Keys/values every layer reads in front of its own and never extends: `update` returns [cached ; new] and
+    stores nothing. A pass over text whose cache is thrown away afterwards (training, scoring) gives the same result
+    as with a DynamicCache, and re-running a layer (gradient checkpointing's recompute) reads the same keys again
+    instead of appending them a second time, so such layers may keep the cache under checkpointing."""
+
+    def __init__(self, kv: Kv):
+        super().__init__(ddp_cache_data=kv)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
 
 
 def cache_tensors(cache) -> Kv:
@@ -241,8 +258,8 @@ class Virtual:
 
     @property
     def embeds_input(self) -> bool:
-        """True when the tensor is input embeddings (prompt, ptuning); False for prefix keys/values."""
-        return self.method != "prefix"
+        """True when the tensor is input embeddings (prompt, ptuning); False for keys/values (prefix, cartridge)."""
+        return self.method not in KV_METHODS
 
 
 def as_virtual(prompt: "torch.Tensor | Virtual | None") -> "Virtual | None":
@@ -451,7 +468,9 @@ def text_hidden(
         raise ValueError(f"unknown prefix mode {mode!r}: use 'kv' or 'concat'")
     kv, last = (prefix.kv, prefix.last) if prefix is not None else prompt_kv(model, prompt)
     expanded = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv]
-    hidden, _ = run_body(model, embeds, full_mask, positions_from_mask(attention_mask, n), cache=make_cache(expanded))
+    # read-only: nothing reads this cache afterwards, and a checkpointed layer's recompute must see the same keys
+    cache = ReadOnlyCache(expanded)
+    hidden, _ = run_body(model, embeds, full_mask, positions_from_mask(attention_mask, n), cache=cache)
     return hidden, last
 
 

@@ -351,9 +351,16 @@ def activation_checkpointing(model: torch.nn.Module, enabled: bool = True) -> It
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # transformers only checkpoints in training mode; the frozen weights are unaffected
+    # transformers drops a checkpointed layer's cache (a recompute would extend it twice) unless the layer says it
+    # only reads it; the text passes of training read the prompt's keys/values through forward.ReadOnlyCache
+    readers = [m for m in model.modules() if hasattr(type(m), "_can_checkpoint_with_cache")]
+    for layer in readers:
+        layer._can_checkpoint_with_cache = True
     try:
         yield
     finally:
+        for layer in readers:
+            del layer._can_checkpoint_with_cache
         (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
         model.eval()
 

@@ -6,18 +6,22 @@ adapter saves (PEFT's `prompt_embeddings`) and whose `virtual()` hands that to c
 - `PrefixEncoder` (method `prefix`, prefix tuning / P-tuning v2): per-layer keys and values of N virtual positions,
   learned directly [N, layers * 2 * kv_heads * head_dim], or, with `projection`, produced while training by PEFT's
   two-layer MLP (Linear, tanh, Linear) from N vectors; either way the saved tensor is the keys/values;
+- `Cartridge` (method `cartridge`, PEFT's CARTRIDGE): per-layer keys/values of N virtual positions learned directly,
+  the first `num_frozen_tokens` of them frozen (an attention sink);
 - `PromptEncoder` (method `ptuning`, P-tuning): N vectors reparameterised by PEFT's MLP (3 linear layers with ReLU) or
   bidirectional LSTM + MLP; the saved tensor is the encoder's output, [N, hidden], as PEFT saves P_TUNING adapters.
 
 `build_prompt(base, method, ...)` makes any of them.
 
-Initialisation strategies (for a prefix: the keys/values the initial vectors produce when run through the model, so
-a fresh prefix starts where the same prompt-tuning init starts; for P-tuning: the encoder's input vectors):
+Initialisation strategies (for a prefix learned directly and a cartridge: the keys/values the initial vectors produce
+in a no-grad prefill of the frozen model, `prefill_kv`, so a fresh prefix starts where the same prompt-tuning init
+starts; for a projected prefix and P-tuning: the encoder's input vectors):
 - `text`: embeddings of a tokenised init text (N defaults to its token count; tiled or truncated otherwise);
 - `vocab`: embedding rows sampled from frequent tokens;
 - `random`: Gaussian with the embedding table's own mean and std (not N(0, 1), which is far off scale);
 - `labels`: the task's label words (embeddings averaged over sub-tokens), the rest filled as `vocab`
   (Lester et al. 2021);
+- `zero` (prefix, cartridge only): keys/values all zero (a projected prefix: the projection's last layer zeroed);
 - from an existing adapter (prompt transfer): `formats.adapter.load_adapter(path).soft_prompt()`.
 """
 
@@ -26,8 +30,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from softprompt.core import ENCODER_TYPES, INIT_METHODS, METHODS
-from softprompt.core.forward import Virtual, check_prefix_fits, flat_prefix, prefix_layout, prompt_kv
+from softprompt.core import ENCODER_TYPES, INIT_METHODS, KV_METHODS, METHODS
+from softprompt.core.forward import Virtual, check_prefix_fits, flat_prefix, prefix_layout, prefix_width, prompt_kv
 
 DEFAULT_INIT_TEXT = "The following is a conversation between a person and a robot."
 # Frequent tokens: BPE vocabularies assign low ids to merges seen most often, so the first ids after the special
@@ -105,7 +109,8 @@ class SoftPrompt(nn.Module):
             rest = table[_sample_vocab(table.shape[0], n - len(rows), base.tokenizer, generator)]
             vectors = torch.cat([torch.stack(rows), rest]) if len(rest) else torch.stack(rows)
         else:
-            raise ValueError(f"unknown init {method!r}: use one of {', '.join(INIT_METHODS)}")
+            choices = ", ".join(m for m in INIT_METHODS if m != "zero")
+            raise ValueError(f"unknown init {method!r}: use one of {choices}")
         return cls(vectors, init=method).to(base.device)
 
 
@@ -237,6 +242,53 @@ class PromptEncoder(nn.Module):
         }
 
 
+class Cartridge(nn.Module):
+    """A cartridge (PEFT's CARTRIDGE): the keys/values of N virtual positions for every layer, learned directly (no
+    projection), fp32, [N, layers x 2 x kv_heads x head_dim] like a prefix and served exactly like one. The first
+    `num_frozen_tokens` positions are a buffer, not a parameter: they never change (an attention sink, as the
+    Cartridges paper recommends), so their gradient is zero and no optimiser, weight decay or clipping touches them.
+    """
+
+    method = "cartridge"
+
+    def __init__(
+        self,
+        start: torch.Tensor,
+        width: int,
+        num_frozen_tokens: int = 1,
+        init: str = "random",
+        init_text: str | None = None,
+    ):
+        super().__init__()
+        if start.ndim != 2 or start.shape[0] < 1 or start.shape[1] != width:
+            raise ValueError(f"a cartridge for this model needs shape [N >= 1, {width}], got {tuple(start.shape)}")
+        if not 0 <= num_frozen_tokens <= start.shape[0]:
+            raise ValueError(
+                f"num_frozen_tokens must be in 0..{start.shape[0]} (the virtual tokens), got {num_frozen_tokens}"
+            )
+        start = start.detach().to(torch.float32)
+        self.width, self.init, self.init_text = width, init, init_text
+        self.register_buffer("frozen", start[:num_frozen_tokens].clone())
+        self.embedding = nn.Parameter(start[num_frozen_tokens:].clone())
+
+    @property
+    def num_frozen_tokens(self) -> int:
+        return self.frozen.shape[0]
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.frozen.shape[0] + self.embedding.shape[0]
+
+    def forward(self) -> torch.Tensor:
+        return torch.cat([self.frozen, self.embedding]) if self.num_frozen_tokens else self.embedding
+
+    def virtual(self) -> Virtual:
+        return Virtual(self(), self.method)
+
+    def peft_fields(self) -> dict:
+        return {"num_frozen_tokens": self.num_frozen_tokens}
+
+
 def build_prompt(
     base,
     method: str = "prompt",
@@ -249,11 +301,20 @@ def build_prompt(
     prefix_projection: bool = False,
     encoder_hidden_size: int | None = None,
     encoder_type: str = "mlp",
+    num_frozen_tokens: int = 1,
 ) -> nn.Module:
-    """A fresh trainable soft prompt of `method` (see METHODS) for `base` (a models.FrozenModel), on its device."""
+    """A fresh trainable soft prompt of `method` (see METHODS) for `base` (a models.FrozenModel), on its device.
+
+    For a prefix (without projection) and a cartridge every init is a no-grad prefill: the keys/values the frozen model
+    computes for the init's vectors at positions 0..N-1 (for `text`, its first N tokens); `zero` starts them at zero
+    (for a projected prefix: the projection's last layer is zeroed, so its output, the keys/values, starts at zero)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-    start = SoftPrompt.initialise(base, init, num_virtual_tokens, init_text, label_words, seed)
+    if init == "zero" and method not in KV_METHODS:
+        raise ValueError(f"init 'zero' is for the key/value methods ({', '.join(KV_METHODS)}), not {method!r}")
+    seed_init = "vocab" if init == "zero" else init  # a projected prefix's MLP still needs non-zero inputs
+    start = SoftPrompt.initialise(base, seed_init, num_virtual_tokens, init_text, label_words, seed)
+    start.init = init
     if method == "prompt":
         return start
     if method == "ptuning":
@@ -263,14 +324,26 @@ def build_prompt(
     layers, kv_heads, head_dim = prefix_layout(base.model)
     check_prefix_fits(base.model)
     width = layers * 2 * kv_heads * head_dim
+    projected = method == "prefix" and prefix_projection
+    vectors = start.embeddings if projected else prefill_kv(base, start.embeddings, zero=init == "zero")
+    if method == "cartridge":
+        return Cartridge(vectors, width, num_frozen_tokens, init, start.init_text).to(base.device)
     # PEFT's default encoder_hidden_size for a prefix is its token_dim, kv_heads x head_dim (recorded either way)
     encoder_hidden_size = encoder_hidden_size or kv_heads * head_dim
-    if prefix_projection:
-        vectors = start.embeddings
-    else:
+    prefix = PrefixEncoder(vectors, width, projected, encoder_hidden_size, init, start.init_text, seed)
+    if projected and init == "zero":
         with torch.no_grad():
-            kv, _ = prompt_kv(base.model, start.embeddings)
-        vectors = flat_prefix(kv)
-    return PrefixEncoder(vectors, width, prefix_projection, encoder_hidden_size, start.init, start.init_text, seed).to(
-        base.device
-    )
+            prefix.transform[-1].weight.zero_()
+            prefix.transform[-1].bias.zero_()
+    return prefix.to(base.device)
+
+
+def prefill_kv(base, vectors: torch.Tensor, zero: bool = False) -> torch.Tensor:
+    """The flat keys/values [N, layers * 2 * kv_heads * head_dim] (fp32) of a no-grad prefill of input vectors [N,
+    hidden] (e.g. the embeddings of an init text's first N tokens) at positions 0..N-1; zeros of that shape with
+    `zero`. One implementation for every key/value init of a prefix and a cartridge."""
+    if zero:
+        return torch.zeros(vectors.shape[0], prefix_width(base.model))
+    with torch.no_grad():
+        kv, _ = prompt_kv(base.model, vectors.to(base.device))
+    return flat_prefix(kv).cpu()

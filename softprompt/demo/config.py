@@ -21,7 +21,7 @@ class DemoConfig:
     method: str = option(
         "prompt",
         "prompt-learning method to demonstrate: prompt (prompt tuning), prefix (prefix "
-        "tuning) or ptuning (P-tuning), as softprompt train --method",
+        "tuning), ptuning (P-tuning) or cartridge (keys/values learned directly), as softprompt train --method",
         choices=METHODS,
         group="training",
     )

@@ -2,7 +2,7 @@
 
 1. Write the compass-game task (demo_task.py: generated here, held-out words for evaluation) to OUT/data.
 2. Evaluate the frozen model zero-shot: rank-classification accuracy over the four directions, greedy exact match.
-3. Train a soft prompt of --method (prompt tuning by default; prefix tuning or P-tuning) on the training words
+3. Train a soft prompt of --method (prompt tuning by default; prefix tuning, P-tuning or a cartridge) on the training words
    (progress bar), saving a PEFT-format adapter into OUT.
 4. Evaluate again with the soft prompt and print a before/after table and a few answers before and after.
 
@@ -26,7 +26,8 @@ RESULTS_FILE = "demo_results.json"
 # The optimiser measured for this task (held-out accuracy over seeds and dtypes in docs/evaluation.md); pinned so
 # that the demo does not change when train's general-purpose defaults are retuned.
 DEMO_OPTIMIZER = "adamw"
-METHOD_NAMES = {"prompt": "prompt tuning", "prefix": "prefix tuning", "ptuning": "P-tuning"}
+METHOD_NAMES = {"prompt": "prompt tuning", "prefix": "prefix tuning", "ptuning": "P-tuning", "cartridge": "cartridge"}
+TUNED = {"prompt": "prompt-tuned", "prefix": "prefix-tuned", "ptuning": "p-tuned", "cartridge": "cartridge-tuned"}
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -62,7 +63,7 @@ def run_demo(config: DemoConfig, *, print_fn=print) -> dict:
     after = evaluate(EvalConfig(str(task["eval_file"]), base, [str(out)], **eval_options))["results"][0]
     clock["done"] = time.perf_counter()
 
-    labels = ["zero-shot", {"prompt": "prompt-tuned", "prefix": "prefix-tuned", "ptuning": "p-tuned"}[config.method]]
+    labels = ["zero-shot", TUNED[config.method]]
     print_fn("\n" + format_table([before, after], labels))
     print_fn("\nexamples (held-out words):\n" + format_examples([before, after], config.examples, labels))
     results = _results(config, base, task, trained, before, after, clock)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from softprompt.core import forward
+from softprompt.core import KV_METHODS, forward
 from softprompt.core.models import DEFAULT_MODEL, DEFAULT_MODEL_NAME, load_base
-from softprompt.core.prompt import DEFAULT_INIT_TEXT
+from softprompt.core.prompt import DEFAULT_INIT_TEXT, prefill_kv
 from softprompt.formats.adapter import load_adapter
 
 PREFIX_NOTE = (
@@ -64,7 +64,7 @@ def inspect_adapter(path: str | Path, base=None, top_k: int = 5) -> dict:
         "trainable_parameters": emb.numel(),
         "base_model": base.name if base is not None else None,
     }
-    if adapter.method == "prefix":
+    if adapter.method in KV_METHODS:
         return _prefix_report(info, adapter, base)
     norms = emb.norm(dim=-1)
     tokens = [{"index": i, "norm": round(float(norms[i]), 4)} for i in range(emb.shape[0])]
@@ -116,10 +116,8 @@ def _prefix_report(info: dict, adapter, base) -> dict:
 def _text_kv_norms(base, text: str = DEFAULT_INIT_TEXT) -> list[tuple[float, float]]:
     """Mean key and value norm per layer (over kv heads flattened, mean over positions) of a sample text."""
     ids = base.tokenizer(text, return_tensors="pt")["input_ids"].to(base.device)
-    embeds = base.model.get_input_embeddings()(ids)[0]
-    kv, _ = forward.prompt_kv(base.model, embeds)  # a text run as "virtual tokens" gives its keys/values
-    flat = forward.flat_prefix(kv)
-    layers = len(kv)
+    flat = prefill_kv(base, base.model.get_input_embeddings()(ids)[0])  # the keys/values a text gives
+    layers = forward.prefix_layout(base.model)[0]
     per = flat.view(flat.shape[0], layers, 2, -1).norm(dim=-1).mean(0)
     return [(float(per[i, 0]), float(per[i, 1])) for i in range(layers)]
 
@@ -138,14 +136,19 @@ def format_report(info: dict) -> str:
         f"  size on disk: {info['size_bytes']:,} bytes ({', '.join(f'{k} {v:,}' for k, v in info['files'].items())})",
         f"  virtual tokens: {info['num_virtual_tokens']} x hidden {info['hidden_size']} = "
         f"{info['trainable_parameters']:,} trainable parameters"
-        if info.get("method") != "prefix"
+        if info.get("method") not in KV_METHODS
         else f"  virtual positions: {info['num_virtual_tokens']} x prefix width {info['prefix_width']} "
-        f"(layers x 2 x kv heads x head dim) = {info['trainable_parameters']:,} parameters",
+        f"(layers x 2 x kv heads x head dim) = {info['trainable_parameters']:,} parameters"
+        + (
+            f", the first {cfg.get('num_frozen_tokens', 1)} frozen"
+            if info.get("method") == "cartridge" and cfg.get("num_frozen_tokens", 1)
+            else ""
+        ),
     ]
     summary = {k: v for k, v in extra.items() if k not in ("template", "label_words")}
     if summary:
         lines.append(f"  training: {json.dumps(summary, ensure_ascii=False)}")
-    if info.get("method") == "prefix":
+    if info.get("method") in KV_METHODS:
         return "\n".join(lines + _prefix_lines(info))
     if "vocab_mean_norm" in info:
         lines.append(

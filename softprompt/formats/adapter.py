@@ -1,10 +1,11 @@
 """Adapter folders in PEFT's prompt-learning formats, readable by `peft.PeftModel.from_pretrained` and vice versa.
 
 A folder holds:
-- `adapter_config.json` — the keys PEFT writes (peft_type PROMPT_TUNING, PREFIX_TUNING or P_TUNING, task_type
+- `adapter_config.json` — the keys PEFT writes (peft_type PROMPT_TUNING, PREFIX_TUNING, P_TUNING or CARTRIDGE, task_type
   CAUSAL_LM, ...; see methods.py for each method's fields);
 - `adapter_model.safetensors` — one fp32 tensor `prompt_embeddings`: [num_virtual_tokens, hidden] input embeddings
-  (prompt tuning, P-tuning) or [num_virtual_tokens, num_layers * 2 * token_dim] keys/values (prefix tuning);
+  (prompt tuning, P-tuning) or [num_virtual_tokens, num_layers * 2 * token_dim] keys/values (prefix tuning,
+  cartridges);
 - `softprompt.json` (optional, softprompt's own) — template, label words, training summary.
 Only safetensors are read: never pickle.
 """
@@ -22,8 +23,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from softprompt.core import KV_METHODS
 from softprompt.core.forward import Virtual
-from softprompt.core.prompt import PrefixEncoder, SoftPrompt
+from softprompt.core.prompt import Cartridge, PrefixEncoder, SoftPrompt
 from softprompt.data.templates import Template, TemplateError
 from softprompt.formats.folders import replace_folder
 from softprompt.formats.methods import METHOD_OF, base_width, config_fields, expected_width, method_of, misfit
@@ -86,7 +88,7 @@ class Adapter:
 
     @property
     def method(self) -> str:
-        """prompt, prefix or ptuning (from the config's peft_type)."""
+        """prompt, prefix, ptuning or cartridge (from the config's peft_type)."""
         return method_of(self.config) or "prompt"
 
     def virtual(self, device=None) -> Virtual:
@@ -96,7 +98,10 @@ class Adapter:
     def soft_prompt(self) -> torch.nn.Module:
         """A trainable copy of this adapter's prompt, e.g. to continue training it or transfer it to a new task: a
         core.prompt.SoftPrompt (a P-tuning adapter's embeddings become a plain prompt: its encoder is not saved), or
-        a PrefixEncoder holding the prefix itself."""
+        a PrefixEncoder holding the prefix itself, or a Cartridge with the same frozen tokens)."""
+        if self.method == "cartridge":
+            frozen = self.config.get("num_frozen_tokens", 1)
+            return Cartridge(self.embeddings, self.embeddings.shape[1], frozen, init=f"adapter:{self.path}")
         if self.method == "prefix":
             return PrefixEncoder(self.embeddings, self.embeddings.shape[1], init=f"adapter:{self.path}")
         return SoftPrompt(self.embeddings, init=f"adapter:{self.path}")
@@ -335,7 +340,7 @@ def load_adapter(path: str | Path, base=None) -> Adapter:
     _check_embeddings(emb, weights_path, config, config_path)
     method = METHOD_OF[peft_type]
     if base is not None and emb.shape[1] != base_width(method, base):
-        raise AdapterError(f"{path}: {misfit(method, emb.shape[1], base)}")
+        raise AdapterError(f"{path}: {misfit(method, emb.shape[1], base, config)}")
     if base is not None:
         check_fits_context(emb.shape[0], getattr(base.model.config, "max_position_embeddings", None), path)
     extra_path = path / EXTRA_FILE
@@ -356,7 +361,7 @@ def _check_embeddings(emb: torch.Tensor, weights_path: Path, config: dict, confi
     values far outside any embedding space (see MAX_ABS_VALUE)."""
     n = config.get("num_virtual_tokens")
     if emb.ndim != 2 or (n is not None and emb.shape[0] != n):
-        columns = "layers x 2 x kv_heads x head_dim" if method_of(config) == "prefix" else "hidden"
+        columns = "layers x 2 x kv_heads x head_dim" if method_of(config) in KV_METHODS else "hidden"
         raise AdapterError(
             f"{weights_path}: {TENSOR_KEY} has shape {tuple(emb.shape)}, expected [num_virtual_tokens={n}, {columns}]"
         )
@@ -367,8 +372,14 @@ def _check_embeddings(emb: torch.Tensor, weights_path: Path, config: dict, confi
         )
     method = method_of(config) or "prompt"
     width = expected_width(method, config)
+    frozen = config.get("num_frozen_tokens", 1) if method == "cartridge" else 0
+    if not isinstance(frozen, int) or isinstance(frozen, bool) or not 0 <= frozen <= emb.shape[0]:
+        raise AdapterError(
+            f"{config_path}: field 'num_frozen_tokens' must be an integer in 0..{emb.shape[0]} (the virtual tokens), "
+            f"got {_short(frozen)}"
+        )
     if width is not None and width != emb.shape[1]:
-        if method == "prefix":
+        if method in KV_METHODS:
             raise AdapterError(
                 f"{weights_path}: {TENSOR_KEY} has width {emb.shape[1]} but {config_path.name} "
                 f"fields num_layers x 2 x token_dim say {width}"

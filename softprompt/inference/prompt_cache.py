@@ -85,7 +85,7 @@ class PromptCache:
         if emb.ndim != 2 or emb.shape[0] < 1:
             raise AdapterError(f"{where}: soft prompt has shape {tuple(emb.shape)}, expected [N >= 1, {width}]")
         if emb.shape[1] != width:
-            raise AdapterError(f"{where}: {misfit(method, emb.shape[1], self.base)}")
+            raise AdapterError(f"{where}: {misfit(method, emb.shape[1], self.base, adapter.config)}")
         check_fits_context(emb.shape[0], getattr(self.base.model.config, "max_position_embeddings", None), where)
         with torch.no_grad():
             kv, _ = forward.prompt_kv(self.base.model, forward.Virtual(emb.to(self.base.device), method))

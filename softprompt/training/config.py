@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from softprompt.core import ENCODER_TYPES, INIT_METHODS, METHODS
+from softprompt.core import ENCODER_TYPES, INIT_METHODS, KV_METHODS, METHODS
 from softprompt.options import (
     SEED_MAX,
     OptionError,
@@ -30,7 +30,7 @@ DATA, PROMPT, OPTIM, OUTPUT = "data", "model and prompt", "optimisation", "loggi
 # Peak learning rate per method when --lr is not given (Adafactor: the cap on each step relative to a tensor's RMS),
 # chosen by a sweep on an SST-2 dev split (docs/evaluation.md, "Methods compared"): 0.3 made prefix and P-tuning
 # collapse to one answer; 0.03 did not.
-DEFAULT_LR = {"prompt": 0.3, "prefix": 0.03, "ptuning": 0.03}
+DEFAULT_LR = {"prompt": 0.3, "prefix": 0.03, "ptuning": 0.03, "cartridge": 0.03}
 
 # Default token budget of one training forward pass per device type. On a 2-core AVX-512 CPU, SmolLM2-135M fp32
 # training ran at 316 / 324 / 332 / 339 text tokens/s with budgets 320 / 384 / 512 / 1024 and peak memory 1.41 / 1.48 /
@@ -75,7 +75,9 @@ class TrainConfig:
         "prompt",
         "prompt-learning method: prompt (prompt tuning: N input embeddings), prefix (prefix tuning / "
         "P-tuning v2: keys and values of N virtual positions in every layer), ptuning (P-tuning: N input "
-        "embeddings produced by a prompt encoder while training; the adapter saves its output)",
+        "embeddings produced by a prompt encoder while training; the adapter saves its output), cartridge "
+        "(PEFT's CARTRIDGE: keys and values of N virtual positions learned directly, the first "
+        "--num-frozen-tokens kept fixed)",
         choices=METHODS,
         group=PROMPT,
     )
@@ -110,12 +112,29 @@ class TrainConfig:
     init: str | None = option(
         None,
         "initialisation: embeddings of --init-text, sampled frequent-vocabulary rows, random at the embedding "
-        "scale, or the --label-words (default: labels when --label-words is given, else vocab)",
+        "scale, the --label-words, or zero (prefix and cartridge: keys/values start at zero); for a prefix "
+        "learned directly and a cartridge, the keys/values the frozen model computes for those tokens (default: "
+        "text when --init-text or --init-file is given, labels when --label-words is, else vocab)",
         choices=INIT_METHODS,
         group=PROMPT,
     )
     init_text: str | None = option(
-        None, "text whose token embeddings initialise the prompt (--init text)", group=PROMPT
+        None,
+        "text whose token embeddings (or first N tokens' keys/values) initialise the prompt (--init text)",
+        group=PROMPT,
+    )
+    init_file: str | None = option(
+        None,
+        "like --init-text, read from this UTF-8 file (e.g. a cartridge's corpus: its first N tokens)",
+        metavar="FILE",
+        group=PROMPT,
+    )
+    num_frozen_tokens: int | None = option(
+        None,
+        "--method cartridge: the first N virtual positions stay as initialised (an attention sink; default 1)",
+        minimum=0,
+        maximum=4096,
+        group=PROMPT,
     )
     label_words: str | list[str] | None = option(
         None, "comma-separated answer words for the classes (for --label-field and --init labels)", group=DATA
@@ -248,6 +267,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_options(self)
+        self._check_init()
         if self.encoder_type != "mlp" and self.method != "ptuning":
             raise OptionError(f"--encoder-type is for --method ptuning (this run has --method {self.method})")
         if self.encoder_hidden_size is not None and not (
@@ -256,6 +276,26 @@ class TrainConfig:
             raise OptionError(
                 "--encoder-hidden-size is for --method ptuning, or --method prefix without --no-prefix-projection"
             )
+
+    def _check_init(self) -> None:
+        if self.init_text is not None and self.init_file is not None:
+            raise OptionError("give --init-text or --init-file, not both")
+        if (self.init_text is not None or self.init_file is not None) and self.init not in (None, "text"):
+            raise OptionError(f"--init-text / --init-file are for --init text (this run has --init {self.init})")
+        if self.init == "zero" and self.method not in KV_METHODS:
+            raise OptionError(f"--init zero is for --method prefix or cartridge (this run has --method {self.method})")
+        if self.num_frozen_tokens is not None and self.method != "cartridge":
+            raise OptionError(f"--num-frozen-tokens is for --method cartridge (this run has --method {self.method})")
+        if self.method == "cartridge" and self.frozen_tokens >= self.num_virtual_tokens:
+            raise OptionError(
+                f"--num-frozen-tokens {self.frozen_tokens} leaves nothing to train: it must be below "
+                f"--num-virtual-tokens ({self.num_virtual_tokens})"
+            )
+
+    @property
+    def frozen_tokens(self) -> int:
+        """--num-frozen-tokens, or a cartridge's default of 1."""
+        return 1 if self.num_frozen_tokens is None else self.num_frozen_tokens
 
     @property
     def peak_lr(self) -> float:

@@ -26,11 +26,12 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from softprompt.core import forward
+from softprompt.core import KV_METHODS, forward
 from softprompt.core.models import FrozenModel, activation_checkpointing, describe_parameters, load_base
 from softprompt.core.prompt import build_prompt
 from softprompt.data import batching
@@ -72,6 +73,7 @@ class TrainData:
     label_words: list[str] | None
     classes: list[int] | None  # each example's class, for class-balanced steps (None: length-grouped steps)
     lengths: list[int] = field(init=False)  # each example's tokens
+    init_text: str | None = None  # --init-text, or the text of --init-file
 
     def __post_init__(self) -> None:
         self.lengths = [len(e) for e in self.examples]
@@ -154,18 +156,19 @@ def _setup(config: TrainConfig) -> Run:
     step_records = config.batch_size * config.grad_accum * accelerator.num_processes
     per_epoch = batching.steps_per_epoch(len(data.examples), step_records)
     total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
-    init = config.init or ("labels" if data.label_words else "vocab")
+    init = config.init or ("text" if data.init_text is not None else "labels" if data.label_words else "vocab")
     prompt = build_prompt(
         base,
         config.method,
         init,
         config.num_virtual_tokens,
-        config.init_text,
+        data.init_text,
         data.label_words,
         config.seed,
         prefix_projection=config.prefix_projection and config.method == "prefix",
         encoder_hidden_size=config.encoder_hidden_size,
         encoder_type=config.encoder_type,
+        num_frozen_tokens=config.frozen_tokens,
     )
     sharded = distributed.shard_if_asked(config.shard_base, base, accelerator, _device(config, accelerator))
     optimizer = build_optimizer(config.optimizer, list(prompt.parameters()), config.peak_lr, config.weight_decay)
@@ -188,7 +191,9 @@ def _setup(config: TrainConfig) -> Run:
         optimizer=optimizer,
         scaler=torch.amp.GradScaler(base.device.type, enabled=base.dtype == torch.float16),
         folder=folder,
-        mode="concat" if config.gradient_checkpointing else "kv",
+        # checkpointing re-runs layers: prompts of input embeddings are concatenated; keys/values (prefix,
+        # cartridge) stay in kv mode, read through forward.ReadOnlyCache, which a recompute reads unchanged
+        mode="concat" if config.gradient_checkpointing and config.method not in KV_METHODS else "kv",
         per_epoch=per_epoch,
         total=total,
         warmup=config.warmup_steps if config.warmup_steps is not None else int(0.05 * total),
@@ -215,6 +220,20 @@ def _accelerator(config: TrainConfig):
     return accelerator
 
 
+def _init_text(config: TrainConfig) -> str | None:
+    """--init-text, or the text of --init-file (one line naming the file when it cannot be read or is empty)."""
+    if config.init_file is None:
+        return config.init_text
+    path = Path(config.init_file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"--init-file {path}: cannot read: {getattr(err, 'strerror', None) or err}") from err
+    if not text.strip():
+        raise DataError(f"--init-file {path}: the file is empty")
+    return text
+
+
 def _device(config: TrainConfig, accelerator) -> str:
     """The device this process trains on: the one accelerate gives it (auto), or the one asked for."""
     return str(accelerator.device) if config.device in (None, "auto") else config.device
@@ -225,11 +244,7 @@ def _load(config: TrainConfig, accelerator) -> tuple[TrainConfig, FrozenModel, T
     with the sizes left to the model filled in."""
     template = Template(config.template)
     label_words = parse_words(config.label_words, "--label-words")
-    if config.method == "prefix" and config.gradient_checkpointing:
-        raise ValueError(
-            "--gradient-checkpointing does not work with --method prefix: the prefix enters every layer "
-            "as cached keys/values, which recomputing a layer would extend twice (PEFT refuses the same)"
-        )
+    init_text = _init_text(config)  # a bad --init-file fails before the records and the model load
     train_recs, eval_recs = _load_records(config, label_words)
     # the model is loaded after the records, so bad data fails fast
     device = _device(config, accelerator)
@@ -248,13 +263,15 @@ def _load(config: TrainConfig, accelerator) -> tuple[TrainConfig, FrozenModel, T
             print(
                 f"train: every training answer is one of {len(label_words)} short answers "
                 f"({', '.join(label_words)}): using them as label words ("
-                + ("init labels, " if config.init is None else "")
+                + ("init labels, " if config.init is None and init_text is None else "")
                 + "saved with the adapter, so softprompt eval ranks them as choices); --no-auto-label-words "
                 "turns this off",
                 flush=True,
             )
     config = _sized(config, base)
-    return config, base, template, _encode(config, base, template, train_recs, eval_recs, label_words)
+    data = _encode(config, base, template, train_recs, eval_recs, label_words)
+    data.init_text = init_text
+    return config, base, template, data
 
 
 def _sized(config: TrainConfig, base: FrozenModel) -> TrainConfig:
@@ -378,7 +395,10 @@ def _accumulate_gradients(run: Run, mine: list[int], label_total: int) -> torch.
     # follows them. Concat mode re-runs the prompt in each micro-batch, whose backward consumes its graph.
     virtual = prompt.virtual() if run.mode == "kv" else None
     examples = [run.data.examples[i] for i in mine]
-    shared = batching.shared_prompt_length(examples) if run.mode == "kv" else 0
+    # (not under checkpointing: the shared text's pass writes a cache, which a layer's recompute would extend twice)
+    shared = (
+        batching.shared_prompt_length(examples) if run.mode == "kv" and not run.config.gradient_checkpointing else 0
+    )
     lockstep = distributed.Lockstep(device) if run.sharded is not None else None
     if lockstep is not None and not lockstep.all(shared > 0):
         shared = 0  # a sharded base runs the shared text on every process or on none (same values either way)

@@ -30,6 +30,7 @@ import urllib.request
 
 import torch
 
+from softprompt.core import KV_METHODS
 from softprompt.data.templates import Template, encode_text
 
 
@@ -40,12 +41,13 @@ class PrefixNotSupported(ValueError):
 def check_embeddable(adapter) -> None:
     """Raise PrefixNotSupported unless `adapter` (an adapter.Adapter or None) is made of input embeddings."""
     method = getattr(adapter, "method", "prompt") if adapter is not None else "prompt"
-    if method == "prefix":
+    if method in KV_METHODS:
         where = f" {adapter.path}" if getattr(adapter, "path", None) else ""
+        kind = "prefix tuning" if method == "prefix" else "a cartridge"
         raise PrefixNotSupported(
-            f"adapter{where} uses method prefix (prefix tuning: keys and values inside every layer); vLLM's "
+            f"adapter{where} uses method {method} ({kind}: keys and values inside every layer); vLLM's "
             "prompt_embeds input carries input embeddings only, so it serves prompt and ptuning adapters but not "
-            "prefix ones; serve this adapter with `softprompt serve`"
+            f"{method} ones; serve this adapter with `softprompt serve`"
         )
 
 

@@ -1,4 +1,4 @@
-"""Prefix-tuning and P-tuning adapters interoperate with real PEFT 0.21, both ways, on a grouped-query tiny Llama
+"""Prefix-tuning, P-tuning and cartridge adapters interoperate with real PEFT 0.21, both ways, on a grouped-query tiny Llama
 (4 heads over 2 key/value heads): PEFT's forward logits (its `generate` is broken on current transformers) and its
 loss equal softprompt's, for adapters written by either side, with and without a projection / encoder kind."""
 
@@ -20,7 +20,10 @@ VARIANTS = {
     "prefix-projection": ("prefix", {"prefix_projection": True, "encoder_hidden_size": 24}),
     "ptuning-mlp": ("ptuning", {"encoder_hidden_size": 20}),
     "ptuning-lstm": ("ptuning", {"encoder_type": "lstm", "encoder_hidden_size": 12}),
+    "cartridge": ("cartridge", {"num_frozen_tokens": 2}),
+    "cartridge-unfrozen": ("cartridge", {"num_frozen_tokens": 0}),
 }
+KV = ("prefix", "cartridge")
 
 
 def batch(seed: int = 0):
@@ -34,7 +37,7 @@ def batch(seed: int = 0):
 
 def peft_text_logits(peft_model, method: str, n: int, ids, mask) -> torch.Tensor:
     logits = peft_model(input_ids=ids, attention_mask=mask).logits
-    return logits if method == "prefix" else logits[:, n:]  # prompt-style methods return the virtual positions too
+    return logits if method in KV else logits[:, n:]  # prompt-style methods return the virtual positions too
 
 
 def assert_equal_on_real_tokens(ours, theirs, mask):
@@ -84,6 +87,9 @@ def peft_config_of(variant: str):
         return peft.PrefixTuningConfig(
             task_type="CAUSAL_LM", num_virtual_tokens=n, prefix_projection=True, encoder_hidden_size=24
         )
+    if variant.startswith("cartridge"):
+        frozen = VARIANTS[variant][1]["num_frozen_tokens"]
+        return peft.CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, num_frozen_tokens=frozen)
     if variant == "ptuning-mlp":
         return peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, encoder_hidden_size=20)
     return peft.PromptEncoderConfig(
@@ -120,7 +126,7 @@ def test_peft_saved_adapter_loads_in_softprompt_with_equal_logits(tmp_path, vari
         peft_fields={
             k: v
             for k, v in adapter.config.items()
-            if k in ("prefix_projection", "encoder_hidden_size", "encoder_reparameterization_type")
+            if k in ("prefix_projection", "encoder_hidden_size", "encoder_reparameterization_type", "num_frozen_tokens")
         },
     )
     ours_config = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
@@ -142,3 +148,23 @@ def test_prefix_tensor_has_the_shape_peft_uses(tmp_path):
         tiny_base(seed=1).model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
     )
     assert tensor.shape == peft_model.prompt_encoder["default"].embedding.weight.shape == (3, 2 * 2 * 16)
+
+
+def test_cartridge_text_init_is_the_prefill_peft_computes(tmp_path):
+    """softprompt's text init of a cartridge (the frozen model's keys/values for the first N tokens of the text) equals
+    PEFT's initialize_kv_prefix_from_text on the plain tokenisation (its chat-template variant is not used)."""
+    from peft.tuners.cartridge.utils import initialize_kv_prefix_from_text
+
+    base = tiny_base(seed=1)
+    text = "the quick brown fox jumps over the lazy dog"
+    ours = build_prompt(base, "cartridge", "text", 6, init_text=text)
+    peft_model = peft.get_peft_model(
+        tiny_base(seed=1).model, peft.CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=6)
+    )
+    theirs = initialize_kv_prefix_from_text(peft_model, base.tokenizer, text=text, use_chat_template=False)
+    with torch.no_grad():
+        assert torch.allclose(ours(), theirs.float(), atol=ATOL)
+    # and the prefix learned directly starts from the same prefill (one implementation)
+    prefix = build_prompt(base, "prefix", "text", 6, init_text=text)
+    with torch.no_grad():
+        assert torch.equal(prefix(), ours())

@@ -35,7 +35,10 @@ METHODS = {
     "prefix-proj": {"prefix_projection": True},
     "ptuning": {},
     "ptuning-lstm": {"encoder_type": "lstm"},
+    "cartridge": {"num_frozen_tokens": 1},
 }
+EVERY = ["prompt", "prefix", "ptuning", "cartridge"]
+PEFT_TYPE = {"prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING", "ptuning": "P_TUNING", "cartridge": "CARTRIDGE"}
 
 
 def method_of(name: str) -> str:
@@ -103,7 +106,7 @@ def test_modules_and_their_saved_tensors(tiny):
     # same seed, same module (two processes build the same encoder)
     again = build_prompt(tiny, "ptuning", "vocab", 5, encoder_hidden_size=12)
     assert torch.equal(encoder(), again())
-    with pytest.raises(ValueError, match="unknown method 'lora': use one of prompt, prefix, ptuning"):
+    with pytest.raises(ValueError, match="unknown method 'lora': use one of prompt, prefix, ptuning, cartridge"):
         build_prompt(tiny, "lora")
 
 
@@ -119,13 +122,10 @@ def test_adapter_round_trip_keeps_method_and_output(tiny, tmp_path, name):
     with torch.no_grad():
         assert torch.equal(adapter.embeddings, module())
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert (
-        config["peft_type"]
-        == {"prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING", "ptuning": "P_TUNING"}[method_of(name)]
-    )
-    if method_of(name) == "prefix":
+    assert config["peft_type"] == PEFT_TYPE[method_of(name)]
+    if method_of(name) in ("prefix", "cartridge"):
         assert (config["num_attention_heads"], config["token_dim"], config["num_layers"]) == (2, 16, 2)
-        assert config["prefix_projection"] == (name == "prefix-proj")
+        assert config.get("prefix_projection", False) == (name == "prefix-proj")
 
 
 def test_prefix_adapter_that_does_not_fit_is_refused(tiny, tmp_path):
@@ -167,7 +167,7 @@ def cfg(out, base, name, **overrides):
     return config(out, base, method=method_of(name), **{**METHODS[name], **overrides})
 
 
-@pytest.mark.parametrize("name", ["prefix", "prefix-proj", "ptuning", "ptuning-lstm"])
+@pytest.mark.parametrize("name", ["prefix", "prefix-proj", "ptuning", "ptuning-lstm", "cartridge"])
 def test_every_method_learns_and_writes_its_adapter(base, tmp_path, name):
     result = train(cfg(tmp_path / "run", base, name, max_steps=12, eval_fraction=0.25, eval_every=4))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -180,7 +180,7 @@ def test_every_method_learns_and_writes_its_adapter(base, tmp_path, name):
     assert result.best_step is not None
 
 
-@pytest.mark.parametrize("name", ["prefix", "prefix-proj", "ptuning"])
+@pytest.mark.parametrize("name", ["prefix", "prefix-proj", "ptuning", "cartridge"])
 def test_resume_restores_the_encoder_exactly(base, tmp_path, monkeypatch, name):
     whole = train(cfg(tmp_path / "whole", base, name))
     real = train_module.lr_at
@@ -206,9 +206,41 @@ def test_resume_restores_the_encoder_exactly(base, tmp_path, monkeypatch, name):
         train(config(tmp_path / "cut", base, resume=str(tmp_path / "cut")))
 
 
-def test_prefix_refuses_gradient_checkpointing(base, tmp_path):
-    with pytest.raises(ValueError, match=r"--gradient-checkpointing does not work with --method prefix"):
-        train(cfg(tmp_path / "o", base, "prefix", gradient_checkpointing=True))
+@pytest.mark.parametrize("name", ["prefix", "prefix-proj", "cartridge"])
+def test_key_value_methods_have_equal_gradients_under_gradient_checkpointing(base, name):
+    """The prompt's keys/values enter every layer as a read-only cache, which a checkpointed layer's recompute reads
+    again unchanged: the gradients equal the unchecked run's (fp32, one thread: tests/conftest.py)."""
+    module = build_prompt(base, method_of(name), "random", 3, seed=1, **METHODS[name])
+    ids = torch.randint(5, 60, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    runs = []
+    attention = base.model.model.layers[0].self_attn
+    for checkpointing in (False, True):
+        calls = []
+        hook = attention.register_forward_hook(lambda *_: calls.append(1))
+        module.zero_grad()
+        with train_module._activation_checkpointing(base.model, checkpointing):
+            nll, _ = forward.label_nll(base.model, module.virtual(), ids, mask, labels)
+            nll.sum().backward()
+        hook.remove()
+        runs.append((float(nll.sum().detach()), [p.grad.clone() for p in module.parameters()], len(calls)))
+    (loss, grads, calls), (loss_gc, grads_gc, calls_gc) = runs
+    assert (calls, calls_gc) == (1, 2)  # checkpointing did re-run the layer in the backward pass
+    assert loss_gc == pytest.approx(loss, abs=1e-6)
+    assert all(g.abs().sum() > 0 for g in grads)
+    for g, g_gc in zip(grads, grads_gc):
+        assert torch.allclose(g, g_gc, atol=1e-6, rtol=1e-5), (g - g_gc).abs().max()
+
+
+@pytest.mark.parametrize("name", ["prefix", "cartridge"])
+def test_key_value_methods_train_the_same_with_gradient_checkpointing(base, tmp_path, name):
+    plain = train(cfg(tmp_path / "plain", base, name, max_steps=3))
+    checked = train(cfg(tmp_path / "gc", base, name, max_steps=3, gradient_checkpointing=True))
+    assert torch.allclose(
+        load_adapter(plain.adapter_dir).embeddings, load_adapter(checked.adapter_dir).embeddings, atol=1e-5
+    )
 
 
 def test_ptuning_trains_the_same_with_gradient_checkpointing(base, tmp_path):
@@ -259,7 +291,7 @@ def test_two_processes_match_one_for_a_prompt_encoder(base, tmp_path):
 
 
 def test_method_options_are_checked():
-    with pytest.raises(ValueError, match="--method must be one of prompt, prefix, ptuning, got 'lora'"):
+    with pytest.raises(ValueError, match="--method must be one of prompt, prefix, ptuning, cartridge, got 'lora'"):
         TrainConfig(data=RECORDS, out="x", method="lora")
     with pytest.raises(ValueError, match="--encoder-type must be one of mlp, lstm, got 'gru'"):
         TrainConfig(data=RECORDS, out="x", encoder_type="gru")
@@ -371,9 +403,9 @@ def test_cli_flag_turns_label_words_off(tiny_dir, tmp_path, capsys):
 
 def methods_dir(base, folder: Path, n: int = 3) -> Path:
     """Adapters of every method for `base`, visibly different from each other and from the base model."""
-    for i, name in enumerate(["prompt", "prefix", "ptuning"]):
+    for i, name in enumerate(EVERY):
         module = build_prompt(base, name, "random", n + i, seed=i)
-        if name == "prefix":
+        if name in ("prefix", "cartridge"):
             with torch.no_grad():
                 module.embedding.add_(torch.randn(module.embedding.shape, generator=torch.Generator().manual_seed(i)))
         save_adapter(folder / name, module, base, template=Template("Q: {instruction}\nA:"))
@@ -382,14 +414,14 @@ def methods_dir(base, folder: Path, n: int = 3) -> Path:
 
 def test_eval_reports_adapters_of_every_method_side_by_side(base, tmp_path):
     folder = methods_dir(base, tmp_path / "adapters")
-    paths = [str(folder / m) for m in ("prompt", "prefix", "ptuning")]
+    paths = [str(folder / m) for m in EVERY]
     rows = [{"instruction": "abc", "output": "ab"}, {"instruction": "cab", "output": "ac"}]
     report = evaluate(rows, base, paths, compare_base=True, choices="ab,ac", max_new_tokens=2)
-    assert [r["method"] for r in report["results"]] == [None, "prompt", "prefix", "ptuning"]
+    assert [r["method"] for r in report["results"]] == [None, *EVERY]
     losses = [r["loss"] for r in report["results"]]
-    assert len(set(losses)) == 4
+    assert len(set(losses)) == 5
     table = format_table(report["results"])
-    assert table.splitlines()[2].split() == ["method", "-", "prompt", "prefix", "ptuning"]
+    assert table.splitlines()[2].split() == ["method", "-", *EVERY]
     # the loss of each adapter is the engine's own: scored through the same per-layer keys/values
     for path, result in zip(paths, report["results"][1:]):
         alone = evaluate(rows, base, [path], choices="ab,ac", max_new_tokens=0)["results"][0]
@@ -403,12 +435,11 @@ def peaked():
 
 def mixed_adapters(peaked) -> dict[str, Adapter]:
     out = {}
-    for i, name in enumerate(["prompt", "prefix", "ptuning"]):
+    for i, name in enumerate(EVERY):
         module = build_prompt(peaked, name, "random", 2 + i, seed=10 + i)
         with torch.no_grad():
             tensor = module().detach() + 0.5 * torch.randn(module().shape, generator=torch.Generator().manual_seed(i))
-        peft_type = {"prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING", "ptuning": "P_TUNING"}[name]
-        out[name] = Adapter(embeddings=tensor, config={"peft_type": peft_type, "num_virtual_tokens": 2 + i})
+        out[name] = Adapter(embeddings=tensor, config={"peft_type": PEFT_TYPE[name], "num_virtual_tokens": 2 + i})
     return out
 
 
@@ -435,7 +466,7 @@ def test_batch_of_rows_of_every_method_and_the_base_equals_rows_alone(peaked):
     requests = [
         GenerationRequest(encode_text(peaked.tokenizer, t), adapter=a, max_new_tokens=6)
         for t in texts
-        for a in [None, "prompt", "prefix", "ptuning"]
+        for a in [None, *EVERY]
     ]
     batched = engine.generate(requests, batch_size=7)
     outputs = set()
@@ -457,7 +488,7 @@ def test_generate_batch_file_mixes_methods(peaked, tmp_path):
     folder = tmp_path / "adapters"
     for name, adapter in mixed_adapters(peaked).items():
         save_adapter(folder / name, adapter.embeddings, peaked, method=name)
-    records = [{"instruction": t, "adapter": a} for t in ["hi", "abc"] for a in ["prompt", "prefix", "ptuning", None]]
+    records = [{"instruction": t, "adapter": a} for t in ["hi", "abc"] for a in [*EVERY, None]]
     options = dict(base=peaked, adapters_dir=str(folder), max_new_tokens=5, progress=False, greedy=True)
     batched = generate_batch(records, batch_size=8, **options)
     for record, out in zip(records, batched):
@@ -468,38 +499,41 @@ def test_generate_batch_file_mixes_methods(peaked, tmp_path):
         assert out["output"] == generate_batch([record], **{**options, "greedy": False, "seed": 7 + i})[0]["output"]
 
 
-def test_serve_offers_every_method_and_hot_adds_a_prefix(tiny, tmp_path):
+@pytest.mark.parametrize("later", ["prefix", "cartridge"])
+def test_serve_offers_every_method_and_hot_adds_a_prefix(tiny, tmp_path, later):
     from serve_helpers import LiveServer, alone
 
     from softprompt import create_app
 
     folder = methods_dir(tiny, tmp_path / "adapters")
-    shutil.move(str(folder / "prefix"), str(tmp_path / "later"))
-    engine = Engine(tiny, {n: load_adapter(folder / n, tiny) for n in ("prompt", "ptuning")})
+    shutil.move(str(folder / later), str(tmp_path / "later"))
+    others = sorted(set(EVERY) - {later})
+    engine = Engine(tiny, {n: load_adapter(folder / n, tiny) for n in others})
     with LiveServer(create_app(tiny, folder, allow_admin=True)) as live:
-        assert sorted(m.id for m in live.client.models.list().data) == ["base", "prompt", "ptuning"]
+        assert sorted(m.id for m in live.client.models.list().data) == ["base", *others]
         ids = encode_text(tiny.tokenizer, "The cat")
-        for name in ("prompt", "ptuning"):
+        for name in others:
             out = live.client.completions.create(model=name, prompt="The cat", max_tokens=6, temperature=0)
             assert out.choices[0].text == alone(engine, ids, name, 6).text
-        shutil.move(str(tmp_path / "later"), str(folder / "prefix"))
-        r = httpx.post(live.url + "/v1/adapters", json={"name": "prefix"})
-        assert r.status_code == 201 and r.json()["num_virtual_tokens"] == 4
-        engine.add_adapter("prefix", load_adapter(folder / "prefix", tiny))
-        out = live.client.completions.create(model="prefix", prompt="The cat", max_tokens=6, temperature=0)
-        assert out.choices[0].text == alone(engine, ids, "prefix", 6).text
-        assert httpx.delete(live.url + "/v1/adapters/prefix").status_code == 200
-        assert sorted(m.id for m in live.client.models.list().data) == ["base", "prompt", "ptuning"]
+        shutil.move(str(tmp_path / "later"), str(folder / later))
+        r = httpx.post(live.url + "/v1/adapters", json={"name": later})
+        assert r.status_code == 201 and r.json()["num_virtual_tokens"] == 3 + EVERY.index(later)
+        engine.add_adapter(later, load_adapter(folder / later, tiny))
+        out = live.client.completions.create(model=later, prompt="The cat", max_tokens=6, temperature=0)
+        assert out.choices[0].text == alone(engine, ids, later, 6).text
+        assert httpx.delete(live.url + "/v1/adapters/" + later).status_code == 200
+        assert sorted(m.id for m in live.client.models.list().data) == ["base", *others]
 
 
 # ---- inspect, vLLM ------------------------------------------------------------------------------------------------
 
 
-def test_inspect_a_prefix_shows_layer_norms_not_nearest_tokens(tiny, tmp_path):
-    module = build_prompt(tiny, "prefix", "vocab", 3)
+@pytest.mark.parametrize("method", ["prefix", "cartridge"])
+def test_inspect_a_prefix_shows_layer_norms_not_nearest_tokens(tiny, tmp_path, method):
+    module = build_prompt(tiny, method, "vocab", 3)
     save_adapter(tmp_path / "a", module, tiny)
     info = inspect_adapter(tmp_path / "a", tiny, top_k=5)
-    assert info["method"] == "prefix" and "vocab_mean_norm" not in info
+    assert info["method"] == method and "vocab_mean_norm" not in info
     assert all("nearest" not in t for t in info["tokens"])
     assert [e["layer"] for e in info["layers"]] == [0, 1]
     flat = module().detach()
@@ -508,7 +542,8 @@ def test_inspect_a_prefix_shows_layer_norms_not_nearest_tokens(tiny, tmp_path):
     assert {"text_key_norm", "text_value_norm"} <= set(info["layers"][0])
     text = format_report(info)
     assert "no nearest vocabulary tokens" in text and "layer  key norm  value norm" in text
-    assert "method prefix: peft_type PREFIX_TUNING" in text
+    assert f"method {method}: peft_type {PEFT_TYPE[method]}" in text
+    assert ("the first 1 frozen" in text) == (method == "cartridge")
     without = inspect_adapter(tmp_path / "a", None, top_k=0)
     assert "text_key_norm" not in without["layers"][0]
 
@@ -531,6 +566,9 @@ def test_vllm_route_refuses_prefix_and_carries_ptuning(tiny, tmp_path):
         ),
     ):
         completion_payload("m", tiny, load_adapter(tmp_path / "prefix", tiny), instruction="hi")
+    save_adapter(tmp_path / "cart", build_prompt(tiny, "cartridge", "vocab", 3), tiny)
+    with pytest.raises(PrefixNotSupported, match=r"adapter .*cart uses method cartridge \(a cartridge: keys and"):
+        completion_payload("m", tiny, load_adapter(tmp_path / "cart", tiny), instruction="hi")
     body = completion_payload("m", tiny, load_adapter(tmp_path / "pt", tiny), instruction="hi")
     assert body["prompt_embeds"]
 
@@ -538,7 +576,8 @@ def test_vllm_route_refuses_prefix_and_carries_ptuning(tiny, tmp_path):
 # ---- demo ----------------------------------------------------------------------------------------------------------
 
 
-def test_demo_runs_with_prefix(tiny, tmp_path):
+@pytest.mark.parametrize("method", ["prefix", "cartridge"])
+def test_demo_runs_with_prefix(tiny, tmp_path, method):
     from softprompt import run_demo
 
     lines = []
@@ -548,15 +587,15 @@ def test_demo_runs_with_prefix(tiny, tmp_path):
         print_fn=lines.append,
         steps=2,
         batch_size=4,
-        method="prefix",
+        method=method,
         examples=1,
         progress=False,
     )
-    assert results["method"] == "prefix" and load_adapter(tmp_path / "demo").method == "prefix"
-    assert any("prefix tuning" in line for line in lines)
+    assert results["method"] == method and load_adapter(tmp_path / "demo").method == method
+    assert any({"prefix": "prefix tuning", "cartridge": "cartridge"}[method] in line for line in lines)
 
 
-@pytest.mark.parametrize("method", ["prefix", "ptuning"])
+@pytest.mark.parametrize("method", ["prefix", "ptuning", "cartridge"])
 def test_chat_with_any_method_equals_generate(peaked, tmp_path, method):
     import io
 

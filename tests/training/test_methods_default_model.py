@@ -23,9 +23,9 @@ def test_real_model_prefix_layout_and_peft_logits(default_base, tmp_path):
     tok = default_base.tokenizer
     ids = torch.tensor([tok("Human: Is the sky blue?\n\nAssistant:", add_special_tokens=False)["input_ids"]])
     mask = torch.ones_like(ids)
-    for method, options in [("prefix", {}), ("ptuning", {"encoder_hidden_size": 64})]:
+    for method, options in [("prefix", {}), ("ptuning", {"encoder_hidden_size": 64}), ("cartridge", {})]:
         module = build_prompt(default_base, method, "text", seed=1, **options)
-        if method == "prefix":
+        if method in ("prefix", "cartridge"):
             with torch.no_grad():  # off the init (which equals the prompt-tuning init exactly)
                 module.embedding.add_(
                     0.1 * torch.randn(module.embedding.shape, generator=torch.Generator().manual_seed(0))
@@ -33,7 +33,7 @@ def test_real_model_prefix_layout_and_peft_logits(default_base, tmp_path):
         save_adapter(tmp_path / method, module, default_base)
         config = json.loads((tmp_path / method / "adapter_config.json").read_text())
         adapter = load_adapter(tmp_path / method, default_base)
-        if method == "prefix":
+        if method in ("prefix", "cartridge"):
             assert (config["num_attention_heads"], config["token_dim"]) == (3, 192)
             assert adapter.embeddings.shape == (module.num_virtual_tokens, 30 * 2 * 192)
         with torch.no_grad():
@@ -42,9 +42,35 @@ def test_real_model_prefix_layout_and_peft_logits(default_base, tmp_path):
                 load_base(device="cpu", dtype="float32").model, str(tmp_path / method)
             )
             theirs = wrapped(input_ids=ids, attention_mask=mask).logits
-            if method != "prefix":
+            if method == "ptuning":
                 theirs = theirs[:, adapter.num_virtual_tokens :]
         assert torch.allclose(ours, theirs, atol=1e-4), (method, (ours - theirs).abs().max())
+
+
+def test_real_model_peft_cartridge_from_text_loads_with_equal_logits(default_base, tmp_path):
+    """A cartridge PEFT initialises from a text and saves loads in softprompt with PEFT's logits, and equals
+    softprompt's own text init of that length."""
+    peft = pytest.importorskip("peft")
+    from peft.tuners.cartridge.utils import initialize_kv_prefix_from_text
+
+    text = "A short corpus: the sky is blue, grass is green and the sun is bright."
+    peft_model = peft.get_peft_model(
+        load_base(device="cpu", dtype="float32").model,
+        peft.CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=8),
+    )
+    initialize_kv_prefix_from_text(peft_model, default_base.tokenizer, text=text, use_chat_template=False)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    tok = default_base.tokenizer
+    ids = torch.tensor([tok("Human: Is the sky blue?\n\nAssistant:", add_special_tokens=False)["input_ids"]])
+    mask = torch.ones_like(ids)
+    adapter = load_adapter(tmp_path / "peft", default_base)
+    assert adapter.method == "cartridge" and adapter.config["num_frozen_tokens"] == 1
+    with torch.no_grad():
+        theirs = peft_model(input_ids=ids, attention_mask=mask).logits
+        ours = text_logits(default_base.model, adapter.virtual(), ids, mask)
+        assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+        mine = build_prompt(default_base, "cartridge", "text", 8, init_text=text)()
+        assert torch.allclose(mine, adapter.embeddings, atol=1e-4)
 
 
 def test_real_model_trains_every_method_and_decodes_a_mixed_batch(default_base, tmp_path):

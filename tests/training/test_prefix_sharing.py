@@ -16,6 +16,7 @@ METHODS = {
     "prefix-proj": {"prefix_projection": True},
     "ptuning": {},
     "ptuning-lstm": {"encoder_type": "lstm"},
+    "cartridge": {"num_frozen_tokens": 1},
 }
 
 
