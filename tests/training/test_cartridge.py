@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from helpers import tiny_base
-from test_train import config, trainable_base
+from train_helpers import config, trainable_base
 
 from softprompt.core.prompt import Cartridge, build_prompt, prefill_kv
 from softprompt.formats.adapter import AdapterError, load_adapter, save_adapter
