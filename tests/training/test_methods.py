@@ -15,6 +15,7 @@ from train_helpers import RECORDS, config, trainable_base
 
 from softprompt import evaluate, generate_batch
 from softprompt.core import forward
+from softprompt.core.models import activation_checkpointing
 from softprompt.core.prompt import PrefixEncoder, PromptEncoder, SoftPrompt, build_prompt
 from softprompt.data.labels import detect_label_words
 from softprompt.data.templates import Template, encode_text
@@ -221,7 +222,7 @@ def test_key_value_methods_have_equal_gradients_under_gradient_checkpointing(bas
         calls = []
         hook = attention.register_forward_hook(lambda *_: calls.append(1))
         module.zero_grad()
-        with train_module._activation_checkpointing(base.model, checkpointing):
+        with activation_checkpointing(base.model, checkpointing):
             nll, _ = forward.label_nll(base.model, module.virtual(), ids, mask, labels)
             nll.sum().backward()
         hook.remove()
