@@ -22,7 +22,7 @@ DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_K = 50
 DEFAULT_TOP_P = 0.9
 SAMPLING = "sampling"
-MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's and the server's limit
+MAX_LOGPROBS = 20  # alternatives per token, for generate --logprobs and the server (vLLM's default max_logprobs)
 
 
 @dataclass

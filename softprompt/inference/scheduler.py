@@ -128,9 +128,7 @@ class Scheduler:
         queue, Unavailable when a started worker is no longer running."""
         with self.cond:
             if self.thread is not None and not self.alive:
-                raise Unavailable(
-                    "the generation worker is not running" + (f" (it failed: {self.error})" if self.error else "")
-                )
+                raise self.stopped()
             if self.max_queue is not None and self._queued_after(jobs) > self.max_queue:
                 self.stats.rejected += 1
                 raise Overloaded(
@@ -141,6 +139,12 @@ class Scheduler:
             self.scoring.extend(job for job in jobs if job.scorer is not None)
             self.stats.submitted += len(jobs)
             self.cond.notify_all()
+
+    def stopped(self) -> Unavailable:
+        """The error of a request that finds the worker stopped."""
+        return Unavailable(
+            "the generation worker is not running" + (f" (it failed: {self.error})" if self.error else "")
+        )
 
     def _queued_after(self, jobs: list[Job]) -> int:
         """How many jobs would wait in the queue if `jobs` were accepted now."""

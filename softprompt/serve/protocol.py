@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from softprompt.formats.adapter import NAME_MAX, NAME_PATTERN
 from softprompt.inference.batch import GenerationRequest
+from softprompt.inference.config import MAX_LOGPROBS  # one limit for generate --logprobs and the server
 from softprompt.inference.prompt_cache import CachedPrompt
 
 # repetition_penalty / no_repeat_ngram_size: the defaults and ranges of the command-line options
@@ -50,7 +51,6 @@ TOP_P_EPSILON = 1e-6  # top_p below it: only the most likely token (top_p rounds
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 TOP_K_MAX = 2**31 - 1
 MAX_N = 64  # choices per prompt (n, best_of); the server's capacity bounds prompts x choices too
-MAX_LOGPROBS = 20  # top alternatives per token (vLLM's default max_logprobs; OpenAI allows 5 / 20)
 PENALTY_MAX = 2.0  # |presence_penalty|, |frequency_penalty| (OpenAI's range)
 LOGIT_BIAS_MAX = 100.0  # |bias| per token (OpenAI's range)
 MAX_LOGIT_BIAS = 1024  # entries in logit_bias

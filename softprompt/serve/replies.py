@@ -78,7 +78,7 @@ def _submit(state: ServerState, jobs: list[Job]) -> None:
         if jobs:
             state.scheduler.submit_many(jobs)
         elif not state.scheduler.alive:
-            raise Unavailable("the generation worker is not running")
+            raise state.scheduler.stopped()
     except (Overloaded, Unavailable) as err:
         raise as_api_error(err) from None
 
