@@ -219,16 +219,17 @@ class _Common(BaseModel):
         limits: list[int],
         adapter: str | None,
         entry: CachedPrompt | None,
-        defaults: dict | None = None,
+        default_penalty: float = DEFAULT_REPETITION_PENALTY,
+        default_ngram: int = DEFAULT_NO_REPEAT_NGRAM,
     ) -> list[GenerationRequest]:
         """One engine request per prompt and choice, in that order: choice c of prompt p has id (p, c) and seed
         choice_seed(seed, c); a prompt whose limit is 0 (echo only) has none. All run on the adapter `entry` the
-        request was validated against. `defaults`: the server's values of repetition_penalty and
+        request was validated against. `default_penalty` / `default_ngram`: the server's repetition_penalty and
         no_repeat_ngram_size, for a request that does not set them."""
         temperature, top_k, top_p = self.sampling()
-        given = {name: getattr(self, name) for name in self.model_fields_set}
-        penalty = {**(defaults or {}), **given}.get("repetition_penalty", self.repetition_penalty)
-        ngram = {**(defaults or {}), **given}.get("no_repeat_ngram_size", self.no_repeat_ngram_size)
+        given = self.model_fields_set
+        penalty = self.repetition_penalty if "repetition_penalty" in given else default_penalty
+        ngram = self.no_repeat_ngram_size if "no_repeat_ngram_size" in given else default_ngram
         asked = self.asked_logprobs()
         # best_of ranks candidates by their summed log-probability, so it needs the chosen tokens' log-probabilities
         track = asked if asked is not None else (0 if self.candidates() > self.n else None)

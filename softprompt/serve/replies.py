@@ -23,7 +23,12 @@ async def run_generation(request: Request, state: ServerState, prepared: Prepare
     body, loop = prepared.body, asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     requests = body.generation_requests(
-        prepared.prompts, prepared.limits, prepared.key, prepared.entry, state.sampling_defaults
+        prepared.prompts,
+        prepared.limits,
+        prepared.key,
+        prepared.entry,
+        state.config.repetition_penalty,
+        state.config.no_repeat_ngram_size,
     )
     jobs = [Job(gen, lambda item, i=i: events.put_nowait((i, item)), loop) for i, gen in enumerate(requests)]
     scored: asyncio.Queue = asyncio.Queue()

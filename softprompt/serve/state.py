@@ -33,10 +33,7 @@ class ServerState:
         self.scheduler = self.engine.scheduler(config.max_batch, config.max_queue)  # the app starts its worker
         self.registry = AdapterRegistry(base, self.cache, config.adapters, run_on_worker=self.scheduler.run)
         self.max_tokens_cap = config.max_tokens_cap
-        self.sampling_defaults = {  # for requests that do not set them (--repetition-penalty, --no-repeat-ngram-size)
-            "repetition_penalty": config.repetition_penalty,
-            "no_repeat_ngram_size": config.no_repeat_ngram_size,
-        }
+        self.config = config  # its repetition defaults apply to requests that do not set their own
         limits = [x for x in (context_length(base), config.max_model_len) if x]
         self.context = min(limits) if limits else None
         self.created = int(time.time())

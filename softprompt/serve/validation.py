@@ -63,14 +63,16 @@ def max_tokens(state: ServerState, asked: int | None, default: int | None, used:
     return limit
 
 
-def check_prompt_fits(state: ServerState, virtual: int, ids: list[int]) -> None:
-    """A prompt to score only (max_tokens 0) must fit the context with the adapter's virtual tokens."""
-    if state.context and virtual + len(ids) > state.context:
+def check_prompt_fits(state: ServerState, virtual: int, ids: list[int], room: int = 0) -> None:
+    """A prompt to score only (max_tokens 0) must fit the context with the adapter's virtual tokens (and `room`
+    tokens after it: a pinned prefix needs at least one for what follows it)."""
+    if state.context and virtual + len(ids) + room > state.context:
+        after = f" and needs {room} more after it" if room else ""
         raise APIError(
             400,
             f"This model's maximum context length is {state.context} tokens. However, "
             f"the prompt has {virtual + len(ids)} tokens (including the adapter's {virtual} virtual "
-            "tokens). Please reduce the prompt.",
+            f"tokens){after}. Please reduce the prompt.",
             param="prompt",
             code="context_length_exceeded",
         )
@@ -203,9 +205,7 @@ def pin_prefix(state: ServerState, raw: bytes) -> PrefixPinned:
                        param="model", code="prefix_cache_off")  # fmt: skip
     ids = list(body.prompt) if isinstance(body.prompt, list) else encode_text(state.tokenizer, body.prompt)
     check_tokens(state, ids, "prompt")
-    if state.context is not None and n + len(ids) >= state.context:
-        raise APIError(400, f"prompt: {n} virtual tokens + {len(ids)} prompt tokens leave no room in the model's "
-                       f"context of {state.context} tokens", param="prompt", code="context_length_exceeded")  # fmt: skip
+    check_prompt_fits(state, n, ids, room=1)
     try:
         tokens = state.engine.pin_prefix(ids, key) if body.pin else state.engine.unpin_prefix(ids, key)
     except ValueError as err:

@@ -497,6 +497,11 @@ def test_a_pinned_prefix_is_reused_and_stays_until_unpinned(tiny, adapters_dir):
             ({"model": "nope", "prompt": document}, 404, "The model `nope` does not exist."),
             ({"model": "alpha", "prompt": ""}, 400, "Invalid value for 'prompt': an empty prompt has nothing to pin"),
             ({"model": "alpha", "prompt": [1, 10**9]}, 400, None),
+            (
+                {"model": "alpha", "prompt": [1] * 508},
+                400,
+                "has 512 tokens (including the adapter's 4 virtual tokens) and needs 1 more after it",
+            ),  # fmt: skip
         ]:
             r = httpx.post(live.url + "/v1/prefixes", json=body, timeout=60)
             assert r.status_code == status, r.text
