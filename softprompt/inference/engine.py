@@ -61,11 +61,12 @@ class Engine:
         text = self.template(adapter).chat_prompt(messages, self.base.tokenizer)
         return encode_text(self.base.tokenizer, text)
 
-    def check(self, request: GenerationRequest) -> None:
-        """Raise the error `DecodeBatch.add` would raise for this request, before any work is done."""
+    def check(self, request: GenerationRequest) -> list[int]:
+        """Raise the error `DecodeBatch.add` would raise for this request, before any work is done; return the
+        prompt ids it will run (left-truncated only if the request asks for it)."""
         if request.adapter not in self.prompt_cache:
             raise UnknownAdapterError.in_request(request.id, request.adapter, self.prompt_cache.names())
-        fit_prompt(request, self.prompt_cache.num_virtual_tokens(request.adapter), context_length(self.base))
+        return fit_prompt(request, self.prompt_cache.num_virtual_tokens(request.adapter), context_length(self.base))
 
     def pin_prefix(self, prompt_ids: list[int], adapter: str | None = None) -> int:
         """Compute the keys/values of a prompt start (a document, a system prompt) for `adapter` and pin them in the
@@ -105,10 +106,8 @@ class Engine:
         """Run all requests with continuous batching (finished rows leave, queued ones join); results in order."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        for request in requests:
-            self.check(request)
+        results = [self._result(request, self.check(request)) for request in requests]  # all checked first
         scheduler = self.scheduler(max_batch=batch_size, max_queue=None)
-        results = [self._result(request) for request in requests]
         scheduler.submit_many([Job(request, _collector(result)) for request, result in zip(requests, results)])
         bar = None
         if progress:
@@ -133,11 +132,10 @@ class Engine:
                 yield item
             events.clear()
 
-    def _result(self, request: GenerationRequest) -> GenerationResult:
-        n = self.prompt_cache.num_virtual_tokens(request.adapter)
-        prompt_tokens = len(fit_prompt(request, n, context_length(self.base)))
+    @staticmethod
+    def _result(request: GenerationRequest, prompt_ids: list[int]) -> GenerationResult:
         return GenerationResult(
-            request, "", prompt_tokens=prompt_tokens, logprobs=[] if request.logprobs is not None else None
+            request, "", prompt_tokens=len(prompt_ids), logprobs=[] if request.logprobs is not None else None
         )
 
 

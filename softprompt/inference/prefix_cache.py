@@ -148,7 +148,7 @@ class PrefixCache:
         never evicted; returns the number of tokens pinned (fewer than `ids` has when the cache could not hold them
         all)."""
         with self._lock:
-            path = self._walk(owner, list(ids) + [-1])  # whole blocks, the last one included
+            path = self._whole_blocks(owner, ids)
             for block in path:
                 if block.key not in self._pinned:
                     self._pinned.add(block.key)
@@ -160,7 +160,7 @@ class PrefixCache:
     def unpin(self, owner: int, ids: Sequence[int]) -> int:
         """Let the blocks of `ids`'s start be evicted again (LRU); returns the number of tokens unpinned."""
         with self._lock:
-            path = [block for block in self._walk(owner, list(ids) + [-1]) if block.key in self._pinned]
+            path = [block for block in self._whole_blocks(owner, ids) if block.key in self._pinned]
             for block in path:
                 self._unpin(block)
             self._evict()
@@ -198,6 +198,10 @@ class PrefixCache:
             path.append(block)
             parent = block.id
         return path
+
+    def _whole_blocks(self, owner: int, ids: Sequence[int]) -> list[_Block]:
+        """The held blocks of `ids` from its start to the first miss, its last full block included."""
+        return self._walk(owner, list(ids) + [-1])  # _walk leaves one token over: a stand-in token past the end
 
     def _touch(self, path: list[_Block]) -> None:
         for block in reversed(path):  # the first block ends up most recent: parents outlive their children
