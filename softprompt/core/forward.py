@@ -156,6 +156,34 @@ def cache_tensors(cache) -> Kv:
     return [(entry[0], entry[1]) for entry in cache]
 
 
+@dataclass
+class PrefillLayout:
+    """A batched prefill's inputs: each row's tokens right-padded to a common length, after a front of keys already
+    computed (its soft prompt, cached prompt blocks, earlier slices), right-aligned in `width` columns."""
+
+    ids: torch.Tensor  # [B, L] token ids (pads after each row's tokens)
+    mask: torch.Tensor  # [B, width + L] 1 = a real key: the row's front, then its tokens
+    positions: torch.Tensor  # [B, L] each token's position: its row's front length, + 1 per real token before it
+    width: int  # front columns
+
+
+def prefill_layout(runs: list[list[int]], fronts: list[int], pad: int, device, min_rows: int = 0) -> PrefillLayout:
+    """The layout of rows `runs` (token ids) after fronts of `fronts[b]` keys; at least `min_rows` token rows in
+    all (row-exact mode: no matrix product with fewer rows)."""
+    batch, width = len(runs), max(fronts)
+    length = max(max(len(r) for r in runs), -(-min_rows // batch))
+    ids = torch.full((batch, length), pad, dtype=torch.long, device=device)
+    block_mask = torch.zeros(batch, length, dtype=torch.long, device=device)
+    front_mask = torch.zeros(batch, width, dtype=torch.long, device=device)
+    for b, run in enumerate(runs):
+        ids[b, : len(run)] = torch.tensor(run, device=device)
+        block_mask[b, : len(run)] = 1
+        front_mask[b, width - fronts[b] :] = 1
+    mask = torch.cat([front_mask, block_mask], dim=1)
+    positions = positions_from_mask(block_mask, torch.tensor(fronts, device=device))
+    return PrefillLayout(ids, mask, positions, width)
+
+
 def positions_from_mask(mask: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tensor:
     """Position of each token = number of real tokens before it (+ offset); pads get a harmless position."""
     pos = mask.long().cumsum(-1) - 1

@@ -56,7 +56,7 @@ from softprompt.core.forward import (
     fast_decode,
     lm_logits,
     make_cache,
-    positions_from_mask,
+    prefill_layout,
     run_body,
 )
 from softprompt.core.models import FrozenModel
@@ -345,26 +345,17 @@ class DecodeBatch:
         cached = [0 if hit is None else hit.shape[3] for hit in hits]
         runs = [prompt[c:] for prompt, c in zip(prompts, cached)]  # the tokens to run
         fronts = [n + c for n, c in zip(ns, cached)]  # positions in front of them
-        batch, width, l_max = len(requests), max(fronts), max(len(r) for r in runs)
-        if self.exact:
-            l_max = max(l_max, -(-self.min_rows // batch))  # enough token rows for every matrix product
         pad = self.base.tokenizer.pad_token_id or 0
-        ids = torch.full((batch, l_max), pad, dtype=torch.long, device=device)
-        block_mask = torch.zeros(batch, l_max, dtype=torch.long, device=device)
-        front_mask = torch.zeros(batch, width, dtype=torch.long, device=device)
-        for b, run in enumerate(runs):
-            ids[b, : len(run)] = torch.tensor(run, device=device)
-            block_mask[b, : len(run)] = 1
-            front_mask[b, width - fronts[b] :] = 1
-        mask = torch.cat([front_mask, block_mask], dim=1)
-        offset = torch.tensor(fronts, device=device)
-        embeds = model.get_input_embeddings()(ids)
+        # row-exact: enough token rows for every matrix product
+        layout = prefill_layout(runs, fronts, pad, device, self.min_rows if self.exact else 0)
+        batch, width, l_max, mask = len(requests), layout.width, layout.ids.shape[1], layout.mask
+        embeds = model.get_input_embeddings()(layout.ids)
         with row_exact(chunk=self.chunk_tokens) if self.exact else nullcontext():
             hidden, cache = run_body(
                 model,
                 embeds,
                 mask,
-                positions_from_mask(block_mask, offset),
+                layout.positions,
                 cache=make_cache(self._front_kv(requests, hits, width)),
                 use_cache=True,
             )

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from softprompt.core.attention import PREFILL_CHUNK, min_rows, row_exact, use_grouped_sdpa
-from softprompt.core.forward import cache_tensors, lm_logits, make_cache, positions_from_mask, run_body
+from softprompt.core.forward import cache_tensors, lm_logits, make_cache, prefill_layout, run_body
 from softprompt.inference.prompt_cache import CachedPrompt, PromptCache
 
 NEG_INF_LOGPROB = -9999.0  # what an impossible token's log-probability is reported as (JSON has no -inf), as vLLM
@@ -131,24 +131,17 @@ def _run_slices(scorers: list[PromptScorer]) -> None:
     base = scorers[0].base
     model, device, exact = base.model, base.device, scorers[0].exact
     lengths = [s.next_tokens for s in scorers]
+    runs = [s.ids[s.done : s.done + length] for s, length in zip(scorers, lengths)]
     fronts = [s.n + s.done for s in scorers]  # keys in front of each row's slice
-    batch, width, l_max = len(scorers), max(fronts), max(lengths)
-    if exact:
-        l_max = max(l_max, -(-min_rows(model) // batch))  # no product with fewer rows than min_rows
     pad = base.tokenizer.pad_token_id or 0
-    ids = torch.full((batch, l_max), pad, dtype=torch.long, device=device)
-    block_mask = torch.zeros(batch, l_max, dtype=torch.long, device=device)
-    front_mask = torch.zeros(batch, width, dtype=torch.long, device=device)
-    for b, (scorer, length) in enumerate(zip(scorers, lengths)):
-        ids[b, :length] = torch.tensor(scorer.ids[scorer.done : scorer.done + length], device=device)
-        block_mask[b, :length] = 1
-        front_mask[b, width - fronts[b] :] = 1
-    mask = torch.cat([front_mask, block_mask], dim=1)
-    positions = positions_from_mask(block_mask, torch.tensor(fronts, device=device))
-    front = _front_kv(scorers, width)
-    embeds = model.get_input_embeddings()(ids)
+    # row-exact: no product with fewer rows than min_rows
+    layout = prefill_layout(runs, fronts, pad, device, min_rows(model) if exact else 0)
+    width = layout.width
+    embeds = model.get_input_embeddings()(layout.ids)
     with row_exact(chunk=PREFILL_CHUNK) if exact else nullcontext():
-        hidden, cache = run_body(model, embeds, mask, positions, cache=make_cache(front), use_cache=True)
+        hidden, cache = run_body(
+            model, embeds, layout.mask, layout.positions, cache=make_cache(_front_kv(scorers, width)), use_cache=True
+        )
     kv = cache_tensors(cache)
     for b, (scorer, length) in enumerate(zip(scorers, lengths)):
         cols = slice(width - fronts[b], width + length)
