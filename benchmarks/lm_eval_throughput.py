@@ -5,16 +5,19 @@ The task: a multiple-choice task defined here on SST-2 records (`--data`, e.g. .
 (+ EOS). lm-eval's `local-completions` model sends each (record, choice) as token ids with `echo` and `logprobs`
 (`--batch-size` prompts per request), which the server scores as prompt-scoring jobs.
 
-- batched (the default): the scheduler scores up to max_batch prompts' slices in one forward;
-- one at a time: the same server with `scheduler.score_batch = 1` (how it scored before).
+- shared (the default): the scheduler scores up to max_batch prompts' slices in one forward, and prompts that begin
+  alike (a record's two choices) run their common start once (`scheduler.share_starts`);
+- batched: the same without shared starts (`share_starts = False`);
+- one at a time: `score_batch = 1`, no shared starts (how it scored before either).
 
-Both runs use the same app, model and dtype; they alternate `--repeats` times. Reported: seconds per run, records/s,
-the ratio, accuracy of each, and whether every per-sample log-likelihood is equal (bf16: bit for bit; fp32: the max
-difference, batched kernels round differently by ~1e-6).
+All runs use the same app, model and dtype; they alternate `--repeats` times. Reported: seconds per run, records/s,
+the ratios to one at a time, accuracy of each, and whether every per-sample log-likelihood is equal (bf16: bit for
+bit; fp32: the max difference, batched kernels round differently by ~1e-6).
 
     python benchmarks/lm_eval_throughput.py --data ../shared/data/sst2_train.jsonl --records 500
 
-Last line: a JSON object with `speedup` (median pair), `speedups`, `same_choices`, `max_loglik_diff`, `accuracy`.
+Last line: a JSON object with `speedup` (shared / one at a time, median over repeats), `speedups` (per mode),
+`same_choices`, `max_loglik_diff`, `accuracy`.
 """
 
 from __future__ import annotations
@@ -118,30 +121,42 @@ def main() -> None:
         folder = Path(tmp)
         base.tokenizer.save_pretrained(folder / "tokenizer")
         tasks = write_task(folder, args.data, args.records, base.tokenizer.eos_token)
-        runs = {"one_at_a_time": [], "batched": []}
+        modes = {"one_at_a_time": (1, False), "batched": (16, False), "shared": (16, True)}
+        runs = {name: [] for name in modes}
         outs = {}
         with BackgroundServer(create_app(base, None, max_batch=16, max_queue=256)) as server:
             scheduler = server.app.state.softprompt.scheduler
             for _ in range(args.repeats):
-                for name, score_batch in (("one_at_a_time", 1), ("batched", scheduler.max_batch)):
-                    scheduler.score_batch = score_batch
+                for name, (score_batch, share) in modes.items():
+                    scheduler.score_batch, scheduler.share_starts = score_batch, share
                     seconds, outs[name] = run_lm_eval(server.url, str(folder / "tokenizer"), tasks, args.batch_size)
                     runs[name].append(seconds)
                     print(f"{name:>14}: {seconds:7.1f} s ({args.records / seconds:.1f} records/s)", flush=True)
-    a, b = logliks(outs["one_at_a_time"]), logliks(outs["batched"])
-    diff = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
-    choices = [max(range(len(r)), key=r.__getitem__) for r in a] == [max(range(len(r)), key=r.__getitem__) for r in b]
-    speedups = [s1 / s2 for s1, s2 in zip(runs["one_at_a_time"], runs["batched"])]
+            shared_tokens = scheduler.stats.score_shared_tokens
+    reference = logliks(outs["one_at_a_time"])
+    diff = max(
+        abs(x - y)
+        for name in ("batched", "shared")
+        for ra, rb in zip(reference, logliks(outs[name]))
+        for x, y in zip(ra, rb)
+    )
+    pick = lambda rows: [max(range(len(r)), key=r.__getitem__) for r in rows]  # noqa: E731
+    choices = all(pick(logliks(outs[name])) == pick(reference) for name in ("batched", "shared"))
+    speedups = {
+        name: statistics.median(a / b for a, b in zip(runs["one_at_a_time"], runs[name]))
+        for name in ("batched", "shared")
+    }
     acc = {name: out["results"]["sp_sst2"]["acc,none"] for name, out in outs.items()}
-    print(f"batched / one at a time: {statistics.median(speedups):.2f}x; accuracy {acc}; same choices {choices}; "
-          f"max log-likelihood difference {diff:.3g} ({base.dtype}, {torch.get_num_threads()} threads, "
-          f"load {os.getloadavg()[0]:.1f})")  # fmt: skip
+    print(f"vs one at a time: batched {speedups['batched']:.2f}x, shared starts {speedups['shared']:.2f}x; accuracy "
+          f"{acc}; same choices {choices}; max log-likelihood difference {diff:.3g} ({base.dtype}, "
+          f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f})")  # fmt: skip
     result = {
-        "speedup": statistics.median(speedups),
+        "speedup": speedups["shared"],
         "speedups": speedups,
         "seconds": runs,
         "same_choices": choices,
         "max_loglik_diff": diff,
+        "shared_tokens": shared_tokens,
         "accuracy": acc,
         "records": args.records,
         "dtype": str(base.dtype),

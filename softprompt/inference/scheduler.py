@@ -7,7 +7,8 @@ A `Scheduler` owns a DecodeBatch and two queues: generation jobs waiting for a b
 2. drops cancelled jobs (a row leaves the batch; a waiting job frees its queue place at once);
 3. admits waiting jobs up to `max_batch` live rows, in one batched prefill;
 4. runs one slice (SCORE_SLICE tokens) of the first scoring jobs, several prompts in one batched forward (up to
-   SCORE_TOKENS tokens), so a large scoring request never stalls the streams;
+   SCORE_TOKENS tokens), so a large scoring request never stalls the streams; prompts that begin alike (the choices
+   of one question) run their common start once first (`scoring.share_starts`);
 5. advances every live row by one token.
 
 Rows leave the moment they finish, so requests join and leave between steps and a row's tokens never depend on its
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from softprompt.inference.batch import DecodeBatch, GenerationRequest, TokenEvent
-from softprompt.inference.scoring import PromptScorer, advance_together
+from softprompt.inference.scoring import PromptScorer, advance_together, share_starts
 
 SCORE_TOKENS = 2048  # most prompt tokens one tick scores (several prompts' slices in one forward): bounds how long
 # the decode streams wait between two tokens while prompts are being scored
@@ -80,6 +81,7 @@ class SchedulerStats:
     steps: int = 0
     prefills: int = 0
     score_slices: int = 0
+    score_shared_tokens: int = 0  # prompt tokens not run again: a start shared by prompts scored together
     max_live: int = 0
 
 
@@ -99,6 +101,7 @@ class Scheduler:
         self.batch = make_batch()
         self.max_batch, self.max_queue, self.idle_wait = max_batch, max_queue, idle_wait
         self.score_batch = max_batch  # most prompts scored together in one tick (1: one at a time)
+        self.share_starts = True  # prompts scored together run a common start once (scoring.share_starts)
         self.waiting: collections.deque[Job] = collections.deque()
         self.live: dict[int, Job] = {}  # id(request) -> job
         self.admitting = 0  # jobs taken from `waiting` whose prefill is running (not yet in `live`)
@@ -309,6 +312,8 @@ class Scheduler:
             group.append(job)
             tokens += size
         try:
+            if self.share_starts and len(group) > 1:
+                self.stats.score_shared_tokens += share_starts([job.scorer for job in group])
             advance_together([job.scorer for job in group])
         except Exception:  # noqa: BLE001 (find the prompt that cannot be scored: it fails alone)
             for job in group:

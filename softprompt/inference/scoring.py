@@ -65,6 +65,7 @@ class PromptScorer:
         if not ids:
             raise ValueError("a prompt to score needs at least one token")
         self.base, self.ids, self.top_n, self.slice_tokens = base, list(ids), top_n, slice_tokens
+        self.owner = entry.identity if entry is not None else None  # prompts of one owner can share a start
         self.n = entry.num_virtual_tokens if entry is not None else 0
         self.kv = list(entry.kv) if entry is not None else None  # per layer [1, kv_heads, n + done, head_dim]
         self.exact = base.dtype != torch.float32
@@ -72,6 +73,8 @@ class PromptScorer:
             use_grouped_sdpa(base.model)  # row by row needs softprompt's attention (a no-op once switched)
         self.done = 0  # prompt tokens run so far
         self.result: list[TokenLogprobs] = [TokenLogprobs(self.ids[0], None, None)]
+        self.keep = False  # a shared start (share_starts): keep the keys/values and the last hidden state when done
+        self.carry: torch.Tensor | None = None  # [1, H] the hidden state before `done`, when it is still unscored
 
     @property
     def finished(self) -> bool:
@@ -86,20 +89,35 @@ class PromptScorer:
         """Run one slice; True when the whole prompt is scored."""
         return advance_together([self])[0]
 
+    def continue_from(self, start: PromptScorer) -> None:
+        """Take a finished shared start (a scorer of this prompt's first tokens with `keep`): its keys/values and
+        results, so only the rest of the prompt runs; the start's last hidden state scores this prompt's next token."""
+        assert start.finished and start.keep and self.done == 0 and self.ids[: len(start.ids)] == start.ids
+        self.kv, self.done, self.carry = start.kv, len(start.ids), start.carry
+        self.result = list(start.result)
+
     def _take(self, hidden: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Record one slice's results: its hidden states [len, H] and the row's keys/values so far."""
         start, stop = self.done, self.done + hidden.shape[0]
+        if self.carry is not None:  # the hidden state before this slice predicts its first token
+            hidden, start, self.carry = torch.cat([self.carry, hidden]), start - 1, None
         last = min(stop, len(self.ids) - 1)  # the prompt's last token predicts nothing that is scored
         if last > start:
             self.result += self._score(hidden[: last - start], self.ids[start + 1 : last + 1])
         self.done = stop
-        self.kv = None if self.finished else kv  # free the keys/values at once when done
+        if self.keep and self.finished:
+            self.carry = hidden[-1:]
+        self.kv = None if self.finished and not self.keep else kv  # free the keys/values at once when done
 
     def _score(self, hidden: torch.Tensor, targets: list[int]) -> list[TokenLogprobs]:
         out = []
+        rows = min_rows(self.base.model) if self.exact else 0
         for begin in range(0, len(targets), HEAD_CHUNK):
             part = targets[begin : begin + HEAD_CHUNK]
-            logp = torch.log_softmax(lm_logits(self.base.model, hidden[begin : begin + len(part)]), dim=-1)
+            head = hidden[begin : begin + len(part)]
+            if head.shape[0] < rows:  # row-exact: the LM head's product never has fewer rows than min_rows
+                head = torch.cat([head, head[-1:].expand(rows - head.shape[0], -1)])
+            logp = torch.log_softmax(lm_logits(self.base.model, head)[: len(part)], dim=-1)
             chosen = logp.gather(1, torch.tensor(part, device=logp.device).unsqueeze(1)).squeeze(1).tolist()
             if self.top_n > 0:
                 values, top_ids = torch.topk(logp, min(self.top_n, logp.shape[-1]), dim=-1)
@@ -125,6 +143,103 @@ def advance_together(scorers: list[PromptScorer]) -> list[bool]:
     if todo:
         _run_slices(todo)
     return [s.finished for s in scorers]
+
+
+@torch.no_grad()
+def share_starts(scorers: list[PromptScorer], block: int = PREFILL_CHUNK) -> int:
+    """Before their first slice, prompts of one adapter that begin with the same `block`-aligned tokens (the choices
+    of one multiple-choice question: context + each answer; questions that share an instruction) run that start once:
+    it is scored as a prompt of its own (a "head") and each prompt continues from it (`continue_from`). Starts form a
+    tree (a question's context within the instruction that every question begins with): a head continues from the
+    longest shorter head it begins with, heads of one depth run in one batched forward. A start is at most one slice
+    (`slice_tokens`), so sharing never makes a tick run longer than the prompts' own slices would. Returns how many
+    prompt tokens were not run again.
+
+    Exact in row-exact mode: a start ends on a multiple of the attention chunk, so every row's values are those of
+    the prompt scored alone (what the prefix cache relies on for generation); fp32 differs by rounding."""
+    members = _starts([s for s in scorers if s.done == 0 and not s.keep], block)
+    parents = {key: _parent(key, members) for key in members}
+    like = {key[0]: group[0] for key, group in members.items() if group}  # a prompt of each run: its adapter
+    heads = {key: _head(like[key[0]], list(key[1])) for key in members}
+    todo = list(members)
+    while todo:  # in waves: the heads whose shorter head (if any) is done, batched
+        wave = [key for key in todo if parents[key] not in todo]
+        for key in wave:
+            if parents[key] is not None:
+                heads[key].continue_from(heads[parents[key]])
+        while not all(advance_together([heads[key] for key in wave])):
+            pass
+        for key in wave:
+            for s in members[key]:
+                s.continue_from(heads[key])
+        todo = [key for key in todo if key not in wave]
+    run_by_heads = sum(len(key[1]) - (len(parents[key][1]) if parents[key] else 0) for key in members)
+    return sum(s.done for group in members.values() for s in group) - run_by_heads
+
+
+def _starts(fresh: list[PromptScorer], block: int) -> dict[tuple, list[PromptScorer]]:
+    """The shared starts of these prompts, (run, tokens) -> the prompts that continue from it directly: each prompt's
+    longest block-aligned start shared with another, the branching points of those starts, and only starts that two
+    prompts or heads use (a prompt of an unused start moves to the next shorter one)."""
+    starts: dict[tuple, list[PromptScorer]] = {}
+    for s in fresh:
+        length = max((_common(s.ids, o.ids) for o in fresh if o is not s and _same_run(s, o)), default=0)
+        # at least one token of each prompt left to run; a start is one slice, so it runs in one tick
+        length = min(length, len(s.ids) - 1, s.slice_tokens) // block * block
+        if length:
+            starts.setdefault((_run(s), tuple(s.ids[:length])), []).append(s)
+    grown = True
+    while grown:  # where two starts of one run part, their common start is one too
+        grown = False
+        for a in list(starts):
+            for b in list(starts):
+                length = _common(a[1], b[1]) // block * block
+                if a[0] == b[0] and a != b and length and (a[0], a[1][:length]) not in starts:
+                    starts[(a[0], a[1][:length])], grown = [], True
+    while True:
+        parents = {key: _parent(key, starts) for key in starts}
+        unused = [k for k in starts if len(starts[k]) + sum(p == k for p in parents.values()) < 2]
+        if not unused:
+            return starts
+        key = max(unused, key=lambda k: len(k[1]))
+        if parents[key] is not None:
+            starts[parents[key]] += starts[key]
+        del starts[key]
+
+
+def _head(like: PromptScorer, ids: list[int]) -> PromptScorer:
+    """A scorer of a shared start: like `like` (adapter, top_n, slices), keeping its state when done."""
+    head = PromptScorer(like.base, None, ids, like.top_n, like.slice_tokens)
+    head.owner, head.n, head.kv, head.keep = like.owner, like.n, like.kv, True
+    return head
+
+
+def _begins(key: tuple, start: tuple) -> bool:
+    """True when `key`'s tokens begin with `start`'s, in the same run."""
+    return key[0] == start[0] and key[1][: len(start[1])] == start[1]
+
+
+def _parent(key: tuple, starts: dict) -> tuple | None:
+    """The longest other start that this start begins with."""
+    inner = [k for k in starts if len(k[1]) < len(key[1]) and _begins(key, k)]
+    return max(inner, key=lambda k: len(k[1]), default=None)
+
+
+def _run(s: PromptScorer) -> tuple:
+    return (s.owner, s.top_n, s.slice_tokens)
+
+
+def _same_run(a: PromptScorer, b: PromptScorer) -> bool:
+    return _run(a) == _run(b)
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _run_slices(scorers: list[PromptScorer]) -> None:

@@ -96,3 +96,72 @@ def test_alone_the_scores_are_the_models_log_softmax(engine, base, dtype):
     for t in range(1, len(ids)):
         assert result[t].logprob == pytest.approx(float(logp[t - 1, ids[t]]), abs=1e-4)
         assert [i for i, _ in result[t].top] == torch.topk(logp[t - 1], 3).indices.tolist()
+
+
+def test_prompts_that_begin_alike_share_their_start_and_score_as_alone(engine, dtype):
+    """The choices of one question (one context, several answers) and prompts of other adapters: the context's
+    block-aligned start runs once (at most one slice of it), and every prompt's values are those it gets alone (bf16:
+    bit for bit)."""
+    from softprompt.inference.scoring import share_starts
+
+    rng = random.Random(2)
+    context, long_context = prompt(engine, rng, 12), prompt(engine, rng, 45)
+    answers = [prompt(engine, rng, w) for w in (5, 3, 2)]
+    answers[2] = answers[0] + prompt(engine, rng, 8)  # two choices that begin alike: a start within a start
+    prompts = [("a3", context + a) for a in answers] + [("a9", context + answers[0]), (None, context + answers[1])]
+    prompts += [(None, context + answers[2]), (None, context[:10] + answers[0]), ("a3", context[:5])]
+    prompts += [("a9", long_context + a) for a in answers[:2]]
+    scorers = [scorer(engine, adapter, ids) for adapter, ids in prompts]
+    start = _common(prompts[0][1], prompts[1][1]) // 16 * 16  # a3's choices; two of them share more
+    longer = _common(prompts[0][1], prompts[2][1]) // 16 * 16
+    base_start = _common(prompts[4][1], prompts[5][1]) // 16 * 16
+    assert 32 <= start < longer < SCORE_SLICE and len(long_context) > SCORE_SLICE
+    # a3: the context's start for its three choices (two of them through their longer common start); the base
+    # model's two choices: their start once; a9's long context: only its first slice
+    assert share_starts(scorers) == start * 2 + (longer - start) + base_start + SCORE_SLICE
+    assert [s.done for s in scorers] == [longer, start, longer, 0, base_start, base_start, 0, 0] + [SCORE_SLICE] * 2
+    while not all(advance_together(scorers)):
+        pass
+    for (adapter, ids), together in zip(prompts, scorers):
+        reference = alone(engine, adapter, ids)
+        assert [e.token_id for e in together.result] == ids
+        if dtype != torch.float32:
+            assert fields(together.result) == fields(reference)
+        else:
+            assert [e.logprob for e in together.result[1:]] == pytest.approx(
+                [e.logprob for e in reference[1:]], rel=1e-5, abs=1e-5
+            )
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def test_questions_that_share_an_instruction_run_it_once(engine, dtype):
+    """Two questions with two choices each after one instruction: the instruction's start runs once (a branching
+    point no prompt ends at), each question's context once on top of it, and every value equals the prompt alone."""
+    from softprompt.inference.scoring import share_starts
+
+    rng = random.Random(3)
+    instruction = prompt(engine, rng, 5)
+    questions = [instruction + prompt(engine, rng, 12), instruction + prompt(engine, rng, 8)]
+    choices = [prompt(engine, rng, 1), prompt(engine, rng, 2)]
+    prompts = [q + c for q in questions for c in choices]
+    scorers = [scorer(engine, "a9", ids) for ids in prompts]
+    block = 16
+    first = _common(*questions) // block * block  # the instruction (and maybe a word more)
+    starts = [_common(*prompts[:2]) // block * block, _common(*prompts[2:]) // block * block]  # each question
+    assert 0 < first < min(starts) and max(starts) < SCORE_SLICE
+    # run alone: every prompt whole; shared: the instruction's start once, each context's rest once, then the answers
+    assert share_starts(scorers) == sum(starts) * 2 - (first + sum(s - first for s in starts))
+    assert [s.done for s in scorers] == [starts[0], starts[0], starts[1], starts[1]]
+    while not all(advance_together(scorers)):
+        pass
+    for ids, together in zip(prompts, scorers):
+        reference = alone(engine, "a9", ids)
+        if dtype != torch.float32:
+            assert fields(together.result) == fields(reference)
+        else:
+            assert [e.logprob for e in together.result[1:]] == pytest.approx(
+                [e.logprob for e in reference[1:]], rel=1e-5, abs=1e-5
+            )

@@ -90,6 +90,7 @@ def test_scoring_runs_in_slices_between_decode_steps(tiny, folder, monkeypatch):
     slow_slices(monkeypatch, 0.1, log)
     slow(monkeypatch, DecodeBatch, "step", 0.0, log, "step")
     with LiveServer(create_app(tiny, folder, max_batch=2, max_queue=1)) as live:
+        live.state.scheduler.share_starts = False  # two equal prompts would share their first slice (tested below)
         results = {}
         scorer = threading.Thread(
             target=lambda: results.update(
@@ -109,6 +110,22 @@ def test_scoring_runs_in_slices_between_decode_steps(tiny, folder, monkeypatch):
         for choice in results["score"].json()["choices"]:
             assert choice["logprobs"]["token_logprobs"] == alone and alone[0] is None
         assert live.state.scheduler.snapshot()["score_slices"] == 4
+
+
+def test_the_choices_of_one_question_share_their_start(tiny, folder):
+    """lm-eval's multiple choice: one request, one context, several answers. The context's start runs once (the
+    scheduler counts the tokens not run again) and every choice's log-probabilities are those of the prompt alone."""
+    context = "abcdefghij" * 5  # 50 tokens with the character tokenizer: a 48-token start, 3 attention chunks
+    prompts = [context + " yes", context + " no", context + " maybe"]
+    with LiveServer(create_app(tiny, folder)) as live:
+        r = completion(live.url, model="a", prompt=prompts, max_tokens=0, echo=True, logprobs=1)
+        assert r.status_code == 200
+        assert live.state.scheduler.snapshot()["score_shared_tokens"] == 48 * 2
+        for text, choice in zip(prompts, sorted(r.json()["choices"], key=lambda c: c["index"])):
+            ids = tiny.tokenizer(text, add_special_tokens=False)["input_ids"]
+            alone = [entry.logprob for entry in prompt_logprobs(tiny, live.state.cache, "a", ids, 1)]
+            assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(alone[1:], rel=1e-5, abs=1e-6)
+            assert choice["logprobs"]["token_logprobs"][0] is None
 
 
 def test_a_client_that_leaves_stops_its_scoring(tiny, folder, monkeypatch):
