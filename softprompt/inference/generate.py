@@ -16,6 +16,7 @@ from softprompt.core.models import FrozenModel, load_base
 from softprompt.data.records import read_jsonl
 from softprompt.data.templates import CHAT, HUMAN_ASSISTANT, Template
 from softprompt.formats.adapter import Adapter, check_adapter_name, load_adapter
+from softprompt.formats.compose import SEPARATOR, load_spec
 from softprompt.inference.batch import GenerationRequest
 from softprompt.inference.config import BatchOptions, GenerationOptions
 from softprompt.inference.engine import Engine
@@ -28,15 +29,17 @@ def build_engine(base: FrozenModel, chat_template: bool = False) -> Engine:
 
 def add_adapter(engine: Engine, adapter: str | Path | Adapter | None) -> str | None:
     """Load --adapter into the engine; its name is its path (record names under --adapters-dir never contain a
-    path separator, so the two cannot collide)."""
+    path separator, so the two cannot collide); `a+b` (folders joined with '+') composes them (formats/compose.py)."""
     if adapter is None:
         return None
     if isinstance(adapter, Adapter):
         name = str(Path(adapter.path).resolve()) if adapter.path else "/adapter"
         engine.add_adapter(name, adapter)
         return name
-    name = str(Path(adapter).resolve())
-    engine.add_adapter(name, load_adapter(adapter, engine.base))
+    loaded = load_spec(adapter, engine.base)  # a folder, or folders joined with '+' (a composition)
+    parts = loaded.extra.get("composed_of") if loaded.path is None else None
+    name = SEPARATOR.join(str(Path(p).resolve()) for p in parts) if parts else str(Path(adapter).resolve())
+    engine.add_adapter(name, loaded)
     return name
 
 
