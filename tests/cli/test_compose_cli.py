@@ -3,6 +3,7 @@ time and answer exactly as that folder does; bad compositions stop with one line
 
 import json
 
+import pytest
 import torch
 
 from softprompt import cli
@@ -68,3 +69,21 @@ def test_bad_compositions_stop_with_one_line(tiny, tiny_dir, tmp_path, capsys):
         assert cli.main(argv) == 2
         assert capsys.readouterr().err == f"softprompt {argv[0]}: error: {message}\n"
     assert not (tmp_path / "o").exists()
+
+
+def test_batch_records_name_compositions_of_folders_under_the_adapters_dir(tiny, tmp_path):
+    from softprompt.inference.config import BatchOptions
+    from softprompt.inference.generate import generate_batch
+
+    cartridges(tiny, tmp_path)
+    assert cli.main(["compose", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab")]) == 0
+    records = [{"instruction": "hi", "adapter": name} for name in ("a+b", "ab", "a", "b+a+b")]
+    options = BatchOptions(adapters_dir=str(tmp_path), greedy=True, max_new_tokens=8, progress=False)
+    out = [r["output"] for r in generate_batch(records, options, base=tiny)]
+    assert out[0] == out[1]  # the composition equals its folder, in one batch with the others
+    with pytest.raises(ValueError) as err:
+        generate_batch([{"instruction": "hi", "adapter": "a+nope"}], options, base=tiny)
+    assert str(err.value) == f"record 1: unknown adapter 'nope': no folder {tmp_path / 'nope'}"
+    with pytest.raises(ValueError) as err:
+        generate_batch([{"instruction": "hi", "adapter": "a+../b"}], options, base=tiny)
+    assert str(err.value).startswith("record 1: invalid adapter name '../b': use 1-64 letters")

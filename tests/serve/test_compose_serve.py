@@ -14,6 +14,7 @@ from softprompt import create_app
 from softprompt.core.forward import prefix_width
 from softprompt.data.templates import Template, encode_text
 from softprompt.formats.adapter import load_adapter, save_adapter
+from softprompt.formats.compose import write_composition
 from softprompt.inference.engine import Engine
 
 CARTRIDGES = {"ka": 4, "kb": 3, "big": 300, "mid": 200}
@@ -33,6 +34,7 @@ def adapters_dir(tiny, tmp_path_factory):
         tensor = 3 * torch.randn(n, prefix_width(tiny.model), generator=torch.Generator().manual_seed(seed))
         save_adapter(folder / name, tensor, tiny, method="cartridge", template=Template("human-assistant"))
     make_adapter(tiny, folder, "soft", "human-assistant", 3)
+    write_composition([folder / "ka", folder / "kb"], folder / "kab")  # the composition as one folder, served too
     return folder
 
 
@@ -72,6 +74,19 @@ def test_a_composed_model_answers_as_the_engine_does_also_beside_plain_requests(
     assert chat.model == "ka+kb" and chat.usage.prompt_tokens > 7
     card = httpx.get(server.url + "/v1/models/ka+kb").json()
     assert card["id"] == "ka+kb" and card["num_virtual_tokens"] == 7
+
+
+def test_a_composed_model_scores_and_answers_as_its_composed_folder(server):
+    """Echo with logprobs (prompt scoring, what lm-eval sends) and sampled answers of `ka+kb` equal those of `kab`,
+    the folder `softprompt compose ka kb` wrote, served beside it."""
+    answers = {}
+    for model in ("ka+kb", "kab"):
+        body = {"model": model, "prompt": ["The cat sat", "on the mat"], "max_tokens": 0, "echo": True, "logprobs": 2}
+        scored = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+        sampled = server.client.completions.create(model=model, prompt="Once", max_tokens=8, temperature=1, seed=3)
+        answers[model] = ([c["logprobs"] for c in scored["choices"]], sampled.choices[0].text)
+    assert answers["ka+kb"] == answers["kab"]
+    assert len(answers["kab"][0][0]["token_logprobs"]) == 11 and answers["kab"][1]  # 11 characters scored, text
 
 
 def test_a_document_pinned_for_a_composed_model_is_reused(server):
