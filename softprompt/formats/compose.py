@@ -37,6 +37,7 @@ from softprompt.formats.adapter import (
 )
 
 SEPARATOR = "+"
+SHAPE_FIELDS = ("num_layers", "token_dim", "num_attention_heads")  # adapter_config.json fields of the model's shape
 PREFIX_ONLY = ("prefix_projection", "encoder_hidden_size", "init_weights")  # PREFIX_TUNING fields a cartridge lacks
 
 
@@ -64,6 +65,20 @@ def check_part(name: str, part: str, method: str) -> None:
         )
 
 
+def check_same_shape(name: str, first: tuple[str, Adapter], other: tuple[str, Adapter]) -> None:
+    """Refuse a part whose keys/values are for a model of another shape than the first part's: another width, or
+    (the same width can factor differently) other recorded shape fields."""
+    (first_name, a), (other_name, b) = first, other
+    found = [("keys/values of width", a.embeddings.shape[1], b.embeddings.shape[1])]
+    found += [(f"{key}", a.config.get(key), b.config.get(key)) for key in SHAPE_FIELDS]
+    for what, mine, theirs in found:
+        if mine is not None and theirs is not None and mine != theirs:
+            raise AdapterError(
+                f"composition {name!r}: part {other_name!r} has {what} {theirs} but part {first_name!r} has {mine}: "
+                "they are for models of different shapes"
+            )
+
+
 def compose(parts: Sequence[Adapter], names: Sequence[str], name: str | None = None) -> Adapter:
     """One adapter whose keys/values are the parts' concatenated in order (see the module docstring); `names` name
     the parts in error messages and in the composed adapter's softprompt.json."""
@@ -74,11 +89,7 @@ def compose(parts: Sequence[Adapter], names: Sequence[str], name: str | None = N
         check_part(name, part_name, part.method)
     first = parts[0]
     for part, part_name in zip(parts[1:], names[1:]):
-        if part.embeddings.shape[1] != first.embeddings.shape[1]:
-            raise AdapterError(
-                f"composition {name!r}: part {part_name!r} has keys/values of width {part.embeddings.shape[1]} but "
-                f"part {names[0]!r} has {first.embeddings.shape[1]}: they are for models of different shapes"
-            )
+        check_same_shape(name, (names[0], first), (part_name, part))
     tensor = torch.cat([part.embeddings.to(torch.float32) for part in parts])
     frozen = first.config.get("num_frozen_tokens", 1) if first.method == "cartridge" else 0
     config = {k: v for k, v in first.config.items() if k not in PREFIX_ONLY}

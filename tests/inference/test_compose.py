@@ -131,5 +131,13 @@ def test_parts_for_another_model_are_refused(base, parts, tmp_path):
         f"{tmp_path / 'wide'}: cartridge of width 128 (2 layers x 2 x token_dim 32) does not fit the base model "
         "peaked-llama: its cartridges have width 64 = 2 layers x 2 x 2 kv heads x 8 head dim"
     )
+    deep = peaked_base(hidden=16, layers=4)  # the same width, 4 layers x 2 x token_dim 8 instead of 2 x 16
+    save_adapter(tmp_path / "deep", kv_adapter(deep, 2, 1).embeddings, deep, method="cartridge")
+    with pytest.raises(AdapterError) as err:
+        write_composition([tmp_path / "a", tmp_path / "deep"], tmp_path / "out")
+    assert str(err.value) == (
+        f"composition '{tmp_path / 'a'}+{tmp_path / 'deep'}': part '{tmp_path / 'deep'}' has num_layers 4 but part "
+        f"'{tmp_path / 'a'}' has 2: they are for models of different shapes"
+    )
     with pytest.raises(AdapterError, match=r"compose two or more adapters"):
         write_composition([tmp_path / "a"], tmp_path / "out")
