@@ -10,12 +10,13 @@ import pytest
 from softprompt import cli
 from softprompt.demo.config import DemoConfig
 from softprompt.evaluation.config import EvalConfig, InspectConfig
+from softprompt.formats.config import ComposeConfig
 from softprompt.inference.config import ChatConfig, GenerateConfig
 from softprompt.options import OptionError, spec_of
 from softprompt.serve.config import ServeConfig
 from softprompt.training.config import TrainConfig
 
-CONFIGS = [TrainConfig, EvalConfig, InspectConfig, GenerateConfig, ChatConfig, ServeConfig, DemoConfig]
+CONFIGS = [TrainConfig, EvalConfig, InspectConfig, GenerateConfig, ChatConfig, ServeConfig, DemoConfig, ComposeConfig]
 NOT_A_RANGE = {"seed"}  # every numeric option below has minimum/above (and seeds a maximum too)
 
 

@@ -20,6 +20,7 @@ VERBS = {
     "serve": "softprompt.cli.serve",
     "inspect": "softprompt.cli.inspect",
     "export-vllm": "softprompt.cli.export_vllm",
+    "compose": "softprompt.cli.compose",
 }
 
 

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(GenerateConfig, args)  # every flag checked before the model loads (seconds)
     check_output(config.out, "--out", {"--batch": config.batch})
     from softprompt.core.models import load_base
-    from softprompt.formats.adapter import load_adapter
+    from softprompt.formats.compose import load_spec
     from softprompt.inference.generate import check_batch, generate, generate_batch, read_batch
 
     records = read_batch(config.batch) if config.batch else None
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     if records is not None:
         check_batch(records, config.adapters_dir)
     if config.adapter is not None:
-        load_adapter(config.adapter)  # fail on a missing or malformed folder before loading the model
+        load_spec(config.adapter)  # fail on a missing or malformed folder (or composition) before loading the model
     base = load_base(config.model, device=config.device, dtype=config.dtype)
     if records is None:
         options = GenerationOptions(**values_of(config, GenerationOptions))

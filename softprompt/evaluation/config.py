@@ -29,7 +29,8 @@ class EvalConfig:
     )
     model: str | object | None = model_option()
     adapters: list = option(
-        help="adapter folder(s) to evaluate; each uses the template saved with it",
+        help="adapter folder(s) to evaluate, each with the template saved with it; prefix/cartridge folders joined "
+        "with '+' are one composed adapter (keys/values concatenated, the first part's template)",
         factory=list,
         flag="--adapter",
         many="+",

@@ -33,7 +33,8 @@ from softprompt.data.records import DataError, Fields, Record, load_records, par
 from softprompt.data.templates import Template, encode_example, encode_text
 from softprompt.evaluation.config import DEFAULT_MAX_NEW_TOKENS, EvalConfig
 from softprompt.evaluation.rouge import exact_match, rouge_l
-from softprompt.formats.adapter import Adapter, load_adapter
+from softprompt.formats.adapter import Adapter
+from softprompt.formats.compose import load_spec
 from softprompt.inference.batch import GenerationRequest, GenerationResult
 from softprompt.inference.engine import Engine
 from softprompt.inference.sampling import is_looping
@@ -146,7 +147,7 @@ def evaluate(config: EvalConfig) -> dict:
         if isinstance(config.model, FrozenModel)
         else load_base(config.model, device=config.device, dtype=config.dtype)
     )
-    adapters = {str(path): load_adapter(path, base) for path in config.adapters}
+    adapters = {str(path): load_spec(path, base) for path in config.adapters}  # 'a+b': a composition
     notes, choices_from = [], "--choices" if choices else None
     records, skipped = _records(config, choices, adapters)
     if not choices:

@@ -258,7 +258,12 @@ def _write_adapter(out_dir: Path, tensor: torch.Tensor, base, metadata: AdapterM
         model_config=cfg,
         peft_fields=metadata.peft_fields,
     )
-    meta = metadata.softprompt_json()
+    return write_folder(out_dir, tensor, config, metadata.softprompt_json())
+
+
+def write_folder(out_dir: Path, tensor: torch.Tensor, config: dict, meta: dict) -> Path:
+    """Write an adapter folder's three files (the fp32 CPU `tensor`, `config` as adapter_config.json, `meta` as
+    softprompt.json) into a temporary folder renamed into place, so a reader never sees a half-written adapter."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:

@@ -61,6 +61,7 @@ from softprompt.core.forward import (
 )
 from softprompt.core.models import FrozenModel
 from softprompt.core.packed import use_packed_linears
+from softprompt.formats.compose import is_composition
 from softprompt.inference.detokenize import Detokenizer
 from softprompt.inference.prefix_cache import PrefixCache
 from softprompt.inference.prompt_cache import CachedPrompt, PromptCache, UnknownAdapterError
@@ -327,9 +328,9 @@ class DecodeBatch:
             return None
         if request.entry is not None:
             return request.entry
-        if request.adapter not in self.prompt_cache:
+        if request.adapter not in self.prompt_cache and not is_composition(request.adapter):
             raise UnknownAdapterError.in_request(request.id, request.adapter, self.prompt_cache.names())
-        return self.prompt_cache.entry(request.adapter)
+        return self.prompt_cache.entry(request.adapter)  # a composition's names the part at fault
 
     def _owner(self, request: GenerationRequest) -> int:
         """The prefix cache's owner of a request's blocks: its adapter entry's identity (the base model's)."""

@@ -36,7 +36,8 @@ class GenerationOptions:
     chat_template: bool = chat_template_option()
     adapter: str | object | None = option(
         None,
-        "adapter folder (PEFT format); default: the base model (with --batch: records without an 'adapter')",
+        "adapter folder (PEFT format), or prefix/cartridge folders joined with '+' (composed: keys/values "
+        "concatenated); default: the base model (with --batch: records without an 'adapter')",
         metavar="DIR",
         group="model",
     )

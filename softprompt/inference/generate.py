@@ -16,6 +16,7 @@ from softprompt.core.models import FrozenModel, load_base
 from softprompt.data.records import read_jsonl
 from softprompt.data.templates import CHAT, HUMAN_ASSISTANT, Template
 from softprompt.formats.adapter import Adapter, check_adapter_name, load_adapter
+from softprompt.formats.compose import SEPARATOR, is_composition, load_spec, split_parts
 from softprompt.inference.batch import GenerationRequest
 from softprompt.inference.config import BatchOptions, GenerationOptions
 from softprompt.inference.engine import Engine
@@ -28,15 +29,17 @@ def build_engine(base: FrozenModel, chat_template: bool = False) -> Engine:
 
 def add_adapter(engine: Engine, adapter: str | Path | Adapter | None) -> str | None:
     """Load --adapter into the engine; its name is its path (record names under --adapters-dir never contain a
-    path separator, so the two cannot collide)."""
+    path separator, so the two cannot collide); `a+b` (folders joined with '+') composes them (formats/compose.py)."""
     if adapter is None:
         return None
     if isinstance(adapter, Adapter):
         name = str(Path(adapter.path).resolve()) if adapter.path else "/adapter"
         engine.add_adapter(name, adapter)
         return name
-    name = str(Path(adapter).resolve())
-    engine.add_adapter(name, load_adapter(adapter, engine.base))
+    loaded = load_spec(adapter, engine.base)  # a folder, or folders joined with '+' (a composition)
+    parts = loaded.extra.get("composed_of") if loaded.path is None else None
+    name = SEPARATOR.join(str(Path(p).resolve()) for p in parts) if parts else str(Path(adapter).resolve())
+    engine.add_adapter(name, loaded)
     return name
 
 
@@ -81,8 +84,10 @@ def check_record(record: object, where: str) -> dict:
     if "input" in record and record["input"] is not None and not isinstance(record["input"], str):
         raise ValueError(f"{where}: 'input' must be a string")
     if record.get("adapter") is not None:
-        try:
-            check_adapter_name(record["adapter"])
+        try:  # a name, or names joined with '+' (a composition of those adapters)
+            parts = split_parts(record["adapter"]) if is_composition(record["adapter"]) else [record["adapter"]]
+            for part in parts:
+                check_adapter_name(part)
         except ValueError as err:
             raise ValueError(f"{where}: {err}; it names a folder under --adapters-dir") from None
     return record
@@ -98,9 +103,10 @@ def check_batch(records: list[dict], adapters_dir: str | Path | None, wheres: li
             continue
         if adapters_dir is None:
             raise ValueError(f"{where}: names adapter {name!r} but no --adapters-dir was given")
-        folder = Path(adapters_dir) / name
-        if not folder.is_dir():
-            raise ValueError(f"{where}: unknown adapter {name!r}: no folder {folder}")
+        for part in name.split(SEPARATOR):
+            folder = Path(adapters_dir) / part
+            if not folder.is_dir():
+                raise ValueError(f"{where}: unknown adapter {part!r}: no folder {folder}")
 
 
 def read_batch(path: str | Path) -> list[dict]:
@@ -133,8 +139,10 @@ def generate_batch(records: list[dict], opts: BatchOptions, *, base: FrozenModel
         name = record.get("adapter")
         if name is None:
             name = default
-        elif name not in engine.prompt_cache:
-            engine.add_adapter(name, load_adapter(Path(opts.adapters_dir) / name, engine.base))
+        else:  # each part of a composition `a+b` is loaded under its name; the engine composes them
+            for part in name.split(SEPARATOR):
+                if part not in engine.prompt_cache:
+                    engine.add_adapter(part, load_adapter(Path(opts.adapters_dir) / part, engine.base))
         try:
             prompt_ids = engine.encode(record["instruction"], record.get("input") or "", name)
             request = GenerationRequest(

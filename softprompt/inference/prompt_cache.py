@@ -9,11 +9,19 @@ re-running them on every call as PEFT does. Downstream of this cache every metho
 The cache also records the template each adapter was trained with, so every caller formats prompts identically,
 and gives every entry an identity (`identity`), new each time an adapter is added, so that caches of what follows a
 soft prompt (prefix_cache.py) never mix up an adapter with the one it replaced.
+
+A composed name (`a+b`, formats/compose.py) is served from its parts' entries: its keys/values are theirs
+concatenated along the sequence (the same tensors as prompt_kv of the composed adapter: a prefix's keys/values are a
+reshape of its tensor), built on first use and kept for the last COMPOSED_KEPT compositions. Its identity belongs to
+the parts' identities, so prefix-cache blocks and pins of `a+b` stay valid while a and b stay loaded, and end when
+either is replaced or removed.
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -23,9 +31,11 @@ from softprompt.core.forward import Kv
 from softprompt.core.models import FrozenModel
 from softprompt.data.templates import Template
 from softprompt.formats.adapter import Adapter, AdapterError, check_fits_context
+from softprompt.formats.compose import SEPARATOR, compose, is_composition, split_parts
 from softprompt.formats.methods import base_width, misfit
 
 _IDENTITIES = itertools.count(1)  # shared by every PromptCache, so no two entries (or base models) ever share one
+COMPOSED_KEPT = 8  # compositions whose concatenated keys/values are kept (rebuilding one is a copy, no model call)
 
 
 @dataclass
@@ -37,6 +47,7 @@ class CachedPrompt:
     template: Template
     adapter: Adapter
     identity: int = field(default_factory=lambda: next(_IDENTITIES))
+    parts: tuple[int, ...] = ()  # a composition's parts' identities (empty for a loaded adapter)
 
     @property
     def method(self) -> str:
@@ -68,6 +79,10 @@ class PromptCache:
         self.default_template = default_template or Template()
         self._entries: dict[str, CachedPrompt] = {}
         self._base_identity = next(_IDENTITIES)
+        # composed name -> its entry, most recent last; parts' identities -> the composition's identity
+        self._composed: OrderedDict[str, CachedPrompt] = OrderedDict()
+        self._composed_ids: dict[tuple[int, ...], int] = {}
+        self._composing = threading.Lock()  # request threads and the worker compose at once
 
     def add(self, name: str, adapter: Adapter) -> None:
         """Compute and store the adapter's virtual-token KV (replaces an entry of the same name)."""
@@ -109,10 +124,49 @@ class PromptCache:
         return entry.kv, entry.num_virtual_tokens
 
     def entry(self, name: str) -> CachedPrompt:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise UnknownAdapterError.named(name, self.names()) from None
+        """The entry served as `name`, a loaded adapter or a composition of loaded key/value adapters (`a+b`)."""
+        entry = self._entries.get(name)
+        if entry is not None:  # a loaded name wins (a CLI adapter's path may hold a '+')
+            return entry
+        if is_composition(name):
+            return self._composition(name)
+        raise UnknownAdapterError.named(name, self.names())
+
+    def _composition(self, name: str) -> CachedPrompt:
+        """The entry of a composed name: built from its parts' current entries, or the one kept for them."""
+        names = split_parts(name)
+        parts = []
+        for part in names:
+            entry = self._entries.get(part)  # one read: the worker may remove it meanwhile
+            if entry is None:
+                raise UnknownAdapterError(
+                    f"composition {name!r}: part {part!r} is not loaded (loaded: {', '.join(self.names()) or 'none'})"
+                )
+            parts.append(entry)
+        key = tuple(part.identity for part in parts)
+        with self._composing:
+            kept = self._composed.get(name)
+            if kept is not None and kept.parts == key:
+                self._composed.move_to_end(name)
+                return kept
+        adapter = compose([part.adapter for part in parts], names, name)
+        check_fits_context(
+            adapter.num_virtual_tokens, getattr(self.base.model.config, "max_position_embeddings", None), name
+        )
+        kv = [
+            (
+                torch.cat([part.kv[layer][0] for part in parts], dim=2),
+                torch.cat([part.kv[layer][1] for part in parts], dim=2),
+            )
+            for layer in range(len(parts[0].kv))
+        ]
+        with self._composing:
+            identity = self._composed_ids.setdefault(key, next(_IDENTITIES))
+            entry = CachedPrompt(kv, adapter.num_virtual_tokens, parts[0].template, adapter, identity, key)
+            self._composed[name] = entry
+            while len(self._composed) > COMPOSED_KEPT:
+                self._composed.popitem(last=False)
+        return entry
 
     def template(self, name: str | None) -> Template:
         """The template to format prompts for this adapter (the default one for the base model)."""
@@ -127,13 +181,23 @@ class PromptCache:
         return self._base_identity if name is None else self.entry(name).identity
 
     def identities(self) -> set[int]:
-        """The identities of the base model and of every loaded adapter."""
-        return {self._base_identity} | {entry.identity for entry in self._entries.values()}
+        """The identities of the base model, of every loaded adapter and of every composition of loaded adapters
+        used so far (those of compositions with a part removed or replaced are forgotten)."""
+        live = {entry.identity for entry in self._entries.values()}
+        with self._composing:
+            for key in [key for key in self._composed_ids if not live.issuperset(key)]:
+                del self._composed_ids[key]
+            composed = set(self._composed_ids.values())
+        return {self._base_identity} | live | composed
 
     def names(self) -> list[str]:
         return list(self._entries)
 
     def __contains__(self, name: object) -> bool:
+        """True for the base model (None), a loaded adapter and a composition whose parts are all loaded."""
+        if is_composition(name) and name not in self._entries:
+            parts = name.split(SEPARATOR)
+            return all(parts) and all(part in self._entries for part in parts)
         return name is None or name in self._entries
 
     def __len__(self) -> int:

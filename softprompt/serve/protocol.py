@@ -99,6 +99,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+MODEL_HELP = "a served model: `base`, an adapter's name, or prefix/cartridge adapters' names joined by `+` (composed)"
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -106,7 +109,7 @@ class _Common(BaseModel):
         json_schema_extra=with_rules(only_with("stream_options", {"type": "object"}, "stream", True)),
     )
 
-    model: str
+    model: str = Field(description=MODEL_HELP)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(
         default=1.0, ge=0.0, le=2.0, allow_inf_nan=False, description=f"0 (or below {TEMPERATURE_EPSILON}) = greedy"
@@ -467,7 +470,7 @@ class PrefixPin(BaseModel):
     prefix cache, so every request to that model starting with it reuses them and they are never evicted."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    model: str
+    model: str = Field(description=MODEL_HELP)
     prompt: str | list[int] = Field(
         description="the prompt start as completions send it: text (no special tokens added) or token ids",
         json_schema_extra={"anyOf": [{"type": "string", "minLength": 1}, TOKEN_IDS]},

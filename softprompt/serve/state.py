@@ -11,12 +11,14 @@ import time
 from starlette.concurrency import run_in_threadpool
 
 from softprompt.data.templates import Template
+from softprompt.formats.adapter import AdapterError
+from softprompt.formats.compose import is_composition, split_parts
 from softprompt.inference.batch import context_length
 from softprompt.inference.engine import Engine
 from softprompt.inference.prefix_cache import PrefixCache
 from softprompt.inference.prompt_cache import CachedPrompt, UnknownAdapterError
 from softprompt.serve.config import ServeConfig
-from softprompt.serve.errors import model_not_found
+from softprompt.serve.errors import APIError, model_not_found
 from softprompt.serve.registry import BASE_NAME, AdapterRegistry, RegistryError
 from softprompt.serve.responses import Health, ModelCard, ModelList
 
@@ -49,7 +51,12 @@ class ServerState:
             await run_in_threadpool(self.scheduler.stop)
 
     def model_card(self, name: str) -> ModelCard:
-        """The card of a served model; RegistryError(404) when unknown."""
+        """The card of a served model (or composition); RegistryError(404) when unknown."""
+        if is_composition(name):
+            _, n, _, _ = self.lookup(name)
+            return ModelCard(id=name, object="model", created=self.created, owned_by="softprompt",
+                             root=self.base.name, parent=self.base.name, num_virtual_tokens=n,
+                             max_model_len=self.context)  # fmt: skip
         adapter = self.registry.adapter(name)
         return ModelCard(
             id=name,
@@ -80,7 +87,10 @@ class ServerState:
         )
 
     def adapter_key(self, model: str) -> str | None:
-        """The PromptCache name of a served model (None for the base model); 404 when unknown."""
+        """The PromptCache name of a served model (None for the base model); 404 when unknown. A composed name
+        (`a+b`, formats/compose.py) is served when each part is."""
+        if is_composition(model):
+            return self._composition_key(model)
         if not self.registry.has(model):
             raise model_not_found(model)
         return None if model == BASE_NAME else model
@@ -96,7 +106,24 @@ class ServerState:
             entry = self.cache.entry(key)
         except UnknownAdapterError:
             raise model_not_found(model) from None
+        except AdapterError as err:  # a composition that cannot be built: a part not keys/values, too long
+            raise APIError(400, str(err), param="model", code="invalid_value") from None
         return key, entry.num_virtual_tokens, entry.template, entry
+
+    def _composition_key(self, model: str) -> str:
+        """A composed model name, checked: no empty part, no base model, every part served (404 naming it)."""
+        try:
+            parts = split_parts(model)
+        except AdapterError as err:
+            raise APIError(400, str(err), param="model", code="invalid_value") from None
+        for part in parts:
+            if part == BASE_NAME:
+                raise APIError(400, f"composition {model!r}: part {BASE_NAME!r} is the base model, which has no "
+                               "keys/values to compose", param="model", code="invalid_value")  # fmt: skip
+            if not self.registry.has(part):
+                raise APIError(404, f"The model `{model}` does not exist: its part `{part}` is not served.",
+                               param="model", code="model_not_found")  # fmt: skip
+        return model
 
     def vocab_size(self) -> int:
         """Token ids a request may use: those both the input and the output embeddings have."""
