@@ -61,7 +61,6 @@ from softprompt.core.forward import (
 )
 from softprompt.core.models import FrozenModel
 from softprompt.core.packed import use_packed_linears
-from softprompt.formats.compose import is_composition
 from softprompt.inference.detokenize import Detokenizer
 from softprompt.inference.prefix_cache import PrefixCache
 from softprompt.inference.prompt_cache import CachedPrompt, PromptCache, UnknownAdapterError
@@ -324,13 +323,9 @@ class DecodeBatch:
 
     def _entry(self, request: GenerationRequest) -> CachedPrompt | None:
         """The adapter entry a request runs on (None: the base model): its pinned one, else the loaded one."""
-        if request.adapter is None:
-            return None
-        if request.entry is not None:
+        if request.adapter is not None and request.entry is not None:
             return request.entry
-        if request.adapter not in self.prompt_cache and not is_composition(request.adapter):
-            raise UnknownAdapterError.in_request(request.id, request.adapter, self.prompt_cache.names())
-        return self.prompt_cache.entry(request.adapter)  # a composition's names the part at fault
+        return self.prompt_cache.request_entry(request.id, request.adapter)
 
     def _owner(self, request: GenerationRequest) -> int:
         """The prefix cache's owner of a request's blocks: its adapter entry's identity (the base model's)."""

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from softprompt.core.models import FrozenModel
 from softprompt.data.templates import Template, encode_text
 from softprompt.formats.adapter import Adapter
-from softprompt.formats.compose import is_composition
 from softprompt.inference.batch import (
     DecodeBatch,
     GenerationRequest,
@@ -65,10 +64,9 @@ class Engine:
     def check(self, request: GenerationRequest) -> list[int]:
         """Raise the error `DecodeBatch.add` would raise for this request, before any work is done; return the
         prompt ids it will run (left-truncated only if the request asks for it)."""
-        if request.adapter not in self.prompt_cache and not is_composition(request.adapter):
-            raise UnknownAdapterError.in_request(request.id, request.adapter, self.prompt_cache.names())
         # a composition's entry is built here, so a bad one (a missing or non key/value part) fails now
-        return fit_prompt(request, self.prompt_cache.num_virtual_tokens(request.adapter), context_length(self.base))
+        entry = self.prompt_cache.request_entry(request.id, request.adapter)
+        return fit_prompt(request, 0 if entry is None else entry.num_virtual_tokens, context_length(self.base))
 
     def pin_prefix(self, prompt_ids: list[int], adapter: str | None = None) -> int:
         """Compute the keys/values of a prompt start (a document, a system prompt) for `adapter` and pin them in the

@@ -103,7 +103,7 @@ def check_batch(records: list[dict], adapters_dir: str | Path | None, wheres: li
             continue
         if adapters_dir is None:
             raise ValueError(f"{where}: names adapter {name!r} but no --adapters-dir was given")
-        for part in name.split(SEPARATOR):
+        for part in split_parts(name):
             folder = Path(adapters_dir) / part
             if not folder.is_dir():
                 raise ValueError(f"{where}: unknown adapter {part!r}: no folder {folder}")
@@ -140,7 +140,7 @@ def generate_batch(records: list[dict], opts: BatchOptions, *, base: FrozenModel
         if name is None:
             name = default
         else:  # each part of a composition `a+b` is loaded under its name; the engine composes them
-            for part in name.split(SEPARATOR):
+            for part in split_parts(name):
                 if part not in engine.prompt_cache:
                     engine.add_adapter(part, load_adapter(Path(opts.adapters_dir) / part, engine.base))
         try:

@@ -132,6 +132,15 @@ class PromptCache:
             return self._composition(name)
         raise UnknownAdapterError.named(name, self.names())
 
+    def request_entry(self, request_id, name: str | None) -> CachedPrompt | None:
+        """The entry a request's adapter names (None: the base model); an unknown name is refused naming the request
+        (a composition's error names the part at fault)."""
+        if name is None:
+            return None
+        if name not in self._entries and not is_composition(name):
+            raise UnknownAdapterError.in_request(request_id, name, self.names())
+        return self.entry(name)
+
     def _composition(self, name: str) -> CachedPrompt:
         """The entry of a composed name: built from its parts' current entries, or the one kept for them."""
         names = split_parts(name)

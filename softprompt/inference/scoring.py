@@ -157,8 +157,7 @@ def share_starts(scorers: list[PromptScorer], block: int = PREFILL_CHUNK) -> int
 
     Exact in row-exact mode: a start ends on a multiple of the attention chunk, so every row's values are those of
     the prompt scored alone (what the prefix cache relies on for generation); fp32 differs by rounding."""
-    members = _starts([s for s in scorers if s.done == 0 and not s.keep], block)
-    parents = {key: _parent(key, members) for key in members}
+    members, parents = _starts([s for s in scorers if s.done == 0 and not s.keep], block)
     like = {key[0]: group[0] for key, group in members.items() if group}  # a prompt of each run: its adapter
     heads = {key: _head(like[key[0]], list(key[1])) for key in members}
     todo = list(members)
@@ -177,13 +176,13 @@ def share_starts(scorers: list[PromptScorer], block: int = PREFILL_CHUNK) -> int
     return sum(s.done for group in members.values() for s in group) - run_by_heads
 
 
-def _starts(fresh: list[PromptScorer], block: int) -> dict[tuple, list[PromptScorer]]:
+def _starts(fresh: list[PromptScorer], block: int) -> tuple[dict[tuple, list[PromptScorer]], dict[tuple, tuple | None]]:
     """The shared starts of these prompts, (run, tokens) -> the prompts that continue from it directly: each prompt's
     longest block-aligned start shared with another, the branching points of those starts, and only starts that two
-    prompts or heads use (a prompt of an unused start moves to the next shorter one)."""
+    prompts or heads use (a prompt of an unused start moves to the next shorter one); and each start's parent."""
     starts: dict[tuple, list[PromptScorer]] = {}
     for s in fresh:
-        length = max((_common(s.ids, o.ids) for o in fresh if o is not s and _same_run(s, o)), default=0)
+        length = max((_common(s.ids, o.ids) for o in fresh if o is not s and _run(o) == _run(s)), default=0)
         # at least one token of each prompt left to run; a start is one slice, so it runs in one tick
         length = min(length, len(s.ids) - 1, s.slice_tokens) // block * block
         if length:
@@ -200,7 +199,7 @@ def _starts(fresh: list[PromptScorer], block: int) -> dict[tuple, list[PromptSco
         parents = {key: _parent(key, starts) for key in starts}
         unused = [k for k in starts if len(starts[k]) + sum(p == k for p in parents.values()) < 2]
         if not unused:
-            return starts
+            return starts, parents
         key = max(unused, key=lambda k: len(k[1]))
         if parents[key] is not None:
             starts[parents[key]] += starts[key]
@@ -227,10 +226,6 @@ def _parent(key: tuple, starts: dict) -> tuple | None:
 
 def _run(s: PromptScorer) -> tuple:
     return (s.owner, s.top_n, s.slice_tokens)
-
-
-def _same_run(a: PromptScorer, b: PromptScorer) -> bool:
-    return _run(a) == _run(b)
 
 
 def _common(a: list[int], b: list[int]) -> int:
