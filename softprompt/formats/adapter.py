@@ -153,11 +153,12 @@ class Adapter:
             raise AdapterError(self.task_missing())
         return Virtual(self.embeddings if device is None else self.embeddings.to(device), self.method)
 
-    def task_missing(self, where: object = None) -> str:
+    def task_missing(self, name: object = None) -> str:
         """The message for a multitask adapter named without a task."""
+        name = name or self.path or "adapter"
         return (
-            f"{where or self.path or 'adapter'}: a multitask adapter needs a task id (0..{self.num_tasks - 1}): name "
-            f"it NAME{TASK_SEPARATOR}TASK, or pass --task"
+            f"adapter {str(name)!r} is a multitask adapter: name one of its tasks, e.g. "
+            f"'{name}{TASK_SEPARATOR}0' (tasks 0..{self.num_tasks - 1})"
         )
 
     def soft_prompt(self) -> torch.nn.Module:
