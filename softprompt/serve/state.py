@@ -11,7 +11,7 @@ import time
 from starlette.concurrency import run_in_threadpool
 
 from softprompt.data.templates import Template
-from softprompt.formats.adapter import TASK_SEPARATOR, AdapterError, split_task
+from softprompt.formats.adapter import TASK_SEPARATOR, AdapterError, split_task, with_task
 from softprompt.formats.compose import is_composition, split_parts
 from softprompt.inference.batch import context_length
 from softprompt.inference.engine import Engine
@@ -72,8 +72,12 @@ class ServerState:
     def model_list(self) -> ModelList:
         cards = []
         for name in [BASE_NAME] + self.registry.names():
-            with contextlib.suppress(RegistryError):  # removed meanwhile
-                cards.append(self.model_card(name))
+            with contextlib.suppress(RegistryError, APIError):  # removed meanwhile
+                adapter = self.registry.adapter(name)
+                if adapter is not None and adapter.needs_task:  # a multitask adapter: a model per task
+                    cards += [self.model_card(with_task(name, task)) for task in range(adapter.num_tasks)]
+                else:
+                    cards.append(self.model_card(name))
         return ModelList(object="list", data=cards)
 
     def health(self) -> Health:
