@@ -156,3 +156,25 @@ def test_eval_scores_each_record_with_its_task(tiny, folder, tmp_path):
     assert str(err.value) == (
         f"<records>: record 0: field 'kind' is task 5, out of range: adapter {folder / 'mt'} has 3 task(s), ids 0..2"
     )
+
+
+def test_export_vllm_writes_one_task_and_inspect_shows_the_shared_prompt(tiny, folder, tmp_path):
+    from softprompt.evaluation.inspect import inspect_adapter
+    from softprompt.vllm.export import ExportVllmConfig, export_vllm
+
+    export_vllm(ExportVllmConfig(adapter=str(folder / "mt"), out=str(tmp_path / "v"), task=2), base=tiny)
+    from safetensors.torch import load_file
+
+    rows = load_file(str(tmp_path / "v" / "prompt_embeds.safetensors"))["prompt_embeds"]
+    assert torch.equal(rows, load_adapter(folder / "mt").for_task(2).embeddings)
+    with pytest.raises(ValueError) as err:
+        export_vllm(ExportVllmConfig(adapter=str(folder / "mt"), out=str(tmp_path / "w")), base=tiny)
+    assert str(err.value) == (
+        f"adapter {folder / 'mt'} is a multitask adapter, with a prompt per task: export one task with --task (0..2)"
+    )
+    info = inspect_adapter(str(folder / "mt"), base=tiny, top_k=2)
+    assert info["method"] == "multitask" and len(info["tokens"]) == 4 and info["num_tasks"] == 3
+    assert info["trainable_parameters"] == 4 * 32 + 3 * 4 * 2 + 3 * 2 * 32
+    from softprompt.evaluation.inspect import format_report
+
+    assert "(with 3 tasks' factors of rank 2; the tokens below are the shared prompt's)" in format_report(info)
