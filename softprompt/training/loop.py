@@ -33,12 +33,12 @@ import torch
 
 from softprompt.core import KV_METHODS, forward
 from softprompt.core.models import FrozenModel, activation_checkpointing, describe_parameters, load_base
-from softprompt.core.prompt import build_prompt
+from softprompt.core.prompt import MultitaskPrompt, build_prompt, multitask_factors
 from softprompt.data import batching
 from softprompt.data.labels import detect_label_words, example_classes
 from softprompt.data.records import DataError, Fields, assign_tasks, load_records, parse_words, split_holdout
 from softprompt.data.templates import Template
-from softprompt.formats.adapter import AdapterError, AdapterMetadata, load_adapter
+from softprompt.formats.adapter import FACTOR_KEYS, AdapterError, AdapterMetadata, load_adapter
 from softprompt.formats.run_folder import Progress, RunFolder, RunKey, RunSummary
 from softprompt.training import distributed
 from softprompt.training.config import TrainConfig, default_batch_tokens, length_cap
@@ -227,8 +227,6 @@ def _from_source(config: TrainConfig, base: FrozenModel, fresh: torch.nn.Module)
     """--init-from: a multitask prompt starting from the source adapter's shared prompt and, per --init-from-mode,
     its task factors averaged or one task's (else the fresh prompt's factors), in one line naming the source when
     it does not fit."""
-    from softprompt.core.prompt import MultitaskPrompt, multitask_factors
-
     where, mode = f"--init-from {config.init_from}", config.init_from_mode or "average-tasks"
     try:
         source = load_adapter(config.init_from, base)
@@ -242,7 +240,7 @@ def _from_source(config: TrainConfig, base: FrozenModel, fresh: torch.nn.Module)
             f"{where}: the source has {source.num_virtual_tokens} virtual tokens, this run "
             f"{fresh.num_virtual_tokens}: pass --num-virtual-tokens {source.num_virtual_tokens}"
         )
-    factors = None if source.factors is None else tuple(source.factors.values())
+    factors = None if source.factors is None else tuple(source.factors[key] for key in FACTOR_KEYS)
     if mode == "shared-only":
         cols, rows = fresh.task_cols, fresh.task_rows
     else:
@@ -293,8 +291,7 @@ def _load(config: TrainConfig, accelerator) -> tuple[TrainConfig, FrozenModel, T
     template = Template(config.template)
     label_words = parse_words(config.label_words, "--label-words")
     init_text = _init_text(config)  # a bad --init-file fails before the records and the model load
-    train_recs, eval_recs = _load_records(config, label_words)
-    tasks = _tasks(config, train_recs, eval_recs) if config.method == "multitask" else (1, None)
+    train_recs, eval_recs, tasks = _load_records(config, label_words)
     # the model is loaded after the records, so bad data fails fast
     device = _device(config, accelerator)
     base = (
@@ -338,7 +335,9 @@ def _sized(config: TrainConfig, base: FrozenModel) -> TrainConfig:
 
 def _tasks(config: TrainConfig, train_recs, eval_recs) -> tuple[int, list[str] | None]:
     """The number of tasks and their names (a --task-field of strings) of a multitask run; every record gets its
-    task id (all 0 without --task-field)."""
+    task id (all 0 without --task-field). Called before a hold-out split, so names are numbered in file order."""
+    if config.method != "multitask":
+        return 1, None
     if config.task_field is None:
         return config.num_tasks or 1, None
     limit = f"--num-tasks {config.num_tasks} gives" if config.num_tasks else ""
@@ -349,16 +348,18 @@ def _tasks(config: TrainConfig, train_recs, eval_recs) -> tuple[int, list[str] |
 
 
 def _load_records(config: TrainConfig, label_words):
-    """The training records and the evaluation ones (from --eval-data, a held-out fraction, or None)."""
+    """The training records and the evaluation ones (from --eval-data, a held-out fraction, or None), and a multitask
+    run's number of tasks and task names (`_tasks`)."""
     fields, mapping = Fields.with_labels(config.fields, config.label_field, label_words, "--label-words")
     task_field = config.task_field
     train_recs = load_records(config.data, fields, mapping, config.skip_bad, config.limit, task_field)
     eval_recs = None
     if config.eval_data is not None:
         eval_recs = load_records(config.eval_data, fields, mapping, config.skip_bad, task_field=task_field)
-    elif config.eval_fraction:
+    tasks = _tasks(config, train_recs, eval_recs)
+    if eval_recs is None and config.eval_fraction:
         train_recs, eval_recs = split_holdout(train_recs, config.eval_fraction, config.seed)
-    return train_recs, eval_recs
+    return train_recs, eval_recs, tasks
 
 
 def _encode(
