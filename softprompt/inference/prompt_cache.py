@@ -135,7 +135,8 @@ class PromptCache:
         return entry.kv, entry.num_virtual_tokens
 
     def entry(self, name: str) -> CachedPrompt:
-        """The entry served as `name`, a loaded adapter or a composition of loaded key/value adapters (`a+b`)."""
+        """The entry served as `name`, a loaded adapter, a composition of loaded key/value adapters (`a+b`) or a task of
+        a loaded multitask adapter (`NAME@TASK`); a multitask adapter's bare name is refused (AdapterError)."""
         entry = self._entries.get(name)
         if entry is not None:  # a loaded name wins (a CLI adapter's path may hold a '+')
             if entry.adapter.needs_task:

@@ -121,3 +121,26 @@ def test_init_from_a_source_adapter_matches_peft(tmp_path, mode, peft_init):
     if mode != "shared-only":  # (shared-only: fresh factors on both sides, drawn differently)
         assert torch.allclose(ours.task_cols, theirs.prefix_task_cols.detach())
         assert torch.allclose(ours.task_rows, theirs.prefix_task_rows.detach())
+
+
+@pytest.mark.slow
+def test_real_model_multitask_adapter_and_peft_agree_per_task(default_base, tmp_path):
+    """On SmolLM2-135M-Instruct: a text-initialised multitask prompt (2 tasks, rank 2), moved off its init, loads in
+    PEFT with the logits softprompt computes for each task; its config says TEXT with the init text."""
+    from softprompt.core.models import load_base
+
+    module = moved(build_prompt(default_base, "multitask", "text", 6, "Classify:", num_tasks=2, num_ranks=2, seed=1))
+    save_adapter(tmp_path / "mt", module, default_base)
+    config = json.loads((tmp_path / "mt" / "adapter_config.json").read_text())
+    assert (config["prompt_tuning_init"], config["prompt_tuning_init_text"], config["token_dim"]) == (
+        "TEXT", "Classify:", 576)  # fmt: skip
+    tok = default_base.tokenizer
+    ids = torch.tensor([tok("Human: Is the sky blue?\n\nAssistant:", add_special_tokens=False)["input_ids"]])
+    mask = torch.ones_like(ids)
+    adapter = load_adapter(tmp_path / "mt", default_base)
+    peft_model = peft.PeftModel.from_pretrained(load_base(device="cpu", dtype="float32").model, str(tmp_path / "mt"))
+    for task in range(2):
+        with torch.no_grad():
+            ours = text_logits(default_base.model, adapter.for_task(task).virtual(), ids, mask)
+            theirs = peft_model(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([task])).logits[:, 6:]
+        assert torch.allclose(ours, theirs, atol=1e-4), (task, (ours - theirs).abs().max())
