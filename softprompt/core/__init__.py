@@ -23,3 +23,6 @@ ENCODER_TYPES = ("mlp", "lstm")
 # ONLY_SOURCE_SHARED): the source's shared prompt and its task factors averaged, or one task's, or the shared prompt
 # alone (fresh factors).
 MULTITASK_INITS = ("average-tasks", "exact-task", "shared-only")
+# How fresh task factors start: near-one (cols @ rows ~ 1, so every task's prompt starts at the shared prompt) or peft
+# (N(0, 0.02) as PEFT draws them, so every task's prompt starts near zero).
+FACTOR_INITS = ("near-one", "peft")

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from softprompt.core import ENCODER_TYPES, INIT_METHODS, KV_METHODS, METHODS, MULTITASK_INITS
+from softprompt.core import ENCODER_TYPES, FACTOR_INITS, INIT_METHODS, KV_METHODS, METHODS, MULTITASK_INITS
 from softprompt.core.forward import Virtual, check_prefix_fits, flat_prefix, prefix_layout, prefix_width, prompt_kv
 
 DEFAULT_INIT_TEXT = "The following is a conversation between a person and a robot."
@@ -376,17 +376,24 @@ def multitask_factors(
     source: tuple[torch.Tensor, torch.Tensor] | None = None,
     mode: str = "average-tasks",
     source_task: int = 0,
+    start: str = "near-one",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Task factors (cols, rows) for a new multitask prompt: N(0, 0.02) as PEFT draws them (seeded), or, from the
-    `source` adapter's factors, their mean over its tasks (`average-tasks`) or its task `source_task`'s
-    (`exact-task`), copied to every task (PEFT's AVERAGE_SOURCE_TASKS / EXACT_SOURCE_TASK, which give a one-task
-    target these same values). `shared-only` (ONLY_SOURCE_SHARED) draws fresh factors."""
+    """Task factors (cols, rows) for a new multitask prompt. Fresh ones (no `source`, or `shared-only`): `near-one`,
+    1/sqrt(ranks) plus N(0, 0.02) noise (seeded; the noise tells the ranks apart), so cols[t] @ rows[t] is about 1
+    and every task's prompt starts at the shared prompt; or `peft`, N(0, 0.02) as PEFT draws them, so every task's
+    prompt starts near zero. From the `source` adapter's factors: their mean over its tasks (`average-tasks`) or its
+    task `source_task`'s (`exact-task`), copied to every task (PEFT's AVERAGE_SOURCE_TASKS / EXACT_SOURCE_TASK, which
+    give a one-task target these same values); `shared-only` (ONLY_SOURCE_SHARED) draws fresh factors."""
     if mode not in MULTITASK_INITS:
         raise ValueError(f"unknown multitask init {mode!r}: use one of {', '.join(MULTITASK_INITS)}")
+    if start not in FACTOR_INITS:
+        raise ValueError(f"unknown factor init {start!r}: use one of {', '.join(FACTOR_INITS)}")
     if source is None or mode == "shared-only":
         generator = torch.Generator().manual_seed(seed)
         cols = torch.randn(num_tasks, num_virtual_tokens, num_ranks, generator=generator) * FACTOR_STD
         rows = torch.randn(num_tasks, num_ranks, hidden, generator=generator) * FACTOR_STD
+        if start == "near-one":
+            cols, rows = cols + num_ranks**-0.5, rows + num_ranks**-0.5
         return cols, rows
     cols, rows = (t.detach().to(torch.float32) for t in source)
     if mode == "exact-task":
@@ -419,13 +426,15 @@ def build_prompt(
     num_frozen_tokens: int = 1,
     num_tasks: int = 1,
     num_ranks: int = 1,
+    factor_init: str = "near-one",
 ) -> nn.Module:
     """A fresh trainable soft prompt of `method` (see METHODS) for `base` (a models.FrozenModel), on its device.
 
     For a prefix (without projection) and a cartridge every init is a no-grad prefill: the keys/values the frozen model
     computes for the init's vectors at positions 0..N-1 (for `text`, its first N tokens); `zero` starts them at zero
     (for a projected prefix: the projection's last layer is zeroed, so its output, the keys/values, starts at zero).
-    A multitask prompt's shared prompt takes the init; its `num_tasks` x `num_ranks` task factors start as PEFT's."""
+    A multitask prompt's shared prompt takes the init; its `num_tasks` x `num_ranks` task factors start per
+    `factor_init` (see multitask_factors)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     if init == "zero" and method not in KV_METHODS:
@@ -436,7 +445,9 @@ def build_prompt(
     if method == "prompt":
         return start
     if method == "multitask":
-        cols, rows = multitask_factors(num_tasks, start.num_virtual_tokens, start.hidden_size, num_ranks, seed)
+        cols, rows = multitask_factors(
+            num_tasks, start.num_virtual_tokens, start.hidden_size, num_ranks, seed, start=factor_init
+        )
         return MultitaskPrompt(start.embeddings, cols, rows, init, start.init_text).to(base.device)
     if method == "ptuning":
         return PromptEncoder(start.embeddings, encoder_hidden_size, encoder_type, start.init, start.init_text, seed).to(

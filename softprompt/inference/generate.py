@@ -91,8 +91,12 @@ def check_record(record: object, where: str) -> dict:
     if record.get("adapter") is not None:
         try:  # a name, names joined with '+' (a composition of those adapters), or NAME@TASK
             parts = split_parts(record["adapter"]) if is_composition(record["adapter"]) else [record["adapter"]]
-            for part in parts:
-                check_adapter_name(split_task(part)[0])
+            names = [split_task(part)[0] for part in parts]
+        except AdapterError as err:
+            raise ValueError(f"{where}: field 'adapter': {err}") from None
+        try:
+            for name in names:
+                check_adapter_name(name)
         except ValueError as err:
             raise ValueError(f"{where}: {err}; it names a folder under --adapters-dir") from None
     return record
@@ -163,6 +167,9 @@ def generate_batch(records: list[dict], opts: BatchOptions, *, base: FrozenModel
                 **opts.sampling(),
             )
             engine.check(request)
+        except AdapterError as err:  # the adapter the record names cannot serve it (a multitask one: which task)
+            field = " field 'adapter':" if record.get("adapter") is not None else ""
+            raise ValueError(f"{where}:{field} {err}") from err
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from err
         requests.append(request)

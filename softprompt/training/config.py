@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from softprompt.core import ENCODER_TYPES, INIT_METHODS, KV_METHODS, METHODS, MULTITASK_INITS
+from softprompt.core import ENCODER_TYPES, FACTOR_INITS, INIT_METHODS, KV_METHODS, METHODS, MULTITASK_INITS
 from softprompt.options import (
     SEED_MAX,
     OptionError,
@@ -152,6 +152,14 @@ class TrainConfig:
         None, "--method multitask: rank of each task's factors (PEFT's num_ranks; default 1)", minimum=1,
         maximum=4096, group=PROMPT,
     )  # fmt: skip
+    factor_init: str | None = option(
+        None,
+        "--method multitask: how fresh task factors start: near-one (their product is about 1, so every task starts "
+        "at the shared prompt, i.e. at --init; the default) or peft (N(0, 0.02) as PEFT draws them, so every task's "
+        "prompt starts near zero)",
+        choices=FACTOR_INITS,
+        group=PROMPT,
+    )
     init_from: str | None = option(
         None,
         "--method multitask: start from this adapter folder (a multitask one; or, with --init-from-mode "
@@ -320,6 +328,7 @@ class TrainConfig:
                 ("--task-field", self.task_field),
                 ("--num-tasks", self.num_tasks),
                 ("--num-ranks", self.num_ranks),
+                ("--factor-init", self.factor_init),
                 ("--init-from", self.init_from),
             )
             if value is not None

@@ -173,10 +173,12 @@ def _setup(config: TrainConfig) -> Run:
         num_frozen_tokens=config.frozen_tokens,
         num_tasks=data.num_tasks,
         num_ranks=config.num_ranks or 1,
+        factor_init=config.factor_init or "near-one",
     )
     extra = {}
     if config.method == "multitask":
         extra = {"task_field": config.task_field, "task_names": data.task_names}
+        extra.update(factor_init=config.factor_init or "near-one")
         if config.init_from is not None:
             prompt, init = _from_source(config, base, prompt), "adapter"
             extra.update(init_from=str(config.init_from), init_from_mode=config.init_from_mode or "average-tasks")

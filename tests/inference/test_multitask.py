@@ -124,12 +124,21 @@ def test_generate_batch_file_names_tasks_and_bad_ones_name_the_line(tiny, folder
 
     with pytest.raises(ValueError) as err:
         generate_batch(read_batch(batch_file), batch_size=8, **options)
-    assert str(err.value) == f"{batch_file}:2: 'mt@9': task 9 is out of range: the adapter has tasks 0..2"
+    assert (
+        str(err.value) == f"{batch_file}:2: field 'adapter': 'mt@9': task 9 is out of range: the adapter has tasks 0..2"
+    )
+    batch_file.write_text(json.dumps({"instruction": "hi", "adapter": "mt@first"}) + "\n")
+    with pytest.raises(ValueError) as err:
+        read_batch(batch_file)
+    assert str(err.value) == (
+        f"{batch_file}:1: field 'adapter': 'mt@first': the task after '@' must be an integer task id, e.g. 'mt@0'"
+    )
     batch_file.write_text(json.dumps({"instruction": "hi", "adapter": "mt"}) + "\n")
     with pytest.raises(ValueError) as err:
         generate_batch(read_batch(batch_file), batch_size=8, **options)
     assert str(err.value) == (
-        f"{batch_file}:1: adapter 'mt' is a multitask adapter: name one of its tasks, e.g. 'mt@0' (tasks 0..2)"
+        f"{batch_file}:1: field 'adapter': adapter 'mt' is a multitask adapter: name one of its tasks, e.g. 'mt@0' "
+        "(tasks 0..2)"
     )
 
 
@@ -144,6 +153,16 @@ def test_eval_scores_each_record_with_its_task(tiny, folder, tmp_path):
         losses.append(evaluate(subset, task=task, **options)["results"][0]["loss"])
     assert mixed["loss"] == pytest.approx(sum(losses) / 3, rel=1e-5)  # every record has 3 answer tokens
     assert len({round(x, 4) for x in losses}) == 3
+    # rank classification too: each record's choices are scored with its task's prompt
+    choices = dict(choices="ab,ba", max_new_tokens=2)
+    mixed = evaluate(records, task_field="kind", **{**options, **choices})["results"][0]
+    alone = [evaluate([r for i, r in enumerate(records) if i % 3 == t], task=t, **{**options, **choices})
+             for t in range(TASKS)]  # fmt: skip
+    assert mixed["loss"] == pytest.approx(sum(a["results"][0]["loss"] for a in alone) / 3, rel=1e-5)
+    by_task = {t: [e for e in a["results"][0]["examples"]] for t, a in enumerate(alone)}
+    for i, example in enumerate(mixed["examples"]):
+        theirs = by_task[i % 3][i // 3]
+        assert (example["choice"], example["generation"]) == (theirs["choice"], theirs["generation"])
     with pytest.raises(AdapterError) as err:
         evaluate(records, **options)
     assert str(err.value) == (

@@ -181,3 +181,17 @@ def test_multitask_options_are_checked(base, tmp_path):
         "give --init-from or --init (with --init-text / --init-file), not both"
     )
     assert "--num-ranks" in refused(method="multitask", num_ranks=0)
+
+
+def test_fresh_factors_start_every_task_at_the_shared_prompt_or_near_zero_as_peft(base):
+    near = train_module.build_prompt(base, "multitask", "vocab", 4, num_tasks=3, num_ranks=2, seed=1)
+    peft = train_module.build_prompt(
+        base, "multitask", "vocab", 4, num_tasks=3, num_ranks=2, seed=1, factor_init="peft"
+    )
+    assert torch.equal(near.embedding, peft.embedding)  # the shared prompt is --init's either way
+    with torch.no_grad():
+        for task in range(3):
+            assert torch.allclose(near.task_prompt(task), near.embedding, rtol=0.2, atol=0)
+            assert peft.task_prompt(task).norm() < 0.01 * peft.embedding.norm()
+        assert 0.015 < float(peft.task_cols.std()) < 0.025 and 0.015 < float(peft.task_rows.std()) < 0.025
+        assert not torch.equal(near.task_cols[0], near.task_cols[1])  # the noise tells tasks and ranks apart
