@@ -60,7 +60,18 @@ def test_train_generate_and_eval_a_multitask_adapter(tiny_dir, tmp_path, capsys)
 
 def test_help_explains_the_multitask_flags(capsys):
     for verb, flags in (
-        ("train", ["--task-field", "--num-tasks", "--num-ranks", "--init-from", "--init-from-mode", "--init-task"]),
+        (
+            "train",
+            [
+                "--task-field",
+                "--num-tasks",
+                "--num-ranks",
+                "--factor-init",
+                "--init-from",
+                "--init-from-mode",
+                "--init-task",
+            ],
+        ),
         ("generate", ["--task"]),
         ("eval", ["--task-field", "--task"]),
         ("export-vllm", ["--task"]),
