@@ -63,6 +63,14 @@ def test_micro_batches_do_not_change_a_multitask_run(base, tmp_path):
         assert torch.allclose(value, large.saved()[key], atol=1e-6), key
 
 
+def test_multitask_trains_the_same_with_gradient_checkpointing(base, tmp_path):
+    """Under checkpointing each task's prompt is concatenated in front of its rows (kv mode otherwise)."""
+    kv = load_adapter(train(mt(tmp_path / "kv", base, max_steps=3)).adapter_dir)
+    concat = load_adapter(train(mt(tmp_path / "concat", base, max_steps=3, gradient_checkpointing=True)).adapter_dir)
+    for key, value in kv.saved().items():
+        assert torch.allclose(value, concat.saved()[key], atol=1e-5), key
+
+
 def test_multitask_resume_is_exact(base, tmp_path, monkeypatch):
     whole = train(mt(tmp_path / "whole", base))
     real = train_module.lr_at
