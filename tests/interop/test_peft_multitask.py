@@ -143,4 +143,6 @@ def test_real_model_multitask_adapter_and_peft_agree_per_task(default_base, tmp_
         with torch.no_grad():
             ours = text_logits(default_base.model, adapter.for_task(task).virtual(), ids, mask)
             theirs = peft_model(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([task])).logits[:, 6:]
-        assert torch.allclose(ours, theirs, atol=1e-4), (task, (ours - theirs).abs().max())
+        # `moved` puts the prompt far off the embedding scale (values ~0.5, logits ~20): fp32 sums over 30 layers in
+        # another order (PEFT concatenates, softprompt runs the prompt's keys/values first) differ by up to ~3e-4
+        assert torch.allclose(ours, theirs, atol=1e-3), (task, (ours - theirs).abs().max())
