@@ -116,3 +116,31 @@ def test_llama_decode_path_gives_the_model_forwards_bits(dtype, mode, threads, m
             calls.clear()
             assert [e[:2] for e in fast] == [e[:2] for e in slow]
             assert all(torch.equal(a[2], b[2]) for a, b in zip(fast, slow))
+
+
+@pytest.mark.slow
+def test_default_model_decodes_through_fused_products_with_the_model_forwards_bits(default_base, monkeypatch):
+    """SmolLM2-135M in fp32 (batched kernels, the dtype --dtype auto picks on CPUs without fast bf16): a single
+    stream and a mixed batch decoded through `decode_body` with fused products give the logits, bit for bit, of the
+    model's own forward; every layer's q/k/v and gate/up groups are fused."""
+    engine = Engine(default_base, {"p": random_adapter(5, hidden=default_base.hidden_size, seed=0)})
+    texts = [("Write a long story about a lighthouse keeper.", None, 24), ("Name a colour.", "p", 8), ("Hi", None, 6)]
+    requests = [
+        GenerationRequest(engine.encode(text, adapter=adapter), adapter=adapter, max_new_tokens=n)
+        for text, adapter, n in texts
+    ]
+
+    def run(fast: bool, rows: list) -> list:
+        monkeypatch.setattr(DecodeBatch, "fast_path", fast)
+        batch = DecodeBatch(default_base, engine.prompt_cache, keep_logits=True)
+        events = batch.add(rows)
+        while len(batch):
+            events += batch.step()
+        return [(e.request.id, e.token_id, e.logits) for e in events]
+
+    for rows in (requests[:1], requests):
+        fast, slow = run(True, rows), run(False, rows)
+        assert [e[:2] for e in fast] == [e[:2] for e in slow]
+        assert all(torch.equal(a[2], b[2]) for a, b in zip(fast, slow))
+    layers = default_base.model.base_model.layers
+    assert fused_module.use_fused_projections(layers) == 2 * len(layers)
