@@ -10,8 +10,8 @@ Per dtype (default: float32, plus bfloat16 where the CPU computes it natively, i
 (c) single-stream decoding without an adapter: softprompt's engine vs Hugging Face `model.generate` on the same model,
     greedy, same prompt, same number of new tokens -> single_stream_vs_hf = softprompt tokens/s / HF tokens/s
     (>= 1: softprompt is not slower); same_tokens_as_hf says whether the tokens agree. Interleaved with it (--repeats
-    rounds; medians, and the best run as *_best_tok_s): the engine without fused q/k/v and gate/up products
-    (unfused_tok_s, core/fused.py; single_stream_vs_unfused = its time / the default's), with the model's own forward
+    rounds; medians, and the best run as *_best_tok_s): the engine with fused q/k/v and gate/up products
+    (fused_tok_s, core/fused.py, off by default; fused_speedup = the default's time / its time), with the model's own forward
     instead of the Llama decode path (plain_tok_s, core/forward.py decode_body), in bf16 without prepacked weights
     (unpacked_tok_s, core/packed.py); same_tokens_without: all give the default's tokens; and the memory read
     bandwidth measured now (a 256 MiB sum) -> bound_tok_s = bandwidth / weight bytes read per step,
@@ -157,13 +157,13 @@ def single_stream(base, engine, ids: list[int], tokens: int, repeats: int = 3) -
             with packed_weights(packed):
                 return engine.generate([GenerationRequest(ids, max_new_tokens=tokens)])[0].token_ids
         finally:
-            DecodeBatch.fast_path, DecodeBatch.fused = True, True
+            DecodeBatch.fast_path, DecodeBatch.fused = True, False
 
-    # without fused products (core/fused.py); without the decode path either (the model's own forward); in bf16,
-    # without prepacked weights (core/packed.py; a prepacked fused group steps aside then too)
-    variants = {"unfused": (True, True, False), "plain": (False, False, False)}
+    # with fused products (core/fused.py); without the decode path (the model's own forward); in bf16, without
+    # prepacked weights (core/packed.py)
+    variants = {"fused": (True, True, True), "plain": (False, False, False)}
     if base.dtype == torch.bfloat16:
-        variants = {"unpacked": (False, True, True), **variants}
+        variants = {"unpacked": (False, True, False), **variants}
     theirs = hf()  # warm-up
     same = {name: engine_run(*flags) == ours for name, flags in variants.items()}  # warm-up, and their tokens
     t_ours, t_hf, bandwidth, t_variants = [], [], [], {name: [] for name in variants}
@@ -175,7 +175,7 @@ def single_stream(base, engine, ids: list[int], tokens: int, repeats: int = 3) -
         cpu[name] += time.process_time() - start
 
     for _ in range(repeats):  # interleaved, so all see the same machine load
-        clocked("softprompt", lambda: engine_run(True, True, True), t_ours)
+        clocked("softprompt", lambda: engine_run(True, True, False), t_ours)
         for name, flags in variants.items():
             clocked(name, lambda flags=flags: engine_run(*flags), t_variants[name])
         clocked("hf", hf, t_hf)
@@ -190,9 +190,10 @@ def single_stream(base, engine, ids: list[int], tokens: int, repeats: int = 3) -
         **{f"{name}_tok_s": n / statistics.median(t) for name, t in t_variants.items()},
         **{f"{name}_best_tok_s": n / min(t) for name, t in t_variants.items()},
         "hf_best_tok_s": n / min(t_hf),
-        "vs_unfused": statistics.median(t_variants["unfused"]) / ours_s,
+        "fused_speedup": ours_s / statistics.median(t_variants["fused"]),
         "cpu_tok_s": {name: n * repeats / seconds for name, seconds in cpu.items()},  # tokens per CPU-second
         "same_tokens_without": all(same.values()),
+        "same_tokens_by_variant": same,
         "hf_tok_s": n / hf_s,
         "ratio": hf_s / ours_s,
         "same_tokens_as_hf": theirs[:n] == ours,
@@ -212,8 +213,8 @@ def report_single(name: str, single: dict) -> None:
     unpacked = f"{rate('unpacked')} without prepacked weights, " if "unpacked_tok_s" in single else ""
     print(
         f"[{name}] (c) single stream, {single['tokens']} tokens, median [best] of {single['repeats']}: softprompt "
-        f"{rate('softprompt')} tok/s ({unpacked}{rate('unfused')} without fused products, x{single['vs_unfused']:.2f}; "
-        f"{rate('plain')} with the model's own forward; same tokens: {single['same_tokens_without']}), "
+        f"{rate('softprompt')} tok/s ({unpacked}{rate('fused')} with fused products, x{single['fused_speedup']:.2f}; "
+        f"{rate('plain')} with the model's own forward; same tokens: {single['same_tokens_by_variant']}), "
         f"HF generate {rate('hf')} tok/s, ratio {single['ratio']:.2f}, "
         f"same tokens: {single['same_tokens_as_hf']}; bound {single['bound_tok_s']:.1f} tok/s "
         f"({single['weight_mb']:.0f} MB of weights per step at {single['bandwidth_gb_s']:.1f} GB/s measured now), "
@@ -308,10 +309,11 @@ def run_dtype(args, dtype: str) -> tuple[dict, dict]:
         "ttft_recompute_ms": round(1000 * t_recompute, 2),
         "single_stream_tok_s": round(single["softprompt_tok_s"], 2),
         "hf_tok_s": round(single["hf_tok_s"], 2),
-        **{key: round(single[key], 2) for key in ("unpacked_tok_s", "unfused_tok_s", "plain_tok_s") if key in single},
-        "single_stream_vs_unfused": round(single["vs_unfused"], 3),
+        **{key: round(single[key], 2) for key in ("unpacked_tok_s", "fused_tok_s", "plain_tok_s") if key in single},
+        "fused_speedup": round(single["fused_speedup"], 3),
         "single_stream_cpu_tok_s": {key: round(value, 2) for key, value in single["cpu_tok_s"].items()},
         "same_tokens_without": single["same_tokens_without"],
+        "same_tokens_by_variant": single["same_tokens_by_variant"],
         "bandwidth_gb_s": round(single["bandwidth_gb_s"], 2),
         "weight_mb": round(single["weight_mb"], 1),
         "bound_tok_s": round(single["bound_tok_s"], 2),

@@ -204,8 +204,10 @@ class DecodeBatch:
     # Decode steps of Llama bodies through core/forward.py's `decode_body` (the same bits as the model's own forward,
     # row-exact or not); benchmarks set False to measure it.
     fast_path: bool = True
-    # Within it, q/k/v and gate/up as one product each (core/fused.py, the same bits); benchmarks set False.
-    fused: bool = True
+    # Within it, q/k/v and gate/up as one product each (core/fused.py, the same bits). Off: on the Intel Xeon measured
+    # (docs/benchmarks.md, "Decode step") it gained nothing in fp32 and lost in bf16, for a copy of those weights;
+    # benchmarks set True to measure it elsewhere.
+    fused: bool = False
 
     def __init__(
         self,

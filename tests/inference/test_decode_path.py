@@ -132,6 +132,7 @@ def test_default_model_decodes_through_fused_products_with_the_model_forwards_bi
 
     def run(fast: bool, rows: list) -> list:
         monkeypatch.setattr(DecodeBatch, "fast_path", fast)
+        monkeypatch.setattr(DecodeBatch, "fused", fast)
         batch = DecodeBatch(default_base, engine.prompt_cache, keep_logits=True)
         events = batch.add(rows)
         while len(batch):
