@@ -37,7 +37,7 @@ class Fused:
 
     sources: tuple[torch.Tensor, ...]  # the modules' weights it was made from
     versions: tuple[int, ...]  # their in-place version counters at fusing time
-    weight: torch.Tensor
+    weight: torch.Tensor | None  # None: the probe differed (kept, so that the group is not probed again)
     bias: torch.Tensor | None
     prepacked: bool  # weight is oneDNN's blocked bf16 layout (core/packed.py)
 
@@ -89,7 +89,9 @@ def _fuse(modules: list[torch.nn.Linear]) -> Fused | None:
     if prepack:
         weight = torch.ops.mkldnn._reorder_linear_weight(weight)
     fused = Fused(tuple(weights), tuple(w._version for w in weights), weight, bias, prepack)
-    return fused if _same_bits(fused, modules) else None
+    if not _same_bits(fused, modules):
+        fused.weight = fused.bias = None
+    return fused
 
 
 @torch.no_grad()
@@ -107,7 +109,7 @@ def use_fused_projections(layers) -> int:
             if fused is None or not fused.current(modules):
                 fused = _fuse(modules)
                 setattr(layer, attr, fused)
-            count += fused is not None
+            count += fused is not None and fused.weight is not None
     return count
 
 
@@ -115,7 +117,7 @@ def fused_product(layer: torch.nn.Module, group: str, x: torch.Tensor) -> torch.
     """The group's products of x concatenated along the last dimension ([..., sum of out_features]), from the fused
     weight; None where there is none to use (not fused, stale, autograd, prepacking off)."""
     fused: Fused | None = getattr(layer, f"_softprompt_fused_{group}", None)
-    if fused is None or (torch.is_grad_enabled() and x.requires_grad):
+    if fused is None or fused.weight is None or (torch.is_grad_enabled() and x.requires_grad):
         return None
     if fused.prepacked and (not packed.enabled() or x.dtype != torch.bfloat16):
         return None

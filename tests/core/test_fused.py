@@ -68,3 +68,6 @@ def test_a_group_whose_probe_differs_is_left_unfused(monkeypatch):
     monkeypatch.setattr(fused, "_product", lambda f, x: torch.nn.functional.linear(x, f.weight, f.bias) + 1e-3)
     assert fused.use_fused_projections([layer]) == 0
     assert fused.fused_product(layer, "qkv", torch.randn(1, 1, 64)) is None
+    probes = []
+    monkeypatch.setattr(fused, "_same_bits", lambda *args: probes.append(1) or True)
+    assert fused.use_fused_projections([layer]) == 0 and not probes  # a group that differed is not probed again

@@ -145,3 +145,35 @@ def test_default_model_decodes_through_fused_products_with_the_model_forwards_bi
         assert all(torch.equal(a[2], b[2]) for a, b in zip(fast, slow))
     layers = default_base.model.base_model.layers
     assert fused_module.use_fused_projections(layers) == 2 * len(layers)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_rows_alone_equal_the_same_rows_in_a_mixed_batch(threads, monkeypatch):
+    """Batch invariance with fused products (row-exact mode, forced in fp32): each row's logits alone are bit for
+    bit its logits in a mixed batch with other adapters and prompt lengths."""
+    torch.set_num_threads(threads)
+    base = peaked_base(seed=5)
+    monkeypatch.setattr(DecodeBatch, "exact", True)
+    monkeypatch.setattr(DecodeBatch, "fused", True)
+    engine = Engine(base, {"a": random_adapter(3, seed=1), "b": random_adapter(6, seed=2)})
+    requests = [
+        GenerationRequest(engine.encode(text, adapter=adapter), adapter=adapter, max_new_tokens=8)
+        for text, adapter in [("tell me", None), ("why is the sky blue", "a"), ("cats", "b"), ("a story", "a")]
+    ]
+
+    def run(rows: list) -> dict:
+        batch = DecodeBatch(base, engine.prompt_cache, keep_logits=True)
+        events = batch.add(rows)
+        while len(batch):
+            events += batch.step()
+        out = {}
+        for e in events:
+            out.setdefault(id(e.request), []).append((e.token_id, e.logits))
+        return out
+
+    together = run(requests)
+    assert fused_module.use_fused_projections(base.model.base_model.layers) == 4  # 2 layers x 2 groups
+    for request in requests:
+        alone = run([request])[id(request)]
+        assert [t for t, _ in alone] == [t for t, _ in together[id(request)]]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(alone, together[id(request)]))
