@@ -16,5 +16,10 @@ INIT_METHODS = ("text", "vocab", "random", "labels", "zero")
 # cached and served by one path (core.forward.prefix_kv), whatever produced them while training.
 METHODS = ("prompt", "prefix", "ptuning", "cartridge")
 PEFT_TYPES = {"prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING", "ptuning": "P_TUNING", "cartridge": "CARTRIDGE"}
+# CPT (PEFT's Context-aware Prompt Tuning): the prompt is the embeddings of in-context examples plus a trained,
+# norm-bounded delta; once saved it is input embeddings, served like prompt tuning.
+METHODS += ("cpt",)
+PEFT_TYPES["cpt"] = "CPT"
+CPT_LOSSES = ("none", "decay")  # PEFT's opt_weighted_loss_type
 KV_METHODS = ("prefix", "cartridge")
 ENCODER_TYPES = ("mlp", "lstm")
