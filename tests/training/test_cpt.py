@@ -9,6 +9,7 @@ import torch
 from helpers import tiny_tokenizer
 from train_helpers import RECORDS, config, trainable_base
 
+from softprompt.cli import main
 from softprompt.core.prompt import ContextPrompt, build_prompt, cpt_epsilon, cpt_loss_weights, cpt_project
 from softprompt.data import batching
 from softprompt.data.context import encode_context, pick_context
@@ -223,3 +224,21 @@ def test_build_prompt_points_to_the_context_constructor():
         build_prompt(trainable_base(), "cpt")
     with pytest.raises(ValueError, match="unknown CPT loss 'sum'"):
         ContextPrompt(torch.zeros(2, 4), [1, 2], [1, 4], loss="sum")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--cpt-epsilon", "-1"], "--cpt-epsilon must be >= 0, got -1"),
+        (["--cpt-examples", "0"], "--cpt-examples must be >= 1, got 0"),
+        (["--cpt-format-epsilon", "101"], "--cpt-format-epsilon must be <= 100, got 101"),
+    ],
+)
+def test_the_cli_refuses_cpt_options_out_of_range(capsys, tmp_path, argv, message):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    code = main(["train", "--data", str(data), "--out", str(tmp_path / "o"), "--method", "cpt", *argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0] == f"softprompt train: error: {message}"
