@@ -280,7 +280,7 @@ def _load(config: TrainConfig, accelerator) -> tuple[TrainConfig, FrozenModel, T
             print(
                 f"train: every training answer is one of {len(label_words)} short answers "
                 f"({', '.join(label_words)}): using them as label words ("
-                + ("init labels, " if config.init is None and init_text is None else "")
+                + ("init labels, " if config.init is None and init_text is None and config.method != "cpt" else "")
                 + "saved with the adapter, so softprompt eval ranks them as choices); --no-auto-label-words "
                 "turns this off",
                 flush=True,
