@@ -242,3 +242,25 @@ def test_the_cli_refuses_cpt_options_out_of_range(capsys, tmp_path, argv, messag
     lines = [line for line in err.splitlines() if ": error: " in line]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert lines[0] == f"softprompt train: error: {message}"
+
+
+def test_the_demo_runs_with_cpt(tmp_path):
+    from helpers import tiny_base
+
+    from softprompt import run_demo
+
+    lines = []
+    results = run_demo(
+        tmp_path / "demo",
+        tiny_base(),
+        print_fn=lines.append,
+        steps=2,
+        batch_size=4,
+        method="cpt",
+        examples=1,
+        progress=False,
+    )
+    adapter = load_adapter(tmp_path / "demo")
+    assert results["method"] == "cpt" and adapter.method == "cpt"
+    assert adapter.num_virtual_tokens == len(adapter.config["cpt_token_ids"])
+    assert any("CPT (context-aware prompt tuning)" in line for line in lines)
