@@ -159,21 +159,22 @@ def _setup(config: TrainConfig) -> Run:
     per_epoch = batching.steps_per_epoch(len(data.examples), step_records)
     total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
     init = config.init or ("text" if data.init_text is not None else "labels" if data.label_words else "vocab")
-    prompt = _context_prompt(config, base, data.context) if data.context is not None else None
-    init = "context" if prompt is not None else init
-    prompt = prompt or build_prompt(
-        base,
-        config.method,
-        init,
-        config.num_virtual_tokens,
-        data.init_text,
-        data.label_words,
-        config.seed,
-        prefix_projection=config.prefix_projection and config.method == "prefix",
-        encoder_hidden_size=config.encoder_hidden_size,
-        encoder_type=config.encoder_type,
-        num_frozen_tokens=config.frozen_tokens,
-    )
+    if data.context is not None:  # --method cpt: the prompt is the context, its "init"
+        prompt, init = _context_prompt(config, base, data.context), "context"
+    else:
+        prompt = build_prompt(
+            base,
+            config.method,
+            init,
+            config.num_virtual_tokens,
+            data.init_text,
+            data.label_words,
+            config.seed,
+            prefix_projection=config.prefix_projection and config.method == "prefix",
+            encoder_hidden_size=config.encoder_hidden_size,
+            encoder_type=config.encoder_type,
+            num_frozen_tokens=config.frozen_tokens,
+        )
     sharded = distributed.shard_if_asked(config.shard_base, base, accelerator, _device(config, accelerator))
     optimizer = build_optimizer(config.optimizer, list(prompt.parameters()), config.peak_lr, config.weight_decay)
     metadata = AdapterMetadata.of(prompt, init=init, template=template, label_words=data.label_words)
