@@ -33,13 +33,13 @@ import torch
 
 from softprompt.core import KV_METHODS, forward
 from softprompt.core.models import FrozenModel, activation_checkpointing, describe_parameters, load_base
-from softprompt.core.prompt import ContextPrompt, build_prompt
+from softprompt.core.prompt import ContextPrompt, MultitaskPrompt, build_prompt, multitask_factors
 from softprompt.data import batching
 from softprompt.data.context import Context, encode_context, pick_context
 from softprompt.data.labels import detect_label_words, example_classes
-from softprompt.data.records import DataError, Fields, load_records, parse_words, split_holdout
+from softprompt.data.records import DataError, Fields, assign_tasks, load_records, parse_words, split_holdout
 from softprompt.data.templates import Template
-from softprompt.formats.adapter import AdapterMetadata
+from softprompt.formats.adapter import FACTOR_KEYS, AdapterError, AdapterMetadata, load_adapter
 from softprompt.formats.run_folder import Progress, RunFolder, RunKey, RunSummary
 from softprompt.training import distributed
 from softprompt.training.config import TrainConfig, default_batch_tokens, length_cap
@@ -76,6 +76,8 @@ class TrainData:
     lengths: list[int] = field(init=False)  # each example's tokens
     init_text: str | None = None  # --init-text, or the text of --init-file
     context: Context | None = None  # --method cpt: the in-context examples' tokens and types
+    num_tasks: int = 1  # --method multitask: the tasks of --task-field (or --num-tasks)
+    task_names: list[str] | None = None  # the names a --task-field of strings gave, in id order
 
     def __post_init__(self) -> None:
         self.lengths = [len(e) for e in self.examples]
@@ -174,10 +176,25 @@ def _setup(config: TrainConfig) -> Run:
             encoder_hidden_size=config.encoder_hidden_size,
             encoder_type=config.encoder_type,
             num_frozen_tokens=config.frozen_tokens,
+            num_tasks=data.num_tasks,
+            num_ranks=config.num_ranks or 1,
+            factor_init=config.factor_init or "near-one",
         )
+    extra = {}
+    if config.method == "multitask":
+        extra = {"task_field": config.task_field, "task_names": data.task_names}
+        extra.update(factor_init=config.factor_init or "near-one")
+        if config.init_from is not None:
+            prompt, init = _from_source(config, base, prompt), "adapter"
+            extra.update(init_from=str(config.init_from), init_from_mode=config.init_from_mode or "average-tasks")
+            if config.init_from_mode == "exact-task":
+                extra.update(init_task=config.init_task or 0)
+        if data.task_names and accelerator.is_main_process:
+            named = ", ".join(f"{i} {name}" for i, name in enumerate(data.task_names))
+            print(f"train: tasks of --task-field {config.task_field!r}: {named} (saved with the adapter)", flush=True)
     sharded = distributed.shard_if_asked(config.shard_base, base, accelerator, _device(config, accelerator))
     optimizer = build_optimizer(config.optimizer, list(prompt.parameters()), config.peak_lr, config.weight_decay)
-    metadata = AdapterMetadata.of(prompt, init=init, template=template, label_words=data.label_words)
+    metadata = AdapterMetadata.of(prompt, init=init, template=template, label_words=data.label_words, extra=extra)
     key = RunKey(len(data.examples), step_records, config.seed, prompt.method)
     folder = RunFolder(config.out, base, metadata, key, keep=config.keep_checkpoints)
     if accelerator.is_main_process:
@@ -226,6 +243,37 @@ def _context_prompt(config: TrainConfig, base: FrozenModel, context: Context) ->
     )
 
 
+def _from_source(config: TrainConfig, base: FrozenModel, fresh: torch.nn.Module) -> torch.nn.Module:
+    """--init-from: a multitask prompt starting from the source adapter's shared prompt and, per --init-from-mode,
+    its task factors averaged or one task's (else the fresh prompt's factors), in one line naming the source when
+    it does not fit."""
+    where, mode = f"--init-from {config.init_from}", config.init_from_mode or "average-tasks"
+    try:
+        source = load_adapter(config.init_from, base)
+    except AdapterError as err:
+        raise DataError(f"{where}: {err}") from None
+    if source.method in KV_METHODS or (source.method != "multitask" and mode != "shared-only"):
+        kind = "a multitask adapter" if mode != "shared-only" else "a prompt of input embeddings"
+        raise DataError(f"{where}: --init-from-mode {mode} needs {kind}; this is a --method {source.method} adapter")
+    if source.num_virtual_tokens != fresh.num_virtual_tokens:
+        raise DataError(
+            f"{where}: the source has {source.num_virtual_tokens} virtual tokens, this run "
+            f"{fresh.num_virtual_tokens}: pass --num-virtual-tokens {source.num_virtual_tokens}"
+        )
+    factors = None if source.factors is None else tuple(source.factors[key] for key in FACTOR_KEYS)
+    if mode == "shared-only":
+        cols, rows = fresh.task_cols, fresh.task_rows
+    else:
+        try:
+            cols, rows = multitask_factors(
+                fresh.num_tasks, fresh.num_virtual_tokens, fresh.embedding.shape[1], fresh.num_ranks, config.seed,
+                factors, mode, config.init_task or 0,
+            )  # fmt: skip
+        except ValueError as err:
+            raise DataError(f"{where}: {err}") from None
+    return MultitaskPrompt(source.embeddings, cols, rows, "adapter").to(base.device)
+
+
 def _accelerator(config: TrainConfig):
     """accelerate's Accelerator for this process (the device, the process group), and the thread count."""
     from accelerate import Accelerator
@@ -263,7 +311,7 @@ def _load(config: TrainConfig, accelerator) -> tuple[TrainConfig, FrozenModel, T
     template = Template(config.template)
     label_words = parse_words(config.label_words, "--label-words")
     init_text = _init_text(config)  # a bad --init-file fails before the records and the model load
-    train_recs, eval_recs = _load_records(config, label_words)
+    train_recs, eval_recs, tasks = _load_records(config, label_words)
     # the model is loaded after the records, so bad data fails fast
     device = _device(config, accelerator)
     base = (
@@ -293,6 +341,7 @@ def _load(config: TrainConfig, accelerator) -> tuple[TrainConfig, FrozenModel, T
     config = _sized(config, base, len(context) if context is not None else config.num_virtual_tokens)
     data = _encode(config, base, template, train_recs, eval_recs, label_words)
     data.init_text, data.context = init_text, context
+    data.num_tasks, data.task_names = tasks
     return config, base, template, data
 
 
@@ -312,16 +361,33 @@ def _sized(config: TrainConfig, base: FrozenModel, virtual: int) -> TrainConfig:
     return config
 
 
+def _tasks(config: TrainConfig, train_recs, eval_recs) -> tuple[int, list[str] | None]:
+    """The number of tasks and their names (a --task-field of strings) of a multitask run; every record gets its
+    task id (all 0 without --task-field). Called before a hold-out split, so names are numbered in file order."""
+    if config.method != "multitask":
+        return 1, None
+    if config.task_field is None:
+        return config.num_tasks or 1, None
+    limit = f"--num-tasks {config.num_tasks} gives" if config.num_tasks else ""
+    num_tasks, names = assign_tasks(train_recs.items, config.task_field, config.num_tasks, limit=limit)
+    if eval_recs is not None:
+        assign_tasks(eval_recs.items, config.task_field, num_tasks, names, limit=limit or "the training data has")
+    return num_tasks, names
+
+
 def _load_records(config: TrainConfig, label_words):
-    """The training records and the evaluation ones (from --eval-data, a held-out fraction, or None)."""
+    """The training records and the evaluation ones (from --eval-data, a held-out fraction, or None), and a multitask
+    run's number of tasks and task names (`_tasks`)."""
     fields, mapping = Fields.with_labels(config.fields, config.label_field, label_words, "--label-words")
-    train_recs = load_records(config.data, fields, mapping, config.skip_bad, config.limit)
+    task_field = config.task_field
+    train_recs = load_records(config.data, fields, mapping, config.skip_bad, config.limit, task_field)
     eval_recs = None
     if config.eval_data is not None:
-        eval_recs = load_records(config.eval_data, fields, mapping, config.skip_bad)
-    elif config.eval_fraction:
+        eval_recs = load_records(config.eval_data, fields, mapping, config.skip_bad, task_field=task_field)
+    tasks = _tasks(config, train_recs, eval_recs)
+    if eval_recs is None and config.eval_fraction:
         train_recs, eval_recs = split_holdout(train_recs, config.eval_fraction, config.seed)
-    return train_recs, eval_recs
+    return train_recs, eval_recs, tasks
 
 
 def _encode(
@@ -423,14 +489,26 @@ def _optimiser_step(run: Run, step: int) -> None:
 
 def _accumulate_gradients(run: Run, mine: list[int], label_total: int) -> torch.Tensor:
     """Forward and backward over this process's records in micro-batches; returns their summed NLL. Each
-    micro-batch's loss is divided by the whole step's answer-token count, so the gradients add up to the step's."""
-    model, prompt, device = run.base.model, run.prompt, run.base.device
+    micro-batch's loss is divided by the whole step's answer-token count, so the gradients add up to the step's.
+    A multitask prompt's step may mix tasks: each task's records run on that task's prompt, computed once."""
+    examples = [run.data.examples[i] for i in mine]
+    if run.prompt.method != "multitask":
+        return _accumulate(run, examples, label_total, run.prompt.virtual)
+    nll_sum = torch.zeros((), device=run.base.device)
+    for task, rows in batching.by_task(examples).items():
+        group = [examples[i] for i in rows]
+        nll_sum = nll_sum + _accumulate(run, group, label_total, lambda task=task: run.prompt.virtual(task))
+    return nll_sum
+
+
+def _accumulate(run: Run, examples: list[batching.Example], label_total: int, virtual_of) -> torch.Tensor:
+    """_accumulate_gradients over `examples`, whose prompt `virtual_of()` makes."""
+    model, device = run.base.model, run.base.device
     nll_sum = torch.zeros((), device=device)
     # kv mode: the virtual tokens (and a prompt encoder) run once per step, not once per micro-batch, and so do the
     # leading prompt tokens all of the step's records share (see forward.SharedPrefix); the micro-batches hold what
     # follows them. Concat mode re-runs the prompt in each micro-batch, whose backward consumes its graph.
-    virtual = prompt.virtual() if run.mode == "kv" else None
-    examples = [run.data.examples[i] for i in mine]
+    virtual = virtual_of() if run.mode == "kv" else None
     # (not under checkpointing: the shared text's pass writes a cache, which a layer's recompute would extend twice)
     shared = (
         batching.shared_prompt_length(examples) if run.mode == "kv" and not run.config.gradient_checkpointing else 0
@@ -439,6 +517,7 @@ def _accumulate_gradients(run: Run, mine: list[int], label_total: int) -> torch.
     if lockstep is not None and not lockstep.all(shared > 0):
         shared = 0  # a sharded base runs the shared text on every process or on none (same values either way)
     text = torch.tensor(examples[0].ids[:shared] if shared else [], dtype=torch.long, device=device)
+    prompt = run.prompt
     cpt = isinstance(prompt, ContextPrompt)
     prefix = forward.SharedPrefix(model, virtual, text, keep_hidden=cpt) if run.mode == "kv" else None
     rest = [e.after(shared) for e in examples]
@@ -453,7 +532,7 @@ def _accumulate_gradients(run: Run, mine: list[int], label_total: int) -> torch.
         )
         nll, _ = forward.label_nll(
             model,
-            virtual or prompt.virtual(),
+            virtual or virtual_of(),
             batch["input_ids"],
             batch["attention_mask"],
             batch["labels"],
@@ -466,7 +545,7 @@ def _accumulate_gradients(run: Run, mine: list[int], label_total: int) -> torch.
     context_loss = None
     if cpt:  # the context's answers, scored once for this process's rows (the same in every row)
         hidden = prefix.hidden if prefix is not None else forward.virtual_hidden(model, prompt())
-        context_nll = prompt.context_nll(model, hidden) * len(mine)
+        context_nll = prompt.context_nll(model, hidden) * len(examples)
         nll_sum += context_nll.detach().float()
         context_loss = run.scaler.scale(context_nll / label_total)
         if prefix is None:
