@@ -17,6 +17,11 @@ INIT_METHODS = ("text", "vocab", "random", "labels", "zero")
 METHODS = ("prompt", "prefix", "ptuning", "cartridge", "multitask")
 PEFT_TYPES = {"prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING", "ptuning": "P_TUNING", "cartridge": "CARTRIDGE"}
 PEFT_TYPES["multitask"] = "MULTITASK_PROMPT_TUNING"  # a shared prompt times per-task low-rank factors, per task
+# CPT (PEFT's Context-aware Prompt Tuning): the prompt is the embeddings of in-context examples plus a trained,
+# norm-bounded delta; once saved it is input embeddings, served like prompt tuning.
+METHODS += ("cpt",)
+PEFT_TYPES["cpt"] = "CPT"
+CPT_LOSSES = ("none", "decay")  # PEFT's opt_weighted_loss_type
 KV_METHODS = ("prefix", "cartridge")
 ENCODER_TYPES = ("mlp", "lstm")
 # How a multitask prompt starts from a source adapter (PEFT's AVERAGE_SOURCE_TASKS, EXACT_SOURCE_TASK and

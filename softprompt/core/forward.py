@@ -427,9 +427,9 @@ def flat_prefix(kv: Kv) -> torch.Tensor:
     return stacked.permute(2, 0, 1, 3).reshape(stacked.shape[2], -1).float()
 
 
-def prompt_kv(model, prompt: "torch.Tensor | Virtual") -> tuple[Kv, torch.Tensor | None]:
+def prompt_kv(model, prompt: "torch.Tensor | Virtual", every: bool = False) -> tuple[Kv, torch.Tensor | None]:
     """Keys/values of the virtual tokens at positions 0..N-1 (batch 1), and the last virtual token's hidden state
-    (None for a prefix, which has none).
+    (with `every`, all N of them, [N, H]; None for a prefix, which has none).
 
     They do not depend on what follows, so generation computes them once per adapter; training recomputes them each
     step (they carry the gradient to the prompt).
@@ -437,14 +437,22 @@ def prompt_kv(model, prompt: "torch.Tensor | Virtual") -> tuple[Kv, torch.Tensor
     prompt = as_virtual(prompt)
     if not prompt.embeds_input:
         return prefix_kv(model, prompt.tensor), None
-    prompt = prompt.tensor
-    dtype = model.get_input_embeddings().weight.dtype
-    embeds = prompt.to(dtype).unsqueeze(0)
+    hidden, cache = _run_virtual(model, prompt.tensor, make_cache())
+    return cache_tensors(cache), hidden[0] if every else hidden[0, -1]
+
+
+def virtual_hidden(model, tensor: torch.Tensor) -> torch.Tensor:
+    """The hidden states [N, H] of input-embedding virtual tokens [N, hidden] at positions 0..N-1, no cache kept
+    (CPT's context loss where the prompt is concatenated to the rows: under gradient checkpointing)."""
+    return _run_virtual(model, tensor, None)[0][0]
+
+
+def _run_virtual(model, tensor: torch.Tensor, cache):
+    embeds = tensor.to(model.get_input_embeddings().weight.dtype).unsqueeze(0)
     n = embeds.shape[1]
     mask = torch.ones(1, n, dtype=torch.long, device=embeds.device)
     pos = torch.arange(n, device=embeds.device).unsqueeze(0)
-    hidden, cache = run_body(model, embeds, mask, pos, cache=make_cache(), use_cache=True)
-    return cache_tensors(cache), hidden[0, -1]
+    return run_body(model, embeds, mask, pos, cache=cache, use_cache=cache is not None)
 
 
 class SharedPrefix:
@@ -460,9 +468,18 @@ class SharedPrefix:
     Under torch.no_grad it is a plain cache for scoring.
     """
 
-    def __init__(self, model, prompt: "torch.Tensor | Virtual | None", text_ids: torch.Tensor | None = None):
+    def __init__(
+        self,
+        model,
+        prompt: "torch.Tensor | Virtual | None",
+        text_ids: torch.Tensor | None = None,
+        keep_hidden: bool = False,
+    ):
         prompt = as_virtual(prompt)
-        kv, last = prompt_kv(model, prompt) if prompt is not None else ([], None)
+        kv, last = prompt_kv(model, prompt, every=keep_hidden) if prompt is not None else ([], None)
+        # keep_hidden: the virtual tokens' hidden states [N, H], with their graph (CPT's context loss reads them)
+        self.hidden = last if keep_hidden else None
+        last = last[-1] if keep_hidden and last is not None else last
         length = prompt.num_virtual_tokens if prompt is not None else 0
         self._anchor = None
         if text_ids is not None and text_ids.numel():
@@ -485,13 +502,17 @@ class SharedPrefix:
         self.kv: Kv = [(k.detach().requires_grad_(), v.detach().requires_grad_()) for k, v in self._kv]
         self.last = self._last.detach().requires_grad_() if self._last is not None else None
 
-    def backward(self) -> None:
+    def backward(self, extra: torch.Tensor | None = None) -> None:
+        """Send the passes' gradients into the prompt, with `extra` (a scalar loss computed from `hidden`) in the
+        same backward pass."""
         last = [(self._last, self.last)] if self._last is not None else []
         sources = [t for pair in self._kv for t in pair] + [s for s, _ in last]
         copies = [t for pair in self.kv for t in pair] + [c for _, c in last]
         used = [(s, c.grad) for s, c in zip(sources, copies) if c.grad is not None and s.requires_grad]
         if used and self._anchor is not None and self._anchor.requires_grad:
             used.append((self._anchor, torch.zeros_like(self._anchor)))
+        if extra is not None and extra.requires_grad:
+            used.append((extra, torch.ones_like(extra)))
         if used:
             torch.autograd.backward([s for s, _ in used], [g for _, g in used])
 

@@ -33,8 +33,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from softprompt.core import ENCODER_TYPES, FACTOR_INITS, INIT_METHODS, KV_METHODS, METHODS, MULTITASK_INITS
-from softprompt.core.forward import Virtual, check_prefix_fits, flat_prefix, prefix_layout, prefix_width, prompt_kv
+from softprompt.core import CPT_LOSSES, ENCODER_TYPES, FACTOR_INITS, INIT_METHODS, KV_METHODS, METHODS, MULTITASK_INITS
+from softprompt.core.forward import (
+    Virtual,
+    check_prefix_fits,
+    flat_prefix,
+    head_nll,
+    prefix_layout,
+    prefix_width,
+    prompt_kv,
+)
 
 DEFAULT_INIT_TEXT = "The following is a conversation between a person and a robot."
 # Frequent tokens: BPE vocabularies assign low ids to merges seen most often, so the first ids after the special
@@ -437,6 +445,8 @@ def build_prompt(
     `factor_init` (see multitask_factors)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    if method == "cpt":
+        raise ValueError("a CPT prompt is made from its context's tokens: ContextPrompt.from_tokens")
     if init == "zero" and method not in KV_METHODS:
         raise ValueError(f"init 'zero' is for the key/value methods ({', '.join(KV_METHODS)}), not {method!r}")
     seed_init = "vocab" if init == "zero" else init  # a projected prefix's MLP still needs non-zero inputs
@@ -479,3 +489,153 @@ def prefill_kv(base, vectors: torch.Tensor, zero: bool = False) -> torch.Tensor:
     with torch.no_grad():
         kv, _ = prompt_kv(base.model, vectors.to(base.device))
     return flat_prefix(kv).cpu()
+
+
+# --- CPT (PEFT's Context-aware Prompt Tuning) ------------------------------------------------------------------------
+
+# PEFT's token types (peft/tuners/cpt): within in-context example j (0-based) its input template has type 4j + 1, its
+# input 4j + 2, its output template 4j + 3 and its output 4j + 4; 0 marks tokens of no example (separators). Only the
+# first three kinds move; outputs (and 0s) stay as written.
+CPT_MIN_EPSILON = 1e-10  # PEFT's bound for the tokens that do not move
+CPT_EPSILON_WIDTH = 2048  # PEFT scales both bounds by sqrt(hidden / 2048)
+
+
+def cpt_epsilon(type_mask: list[int], epsilon: float, format_epsilon: float, hidden: int) -> torch.Tensor:
+    """Each context token's bound on the norm of its delta [N] (fp32), as PEFT's CPTEmbedding.get_epsilon computes
+    it: format_epsilon x sqrt(hidden / 2048) for template tokens (types 1, 3 mod 4), epsilon x the same for input
+    tokens (2 mod 4), CPT_MIN_EPSILON for outputs and 0s."""
+    scale = torch.sqrt(torch.tensor([hidden / CPT_EPSILON_WIDTH], dtype=torch.float32))
+    types = torch.tensor(type_mask, dtype=torch.long)
+    bound = torch.full(types.shape, CPT_MIN_EPSILON, dtype=torch.float32)
+    kind = torch.remainder(types, 4)
+    template = (types > 0) & ((kind == 1) | (kind == 3))
+    bound[template] = format_epsilon * scale
+    bound[(types > 0) & (kind == 2)] = epsilon * scale
+    return bound
+
+
+def cpt_project(delta: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """`delta` [N, H] with every non-zero row scaled onto the ball of its bound (rows inside it unchanged): PEFT's
+    CPTEmbedding.get_projection, the projected-gradient step of CPT."""
+    projected = delta.detach().clone()
+    norm = torch.norm(projected, p=2, dim=1)
+    moved = norm > 0
+    if torch.any(moved):
+        b = bound.to(projected.device)[moved]
+        projected[moved] *= (b / norm[moved].clamp(min=b)).view(-1, 1)
+    return projected
+
+
+def cpt_loss_weights(type_mask: list[int], loss: str, decay_factor: float) -> torch.Tensor:
+    """The weight of each context token's NLL [N] (0 where it is not an output) in PEFT's CPT loss
+    (CPTEmbedding.calculate_loss): 1 with loss "none"; with "decay", the training row's own answer has weight 1 and
+    the context's outputs decay_factor^k, k = 1 for the context's last example, 2 for the one before, ..."""
+    types = torch.tensor(type_mask, dtype=torch.long)
+    output = (types > 0) & (torch.remainder(types, 4) == 0)
+    weights = output.to(torch.float32)
+    if loss == "decay":
+        # the row's answer has the largest output type (PEFT shifts it past the context's), so it takes weight 1 and
+        # the context's output types, newest first, take decay_factor, decay_factor^2, ...
+        value = 1.0
+        for label in torch.flip(types[output].unique(), [0]):
+            value *= decay_factor
+            weights[types == label] = value
+    return weights
+
+
+class ContextPrompt(nn.Module):
+    """CPT (PEFT's Context-aware Prompt Tuning): the prompt is in-context examples, the frozen embeddings of their
+    tokens `cpt_token_ids` plus a trainable delta [N, hidden] (fp32). Only the deltas of template and input tokens
+    move (output tokens keep their own embeddings: the mask in `forward`), and after every optimiser step `project_`
+    brings each delta back within its bound (`cpt_epsilon`). The saved tensor is embeddings + delta, input
+    embeddings like prompt tuning's. Training adds the NLL of the context's own outputs to the loss
+    (`context_nll`, weighted by `cpt_loss_weights`)."""
+
+    method = "cpt"
+
+    def __init__(
+        self,
+        embeddings: torch.Tensor,
+        token_ids: list[int],
+        type_mask: list[int],
+        *,
+        loss: str = "none",
+        decay_factor: float = 1.0,
+        epsilon: float = 0.1,
+        format_epsilon: float = 0.1,
+    ):
+        super().__init__()
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(token_ids) or len(type_mask) != len(token_ids):
+            raise ValueError(
+                f"a CPT prompt needs embeddings [len(cpt_token_ids), hidden] and a type for every token, got "
+                f"{tuple(embeddings.shape)}, {len(token_ids)} token ids, {len(type_mask)} types"
+            )
+        if loss not in CPT_LOSSES:
+            raise ValueError(f"unknown CPT loss {loss!r}: use one of {', '.join(CPT_LOSSES)}")
+        self.token_ids, self.type_mask = [int(t) for t in token_ids], [int(t) for t in type_mask]
+        self.loss, self.decay_factor = loss, float(decay_factor)
+        self.epsilon, self.format_epsilon = float(epsilon), float(format_epsilon)
+        self.init, self.init_text = "context", None
+        types = torch.tensor(self.type_mask)
+        kind = torch.remainder(types, 4)
+        self.register_buffer("embedding", embeddings.detach().to(torch.float32).clone())
+        self.register_buffer("moves", ((kind == 1) | (kind == 2) | (kind == 3)).to(torch.float32).view(-1, 1))
+        self.register_buffer("bound", cpt_epsilon(self.type_mask, epsilon, format_epsilon, embeddings.shape[1]))
+        self.delta = nn.Parameter(torch.zeros_like(self.embedding))
+
+    @classmethod
+    def from_tokens(cls, base, token_ids: list[int], type_mask: list[int], **options) -> "ContextPrompt":
+        """A fresh CPT prompt for `base` (a models.FrozenModel) over the context `token_ids` with PEFT's token
+        types: the embeddings of those tokens, delta zero, on the base's device."""
+        table = base.model.get_input_embeddings().weight.detach()
+        vectors = table[torch.tensor(token_ids, device=table.device)].float().cpu()
+        return cls(vectors, token_ids, type_mask, **options).to(base.device)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.embedding.shape[0]
+
+    def forward(self) -> torch.Tensor:
+        return self.embedding + self.delta * self.moves
+
+    def virtual(self) -> Virtual:
+        return Virtual(self(), self.method)
+
+    def project_(self) -> None:
+        """The projection after an optimiser step: every delta within its token's bound."""
+        with torch.no_grad():
+            self.delta.copy_(cpt_project(self.delta, self.bound))
+
+    def context_targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(positions whose hidden state predicts a context output, those outputs' token ids, their loss weights):
+        as in PEFT's shifted loss, the token at t is predicted from position t - 1 (so t = 0 is never scored)."""
+        weights = cpt_loss_weights(self.type_mask[1:], self.loss, self.decay_factor)
+        scored = (weights > 0).nonzero(as_tuple=True)[0]
+        ids = torch.tensor(self.token_ids[1:], dtype=torch.long)
+        return scored, ids[scored], weights[scored]
+
+    @property
+    def context_label_count(self) -> int:
+        """How many context outputs each training row's loss includes (PEFT repeats the context in every row)."""
+        return len(self.context_targets()[0])
+
+    def context_nll(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        """The weighted summed NLL of the context's outputs, from the virtual tokens' hidden states [N, H]: what
+        one training row adds to PEFT's CPT loss besides its own answer."""
+        positions, targets, weights = self.context_targets()
+        if not len(positions):
+            return hidden.new_zeros((), dtype=torch.float32)
+        device = hidden.device
+        nll = head_nll(model, hidden[positions.to(device)], targets.to(device))
+        return (nll * weights.to(device)).sum()
+
+    def peft_fields(self) -> dict:
+        return {
+            "cpt_token_ids": list(self.token_ids),
+            "cpt_mask": [1] * len(self.token_ids),
+            "cpt_tokens_type_mask": list(self.type_mask),
+            "opt_weighted_loss_type": self.loss,
+            "opt_loss_decay_factor": self.decay_factor,
+            "opt_projection_epsilon": self.epsilon,
+            "opt_projection_format_epsilon": self.format_epsilon,
+        }

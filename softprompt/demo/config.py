@@ -21,7 +21,8 @@ class DemoConfig:
     method: str = option(
         "prompt",
         "prompt-learning method to demonstrate: prompt (prompt tuning), prefix (prefix "
-        "tuning), ptuning (P-tuning) or cartridge (keys/values learned directly), as softprompt train --method",
+        "tuning), ptuning (P-tuning), cartridge (keys/values learned directly) or cpt (in-context examples moved within "
+        "bounds), as softprompt train --method",
         choices=tuple(m for m in METHODS if m != "multitask"),  # the compass game is one task
         group="training",
     )

@@ -28,6 +28,7 @@ RESULTS_FILE = "demo_results.json"
 DEMO_OPTIMIZER = "adamw"
 METHOD_NAMES = {"prompt": "prompt tuning", "prefix": "prefix tuning", "ptuning": "P-tuning", "cartridge": "cartridge"}
 TUNED = {"prompt": "prompt-tuned", "prefix": "prefix-tuned", "ptuning": "p-tuned", "cartridge": "cartridge-tuned"}
+METHOD_NAMES["cpt"], TUNED["cpt"] = "CPT (context-aware prompt tuning)", "CPT-tuned"
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -109,7 +110,7 @@ def train_config(config: DemoConfig, base: FrozenModel, train_rows: list[dict]):
         model=base,
         method=config.method,
         num_virtual_tokens=config.num_virtual_tokens,
-        init=config.init,
+        init=config.init if config.method != "cpt" else None,  # a CPT prompt starts as its context examples
         label_words=demo_task.CHOICES,
         template=demo_task.TEMPLATE,
         optimizer=DEMO_OPTIMIZER,

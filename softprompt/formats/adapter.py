@@ -30,7 +30,15 @@ from softprompt.core.forward import Virtual
 from softprompt.core.prompt import Cartridge, MultitaskPrompt, PrefixEncoder, SoftPrompt, check_factors, task_prompt
 from softprompt.data.templates import Template, TemplateError
 from softprompt.formats.folders import replace_folder
-from softprompt.formats.methods import METHOD_OF, base_width, config_fields, expected_width, method_of, misfit
+from softprompt.formats.methods import (
+    CPT_LISTS,
+    METHOD_OF,
+    base_width,
+    config_fields,
+    expected_width,
+    method_of,
+    misfit,
+)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -488,6 +496,9 @@ def _check_embeddings(emb: torch.Tensor, weights_path: Path, config: dict, confi
     """Refuse a prompt tensor that cannot be a soft prompt: wrong rank or size, not floating point, inf / NaN, or
     values far outside any embedding space (see MAX_ABS_VALUE)."""
     n = config.get("num_virtual_tokens")
+    problem = _cpt_problem(config, emb.shape[0]) if method_of(config) == "cpt" and emb.ndim == 2 else None
+    if problem:
+        raise AdapterError(f"{config_path}: {problem}")
     if emb.ndim != 2 or (n is not None and emb.shape[0] != n):
         columns = "layers x 2 x kv_heads x head_dim" if method_of(config) in KV_METHODS else "hidden"
         raise AdapterError(
@@ -530,6 +541,27 @@ def _check_embeddings(emb: torch.Tensor, weights_path: Path, config: dict, confi
             f"{weights_path}: {TENSOR_KEY} holds a value of magnitude {largest:.3g}, above the "
             f"{MAX_ABS_VALUE:g} any embedding could have (a corrupt or hand-made file?)"
         )
+
+
+def _cpt_problem(config: dict, rows: int) -> str | None:
+    """What is wrong with a CPT adapter_config.json whose tensor has `rows` virtual tokens (None: nothing): the
+    three lists must hold one integer per virtual token (types >= 0, mask 0 or 1)."""
+    for key in CPT_LISTS:
+        value = config.get(key)
+        if key != "cpt_token_ids" and value is None:
+            continue  # PEFT fills a missing mask or type list with 1s
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return f"field {key!r} must be a list of integers, got {_short(value)}"
+        if len(value) != rows:
+            return (
+                f"field {key!r} has {len(value)} entries but {WEIGHTS_FILE}'s {TENSOR_KEY} has {rows} rows "
+                "(one per context token)"
+            )
+        if key == "cpt_tokens_type_mask" and min(value, default=0) < 0:
+            return f"field {key!r} holds a negative token type, {min(value)} (types are 0 or more)"
+        if key == "cpt_mask" and any(v not in (0, 1) for v in value):
+            return f"field {key!r} must hold 0s and 1s, got {_short(sorted(set(value)))}"
+    return None
 
 
 def _check_extra(extra: dict, extra_path: Path) -> tuple[Template, list[str] | None]:

@@ -7,6 +7,7 @@
 | `prefix`  | PREFIX_TUNING  | [N, num_layers * 2 * token_dim] keys and values    | prefix_projection, encoder_hidden_size  |
 | `cartridge` | CARTRIDGE    | [N, num_layers * 2 * token_dim] keys and values    | num_frozen_tokens                       |
 | `multitask` | MULTITASK_PROMPT_TUNING | [N, hidden] shared prompt, + prefix_task_cols [tasks, N, ranks] and prefix_task_rows [tasks, ranks, hidden] | prompt tuning's, num_tasks, num_ranks, prompt_tuning_init_task, prompt_tuning_init_state_dict_path |
+| `cpt`     | CPT            | [N, hidden] context embeddings + trained delta     | cpt_token_ids, cpt_tokens_type_mask, ... |
 
 For a prefix and a cartridge (the KV_METHODS), PEFT sizes token_dim as num_key_value_heads x head_dim and records num_attention_heads as the number of
 key/value heads on grouped-query models (peft/utils/other.py, _prepare_prompt_learning_config); the tensor is the
@@ -49,6 +50,8 @@ def config_fields(method: str, model_config, peft_fields: dict | None = None) ->
             prompt_tuning_init_state_dict_path=None,
             prompt_tuning_init_task=0,
         )
+    elif method == "cpt":
+        fields.update(cpt_fields(hidden, peft_fields))
     elif method == "cartridge":
         fields.update(num_frozen_tokens=int(peft_fields.get("num_frozen_tokens", 1)))
     elif method == "prefix":
@@ -65,6 +68,23 @@ def config_fields(method: str, model_config, peft_fields: dict | None = None) ->
             encoder_num_layers=2,
             encoder_dropout=0.0,
         )
+    return fields
+
+
+CPT_DEFAULTS = {  # PEFT's CPTConfig defaults, for a folder that leaves a field out
+    "opt_weighted_loss_type": "none",
+    "opt_loss_decay_factor": 1.0,
+    "opt_projection_epsilon": 0.1,
+    "opt_projection_format_epsilon": 0.1,
+}
+CPT_LISTS = ("cpt_token_ids", "cpt_mask", "cpt_tokens_type_mask")
+
+
+def cpt_fields(hidden: int | None, peft_fields: dict) -> dict:
+    """A CPT adapter's own adapter_config.json fields (its context's tokens and types, its loss and bounds)."""
+    fields = {"token_dim": hidden, "tokenizer_name_or_path": None}
+    fields.update({k: list(peft_fields.get(k) or []) for k in CPT_LISTS})
+    fields.update({k: peft_fields.get(k, v) for k, v in CPT_DEFAULTS.items()})
     return fields
 
 

@@ -33,8 +33,9 @@ import torch
 
 from softprompt.core import KV_METHODS, forward
 from softprompt.core.models import FrozenModel, activation_checkpointing, describe_parameters, load_base
-from softprompt.core.prompt import MultitaskPrompt, build_prompt, multitask_factors
+from softprompt.core.prompt import ContextPrompt, MultitaskPrompt, build_prompt, multitask_factors
 from softprompt.data import batching
+from softprompt.data.context import Context, encode_context, pick_context
 from softprompt.data.labels import detect_label_words, example_classes
 from softprompt.data.records import DataError, Fields, assign_tasks, load_records, parse_words, split_holdout
 from softprompt.data.templates import Template
@@ -74,6 +75,7 @@ class TrainData:
     classes: list[int] | None  # each example's class, for class-balanced steps (None: length-grouped steps)
     lengths: list[int] = field(init=False)  # each example's tokens
     init_text: str | None = None  # --init-text, or the text of --init-file
+    context: Context | None = None  # --method cpt: the in-context examples' tokens and types
     num_tasks: int = 1  # --method multitask: the tasks of --task-field (or --num-tasks)
     task_names: list[str] | None = None  # the names a --task-field of strings gave, in id order
 
@@ -159,22 +161,25 @@ def _setup(config: TrainConfig) -> Run:
     per_epoch = batching.steps_per_epoch(len(data.examples), step_records)
     total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
     init = config.init or ("text" if data.init_text is not None else "labels" if data.label_words else "vocab")
-    prompt = build_prompt(
-        base,
-        config.method,
-        init,
-        config.num_virtual_tokens,
-        data.init_text,
-        data.label_words,
-        config.seed,
-        prefix_projection=config.prefix_projection and config.method == "prefix",
-        encoder_hidden_size=config.encoder_hidden_size,
-        encoder_type=config.encoder_type,
-        num_frozen_tokens=config.frozen_tokens,
-        num_tasks=data.num_tasks,
-        num_ranks=config.num_ranks or 1,
-        factor_init=config.factor_init or "near-one",
-    )
+    if data.context is not None:  # --method cpt: the prompt is the context, its "init"
+        prompt, init = _context_prompt(config, base, data.context), "context"
+    else:
+        prompt = build_prompt(
+            base,
+            config.method,
+            init,
+            config.num_virtual_tokens,
+            data.init_text,
+            data.label_words,
+            config.seed,
+            prefix_projection=config.prefix_projection and config.method == "prefix",
+            encoder_hidden_size=config.encoder_hidden_size,
+            encoder_type=config.encoder_type,
+            num_frozen_tokens=config.frozen_tokens,
+            num_tasks=data.num_tasks,
+            num_ranks=config.num_ranks or 1,
+            factor_init=config.factor_init or "near-one",
+        )
     extra = {}
     if config.method == "multitask":
         extra = {"task_field": config.task_field, "task_names": data.task_names}
@@ -223,6 +228,19 @@ def _setup(config: TrainConfig) -> Run:
     )
     _start_reporting(run)
     return run
+
+
+def _context_prompt(config: TrainConfig, base: FrozenModel, context: Context) -> ContextPrompt:
+    """--method cpt: the prompt over the context's tokens with the --cpt-* loss and bounds."""
+    return ContextPrompt.from_tokens(
+        base,
+        context.token_ids,
+        context.type_mask,
+        loss=config.cpt_loss,
+        decay_factor=config.cpt_decay_factor,
+        epsilon=config.cpt_epsilon,
+        format_epsilon=config.cpt_format_epsilon,
+    )
 
 
 def _from_source(config: TrainConfig, base: FrozenModel, fresh: torch.nn.Module) -> torch.nn.Module:
@@ -311,27 +329,35 @@ def _load(config: TrainConfig, accelerator) -> tuple[TrainConfig, FrozenModel, T
             print(
                 f"train: every training answer is one of {len(label_words)} short answers "
                 f"({', '.join(label_words)}): using them as label words ("
-                + ("init labels, " if config.init is None and init_text is None else "")
+                + ("init labels, " if config.init is None and init_text is None and config.method != "cpt" else "")
                 + "saved with the adapter, so softprompt eval ranks them as choices); --no-auto-label-words "
                 "turns this off",
                 flush=True,
             )
-    config = _sized(config, base)
+    context = None
+    if config.method == "cpt":
+        picked = pick_context(train_recs.items, config.cpt_examples, config.seed, label_words)
+        context = encode_context(picked, base.tokenizer, template)
+    config = _sized(config, base, len(context) if context is not None else config.num_virtual_tokens)
     data = _encode(config, base, template, train_recs, eval_recs, label_words)
-    data.init_text = init_text
+    data.init_text, data.context = init_text, context
     data.num_tasks, data.task_names = tasks
     return config, base, template, data
 
 
-def _sized(config: TrainConfig, base: FrozenModel) -> TrainConfig:
-    """The config with the token budget per forward pass and the longest record (when not given) for this model."""
+def _sized(config: TrainConfig, base: FrozenModel, virtual: int) -> TrainConfig:
+    """The config with the token budget per forward pass and the longest record (when not given) for this model,
+    whose prompt has `virtual` tokens."""
     if config.max_batch_tokens is None:
         config = dataclasses.replace(config, max_batch_tokens=default_batch_tokens(base.device.type))
-    if config.max_length is None:  # what the records need, up to the context and the memory cap
-        context = getattr(base.model.config, "max_position_embeddings", None)
-        config = dataclasses.replace(
-            config, max_length=length_cap(context, config.num_virtual_tokens, config.max_batch_tokens)
+    context = getattr(base.model.config, "max_position_embeddings", None)
+    if config.method == "cpt" and context is not None and virtual > context - 2:
+        raise DataError(
+            f"--method cpt: the context of {config.cpt_examples} examples is {virtual} tokens, which leaves no "
+            f"room in the model's context of {context}; lower --cpt-examples"
         )
+    if config.max_length is None:  # what the records need, up to the context and the memory cap
+        config = dataclasses.replace(config, max_length=length_cap(context, virtual, config.max_batch_tokens))
     return config
 
 
@@ -392,6 +418,12 @@ def _start_reporting(run: Run) -> None:
     run.logger = MetricsLogger(run.folder.path, run.main, config.tensorboard, resume_step=resume_step)
     if run.main:
         print(describe_parameters(run.base.model, run.prompt))
+        if data.context is not None:
+            print(
+                f"cpt: {len(data.context.examples)} in-context examples ({', '.join(data.context.examples)}), "
+                f"{len(data.context)} tokens, {run.prompt.context_label_count} of them answers scored in every row",
+                flush=True,
+            )
         print(
             f"train: {len(data.examples)} records ({data.truncated} truncated to {config.max_length} tokens, the "
             f"longest {max(data.lengths)}), "
@@ -412,6 +444,8 @@ def _optimiser_step(run: Run, step: int) -> None:
     config, prompt, optimizer, scaler, data = run.config, run.prompt, run.optimizer, run.scaler, run.data
     records = run.plans.records(step, run.per_epoch)
     label_total = sum(data.examples[i].label_count for i in records)
+    if data.context is not None:  # PEFT's CPT loss scores the context's answers in every row too
+        label_total += len(records) * prompt.context_label_count
     mine = batching.shard(records, data.lengths, run.accelerator.process_index, run.accelerator.num_processes)
     tick = time.perf_counter()
     for lr_group in optimizer.param_groups:
@@ -437,6 +471,8 @@ def _optimiser_step(run: Run, step: int) -> None:
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    if isinstance(prompt, ContextPrompt):  # CPT's projected gradient step: every delta back within its bound
+        prompt.project_()
 
     run.done, run.epoch, run.last_loss = step + 1, run.plans.epoch, step_loss
     step_tokens = sum(data.lengths[i] for i in records)
@@ -481,7 +517,9 @@ def _accumulate(run: Run, examples: list[batching.Example], label_total: int, vi
     if lockstep is not None and not lockstep.all(shared > 0):
         shared = 0  # a sharded base runs the shared text on every process or on none (same values either way)
     text = torch.tensor(examples[0].ids[:shared] if shared else [], dtype=torch.long, device=device)
-    prefix = forward.SharedPrefix(model, virtual, text) if run.mode == "kv" else None
+    prompt = run.prompt
+    cpt = isinstance(prompt, ContextPrompt)
+    prefix = forward.SharedPrefix(model, virtual, text, keep_hidden=cpt) if run.mode == "kv" else None
     rest = [e.after(shared) for e in examples]
     micros = batching.micro_batches(list(range(len(rest))), [len(e) for e in rest], run.config.max_batch_tokens)
     passes = lockstep.max(len(micros)) if lockstep is not None else len(micros)
@@ -504,8 +542,16 @@ def _accumulate(run: Run, examples: list[batching.Example], label_total: int, vi
         loss = nll.sum() / label_total * weight  # x 1.0 is exact: unsharded runs are unchanged
         run.scaler.scale(loss).backward()
         nll_sum += nll.sum().detach().float() * weight
+    context_loss = None
+    if cpt:  # the context's answers, scored once for this process's rows (the same in every row)
+        hidden = prefix.hidden if prefix is not None else forward.virtual_hidden(model, prompt())
+        context_nll = prompt.context_nll(model, hidden) * len(examples)
+        nll_sum += context_nll.detach().float()
+        context_loss = run.scaler.scale(context_nll / label_total)
+        if prefix is None:
+            context_loss.backward()
     if prefix is not None:
-        prefix.backward()
+        prefix.backward(context_loss)
     return nll_sum
 
 

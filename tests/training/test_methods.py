@@ -107,7 +107,9 @@ def test_modules_and_their_saved_tensors(tiny):
     # same seed, same module (two processes build the same encoder)
     again = build_prompt(tiny, "ptuning", "vocab", 5, encoder_hidden_size=12)
     assert torch.equal(encoder(), again())
-    with pytest.raises(ValueError, match="unknown method 'lora': use one of prompt, prefix, ptuning, cartridge"):
+    with pytest.raises(
+        ValueError, match="unknown method 'lora': use one of prompt, prefix, ptuning, cartridge, multitask, cpt"
+    ):
         build_prompt(tiny, "lora")
 
 
@@ -293,7 +295,7 @@ def test_two_processes_match_one_for_a_prompt_encoder(base, tmp_path):
 
 def test_method_options_are_checked():
     with pytest.raises(
-        ValueError, match="--method must be one of prompt, prefix, ptuning, cartridge, multitask, got 'lora'"
+        ValueError, match="--method must be one of prompt, prefix, ptuning, cartridge, multitask, cpt, got 'lora'"
     ):
         TrainConfig(data=RECORDS, out="x", method="lora")
     with pytest.raises(ValueError, match="--encoder-type must be one of mlp, lstm, got 'gru'"):
