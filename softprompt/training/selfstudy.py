@@ -181,6 +181,9 @@ def synthesise(base, template: Template, chunks: list[list[int]], per_chunk: int
             stop=stop,
         )
 
+    # each chunk's keys/values once, into the prefix cache, so that its conversations' prompts (admitted together,
+    # before any of them could store it) reuse them instead of each prefilling the chunk again
+    engine.generate([GenerationRequest(ids, max_new_tokens=1) for ids in contexts], batch_size=GENERATE_BATCH)
     asks = engine.generate(
         [request(c, i, 0, SEED_PROMPTS[kind][0], ("\n",)) for c, i, kind in slots],
         batch_size=GENERATE_BATCH,
