@@ -283,7 +283,8 @@ def _load_corpus(config: TrainConfig, accelerator) -> tuple[TrainConfig, FrozenM
         init_text = corpus
     base = _base(config, accelerator)
     config = _sized(config, base)
-    data = selfstudy.prepare(config, base, template, corpus, Path(config.out), resume=config.resume is not None)
+    with accelerator.main_process_first():  # the main process writes the data; the others then find and reuse it
+        data = selfstudy.prepare(config, base, template, corpus, Path(config.out), resume=config.resume is not None)
     if accelerator.is_main_process:
         chunks = len({c.chunk for c in data.conversations})
         print(

@@ -249,3 +249,21 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, base, monkeypatch):
     # a resume whose settings differ from the saved data's is refused, naming what differs
     with pytest.raises(DataError, match=r"selfstudy.safetensors: made with other settings than this run \(top_k\)"):
         train(corpus_config(tmp_path, tmp_path / "cut", base, top_k=4, resume=str(tmp_path / "cut")))
+
+
+def test_the_command_line_says_the_same_in_one_line(tmp_path, capsys):
+    from softprompt.cli import main
+
+    binary = tmp_path / "b.txt"
+    binary.write_bytes(b"ab\x00cd")
+    cases = [
+        (["--out", str(tmp_path / "o")], "give --data (training records) or --corpus (self-study, --method cartridge)"),
+        (
+            ["--out", str(tmp_path / "o"), "--method", "cartridge", "--corpus", str(binary)],
+            f"--corpus {binary}: a binary file, not text (a NUL byte at byte 2); give a plain-text or Markdown file",
+        ),
+    ]
+    for argv, message in cases:
+        assert main(["train", *argv]) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+        assert lines == [f"softprompt train: error: {message}"]
