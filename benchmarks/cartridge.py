@@ -18,7 +18,8 @@ written for this benchmark and never seen by the self-study (which writes its ow
    the question, as a prompt that holds it is.
 
 Usage: python benchmarks/cartridge.py [--model M] [--dtype auto] [--sizes 128 500] [--chunk-tokens 512]
-       [--conversations 8] [--max-tokens 64] [--steps 100] [--batch-size 8] [--out DIR]
+       [--conversations 8] [--max-tokens 64] [--steps 80] [--batch-size 4] [--lr X] [--out DIR]
+       [--data-from OUT/cartridge-128/selfstudy.safetensors]
 The last line printed is a JSON object: the losses, gap_closed, kv_fraction and ttft_speedup per cartridge size,
 the settings, the machine's load and the times taken.
 """
@@ -86,7 +87,8 @@ def ttft(engine: Engine, prompts: list[list[int]], adapter: str | None) -> float
 
 def train_cartridges(args, base, out: Path) -> tuple[dict[int, Path], float, dict]:
     """One self-study run per size; the first writes the conversations, the others reuse its file."""
-    folders, seconds, first = {}, {}, None
+    folders, seconds = {}, {}
+    first = Path(args.data_from).parent if args.data_from else None
     for size in args.sizes:
         folder = out / f"cartridge-{size}"
         if first is not None:
@@ -128,13 +130,18 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=8, help="per chunk")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ttft-questions", type=int, default=3)
     parser.add_argument("--out", default=None, help="keep the cartridges and their data here (default: a temp dir)")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument(
+        "--data-from",
+        default=None,
+        help="a selfstudy.safetensors made with the same settings (an earlier run's): reused, nothing generated",
+    )
     args = parser.parse_args()
 
     started = time.perf_counter()
