@@ -9,10 +9,15 @@ Per dtype (default: float32, plus bfloat16 where the CPU computes it natively, i
     -> ttft_ratio = cached / recomputed (target <= 0.7).
 (c) single-stream decoding without an adapter: softprompt's engine vs Hugging Face `model.generate` on the same model,
     greedy, same prompt, same number of new tokens -> single_stream_vs_hf = softprompt tokens/s / HF tokens/s
-    (>= 1: softprompt is not slower); same_tokens_as_hf says whether the tokens agree. Interleaved with it: the engine
-    without prepacked weights (unpacked_tok_s, core/packed.py), and without them and the Llama decode path (plain_tok_s,
-    core/forward.py decode_body; same_tokens_without: both give the same tokens), and the memory read bandwidth
-    measured now (a 256 MiB sum) -> bound_tok_s = bandwidth / weight bytes read per step, of_bound = tokens/s / bound.
+    (>= 1: softprompt is not slower); same_tokens_as_hf says whether the tokens agree. Interleaved with it (--repeats
+    rounds; medians, and the best run as *_best_tok_s): the engine with fused q/k/v and gate/up products
+    (fused_tok_s, core/fused.py, off by default; fused_speedup = the default's time / its time), with the model's own forward
+    instead of the Llama decode path (plain_tok_s, core/forward.py decode_body), in bf16 without prepacked weights
+    (unpacked_tok_s, core/packed.py); same_tokens_without: all give the default's tokens; and the memory read
+    bandwidth measured now (a 256 MiB sum) -> bound_tok_s = bandwidth / weight bytes read per step,
+    of_bound = tokens/s / bound; cpu_tok_s: tokens per CPU-second of each variant (summed over the rounds, all
+    threads), which other processes on a shared machine disturb less than wall time. --single-stream-only runs (c)
+    alone.
 (d) with --invariance-cost, in each dtype where the engine runs row-exact (bf16): (a) and (c) again with row-exact mode
     off, -> invariance_cost = time with / time without (batched and single stream).
 (e) vLLM, where it is installed (--vllm-venv, default .venv-vllm; scripts/vllm_check.sh creates it): after (a)-(d), a
@@ -25,7 +30,8 @@ Per dtype (default: float32, plus bfloat16 where the CPU computes it natively, i
     ("vllm": "not installed: ...") and the script still succeeds.
 
 Usage: python benchmarks/generate_throughput.py [--model M] [--device cpu] [--dtypes float32,bfloat16]
-       [--max-new-tokens 32] [--threads N] [--invariance-cost] [--vllm-venv PATH | --no-vllm]
+       [--max-new-tokens 32] [--threads N] [--invariance-cost] [--vllm-venv PATH | --no-vllm] [--repeats 3]
+       [--single-stream-only]
 The last line printed is a JSON object: mixed_batch_speedup, ttft_ratio, single_stream_vs_hf (for the dtype
 --dtype auto picks here, named by `dtype`), same_outputs per dtype, every figure per dtype under by_dtype, and
 vllm_batched_vs_softprompt / vllm_same_outputs with vLLM's figures under `vllm` (or why there are none).
@@ -145,32 +151,49 @@ def single_stream(base, engine, ids: list[int], tokens: int, repeats: int = 3) -
         with torch.no_grad(), packed_weights(False):
             return model.generate(input_ids, **hf_kwargs)[0, len(ids) :].tolist()
 
-    def engine_run(packed: bool, fast: bool):
-        DecodeBatch.fast_path = fast
+    def engine_run(packed: bool, fast: bool, fused: bool):
+        DecodeBatch.fast_path, DecodeBatch.fused = fast, fused
         try:
             with packed_weights(packed):
                 return engine.generate([GenerationRequest(ids, max_new_tokens=tokens)])[0].token_ids
         finally:
-            DecodeBatch.fast_path = True
+            DecodeBatch.fast_path, DecodeBatch.fused = True, False
 
-    # without prepacking; without the decode path too (neither runs in fp32: nothing to compare there)
-    variants = {"unpacked": (False, True), "plain": (False, False)} if base.dtype == torch.bfloat16 else {}
+    # with fused products (core/fused.py); without the decode path (the model's own forward); in bf16, without
+    # prepacked weights (core/packed.py)
+    variants = {"fused": (True, True, True), "plain": (False, False, False)}
+    if base.dtype == torch.bfloat16:
+        variants = {"unpacked": (False, True, False), **variants}
     theirs = hf()  # warm-up
     same = {name: engine_run(*flags) == ours for name, flags in variants.items()}  # warm-up, and their tokens
     t_ours, t_hf, bandwidth, t_variants = [], [], [], {name: [] for name in variants}
+    cpu = {name: 0.0 for name in ("softprompt", *variants, "hf")}  # CPU seconds (all threads), less load-dependent
+
+    def clocked(name: str, fn, times: list) -> None:
+        start = time.process_time()
+        times.append(timed(fn)[0])
+        cpu[name] += time.process_time() - start
+
     for _ in range(repeats):  # interleaved, so all see the same machine load
-        t_ours.append(timed(lambda: engine_run(True, True))[0])
+        clocked("softprompt", lambda: engine_run(True, True, False), t_ours)
         for name, flags in variants.items():
-            t_variants[name].append(timed(lambda flags=flags: engine_run(*flags))[0])
-        t_hf.append(timed(hf)[0])
+            clocked(name, lambda flags=flags: engine_run(*flags), t_variants[name])
+        clocked("hf", hf, t_hf)
         bandwidth.append(memory_bandwidth(base.device))
     ours_s, hf_s = statistics.median(t_ours), statistics.median(t_hf)
     bound = statistics.median(bandwidth) / weight_bytes(model)  # tokens/s if a step only read the weights once
     return {
         "tokens": n,
+        "repeats": repeats,
         "softprompt_tok_s": n / ours_s,
+        "softprompt_best_tok_s": n / min(t_ours),
         **{f"{name}_tok_s": n / statistics.median(t) for name, t in t_variants.items()},
+        **{f"{name}_best_tok_s": n / min(t) for name, t in t_variants.items()},
+        "hf_best_tok_s": n / min(t_hf),
+        "fused_speedup": ours_s / statistics.median(t_variants["fused"]),
+        "cpu_tok_s": {name: n * repeats / seconds for name, seconds in cpu.items()},  # tokens per CPU-second
         "same_tokens_without": all(same.values()),
+        "same_tokens_by_variant": same,
         "hf_tok_s": n / hf_s,
         "ratio": hf_s / ours_s,
         "same_tokens_as_hf": theirs[:n] == ours,
@@ -182,19 +205,21 @@ def single_stream(base, engine, ids: list[int], tokens: int, repeats: int = 3) -
 
 
 def report_single(name: str, single: dict) -> None:
-    """Print (c)'s line."""
-    without = (
-        f"({single['unpacked_tok_s']:.1f} without prepacked weights, {single['plain_tok_s']:.1f} without the decode "
-        f"path too; same tokens: {single['same_tokens_without']}), "
-        if "plain_tok_s" in single
-        else ""
-    )
+    """Print (c)'s line (medians of the interleaved repeats, best in brackets)."""
+
+    def rate(key: str) -> str:
+        return f"{single[key + '_tok_s']:.1f} [{single[key + '_best_tok_s']:.1f}]"
+
+    unpacked = f"{rate('unpacked')} without prepacked weights, " if "unpacked_tok_s" in single else ""
     print(
-        f"[{name}] (c) single stream, {single['tokens']} tokens: softprompt {single['softprompt_tok_s']:.1f} tok/s "
-        f"{without}HF generate {single['hf_tok_s']:.1f} tok/s, ratio {single['ratio']:.2f}, "
+        f"[{name}] (c) single stream, {single['tokens']} tokens, median [best] of {single['repeats']}: softprompt "
+        f"{rate('softprompt')} tok/s ({unpacked}{rate('fused')} with fused products, x{single['fused_speedup']:.2f}; "
+        f"{rate('plain')} with the model's own forward; same tokens: {single['same_tokens_by_variant']}), "
+        f"HF generate {rate('hf')} tok/s, ratio {single['ratio']:.2f}, "
         f"same tokens: {single['same_tokens_as_hf']}; bound {single['bound_tok_s']:.1f} tok/s "
         f"({single['weight_mb']:.0f} MB of weights per step at {single['bandwidth_gb_s']:.1f} GB/s measured now), "
-        f"{100 * single['of_bound']:.0f}% of it, load average {os.getloadavg()[0]:.1f}",
+        f"{100 * single['of_bound']:.0f}% of it, load average {os.getloadavg()[0]:.1f}; tokens per CPU-second: "
+        + ", ".join(f"{key} {value:.1f}" for key, value in single["cpu_tok_s"].items()),
         flush=True,
     )
 
@@ -203,6 +228,13 @@ def run_dtype(args, dtype: str) -> tuple[dict, dict]:
     """(a)-(d) in one dtype; returns the figures and (a)'s mixed batch (what (e) sends to vLLM)."""
     base = load_base(args.model, device=args.device, dtype=dtype)
     name = str(base.dtype).replace("torch.", "")
+    if args.single_stream_only:
+        engine = Engine(base)
+        single = single_stream(base, engine, engine.encode(STREAM_PROMPT), args.stream_tokens, args.repeats)
+        report_single(name, single)
+        figures = {key: round(value, 3) if isinstance(value, float) else value for key, value in single.items()}
+        figures["cpu_tok_s"] = {key: round(value, 2) for key, value in single["cpu_tok_s"].items()}
+        return {**figures, "load_average": round(os.getloadavg()[0], 2)}, {}
 
     # (a) mixed-task batch vs one request at a time
     sizes = [8, 12, 16, 20, 24, 10, 14, 18]
@@ -260,7 +292,7 @@ def run_dtype(args, dtype: str) -> tuple[dict, dict]:
 
     # (c) single stream vs Hugging Face generate, no adapter
     stream_ids = engine.encode(STREAM_PROMPT)
-    single = single_stream(base, engine, stream_ids, args.stream_tokens)
+    single = single_stream(base, engine, stream_ids, args.stream_tokens, args.repeats)
     report_single(name, single)
 
     out = {
@@ -277,8 +309,11 @@ def run_dtype(args, dtype: str) -> tuple[dict, dict]:
         "ttft_recompute_ms": round(1000 * t_recompute, 2),
         "single_stream_tok_s": round(single["softprompt_tok_s"], 2),
         "hf_tok_s": round(single["hf_tok_s"], 2),
-        **{key: round(single[key], 2) for key in ("unpacked_tok_s", "plain_tok_s") if key in single},
+        **{key: round(single[key], 2) for key in ("unpacked_tok_s", "fused_tok_s", "plain_tok_s") if key in single},
+        "fused_speedup": round(single["fused_speedup"], 3),
+        "single_stream_cpu_tok_s": {key: round(value, 2) for key, value in single["cpu_tok_s"].items()},
         "same_tokens_without": single["same_tokens_without"],
+        "same_tokens_by_variant": single["same_tokens_by_variant"],
         "bandwidth_gb_s": round(single["bandwidth_gb_s"], 2),
         "weight_mb": round(single["weight_mb"], 1),
         "bound_tok_s": round(single["bound_tok_s"], 2),
@@ -292,7 +327,7 @@ def run_dtype(args, dtype: str) -> tuple[dict, dict]:
         DecodeBatch.exact = False
         try:
             t_seq_off, t_batch_off, same_off, _, _ = mixed()
-            single_off = single_stream(base, engine, stream_ids, args.stream_tokens)
+            single_off = single_stream(base, engine, stream_ids, args.stream_tokens, args.repeats)
         finally:
             DecodeBatch.exact = None
         out["invariance_cost"] = {
@@ -396,6 +431,10 @@ def main() -> None:
         "--vllm-venv", default=None, help="(e): virtual environment with vLLM (default: .venv-vllm where it exists)"
     )
     parser.add_argument("--no-vllm", action="store_true", help="skip (e), the vLLM comparison")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timed runs of each variant in (c)")
+    parser.add_argument(
+        "--single-stream-only", action="store_true", help="only (c), the single-stream variants (no vLLM either)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -408,6 +447,9 @@ def main() -> None:
         name = str(resolve_dtype(dtype, resolve_device(args.device))).replace("torch.", "")
         results[name], cases[name] = run_dtype(args, dtype)
     main_dtype = auto if auto in results else next(iter(results))
+    if args.single_stream_only:
+        print(json.dumps({"dtype": main_dtype, "by_dtype": results, "threads": torch.get_num_threads()}))
+        return
     summary = {key: results[main_dtype][key] for key in ("mixed_batch_speedup", "ttft_ratio", "single_stream_vs_hf")}
     if args.no_vllm:
         vllm = "skipped (--no-vllm)"

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     base = load_base(config.model, device=config.device, dtype=config.dtype)
     engine = build_engine(base, config.chat_template)
-    name = add_adapter(engine, config.adapter)
+    name = add_adapter(engine, config.adapter, config.task)
     if engine.template(name).spec != CHAT:
         print(
             "softprompt chat: this template has no turns; each message is answered on its own "

@@ -42,9 +42,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from softprompt.core import KV_METHODS
 from softprompt.core.attention import NAME, decode_plan, planned_attention
+from softprompt.core.fused import fused_product
+from softprompt.core.mlp import is_swiglu, silu_mul
 
 try:  # transformers >= 4.56: a cache is a list of layer objects
     from transformers.cache_utils import DynamicLayer
@@ -211,20 +214,22 @@ def run_body(
 FAST_DECODE_MODELS = {"LlamaModel": ("LlamaDecoderLayer", "LlamaAttention")}  # bodies `decode_body` mirrors
 
 
-def fast_decode(model) -> bool:
+def fast_decode(model, exact: bool = True) -> bool:
     """True when `decode_body` can run this model's decode steps: a Llama body (SmolLM2, Llama) exactly as
-    transformers defines it, on the CPU (where row-exact attention runs row by row), attention through
-    core/attention.py's grouped SDPA, no sliding window."""
+    transformers defines it, on the CPU, no sliding window, attention through core/attention.py's grouped SDPA
+    (row-exact mode runs it row by row) or, with `exact` False, through transformers' sdpa."""
     body = model.base_model
-    if model.config._attn_implementation != NAME or model.device.type != "cpu":  # each time: these can change
+    allowed = (NAME,) if exact else (NAME, "sdpa")
+    if model.config._attn_implementation not in allowed or model.device.type != "cpu":  # each time: these can change
         return False
     known = getattr(body, "_softprompt_fast_decode", None)
     if known is None:  # the body's structure does not change: checked once
         layers = FAST_DECODE_MODELS.get(type(body).__name__)
+        module = sys.modules[type(body).__module__]
         known = (
             layers is not None
             and getattr(model.config, "sliding_window", None) is None
-            and callable(getattr(sys.modules[type(body).__module__], "apply_rotary_pos_emb", None))
+            and all(callable(getattr(module, name, None)) for name in ("rotate_half", "create_causal_mask"))
             and all(
                 type(layer).__name__ == layers[0] and type(layer.self_attn).__name__ == layers[1]
                 for layer in body.layers
@@ -234,29 +239,69 @@ def fast_decode(model) -> bool:
     return known
 
 
-def decode_body(model, embeds: torch.Tensor, key_mask: torch.Tensor, position_ids: torch.Tensor, cache, live: int):
-    """One row-exact decode step of a `fast_decode` model: embeds [B, 1, H] -> last hidden states [B, 1, H], the
-    new keys/values appended to `cache`. The same modules and kernels, in the same order, as the model's own forward
-    in `row_exact(live)` (tests check the logits are the same bits); what it leaves out is the per-step work around
-    them: the 4-D mask, the attention dispatch, the per-layer keyword plumbing."""
+def decode_body(
+    model,
+    embeds: torch.Tensor,
+    key_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache,
+    live: int,
+    exact: bool = True,
+    fused: bool = True,
+):
+    """One decode step of a `fast_decode` model: embeds [B, 1, H] -> last hidden states [B, 1, H], the new
+    keys/values appended to `cache`. The same kernels on the same inputs as the model's own forward (in
+    `row_exact(live)` when `exact`, else with the model's attention function and the 4-D mask its forward builds), so
+    the logits are the same bits (tests check); what it leaves out is the per-step work around them: per-layer
+    module calls and keyword plumbing, the attention dispatch, and in row-exact mode the 4-D mask. Per layer, with
+    `fused`, q/k/v is one matrix product and gate/up another (core/fused.py: the same bits as the separate ones),
+    and RoPE rotates the query and key heads together (elementwise: the same bits as rotating them apart)."""
     body = model.base_model
-    rotate = sys.modules[type(body).__module__].apply_rotary_pos_emb
+    module = sys.modules[type(body).__module__]
     cos, sin = body.rotary_emb(embeds, position_ids=position_ids)
-    plan = decode_plan(key_mask, live)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads, as apply_rotary_pos_emb does
+    if exact:
+        plan = decode_plan(key_mask, live)
+    else:
+        mask = module.create_causal_mask(
+            config=model.config,
+            inputs_embeds=embeds,
+            attention_mask=key_mask,
+            position_ids=position_ids,
+            **{cache_kwarg(model): cache},
+        )
+        attention = ALL_ATTENTION_FUNCTIONS[model.config._attn_implementation]
+    config = model.config
+    q_heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     hidden = embeds
-    for layer in body.layers[: model.config.num_hidden_layers]:
+    for layer in body.layers[: config.num_hidden_layers]:
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
-        shape = (*x.shape[:-1], -1, attn.head_dim)
-        q = attn.q_proj(x).view(shape).transpose(1, 2)
-        k = attn.k_proj(x).view(shape).transpose(1, 2)
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
-        q, k = rotate(q, k, cos, sin)
+        qkv = fused_product(layer, "qkv", x) if fused else None
+        if qkv is None:
+            qkv = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+        heads = qkv.view(*x.shape[:-1], -1, attn.head_dim).transpose(1, 2)  # [B, q + 2 kv heads, 1, D]
+        qk = heads[:, : q_heads + kv_heads]
+        qk = (qk * cos) + (module.rotate_half(qk) * sin)
+        q, k, v = qk[:, :q_heads], qk[:, q_heads:], heads[:, q_heads + kv_heads :]
         k, v = cache.update(k, v, attn.layer_idx)
-        out = planned_attention(plan, q, k, v, attn.scaling)
+        if exact:
+            out = planned_attention(plan, q, k, v, attn.scaling)
+        else:
+            out, _ = attention(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling, position_ids=position_ids)
         hidden = hidden + attn.o_proj(out.reshape(*x.shape[:-1], -1).contiguous())
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = hidden + _mlp(layer, layer.post_attention_layernorm(hidden), fused)
     return body.norm(hidden)
+
+
+def _mlp(layer, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    """The layer's MLP on x; a SwiGLU one with its gate/up product fused where there is one."""
+    mlp = layer.mlp
+    gate_up = fused_product(layer, "gate_up", x) if fused and is_swiglu(mlp) else None
+    if gate_up is None:
+        return mlp(x)
+    gate, up = gate_up.split([mlp.gate_proj.out_features, mlp.up_proj.out_features], dim=-1)
+    return mlp.down_proj(silu_mul(gate, up))
 
 
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,11 @@ def packed_weights(enabled: bool):
         _ENABLED.reset(token)
 
 
+def enabled() -> bool:
+    """False within `packed_weights(False)`."""
+    return _ENABLED.get()
+
+
 def supported() -> bool:
     """True where this PyTorch build can pack bf16 linear weights for oneDNN on the CPU."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")

@@ -9,7 +9,10 @@ adapter saves (PEFT's `prompt_embeddings`) and whose `virtual()` hands that to c
 - `Cartridge` (method `cartridge`, PEFT's CARTRIDGE): per-layer keys/values of N virtual positions learned directly,
   the first `num_frozen_tokens` of them frozen (an attention sink);
 - `PromptEncoder` (method `ptuning`, P-tuning): N vectors reparameterised by PEFT's MLP (3 linear layers with ReLU) or
-  bidirectional LSTM + MLP; the saved tensor is the encoder's output, [N, hidden], as PEFT saves P_TUNING adapters.
+  bidirectional LSTM + MLP; the saved tensor is the encoder's output, [N, hidden], as PEFT saves P_TUNING adapters;
+- `MultitaskPrompt` (method `multitask`, PEFT's MULTITASK_PROMPT_TUNING): a shared prompt [N, hidden] and per-task
+  low-rank factors, cols [tasks, N, ranks] and rows [tasks, ranks, hidden]; task t's prompt is the shared one times
+  (cols[t] @ rows[t]) elementwise (`task_prompt`), an ordinary [N, hidden] input-embedding prompt.
 
 `build_prompt(base, method, ...)` makes any of them.
 
@@ -30,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from softprompt.core import ENCODER_TYPES, INIT_METHODS, KV_METHODS, METHODS
+from softprompt.core import ENCODER_TYPES, FACTOR_INITS, INIT_METHODS, KV_METHODS, METHODS, MULTITASK_INITS
 from softprompt.core.forward import Virtual, check_prefix_fits, flat_prefix, prefix_layout, prefix_width, prompt_kv
 
 DEFAULT_INIT_TEXT = "The following is a conversation between a person and a robot."
@@ -289,6 +292,125 @@ class Cartridge(nn.Module):
         return {"num_frozen_tokens": self.num_frozen_tokens}
 
 
+FACTOR_STD = 0.02  # PEFT's initialisation of a multitask prompt's task factors: N(0, 0.02)
+
+
+def task_prompt(shared: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor, task: int) -> torch.Tensor:
+    """Task `task`'s prompt [N, hidden] of a multitask prompt: shared [N, hidden] * (cols[task] [N, ranks] @
+    rows[task] [ranks, hidden]), in the factors' dtype (fp32), as PEFT's MultitaskPromptEmbedding computes it."""
+    return shared * torch.matmul(cols[task], rows[task])
+
+
+class MultitaskPrompt(nn.Module):
+    """Multitask prompt tuning (PEFT's MULTITASK_PROMPT_TUNING): a shared prompt `embedding` [N, hidden] and, per task,
+    low-rank factors `task_cols` [tasks, N, ranks] and `task_rows` [tasks, ranks, hidden], all fp32 and trained
+    together. `forward()` returns the three tensors an adapter saves (PEFT's keys); `virtual(task)` is task's prompt,
+    which core.forward uses as any prompt-tuning prompt."""
+
+    method = "multitask"
+
+    def __init__(
+        self,
+        shared: torch.Tensor,
+        cols: torch.Tensor,
+        rows: torch.Tensor,
+        init: str = "random",
+        init_text: str | None = None,
+    ):
+        super().__init__()
+        check_factors(shared.shape, cols.shape, rows.shape)
+        self.embedding = nn.Parameter(shared.detach().to(torch.float32).clone())
+        self.task_cols = nn.Parameter(cols.detach().to(torch.float32).clone())
+        self.task_rows = nn.Parameter(rows.detach().to(torch.float32).clone())
+        self.init, self.init_text = init, init_text
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.embedding.shape[0]
+
+    @property
+    def num_tasks(self) -> int:
+        return self.task_cols.shape[0]
+
+    @property
+    def num_ranks(self) -> int:
+        return self.task_cols.shape[2]
+
+    def forward(self) -> dict[str, torch.Tensor]:
+        return {
+            "prompt_embeddings": self.embedding,
+            "prefix_task_cols": self.task_cols,
+            "prefix_task_rows": self.task_rows,
+        }
+
+    def task_prompt(self, task: int) -> torch.Tensor:
+        if not 0 <= task < self.num_tasks:
+            raise ValueError(f"task {task} is out of range: this multitask prompt has tasks 0..{self.num_tasks - 1}")
+        return task_prompt(self.embedding, self.task_cols, self.task_rows, task)
+
+    def virtual(self, task: int | None = None) -> Virtual:
+        if task is None:
+            raise ValueError("a multitask prompt needs a task id (its prompt differs per task)")
+        return Virtual(self.task_prompt(task), self.method)
+
+    def peft_fields(self) -> dict:
+        return {"num_tasks": self.num_tasks, "num_ranks": self.num_ranks}
+
+
+def check_factors(shared: tuple, cols: tuple, rows: tuple) -> None:
+    """Raise ValueError unless shapes [N, hidden], [tasks, N, ranks], [tasks, ranks, hidden] fit together."""
+    ok = len(shared) == 2 and len(cols) == 3 and len(rows) == 3 and min(*shared, *cols, *rows) >= 1
+    if not ok or cols[1] != shared[0] or rows[2] != shared[1] or rows[0] != cols[0] or rows[1] != cols[2]:
+        raise ValueError(
+            f"a multitask prompt needs shapes [N, hidden], [tasks, N, ranks], [tasks, ranks, hidden], got "
+            f"{tuple(shared)}, {tuple(cols)}, {tuple(rows)}"
+        )
+
+
+def multitask_factors(
+    num_tasks: int,
+    num_virtual_tokens: int,
+    hidden: int,
+    num_ranks: int = 1,
+    seed: int = 0,
+    source: tuple[torch.Tensor, torch.Tensor] | None = None,
+    mode: str = "average-tasks",
+    source_task: int = 0,
+    start: str = "near-one",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Task factors (cols, rows) for a new multitask prompt. Fresh ones (no `source`, or `shared-only`): `near-one`,
+    1/sqrt(ranks) plus N(0, 0.02) noise (seeded; the noise tells the ranks apart), so cols[t] @ rows[t] is about 1
+    and every task's prompt starts at the shared prompt; or `peft`, N(0, 0.02) as PEFT draws them, so every task's
+    prompt starts near zero. From the `source` adapter's factors: their mean over its tasks (`average-tasks`) or its
+    task `source_task`'s (`exact-task`), copied to every task (PEFT's AVERAGE_SOURCE_TASKS / EXACT_SOURCE_TASK, which
+    give a one-task target these same values); `shared-only` (ONLY_SOURCE_SHARED) draws fresh factors."""
+    if mode not in MULTITASK_INITS:
+        raise ValueError(f"unknown multitask init {mode!r}: use one of {', '.join(MULTITASK_INITS)}")
+    if start not in FACTOR_INITS:
+        raise ValueError(f"unknown factor init {start!r}: use one of {', '.join(FACTOR_INITS)}")
+    if source is None or mode == "shared-only":
+        generator = torch.Generator().manual_seed(seed)
+        cols = torch.randn(num_tasks, num_virtual_tokens, num_ranks, generator=generator) * FACTOR_STD
+        rows = torch.randn(num_tasks, num_ranks, hidden, generator=generator) * FACTOR_STD
+        if start == "near-one":
+            cols, rows = cols + num_ranks**-0.5, rows + num_ranks**-0.5
+        return cols, rows
+    cols, rows = (t.detach().to(torch.float32) for t in source)
+    if mode == "exact-task":
+        if not 0 <= source_task < cols.shape[0]:
+            raise ValueError(f"task {source_task} is out of range: the source has tasks 0..{cols.shape[0] - 1}")
+        cols, rows = cols[source_task], rows[source_task]
+    else:
+        cols, rows = cols.mean(0), rows.mean(0)
+    expected = ((num_virtual_tokens, num_ranks), (num_ranks, hidden))
+    if (tuple(cols.shape), tuple(rows.shape)) != expected:
+        raise ValueError(
+            f"the source's task factors are {tuple(cols.shape)} and {tuple(rows.shape)}, this prompt needs "
+            f"{expected[0]} and {expected[1]} (same --num-virtual-tokens and --num-ranks)"
+        )
+    return cols.expand(num_tasks, -1, -1).clone(), rows.expand(num_tasks, -1, -1).clone()
+
+
 def build_prompt(
     base,
     method: str = "prompt",
@@ -302,12 +424,17 @@ def build_prompt(
     encoder_hidden_size: int | None = None,
     encoder_type: str = "mlp",
     num_frozen_tokens: int = 1,
+    num_tasks: int = 1,
+    num_ranks: int = 1,
+    factor_init: str = "near-one",
 ) -> nn.Module:
     """A fresh trainable soft prompt of `method` (see METHODS) for `base` (a models.FrozenModel), on its device.
 
     For a prefix (without projection) and a cartridge every init is a no-grad prefill: the keys/values the frozen model
     computes for the init's vectors at positions 0..N-1 (for `text`, its first N tokens); `zero` starts them at zero
-    (for a projected prefix: the projection's last layer is zeroed, so its output, the keys/values, starts at zero)."""
+    (for a projected prefix: the projection's last layer is zeroed, so its output, the keys/values, starts at zero).
+    A multitask prompt's shared prompt takes the init; its `num_tasks` x `num_ranks` task factors start per
+    `factor_init` (see multitask_factors)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     if init == "zero" and method not in KV_METHODS:
@@ -317,6 +444,11 @@ def build_prompt(
     start.init = init
     if method == "prompt":
         return start
+    if method == "multitask":
+        cols, rows = multitask_factors(
+            num_tasks, start.num_virtual_tokens, start.hidden_size, num_ranks, seed, start=factor_init
+        )
+        return MultitaskPrompt(start.embeddings, cols, rows, init, start.init_text).to(base.device)
     if method == "ptuning":
         return PromptEncoder(start.embeddings, encoder_hidden_size, encoder_type, start.init, start.init_text, seed).to(
             base.device

@@ -36,6 +36,7 @@ class Example:
     ids: list[int]
     labels: list[int]
     where: str
+    task: int = 0  # a multitask prompt's task for this example
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -46,7 +47,15 @@ class Example:
 
     def after(self, shared: int) -> "Example":
         """The example without its first `shared` tokens (those of a shared prefix)."""
-        return self if not shared else Example(self.ids[shared:], self.labels[shared:], self.where)
+        return self if not shared else Example(self.ids[shared:], self.labels[shared:], self.where, self.task)
+
+
+def by_task(examples: list[Example]) -> dict[int, list[int]]:
+    """The indices of `examples` per task, tasks in increasing order (a multitask prompt runs once per task)."""
+    groups: dict[int, list[int]] = {}
+    for i, example in enumerate(examples):
+        groups.setdefault(example.task, []).append(i)
+    return dict(sorted(groups.items()))
 
 
 def shared_prompt_length(examples: list[Example]) -> int:
@@ -87,7 +96,7 @@ def encode_records(
             skipped.append(message)
             continue
         truncated += cut
-        examples.append(Example(ids, labels, record.where))
+        examples.append(Example(ids, labels, record.where, record.task if isinstance(record.task, int) else 0))
     return examples, skipped, truncated
 
 

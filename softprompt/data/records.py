@@ -77,6 +77,7 @@ class Record:
     input: str
     output: str
     where: str  # "file:line" or "file: record i"
+    task: int | str | None = None  # the task field's value (load_records' task_field); assign_tasks makes it an id
 
 
 @dataclass
@@ -97,6 +98,7 @@ def load_records(
     label_words: list[str] | None = None,
     skip_bad: bool = False,
     limit: int | None = None,
+    task_field: str | None = None,
 ) -> Records:
     """Load and validate training records.
 
@@ -107,6 +109,7 @@ def load_records(
     {"sentence": ..., "label": 1} with fields 'instruction=sentence,output=label' and ['negative', 'positive']
     becomes instruction=sentence, output='positive'.
     limit: keep only the first `limit` good records.
+    task_field: a field holding each record's task (an integer id >= 0 or a name; see assign_tasks).
     """
     fields = Fields.parse(fields)
     in_memory = isinstance(source, (list, tuple))
@@ -118,7 +121,10 @@ def load_records(
     items, skipped = [], []
     for where, row in rows:
         try:
-            items.append(_to_record(row, where, fields, label_words, check_text=in_memory))
+            record = _to_record(row, where, fields, label_words, check_text=in_memory)
+            if task_field is not None:
+                record.task = _task_value(row, where, task_field)
+            items.append(record)
         except DataError as err:
             if not skip_bad:
                 raise
@@ -160,6 +166,59 @@ def _to_record(row, where: str, fields: Fields, label_words: list[str] | None, c
             only = " (only whitespace)" if values[role] else ""
             raise DataError(f"{where}: field {getattr(fields, role)!r} is empty{only}")
     return Record(values["instruction"], values["input"], values["output"], where)
+
+
+def _task_value(row: dict, where: str, key: str) -> int | str:
+    """A record's task field: an integer id >= 0 or a non-empty name."""
+    if key not in row or row[key] is None:
+        present = ", ".join(map(str, row)) or "none"
+        raise DataError(f"{where}: missing field {key!r} (the task; fields present: {present})")
+    value = row[key]
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.strip():
+        return value
+    raise DataError(
+        f"{where}: field {key!r} must be a task id (an integer >= 0) or a task name (a non-empty string), "
+        f"got {type(value).__name__} {value!r}"
+    )
+
+
+def assign_tasks(
+    records: list[Record], key: str, num_tasks: int | None = None, names: list[str] | None = None, limit: str = ""
+) -> tuple[int, list[str] | None]:
+    """Give every record an integer task id (in place) from its task field `key` and return (number of tasks,
+    task names or None). Integer values are the ids; names are numbered in order of first appearance after the
+    `names` already known (with `num_tasks` given, a name not among `names` is refused). A record whose id is
+    >= `num_tasks` is refused in one line naming it, the field and `limit` (what sets the number of tasks)."""
+    names = list(names or [])
+    named = None
+    for record in records:
+        value = record.task
+        is_name = isinstance(value, str)
+        if named is None:
+            named = is_name
+        if is_name != named:
+            kind = "names (strings)" if named else "integer ids"
+            raise DataError(
+                f"{record.where}: field {key!r} is {value!r}, but earlier records give task {kind}: use one "
+                "or the other throughout"
+            )
+        if is_name:
+            if value not in names:
+                if num_tasks is not None:
+                    known = ", ".join(names) or "none"
+                    raise DataError(f"{record.where}: field {key!r} names task {value!r}, unknown (tasks: {known})")
+                names.append(value)
+            value = names.index(value)
+        if num_tasks is not None and value >= num_tasks:
+            raise DataError(
+                f"{record.where}: field {key!r} is task {value}, out of range: {limit or 'there are'} "
+                f"{num_tasks} task(s), ids 0..{num_tasks - 1}"
+            )
+        record.task = value
+    found = max(record.task for record in records) + 1 if records else 0
+    return (num_tasks or max(found, len(names), 1)), (names if named else None)
 
 
 def not_unicode(where: str, detail: str) -> DataError:

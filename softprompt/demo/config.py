@@ -22,7 +22,7 @@ class DemoConfig:
         "prompt",
         "prompt-learning method to demonstrate: prompt (prompt tuning), prefix (prefix "
         "tuning), ptuning (P-tuning) or cartridge (keys/values learned directly), as softprompt train --method",
-        choices=METHODS,
+        choices=tuple(m for m in METHODS if m != "multitask"),  # the compass game is one task
         group="training",
     )
     steps: int = option(100, "optimiser steps", minimum=1, maximum=100_000, group="training")

@@ -83,6 +83,16 @@ class EvalConfig:
         "adapters always use their saved template",
         group="data",
     )
+    task_field: str | None = option(
+        None,
+        "for multitask adapters: the field holding each record's task (an integer id, or a task name the adapter "
+        "saved), so one file mixes tasks",
+        group="data",
+    )
+    task: int | None = option(
+        None, "for multitask adapters: the task of every record (instead of --task-field)", minimum=0,
+        maximum=1_000_000, group="data",
+    )  # fmt: skip
     limit: int | None = option(None, "evaluate only the first N records", minimum=1, group="data")
     device: str = device_option()
     dtype: str = dtype_option()
@@ -91,6 +101,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_options(self)
+        if self.task is not None and self.task_field is not None:
+            raise ValueError("give --task or --task-field, not both")
 
 
 @dataclass

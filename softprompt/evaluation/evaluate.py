@@ -29,11 +29,11 @@ import torch
 
 from softprompt.core.models import FrozenModel, load_base
 from softprompt.data import batching
-from softprompt.data.records import DataError, Fields, Record, load_records, parse_words
+from softprompt.data.records import DataError, Fields, Record, assign_tasks, load_records, parse_words
 from softprompt.data.templates import Template, encode_example, encode_text
 from softprompt.evaluation.config import DEFAULT_MAX_NEW_TOKENS, EvalConfig
 from softprompt.evaluation.rouge import exact_match, rouge_l
-from softprompt.formats.adapter import Adapter
+from softprompt.formats.adapter import Adapter, AdapterError, with_task
 from softprompt.formats.compose import load_spec
 from softprompt.inference.batch import GenerationRequest, GenerationResult
 from softprompt.inference.engine import Engine
@@ -48,13 +48,14 @@ def load_eval_records(
     label_words: list[str] | None = None,
     limit: int | None = None,
     skip_bad: bool = False,
+    task_field: str | None = None,
 ) -> tuple[list[Record], list[str]]:
     """Records as training reads them (data.load_records), plus the skipped ones ('where: why') with `skip_bad`;
-    `label_field` maps integer labels to `label_words`."""
+    `label_field` maps integer labels to `label_words`; `task_field` gives each record its task value."""
     fields, mapping = Fields.with_labels(
         fields, label_field, label_words, "--choices (or an adapter saved with label words)"
     )
-    loaded = load_records(data, fields, mapping, skip_bad=skip_bad, limit=limit)
+    loaded = load_records(data, fields, mapping, skip_bad=skip_bad, limit=limit, task_field=task_field)
     return loaded.items, loaded.skipped
 
 
@@ -79,10 +80,12 @@ def score_model(
     max_batch_tokens: int,
     max_length: int,
     progress: bool = False,
+    tasks: list[int] | None = None,
 ) -> dict:
-    """Metrics of one model (the base when `adapter` is None) on `records`; `generations`: its greedy answers."""
+    """Metrics of one model (the base when `adapter` is None) on `records`; `generations`: its greedy answers;
+    `tasks`: each record's task, for a multitask adapter (each task's records are scored with its prompt)."""
     tok = base.tokenizer
-    prompt = adapter.virtual(base.device) if adapter is not None else None
+    prompt = adapter.virtual(base.device) if adapter is not None and tasks is None else None
     if choices:
         # The gold answer is one of the choices, so its (record, choice) pair also gives the loss.
         examples = [_encode(template, tok, r, c, max_length) for r in records for c in choices]
@@ -93,12 +96,23 @@ def score_model(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(examples), desc="score", unit="seq", leave=False)
-    if choices:
-        nll, counts = nll_per_group(
-            base.model, prompt, examples, len(choices), tok.pad_token_id, max_batch_tokens, batch_size, bar
-        )
-    else:
-        nll, counts = nll_per_example(base.model, prompt, examples, tok.pad_token_id, max_batch_tokens, batch_size, bar)
+
+    def scores(prompt, examples):
+        if choices:
+            return nll_per_group(
+                base.model, prompt, examples, len(choices), tok.pad_token_id, max_batch_tokens, batch_size, bar
+            )
+        return nll_per_example(base.model, prompt, examples, tok.pad_token_id, max_batch_tokens, batch_size, bar)
+
+    if tasks is None:
+        nll, counts = scores(prompt, examples)
+    else:  # each task's records (all their choices) on that task's prompt
+        nll, counts = torch.zeros(len(examples), dtype=torch.float64), torch.zeros(len(examples), dtype=torch.long)
+        per = len(choices) if choices else 1
+        for task in sorted(set(tasks)):
+            rows = [i * per + j for i, t in enumerate(tasks) if t == task for j in range(per)]
+            part = adapter.for_task(task).virtual(base.device)
+            nll[rows], counts[rows] = scores(part, [examples[i] for i in rows])
     if bar is not None:
         bar.close()
     predicted = None
@@ -123,6 +137,7 @@ def score_model(
             "instruction": r.instruction,
             "input": r.input,
             "output": r.output,
+            **({"task": tasks[i]} if tasks is not None else {}),
             **({"choice": predicted[i]} if predicted else {}),
             **({"generation": generations[i]} if generations is not None else {}),
         }
@@ -154,6 +169,7 @@ def evaluate(config: EvalConfig) -> dict:
         choices, choices_from, note = _saved_choices(adapters, records)
         notes += [note] if note else []
     models, base_template = _models(config, adapters)
+    tasks = _tasks(config, records, adapters)
     max_new_tokens = config.max_new_tokens
     if max_new_tokens is None:
         longest = max((len(encode_text(base.tokenizer, c)) for c in choices), default=0) if choices else 0
@@ -165,7 +181,7 @@ def evaluate(config: EvalConfig) -> dict:
             "no_repeat_ngram_size": config.no_repeat_ngram_size,
         }
         generations, gen_seconds = _generate(
-            base, base_template, models, records, max_new_tokens, config.batch_size, config.progress, penalties
+            base, base_template, models, records, max_new_tokens, config.batch_size, config.progress, penalties, tasks
         )
     results = []
     for name, adapter, template in models:
@@ -183,6 +199,7 @@ def evaluate(config: EvalConfig) -> dict:
             config.max_batch_tokens,
             _length_limit(config, base, adapter),
             config.progress,
+            tasks.get(name),
         )
         if answers is not None and not choices:  # choice answers are a few tokens long: they cannot loop
             metrics = {
@@ -257,12 +274,41 @@ def _records(
     """The evaluation records (labels mapped to --choices or an adapter's saved label words) and the skipped ones."""
     label_words = choices or next((a.label_words for a in adapters.values() if a.label_words), None)
     records, skipped = load_eval_records(
-        config.data, config.fields, config.label_field, label_words, config.limit, config.skip_bad
+        config.data, config.fields, config.label_field, label_words, config.limit, config.skip_bad, config.task_field
     )
     for r in records if choices else ():
         if r.output not in choices:
             raise DataError(f"{r.where}: the answer {r.output!r} is not one of the choices {choices}")
     return records, skipped
+
+
+def _tasks(config: EvalConfig, records: list[Record], adapters: dict[str, Adapter]) -> dict[str, list[int]]:
+    """Each record's task for every multitask adapter (--task, or --task-field: integer ids, or names the adapter
+    saved in training); one line naming the record and field, or the adapter, when one does not fit."""
+    multitask = {name: a for name, a in adapters.items() if a.method == "multitask"}
+    if not multitask:
+        if config.task is not None or config.task_field is not None:
+            raise ValueError("--task and --task-field are for multitask adapters (no --adapter is one)")
+        return {}
+    if config.task is None and config.task_field is None:
+        name, adapter = next(iter(multitask.items()))
+        raise AdapterError(
+            f"--adapter {name}: a multitask adapter needs --task-field FIELD (each record's task) or --task ID "
+            f"(tasks 0..{adapter.num_tasks - 1})"
+        )
+    raw = [r.task for r in records]
+    out = {}
+    for name, adapter in multitask.items():
+        if config.task is not None:
+            adapter.for_task(config.task, where=f"--adapter {name}")  # refused unless the adapter has the task
+            out[name] = [config.task] * len(records)
+            continue
+        for record, value in zip(records, raw):
+            record.task = value
+        names = adapter.extra.get("task_names") if isinstance(adapter.extra.get("task_names"), list) else None
+        assign_tasks(records, config.task_field, adapter.num_tasks, names, limit=f"adapter {name} has")
+        out[name] = [r.task for r in records]
+    return out
 
 
 def _models(
@@ -289,6 +335,7 @@ def _generate(
     batch_size: int,
     progress: bool,
     penalties: dict,
+    tasks: dict[str, list[int]] | None = None,
 ) -> tuple[dict, dict]:
     """Greedy answers of every model and the seconds each took; one Engine, so each adapter's soft-prompt KV is
     computed once."""
@@ -296,14 +343,15 @@ def _generate(
     out, seconds = {}, {}
     for name, _, _ in models:
         start = time.perf_counter()
+        ids = (tasks or {}).get(name) or [None] * len(records)  # a multitask adapter's rows: NAME@TASK
         requests = [
             GenerationRequest(
                 prompt_ids=engine.encode(r.instruction, r.input, name),
-                adapter=name,
+                adapter=with_task(name, task),
                 max_new_tokens=max_new_tokens,
                 **penalties,
             )
-            for r in records
+            for r, task in zip(records, ids)
         ]
         out[name] = engine.generate(requests, batch_size=batch_size, progress=progress)
         seconds[name] = time.perf_counter() - start

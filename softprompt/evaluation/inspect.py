@@ -61,9 +61,11 @@ def inspect_adapter(path: str | Path, base=None, top_k: int = 5) -> dict:
         "size_bytes": sum(files.values()),
         "num_virtual_tokens": emb.shape[0],
         "hidden_size": emb.shape[1],
-        "trainable_parameters": emb.numel(),
+        "trainable_parameters": emb.numel() + sum(t.numel() for t in (adapter.factors or {}).values()),
         "base_model": base.name if base is not None else None,
     }
+    if adapter.factors is not None:  # a multitask adapter: the tokens below are its shared prompt's
+        info.update(num_tasks=adapter.num_tasks, num_ranks=adapter.factors["prefix_task_cols"].shape[2])
     if adapter.method in KV_METHODS:
         return _prefix_report(info, adapter, base)
     norms = emb.norm(dim=-1)
@@ -136,6 +138,12 @@ def format_report(info: dict) -> str:
         f"  size on disk: {info['size_bytes']:,} bytes ({', '.join(f'{k} {v:,}' for k, v in info['files'].items())})",
         f"  virtual tokens: {info['num_virtual_tokens']} x hidden {info['hidden_size']} = "
         f"{info['trainable_parameters']:,} trainable parameters"
+        + (
+            f" (with {info['num_tasks']} tasks' factors of rank {info['num_ranks']}; the tokens below are the shared "
+            "prompt's)"
+            if "num_tasks" in info
+            else ""
+        )
         if info.get("method") not in KV_METHODS
         else f"  virtual positions: {info['num_virtual_tokens']} x prefix width {info['prefix_width']} "
         f"(layers x 2 x kv heads x head dim) = {info['trainable_parameters']:,} parameters"

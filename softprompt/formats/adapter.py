@@ -5,7 +5,9 @@ A folder holds:
   CAUSAL_LM, ...; see methods.py for each method's fields);
 - `adapter_model.safetensors` — one fp32 tensor `prompt_embeddings`: [num_virtual_tokens, hidden] input embeddings
   (prompt tuning, P-tuning) or [num_virtual_tokens, num_layers * 2 * token_dim] keys/values (prefix tuning,
-  cartridges);
+  cartridges); a multitask adapter (MULTITASK_PROMPT_TUNING) adds its task factors `prefix_task_cols` [num_tasks,
+  N, num_ranks] and `prefix_task_rows` [num_tasks, num_ranks, hidden], and is used one task at a time
+  (`NAME@TASK`, `Adapter.for_task`);
 - `softprompt.json` (optional, softprompt's own) — template, label words, training summary.
 Only safetensors are read: never pickle.
 """
@@ -25,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from softprompt.core import KV_METHODS
 from softprompt.core.forward import Virtual
-from softprompt.core.prompt import Cartridge, PrefixEncoder, SoftPrompt
+from softprompt.core.prompt import Cartridge, MultitaskPrompt, PrefixEncoder, SoftPrompt, check_factors, task_prompt
 from softprompt.data.templates import Template, TemplateError
 from softprompt.formats.folders import replace_folder
 from softprompt.formats.methods import METHOD_OF, base_width, config_fields, expected_width, method_of, misfit
@@ -34,6 +36,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 EXTRA_FILE = "softprompt.json"
 TENSOR_KEY = "prompt_embeddings"
+FACTOR_KEYS = ("prefix_task_cols", "prefix_task_rows")  # a multitask adapter's task factors (PEFT's keys)
+TASK_SEPARATOR = "@"  # NAME@TASK: task TASK of the multitask adapter NAME (adapter names never hold '@')
 PEFT_VERSION = "0.21.2"
 
 # The largest |value| a loaded soft prompt may hold. A prompt lives in the base model's input-embedding space, where
@@ -71,6 +75,25 @@ class AdapterError(ValueError):
     """An adapter folder that cannot be used."""
 
 
+def split_task(name: str) -> tuple[str, int | None]:
+    """(adapter name, task id) of `NAME@TASK`; (name, None) for a name without '@'. The task must be a
+    non-negative integer written in decimal digits."""
+    if not isinstance(name, str) or TASK_SEPARATOR not in name:
+        return name, None
+    adapter, _, task = name.rpartition(TASK_SEPARATOR)
+    if not adapter or not task.isascii() or not task.isdigit():
+        raise AdapterError(
+            f"{name!r}: the task after '{TASK_SEPARATOR}' must be an integer task id, e.g. "
+            f"'{adapter or 'NAME'}{TASK_SEPARATOR}0'"
+        )
+    return adapter, int(task)
+
+
+def with_task(name: str | None, task: int | None) -> str | None:
+    """`name@task` (the name of one task of a multitask adapter), or `name` when task is None."""
+    return name if task is None or name is None else f"{name}{TASK_SEPARATOR}{task}"
+
+
 @dataclass
 class Adapter:
     """A loaded soft prompt (of any method) and what was saved with it."""
@@ -81,6 +104,8 @@ class Adapter:
     label_words: list[str] | None = None
     extra: dict = field(default_factory=dict)
     path: str | None = None
+    factors: dict[str, torch.Tensor] | None = None  # a multitask adapter's FACTOR_KEYS tensors
+    task: int | None = None  # for_task's: which task's prompt `embeddings` is
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -88,17 +113,61 @@ class Adapter:
 
     @property
     def method(self) -> str:
-        """prompt, prefix, ptuning or cartridge (from the config's peft_type)."""
+        """prompt, prefix, ptuning, cartridge or multitask (from the config's peft_type)."""
         return method_of(self.config) or "prompt"
+
+    @property
+    def num_tasks(self) -> int | None:
+        """A multitask adapter's number of tasks (None for other methods)."""
+        return None if self.factors is None else self.factors[FACTOR_KEYS[0]].shape[0]
+
+    @property
+    def needs_task(self) -> bool:
+        """True for a multitask adapter not yet narrowed to one task (for_task)."""
+        return self.method == "multitask" and self.task is None
+
+    def for_task(self, task: int, where: object = None) -> Adapter:
+        """Task `task`'s prompt of a multitask adapter, as an adapter of [N, hidden] input embeddings (computed once,
+        fp32); one line naming `where` (or the folder) when this is not a multitask adapter or the task is unknown."""
+        where = where or self.path or "adapter"
+        if self.method != "multitask" or self.factors is None:
+            raise AdapterError(
+                f"{where}: a task ('{TASK_SEPARATOR}{task}') is only for multitask adapters; this one is "
+                f"--method {self.method}"
+            )
+        if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < self.num_tasks:
+            raise AdapterError(f"{where}: task {task!r} is out of range: the adapter has tasks 0..{self.num_tasks - 1}")
+        with torch.no_grad():
+            prompt = task_prompt(self.embeddings, *(self.factors[k] for k in FACTOR_KEYS), task)
+        return replace(self, embeddings=prompt, task=task)
+
+    def saved(self) -> torch.Tensor | dict[str, torch.Tensor]:
+        """What the adapter's safetensors file holds: the tensor, or a multitask adapter's three tensors."""
+        if self.factors is None:
+            return self.embeddings
+        return {TENSOR_KEY: self.embeddings, **self.factors}
 
     def virtual(self, device=None) -> Virtual:
         """What core.forward puts in front of the text for this adapter."""
+        if self.needs_task:
+            raise AdapterError(self.task_missing())
         return Virtual(self.embeddings if device is None else self.embeddings.to(device), self.method)
+
+    def task_missing(self, name: object = None) -> str:
+        """The message for a multitask adapter named without a task."""
+        name = name or self.path or "adapter"
+        return (
+            f"adapter {str(name)!r} is a multitask adapter: name one of its tasks, e.g. "
+            f"'{name}{TASK_SEPARATOR}0' (tasks 0..{self.num_tasks - 1})"
+        )
 
     def soft_prompt(self) -> torch.nn.Module:
         """A trainable copy of this adapter's prompt, e.g. to continue training it or transfer it to a new task: a
         core.prompt.SoftPrompt (a P-tuning adapter's embeddings become a plain prompt: its encoder is not saved), or
         a PrefixEncoder holding the prefix itself, or a Cartridge with the same frozen tokens)."""
+        if self.method == "multitask" and self.task is None:
+            cols, rows = (self.factors[k] for k in FACTOR_KEYS)
+            return MultitaskPrompt(self.embeddings, cols, rows, init=f"adapter:{self.path}")
         if self.method == "cartridge":
             frozen = self.config.get("num_frozen_tokens", 1)
             return Cartridge(self.embeddings, self.embeddings.shape[1], frozen, init=f"adapter:{self.path}")
@@ -159,7 +228,7 @@ def peft_config(
 ) -> dict:
     """The adapter_config.json PEFT 0.21 writes for a causal-LM adapter of `method` (prompt tuning by default;
     prefix and ptuning take their shape fields from `model_config` and their encoder fields from `peft_fields`)."""
-    if method != "prompt":
+    if method not in ("prompt", "multitask"):
         common = {
             "auto_mapping": None,
             "base_model_name_or_path": base_name,
@@ -176,9 +245,11 @@ def peft_config(
             fields["token_dim"] = token_dim if method == "ptuning" else None
         return dict(sorted({**common, **fields}.items()))
     peft_init = {"text": "TEXT", "vocab": "SAMPLE_VOCAB"}.get(init, "RANDOM")
+    if method == "multitask" and peft_init == "SAMPLE_VOCAB":
+        peft_init = "RANDOM"  # PEFT's multitask inits have no SAMPLE_VOCAB (softprompt.json keeps the exact init)
     if peft_init == "TEXT" and not init_text:
         raise ValueError("init 'text' needs its init text to be recorded (PEFT refuses TEXT without it)")
-    return {
+    config = {
         "auto_mapping": None,
         "base_model_name_or_path": base_name,
         "inference_mode": True,
@@ -197,6 +268,11 @@ def peft_config(
         "tokenizer_kwargs": None,
         "tokenizer_name_or_path": base_name if peft_init == "TEXT" else None,
     }
+    if method == "multitask":
+        config.update(config_fields(method, model_config, peft_fields))
+        config.update(num_layers=num_layers, num_attention_heads=num_heads, token_dim=token_dim)
+        config = dict(sorted(config.items()))
+    return config
 
 
 def save_adapter(
@@ -237,12 +313,28 @@ def save_adapter(
     if module is not None:
         with torch.no_grad():
             embeddings = module()
-    return _write_adapter(Path(out_dir), embeddings.detach().to(device="cpu", dtype=torch.float32), base, metadata)
+    return _write_adapter(Path(out_dir), cpu_fp32(embeddings), base, metadata)
 
 
-def _write_adapter(out_dir: Path, tensor: torch.Tensor, base, metadata: AdapterMetadata) -> Path:
-    """save_adapter's writer: the fp32 CPU `tensor` and `metadata`, checked to fit `base` (or None)."""
-    tensor = tensor.contiguous()
+def cpu_fp32(saved: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
+    """A saved tensor (or a multitask adapter's dict of them) detached, fp32, on the CPU."""
+    if isinstance(saved, dict):
+        return {k: cpu_fp32(v) for k, v in saved.items()}
+    return saved.detach().to(device="cpu", dtype=torch.float32)
+
+
+def _write_adapter(out_dir: Path, saved: torch.Tensor | dict, base, metadata: AdapterMetadata) -> Path:
+    """save_adapter's writer: the fp32 CPU tensor (or a multitask adapter's tensors) and `metadata`, checked to fit
+    `base` (or None)."""
+    tensor = (saved[TENSOR_KEY] if isinstance(saved, dict) else saved).contiguous()
+    if metadata.method == "multitask":
+        if not isinstance(saved, dict) or set(saved) != {TENSOR_KEY, *FACTOR_KEYS}:
+            raise ValueError(f"a multitask adapter saves {TENSOR_KEY} and {', '.join(FACTOR_KEYS)}")
+        check_factors(tensor.shape, *(saved[k].shape for k in FACTOR_KEYS))
+        cols = saved[FACTOR_KEYS[0]]
+        metadata = replace(metadata, peft_fields={"num_tasks": cols.shape[0], "num_ranks": cols.shape[2]})
+    elif isinstance(saved, dict):
+        raise ValueError(f"only a multitask adapter saves several tensors (this one is {metadata.method})")
     cfg = getattr(base.model, "config", None) if base is not None else None
     if base is not None and tensor.shape[1] != base_width(metadata.method, base):
         raise ValueError(misfit(metadata.method, tensor.shape[1], base))
@@ -258,16 +350,18 @@ def _write_adapter(out_dir: Path, tensor: torch.Tensor, base, metadata: AdapterM
         model_config=cfg,
         peft_fields=metadata.peft_fields,
     )
-    return write_folder(out_dir, tensor, config, metadata.softprompt_json())
+    return write_folder(out_dir, saved, config, metadata.softprompt_json())
 
 
-def write_folder(out_dir: Path, tensor: torch.Tensor, config: dict, meta: dict) -> Path:
-    """Write an adapter folder's three files (the fp32 CPU `tensor`, `config` as adapter_config.json, `meta` as
-    softprompt.json) into a temporary folder renamed into place, so a reader never sees a half-written adapter."""
+def write_folder(out_dir: Path, tensor: torch.Tensor | dict, config: dict, meta: dict) -> Path:
+    """Write an adapter folder's three files (the fp32 CPU `tensor`, or a dict of named tensors, `config` as
+    adapter_config.json, `meta` as softprompt.json) into a temporary folder renamed into place, so a reader never sees
+    a half-written adapter."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    tensors = tensor if isinstance(tensor, dict) else {TENSOR_KEY: tensor}
     try:
-        save_file({TENSOR_KEY: tensor}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / EXTRA_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         replace_folder(tmp, out_dir)
@@ -351,6 +445,7 @@ def load_adapter(path: str | Path, base=None) -> Adapter:
     extra_path = path / EXTRA_FILE
     extra = _read_json_object(extra_path) if extra_path.is_file() else {}
     template, label_words = _check_extra(extra, extra_path)
+    factors = _read_factors(tensors, emb, config, weights_path, config_path) if method == "multitask" else None
     return Adapter(
         embeddings=emb.to(torch.float32),
         config=config,
@@ -358,7 +453,35 @@ def load_adapter(path: str | Path, base=None) -> Adapter:
         label_words=label_words,
         extra=extra,
         path=str(path),
+        factors=factors,
     )
+
+
+def _read_factors(tensors: dict, emb: torch.Tensor, config: dict, weights_path: Path, config_path: Path) -> dict:
+    """A multitask adapter's task factors, checked against its shared prompt and its config's num_tasks/num_ranks."""
+    missing = [k for k in FACTOR_KEYS if k not in tensors]
+    if missing:
+        raise AdapterError(
+            f"{weights_path}: a multitask adapter needs tensor(s) {', '.join(missing)} (found: {', '.join(tensors)})"
+        )
+    cols, rows = (tensors[k] for k in FACTOR_KEYS)
+    for key in ("num_tasks", "num_ranks"):
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise AdapterError(f"{config_path}: field {key!r} must be a positive integer, got {_short(value)}")
+    tasks, ranks, (n, hidden) = config["num_tasks"], config["num_ranks"], emb.shape
+    for key, value, shape in (
+        (FACTOR_KEYS[0], cols, (tasks, n, ranks)),
+        (FACTOR_KEYS[1], rows, (tasks, ranks, hidden)),
+    ):
+        if tuple(value.shape) != shape:
+            raise AdapterError(
+                f"{weights_path}: {key} has shape {tuple(value.shape)}, expected {list(shape)} "
+                f"(num_tasks={tasks}, num_virtual_tokens={n}, num_ranks={ranks}, hidden={hidden})"
+            )
+        if not value.is_floating_point() or not torch.isfinite(value.float()).all():
+            raise AdapterError(f"{weights_path}: {key} must be finite floating-point values")
+    return {FACTOR_KEYS[0]: cols.to(torch.float32), FACTOR_KEYS[1]: rows.to(torch.float32)}
 
 
 def _check_embeddings(emb: torch.Tensor, weights_path: Path, config: dict, config_path: Path) -> None:

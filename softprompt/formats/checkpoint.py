@@ -112,7 +112,7 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 def save_checkpoint(
     out_dir: str | Path,
     step: int,
-    embeddings: torch.Tensor,
+    embeddings: torch.Tensor | dict[str, torch.Tensor],
     base,
     metadata: AdapterMetadata,
     optimizer: torch.optim.Optimizer,
@@ -330,7 +330,9 @@ def load_checkpoint(folder: str | Path, verify: bool = True) -> tuple[dict[str, 
     return tensors, state
 
 
-def write_adapter_into(out_dir: str | Path, embeddings: torch.Tensor, base, metadata: AdapterMetadata) -> Path:
+def write_adapter_into(
+    out_dir: str | Path, embeddings: torch.Tensor | dict[str, torch.Tensor], base, metadata: AdapterMetadata
+) -> Path:
     """Write the adapter files into an existing folder (which also holds checkpoints), each file atomically."""
     out_dir = Path(out_dir)
     staging = out_dir / FINAL_STAGING

@@ -6,6 +6,7 @@
 | `ptuning` | P_TUNING       | [N, hidden] the prompt encoder's output            | encoder_reparameterization_type, ...   |
 | `prefix`  | PREFIX_TUNING  | [N, num_layers * 2 * token_dim] keys and values    | prefix_projection, encoder_hidden_size  |
 | `cartridge` | CARTRIDGE    | [N, num_layers * 2 * token_dim] keys and values    | num_frozen_tokens                       |
+| `multitask` | MULTITASK_PROMPT_TUNING | [N, hidden] shared prompt, + prefix_task_cols [tasks, N, ranks] and prefix_task_rows [tasks, ranks, hidden] | prompt tuning's, num_tasks, num_ranks, prompt_tuning_init_task, prompt_tuning_init_state_dict_path |
 
 For a prefix and a cartridge (the KV_METHODS), PEFT sizes token_dim as num_key_value_heads x head_dim and records num_attention_heads as the number of
 key/value heads on grouped-query models (peft/utils/other.py, _prepare_prompt_learning_config); the tensor is the
@@ -39,7 +40,16 @@ def config_fields(method: str, model_config, peft_fields: dict | None = None) ->
             fields.update(num_attention_heads=kv_heads, token_dim=kv_heads * head_dim)
         else:
             fields.update(token_dim=None)
-    if method == "cartridge":
+    if method == "multitask":
+        fields.update(
+            token_dim=hidden,
+            num_tasks=int(peft_fields.get("num_tasks", 1)),
+            num_ranks=int(peft_fields.get("num_ranks", 1)),
+            # softprompt.json records an init from a source adapter: PEFT would re-read the source at every load
+            prompt_tuning_init_state_dict_path=None,
+            prompt_tuning_init_task=0,
+        )
+    elif method == "cartridge":
         fields.update(num_frozen_tokens=int(peft_fields.get("num_frozen_tokens", 1)))
     elif method == "prefix":
         fields.update(

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from softprompt.formats import checkpoint
-from softprompt.formats.adapter import AdapterMetadata, load_adapter, save_adapter
+from softprompt.formats.adapter import AdapterMetadata, cpu_fp32, load_adapter, save_adapter
 
 MODULE_KEY = "prompt."  # checkpoint tensors of the trainable module: prompt.<state_dict key>
 BEST = "best"
@@ -113,7 +113,7 @@ class RunFolder:
     def write_final(self, prompt: torch.nn.Module, summary: RunSummary) -> Path:
         """The final adapter into OUT itself, beside the checkpoints: OUT/best's when `summary.final` is "best",
         else the prompt as it is now; the summary goes into its softprompt.json."""
-        tensor = load_adapter(self.path / BEST).embeddings if summary.final == "best" else adapter_tensor(prompt)
+        tensor = load_adapter(self.path / BEST).saved() if summary.final == "best" else adapter_tensor(prompt)
         meta = self.metadata.with_extra(training=asdict(summary))
         return checkpoint.write_adapter_into(self.path, tensor, self.base, meta)
 
@@ -172,8 +172,8 @@ class RunFolder:
                 )
 
 
-def adapter_tensor(prompt: torch.nn.Module) -> torch.Tensor:
+def adapter_tensor(prompt: torch.nn.Module) -> torch.Tensor | dict[str, torch.Tensor]:
     """What an adapter saves of a core.prompt module: its output (a prompt encoder's embeddings, a projected
-    prefix), fp32 on the CPU."""
+    prefix; a multitask prompt's three tensors), fp32 on the CPU."""
     with torch.no_grad():
-        return prompt().detach().float().cpu()
+        return cpu_fp32(prompt())

@@ -59,6 +59,7 @@ from softprompt.core.forward import (
     prefill_layout,
     run_body,
 )
+from softprompt.core.fused import use_fused_projections
 from softprompt.core.models import FrozenModel
 from softprompt.core.packed import use_packed_linears
 from softprompt.inference.detokenize import Detokenizer
@@ -200,9 +201,13 @@ class DecodeBatch:
     # Row-exact mode (see the module docstring): None = on below fp32 (bf16, fp16), where a rounding difference flips a
     # whole bf16 step; fp32 keeps the plain batched kernels. Benchmarks set True / False to measure the cost.
     exact: bool | None = None
-    # Row-exact decode steps of Llama bodies through core/forward.py's `decode_body` (the same bits as the model's own
-    # forward); benchmarks set False to measure it.
+    # Decode steps of Llama bodies through core/forward.py's `decode_body` (the same bits as the model's own forward,
+    # row-exact or not); benchmarks set False to measure it.
     fast_path: bool = True
+    # Within it, q/k/v and gate/up as one product each (core/fused.py, the same bits). Off: on the Intel Xeon measured
+    # (docs/benchmarks.md, "Decode step") it gained nothing in fp32 and lost in bf16, for a copy of those weights;
+    # benchmarks set True to measure it elsewhere.
+    fused: bool = False
 
     def __init__(
         self,
@@ -226,6 +231,8 @@ class DecodeBatch:
                 "batch-mates (load the model with attn_implementation='sdpa')",
                 stacklevel=2,
             )
+        if self.fast_path and self.fused and fast_decode(base.model, self.exact):
+            use_fused_projections(base.model.base_model.layers)  # same bits, fewer products per step
         self.keep_logits = keep_logits
         self.rows: list[_Row] = []
         self.cache = None  # transformers DynamicCache over the per-layer [B, kv_heads, T, head_dim] tensors
@@ -300,8 +307,8 @@ class DecodeBatch:
                 self.cache = make_cache([(grow(k), grow(v)) for k, v in cache_tensors(self.cache)])
         embeds = self.base.model.get_input_embeddings()(ids)
         model = self.base.model
-        if self.exact and self.fast_path and fast_decode(model):  # same bits, less per-step work (core/forward.py)
-            hidden = decode_body(model, embeds, mask, pos, self.cache, live)
+        if self.fast_path and fast_decode(model, self.exact):  # same bits, less per-step work (core/forward.py)
+            hidden = decode_body(model, embeds, mask, pos, self.cache, live, self.exact, self.fused)
         else:
             with row_exact(live) if self.exact else nullcontext():
                 hidden, self.cache = run_body(model, embeds, mask, pos, cache=self.cache, use_cache=True)

@@ -41,6 +41,13 @@ class GenerationOptions:
         metavar="DIR",
         group="model",
     )
+    task: int | None = option(
+        None,
+        "the task of a multitask --adapter (an integer id 0, 1, ...; with --batch, records name 'NAME@TASK' instead)",
+        minimum=0,
+        maximum=1_000_000,
+        group="model",
+    )
     greedy: bool = option(False, "greedy decoding (no sampling)", group=SAMPLING)
     temperature: float | None = option(
         None,
@@ -76,6 +83,8 @@ class GenerationOptions:
 
     def __post_init__(self) -> None:
         check_options(self)
+        if self.task is not None and self.adapter is None:
+            raise ValueError("--task needs --adapter (a multitask adapter)")
         if self.greedy and self.temperature not in (None, 0):
             raise ValueError("--greedy and --temperature cannot be combined (greedy means temperature 0)")
 
@@ -124,7 +133,8 @@ class GenerateConfig(BatchOptions):
     input: str = option("", "optional input text that goes with the instruction", group="prompt")
     batch: str | None = option(
         None,
-        "records with 'instruction', optional 'input' and 'adapter' (a folder name under --adapters-dir)",
+        "records with 'instruction', optional 'input' and 'adapter' (a folder name under --adapters-dir; "
+        "'NAME@TASK' for a task of a multitask adapter)",
         metavar="FILE.jsonl",
         group="batch",
     )

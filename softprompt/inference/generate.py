@@ -15,7 +15,7 @@ from pathlib import Path
 from softprompt.core.models import FrozenModel, load_base
 from softprompt.data.records import read_jsonl
 from softprompt.data.templates import CHAT, HUMAN_ASSISTANT, Template
-from softprompt.formats.adapter import Adapter, check_adapter_name, load_adapter
+from softprompt.formats.adapter import Adapter, AdapterError, check_adapter_name, load_adapter, split_task, with_task
 from softprompt.formats.compose import SEPARATOR, is_composition, load_spec, split_parts
 from softprompt.inference.batch import GenerationRequest
 from softprompt.inference.config import BatchOptions, GenerationOptions
@@ -27,20 +27,25 @@ def build_engine(base: FrozenModel, chat_template: bool = False) -> Engine:
     return Engine(base, default_template=Template(CHAT if chat_template else HUMAN_ASSISTANT))
 
 
-def add_adapter(engine: Engine, adapter: str | Path | Adapter | None) -> str | None:
+def add_adapter(engine: Engine, adapter: str | Path | Adapter | None, task: int | None = None) -> str | None:
     """Load --adapter into the engine; its name is its path (record names under --adapters-dir never contain a
-    path separator, so the two cannot collide); `a+b` (folders joined with '+') composes them (formats/compose.py)."""
+    path separator, so the two cannot collide); `a+b` (folders joined with '+') composes them (formats/compose.py).
+    A multitask adapter needs `task` (--task); the name returned is then `PATH@TASK`."""
     if adapter is None:
         return None
     if isinstance(adapter, Adapter):
-        name = str(Path(adapter.path).resolve()) if adapter.path else "/adapter"
-        engine.add_adapter(name, adapter)
-        return name
-    loaded = load_spec(adapter, engine.base)  # a folder, or folders joined with '+' (a composition)
-    parts = loaded.extra.get("composed_of") if loaded.path is None else None
-    name = SEPARATOR.join(str(Path(p).resolve()) for p in parts) if parts else str(Path(adapter).resolve())
+        name, loaded = (str(Path(adapter.path).resolve()) if adapter.path else "/adapter"), adapter
+    else:
+        loaded = load_spec(adapter, engine.base)  # a folder, or folders joined with '+' (a composition)
+        parts = loaded.extra.get("composed_of") if loaded.path is None else None
+        name = SEPARATOR.join(str(Path(p).resolve()) for p in parts) if parts else str(Path(adapter).resolve())
+    where = f"--adapter {adapter.path if isinstance(adapter, Adapter) else adapter}"
+    if loaded.needs_task and task is None:
+        raise AdapterError(f"{where}: a multitask adapter needs --task (one of its tasks, 0..{loaded.num_tasks - 1})")
+    if task is not None:
+        loaded.for_task(task, where=where)  # refused now, naming the flag: not multitask, or no such task
     engine.add_adapter(name, loaded)
-    return name
+    return with_task(name, task)
 
 
 def _base(base: FrozenModel | None, options: GenerationOptions) -> FrozenModel:
@@ -57,7 +62,7 @@ def generate(
     """Answer one instruction with `opts` (the adapter, the model, how tokens are chosen). `on_text(piece)` is called
     with each newly final piece of text (streaming)."""
     engine = build_engine(_base(base, opts), opts.chat_template)
-    name = add_adapter(engine, opts.adapter)
+    name = add_adapter(engine, opts.adapter, opts.task)
     request = GenerationRequest(
         engine.encode(instruction, input, name),
         adapter=name,
@@ -84,10 +89,14 @@ def check_record(record: object, where: str) -> dict:
     if "input" in record and record["input"] is not None and not isinstance(record["input"], str):
         raise ValueError(f"{where}: 'input' must be a string")
     if record.get("adapter") is not None:
-        try:  # a name, or names joined with '+' (a composition of those adapters)
+        try:  # a name, names joined with '+' (a composition of those adapters), or NAME@TASK
             parts = split_parts(record["adapter"]) if is_composition(record["adapter"]) else [record["adapter"]]
-            for part in parts:
-                check_adapter_name(part)
+            names = [split_task(part)[0] for part in parts]
+        except AdapterError as err:
+            raise ValueError(f"{where}: field 'adapter': {err}") from None
+        try:
+            for name in names:
+                check_adapter_name(name)
         except ValueError as err:
             raise ValueError(f"{where}: {err}; it names a folder under --adapters-dir") from None
     return record
@@ -104,7 +113,7 @@ def check_batch(records: list[dict], adapters_dir: str | Path | None, wheres: li
         if adapters_dir is None:
             raise ValueError(f"{where}: names adapter {name!r} but no --adapters-dir was given")
         for part in split_parts(name):
-            folder = Path(adapters_dir) / part
+            folder = Path(adapters_dir) / split_task(part)[0]
             if not folder.is_dir():
                 raise ValueError(f"{where}: unknown adapter {part!r}: no folder {folder}")
 
@@ -133,7 +142,7 @@ def generate_batch(records: list[dict], opts: BatchOptions, *, base: FrozenModel
     wheres = [r.get("_where") or f"record {i + 1}" for i, r in enumerate(records)]
     check_batch(records, opts.adapters_dir, wheres)
     engine = build_engine(_base(base, opts), opts.chat_template)
-    default = add_adapter(engine, opts.adapter)
+    default = add_adapter(engine, opts.adapter, opts.task)
     requests = []
     for i, (record, where) in enumerate(zip(records, wheres)):
         name = record.get("adapter")
@@ -141,8 +150,9 @@ def generate_batch(records: list[dict], opts: BatchOptions, *, base: FrozenModel
             name = default
         else:  # each part of a composition `a+b` is loaded under its name; the engine composes them
             for part in split_parts(name):
-                if part not in engine.prompt_cache:
-                    engine.add_adapter(part, load_adapter(Path(opts.adapters_dir) / part, engine.base))
+                folder = split_task(part)[0]  # NAME@TASK: the folder NAME, loaded once for all its tasks
+                if folder not in engine.prompt_cache:
+                    engine.add_adapter(folder, load_adapter(Path(opts.adapters_dir) / folder, engine.base))
         try:
             prompt_ids = engine.encode(record["instruction"], record.get("input") or "", name)
             request = GenerationRequest(
@@ -157,6 +167,9 @@ def generate_batch(records: list[dict], opts: BatchOptions, *, base: FrozenModel
                 **opts.sampling(),
             )
             engine.check(request)
+        except AdapterError as err:  # the adapter the record names cannot serve it (a multitask one: which task)
+            field = " field 'adapter':" if record.get("adapter") is not None else ""
+            raise ValueError(f"{where}:{field} {err}") from err
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from err
         requests.append(request)

@@ -15,6 +15,11 @@ concatenated along the sequence (the same tensors as prompt_kv of the composed a
 reshape of its tensor), built on first use and kept for the last COMPOSED_KEPT compositions. Its identity belongs to
 the parts' identities, so prefix-cache blocks and pins of `a+b` stay valid while a and b stay loaded, and end when
 either is replaced or removed.
+
+A multitask adapter (MULTITASK_PROMPT_TUNING) is served one task at a time: `NAME@TASK` is task TASK's prompt
+(Adapter.for_task, an ordinary [N, hidden] prompt), its keys/values computed on first use and kept for the last
+TASKS_KEPT such names; its identity belongs to the adapter's, so it ends when the adapter is replaced or removed.
+The bare name of a multitask adapter is refused (there is no prompt without a task).
 """
 
 from __future__ import annotations
@@ -30,12 +35,13 @@ from softprompt.core import forward
 from softprompt.core.forward import Kv
 from softprompt.core.models import FrozenModel
 from softprompt.data.templates import Template
-from softprompt.formats.adapter import Adapter, AdapterError, check_fits_context
+from softprompt.formats.adapter import TASK_SEPARATOR, Adapter, AdapterError, check_fits_context, split_task
 from softprompt.formats.compose import SEPARATOR, compose, is_composition, split_parts
 from softprompt.formats.methods import base_width, misfit
 
 _IDENTITIES = itertools.count(1)  # shared by every PromptCache, so no two entries (or base models) ever share one
 COMPOSED_KEPT = 8  # compositions whose concatenated keys/values are kept (rebuilding one is a copy, no model call)
+TASKS_KEPT = 64  # tasks of multitask adapters whose keys/values are kept (rebuilding one runs N virtual tokens)
 
 
 @dataclass
@@ -83,6 +89,9 @@ class PromptCache:
         self._composed: OrderedDict[str, CachedPrompt] = OrderedDict()
         self._composed_ids: dict[tuple[int, ...], int] = {}
         self._composing = threading.Lock()  # request threads and the worker compose at once
+        # NAME@TASK -> its entry, most recent last; (adapter's identity, task) -> the task entry's identity
+        self._tasks: OrderedDict[str, CachedPrompt] = OrderedDict()
+        self._task_ids: dict[tuple[int, int], int] = {}
 
     def add(self, name: str, adapter: Adapter) -> None:
         """Compute and store the adapter's virtual-token KV (replaces an entry of the same name)."""
@@ -102,6 +111,8 @@ class PromptCache:
         if emb.shape[1] != width:
             raise AdapterError(f"{where}: {misfit(method, emb.shape[1], self.base, adapter.config)}")
         check_fits_context(emb.shape[0], getattr(self.base.model.config, "max_position_embeddings", None), where)
+        if adapter.needs_task:  # served per task (NAME@TASK): nothing to run until a task is named
+            return CachedPrompt([], emb.shape[0], adapter.template_or(self.default_template), adapter)
         with torch.no_grad():
             kv, _ = forward.prompt_kv(self.base.model, forward.Virtual(emb.to(self.base.device), method))
         kv = [(k.detach(), v.detach()) for k, v in kv]
@@ -124,12 +135,17 @@ class PromptCache:
         return entry.kv, entry.num_virtual_tokens
 
     def entry(self, name: str) -> CachedPrompt:
-        """The entry served as `name`, a loaded adapter or a composition of loaded key/value adapters (`a+b`)."""
+        """The entry served as `name`, a loaded adapter, a composition of loaded key/value adapters (`a+b`) or a task of
+        a loaded multitask adapter (`NAME@TASK`); a multitask adapter's bare name is refused (AdapterError)."""
         entry = self._entries.get(name)
         if entry is not None:  # a loaded name wins (a CLI adapter's path may hold a '+')
+            if entry.adapter.needs_task:
+                raise AdapterError(entry.adapter.task_missing(name))
             return entry
         if is_composition(name):
             return self._composition(name)
+        if isinstance(name, str) and TASK_SEPARATOR in name:
+            return self._task(name)
         raise UnknownAdapterError.named(name, self.names())
 
     def request_entry(self, request_id, name: str | None) -> CachedPrompt | None:
@@ -137,9 +153,30 @@ class PromptCache:
         (a composition's error names the part at fault)."""
         if name is None:
             return None
-        if name not in self._entries and not is_composition(name):
+        if name not in self._entries and not is_composition(name) and TASK_SEPARATOR not in name:
             raise UnknownAdapterError.in_request(request_id, name, self.names())
         return self.entry(name)
+
+    def _task(self, name: str) -> CachedPrompt:
+        """The entry of `NAME@TASK`: task TASK's prompt of the loaded multitask adapter NAME, built on first use."""
+        adapter_name, task = split_task(name)
+        parent = self._entries.get(adapter_name)  # one read: the worker may remove it meanwhile
+        if parent is None:
+            raise UnknownAdapterError.named(adapter_name, self.names())
+        key = (parent.identity, task)
+        with self._composing:
+            kept = self._tasks.get(name)
+            if kept is not None and kept.parts == key[:1]:
+                self._tasks.move_to_end(name)
+                return kept
+        entry = self.prepare(name, parent.adapter.for_task(task, where=repr(name)))
+        with self._composing:
+            entry.identity = self._task_ids.setdefault(key, entry.identity)
+            entry.parts = key[:1]
+            self._tasks[name] = entry
+            while len(self._tasks) > TASKS_KEPT:
+                self._tasks.popitem(last=False)
+        return entry
 
     def _composition(self, name: str) -> CachedPrompt:
         """The entry of a composed name: built from its parts' current entries, or the one kept for them."""
@@ -179,10 +216,15 @@ class PromptCache:
 
     def template(self, name: str | None) -> Template:
         """The template to format prompts for this adapter (the default one for the base model)."""
-        return self.default_template if name is None else self.entry(name).template
+        return self.default_template if name is None else self._loaded_or_entry(name).template
 
     def num_virtual_tokens(self, name: str | None) -> int:
-        return 0 if name is None else self.entry(name).num_virtual_tokens
+        return 0 if name is None else self._loaded_or_entry(name).num_virtual_tokens
+
+    def _loaded_or_entry(self, name: str) -> CachedPrompt:
+        """The loaded entry of `name` (also a multitask adapter's, whose template and length all its tasks share),
+        else `entry(name)`."""
+        return self._entries.get(name) or self.entry(name)
 
     def identity(self, name: str | None) -> int:
         """A number naming this entry (or this cache's base model) for as long as it is loaded; an adapter added
@@ -197,16 +239,22 @@ class PromptCache:
             for key in [key for key in self._composed_ids if not live.issuperset(key)]:
                 del self._composed_ids[key]
             composed = set(self._composed_ids.values())
+            for key in [key for key in self._task_ids if key[0] not in live]:
+                del self._task_ids[key]
+            composed |= set(self._task_ids.values())
         return {self._base_identity} | live | composed
 
     def names(self) -> list[str]:
         return list(self._entries)
 
     def __contains__(self, name: object) -> bool:
-        """True for the base model (None), a loaded adapter and a composition whose parts are all loaded."""
+        """True for the base model (None), a loaded adapter, a composition whose parts are all loaded and a task
+        `NAME@TASK` of a loaded adapter NAME (whether it has that task is checked when it is used)."""
         if is_composition(name) and name not in self._entries:
             parts = name.split(SEPARATOR)
             return all(parts) and all(part in self._entries for part in parts)
+        if isinstance(name, str) and TASK_SEPARATOR in name and name not in self._entries:
+            return name.rpartition(TASK_SEPARATOR)[0] in self._entries
         return name is None or name in self._entries
 
     def __len__(self) -> int:

@@ -99,7 +99,10 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-MODEL_HELP = "a served model: `base`, an adapter's name, or prefix/cartridge adapters' names joined by `+` (composed)"
+MODEL_HELP = (
+    "a served model: `base`, an adapter's name, prefix/cartridge adapters' names joined by `+` (composed), or "
+    "`NAME@TASK` (task TASK, an integer id, of the multitask adapter NAME)"
+)
 
 
 class _Common(BaseModel):

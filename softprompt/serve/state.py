@@ -11,7 +11,7 @@ import time
 from starlette.concurrency import run_in_threadpool
 
 from softprompt.data.templates import Template
-from softprompt.formats.adapter import AdapterError
+from softprompt.formats.adapter import TASK_SEPARATOR, AdapterError, split_task, with_task
 from softprompt.formats.compose import is_composition, split_parts
 from softprompt.inference.batch import context_length
 from softprompt.inference.engine import Engine
@@ -52,7 +52,7 @@ class ServerState:
 
     def model_card(self, name: str) -> ModelCard:
         """The card of a served model (or composition); RegistryError(404) when unknown."""
-        if is_composition(name):
+        if is_composition(name) or self._is_task(name):
             _, n, _, _ = self.lookup(name)
             return ModelCard(id=name, object="model", created=self.created, owned_by="softprompt",
                              root=self.base.name, parent=self.base.name, num_virtual_tokens=n,
@@ -72,8 +72,12 @@ class ServerState:
     def model_list(self) -> ModelList:
         cards = []
         for name in [BASE_NAME] + self.registry.names():
-            with contextlib.suppress(RegistryError):  # removed meanwhile
-                cards.append(self.model_card(name))
+            with contextlib.suppress(RegistryError, APIError):  # removed meanwhile
+                adapter = self.registry.adapter(name)
+                if adapter is not None and adapter.needs_task:  # a multitask adapter: a model per task
+                    cards += [self.model_card(with_task(name, task)) for task in range(adapter.num_tasks)]
+                else:
+                    cards.append(self.model_card(name))
         return ModelList(object="list", data=cards)
 
     def health(self) -> Health:
@@ -91,6 +95,8 @@ class ServerState:
         (`a+b`, formats/compose.py) is served when each part is."""
         if is_composition(model):
             return self._composition_key(model)
+        if self._is_task(model):
+            return self._task_key(model)
         if not self.registry.has(model):
             raise model_not_found(model)
         return None if model == BASE_NAME else model
@@ -123,6 +129,25 @@ class ServerState:
             if not self.registry.has(part):
                 raise APIError(404, f"The model `{model}` does not exist: its part `{part}` is not served.",
                                param="model", code="model_not_found")  # fmt: skip
+        return model
+
+    def _is_task(self, model: str) -> bool:
+        """True for a model name `NAME@TASK` (a task of a multitask adapter), unless an adapter has that very name."""
+        return isinstance(model, str) and TASK_SEPARATOR in model and not self.registry.has(model)
+
+    def _task_key(self, model: str) -> str:
+        """A task's model name, checked: an integer task (400), of a served adapter (404 naming it); whether that
+        adapter is a multitask one with this task is the cache entry's check (400)."""
+        try:
+            name, _ = split_task(model)
+        except AdapterError as err:
+            raise APIError(400, str(err), param="model", code="invalid_value") from None
+        if name == BASE_NAME:
+            raise APIError(400, f"{model!r}: the base model has no tasks (only multitask adapters do)",
+                           param="model", code="invalid_value")  # fmt: skip
+        if not self.registry.has(name):
+            raise APIError(404, f"The model `{model}` does not exist: its adapter `{name}` is not served.",
+                           param="model", code="model_not_found")  # fmt: skip
         return model
 
     def vocab_size(self) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from softprompt.core import ENCODER_TYPES, INIT_METHODS, KV_METHODS, METHODS
+from softprompt.core import ENCODER_TYPES, FACTOR_INITS, INIT_METHODS, KV_METHODS, METHODS, MULTITASK_INITS
 from softprompt.options import (
     SEED_MAX,
     OptionError,
@@ -32,6 +32,7 @@ SELFSTUDY = "self-study (--method cartridge --corpus FILE)"
 # chosen by a sweep on an SST-2 dev split (docs/evaluation.md, "Methods compared"): 0.3 made prefix and P-tuning
 # collapse to one answer; 0.03 did not.
 DEFAULT_LR = {"prompt": 0.3, "prefix": 0.03, "ptuning": 0.03, "cartridge": 0.03}
+DEFAULT_LR["multitask"] = 0.3  # its shared prompt is a prompt-tuning prompt (Adafactor steps are relative)
 
 # Default token budget of one training forward pass per device type. On a 2-core AVX-512 CPU, SmolLM2-135M fp32
 # training ran at 316 / 324 / 332 / 339 text tokens/s with budgets 320 / 384 / 512 / 1024 and peak memory 1.41 / 1.48 /
@@ -80,7 +81,8 @@ class TrainConfig:
         "P-tuning v2: keys and values of N virtual positions in every layer), ptuning (P-tuning: N input "
         "embeddings produced by a prompt encoder while training; the adapter saves its output), cartridge "
         "(PEFT's CARTRIDGE: keys and values of N virtual positions learned directly, the first "
-        "--num-frozen-tokens kept fixed)",
+        "--num-frozen-tokens kept fixed), multitask (PEFT's MULTITASK_PROMPT_TUNING: a shared prompt times "
+        "per-task low-rank factors, one prompt per task of --task-field)",
         choices=METHODS,
         group=PROMPT,
     )
@@ -139,6 +141,47 @@ class TrainConfig:
         maximum=4096,
         group=PROMPT,
     )
+    task_field: str | None = option(
+        None,
+        "--method multitask: the field holding each record's task, an integer id 0, 1, ... or a name (names are "
+        "numbered in order of first appearance and saved with the adapter; default: every record is task 0)",
+        group=DATA,
+    )
+    num_tasks: int | None = option(
+        None, "--method multitask: number of tasks (default: what --task-field holds)", minimum=1, maximum=4096,
+        group=PROMPT,
+    )  # fmt: skip
+    num_ranks: int | None = option(
+        None, "--method multitask: rank of each task's factors (PEFT's num_ranks; default 1)", minimum=1,
+        maximum=4096, group=PROMPT,
+    )  # fmt: skip
+    factor_init: str | None = option(
+        None,
+        "--method multitask: how fresh task factors start: near-one (their product is about 1, so every task starts "
+        "at the shared prompt, i.e. at --init; the default) or peft (N(0, 0.02) as PEFT draws them, so every task's "
+        "prompt starts near zero)",
+        choices=FACTOR_INITS,
+        group=PROMPT,
+    )
+    init_from: str | None = option(
+        None,
+        "--method multitask: start from this adapter folder (a multitask one; or, with --init-from-mode "
+        "shared-only, any prompt of input embeddings): its shared prompt, and task factors as --init-from-mode says",
+        metavar="DIR",
+        group=PROMPT,
+    )
+    init_from_mode: str | None = option(
+        None,
+        "--init-from: average-tasks (its factors averaged over its tasks; PEFT's AVERAGE_SOURCE_TASKS, the default), "
+        "exact-task (those of its task --init-task; EXACT_SOURCE_TASK) or shared-only (fresh factors; "
+        "ONLY_SOURCE_SHARED); every task of the new prompt starts from them",
+        choices=MULTITASK_INITS,
+        group=PROMPT,
+    )
+    init_task: int | None = option(
+        None, "--init-from-mode exact-task: the source's task to start from (default 0)", minimum=0, maximum=4095,
+        group=PROMPT,
+    )  # fmt: skip
     corpus: str | None = option(
         None,
         "--method cartridge: train by self-study on this plain-text or Markdown file instead of --data: the frozen "
@@ -314,6 +357,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_options(self)
         self._check_init()
+        self._check_multitask()
         self._check_corpus()
         if self.encoder_type != "mlp" and self.method != "ptuning":
             raise OptionError(f"--encoder-type is for --method ptuning (this run has --method {self.method})")
@@ -323,6 +367,29 @@ class TrainConfig:
             raise OptionError(
                 "--encoder-hidden-size is for --method ptuning, or --method prefix without --no-prefix-projection"
             )
+
+    def _check_multitask(self) -> None:
+        given = [
+            flag
+            for flag, value in (
+                ("--task-field", self.task_field),
+                ("--num-tasks", self.num_tasks),
+                ("--num-ranks", self.num_ranks),
+                ("--factor-init", self.factor_init),
+                ("--init-from", self.init_from),
+            )
+            if value is not None
+        ]
+        if given and self.method != "multitask":
+            raise OptionError(f"{given[0]} is for --method multitask (this run has --method {self.method})")
+        if self.init_from is None and (self.init_from_mode is not None or self.init_task is not None):
+            raise OptionError("--init-from-mode and --init-task need --init-from (the source adapter)")
+        if self.init_task is not None and self.init_from_mode != "exact-task":
+            raise OptionError("--init-task is for --init-from-mode exact-task")
+        if self.init_from is not None and (self.init is not None or self.init_text or self.init_file):
+            raise OptionError("give --init-from or --init (with --init-text / --init-file), not both")
+        if self.method == "multitask" and self.shard_base:
+            raise OptionError("--shard-base is not available for --method multitask")
 
     def _check_init(self) -> None:
         if self.init_text is not None and self.init_file is not None:

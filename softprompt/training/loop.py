@@ -33,12 +33,12 @@ import torch
 
 from softprompt.core import KV_METHODS, forward
 from softprompt.core.models import FrozenModel, activation_checkpointing, describe_parameters, load_base
-from softprompt.core.prompt import build_prompt
+from softprompt.core.prompt import MultitaskPrompt, build_prompt, multitask_factors
 from softprompt.data import batching
 from softprompt.data.labels import detect_label_words, example_classes
-from softprompt.data.records import DataError, Fields, load_records, parse_words, split_holdout
+from softprompt.data.records import DataError, Fields, assign_tasks, load_records, parse_words, split_holdout
 from softprompt.data.templates import Template
-from softprompt.formats.adapter import AdapterMetadata
+from softprompt.formats.adapter import FACTOR_KEYS, AdapterError, AdapterMetadata, load_adapter
 from softprompt.formats.run_folder import Progress, RunFolder, RunKey, RunSummary
 from softprompt.training import distributed
 from softprompt.training.config import TrainConfig, default_batch_tokens, length_cap
@@ -74,6 +74,8 @@ class TrainData:
     classes: list[int] | None  # each example's class, for class-balanced steps (None: length-grouped steps)
     lengths: list[int] = field(init=False)  # each example's tokens
     init_text: str | None = None  # --init-text, or the text of --init-file
+    num_tasks: int = 1  # --method multitask: the tasks of --task-field (or --num-tasks)
+    task_names: list[str] | None = None  # the names a --task-field of strings gave, in id order
     selfstudy: Any = None  # --corpus: selfstudy.SelfStudyData (the teacher's top-k per token of each example)
 
     def __post_init__(self) -> None:
@@ -170,10 +172,25 @@ def _setup(config: TrainConfig) -> Run:
         encoder_hidden_size=config.encoder_hidden_size,
         encoder_type=config.encoder_type,
         num_frozen_tokens=config.frozen_tokens,
+        num_tasks=data.num_tasks,
+        num_ranks=config.num_ranks or 1,
+        factor_init=config.factor_init or "near-one",
     )
+    extra = {}
+    if config.method == "multitask":
+        extra = {"task_field": config.task_field, "task_names": data.task_names}
+        extra.update(factor_init=config.factor_init or "near-one")
+        if config.init_from is not None:
+            prompt, init = _from_source(config, base, prompt), "adapter"
+            extra.update(init_from=str(config.init_from), init_from_mode=config.init_from_mode or "average-tasks")
+            if config.init_from_mode == "exact-task":
+                extra.update(init_task=config.init_task or 0)
+        if data.task_names and accelerator.is_main_process:
+            named = ", ".join(f"{i} {name}" for i, name in enumerate(data.task_names))
+            print(f"train: tasks of --task-field {config.task_field!r}: {named} (saved with the adapter)", flush=True)
     sharded = distributed.shard_if_asked(config.shard_base, base, accelerator, _device(config, accelerator))
     optimizer = build_optimizer(config.optimizer, list(prompt.parameters()), config.peak_lr, config.weight_decay)
-    metadata = AdapterMetadata.of(prompt, init=init, template=template, label_words=data.label_words)
+    metadata = AdapterMetadata.of(prompt, init=init, template=template, label_words=data.label_words, extra=extra)
     key = RunKey(len(data.examples), step_records, config.seed, prompt.method)
     folder = RunFolder(config.out, base, metadata, key, keep=config.keep_checkpoints)
     if accelerator.is_main_process:
@@ -207,6 +224,37 @@ def _setup(config: TrainConfig) -> Run:
     )
     _start_reporting(run)
     return run
+
+
+def _from_source(config: TrainConfig, base: FrozenModel, fresh: torch.nn.Module) -> torch.nn.Module:
+    """--init-from: a multitask prompt starting from the source adapter's shared prompt and, per --init-from-mode,
+    its task factors averaged or one task's (else the fresh prompt's factors), in one line naming the source when
+    it does not fit."""
+    where, mode = f"--init-from {config.init_from}", config.init_from_mode or "average-tasks"
+    try:
+        source = load_adapter(config.init_from, base)
+    except AdapterError as err:
+        raise DataError(f"{where}: {err}") from None
+    if source.method in KV_METHODS or (source.method != "multitask" and mode != "shared-only"):
+        kind = "a multitask adapter" if mode != "shared-only" else "a prompt of input embeddings"
+        raise DataError(f"{where}: --init-from-mode {mode} needs {kind}; this is a --method {source.method} adapter")
+    if source.num_virtual_tokens != fresh.num_virtual_tokens:
+        raise DataError(
+            f"{where}: the source has {source.num_virtual_tokens} virtual tokens, this run "
+            f"{fresh.num_virtual_tokens}: pass --num-virtual-tokens {source.num_virtual_tokens}"
+        )
+    factors = None if source.factors is None else tuple(source.factors[key] for key in FACTOR_KEYS)
+    if mode == "shared-only":
+        cols, rows = fresh.task_cols, fresh.task_rows
+    else:
+        try:
+            cols, rows = multitask_factors(
+                fresh.num_tasks, fresh.num_virtual_tokens, fresh.embedding.shape[1], fresh.num_ranks, config.seed,
+                factors, mode, config.init_task or 0,
+            )  # fmt: skip
+        except ValueError as err:
+            raise DataError(f"{where}: {err}") from None
+    return MultitaskPrompt(source.embeddings, cols, rows, "adapter").to(base.device)
 
 
 def _accelerator(config: TrainConfig):
@@ -248,7 +296,7 @@ def _load(config: TrainConfig, accelerator) -> tuple[TrainConfig, FrozenModel, T
     template = Template(config.template)
     label_words = parse_words(config.label_words, "--label-words")
     init_text = _init_text(config)  # a bad --init-file fails before the records and the model load
-    train_recs, eval_recs = _load_records(config, label_words)
+    train_recs, eval_recs, tasks = _load_records(config, label_words)
     base = _base(config, accelerator)  # loaded after the records, so bad data fails fast
     if label_words is None and config.auto_label_words and config.label_field is None:
         label_words = detect_label_words(
@@ -266,6 +314,7 @@ def _load(config: TrainConfig, accelerator) -> tuple[TrainConfig, FrozenModel, T
     config = _sized(config, base)
     data = _encode(config, base, template, train_recs, eval_recs, label_words)
     data.init_text = init_text
+    data.num_tasks, data.task_names = tasks
     return config, base, template, data
 
 
@@ -318,16 +367,33 @@ def _sized(config: TrainConfig, base: FrozenModel) -> TrainConfig:
     return config
 
 
+def _tasks(config: TrainConfig, train_recs, eval_recs) -> tuple[int, list[str] | None]:
+    """The number of tasks and their names (a --task-field of strings) of a multitask run; every record gets its
+    task id (all 0 without --task-field). Called before a hold-out split, so names are numbered in file order."""
+    if config.method != "multitask":
+        return 1, None
+    if config.task_field is None:
+        return config.num_tasks or 1, None
+    limit = f"--num-tasks {config.num_tasks} gives" if config.num_tasks else ""
+    num_tasks, names = assign_tasks(train_recs.items, config.task_field, config.num_tasks, limit=limit)
+    if eval_recs is not None:
+        assign_tasks(eval_recs.items, config.task_field, num_tasks, names, limit=limit or "the training data has")
+    return num_tasks, names
+
+
 def _load_records(config: TrainConfig, label_words):
-    """The training records and the evaluation ones (from --eval-data, a held-out fraction, or None)."""
+    """The training records and the evaluation ones (from --eval-data, a held-out fraction, or None), and a multitask
+    run's number of tasks and task names (`_tasks`)."""
     fields, mapping = Fields.with_labels(config.fields, config.label_field, label_words, "--label-words")
-    train_recs = load_records(config.data, fields, mapping, config.skip_bad, config.limit)
+    task_field = config.task_field
+    train_recs = load_records(config.data, fields, mapping, config.skip_bad, config.limit, task_field)
     eval_recs = None
     if config.eval_data is not None:
-        eval_recs = load_records(config.eval_data, fields, mapping, config.skip_bad)
-    elif config.eval_fraction:
+        eval_recs = load_records(config.eval_data, fields, mapping, config.skip_bad, task_field=task_field)
+    tasks = _tasks(config, train_recs, eval_recs)
+    if eval_recs is None and config.eval_fraction:
         train_recs, eval_recs = split_holdout(train_recs, config.eval_fraction, config.seed)
-    return train_recs, eval_recs
+    return train_recs, eval_recs, tasks
 
 
 def _encode(
@@ -419,14 +485,29 @@ def _optimiser_step(run: Run, step: int) -> None:
 
 def _accumulate_gradients(run: Run, mine: list[int], label_total: int) -> torch.Tensor:
     """Forward and backward over this process's records in micro-batches; returns their summed NLL. Each
-    micro-batch's loss is divided by the whole step's answer-token count, so the gradients add up to the step's."""
-    model, prompt, device = run.base.model, run.prompt, run.base.device
+    micro-batch's loss is divided by the whole step's answer-token count, so the gradients add up to the step's.
+    A multitask prompt's step may mix tasks: each task's records run on that task's prompt, computed once."""
+    examples = [run.data.examples[i] for i in mine]
+    if run.prompt.method != "multitask":
+        return _accumulate(run, examples, label_total, run.prompt.virtual, mine)
+    nll_sum = torch.zeros((), device=run.base.device)
+    for task, rows in batching.by_task(examples).items():
+        group = [examples[i] for i in rows]
+        nll_sum = nll_sum + _accumulate(run, group, label_total, lambda task=task: run.prompt.virtual(task))
+    return nll_sum
+
+
+def _accumulate(
+    run: Run, examples: list[batching.Example], label_total: int, virtual_of, indices: list[int] | None = None
+) -> torch.Tensor:
+    """_accumulate_gradients over `examples`, whose prompt `virtual_of()` makes (`indices`: their places in the
+    run's data, where a self-study run finds their teacher targets)."""
+    model, device = run.base.model, run.base.device
     nll_sum = torch.zeros((), device=device)
     # kv mode: the virtual tokens (and a prompt encoder) run once per step, not once per micro-batch, and so do the
     # leading prompt tokens all of the step's records share (see forward.SharedPrefix); the micro-batches hold what
     # follows them. Concat mode re-runs the prompt in each micro-batch, whose backward consumes its graph.
-    virtual = prompt.virtual() if run.mode == "kv" else None
-    examples = [run.data.examples[i] for i in mine]
+    virtual = virtual_of() if run.mode == "kv" else None
     # (not under checkpointing: the shared text's pass writes a cache, which a layer's recompute would extend twice)
     shared = (
         batching.shared_prompt_length(examples) if run.mode == "kv" and not run.config.gradient_checkpointing else 0
@@ -448,10 +529,10 @@ def _accumulate_gradients(run: Run, mine: list[int], label_total: int) -> torch.
         )
         chosen = micros[min(k, len(micros) - 1)]
         if run.data.selfstudy is not None:  # context distillation on the teacher's top-k tokens
-            teacher = _teacher_batch(run.data.selfstudy, [mine[i] for i in chosen], shared, device)
+            teacher = _teacher_batch(run.data.selfstudy, [indices[i] for i in chosen], shared, device)
             nll, _ = forward.label_kl(
                 model,
-                virtual or prompt.virtual(),
+                virtual or virtual_of(),
                 batch["input_ids"],
                 batch["attention_mask"],
                 batch["labels"],
@@ -462,7 +543,7 @@ def _accumulate_gradients(run: Run, mine: list[int], label_total: int) -> torch.
         else:
             nll, _ = forward.label_nll(
                 model,
-                virtual or prompt.virtual(),
+                virtual or virtual_of(),
                 batch["input_ids"],
                 batch["attention_mask"],
                 batch["labels"],

@@ -213,9 +213,16 @@ def evaluate_loss(
     mine = batching.shard(list(range(len(examples))), [len(e) for e in examples], rank, world)
     if lockstep is not None and world > 1 and not lockstep.all(bool(mine)):
         mine, world = list(range(len(examples))), 1  # fewer examples than processes: every process scores all
-    nll, counts = nll_per_example(
-        model, prompt.virtual(), [examples[i] for i in mine], pad_id, max_tokens, lockstep=lockstep
-    )
+    mine = [examples[i] for i in mine]
+    if prompt.method == "multitask":  # each task's examples on its own prompt (no sharded base: lockstep is None)
+        parts = [
+            nll_per_example(model, prompt.virtual(task), [mine[i] for i in rows], pad_id, max_tokens)
+            for task, rows in batching.by_task(mine).items()
+        ]
+        nll = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, dtype=torch.float64)
+        counts = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, dtype=torch.long)
+    else:
+        nll, counts = nll_per_example(model, prompt.virtual(), mine, pad_id, max_tokens, lockstep=lockstep)
     device = model.get_input_embeddings().weight.device
     totals = torch.stack([nll.sum(), counts.sum().double()]).to(device)
     if world > 1:

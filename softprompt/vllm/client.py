@@ -41,6 +41,11 @@ class PrefixNotSupported(ValueError):
 def check_embeddable(adapter) -> None:
     """Raise PrefixNotSupported unless `adapter` (an adapter.Adapter or None) is made of input embeddings."""
     method = getattr(adapter, "method", "prompt") if adapter is not None else "prompt"
+    if getattr(adapter, "needs_task", False):
+        raise ValueError(
+            f"adapter {adapter.path or ''} is a multitask adapter, with a prompt per task: export one task with "
+            f"--task (0..{adapter.num_tasks - 1})"
+        )
     if method in KV_METHODS:
         where = f" {adapter.path}" if getattr(adapter, "path", None) else ""
         kind = "prefix tuning" if method == "prefix" else "a cartridge"

@@ -53,6 +53,10 @@ class ExportVllmConfig:
         metavar="NAME",
     )
     max_tokens: int = option(64, "max_tokens in request.json", minimum=1)
+    task: int | None = option(
+        None, "the task to export of a multitask adapter (its prompt for that task; an integer id)", minimum=0,
+        maximum=1_000_000,
+    )  # fmt: skip
     model: str | None = model_option()
     device: str = device_option()
 
@@ -73,6 +77,8 @@ def export_vllm(config: ExportVllmConfig, base=None) -> dict:
     from softprompt.vllm.client import check_embeddable, completion_payload
 
     adapter = load_adapter(config.adapter)
+    if config.task is not None:  # a multitask adapter's prompt for one task (refused for other methods)
+        adapter = adapter.for_task(config.task, where=config.adapter)
     check_embeddable(adapter)
     recorded = adapter.config.get("base_model_name_or_path")
     model_name = config.model or (DEFAULT_MODEL if recorded in (None, DEFAULT_MODEL_NAME) else recorded)

@@ -145,7 +145,7 @@ def test_wrong_kind_of_adapter(tmp_path, tiny):
     (out / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LORA"}))
     with pytest.raises(
         AdapterError,
-        match=r"peft_type is 'LORA'; softprompt loads only PROMPT_TUNING, PREFIX_TUNING, P_TUNING, CARTRIDGE adapters",
+        match=r"peft_type is 'LORA'; softprompt loads only PROMPT_TUNING, PREFIX_TUNING, P_TUNING, CARTRIDGE, MULTITASK_PROMPT_TUNING adapters",
     ):
         load_adapter(out)
     (out / "adapter_config.json").write_text(json.dumps({**config, "task_type": "SEQ_CLS"}))

@@ -1,12 +1,14 @@
 """The decode step's fast parts give the bits of the plain ones: prepacked bf16 weights (core/packed.py), the cache
-that appends in place (core/forward.py `GrowingLayer`), and the Llama decode path (`decode_body`)."""
+that appends in place (core/forward.py `GrowingLayer`), and the Llama decode path (`decode_body`) with its fused products (core/fused.py)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from engine_helpers import peaked_base, random_adapter
 
+from softprompt.core import fused as fused_module
 from softprompt.core import packed
+from softprompt.core.attention import use_grouped_sdpa
 from softprompt.core.forward import cache_tensors, decode_body, fast_decode, make_cache
 from softprompt.core.models import cpu_has_native_bf16
 from softprompt.inference import batch as batch_module
@@ -67,36 +69,111 @@ def test_growing_cache_concatenates_where_autograd_must_see_the_append():
     assert torch.equal(prefix.grad, torch.ones_like(prefix))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("mode", ["row-exact", "batched", "batched-grouped"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_llama_decode_path_gives_the_model_forwards_bits(dtype, monkeypatch):
-    """Row-exact decoding (forced in fp32, so the test runs on any CPU) through `decode_body` vs through the model's
-    own forward: the same tokens and bit-identical logits, for rows alone, with ghost rows, and rows joining."""
+def test_llama_decode_path_gives_the_model_forwards_bits(dtype, mode, threads, monkeypatch):
+    """Decoding through `decode_body` (fused products or not) vs through the model's own forward, row-exact (forced
+    in fp32, so it runs on any CPU) and not (fp32's default): the same tokens and bit-identical logits, for rows
+    alone, with ghost rows, and rows joining a batch (left pads); batched with transformers' sdpa attention and with
+    core/attention.py's grouped SDPA (what load_base switches a model to)."""
     if dtype == "bfloat16" and not cpu_has_native_bf16():
         pytest.skip("no native bf16 on this CPU")
+    torch.set_num_threads(threads)  # bits depend on the thread count: both counts (conftest restores it)
     base = peaked_base(seed=3)
     base.model.to(getattr(torch, dtype))
-    monkeypatch.setattr(DecodeBatch, "exact", True)
+    exact = mode == "row-exact"
+    if mode == "batched-grouped":
+        assert use_grouped_sdpa(base.model)
+    monkeypatch.setattr(DecodeBatch, "exact", exact)
     engine = Engine(base, {"a": random_adapter(3, seed=1), "b": random_adapter(6, seed=2)})
     requests = [
         GenerationRequest(engine.encode(text, adapter=adapter), adapter=adapter, max_new_tokens=n)
         for text, adapter, n in [("tell me", None, 12), ("why sky", "a", 5), ("cats", "b", 9), ("a story", "a", 7)]
     ]
 
-    def run(fast: bool, rows: list) -> list:
+    def run(fast: bool, fused: bool, rows: list) -> list:
         monkeypatch.setattr(DecodeBatch, "fast_path", fast)
+        monkeypatch.setattr(DecodeBatch, "fused", fused)
         batch = DecodeBatch(base, engine.prompt_cache, keep_logits=True)
         events = batch.add(rows[:1]) + batch.step() + batch.step() + batch.add(rows[1:])
         while len(batch):
             events += batch.step()
         return [(e.request.id, e.token_id, e.logits) for e in events]
 
-    calls = []
+    calls, products = [], []
     monkeypatch.setattr(batch_module, "decode_body", lambda *args: calls.append(1) or decode_body(*args))
+    real_product = fused_module._product
+    monkeypatch.setattr(fused_module, "_product", lambda *args: products.append(1) or real_product(*args))
     for rows in (requests[:1], requests):
-        slow = run(False, rows)
+        slow = run(False, False, rows)
         assert not calls
-        fast = run(True, rows)
-        assert calls and fast_decode(base.model)  # the fast path ran (the engine switched to grouped SDPA)
-        calls.clear()
+        for fused in (False, True):
+            products.clear()
+            fast = run(True, fused, rows)
+            assert calls and fast_decode(base.model, exact)  # the fast path ran
+            assert bool(products) == fused  # the fused products ran (only) when asked for
+            calls.clear()
+            assert [e[:2] for e in fast] == [e[:2] for e in slow]
+            assert all(torch.equal(a[2], b[2]) for a, b in zip(fast, slow))
+
+
+@pytest.mark.slow
+def test_default_model_decodes_through_fused_products_with_the_model_forwards_bits(default_base, monkeypatch):
+    """SmolLM2-135M in fp32 (batched kernels, the dtype --dtype auto picks on CPUs without fast bf16): a single
+    stream and a mixed batch decoded through `decode_body` with fused products give the logits, bit for bit, of the
+    model's own forward; every layer's q/k/v and gate/up groups are fused."""
+    engine = Engine(default_base, {"p": random_adapter(5, hidden=default_base.hidden_size, seed=0)})
+    texts = [("Write a long story about a lighthouse keeper.", None, 24), ("Name a colour.", "p", 8), ("Hi", None, 6)]
+    requests = [
+        GenerationRequest(engine.encode(text, adapter=adapter), adapter=adapter, max_new_tokens=n)
+        for text, adapter, n in texts
+    ]
+
+    def run(fast: bool, rows: list) -> list:
+        monkeypatch.setattr(DecodeBatch, "fast_path", fast)
+        monkeypatch.setattr(DecodeBatch, "fused", fast)
+        batch = DecodeBatch(default_base, engine.prompt_cache, keep_logits=True)
+        events = batch.add(rows)
+        while len(batch):
+            events += batch.step()
+        return [(e.request.id, e.token_id, e.logits) for e in events]
+
+    for rows in (requests[:1], requests):
+        fast, slow = run(True, rows), run(False, rows)
         assert [e[:2] for e in fast] == [e[:2] for e in slow]
         assert all(torch.equal(a[2], b[2]) for a, b in zip(fast, slow))
+    layers = default_base.model.base_model.layers
+    assert fused_module.use_fused_projections(layers) == 2 * len(layers)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_rows_alone_equal_the_same_rows_in_a_mixed_batch(threads, monkeypatch):
+    """Batch invariance with fused products (row-exact mode, forced in fp32): each row's logits alone are bit for
+    bit its logits in a mixed batch with other adapters and prompt lengths."""
+    torch.set_num_threads(threads)
+    base = peaked_base(seed=5)
+    monkeypatch.setattr(DecodeBatch, "exact", True)
+    monkeypatch.setattr(DecodeBatch, "fused", True)
+    engine = Engine(base, {"a": random_adapter(3, seed=1), "b": random_adapter(6, seed=2)})
+    requests = [
+        GenerationRequest(engine.encode(text, adapter=adapter), adapter=adapter, max_new_tokens=8)
+        for text, adapter in [("tell me", None), ("why is the sky blue", "a"), ("cats", "b"), ("a story", "a")]
+    ]
+
+    def run(rows: list) -> dict:
+        batch = DecodeBatch(base, engine.prompt_cache, keep_logits=True)
+        events = batch.add(rows)
+        while len(batch):
+            events += batch.step()
+        out = {}
+        for e in events:
+            out.setdefault(id(e.request), []).append((e.token_id, e.logits))
+        return out
+
+    together = run(requests)
+    assert fused_module.use_fused_projections(base.model.base_model.layers) == 4  # 2 layers x 2 groups
+    for request in requests:
+        alone = run([request])[id(request)]
+        assert [t for t, _ in alone] == [t for t, _ in together[id(request)]]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(alone, together[id(request)]))

@@ -292,7 +292,9 @@ def test_two_processes_match_one_for_a_prompt_encoder(base, tmp_path):
 
 
 def test_method_options_are_checked():
-    with pytest.raises(ValueError, match="--method must be one of prompt, prefix, ptuning, cartridge, got 'lora'"):
+    with pytest.raises(
+        ValueError, match="--method must be one of prompt, prefix, ptuning, cartridge, multitask, got 'lora'"
+    ):
         TrainConfig(data=RECORDS, out="x", method="lora")
     with pytest.raises(ValueError, match="--encoder-type must be one of mlp, lstm, got 'gru'"):
         TrainConfig(data=RECORDS, out="x", encoder_type="gru")
