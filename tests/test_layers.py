@@ -13,7 +13,7 @@ ALLOWED = {
     "core": set(),
     "data": set(),
     "formats": {"core", "data"},
-    "training": {"core", "data", "formats"},
+    "training": {"core", "data", "formats", "inference"},  # self-study writes its conversations with the engine
     "inference": {"core", "data", "formats"},
     "evaluation": {"core", "data", "formats", "training", "inference"},
     "serve": {"core", "data", "formats", "inference"},

@@ -596,6 +596,56 @@ def label_nll(
     return per_row, counts
 
 
+def label_kl(
+    model,
+    prompt: "torch.Tensor | Virtual | None",
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mode: str = "kv",
+    prefix: SharedPrefix | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed distillation loss (`topk_kl`) at the label positions, and per-row label counts: label_nll's
+    positions (the token at t predicted from t-1, labels -100 where there is nothing to learn), with the teacher's
+    top-k token ids and log-probabilities [B, L, k] given for each labelled token t instead of the token itself."""
+    hidden, last = text_hidden(model, prompt, input_ids, attention_mask, mode, prefix)
+    if last is not None:
+        previous = torch.cat([last.expand(hidden.shape[0], 1, -1), hidden[:, :-1]], dim=1)
+        targets, ids, logprobs = labels, teacher_ids, teacher_logprobs
+    else:
+        previous, targets = hidden[:, :-1], labels[:, 1:]
+        ids, logprobs = teacher_ids[:, 1:], teacher_logprobs[:, 1:]
+    rows, cols = (targets != -100).nonzero(as_tuple=True)
+    chosen = previous[rows, cols]
+    kl = (
+        torch.cat(
+            [
+                topk_kl(lm_logits(model, h), i, p)
+                for h, i, p in zip(
+                    chosen.split(HEAD_CHUNK), ids[rows, cols].split(HEAD_CHUNK), logprobs[rows, cols].split(HEAD_CHUNK)
+                )
+            ]
+        )
+        if rows.numel()
+        else chosen.new_zeros(0, dtype=torch.float32)
+    )
+    per_row = torch.zeros(hidden.shape[0], dtype=kl.dtype, device=kl.device).index_add_(0, rows, kl)
+    counts = torch.bincount(rows, minlength=hidden.shape[0])
+    return per_row, counts
+
+
+def topk_kl(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per position [n] over the teacher's top-k tokens: the teacher's probabilities of its
+    k most likely tokens renormalised to sum to 1 (q), against the student's log-probabilities of the same tokens
+    under its full softmax (logits [n, V]): sum_i q_i (log q_i - log p_i). It is zero only when the student puts
+    exactly q on those tokens (and so nothing elsewhere), as the Cartridges paper's top-k distillation."""
+    log_q = torch.log_softmax(teacher_logprobs.float(), dim=-1)  # renormalised over the k tokens
+    log_p = torch.log_softmax(logits.float(), dim=-1).gather(-1, teacher_ids.long())
+    return (log_q.exp() * (log_q - log_p)).sum(-1)
+
+
 HEAD_CHUNK = 128  # label rows per LM-head chunk: 128 x 49,152 fp32 logits = 25 MB at a time
 
 

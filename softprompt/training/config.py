@@ -27,6 +27,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 FINAL_CHOICES = ("best", "last")
 
 DATA, PROMPT, OPTIM, OUTPUT = "data", "model and prompt", "optimisation", "logging, evaluation, checkpoints"
+SELFSTUDY = "self-study (--method cartridge --corpus FILE)"
 
 # Peak learning rate per method when --lr is not given (Adafactor: the cap on each step relative to a tensor's RMS),
 # chosen by a sweep on an SST-2 dev split (docs/evaluation.md, "Methods compared"): 0.3 made prefix and P-tuning
@@ -70,12 +71,14 @@ class TrainConfig:
     """Everything `softprompt train` accepts. `data` / `eval_data`: a path or a list of dicts; `model`: a name,
     folder, .gguf file, or a preloaded core.models.FrozenModel."""
 
-    data: str | list[dict] = option(
-        help="training records: .json (array), .jsonl, .csv, .parquet, or a datasets save_to_disk folder",
+    out: str = option(help="output folder (the final adapter, checkpoints, metrics)", metavar="DIR", group=OUTPUT)
+    data: str | list[dict] | None = option(
+        None,
+        "training records: .json (array), .jsonl, .csv, .parquet, or a datasets save_to_disk folder (required "
+        "unless --corpus is given)",
         metavar="FILE_OR_DIR",
         group=DATA,
     )
-    out: str = option(help="output folder (the final adapter, checkpoints, metrics)", metavar="DIR", group=OUTPUT)
     model: str | object | None = model_option()
     method: str = option(
         "prompt",
@@ -220,6 +223,49 @@ class TrainConfig:
         maximum=100,
         group=PROMPT,
     )
+    corpus: str | None = option(
+        None,
+        "--method cartridge: train by self-study on this plain-text or Markdown file instead of --data: the frozen "
+        "model writes conversations about each chunk of it (a question or request from a seed prompt, then the "
+        "answer, with the chunk in its context), and the cartridge learns to give the model's next-token "
+        "distribution with the chunk in context (context distillation on the teacher's --top-k tokens); the "
+        "conversations and the teacher's tokens are saved in OUT/selfstudy.safetensors (and readable in "
+        "OUT/selfstudy.jsonl), reused by --resume and by a later run with the same settings; the cartridge starts "
+        "from the corpus's first N tokens unless --init / --init-text / --init-file say otherwise",
+        metavar="FILE",
+        group=SELFSTUDY,
+    )
+    chunk_tokens: int = option(
+        1024,
+        "--corpus: tokens per chunk the teacher sees in its context (a chunk plus its conversation must fit the "
+        "model's context)",
+        minimum=16,
+        maximum=131072,
+        group=SELFSTUDY,
+    )
+    selfstudy_conversations: int = option(
+        8,
+        "--corpus: synthetic conversations per chunk (their seed prompts cycle through question, summary, quote, "
+        "structure)",
+        minimum=1,
+        maximum=4096,
+        group=SELFSTUDY,
+    )
+    selfstudy_max_tokens: int = option(
+        96,
+        "--corpus: most tokens the model writes for each turn of a conversation (the question, then the answer)",
+        minimum=4,
+        maximum=4096,
+        group=SELFSTUDY,
+    )
+    top_k: int = option(
+        20,
+        "--corpus: the teacher's most likely tokens per position that the student matches (their probabilities "
+        "renormalised; the Cartridges paper's top-k distillation)",
+        minimum=1,
+        maximum=1024,
+        group=SELFSTUDY,
+    )
     label_words: str | list[str] | None = option(
         None, "comma-separated answer words for the classes (for --label-field and --init labels)", group=DATA
     )
@@ -354,6 +400,7 @@ class TrainConfig:
         self._check_init()
         self._check_multitask()
         self._check_cpt()
+        self._check_corpus()
         if self.encoder_type != "mlp" and self.method != "ptuning":
             raise OptionError(f"--encoder-type is for --method ptuning (this run has --method {self.method})")
         if self.encoder_hidden_size is not None and not (
@@ -415,6 +462,20 @@ class TrainConfig:
             raise OptionError(
                 f"--num-frozen-tokens {self.frozen_tokens} leaves nothing to train: it must be below "
                 f"--num-virtual-tokens ({self.num_virtual_tokens})"
+            )
+
+    def _check_corpus(self) -> None:
+        if self.corpus is None:
+            if self.data is None:
+                raise OptionError("give --data (training records) or --corpus (self-study, --method cartridge)")
+            return
+        if self.data is not None:
+            raise OptionError("give --data or --corpus, not both")
+        if self.method != "cartridge":
+            raise OptionError(f"--corpus is for --method cartridge (this run has --method {self.method})")
+        if self.eval_data is not None or self.eval_fraction:
+            raise OptionError(
+                "--eval-data / --eval-fraction are for --data (a --corpus run has no records to hold out)"
             )
 
     @property

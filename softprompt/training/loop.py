@@ -78,6 +78,7 @@ class TrainData:
     context: Context | None = None  # --method cpt: the in-context examples' tokens and types
     num_tasks: int = 1  # --method multitask: the tasks of --task-field (or --num-tasks)
     task_names: list[str] | None = None  # the names a --task-field of strings gave, in id order
+    selfstudy: Any = None  # --corpus: selfstudy.SelfStudyData (the teacher's top-k per token of each example)
 
     def __post_init__(self) -> None:
         self.lengths = [len(e) for e in self.examples]
@@ -308,19 +309,13 @@ def _device(config: TrainConfig, accelerator) -> str:
 def _load(config: TrainConfig, accelerator) -> tuple[TrainConfig, FrozenModel, Template, TrainData]:
     """The template, the records, the model, label words found in the data, and the tokenised examples; the config
     with the sizes left to the model filled in."""
+    if config.corpus is not None:
+        return _load_corpus(config, accelerator)
     template = Template(config.template)
     label_words = parse_words(config.label_words, "--label-words")
     init_text = _init_text(config)  # a bad --init-file fails before the records and the model load
     train_recs, eval_recs, tasks = _load_records(config, label_words)
-    # the model is loaded after the records, so bad data fails fast
-    device = _device(config, accelerator)
-    base = (
-        config.model
-        if isinstance(config.model, FrozenModel)
-        else load_base(
-            config.model, **distributed.load_args(config.shard_base, accelerator.num_processes, device, config.dtype)
-        )
-    )
+    base = _base(config, accelerator)  # loaded after the records, so bad data fails fast
     if label_words is None and config.auto_label_words and config.label_field is None:
         label_words = detect_label_words(
             [r.output for r in train_recs.items], base.tokenizer, config.num_virtual_tokens
@@ -343,6 +338,43 @@ def _load(config: TrainConfig, accelerator) -> tuple[TrainConfig, FrozenModel, T
     data.init_text, data.context = init_text, context
     data.num_tasks, data.task_names = tasks
     return config, base, template, data
+
+
+def _load_corpus(config: TrainConfig, accelerator) -> tuple[TrainConfig, FrozenModel, Template, TrainData]:
+    """Self-study (--corpus): the corpus (checked before the model loads), the model, and the conversations with
+    the teacher's top-k tokens (training/selfstudy.py: OUT/selfstudy.safetensors, made now or reused). The cartridge
+    starts from the corpus's first tokens unless another init is asked for."""
+    from softprompt.data.corpus import read_corpus
+    from softprompt.training import selfstudy
+
+    template = Template(config.template)
+    corpus = read_corpus(config.corpus)
+    init_text = _init_text(config)
+    if init_text is None and config.init in (None, "text"):
+        init_text = corpus
+    base = _base(config, accelerator)
+    config = _sized(config, base, config.num_virtual_tokens)
+    with accelerator.main_process_first():  # the main process writes the data; the others then find and reuse it
+        data = selfstudy.prepare(config, base, template, corpus, Path(config.out), resume=config.resume is not None)
+    if accelerator.is_main_process:
+        chunks = len({c.chunk for c in data.conversations})
+        print(
+            f"self-study: {len(data.examples)} conversations about {chunks} chunk(s) of {config.corpus} "
+            + (f"(reused from {Path(config.out) / selfstudy.DATA_FILE})" if data.reused else "(generated)"),
+            flush=True,
+        )
+    train = TrainData(data.examples, [], [], 0, None, None, init_text=init_text, selfstudy=data)
+    return config, base, template, train
+
+
+def _base(config: TrainConfig, accelerator) -> FrozenModel:
+    """The frozen model: the one given, or loaded for this process's device and dtype."""
+    if isinstance(config.model, FrozenModel):
+        return config.model
+    device = _device(config, accelerator)
+    return load_base(
+        config.model, **distributed.load_args(config.shard_base, accelerator.num_processes, device, config.dtype)
+    )
 
 
 def _sized(config: TrainConfig, base: FrozenModel, virtual: int) -> TrainConfig:
@@ -493,7 +525,7 @@ def _accumulate_gradients(run: Run, mine: list[int], label_total: int) -> torch.
     A multitask prompt's step may mix tasks: each task's records run on that task's prompt, computed once."""
     examples = [run.data.examples[i] for i in mine]
     if run.prompt.method != "multitask":
-        return _accumulate(run, examples, label_total, run.prompt.virtual)
+        return _accumulate(run, examples, label_total, run.prompt.virtual, mine)
     nll_sum = torch.zeros((), device=run.base.device)
     for task, rows in batching.by_task(examples).items():
         group = [examples[i] for i in rows]
@@ -501,8 +533,11 @@ def _accumulate_gradients(run: Run, mine: list[int], label_total: int) -> torch.
     return nll_sum
 
 
-def _accumulate(run: Run, examples: list[batching.Example], label_total: int, virtual_of) -> torch.Tensor:
-    """_accumulate_gradients over `examples`, whose prompt `virtual_of()` makes."""
+def _accumulate(
+    run: Run, examples: list[batching.Example], label_total: int, virtual_of, indices: list[int] | None = None
+) -> torch.Tensor:
+    """_accumulate_gradients over `examples`, whose prompt `virtual_of()` makes (`indices`: their places in the
+    run's data, where a self-study run finds their teacher targets)."""
     model, device = run.base.model, run.base.device
     nll_sum = torch.zeros((), device=device)
     # kv mode: the virtual tokens (and a prompt encoder) run once per step, not once per micro-batch, and so do the
@@ -530,15 +565,29 @@ def _accumulate(run: Run, examples: list[batching.Example], label_total: int, vi
         batch = batching.collate(
             [rest[i] for i in micros[min(k, len(micros) - 1)]], run.base.tokenizer.pad_token_id, device
         )
-        nll, _ = forward.label_nll(
-            model,
-            virtual or virtual_of(),
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["labels"],
-            mode=run.mode,
-            prefix=prefix,
-        )
+        chosen = micros[min(k, len(micros) - 1)]
+        if run.data.selfstudy is not None:  # context distillation on the teacher's top-k tokens
+            teacher = _teacher_batch(run.data.selfstudy, [indices[i] for i in chosen], shared, device)
+            nll, _ = forward.label_kl(
+                model,
+                virtual or virtual_of(),
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["labels"],
+                *teacher,
+                mode=run.mode,
+                prefix=prefix,
+            )
+        else:
+            nll, _ = forward.label_nll(
+                model,
+                virtual or virtual_of(),
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["labels"],
+                mode=run.mode,
+                prefix=prefix,
+            )
         loss = nll.sum() / label_total * weight  # x 1.0 is exact: unsharded runs are unchanged
         run.scaler.scale(loss).backward()
         nll_sum += nll.sum().detach().float() * weight
@@ -553,6 +602,19 @@ def _accumulate(run: Run, examples: list[batching.Example], label_total: int, vi
     if prefix is not None:
         prefix.backward(context_loss)
     return nll_sum
+
+
+def _teacher_batch(data, indices: list[int], shared: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-k ids and log-probabilities [B, L, k] of examples `indices` (after their first `shared`
+    tokens), right-padded as batching.collate pads the examples (pads carry label -100, so their rows are unused)."""
+    ids = [data.teacher_ids[i][shared:] for i in indices]
+    logprobs = [data.teacher_logprobs[i][shared:] for i in indices]
+    width, k = max(len(t) for t in ids), ids[0].shape[1]
+    out_ids = torch.zeros(len(ids), width, k, dtype=torch.long)
+    out_lps = torch.zeros(len(ids), width, k, dtype=torch.float32)
+    for row, (i, p) in enumerate(zip(ids, logprobs)):
+        out_ids[row, : len(i)], out_lps[row, : len(p)] = i, p
+    return out_ids.to(device), out_lps.to(device)
 
 
 # --- between steps: metrics, evaluation, checkpoints, the end -------------------------------------------------------
