@@ -80,3 +80,13 @@ def text_logits(
     LM head where it needs it; tests compare whole logit tensors)."""
     hidden, _ = forward.text_hidden(model, prompt, input_ids, attention_mask, mode)
     return forward.lm_logits(model, hidden)
+
+
+def padded_pair(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of two rows of 9 tokens, the second right-padded after 6 (PEFT numbers positions
+    without looking at the mask, so interop checks compare the real tokens)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 100, (2, 9), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    return ids, mask

@@ -64,19 +64,25 @@ class Crash(Exception):
     pass
 
 
-def interrupted(base, out, monkeypatch, at_step=10):
-    """A run killed at the start of step `at_step` (checkpoints at steps 4 and 8 are kept)."""
+def train_until(cfg: TrainConfig, monkeypatch, step: int) -> None:
+    """Run `cfg` and kill it at the start of 0-based step `step` (the learning rate of that step is asked for
+    first), as a crash would; its checkpoints stay in cfg.out."""
     real = train_module.lr_at
 
-    def crashing(step, *args):
-        if step == at_step - 1:
+    def crashing(at, *args):
+        if at == step:
             raise Crash()
-        return real(step, *args)
+        return real(at, *args)
 
     monkeypatch.setattr(train_module, "lr_at", crashing)
     with pytest.raises(Crash):
-        train(config(out, base))
+        train(cfg)
     monkeypatch.setattr(train_module, "lr_at", real)
+
+
+def interrupted(base, out, monkeypatch, at_step=10):
+    """A run killed at the start of step `at_step` (checkpoints at steps 4 and 8 are kept)."""
+    train_until(config(out, base), monkeypatch, at_step - 1)
     found = checkpoint.list_checkpoints(out)
     assert [p.name for p in found] == ["step-000004", "step-000008"]
     return found

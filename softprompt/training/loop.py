@@ -566,28 +566,20 @@ def _accumulate(
             [rest[i] for i in micros[min(k, len(micros) - 1)]], run.base.tokenizer.pad_token_id, device
         )
         chosen = micros[min(k, len(micros) - 1)]
+        score, teacher = forward.label_nll, ()
         if run.data.selfstudy is not None:  # context distillation on the teacher's top-k tokens
+            score = forward.label_kl
             teacher = _teacher_batch(run.data.selfstudy, [indices[i] for i in chosen], shared, device)
-            nll, _ = forward.label_kl(
-                model,
-                virtual or virtual_of(),
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["labels"],
-                *teacher,
-                mode=run.mode,
-                prefix=prefix,
-            )
-        else:
-            nll, _ = forward.label_nll(
-                model,
-                virtual or virtual_of(),
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["labels"],
-                mode=run.mode,
-                prefix=prefix,
-            )
+        nll, _ = score(
+            model,
+            virtual or virtual_of(),
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            *teacher,
+            mode=run.mode,
+            prefix=prefix,
+        )
         loss = nll.sum() / label_total * weight  # x 1.0 is exact: unsharded runs are unchanged
         run.scaler.scale(loss).backward()
         nll_sum += nll.sum().detach().float() * weight

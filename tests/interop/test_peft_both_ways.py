@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import text_logits, tiny_base
+from helpers import padded_pair, text_logits, tiny_base
 
 from softprompt.core import forward
 from softprompt.core.prompt import build_prompt
@@ -24,15 +24,6 @@ VARIANTS = {
     "cartridge-unfrozen": ("cartridge", {"num_frozen_tokens": 0}),
 }
 KV = ("prefix", "cartridge")
-
-
-def batch(seed: int = 0):
-    """Two rows, the second right-padded (PEFT numbers positions without looking at the mask)."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 100, (2, 9), generator=generator)
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0
-    return ids, mask
 
 
 def peft_text_logits(peft_model, method: str, n: int, ids, mask) -> torch.Tensor:
@@ -65,7 +56,7 @@ def test_softprompt_adapter_loads_in_peft_with_equal_logits_and_loss(tmp_path, v
     config = json.loads((tmp_path / "sp" / "adapter_config.json").read_text())
     peft_model = peft.PeftModel.from_pretrained(tiny_base(seed=1).model, str(tmp_path / "sp"))
     assert peft_model.peft_config["default"].peft_type.value == config["peft_type"]
-    ids, mask = batch()
+    ids, mask = padded_pair()
     adapter = load_adapter(tmp_path / "sp", base)
     ours = text_logits(base.model, adapter.virtual(), ids, mask)
     assert_equal_on_real_tokens(ours, peft_text_logits(peft_model, method, 4, ids, mask), mask)
@@ -106,7 +97,7 @@ def test_peft_saved_adapter_loads_in_softprompt_with_equal_logits(tmp_path, vari
         for param in peft_model.prompt_encoder["default"].parameters():
             param.add_(0.3 * torch.randn_like(param) * (param.std() if param.numel() > 1 else 1))
     peft_model.save_pretrained(str(tmp_path / "peft"))
-    ids, mask = batch(1)
+    ids, mask = padded_pair(1)
     theirs = peft_text_logits(peft_model, method, 5, ids, mask)  # PEFT in training mode: through its encoder
 
     base = tiny_base(seed=1)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import text_logits, tiny_base
+from helpers import padded_pair, text_logits, tiny_base
 from train_helpers import config, trainable_base
 
 from softprompt.formats.adapter import load_adapter, save_adapter
@@ -16,15 +16,6 @@ from softprompt.training.loop import train
 peft = pytest.importorskip("peft")
 
 ATOL = 1e-5
-
-
-def batch(seed: int = 0):
-    """Two rows, the second right-padded."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 100, (2, 9), generator=generator)
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0
-    return ids, mask
 
 
 def assert_equal_on_real_tokens(ours, theirs, mask):
@@ -43,7 +34,7 @@ def test_a_trained_cpt_adapter_loads_in_peft_with_equal_logits(tmp_path):
     assert theirs_config.peft_type.value == "CPT" and theirs_config.num_virtual_tokens == n
     for key in CPT_LISTS + tuple(CPT_DEFAULTS):
         assert getattr(theirs_config, key) == adapter.config[key]
-    ids, mask = batch()
+    ids, mask = padded_pair()
     with torch.no_grad():
         theirs = peft_model(input_ids=ids, attention_mask=mask).logits[:, n:]
         ours = text_logits(base.model, adapter.virtual(), ids, mask)
@@ -70,7 +61,7 @@ def test_a_peft_written_cpt_adapter_loads_in_softprompt_with_equal_logits(tmp_pa
     generator = torch.Generator().manual_seed(3)
     encoder.delta_embedding.weight.data = torch.randn(len(types), 32, generator=generator)  # projected on use
     peft_model.save_pretrained(str(tmp_path / "peft"))
-    ids, mask = batch(1)
+    ids, mask = padded_pair(1)
     with torch.no_grad():
         theirs = peft_model(input_ids=ids, attention_mask=mask).logits[:, len(types) :]
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import text_logits, tiny_base
+from helpers import padded_pair, text_logits, tiny_base
 
 from softprompt.core.prompt import MultitaskPrompt, build_prompt, multitask_factors
 from softprompt.formats.adapter import load_adapter, save_adapter
@@ -17,15 +17,6 @@ peft = pytest.importorskip("peft")
 
 ATOL = 1e-5
 N, TASKS, RANKS = 4, 3, 2
-
-
-def batch(seed: int = 0):
-    """Two rows, the second right-padded."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 100, (2, 9), generator=generator)
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0
-    return ids, mask
 
 
 def peft_logits(peft_model, task: int, ids, mask) -> torch.Tensor:
@@ -57,7 +48,7 @@ def test_softprompt_multitask_adapter_loads_in_peft_with_equal_logits_per_task(t
     assert peft_model.peft_config["default"].peft_type.value == "MULTITASK_PROMPT_TUNING"
     adapter = load_adapter(tmp_path / "sp", base)
     assert adapter.method == "multitask" and adapter.num_tasks == TASKS
-    ids, mask = batch()
+    ids, mask = padded_pair()
     seen = []
     for task in range(TASKS):
         ours = text_logits(base.model, adapter.for_task(task).virtual(), ids, mask)
@@ -77,7 +68,7 @@ def test_peft_multitask_adapter_loads_in_softprompt_with_equal_logits_per_task(t
     base = tiny_base(seed=1)
     adapter = load_adapter(tmp_path / "peft", base)
     assert (adapter.method, adapter.num_virtual_tokens, adapter.num_tasks) == ("multitask", N, TASKS)
-    ids, mask = batch(1)
+    ids, mask = padded_pair(1)
     for task in range(TASKS):
         ours = text_logits(base.model, adapter.for_task(task).virtual(), ids, mask)
         assert_equal_on_real_tokens(ours, peft_logits(peft_model, task, ids, mask), mask)

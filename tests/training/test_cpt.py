@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from helpers import tiny_tokenizer
-from train_helpers import RECORDS, config, trainable_base
+from train_helpers import RECORDS, config, train_until, trainable_base
 
 from softprompt.cli import main
 from softprompt.core.prompt import ContextPrompt, build_prompt, cpt_epsilon, cpt_loss_weights, cpt_project
@@ -153,17 +153,7 @@ def test_resume_continues_a_cpt_run_bit_for_bit(tmp_path, monkeypatch):
     base = trainable_base()
     options = dict(method="cpt", init=None, cpt_examples=2, lr=0.03, save_every=4)
     whole = train(config(tmp_path / "a", base, **options))
-    real = train_module.lr_at
-
-    def crashing(step, *args):
-        if step == 9:
-            raise KeyboardInterrupt
-        return real(step, *args)
-
-    monkeypatch.setattr(train_module, "lr_at", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        train(config(tmp_path / "b", base, **options))
-    monkeypatch.setattr(train_module, "lr_at", real)
+    train_until(config(tmp_path / "b", base, **options), monkeypatch, 9)
     resumed = train(config(tmp_path / "b", base, resume=str(tmp_path / "b"), **options))
     assert resumed.train_loss == whole.train_loss
     assert torch.equal(load_adapter(whole.adapter_dir).embeddings, load_adapter(resumed.adapter_dir).embeddings)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from engine_helpers import peaked_base
 from helpers import text_logits, tiny_base
-from train_helpers import RECORDS, config, trainable_base
+from train_helpers import RECORDS, config, train_until, trainable_base
 
 from softprompt import evaluate, generate_batch
 from softprompt.core import forward
@@ -186,17 +186,7 @@ def test_every_method_learns_and_writes_its_adapter(base, tmp_path, name):
 @pytest.mark.parametrize("name", ["prefix", "prefix-proj", "ptuning", "cartridge"])
 def test_resume_restores_the_encoder_exactly(base, tmp_path, monkeypatch, name):
     whole = train(cfg(tmp_path / "whole", base, name))
-    real = train_module.lr_at
-
-    def crashing(step, *args):
-        if step == 6:
-            raise KeyboardInterrupt
-        return real(step, *args)
-
-    monkeypatch.setattr(train_module, "lr_at", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg(tmp_path / "cut", base, name))
-    monkeypatch.setattr(train_module, "lr_at", real)
+    train_until(cfg(tmp_path / "cut", base, name), monkeypatch, 6)
     tensors, state = checkpoint.load_checkpoint(checkpoint.list_checkpoints(tmp_path / "cut")[-1])
     assert state["method"] == method_of(name) and any(k.startswith("prompt.") for k in tensors)
     resumed = train(cfg(tmp_path / "cut", base, name, resume=str(tmp_path / "cut")))

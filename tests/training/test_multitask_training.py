@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from train_helpers import config, trainable_base
+from train_helpers import config, train_until, trainable_base
 
 from softprompt.data.records import DataError
 from softprompt.formats import checkpoint
@@ -73,17 +73,7 @@ def test_multitask_trains_the_same_with_gradient_checkpointing(base, tmp_path):
 
 def test_multitask_resume_is_exact(base, tmp_path, monkeypatch):
     whole = train(mt(tmp_path / "whole", base))
-    real = train_module.lr_at
-
-    def crashing(step, *args):
-        if step == 6:
-            raise KeyboardInterrupt
-        return real(step, *args)
-
-    monkeypatch.setattr(train_module, "lr_at", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        train(mt(tmp_path / "cut", base))
-    monkeypatch.setattr(train_module, "lr_at", real)
+    train_until(mt(tmp_path / "cut", base), monkeypatch, 6)
     tensors, state = checkpoint.load_checkpoint(checkpoint.list_checkpoints(tmp_path / "cut")[-1])
     assert state["method"] == "multitask" and "prompt.task_cols" in tensors
     resumed = train(mt(tmp_path / "cut", base, resume=str(tmp_path / "cut")))

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from train_helpers import Crash, trainable_base
+from train_helpers import Crash, train_until, trainable_base
 
 from softprompt.core import forward
 from softprompt.core.prompt import prefill_kv
@@ -226,17 +226,7 @@ def test_a_run_saves_its_data_reuses_it_and_the_loss_falls(tmp_path, base, monke
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, base, monkeypatch):
     whole = train(corpus_config(tmp_path, tmp_path / "whole", base))
-    real = train_module.lr_at
-
-    def crashing(step, *args):
-        if step == 5:  # 0-based: the start of step 6, after the checkpoint of step 4
-            raise Crash()
-        return real(step, *args)
-
-    monkeypatch.setattr(train_module, "lr_at", crashing)
-    with pytest.raises(Crash):
-        train(corpus_config(tmp_path, tmp_path / "cut", base))
-    monkeypatch.setattr(train_module, "lr_at", real)
+    train_until(corpus_config(tmp_path, tmp_path / "cut", base), monkeypatch, 5)
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "cut")] == ["step-000004"]
 
     def no_generation(*args, **kwargs):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import RECORDS, config, trainable_base
+from train_helpers import RECORDS, config, train_until, trainable_base
 
 from softprompt.cli import build_parser
 from softprompt.core import forward
@@ -91,17 +91,7 @@ class Crash(Exception):
 def test_resume_equals_uninterrupted_run(base, tmp_path, monkeypatch, optimizer):
     # 16 records / 4 per step = 4 steps per epoch: the run crosses epochs and is interrupted mid-step 7.
     whole = train(config(tmp_path / "whole", base, optimizer=optimizer))
-    real = train_module.lr_at
-
-    def crashing(step, *args):
-        if step == 6:  # 0-based: the start of step 7
-            raise Crash()
-        return real(step, *args)
-
-    monkeypatch.setattr(train_module, "lr_at", crashing)
-    with pytest.raises(Crash):
-        train(config(tmp_path / "cut", base, optimizer=optimizer))
-    monkeypatch.setattr(train_module, "lr_at", real)
+    train_until(config(tmp_path / "cut", base, optimizer=optimizer), monkeypatch, 6)
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "cut")] == ["step-000004"]
     resumed = train(config(tmp_path / "cut", base, optimizer=optimizer, resume=str(tmp_path / "cut")))
     assert resumed.steps == whole.steps == 12
