@@ -20,7 +20,7 @@ chosen on (`--questions DEV HELD_OUT` scores both in one run, each on its own).
    the question, as a prompt that holds it is.
 
 Usage: python benchmarks/cartridge.py [--model M] [--dtype auto] [--sizes 128 500] [--chunk-tokens 512]
-       [--conversations 8] [--max-tokens 64] [--steps 80] [--batch-size 4] [--lr X] [--out DIR]
+       [--conversations 8] [--max-tokens 64] [--steps 40] [--batch-size 4] [--lr X] [--out DIR]
        [--data-from OUT/cartridge-128/selfstudy.safetensors] [--questions FILE ...]
 The last line printed is a JSON object: the losses, gap_closed, kv_fraction and ttft_speedup per cartridge size,
 the settings, the machine's load and the times taken.
@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=8, help="per chunk")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
