@@ -3,7 +3,9 @@
 The document: benchmarks/data/GPL-2.txt, the GNU GPL version 2 as Debian ships it (/usr/share/common-licenses/GPL-2;
 its own notice permits verbatim copies), 4,055 tokens with the default tokenizer. The questions:
 benchmarks/data/gpl2_questions.jsonl, 36 questions about facts the license states with short reference answers,
-written for this benchmark and never seen by the self-study (which writes its own conversations).
+written for this benchmark and never seen by the self-study (which writes its own conversations); a separate dev set,
+benchmarks/data/gpl2_dev_questions.jsonl (22 questions about other facts of the license), is the one settings are
+chosen on (`--questions DEV HELD_OUT` scores both in one run, each on its own).
 
 1. `softprompt train --method cartridge --corpus GPL-2.txt` (the library call, training.loop.train) once per cartridge
    size (--sizes, default 128 and 500 virtual tokens: 500 is the largest size within 1/8 of the document's 4,055
@@ -18,8 +20,8 @@ written for this benchmark and never seen by the self-study (which writes its ow
    the question, as a prompt that holds it is.
 
 Usage: python benchmarks/cartridge.py [--model M] [--dtype auto] [--sizes 128 500] [--chunk-tokens 512]
-       [--conversations 8] [--max-tokens 64] [--steps 80] [--batch-size 4] [--lr X] [--out DIR]
-       [--data-from OUT/cartridge-128/selfstudy.safetensors]
+       [--conversations 8] [--max-tokens 64] [--steps 40] [--batch-size 4] [--lr X] [--out DIR]
+       [--data-from OUT/cartridge-128/selfstudy.safetensors] [--questions FILE ...]
 The last line printed is a JSON object: the losses, gap_closed, kv_fraction and ttft_speedup per cartridge size,
 the settings, the machine's load and the times taken.
 """
@@ -56,6 +58,7 @@ from softprompt.training.scoring import nll_per_example  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 DOCUMENT, QUESTIONS = DATA / "GPL-2.txt", DATA / "gpl2_questions.jsonl"
+DEV_QUESTIONS = DATA / "gpl2_dev_questions.jsonl"
 
 
 def examples(base, template: Template, questions: list[dict], context: list[int]) -> list[Example]:
@@ -72,6 +75,27 @@ def answer_loss(base, prompt, items: list[Example]) -> float:
     """Mean nats per answer token (the one no-grad scoring loop, training/scoring.py)."""
     nll, counts = nll_per_example(base.model, prompt, items, base.tokenizer.pad_token_id, max_tokens=8192)
     return float(nll.sum() / counts.sum())
+
+
+def read_questions(path: Path) -> list[dict]:
+    """A JSONL file of {"question", "answer"} objects."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def score(base, template: Template, questions: list[dict], context: list[int], adapters: dict) -> dict[str, float]:
+    """Answer loss of `questions` with no context, with each cartridge and with the whole document in front."""
+    plain = examples(base, template, questions, [])
+    losses = {"none": answer_loss(base, None, plain)}
+    for size, adapter in adapters.items():
+        losses[f"cartridge_{size}"] = answer_loss(base, forward.Virtual(adapter.embeddings, "cartridge"), plain)
+    losses["full_document"] = answer_loss(base, None, examples(base, template, questions, context))
+    return losses
+
+
+def gap_closed(losses: dict[str, float], name: str) -> float | None:
+    """(none - cartridge) / (none - full document)."""
+    gap = losses["none"] - losses["full_document"]
+    return round((losses["none"] - losses[name]) / gap, 3) if gap > 0 else None
 
 
 def ttft(engine: Engine, prompts: list[list[int]], adapter: str | None) -> float:
@@ -130,11 +154,18 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=8, help="per chunk")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ttft-questions", type=int, default=3)
+    parser.add_argument(
+        "--questions",
+        nargs="+",
+        default=[str(QUESTIONS)],
+        help="question files (JSONL, question + answer) to score, each on its own; the first one is the headline "
+        f"set (default: the 36 held-out questions; {DEV_QUESTIONS.name} is the dev set settings are chosen on)",
+    )
     parser.add_argument("--out", default=None, help="keep the cartridges and their data here (default: a temp dir)")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument(
@@ -147,7 +178,8 @@ def main() -> None:
     started = time.perf_counter()
     base = load_base(args.model, dtype=args.dtype)
     template = Template("human-assistant")
-    questions = [json.loads(line) for line in QUESTIONS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    question_sets = {Path(f).stem: read_questions(Path(f)) for f in args.questions}
+    questions = next(iter(question_sets.values()))
     document = DOCUMENT.read_text(encoding="utf-8")
     context = selfstudy.context_ids(base, encode_text(base.tokenizer, document))
     per_token = forward.prefix_width(base.model) * torch.finfo(base.dtype).bits // 8
@@ -162,13 +194,10 @@ def main() -> None:
     folders, train_seconds, _ = train_cartridges(args, base, out)
     selfstudy_seconds = round(time.perf_counter() - tick, 1)
 
-    plain = examples(base, template, questions, [])
-    losses = {"none": answer_loss(base, None, plain)}
     adapters = {size: load_adapter(folder, base) for size, folder in folders.items()}
-    for size, adapter in adapters.items():
-        losses[f"cartridge_{size}"] = answer_loss(base, forward.Virtual(adapter.embeddings, "cartridge"), plain)
-    losses["full_document"] = answer_loss(base, None, examples(base, template, questions, context))
-
+    scored = {name: score(base, template, qs, context, adapters) for name, qs in question_sets.items()}
+    losses = next(iter(scored.values()))
+    plain = examples(base, template, questions, [])
     engine = Engine(base, {f"c{size}": adapter for size, adapter in adapters.items()}, default_template=template)
     prompts = [ex.ids[: ex.labels.count(-100)] for ex in plain]  # the prompt: every unscored token
     prompts = prompts[: args.ttft_questions]
@@ -179,13 +208,13 @@ def main() -> None:
     kv = {"none": 0, "full_document": len(context) * per_token}
     kv.update({f"cartridge_{size}": size * per_token for size in adapters})
 
-    gap = losses["none"] - losses["full_document"]
     by_size = {}
     for size in adapters:
         name = f"cartridge_{size}"
         by_size[size] = {
             "loss": round(losses[name], 4),
-            "gap_closed": round((losses["none"] - losses[name]) / gap, 3) if gap > 0 else None,
+            "gap_closed": gap_closed(losses, name),
+            "gap_closed_by_set": {set_name: gap_closed(set_losses, name) for set_name, set_losses in scored.items()},
             "kv_fraction": round(kv[name] / kv["full_document"], 4),
             "ttft_speedup": round(times["full_document"] / times[name], 2),
             "train_seconds": train_seconds[size],
@@ -195,7 +224,7 @@ def main() -> None:
         print(f"{name:<16} {losses[name]:>8.4f} {kv[name]:>14,} {times[name] * 1000:>9.1f}")
     for size, row in by_size.items():
         print(
-            f"cartridge {size}: closes {row['gap_closed']} of the gap at {row['kv_fraction']} of the document's KV, "
+            f"cartridge {size}: closes {row['gap_closed_by_set']} of the gap at {row['kv_fraction']} of the document's KV, "
             f"{row['ttft_speedup']}x lower time to first token"
         )
     data = selfstudy.load(folders[args.sizes[0]] / selfstudy.DATA_FILE)
@@ -203,11 +232,12 @@ def main() -> None:
         json.dumps(
             {
                 "losses": {k: round(v, 4) for k, v in losses.items()},
+                "losses_by_set": {n: {k: round(v, 4) for k, v in ls.items()} for n, ls in scored.items()},
                 "cartridges": by_size,
                 "kv_bytes": kv,
                 "ttft_ms": {k: round(v * 1000, 1) for k, v in times.items()},
                 "document_tokens": len(context),
-                "questions": len(questions),
+                "questions": {name: len(qs) for name, qs in question_sets.items()},
                 "conversations": len(data.examples),
                 "dtype": str(base.dtype).removeprefix("torch."),
                 "settings": {k: v for k, v in vars(args).items() if k not in ("out", "progress")},

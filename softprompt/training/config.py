@@ -38,6 +38,9 @@ DEFAULT_LR["multitask"] = 0.3  # its shared prompt is a prompt-tuning prompt (Ad
 # tight (0.053 per token on a 576-wide model): on the SST-2 dev split 0.3 reached them within the run (train loss 1.21
 # after 60 steps, 0.03: 1.87) for the same accuracy and a slightly lower answer loss (docs/evaluation.md).
 DEFAULT_LR["cpt"] = 0.3
+# Self-study (--method cartridge --corpus): chosen on the GPL-2 dev questions (docs/benchmarks.md, "Cartridges by
+# self-study"): 0.01 closed more of the loss gap than 0.03 at 128 tokens, and 0.03 diverged for a while at 500.
+SELFSTUDY_LR = 0.01
 
 # Default token budget of one training forward pass per device type. On a 2-core AVX-512 CPU, SmolLM2-135M fp32
 # training ran at 316 / 324 / 332 / 339 text tokens/s with budgets 320 / 384 / 512 / 1024 and peak memory 1.41 / 1.48 /
@@ -298,7 +301,9 @@ class TrainConfig:
     lr: float | None = option(
         None,
         "peak learning rate (Adafactor: the cap on each step relative to a tensor's RMS; AdamW: absolute, "
-        "try 3e-2); default per --method: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()),
+        "try 3e-2); default per --method: "
+        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+        + f"; {SELFSTUDY_LR:g} for --method cartridge --corpus",
         above=0,
         group=OPTIM,
     )
@@ -485,5 +490,7 @@ class TrainConfig:
 
     @property
     def peak_lr(self) -> float:
-        """--lr, or the method's default."""
-        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+        """--lr, or the method's default (self-study's own for a cartridge on --corpus)."""
+        if self.lr is not None:
+            return self.lr
+        return SELFSTUDY_LR if self.corpus is not None else DEFAULT_LR[self.method]

@@ -116,6 +116,13 @@ def test_corpus_options_are_checked(tmp_path):
             make(**kw)
 
 
+def test_self_study_has_its_own_default_lr():
+    corpus = TrainConfig(out="x", corpus="c.txt", method="cartridge")
+    data = TrainConfig(out="x", data="d.jsonl", method="cartridge")
+    assert (corpus.peak_lr, data.peak_lr) == (0.01, 0.03)
+    assert TrainConfig(out="x", corpus="c.txt", method="cartridge", lr=0.2).peak_lr == 0.2
+
+
 def test_chunks_fit_the_budget_or_are_refused(tmp_path, base):
     assert chunk_ids(list(range(10)), 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert chunk_ids(list(range(8)), 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
