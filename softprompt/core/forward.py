@@ -583,17 +583,27 @@ def label_nll(
     token at t is predicted from position t-1 (from the last virtual token for t = 0; for a prefix, or without a
     prompt, the token at t = 0 is not scored, as in PEFT).
     """
+    rows, chosen, (targets,) = _labelled(model, prompt, input_ids, attention_mask, labels, mode, prefix)
+    return _per_row(head_nll(model, chosen, targets), rows, input_ids.shape[0])
+
+
+def _labelled(model, prompt, input_ids, attention_mask, labels, mode, prefix, *per_token):
+    """The labelled positions of a batch: each one's row, the hidden state that predicts it (position t-1; the last
+    virtual token for t = 0, which a prefix or no prompt does not score), and the label and any `per_token` tensors
+    ([B, L, ...], aligned with input_ids) at those positions."""
     hidden, last = text_hidden(model, prompt, input_ids, attention_mask, mode, prefix)
     if last is not None:
         previous = torch.cat([last.expand(hidden.shape[0], 1, -1), hidden[:, :-1]], dim=1)
-        targets = labels
     else:
-        previous, targets = hidden[:, :-1], labels[:, 1:]
-    rows, cols = (targets != -100).nonzero(as_tuple=True)
-    nll = head_nll(model, previous[rows, cols], targets[rows, cols])
-    per_row = torch.zeros(hidden.shape[0], dtype=nll.dtype, device=nll.device).index_add_(0, rows, nll)
-    counts = torch.bincount(rows, minlength=hidden.shape[0])
-    return per_row, counts
+        previous, labels, per_token = hidden[:, :-1], labels[:, 1:], tuple(t[:, 1:] for t in per_token)
+    rows, cols = (labels != -100).nonzero(as_tuple=True)
+    return rows, previous[rows, cols], tuple(t[rows, cols] for t in (labels, *per_token))
+
+
+def _per_row(values: torch.Tensor, rows: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position values summed per row, and each row's count of positions."""
+    per_row = torch.zeros(batch, dtype=values.dtype, device=values.device).index_add_(0, rows, values)
+    return per_row, torch.bincount(rows, minlength=batch)
 
 
 def label_kl(
@@ -610,30 +620,20 @@ def label_kl(
     """Per-row summed distillation loss (`topk_kl`) at the label positions, and per-row label counts: label_nll's
     positions (the token at t predicted from t-1, labels -100 where there is nothing to learn), with the teacher's
     top-k token ids and log-probabilities [B, L, k] given for each labelled token t instead of the token itself."""
-    hidden, last = text_hidden(model, prompt, input_ids, attention_mask, mode, prefix)
-    if last is not None:
-        previous = torch.cat([last.expand(hidden.shape[0], 1, -1), hidden[:, :-1]], dim=1)
-        targets, ids, logprobs = labels, teacher_ids, teacher_logprobs
-    else:
-        previous, targets = hidden[:, :-1], labels[:, 1:]
-        ids, logprobs = teacher_ids[:, 1:], teacher_logprobs[:, 1:]
-    rows, cols = (targets != -100).nonzero(as_tuple=True)
-    chosen = previous[rows, cols]
+    rows, chosen, (_, ids, logprobs) = _labelled(
+        model, prompt, input_ids, attention_mask, labels, mode, prefix, teacher_ids, teacher_logprobs
+    )
     kl = (
         torch.cat(
             [
                 topk_kl(lm_logits(model, h), i, p)
-                for h, i, p in zip(
-                    chosen.split(HEAD_CHUNK), ids[rows, cols].split(HEAD_CHUNK), logprobs[rows, cols].split(HEAD_CHUNK)
-                )
+                for h, i, p in zip(chosen.split(HEAD_CHUNK), ids.split(HEAD_CHUNK), logprobs.split(HEAD_CHUNK))
             ]
         )
         if rows.numel()
         else chosen.new_zeros(0, dtype=torch.float32)
     )
-    per_row = torch.zeros(hidden.shape[0], dtype=kl.dtype, device=kl.device).index_add_(0, rows, kl)
-    counts = torch.bincount(rows, minlength=hidden.shape[0])
-    return per_row, counts
+    return _per_row(kl, rows, input_ids.shape[0])
 
 
 def topk_kl(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
