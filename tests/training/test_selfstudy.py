@@ -110,6 +110,11 @@ def test_corpus_options_are_checked(tmp_path):
             {"corpus": "c.txt", "method": "cartridge", "selfstudy_max_tokens": 2},
             "--selfstudy-max-tokens must be >= 4, got 2",
         ),
+        (
+            {"corpus": "c.txt", "method": "cartridge", "selfstudy_temperature": 2.5},
+            "--selfstudy-temperature must be <= 2, got 2.5",
+        ),
+        ({"corpus": "c.txt", "method": "cartridge", "selfstudy_top_p": 0.0}, "--selfstudy-top-p must be > 0, got 0"),
     ]
     for kw, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -229,6 +234,15 @@ def test_a_run_saves_its_data_reuses_it_and_the_loss_falls(tmp_path, base, monke
         base, Template("human-assistant"), [data.examples[0].ids[:40]], 2, corpus_config(tmp_path, out, base), 1
     )
     assert fresh == repeat and fresh != other
+    # temperature 0: greedy turns, the same conversations whatever the seed; the settings record the sampling
+    greedy = corpus_config(tmp_path, out, base, selfstudy_temperature=0.0)
+    chunk = [data.examples[0].ids[:40]]
+    template = Template("human-assistant")
+    assert selfstudy.synthesise(base, template, chunk, 2, greedy, 0) == selfstudy.synthesise(
+        base, template, chunk, 2, greedy, 1
+    )
+    wanted = selfstudy.settings(greedy, base, template, CORPUS)
+    assert (wanted["temperature"], wanted["top_p"]) == (0.0, 0.95)
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, base, monkeypatch):
