@@ -4,6 +4,10 @@ synthetic-data file written beside the adapter and reused, an exact resume, and 
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,3 +282,43 @@ def test_the_command_line_says_the_same_in_one_line(tmp_path, capsys):
         assert main(["train", *argv]) == 2
         lines = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
         assert lines == [f"softprompt train: error: {message}"]
+
+
+DDP_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from train_helpers import trainable_base
+from softprompt.training.config import TrainConfig
+from softprompt.training.loop import train
+train(TrainConfig(corpus={corpus!r}, out={out!r}, model=trainable_base(), method="cartridge", num_virtual_tokens=8,
+                  chunk_tokens=96, selfstudy_conversations=3, selfstudy_max_tokens=12, top_k=8, lr=0.1, batch_size=2,
+                  max_steps=4, progress=False, max_batch_tokens=256, threads=1))
+"""
+
+
+def test_two_processes_match_one_at_the_same_global_batch(tmp_path, base):
+    """torchrun with 2 processes: the main process writes the self-study data, the other reuses it, and the
+    cartridge equals a one-process run's at the same global batch (2 x 2 = 4 conversations a step)."""
+    corpus = tmp_path / "corpus.md"
+    corpus.write_text(CORPUS, encoding="utf-8")
+    script = tmp_path / "ddp.py"
+    tests = str(Path(__file__).parents[1])
+    script.write_text(DDP_SCRIPT.format(tests=tests, corpus=str(corpus), out=str(tmp_path / "two")))
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519", str(script)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 process(es), 4 records/step" in run.stdout
+    assert run.stdout.count("conversations about 3 chunk(s)") == 1  # printed by the main process only
+    one = train(corpus_config(tmp_path, tmp_path / "one", base, batch_size=4, max_steps=4))
+    two = load_adapter(tmp_path / "two").embeddings
+    assert torch.allclose(load_adapter(one.adapter_dir).embeddings, two, atol=1e-5)
+    first = torch.tensor(base.tokenizer(CORPUS)["input_ids"][:8])
+    assert not torch.equal(two, prefill_kv(base, base.model.get_input_embeddings()(first).detach()))
+    # the same conversations in both runs (seeded sampling), so the same file
+    texts = [(tmp_path / run / selfstudy.TEXT_FILE).read_text(encoding="utf-8") for run in ("one", "two")]
+    assert texts[0] == texts[1]
