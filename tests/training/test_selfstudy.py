@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import Crash, train_until, trainable_base
+from train_helpers import Crash, torchrun, train_until, trainable_base
 
 from softprompt.core import forward
 from softprompt.core.prompt import prefill_kv
@@ -304,14 +304,7 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path, base):
     script = tmp_path / "ddp.py"
     tests = str(Path(__file__).parents[1])
     script.write_text(DDP_SCRIPT.format(tests=tests, corpus=str(corpus), out=str(tmp_path / "two")))
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519", str(script)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = torchrun(script)
     assert "2 process(es), 4 records/step" in run.stdout
     assert run.stdout.count("conversations about 3 chunk(s)") == 1  # printed by the main process only
     one = train(corpus_config(tmp_path, tmp_path / "one", base, batch_size=4, max_steps=4))
