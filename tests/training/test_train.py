@@ -78,6 +78,8 @@ def test_micro_batch_split_changes_nothing_and_the_prompt_runs_once_per_step(bas
     runs, real = [], forward.prompt_kv
     forwards, real_nll = [], forward.label_nll
     monkeypatch.setattr(forward, "prompt_kv", lambda *a, **k: runs.append(1) or real(*a, **k))
+    joint = forward.SharedPrefix._joint  # the virtual tokens together with a step's shared text
+    monkeypatch.setattr(forward.SharedPrefix, "_joint", lambda *a, **k: runs.append(1) or joint(*a, **k))
     monkeypatch.setattr(forward, "label_nll", lambda *a, **k: forwards.append(1) or real_nll(*a, **k))
     split = train(config(tmp_path / "split", base, max_steps=3, max_batch_tokens=40))
     assert len(forwards) >= 9  # 3 steps of 4 records, at least 3 micro-batches each ...
