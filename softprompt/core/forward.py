@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from softprompt.core import KV_METHODS
+from softprompt.core import KV_METHODS, packed
 from softprompt.core.attention import NAME, decode_plan, planned_attention
 from softprompt.core.fused import fused_product
 from softprompt.core.mlp import is_swiglu, silu_mul
@@ -691,21 +691,23 @@ def head_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = HE
         )
     head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
-    return _FusedHeadNLL.apply(hidden, targets, head.weight, head.bias, cap, chunk)
+    products = packed.head_products(head) if hidden.dtype == torch.bfloat16 else None
+    return _FusedHeadNLL.apply(hidden, targets, head.weight, head.bias, cap, chunk, products)
 
 
 class _FusedHeadNLL(torch.autograd.Function):
     """LM head + cross-entropy whose backward is precomputed chunk by chunk in the forward pass.
 
     d nll / d logits = softmax(logits) - onehot(target) (times the soft-capping derivative where the model caps its
-    logits), so d nll / d hidden = that @ W; only this [n, H] tensor is saved. The head's weight is frozen.
+    logits), so d nll / d hidden = that @ W; only this [n, H] tensor is saved. The head's weight is frozen. In bf16 on
+    the CPU both products use prepacked copies of the head's weight (`packed.head_products`: the same bits).
     """
 
     @staticmethod
-    def forward(ctx, hidden, targets, weight, bias, cap, chunk):
+    def forward(ctx, hidden, targets, weight, bias, cap, chunk, products=None):
         nlls, grads = [], []
         for h, t in zip(hidden.split(chunk), targets.split(chunk)):
-            logits = F.linear(h, weight, bias).float()
+            logits = (products.logits(h, weight, bias) if products else F.linear(h, weight, bias)).float()
             if cap:
                 capped = torch.tanh(logits / cap)
                 logits = capped * cap
@@ -715,11 +717,12 @@ class _FusedHeadNLL(torch.autograd.Function):
             d_logits[torch.arange(len(t), device=t.device), t] -= 1
             if cap:
                 d_logits *= 1 - capped * capped
-            grads.append(d_logits.to(weight.dtype) @ weight)
+            d_logits = d_logits.to(weight.dtype)
+            grads.append(products.gradient(d_logits, weight) if products else d_logits @ weight)
         ctx.save_for_backward(torch.cat(grads))
         return torch.cat(nlls)
 
     @staticmethod
     def backward(ctx, grad_nll):
         (d_hidden,) = ctx.saved_tensors
-        return grad_nll.unsqueeze(1).to(d_hidden.dtype) * d_hidden, None, None, None, None, None
+        return grad_nll.unsqueeze(1).to(d_hidden.dtype) * d_hidden, None, None, None, None, None, None

@@ -3,9 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import text_logits
+from helpers import text_logits, tiny_llama
 
+from softprompt.core import packed
 from softprompt.core.forward import SharedPrefix, head_nll, label_nll, lm_logits
+from softprompt.core.models import cpu_has_native_bf16
 
 torch.manual_seed(0)
 
@@ -118,3 +120,37 @@ def test_shared_prefix_gives_the_gradient_of_per_batch_prompt_runs(tiny):
     prefix.backward()
     assert torch.allclose(prompt.grad, expected, atol=1e-6)
     assert expected.abs().sum() > 0
+
+
+@pytest.mark.skipif(not (cpu_has_native_bf16() and packed.supported()), reason="no native bf16 / oneDNN packing")
+def test_bf16_fused_head_uses_packed_products_with_the_plain_ones_bits():
+    """In bf16 on the CPU the fused head's logits and gradient products run on prepacked copies of the head weight
+    (packed.head_products): the same NLL and gradient bits as the plain products (packed_weights(False)); the copies
+    are made once and again when the weight changes in place."""
+    model = tiny_llama(120, seed=2, hidden=64).to(torch.bfloat16)
+    head = model.get_output_embeddings()
+    generator = torch.Generator().manual_seed(1)
+    hidden = (torch.randn(150, 64, generator=generator) * 3).to(torch.bfloat16)  # 2 chunks of 128, the last short
+    targets = torch.randint(0, 120, (150,), generator=generator)
+
+    def nll_and_grad():
+        leaf = hidden.clone().requires_grad_()
+        nll = head_nll(model, leaf, targets)
+        (grad,) = torch.autograd.grad(nll.sum(), leaf)
+        return nll, grad
+
+    mine = nll_and_grad()
+    products = head._softprompt_head_products
+    assert products.weight is not None and products.transposed is not None
+    with packed.packed_weights(False):
+        assert packed.head_products(head) is None
+        plain = nll_and_grad()
+    assert torch.equal(mine[0], plain[0]) and torch.equal(mine[1], plain[1])
+    assert packed.head_products(head) is products  # kept
+    with torch.no_grad():
+        head.weight.mul_(0.5)
+    assert packed.head_products(head) is not products  # the weight changed: packed again
+    with packed.packed_weights(False):
+        plain = nll_and_grad()
+    assert all(torch.equal(a, b) for a, b in zip(nll_and_grad(), plain))
+    assert packed.head_products(model.model.layers[0].mlp.act_fn) is None  # not a linear layer
