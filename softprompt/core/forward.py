@@ -691,8 +691,8 @@ def head_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = HE
         )
     head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
-    products = packed.head_products(head) if hidden.dtype == torch.bfloat16 else None
-    return _FusedHeadNLL.apply(hidden, targets, head.weight, head.bias, cap, chunk, products)
+    gradient = packed.head_gradient(head) if hidden.dtype == torch.bfloat16 else None
+    return _FusedHeadNLL.apply(hidden, targets, head.weight, head.bias, cap, chunk, gradient)
 
 
 class _FusedHeadNLL(torch.autograd.Function):
@@ -700,14 +700,14 @@ class _FusedHeadNLL(torch.autograd.Function):
 
     d nll / d logits = softmax(logits) - onehot(target) (times the soft-capping derivative where the model caps its
     logits), so d nll / d hidden = that @ W; only this [n, H] tensor is saved. The head's weight is frozen. In bf16 on
-    the CPU both products use prepacked copies of the head's weight (`packed.head_products`: the same bits).
+    the CPU that product uses a prepacked W^T (`packed.head_gradient`: the same bits, probed).
     """
 
     @staticmethod
-    def forward(ctx, hidden, targets, weight, bias, cap, chunk, products=None):
+    def forward(ctx, hidden, targets, weight, bias, cap, chunk, gradient=None):
         nlls, grads = [], []
         for h, t in zip(hidden.split(chunk), targets.split(chunk)):
-            logits = (products.logits(h, weight, bias) if products else F.linear(h, weight, bias)).float()
+            logits = F.linear(h, weight, bias).float()
             if cap:
                 capped = torch.tanh(logits / cap)
                 logits = capped * cap
@@ -718,7 +718,7 @@ class _FusedHeadNLL(torch.autograd.Function):
             if cap:
                 d_logits *= 1 - capped * capped
             d_logits = d_logits.to(weight.dtype)
-            grads.append(products.gradient(d_logits, weight) if products else d_logits @ weight)
+            grads.append(gradient(d_logits) if gradient is not None else d_logits @ weight)
         ctx.save_for_backward(torch.cat(grads))
         return torch.cat(nlls)
 

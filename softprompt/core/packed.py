@@ -1,5 +1,5 @@
-"""Prepacked oneDNN weights for bf16 linear layers on the CPU (inference), and for the LM head's two products in
-training (`head_products`, at the end).
+"""Prepacked oneDNN weights for bf16 linear layers on the CPU (inference), and for the LM head's gradient product in
+training (`head_gradient`, at the end).
 
 A bf16 `F.linear` on the CPU hands the product to oneDNN with the weight in PyTorch's plain [out, in] layout, and
 oneDNN reorders it into its blocked layout on every call: with the few rows of a decode step that reorder costs as
@@ -106,37 +106,34 @@ def use_packed_linears(model: torch.nn.Module) -> int:
 
 
 @dataclass
-class HeadProducts:
-    """An LM head's two training products in bf16 on the CPU from prepacked weights (training's fused head loss,
-    core/forward.py `_FusedHeadNLL`): the logits h W^T + b, and the hidden-state gradient d W. Each is None where
-    its packed product did not give the plain one's bits on the probe (the caller then runs the plain product)."""
+class HeadGradient:
+    """The hidden-state gradient product of an LM head, d W, in bf16 on the CPU from a prepacked W^T (training's
+    fused head loss, core/forward.py `_FusedHeadNLL`)."""
 
     source: torch.Tensor
     version: int
-    weight: torch.Tensor | None  # W in oneDNN's layout, for the logits
-    transposed: torch.Tensor | None  # W^T in oneDNN's layout, for d W
+    transposed: torch.Tensor  # W^T in oneDNN's layout
 
-    def logits(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.weight is None:
-            return F.linear(hidden, weight, bias)
-        return torch.ops.mkldnn._linear_pointwise(hidden, self.weight, bias, "none", [], "")
-
-    def gradient(self, d_logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if self.transposed is None:
-            return d_logits @ weight
+    def __call__(self, d_logits: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(d_logits, self.transposed, None, "none", [], "")
 
 
-@torch.no_grad()
-def head_products(head: torch.nn.Module) -> HeadProducts | None:
-    """The packed training products of an LM head (nn.Linear, bf16, CPU), made on first use and kept on the module
-    (two copies of its weight: SmolLM2-135M's 49,152 x 576 head, +113 MB) until its weight is replaced or changed in
-    place; None where packing does not apply (other dtype or device, no oneDNN packing, `packed_weights(False)`).
+PROBE_HEAD_ROWS = (*PROBE_ROWS, 128)  # and a full chunk of the fused head (forward.HEAD_CHUNK)
 
-    With the few hundred label rows of a training step, a plain bf16 product reorders the head's 57 MB weight into
-    oneDNN's layout on every call, and the gradient product reads it transposed: on an AMD EPYC (AVX-512 BF16) the
-    packed products of a 128-row chunk took 21 + 21 ms instead of 26 + 31 ms, with the same bits (probed here for
-    `PROBE_ROWS` row counts and a chunk's, as `use_packed_linears` probes)."""
+
+@torch.no_grad()
+def head_gradient(head: torch.nn.Module) -> HeadGradient | None:
+    """The packed gradient product of an LM head (nn.Linear, bf16, CPU), made on first use and kept on the module
+    (a copy of its weight: SmolLM2-135M's 49,152 x 576 head, +57 MB) until its weight is replaced or changed in
+    place; None where it does not apply (other dtype or device, no oneDNN packing, `packed_weights(False)`) or where
+    it does not give the plain product's bits on seeded probe rows (`PROBE_HEAD_ROWS`; then it is not tried again
+    for that weight).
+
+    The fused head multiplies each chunk of label rows' logit gradients [rows, vocabulary] by the weight itself
+    (d W, the weight read transposed), and oneDNN reorders the 57 MB weight for that on every call: on an AMD EPYC
+    (AVX-512 BF16) a 128-row chunk took 31 ms plain and 21 ms packed. The logits product h W^T gains less (26 vs
+    21 ms) and is left plain: its packed copy would cost another 57 MB, which on short-record data sets is the margin
+    to the reference recipe's peak memory (docs/benchmarks.md, "Training throughput and memory")."""
     weight = getattr(head, "weight", None)
     if (
         not _ENABLED.get()
@@ -146,27 +143,16 @@ def head_products(head: torch.nn.Module) -> HeadProducts | None:
         or not supported()
     ):
         return None
-    known: HeadProducts | None = getattr(head, "_softprompt_head_products", None)
-    if known is not None and known.source is weight and known.version == weight._version:
-        return known
-    generator = torch.Generator().manual_seed(0)
-    rows = (*PROBE_ROWS, 128)
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-    x = torch.randn(max(rows), head.in_features, generator=generator).to(torch.bfloat16)
-    if not all(
-        torch.equal(
-            F.linear(x[:n], weight, head.bias),
-            torch.ops.mkldnn._linear_pointwise(x[:n], packed, head.bias, "none", [], ""),
-        )
-        for n in rows
-    ):
-        packed = None
+    known = getattr(head, "_softprompt_head_gradient", None)
+    if known is not None and known[0] is weight and known[1] == weight._version:
+        return known[2]
     transposed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().t().contiguous())
-    d = torch.randn(max(rows), head.out_features, generator=generator).to(torch.bfloat16)
-    if not all(
+    generator = torch.Generator().manual_seed(0)
+    d = torch.randn(max(PROBE_HEAD_ROWS), head.out_features, generator=generator).to(torch.bfloat16)
+    same = all(
         torch.equal(d[:n] @ weight, torch.ops.mkldnn._linear_pointwise(d[:n], transposed, None, "none", [], ""))
-        for n in rows
-    ):
-        transposed = None
-    head._softprompt_head_products = HeadProducts(weight, weight._version, packed, transposed)
-    return head._softprompt_head_products
+        for n in PROBE_HEAD_ROWS
+    )
+    product = HeadGradient(weight, weight._version, transposed) if same else None
+    head._softprompt_head_gradient = (weight, weight._version, product)
+    return product

@@ -123,10 +123,10 @@ def test_shared_prefix_gives_the_gradient_of_per_batch_prompt_runs(tiny):
 
 
 @pytest.mark.skipif(not (cpu_has_native_bf16() and packed.supported()), reason="no native bf16 / oneDNN packing")
-def test_bf16_fused_head_uses_packed_products_with_the_plain_ones_bits():
-    """In bf16 on the CPU the fused head's logits and gradient products run on prepacked copies of the head weight
-    (packed.head_products): the same NLL and gradient bits as the plain products (packed_weights(False)); the copies
-    are made once and again when the weight changes in place."""
+def test_bf16_fused_head_uses_a_packed_gradient_product_with_the_plain_ones_bits():
+    """In bf16 on the CPU the fused head's gradient product runs on a prepacked W^T (packed.head_gradient): the same
+    NLL and gradient bits as the plain product (packed_weights(False)); the copy is made once and again when the
+    weight changes in place."""
     model = tiny_llama(120, seed=2, hidden=64).to(torch.bfloat16)
     head = model.get_output_embeddings()
     generator = torch.Generator().manual_seed(1)
@@ -139,18 +139,23 @@ def test_bf16_fused_head_uses_packed_products_with_the_plain_ones_bits():
         (grad,) = torch.autograd.grad(nll.sum(), leaf)
         return nll, grad
 
-    mine = nll_and_grad()
-    products = head._softprompt_head_products
-    assert products.weight is not None and products.transposed is not None
+    calls = []
+    product = packed.head_gradient(head)
+    assert product is not None and packed.head_gradient(head) is product  # made once, kept
+    original = packed.HeadGradient.__call__
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(packed.HeadGradient, "__call__", lambda self, d: calls.append(len(d)) or original(self, d))
+        mine = nll_and_grad()
+    assert calls == [128, 22]
     with packed.packed_weights(False):
-        assert packed.head_products(head) is None
+        assert packed.head_gradient(head) is None
         plain = nll_and_grad()
     assert torch.equal(mine[0], plain[0]) and torch.equal(mine[1], plain[1])
-    assert packed.head_products(head) is products  # kept
     with torch.no_grad():
         head.weight.mul_(0.5)
-    assert packed.head_products(head) is not products  # the weight changed: packed again
+    assert packed.head_gradient(head) is not product  # the weight changed: packed again
     with packed.packed_weights(False):
         plain = nll_and_grad()
     assert all(torch.equal(a, b) for a, b in zip(nll_and_grad(), plain))
-    assert packed.head_products(model.model.layers[0].mlp.act_fn) is None  # not a linear layer
+    assert packed.head_gradient(model.model.layers[0].mlp.act_fn) is None  # not a linear layer
+    assert packed.head_gradient(tiny_llama(120, seed=2, hidden=64).get_output_embeddings()) is None  # fp32
