@@ -13,8 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from softprompt.core import forward
 from softprompt.core.attention import use_grouped_sdpa
 from softprompt.core.mlp import use_lean_mlp
-from softprompt.core.norm import use_lean_norm
 from softprompt.core.models import FrozenModel, freeze, load_base
+from softprompt.core.norm import use_lean_norm
 
 # The device the device-parametrised tests run on: cpu here and in CI; scripts/gpu_check.sh sets cuda.
 TEST_DEVICE = os.environ.get("SOFTPROMPT_TEST_DEVICE", "cpu")

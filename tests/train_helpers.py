@@ -14,8 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from softprompt.core.attention import use_grouped_sdpa
 from softprompt.core.mlp import use_lean_mlp
-from softprompt.core.norm import use_lean_norm
 from softprompt.core.models import FrozenModel, freeze
+from softprompt.core.norm import use_lean_norm
 from softprompt.formats import checkpoint
 from softprompt.training import loop as train_module
 from softprompt.training.config import TrainConfig

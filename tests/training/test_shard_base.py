@@ -17,8 +17,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from softprompt.cli import build_parser
 from softprompt.core.attention import use_grouped_sdpa
 from softprompt.core.mlp import use_lean_mlp
-from softprompt.core.norm import use_lean_norm
 from softprompt.core.models import FrozenModel, freeze
+from softprompt.core.norm import use_lean_norm
 from softprompt.formats.adapter import load_adapter
 from softprompt.training.config import TrainConfig
 from softprompt.training.distributed import weight_bytes
