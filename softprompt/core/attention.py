@@ -152,6 +152,22 @@ def planned_attention(plan: list, query, key, value, scaling) -> torch.Tensor:
     return out
 
 
+def decode_attention(plan: list, query, key, value, scaling) -> torch.Tensor:
+    """`planned_attention` for a one-token step's plan (`decode_plan`), with fewer operations: [B, 1, heads, D].
+    A row's query is its [1, heads, 1, D] slice of `query`, which is the tensor index_select would copy when `query`
+    is contiguous (made so otherwise); its keys/values are gathered as there."""
+    batch, heads, _, _ = query.shape
+    out = query.new_zeros(batch, 1, heads, value.shape[-1])
+    gqa = key.shape[1] != heads
+    query = query.contiguous()
+    for b, keys, _, _ in plan:
+        k = key[b].index_select(1, keys).unsqueeze(0)
+        v = value[b].index_select(1, keys).unsqueeze(0)
+        o = F.scaled_dot_product_attention(query[b : b + 1], k, v, scale=scaling, enable_gqa=gqa)
+        out[b] = o[0].transpose(0, 1)
+    return out
+
+
 def _row_exact_sdpa(state: _RowExact, module, query, key, value, attention_mask, scaling) -> torch.Tensor:
     batch, _, q_len, _ = query.shape
     plan = _row_plan(state, attention_mask, batch, q_len, key.shape[2], query.device)
