@@ -154,16 +154,18 @@ def planned_attention(plan: list, query, key, value, scaling) -> torch.Tensor:
 
 def decode_attention(plan: list, query, key, value, scaling) -> torch.Tensor:
     """`planned_attention` for a one-token step's plan (`decode_plan`), with fewer operations: [B, 1, heads, D].
-    A row's query is its [1, heads, 1, D] slice of `query`, which is the tensor index_select would copy when `query`
-    is contiguous (made so otherwise); its keys/values are gathered as there."""
+    A row's query is its [1, heads, 1, D] slice of `query`: where that slice is contiguous (its heads and dimensions
+    dense, as decode_body's are; the batch dimension has size 1 there), it is element for element and stride for
+    stride the tensor index_select would copy; otherwise it is copied. Its keys/values are gathered as there."""
     batch, heads, _, _ = query.shape
     out = query.new_zeros(batch, 1, heads, value.shape[-1])
     gqa = key.shape[1] != heads
-    query = query.contiguous()
     for b, keys, _, _ in plan:
+        q = query[b : b + 1]
+        q = q if q.is_contiguous() else q.contiguous()
         k = key[b].index_select(1, keys).unsqueeze(0)
         v = value[b].index_select(1, keys).unsqueeze(0)
-        o = F.scaled_dot_product_attention(query[b : b + 1], k, v, scale=scaling, enable_gqa=gqa)
+        o = F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=gqa)
         out[b] = o[0].transpose(0, 1)
     return out
 
