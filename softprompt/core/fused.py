@@ -14,10 +14,9 @@ of core/packed.py, +138 MB), so they are made where generation starts (`DecodeBa
 so: by default in bf16 on a CPU with native bf16, where each oneDNN product costs ~15 us besides its weight read and
 fusing saves three of the seven per layer; not in fp32, where MKL's per-call cost is small and on some CPUs its
 one-row product rounds a concatenated weight differently; docs/benchmarks.md, "Decode step"), not when a model
-loads. A
-fused group steps aside (`fused_product` returns None: the caller runs the separate products) whenever autograd
-needs the product, one of its weights was replaced or changed in place since fusing, or, for a prepacked group,
-within `packed_weights(False)`.
+loads. A fused group steps aside (`fused_product` returns None: the caller runs the separate products) whenever
+autograd needs the product, one of its weights was replaced or changed in place since fusing, or, for a prepacked
+group, within `packed_weights(False)`.
 """
 
 from __future__ import annotations

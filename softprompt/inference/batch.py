@@ -211,9 +211,9 @@ class DecodeBatch:
     # row-exact or not); benchmarks set False to measure it.
     fast_path: bool = True
     # Within it, q/k/v and gate/up as one product each (core/fused.py, the same bits). None = on in bf16 on a CPU with
-    # native bf16, where each oneDNN product has a fixed cost of ~15 us that fusing saves twice a layer (+5-10% tokens/s
-    # on the AMD EPYC, docs/benchmarks.md "Decode step"), for a packed copy of those weights; off elsewhere: on the
-    # Intel Xeon measured it gained nothing in fp32 and lost in (emulated) bf16. Benchmarks set True / False.
+    # native bf16, where each oneDNN product has a fixed cost of ~15 us and fusing saves three of a layer's seven (+6%
+    # tokens/s on the AMD EPYC, docs/benchmarks.md "Decode step"), for a packed copy of those weights; off elsewhere:
+    # on the Intel Xeon measured it gained nothing in fp32 and lost in (emulated) bf16. Benchmarks set True / False.
     fused: bool | None = None
 
     def __init__(
