@@ -422,7 +422,7 @@ def main() -> None:
             "records": count,
             "tokens": ours["tokens"],
             "softprompt_dtype": ours["dtype"],
-            "max_batch_tokens": args.max_batch_tokens or default_batch_tokens(args.device.split(":")[0]),
+            "max_batch_tokens": args.max_batch_tokens or default_batch_tokens(args.device.split(":")[0], ours["dtype"]),
             "ceiling": ceiling or "measured on the CPU only",
             "device": args.device,
         }

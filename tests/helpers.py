@@ -14,6 +14,7 @@ from softprompt.core import forward
 from softprompt.core.attention import use_grouped_sdpa
 from softprompt.core.mlp import use_lean_mlp
 from softprompt.core.models import FrozenModel, freeze, load_base
+from softprompt.core.norm import use_lean_norm
 
 # The device the device-parametrised tests run on: cpu here and in CI; scripts/gpu_check.sh sets cuda.
 TEST_DEVICE = os.environ.get("SOFTPROMPT_TEST_DEVICE", "cpu")
@@ -54,6 +55,7 @@ def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2
     model = LlamaForCausalLM(config)
     assert use_grouped_sdpa(model)  # what load_base does: tiny tests run the production attention and MLP
     assert use_lean_mlp(model) == layers
+    assert use_lean_norm(model) == 2 * layers + 1  # two per layer and the final one
     return freeze(model)
 
 

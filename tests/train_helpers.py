@@ -15,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from softprompt.core.attention import use_grouped_sdpa
 from softprompt.core.mlp import use_lean_mlp
 from softprompt.core.models import FrozenModel, freeze
+from softprompt.core.norm import use_lean_norm
 from softprompt.formats import checkpoint
 from softprompt.training import loop as train_module
 from softprompt.training.config import TrainConfig
@@ -44,6 +45,7 @@ def trainable_base(seed: int = 0) -> FrozenModel:
     model = LlamaForCausalLM(config)
     assert use_grouped_sdpa(model)  # the attention and MLP load_base gives a model
     assert use_lean_mlp(model) == config.num_hidden_layers
+    assert use_lean_norm(model) == 2 * config.num_hidden_layers + 1
     return FrozenModel(freeze(model), tok, "tiny-llama-trainable")
 
 

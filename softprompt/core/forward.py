@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from softprompt.core import KV_METHODS
+from softprompt.core import KV_METHODS, packed
 from softprompt.core.attention import NAME, decode_attention, decode_plan
 from softprompt.core.fused import fused_product
 from softprompt.core.mlp import is_swiglu, silu_mul
@@ -510,13 +510,17 @@ class SharedPrefix:
         keep_hidden: bool = False,
     ):
         prompt = as_virtual(prompt)
+        has_text = text_ids is not None and text_ids.numel() > 0
+        if has_text and prompt is not None and prompt.embeds_input and torch.is_grad_enabled():
+            self._joint(model, prompt, text_ids.reshape(1, -1), keep_hidden)
+            return
         kv, last = prompt_kv(model, prompt, every=keep_hidden) if prompt is not None else ([], None)
         # keep_hidden: the virtual tokens' hidden states [N, H], with their graph (CPT's context loss reads them)
         self.hidden = last if keep_hidden else None
         last = last[-1] if keep_hidden and last is not None else last
         length = prompt.num_virtual_tokens if prompt is not None else 0
         self._anchor = None
-        if text_ids is not None and text_ids.numel():
+        if has_text:
             # a base sharded with FSDP (--shard-base) gathers a layer's weights for the backward pass when the
             # gradient of the layer's output arrives; the virtual tokens' last layer output then feeds nothing but
             # its keys/values do, so it gets a zero gradient that makes that layer gather first
@@ -531,6 +535,26 @@ class SharedPrefix:
             kv, last, length = cache_tensors(cache), hidden[0, -1], length + s
         if not length:
             raise ValueError("a SharedPrefix needs a prompt or shared text")
+        self._hold(kv, last, length)
+
+    def _joint(self, model, prompt: "Virtual", ids: torch.Tensor, keep_hidden: bool) -> None:
+        """Training with input-embedding virtual tokens and shared text: both in one pass at batch 1 (positions
+        0..N+s-1, causal), the same values as the virtual tokens first and the text on their cache, in one set of
+        small matrix products per layer instead of two (each costs about as much at 2 rows as at 15)."""
+        embeds = model.get_input_embeddings()
+        joint = torch.cat([prompt.tensor.to(embeds.weight.dtype).unsqueeze(0), embeds(ids)], dim=1)
+        length, n = joint.shape[1], prompt.num_virtual_tokens
+        mask = torch.ones(1, length, dtype=torch.long, device=joint.device)
+        pos = torch.arange(length, device=joint.device).unsqueeze(0)
+        hidden, cache = run_body(model, joint, mask, pos, cache=make_cache(), use_cache=True)
+        self.hidden = hidden[0, :n] if keep_hidden else None
+        # a sharded base (see above) gathers its last layer once that layer's output gets a gradient; the shared text's
+        # first row may have no label, and then only the keys/values do
+        self._anchor = hidden[0, -1] if _fsdp_sharded(model) else None
+        self._hold(cache_tensors(cache), hidden[0, -1], length)
+
+    def _hold(self, kv: Kv, last: torch.Tensor | None, length: int) -> None:
+        """Keep the prefix's tensors (with their graph) and the detached copies the passes read."""
         self.length = length
         self._kv, self._last = kv, last
         self.kv: Kv = [(k.detach().requires_grad_(), v.detach().requires_grad_()) for k, v in self._kv]
@@ -701,18 +725,20 @@ def head_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = HE
         )
     head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
-    return _FusedHeadNLL.apply(hidden, targets, head.weight, head.bias, cap, chunk)
+    gradient = packed.head_gradient(head) if hidden.dtype == torch.bfloat16 else None
+    return _FusedHeadNLL.apply(hidden, targets, head.weight, head.bias, cap, chunk, gradient)
 
 
 class _FusedHeadNLL(torch.autograd.Function):
     """LM head + cross-entropy whose backward is precomputed chunk by chunk in the forward pass.
 
     d nll / d logits = softmax(logits) - onehot(target) (times the soft-capping derivative where the model caps its
-    logits), so d nll / d hidden = that @ W; only this [n, H] tensor is saved. The head's weight is frozen.
+    logits), so d nll / d hidden = that @ W; only this [n, H] tensor is saved. The head's weight is frozen. In bf16 on
+    the CPU that product uses a prepacked W^T (`packed.head_gradient`: the same bits, probed).
     """
 
     @staticmethod
-    def forward(ctx, hidden, targets, weight, bias, cap, chunk):
+    def forward(ctx, hidden, targets, weight, bias, cap, chunk, gradient=None):
         nlls, grads = [], []
         for h, t in zip(hidden.split(chunk), targets.split(chunk)):
             logits = F.linear(h, weight, bias).float()
@@ -725,11 +751,12 @@ class _FusedHeadNLL(torch.autograd.Function):
             d_logits[torch.arange(len(t), device=t.device), t] -= 1
             if cap:
                 d_logits *= 1 - capped * capped
-            grads.append(d_logits.to(weight.dtype) @ weight)
+            d_logits = d_logits.to(weight.dtype)
+            grads.append(gradient(d_logits) if gradient is not None else d_logits @ weight)
         ctx.save_for_backward(torch.cat(grads))
         return torch.cat(nlls)
 
     @staticmethod
     def backward(ctx, grad_nll):
         (d_hidden,) = ctx.saved_tensors
-        return grad_nll.unsqueeze(1).to(d_hidden.dtype) * d_hidden, None, None, None, None, None
+        return grad_nll.unsqueeze(1).to(d_hidden.dtype) * d_hidden, None, None, None, None, None, None

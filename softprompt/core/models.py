@@ -248,6 +248,7 @@ def load_base(
 
     from softprompt.core.attention import use_grouped_sdpa
     from softprompt.core.mlp import use_lean_mlp
+    from softprompt.core.norm import use_lean_norm
 
     path, name = resolve_model_path(model)
     dev = resolve_device(device)
@@ -268,6 +269,7 @@ def load_base(
     if net.config._attn_implementation == "sdpa":
         use_grouped_sdpa(net)
     use_lean_mlp(net)
+    use_lean_norm(net)
     return FrozenModel(model=freeze(net), tokenizer=prepare_tokenizer(tokenizer), name=name)
 
 

@@ -1,4 +1,5 @@
-"""Prepacked oneDNN weights for bf16 linear layers on the CPU (inference only).
+"""Prepacked oneDNN weights for bf16 linear layers on the CPU (inference), and for the LM head's gradient product in
+training (`head_gradient`, at the end).
 
 A bf16 `F.linear` on the CPU hands the product to oneDNN with the weight in PyTorch's plain [out, in] layout, and
 oneDNN reorders it into its blocked layout on every call: with the few rows of a decode step that reorder costs as
@@ -102,3 +103,56 @@ def use_packed_linears(model: torch.nn.Module) -> int:
             module.forward = _packed_forward.__get__(module)
         count += 1
     return count
+
+
+@dataclass
+class HeadGradient:
+    """The hidden-state gradient product of an LM head, d W, in bf16 on the CPU from a prepacked W^T (training's
+    fused head loss, core/forward.py `_FusedHeadNLL`)."""
+
+    source: torch.Tensor
+    version: int
+    transposed: torch.Tensor  # W^T in oneDNN's layout
+
+    def __call__(self, d_logits: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(d_logits, self.transposed, None, "none", [], "")
+
+
+PROBE_HEAD_ROWS = (*PROBE_ROWS, 128)  # and a full chunk of the fused head (forward.HEAD_CHUNK)
+
+
+@torch.no_grad()
+def head_gradient(head: torch.nn.Module) -> HeadGradient | None:
+    """The packed gradient product of an LM head (nn.Linear, bf16, CPU), made on first use and kept on the module
+    (a copy of its weight: SmolLM2-135M's 49,152 x 576 head, +57 MB) until its weight is replaced or changed in
+    place; None where it does not apply (other dtype or device, no oneDNN packing, `packed_weights(False)`) or where
+    it does not give the plain product's bits on seeded probe rows (`PROBE_HEAD_ROWS`; then it is not tried again
+    for that weight).
+
+    The fused head multiplies each chunk of label rows' logit gradients [rows, vocabulary] by the weight itself
+    (d W, the weight read transposed), and oneDNN reorders the 57 MB weight for that on every call: on an AMD EPYC
+    (AVX-512 BF16) a 128-row chunk took 31 ms plain and 21 ms packed. The logits product h W^T gains less (26 vs
+    21 ms) and is left plain: its packed copy would cost another 57 MB, which on short-record data sets is the margin
+    to the reference recipe's peak memory (docs/benchmarks.md, "Training throughput and memory")."""
+    weight = getattr(head, "weight", None)
+    if (
+        not _ENABLED.get()
+        or not isinstance(head, torch.nn.Linear)
+        or weight.dtype != torch.bfloat16
+        or weight.device.type != "cpu"
+        or not supported()
+    ):
+        return None
+    known = getattr(head, "_softprompt_head_gradient", None)
+    if known is not None and known[0] is weight and known[1] == weight._version:
+        return known[2]
+    transposed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().t().contiguous())
+    generator = torch.Generator().manual_seed(0)
+    d = torch.randn(max(PROBE_HEAD_ROWS), head.out_features, generator=generator).to(torch.bfloat16)
+    same = all(
+        torch.equal(d[:n] @ weight, torch.ops.mkldnn._linear_pointwise(d[:n], transposed, None, "none", [], ""))
+        for n in PROBE_HEAD_ROWS
+    )
+    product = HeadGradient(weight, weight._version, transposed) if same else None
+    head._softprompt_head_gradient = (weight, weight._version, product)
+    return product

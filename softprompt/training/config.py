@@ -47,6 +47,12 @@ SELFSTUDY_LR = 0.01
 # 1.62 / 2.14 GB (docs/training.md): past ~300 rows a CPU's products gain little while each token keeps ~0.7 MB of
 # activations.
 CPU_BATCH_TOKENS, GPU_BATCH_TOKENS = 320, 4096
+# A bf16 model on a CPU (--dtype auto picks it where bf16 products run ~2x fp32, e.g. AMD EPYC with AVX-512 BF16): a
+# token keeps half the bytes, so twice the fp32 budget holds about the same activations, and the fixed costs of a pass
+# (the per-operation overhead of its small elementwise operations, each weight's read) are spread over twice the
+# tokens: on that EPYC, SmolLM2-135M bf16 training on Alpaca-en ran ~1.2x faster at 640 than at 320
+# (docs/benchmarks.md, "Training throughput and memory").
+CPU_BF16_BATCH_TOKENS = 640
 
 # Without --max-length a record is cut only past the model's context (less the virtual tokens) or past this many
 # token budgets: a row longer than the budget goes alone in its forward pass, so such a row costs this many times the
@@ -55,9 +61,12 @@ CPU_BATCH_TOKENS, GPU_BATCH_TOKENS = 320, 4096
 AUTO_LENGTH_BUDGETS = 8
 
 
-def default_batch_tokens(device_type: str) -> int:
-    """The token budget used when --max-batch-tokens is not given."""
-    return CPU_BATCH_TOKENS if device_type == "cpu" else GPU_BATCH_TOKENS
+def default_batch_tokens(device_type: str, dtype=None) -> int:
+    """The token budget used when --max-batch-tokens is not given, for a model of `dtype` (a torch dtype or its
+    name, e.g. "bfloat16"; None: fp32's)."""
+    if device_type != "cpu":
+        return GPU_BATCH_TOKENS
+    return CPU_BF16_BATCH_TOKENS if str(dtype).removeprefix("torch.") == "bfloat16" else CPU_BATCH_TOKENS
 
 
 def length_cap(context: int | None, num_virtual_tokens: int, max_batch_tokens: int) -> int:
@@ -355,7 +364,8 @@ class TrainConfig:
         None,
         "token budget of one forward pass (rows x longest row); a step's records are packed into such "
         f"micro-batches, which never changes the result, only speed and memory (default: {CPU_BATCH_TOKENS} on "
-        f"a CPU, where matrix products reach full speed by then, {GPU_BATCH_TOKENS} on a GPU)",
+        f"a CPU, where matrix products reach full speed by then, {CPU_BF16_BATCH_TOKENS} for a bf16 model on a "
+        f"CPU, whose tokens keep half the bytes, {GPU_BATCH_TOKENS} on a GPU)",
         minimum=1,
         group=OPTIM,
     )

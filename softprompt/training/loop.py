@@ -381,7 +381,7 @@ def _sized(config: TrainConfig, base: FrozenModel, virtual: int) -> TrainConfig:
     """The config with the token budget per forward pass and the longest record (when not given) for this model,
     whose prompt has `virtual` tokens."""
     if config.max_batch_tokens is None:
-        config = dataclasses.replace(config, max_batch_tokens=default_batch_tokens(base.device.type))
+        config = dataclasses.replace(config, max_batch_tokens=default_batch_tokens(base.device.type, base.dtype))
     context = getattr(base.model.config, "max_position_embeddings", None)
     if config.method == "cpt" and context is not None and virtual > context - 2:
         raise DataError(

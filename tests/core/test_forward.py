@@ -3,9 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import text_logits
+from helpers import text_logits, tiny_llama
 
+from softprompt.core import packed
 from softprompt.core.forward import SharedPrefix, head_nll, label_nll, lm_logits
+from softprompt.core.models import cpu_has_native_bf16
 
 torch.manual_seed(0)
 
@@ -118,3 +120,42 @@ def test_shared_prefix_gives_the_gradient_of_per_batch_prompt_runs(tiny):
     prefix.backward()
     assert torch.allclose(prompt.grad, expected, atol=1e-6)
     assert expected.abs().sum() > 0
+
+
+@pytest.mark.skipif(not (cpu_has_native_bf16() and packed.supported()), reason="no native bf16 / oneDNN packing")
+def test_bf16_fused_head_uses_a_packed_gradient_product_with_the_plain_ones_bits():
+    """In bf16 on the CPU the fused head's gradient product runs on a prepacked W^T (packed.head_gradient): the same
+    NLL and gradient bits as the plain product (packed_weights(False)); the copy is made once and again when the
+    weight changes in place."""
+    model = tiny_llama(120, seed=2, hidden=64).to(torch.bfloat16)
+    head = model.get_output_embeddings()
+    generator = torch.Generator().manual_seed(1)
+    hidden = (torch.randn(150, 64, generator=generator) * 3).to(torch.bfloat16)  # 2 chunks of 128, the last short
+    targets = torch.randint(0, 120, (150,), generator=generator)
+
+    def nll_and_grad():
+        leaf = hidden.clone().requires_grad_()
+        nll = head_nll(model, leaf, targets)
+        (grad,) = torch.autograd.grad(nll.sum(), leaf)
+        return nll, grad
+
+    calls = []
+    product = packed.head_gradient(head)
+    assert product is not None and packed.head_gradient(head) is product  # made once, kept
+    original = packed.HeadGradient.__call__
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(packed.HeadGradient, "__call__", lambda self, d: calls.append(len(d)) or original(self, d))
+        mine = nll_and_grad()
+    assert calls == [128, 22]
+    with packed.packed_weights(False):
+        assert packed.head_gradient(head) is None
+        plain = nll_and_grad()
+    assert torch.equal(mine[0], plain[0]) and torch.equal(mine[1], plain[1])
+    with torch.no_grad():
+        head.weight.mul_(0.5)
+    assert packed.head_gradient(head) is not product  # the weight changed: packed again
+    with packed.packed_weights(False):
+        plain = nll_and_grad()
+    assert all(torch.equal(a, b) for a, b in zip(nll_and_grad(), plain))
+    assert packed.head_gradient(model.model.layers[0].mlp.act_fn) is None  # not a linear layer
+    assert packed.head_gradient(tiny_llama(120, seed=2, hidden=64).get_output_embeddings()) is None  # fp32

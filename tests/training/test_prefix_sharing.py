@@ -96,6 +96,25 @@ def test_shared_text_equals_the_concat_forward(tiny):
     assert torch.allclose(grad, grad_expected, atol=1e-6, rtol=1e-4)
 
 
+def test_training_runs_virtual_tokens_and_shared_text_in_one_pass(tiny, monkeypatch):
+    """With gradients, input-embedding virtual tokens and the shared text run in one batch-1 pass (scoring keeps two):
+    the same keys/values and last hidden state as the two passes, to fp32 rounding."""
+    module = build_prompt(tiny, "prompt", "random", 4, seed=2)
+    text = torch.tensor(_examples(tiny, shared=5, tails=[1], answers=[1], seed=3)[0].ids[:5])
+    passes = []
+    run_body = forward.run_body
+    monkeypatch.setattr(forward, "run_body", lambda model, embeds, *a, **k: passes.append(embeds.shape[1])
+                        or run_body(model, embeds, *a, **k))  # fmt: skip
+    trained = forward.SharedPrefix(tiny.model, module.virtual(), text)
+    assert passes == [4 + 5] and trained.length == 9
+    with torch.no_grad():
+        scored = forward.SharedPrefix(tiny.model, module.virtual(), text)
+    assert passes == [9, 4, 5] and scored.length == 9
+    assert torch.allclose(trained.last, scored.last, atol=1e-6)
+    for (k, v), (k2, v2) in zip(trained.kv, scored.kv):
+        assert k.shape == k2.shape and torch.allclose(k, k2, atol=1e-6) and torch.allclose(v, v2, atol=1e-6)
+
+
 def test_shared_text_without_a_prompt_scores_like_the_plain_model(tiny):
     examples = _examples(tiny, shared=4, tails=[1, 3], answers=[2, 2], seed=4)
     batch = batching.collate(examples, tiny.tokenizer.pad_token_id)

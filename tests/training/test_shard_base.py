@@ -18,6 +18,7 @@ from softprompt.cli import build_parser
 from softprompt.core.attention import use_grouped_sdpa
 from softprompt.core.mlp import use_lean_mlp
 from softprompt.core.models import FrozenModel, freeze
+from softprompt.core.norm import use_lean_norm
 from softprompt.formats.adapter import load_adapter
 from softprompt.training.config import TrainConfig
 from softprompt.training.distributed import weight_bytes
@@ -53,6 +54,7 @@ def sharded_llama(seed: int = 0) -> FrozenModel:
     )
     model = LlamaForCausalLM(config)
     assert use_grouped_sdpa(model) and use_lean_mlp(model) == LAYERS  # the attention and MLP load_base gives
+    assert use_lean_norm(model) == 2 * LAYERS + 1  # and its norms
     return FrozenModel(freeze(model), tok, "tiny-llama-sharded")
 
 

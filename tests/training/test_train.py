@@ -21,7 +21,7 @@ from softprompt.data.templates import Template
 from softprompt.formats import checkpoint
 from softprompt.formats.adapter import AdapterMetadata, load_adapter
 from softprompt.training import loop as train_module
-from softprompt.training.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, default_batch_tokens
+from softprompt.training.config import CPU_BATCH_TOKENS, CPU_BF16_BATCH_TOKENS, GPU_BATCH_TOKENS, default_batch_tokens
 from softprompt.training.loop import train
 from softprompt.training.scoring import evaluate_loss
 
@@ -58,6 +58,9 @@ def test_loss_decreases_and_outputs_are_written(base, tmp_path):
 def test_the_default_token_budget_follows_the_device(base, tmp_path, capsys):
     assert (default_batch_tokens("cpu"), default_batch_tokens("cuda")) == (CPU_BATCH_TOKENS, GPU_BATCH_TOKENS)
     assert CPU_BATCH_TOKENS < GPU_BATCH_TOKENS
+    assert default_batch_tokens("cpu", torch.bfloat16) == CPU_BF16_BATCH_TOKENS == 2 * CPU_BATCH_TOKENS
+    assert default_batch_tokens("cpu", torch.float32) == CPU_BATCH_TOKENS
+    assert default_batch_tokens("cuda", torch.bfloat16) == GPU_BATCH_TOKENS
     train(config(tmp_path / "default", base, max_batch_tokens=None, max_steps=1))
     assert f"up to {CPU_BATCH_TOKENS} tokens per forward pass" in capsys.readouterr().out
     train(config(tmp_path / "given", base, max_batch_tokens=100, max_steps=1))
@@ -75,6 +78,8 @@ def test_micro_batch_split_changes_nothing_and_the_prompt_runs_once_per_step(bas
     runs, real = [], forward.prompt_kv
     forwards, real_nll = [], forward.label_nll
     monkeypatch.setattr(forward, "prompt_kv", lambda *a, **k: runs.append(1) or real(*a, **k))
+    joint = forward.SharedPrefix._joint  # the virtual tokens together with a step's shared text
+    monkeypatch.setattr(forward.SharedPrefix, "_joint", lambda *a, **k: runs.append(1) or joint(*a, **k))
     monkeypatch.setattr(forward, "label_nll", lambda *a, **k: forwards.append(1) or real_nll(*a, **k))
     split = train(config(tmp_path / "split", base, max_steps=3, max_batch_tokens=40))
     assert len(forwards) >= 9  # 3 steps of 4 records, at least 3 micro-batches each ...
