@@ -18,6 +18,12 @@ baseline: SST-2 zero-shot accuracy, Alpaca loss of a vocab-initialised prompt); 
 part, the values per seed and dtype, min / mean / max per dtype, the mean bf16 - fp32 difference over the seeds that
 have both, the largest |bf16 - fp32| at equal seed and the seed-to-seed spread within a dtype.
 
+--gradients (no training) asks where a bf16 training step loses precision: on one batch of each part's training
+records (16 SST-2, 8 Alpaca), the loss and the prompt's gradient of the bf16 training forward against the fp32 one
+(cosine, relative error), as it runs and with the LM head and log-softmax in fp32 (an fp32 copy of the head on the
+bf16 final hidden state) and with the final norm in fp32 too; at a vocab-initialised prompt or the adapters given
+with --gradient-prompt.
+
 A sweep can run one training per call (--seeds 3 --dtypes bfloat16 --sst2 ... --record runs.jsonl --no-baselines)
 and be summarised afterwards from the recorded lines (--merge runs.jsonl), which gives the same last line.
 """
@@ -75,6 +81,66 @@ def summarise(values: dict) -> dict:
 VALUE_KEYS = {"sst2": "accuracy", "alpaca": "held_out_loss"}  # the figure of each part's per-run lines
 
 
+def fp32_norm(norm):
+    """An RMSNorm computed in fp32 on its (bf16) input, returning fp32 (what --gradients puts in place of the final
+    norm)."""
+    import torch
+
+    class Fp32Norm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight, self.eps = norm.weight.detach().float(), norm.variance_epsilon
+
+        def forward(self, x):
+            x = x.float()
+            return self.weight * (x * (x.pow(2).mean(-1, keepdim=True) + self.eps).rsqrt())
+
+    return Fp32Norm()
+
+
+GRADIENT_VARIANTS = ("bf16", "bf16_head_fp32", "bf16_norm_head_fp32")
+
+
+def gradient_check(bases: dict, batch: dict, prompt) -> dict:
+    """The bf16 training forward's summed answer NLL / label and its gradient with respect to the prompt, per
+    GRADIENT_VARIANTS, against the fp32 forward's."""
+    import torch
+    import torch.nn.functional as F
+
+    from softprompt.core import forward
+
+    head32 = bases["float32"].model.get_output_embeddings().weight.detach()
+
+    def loss_grad(model, variant: str):
+        tensor = prompt.detach().clone().requires_grad_()
+        body, norm = model.base_model, model.base_model.norm
+        if variant == "bf16_norm_head_fp32":
+            body.norm = fp32_norm(norm)
+        try:
+            ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+            _, chosen, (targets,) = forward._labelled(model, tensor, ids, mask, labels, "kv", None)
+            if variant in ("bf16", "fp32"):
+                nll = forward.head_nll(model, chosen, targets)
+            else:
+                nll = F.cross_entropy(F.linear(chosen.float(), head32), targets, reduction="none")
+            loss = nll.sum() / len(targets)
+            loss.backward()
+        finally:
+            body.norm = norm
+        return loss.item(), tensor.grad.detach().float().flatten()
+
+    ref_loss, ref_grad = loss_grad(bases["float32"].model, "fp32")
+    out = {"fp32_loss": round(ref_loss, 5), "labels": int((batch["labels"] != -100).sum())}
+    for variant in GRADIENT_VARIANTS:
+        loss, grad = loss_grad(bases["bfloat16"].model, variant)
+        out[variant] = {
+            "loss_diff": round(loss - ref_loss, 5),
+            "grad_cosine": round(F.cosine_similarity(grad, ref_grad, dim=0).item(), 5),
+            "grad_rel_err": round(((grad - ref_grad).norm() / ref_grad.norm()).item(), 4),
+        }
+    return out
+
+
 def read_rows(paths: list[str]) -> list[dict]:
     """The per-run lines of --record files, in order."""
     rows = []
@@ -102,6 +168,9 @@ def summary(rows: list[dict]) -> dict:
             demo["fp32"].setdefault(row["seed"], {})[row["dtype"]] = row["accuracy_fp32_scored"]
     seeds = sorted({s for part in values.values() for s in part} | set(demo["own"]))
     parts = {}
+    gradients = [r for r in rows if r.get("part") == "gradients"]
+    if gradients:
+        parts["gradients"] = gradients
     for part, name in (("sst2", "sst2_accuracy"), ("alpaca", "alpaca_held_out_loss")):
         if part in values:
             parts[name] = {**extra.get(part, {}), **summarise(values[part])}
@@ -127,6 +196,12 @@ def main() -> None:
     parser.add_argument(
         "--dtypes", default=",".join(DTYPES), help="training dtypes, comma-separated (default float32,bfloat16)"
     )
+    parser.add_argument(
+        "--gradients", action="store_true", help="train nothing: the bf16 step's loss and gradient against fp32's"
+    )
+    parser.add_argument(
+        "--gradient-prompt", nargs="+", metavar="ADAPTER_DIR", help="--gradients at these adapters' prompts"
+    )
     parser.add_argument("--no-baselines", action="store_true", help="skip the zero-shot / untrained-prompt figures")
     parser.add_argument("--record", metavar="FILE.jsonl", help="also append every per-run line to this file")
     parser.add_argument(
@@ -142,8 +217,8 @@ def main() -> None:
     if args.merge:
         print(json.dumps(summary(read_rows(args.merge))))
         return
-    if not (args.sst2 or args.alpaca or args.demo):
-        parser.error("give --sst2, --alpaca and/or --demo")
+    if not (args.sst2 or args.alpaca or args.demo) or (args.gradients and args.demo):
+        parser.error("give --sst2, --alpaca and/or --demo (--gradients: --sst2 and/or --alpaca)")
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not dtypes or any(d not in DTYPES for d in dtypes):
         parser.error(f"--dtypes: one or more of {', '.join(DTYPES)}")
@@ -164,6 +239,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     out = Path(args.out or tempfile.mkdtemp(prefix="bf16-quality-"))
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.gradients:
+        dtypes = list(DTYPES)
     bases = {d: load_base(args.model, device="cpu", dtype=d) for d in DTYPES if d in dtypes or d == "float32"}
     scorer = bases["float32"]
     rows: list[dict] = []
@@ -205,6 +282,26 @@ def main() -> None:
                 "sizes": sizes,
             }
         )
+
+    if args.gradients:
+        from softprompt.data.batching import collate
+
+        prompts = [(str(p), load_adapter(p, scorer).embeddings) for p in args.gradient_prompt or []]
+        prompts = prompts or [("vocab init, 20 tokens", SoftPrompt.initialise(scorer, "vocab", 20, seed=0).embeddings)]
+        for part, path in (("sst2", args.sst2), ("alpaca", args.alpaca)):
+            if path is None:
+                continue
+            if part == "sst2":
+                records = sst2_split(path, args.sst2_train, args.sst2_held_out)[0][:16]
+            else:
+                records = alpaca_split(path, args.alpaca_train, args.alpaca_held_out, args.max_chars)[0][:8]
+            encoded, _, _ = encode_records(load_records(records).items, scorer.tokenizer, Template(), 512)
+            batch = collate(encoded, scorer.tokenizer.pad_token_id)
+            for name, tensor in prompts:
+                emit({"part": "gradients", "data": part, "records": len(records), "prompt": name,
+                      **gradient_check(bases, batch, tensor)})  # fmt: skip
+        print(json.dumps(summary(rows)))
+        return
 
     if args.sst2:
         train_records, held_out = sst2_split(args.sst2, args.sst2_train, args.sst2_held_out)

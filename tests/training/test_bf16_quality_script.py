@@ -1,5 +1,6 @@
 """benchmarks/bf16_quality.py: a sweep run one training per call (--seeds / --dtypes / --record) and summarised
-afterwards (--merge) gives the last line of the same sweep run in one call; the summary's statistics."""
+afterwards (--merge) gives the last line of the same sweep run in one call; the summary's statistics; --gradients'
+comparison (gradient_check) against itself."""
 
 import json
 import os
@@ -7,10 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bf16_quality import summary  # noqa: E402
+from bf16_quality import GRADIENT_VARIANTS, gradient_check, summary  # noqa: E402
+
+from softprompt.core.prompt import SoftPrompt  # noqa: E402
+from softprompt.data.batching import collate, encode_records  # noqa: E402
+from softprompt.data.records import load_records  # noqa: E402
+from softprompt.data.templates import Template  # noqa: E402
 
 
 def _run(tmp_path: Path, model: Path, data: Path, *args: str) -> list[dict]:
@@ -74,3 +82,21 @@ def test_summary_statistics_and_a_later_line_replacing_an_earlier_one():
     assert part["diff_bf16_fp32"] == {0: 0.05, 1: -0.02}
     assert part["mean_diff_bf16_fp32"] == 0.015
     assert part["max_abs_diff_bf16_fp32"] == 0.05
+
+
+def test_gradient_check_against_itself_is_exact_and_its_fp32_variants_agree(tiny):
+    """With the fp32 model standing in for the bf16 one, the training forward's loss and gradient equal the
+    reference's bit for bit, and the variants with the head (and final norm) recomputed in fp32 agree to rounding."""
+    records = [{"instruction": "Say hi", "input": "", "output": "hi there"}, {"instruction": "Add 1+1", "output": "2"}]
+    examples, _, _ = encode_records(load_records(records).items, tiny.tokenizer, Template(), 128)
+    batch = collate(examples, tiny.tokenizer.pad_token_id)
+    prompt = SoftPrompt.initialise(tiny, "vocab", 4, seed=0).embeddings.detach()
+    before = tiny.model.base_model.norm
+    out = gradient_check({"float32": tiny, "bfloat16": tiny}, batch, prompt)
+    assert tiny.model.base_model.norm is before  # the final norm is put back
+    assert out["labels"] == int((batch["labels"] != -100).sum()) > 0
+    assert out["bf16"] == {"loss_diff": 0.0, "grad_cosine": 1.0, "grad_rel_err": 0.0}
+    for variant in GRADIENT_VARIANTS[1:]:
+        assert abs(out[variant]["loss_diff"]) <= 1e-5
+        assert out[variant]["grad_rel_err"] <= 1e-4
+    assert torch.is_tensor(prompt) and not prompt.requires_grad
