@@ -1,5 +1,11 @@
 """Shared by the training tests: the records, a tiny Llama a soft prompt can move, a small TrainConfig, and a run
-killed mid-way (for the resume tests)."""
+killed mid-way (for the resume tests), and a torchrun launch of 2 CPU processes."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,3 +92,32 @@ def interrupted(base, out, monkeypatch, at_step=10):
     found = checkpoint.list_checkpoints(out)
     assert [p.name for p in found] == ["step-000004", "step-000008"]
     return found
+
+
+def free_port() -> str:
+    """A port no one listens on now (a fixed one collides with another run of the suite on the machine)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def torchrun(script: Path, processes: int = 2) -> subprocess.CompletedProcess:
+    """Run `script` under torchrun with `processes` single-threaded CPU processes (gloo); it must succeed."""
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            free_port(),
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run

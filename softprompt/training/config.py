@@ -261,6 +261,21 @@ class TrainConfig:
         maximum=4096,
         group=SELFSTUDY,
     )
+    selfstudy_temperature: float = option(
+        0.7,
+        "--corpus: sampling temperature of both turns of a synthetic conversation (0 = greedy: one conversation "
+        "per seed prompt and chunk, repeated)",
+        minimum=0,
+        maximum=2,
+        group=SELFSTUDY,
+    )
+    selfstudy_top_p: float = option(
+        0.95,
+        "--corpus: nucleus sampling mass of both turns of a synthetic conversation",
+        above=0,
+        maximum=1,
+        group=SELFSTUDY,
+    )
     top_k: int = option(
         20,
         "--corpus: the teacher's most likely tokens per position that the student matches (their probabilities "

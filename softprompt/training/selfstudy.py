@@ -40,7 +40,6 @@ from softprompt.data.templates import Template, encode_text
 DATA_FILE = "selfstudy.safetensors"
 TEXT_FILE = "selfstudy.jsonl"
 FORMAT_VERSION = 1
-TEMPERATURE, TOP_P = 0.7, 0.95  # sampling of both turns: varied conversations that stay on the chunk
 SEPARATOR = "\n\n"  # between a chunk and the conversation after it
 GENERATE_BATCH = 8
 TEACHER_TOKENS = 2048  # padded tokens per teacher forward pass
@@ -105,8 +104,8 @@ def settings(config, base, template: Template, corpus_text: str) -> dict:
         "max_tokens": config.selfstudy_max_tokens,
         "top_k": config.top_k,
         "seed": config.seed,
-        "temperature": TEMPERATURE,
-        "top_p": TOP_P,
+        "temperature": config.selfstudy_temperature,
+        "top_p": config.selfstudy_top_p,
     }
 
 
@@ -175,8 +174,8 @@ def synthesise(base, template: Template, chunks: list[list[int]], per_chunk: int
         return GenerationRequest(
             ids,
             max_new_tokens=config.selfstudy_max_tokens,
-            temperature=TEMPERATURE,
-            top_p=TOP_P,
+            temperature=config.selfstudy_temperature,
+            top_p=config.selfstudy_top_p,
             seed=_seed(seed, c, i, turn),
             stop=stop,
         )

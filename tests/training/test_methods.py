@@ -11,7 +11,7 @@ import pytest
 import torch
 from engine_helpers import peaked_base
 from helpers import text_logits, tiny_base
-from train_helpers import RECORDS, config, train_until, trainable_base
+from train_helpers import RECORDS, config, torchrun, train_until, trainable_base
 
 from softprompt import evaluate, generate_batch
 from softprompt.core import forward
@@ -264,19 +264,9 @@ train(TrainConfig(data=RECORDS, out={out!r}, model=trainable_base(), num_virtual
 
 
 def test_two_processes_match_one_for_a_prompt_encoder(base, tmp_path):
-    import os
-    import subprocess
-
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parents[1]), out=str(tmp_path / "two")))
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", str(script)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    torchrun(script)
     one = train(cfg(tmp_path / "one", base, "ptuning", batch_size=4, max_steps=4))
     assert torch.allclose(
         load_adapter(one.adapter_dir).embeddings, load_adapter(tmp_path / "two").embeddings, atol=1e-5

@@ -4,10 +4,14 @@ synthetic-data file written beside the adapter and reused, an exact resume, and 
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import Crash, train_until, trainable_base
+from train_helpers import Crash, torchrun, train_until, trainable_base
 
 from softprompt.core import forward
 from softprompt.core.prompt import prefill_kv
@@ -110,6 +114,11 @@ def test_corpus_options_are_checked(tmp_path):
             {"corpus": "c.txt", "method": "cartridge", "selfstudy_max_tokens": 2},
             "--selfstudy-max-tokens must be >= 4, got 2",
         ),
+        (
+            {"corpus": "c.txt", "method": "cartridge", "selfstudy_temperature": 2.5},
+            "--selfstudy-temperature must be <= 2, got 2.5",
+        ),
+        ({"corpus": "c.txt", "method": "cartridge", "selfstudy_top_p": 0.0}, "--selfstudy-top-p must be > 0, got 0"),
     ]
     for kw, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -229,6 +238,15 @@ def test_a_run_saves_its_data_reuses_it_and_the_loss_falls(tmp_path, base, monke
         base, Template("human-assistant"), [data.examples[0].ids[:40]], 2, corpus_config(tmp_path, out, base), 1
     )
     assert fresh == repeat and fresh != other
+    # temperature 0: greedy turns, the same conversations whatever the seed; the settings record the sampling
+    greedy = corpus_config(tmp_path, out, base, selfstudy_temperature=0.0)
+    chunk = [data.examples[0].ids[:40]]
+    template = Template("human-assistant")
+    assert selfstudy.synthesise(base, template, chunk, 2, greedy, 0) == selfstudy.synthesise(
+        base, template, chunk, 2, greedy, 1
+    )
+    wanted = selfstudy.settings(greedy, base, template, CORPUS)
+    assert (wanted["temperature"], wanted["top_p"]) == (0.0, 0.95)
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, base, monkeypatch):
@@ -264,3 +282,36 @@ def test_the_command_line_says_the_same_in_one_line(tmp_path, capsys):
         assert main(["train", *argv]) == 2
         lines = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
         assert lines == [f"softprompt train: error: {message}"]
+
+
+DDP_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from train_helpers import trainable_base
+from softprompt.training.config import TrainConfig
+from softprompt.training.loop import train
+train(TrainConfig(corpus={corpus!r}, out={out!r}, model=trainable_base(), method="cartridge", num_virtual_tokens=8,
+                  chunk_tokens=96, selfstudy_conversations=3, selfstudy_max_tokens=12, top_k=8, lr=0.1, batch_size=2,
+                  max_steps=4, progress=False, max_batch_tokens=256, threads=1))
+"""
+
+
+def test_two_processes_match_one_at_the_same_global_batch(tmp_path, base):
+    """torchrun with 2 processes: the main process writes the self-study data, the other reuses it, and the
+    cartridge equals a one-process run's at the same global batch (2 x 2 = 4 conversations a step)."""
+    corpus = tmp_path / "corpus.md"
+    corpus.write_text(CORPUS, encoding="utf-8")
+    script = tmp_path / "ddp.py"
+    tests = str(Path(__file__).parents[1])
+    script.write_text(DDP_SCRIPT.format(tests=tests, corpus=str(corpus), out=str(tmp_path / "two")))
+    run = torchrun(script)
+    assert "2 process(es), 4 records/step" in run.stdout
+    assert run.stdout.count("conversations about 3 chunk(s)") == 1  # printed by the main process only
+    one = train(corpus_config(tmp_path, tmp_path / "one", base, batch_size=4, max_steps=4))
+    two = load_adapter(tmp_path / "two").embeddings
+    assert torch.allclose(load_adapter(one.adapter_dir).embeddings, two, atol=1e-5)
+    first = torch.tensor(base.tokenizer(CORPUS)["input_ids"][:8])
+    assert not torch.equal(two, prefill_kv(base, base.model.get_input_embeddings()(first).detach()))
+    # the same conversations in both runs (seeded sampling), so the same file
+    texts = [(tmp_path / run / selfstudy.TEXT_FILE).read_text(encoding="utf-8") for run in ("one", "two")]
+    assert texts[0] == texts[1]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import save_tiny, tiny_tokenizer
+from train_helpers import torchrun
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from softprompt.cli import build_parser
@@ -121,13 +122,6 @@ def cli_flags(tmp: Path, out: Path) -> list[str]:
     )
 
 
-def free_port() -> str:
-    """A port no one listens on now (a fixed one collides with another run of the suite on the machine)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     """Train each method with --shard-base on 2 torchrun processes: (output prefix, each process's report: its
@@ -137,14 +131,7 @@ def two_processes(tmp_path_factory):
     script = tmp / "sharded.py"
     cli = cli_flags(tmp, tmp / "two-cli")
     script.write_text(SCRIPT.format(tests=str(Path(__file__).parents[1]), out=str(tmp / "two"), report=report, cli=cli))
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(), script],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = torchrun(script)
     assert run.stdout.count("base sharded over 2 processes (FSDP2, 4 decoder layers)") == len(METHODS) + 1
     return tmp, [json.loads(Path(report + str(rank)).read_text()) for rank in range(2)]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import RECORDS, config, train_until, trainable_base
+from train_helpers import RECORDS, config, torchrun, train_until, trainable_base
 
 from softprompt.cli import build_parser
 from softprompt.core import forward
@@ -311,15 +311,7 @@ train(TrainConfig(data=RECORDS, out={out!r}, model=trainable_base(), num_virtual
 def test_two_processes_match_one_at_the_same_global_batch(base, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parents[1]), out=str(tmp_path / "two"), batch=2))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(script)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = torchrun(script)
     assert "2 process(es), 4 records/step" in run.stdout
     one = train(config(tmp_path / "one", base, batch_size=4, max_steps=6, lr=0.3))
     assert torch.allclose(emb(one.adapter_dir), emb(tmp_path / "two"), atol=1e-5)
