@@ -10,8 +10,9 @@ Per dtype (default: float32, plus bfloat16 where the CPU computes it natively, i
 (c) single-stream decoding without an adapter: softprompt's engine vs Hugging Face `model.generate` on the same model,
     greedy, same prompt, same number of new tokens -> single_stream_vs_hf = softprompt tokens/s / HF tokens/s
     (>= 1: softprompt is not slower); same_tokens_as_hf says whether the tokens agree. Interleaved with it (--repeats
-    rounds; medians, and the best run as *_best_tok_s): the engine with fused q/k/v and gate/up products
-    (fused_tok_s, core/fused.py, off by default; fused_speedup = the default's time / its time), with the model's own forward
+    rounds; medians, and the best run as *_best_tok_s): the engine with the other choice of fused q/k/v and gate/up
+    products (core/fused.py; on by default in bf16 on a CPU with native bf16, fused_default): unfused_tok_s where
+    they are on, fused_tok_s where off; fused_speedup = unfused time / fused time), with the model's own forward
     instead of the Llama decode path (plain_tok_s, core/forward.py decode_body), in bf16 without prepacked weights
     (unpacked_tok_s, core/packed.py); same_tokens_without: all give the default's tokens; and the memory read
     bandwidth measured now (a 256 MiB sum) -> bound_tok_s = bandwidth / weight bytes read per step,
@@ -62,7 +63,7 @@ from softprompt.core.models import load_base, resolve_dtype, resolve_model_path 
 from softprompt.core.packed import packed_weights  # noqa: E402
 from softprompt.core.prompt import SoftPrompt  # noqa: E402
 from softprompt.formats.adapter import Adapter  # noqa: E402
-from softprompt.inference.batch import DecodeBatch, GenerationRequest, eos_ids  # noqa: E402
+from softprompt.inference.batch import DecodeBatch, GenerationRequest, eos_ids, fused_by_default  # noqa: E402
 from softprompt.inference.engine import Engine  # noqa: E402
 from softprompt.vllm.client import build_prompt_embeds, encode_prompt_embeds, post_json  # noqa: E402
 
@@ -151,19 +152,21 @@ def single_stream(base, engine, ids: list[int], tokens: int, repeats: int = 3) -
         with torch.no_grad(), packed_weights(False):
             return model.generate(input_ids, **hf_kwargs)[0, len(ids) :].tolist()
 
-    def engine_run(packed: bool, fast: bool, fused: bool):
+    def engine_run(packed: bool, fast: bool, fused: bool | None):
         DecodeBatch.fast_path, DecodeBatch.fused = fast, fused
         try:
             with packed_weights(packed):
                 return engine.generate([GenerationRequest(ids, max_new_tokens=tokens)])[0].token_ids
         finally:
-            DecodeBatch.fast_path, DecodeBatch.fused = True, False
+            DecodeBatch.fast_path, DecodeBatch.fused = True, None
 
-    # with fused products (core/fused.py); without the decode path (the model's own forward); in bf16, without
-    # prepacked weights (core/packed.py)
-    variants = {"fused": (True, True, True), "plain": (False, False, False)}
+    # the default fuses q/k/v and gate/up (core/fused.py) where fused_by_default says so: the other choice; without
+    # the decode path (the model's own forward); in bf16, without prepacked weights (core/packed.py)
+    fused_default = fused_by_default(base)
+    other = "unfused" if fused_default else "fused"
+    variants = {other: (True, True, not fused_default), "plain": (False, False, False)}
     if base.dtype == torch.bfloat16:
-        variants = {"unpacked": (False, True, False), **variants}
+        variants = {"unpacked": (False, True, fused_default), **variants}
     theirs = hf()  # warm-up
     same = {name: engine_run(*flags) == ours for name, flags in variants.items()}  # warm-up, and their tokens
     t_ours, t_hf, bandwidth, t_variants = [], [], [], {name: [] for name in variants}
@@ -175,7 +178,7 @@ def single_stream(base, engine, ids: list[int], tokens: int, repeats: int = 3) -
         cpu[name] += time.process_time() - start
 
     for _ in range(repeats):  # interleaved, so all see the same machine load
-        clocked("softprompt", lambda: engine_run(True, True, False), t_ours)
+        clocked("softprompt", lambda: engine_run(True, True, None), t_ours)
         for name, flags in variants.items():
             clocked(name, lambda flags=flags: engine_run(*flags), t_variants[name])
         clocked("hf", hf, t_hf)
@@ -190,7 +193,9 @@ def single_stream(base, engine, ids: list[int], tokens: int, repeats: int = 3) -
         **{f"{name}_tok_s": n / statistics.median(t) for name, t in t_variants.items()},
         **{f"{name}_best_tok_s": n / min(t) for name, t in t_variants.items()},
         "hf_best_tok_s": n / min(t_hf),
-        "fused_speedup": ours_s / statistics.median(t_variants["fused"]),
+        "fused_default": fused_default,
+        # unfused time / fused time, whichever of them is the default
+        "fused_speedup": (statistics.median(t_variants[other]) / ours_s) ** (1 if fused_default else -1),
         "cpu_tok_s": {name: n * repeats / seconds for name, seconds in cpu.items()},  # tokens per CPU-second
         "same_tokens_without": all(same.values()),
         "same_tokens_by_variant": same,
@@ -211,9 +216,12 @@ def report_single(name: str, single: dict) -> None:
         return f"{single[key + '_tok_s']:.1f} [{single[key + '_best_tok_s']:.1f}]"
 
     unpacked = f"{rate('unpacked')} without prepacked weights, " if "unpacked_tok_s" in single else ""
+    fused = "fused" if single["fused_default"] else "unfused"
+    other = f"{rate('unfused')} with unfused products" if single["fused_default"] else f"{rate('fused')} with fused"
     print(
         f"[{name}] (c) single stream, {single['tokens']} tokens, median [best] of {single['repeats']}: softprompt "
-        f"{rate('softprompt')} tok/s ({unpacked}{rate('fused')} with fused products, x{single['fused_speedup']:.2f}; "
+        f"({fused} products) {rate('softprompt')} tok/s ({unpacked}{other}, fused products "
+        f"x{single['fused_speedup']:.2f}; "
         f"{rate('plain')} with the model's own forward; same tokens: {single['same_tokens_by_variant']}), "
         f"HF generate {rate('hf')} tok/s, ratio {single['ratio']:.2f}, "
         f"same tokens: {single['same_tokens_as_hf']}; bound {single['bound_tok_s']:.1f} tok/s "
@@ -309,7 +317,12 @@ def run_dtype(args, dtype: str) -> tuple[dict, dict]:
         "ttft_recompute_ms": round(1000 * t_recompute, 2),
         "single_stream_tok_s": round(single["softprompt_tok_s"], 2),
         "hf_tok_s": round(single["hf_tok_s"], 2),
-        **{key: round(single[key], 2) for key in ("unpacked_tok_s", "fused_tok_s", "plain_tok_s") if key in single},
+        **{
+            key: round(single[key], 2)
+            for key in ("unpacked_tok_s", "fused_tok_s", "unfused_tok_s", "plain_tok_s")
+            if key in single
+        },
+        "fused_default": single["fused_default"],
         "fused_speedup": round(single["fused_speedup"], 3),
         "single_stream_cpu_tok_s": {key: round(value, 2) for key, value in single["cpu_tok_s"].items()},
         "same_tokens_without": single["same_tokens_without"],

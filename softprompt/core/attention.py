@@ -152,6 +152,24 @@ def planned_attention(plan: list, query, key, value, scaling) -> torch.Tensor:
     return out
 
 
+def decode_attention(plan: list, query, key, value, scaling) -> torch.Tensor:
+    """`planned_attention` for a one-token step's plan (`decode_plan`), with fewer operations: [B, 1, heads, D].
+    A row's query is its [1, heads, 1, D] slice of `query`: where that slice is contiguous (its heads and dimensions
+    dense, as decode_body's are; the batch dimension has size 1 there), it is element for element and stride for
+    stride the tensor index_select would copy; otherwise it is copied. Its keys/values are gathered as there."""
+    batch, heads, _, _ = query.shape
+    out = query.new_zeros(batch, 1, heads, value.shape[-1])
+    gqa = key.shape[1] != heads
+    for b, keys, _, _ in plan:
+        q = query[b : b + 1]
+        q = q if q.is_contiguous() else q.contiguous()
+        k = key[b].index_select(1, keys).unsqueeze(0)
+        v = value[b].index_select(1, keys).unsqueeze(0)
+        o = F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=gqa)
+        out[b] = o[0].transpose(0, 1)
+    return out
+
+
 def _row_exact_sdpa(state: _RowExact, module, query, key, value, attention_mask, scaling) -> torch.Tensor:
     batch, _, q_len, _ = query.shape
     plan = _row_plan(state, attention_mask, batch, q_len, key.shape[2], query.device)

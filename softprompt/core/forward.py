@@ -45,7 +45,7 @@ from transformers import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from softprompt.core import KV_METHODS
-from softprompt.core.attention import NAME, decode_plan, planned_attention
+from softprompt.core.attention import NAME, decode_attention, decode_plan
 from softprompt.core.fused import fused_product
 from softprompt.core.mlp import is_swiglu, silu_mul
 
@@ -254,12 +254,23 @@ def decode_body(
     `row_exact(live)` when `exact`, else with the model's attention function and the 4-D mask its forward builds), so
     the logits are the same bits (tests check); what it leaves out is the per-step work around them: per-layer
     module calls and keyword plumbing, the attention dispatch, and in row-exact mode the 4-D mask. Per layer, with
-    `fused`, q/k/v is one matrix product and gate/up another (core/fused.py: the same bits as the separate ones),
-    and RoPE rotates the query and key heads together (elementwise: the same bits as rotating them apart)."""
+    `fused`, q/k/v is one matrix product and gate/up another (core/fused.py: the same bits as the separate ones).
+    Fewer operations per layer, each giving the bits of the one it replaces:
+    - the tokens run as [B, hidden] rows (one token per row), the heads viewed as [B, heads, 1, D] without a
+      transpose;
+    - modules without hooks run their `forward` directly (`_call`: what the module call would run, without its
+      machinery), and a SwiGLU MLP runs as down(silu(gate) * up) on its own projections;
+    - RoPE rotates the query and key heads together, with rotate_half(x) * sin computed as the halves of x swapped
+      (one `roll`) times sin with its first half negated: negation is exact, and rounding is symmetric, so
+      (-x2) * s and x2 * (-s) are the same bits;
+    - in row-exact mode a row's query is its slice of the step's query heads (a [1, heads, 1, D] slice of a
+      contiguous tensor is contiguous, the same tensor an index_select would copy)."""
     body = model.base_model
     module = sys.modules[type(body).__module__]
     cos, sin = body.rotary_emb(embeds, position_ids=position_ids)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads, as apply_rotary_pos_emb does
+    half = cos.shape[-1] // 2
+    cos = cos.view(cos.shape[0], 1, 1, -1)  # [B, 1, 1, D]: broadcast over heads, as apply_rotary_pos_emb does
+    sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).view(cos.shape)  # rotate_half's sign folded in
     if exact:
         plan = decode_plan(key_mask, live)
     else:
@@ -273,35 +284,58 @@ def decode_body(
         attention = ALL_ATTENTION_FUNCTIONS[model.config._attn_implementation]
     config = model.config
     q_heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    hidden = embeds
+    batch = embeds.shape[0]
+    hidden = embeds.view(batch, -1)
     for layer in body.layers[: config.num_hidden_layers]:
         attn = layer.self_attn
-        x = layer.input_layernorm(hidden)
-        qkv = fused_product(layer, "qkv", x) if fused else None
-        if qkv is None:
-            qkv = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
-        heads = qkv.view(*x.shape[:-1], -1, attn.head_dim).transpose(1, 2)  # [B, q + 2 kv heads, 1, D]
+        qkv = _qkv(layer, _call(layer.input_layernorm, hidden), fused)
+        heads = qkv.view(batch, -1, 1, attn.head_dim)  # [B, q + 2 kv heads, 1, D]
         qk = heads[:, : q_heads + kv_heads]
-        qk = (qk * cos) + (module.rotate_half(qk) * sin)
-        q, k, v = qk[:, :q_heads], qk[:, q_heads:], heads[:, q_heads + kv_heads :]
-        k, v = cache.update(k, v, attn.layer_idx)
+        qk = (qk * cos) + (qk.roll(half, -1) * sin)
+        k, v = cache.update(qk[:, q_heads:], heads[:, q_heads + kv_heads :], attn.layer_idx)
+        q = qk[:, :q_heads]
         if exact:
-            out = planned_attention(plan, q, k, v, attn.scaling)
+            out = decode_attention(plan, q, k, v, attn.scaling)
         else:
             out, _ = attention(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling, position_ids=position_ids)
-        hidden = hidden + attn.o_proj(out.reshape(*x.shape[:-1], -1).contiguous())
-        hidden = hidden + _mlp(layer, layer.post_attention_layernorm(hidden), fused)
-    return body.norm(hidden)
+        hidden = hidden + _call(attn.o_proj, out.reshape(batch, -1))
+        hidden = hidden + _mlp(layer, _call(layer.post_attention_layernorm, hidden), fused)
+    return _call(body.norm, hidden).view(embeds.shape)
+
+
+def _call(module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) without nn.Module's call machinery where it has no hooks (then the call runs exactly `forward`)."""
+    if module._forward_hooks or module._forward_pre_hooks or _global_hooks():
+        return module(x)
+    return module.forward(x)
+
+
+def _global_hooks() -> bool:
+    """True while a global forward hook is registered (torch.nn.modules.module.register_module_forward_hook)."""
+    hooks = torch.nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
+
+
+def _qkv(layer, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    """The layer's q, k and v projections of x, concatenated: one fused product where there is one."""
+    qkv = fused_product(layer, "qkv", x) if fused else None
+    if qkv is None:
+        attn = layer.self_attn
+        qkv = torch.cat([_call(attn.q_proj, x), _call(attn.k_proj, x), _call(attn.v_proj, x)], dim=-1)
+    return qkv
 
 
 def _mlp(layer, x: torch.Tensor, fused: bool) -> torch.Tensor:
-    """The layer's MLP on x; a SwiGLU one with its gate/up product fused where there is one."""
+    """The layer's MLP on x; a SwiGLU one as down(silu(gate) * up), its gate/up product fused where there is one."""
     mlp = layer.mlp
-    gate_up = fused_product(layer, "gate_up", x) if fused and is_swiglu(mlp) else None
+    if not is_swiglu(mlp) or mlp._forward_hooks or mlp._forward_pre_hooks:
+        return _call(mlp, x)
+    gate_up = fused_product(layer, "gate_up", x) if fused else None
     if gate_up is None:
-        return mlp(x)
-    gate, up = gate_up.split([mlp.gate_proj.out_features, mlp.up_proj.out_features], dim=-1)
-    return mlp.down_proj(silu_mul(gate, up))
+        gate, up = _call(mlp.gate_proj, x), _call(mlp.up_proj, x)
+    else:
+        gate, up = gate_up.split([mlp.gate_proj.out_features, mlp.up_proj.out_features], dim=-1)
+    return _call(mlp.down_proj, silu_mul(gate, up))
 
 
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:

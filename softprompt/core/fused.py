@@ -10,12 +10,13 @@ That is checked per group when it is fused (`PROBE_ROWS` seeded random rows, at 
 thread count, against the modules' own forward, prepacked or not); a group whose probe differs is left unfused.
 
 The concatenated weights are a copy (SmolLM2-135M: +276 MB in fp32; in bf16 the copy is the prepacked oneDNN layout
-of core/packed.py, +138 MB), so they are made where generation starts (`DecodeBatch`, when `DecodeBatch.fused` is
-set: off by default, since on the CPU measured the per-call overhead they save is small beside the weight reads of a
-decode step; docs/benchmarks.md, "Decode step"), not when a model loads. A
-fused group steps aside (`fused_product` returns None: the caller runs the separate products) whenever autograd
-needs the product, one of its weights was replaced or changed in place since fusing, or, for a prepacked group,
-within `packed_weights(False)`.
+of core/packed.py, +138 MB), so they are made where generation starts (`DecodeBatch`, when `DecodeBatch.fused` says
+so: by default in bf16 on a CPU with native bf16, where each oneDNN product costs ~15 us besides its weight read and
+fusing saves three of the seven per layer; not in fp32, where MKL's per-call cost is small and on some CPUs its
+one-row product rounds a concatenated weight differently; docs/benchmarks.md, "Decode step"), not when a model
+loads. A fused group steps aside (`fused_product` returns None: the caller runs the separate products) whenever
+autograd needs the product, one of its weights was replaced or changed in place since fusing, or, for a prepacked
+group, within `packed_weights(False)`.
 """
 
 from __future__ import annotations

@@ -60,7 +60,8 @@ from softprompt.core.forward import (
     run_body,
 )
 from softprompt.core.fused import use_fused_projections
-from softprompt.core.models import FrozenModel
+from softprompt.core.models import FrozenModel, cpu_has_native_bf16
+from softprompt.core.packed import supported as packed_supported
 from softprompt.core.packed import use_packed_linears
 from softprompt.inference.detokenize import Detokenizer
 from softprompt.inference.prefix_cache import PrefixCache
@@ -191,6 +192,11 @@ def right_align(kv: Kv, mask: torch.Tensor, tails: torch.Tensor) -> tuple[Kv, to
     return [(move(k), move(v)) for k, v in kv], mask.gather(1, index)
 
 
+def fused_by_default(base: FrozenModel) -> bool:
+    """Whether decode steps fuse q/k/v and gate/up (`DecodeBatch.fused` None): bf16 on a CPU with native bf16."""
+    return base.dtype == torch.bfloat16 and base.device.type == "cpu" and cpu_has_native_bf16() and packed_supported()
+
+
 class DecodeBatch:
     """Live rows of a mixed-task batch (see the module docstring for the layout).
 
@@ -204,10 +210,11 @@ class DecodeBatch:
     # Decode steps of Llama bodies through core/forward.py's `decode_body` (the same bits as the model's own forward,
     # row-exact or not); benchmarks set False to measure it.
     fast_path: bool = True
-    # Within it, q/k/v and gate/up as one product each (core/fused.py, the same bits). Off: on the Intel Xeon measured
-    # (docs/benchmarks.md, "Decode step") it gained nothing in fp32 and lost in bf16, for a copy of those weights;
-    # benchmarks set True to measure it elsewhere.
-    fused: bool = False
+    # Within it, q/k/v and gate/up as one product each (core/fused.py, the same bits). None = on in bf16 on a CPU with
+    # native bf16, where each oneDNN product has a fixed cost of ~15 us and fusing saves three of a layer's seven (+6%
+    # tokens/s on the AMD EPYC, docs/benchmarks.md "Decode step"), for a packed copy of those weights; off elsewhere:
+    # on the Intel Xeon measured it gained nothing in fp32 and lost in (emulated) bf16. Benchmarks set True / False.
+    fused: bool | None = None
 
     def __init__(
         self,
@@ -231,6 +238,7 @@ class DecodeBatch:
                 "batch-mates (load the model with attn_implementation='sdpa')",
                 stacklevel=2,
             )
+        self.fused = self.fused if self.fused is not None else fused_by_default(base)
         if self.fast_path and self.fused and fast_decode(base.model, self.exact):
             use_fused_projections(base.model.base_model.layers)  # same bits, fewer products per step
         self.keep_logits = keep_logits

@@ -201,3 +201,83 @@ def test_fused_rows_alone_equal_the_same_rows_in_a_mixed_batch(threads, monkeypa
         alone = run([request])[id(request)]
         assert [t for t, _ in alone] == [t for t, _ in together[id(request)]]
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(alone, together[id(request)]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_with_rolled_halves_and_signed_sin_gives_rotate_halfs_bits(dtype):
+    """decode_body's RoPE: x * cos + roll(x, D/2) * sin with sin's first half negated is, bit for bit,
+    transformers' x * cos + rotate_half(x) * sin (negation is exact and rounding symmetric)."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    generator = torch.Generator().manual_seed(0)
+    for batch, heads, dim in ((2, 15, 64), (5, 6, 8), (1, 3, 128)):
+        x = (torch.randn(batch, heads, 1, dim, generator=generator) * 4).to(dtype)
+        cos = torch.randn(batch, 1, 1, dim, generator=generator).to(dtype)
+        sin = torch.randn(batch, 1, 1, dim, generator=generator).to(dtype)
+        half = dim // 2
+        signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        assert torch.equal((x * cos) + (x.roll(half, -1) * signed), (x * cos) + (rotate_half(x) * sin))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_gives_the_planned_attentions_bits(dtype):
+    """A one-token step's attention with each row's query sliced (decode_attention) equals planned_attention, which
+    gathers it, for rows with left pads, a row with every key real, and a ghost row past `live` (zeros)."""
+    from softprompt.core.attention import decode_attention, decode_plan, planned_attention
+
+    generator = torch.Generator().manual_seed(1)
+    batch, heads, kv_heads, length, dim = 4, 6, 2, 19, 16
+    key_mask = torch.ones(batch, length, dtype=torch.long)
+    key_mask[0, :7], key_mask[2, :3] = 0, 0  # left pads
+    qk = torch.randn(batch, heads + kv_heads, 1, dim, generator=generator).to(dtype)
+    query = qk[:, :heads]  # as decode_body slices it: not contiguous
+    key = torch.randn(batch, kv_heads, length + 5, dim, generator=generator).to(dtype)[:, :, :length]
+    value = torch.randn(batch, kv_heads, length + 5, dim, generator=generator).to(dtype)[:, :, :length]
+    plan = decode_plan(key_mask, live=3)
+    mine = decode_attention(plan, query, key, value, 0.25)
+    theirs = planned_attention(plan, query, key, value, 0.25)
+    assert torch.equal(mine, theirs) and not mine[3].any()
+
+
+def test_decode_steps_fuse_by_default_only_in_bf16_on_a_cpu_with_native_bf16(monkeypatch):
+    """DecodeBatch.fused None (the default) fuses q/k/v and gate/up in bf16 where the CPU has native bf16 (and
+    oneDNN can pack weights), never in fp32; an explicit True / False wins."""
+    engine_base = peaked_base(seed=3)
+    assert DecodeBatch.fused is None
+    assert not batch_module.fused_by_default(engine_base)  # fp32
+    assert not DecodeBatch(engine_base, Engine(engine_base).prompt_cache).fused
+    engine_base.model.to(torch.bfloat16)
+    native = cpu_has_native_bf16() and packed.supported()
+    assert batch_module.fused_by_default(engine_base) == native
+    cache = Engine(engine_base).prompt_cache
+    assert DecodeBatch(engine_base, cache).fused == native
+    monkeypatch.setattr(batch_module, "cpu_has_native_bf16", lambda: False)
+    assert not DecodeBatch(engine_base, cache).fused
+    monkeypatch.setattr(DecodeBatch, "fused", True)
+    assert DecodeBatch(engine_base, cache).fused
+
+
+def test_the_decode_path_calls_a_hooked_module_through_its_hooks(monkeypatch):
+    """decode_body runs a module's forward without the module call only where no hook would run: a forward hook on a
+    projection, a norm or the MLP, or a global one, still fires at every decode step, and the tokens stay the same."""
+    base = peaked_base(seed=3)
+    monkeypatch.setattr(DecodeBatch, "exact", True)
+    engine = Engine(base)
+    request = GenerationRequest(engine.encode("tell me"), max_new_tokens=6)
+    plain = engine.generate([request])[0].token_ids
+    layer = base.model.base_model.layers[1]
+    fired = []
+    for module in (layer.self_attn.o_proj, layer.mlp.down_proj, layer.input_layernorm, base.model.base_model.norm):
+        module.register_forward_hook(lambda m, args, out, m_=module: fired.append(m_))
+    hooked = engine.generate([GenerationRequest(engine.encode("tell me"), max_new_tokens=6)])[0].token_ids
+    assert hooked == plain
+    steps = len(plain) - 1  # the first token comes from the prefill (the model's own forward)
+    assert len(fired) == 4 * (1 + steps)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: fired.append(m))
+    try:
+        fired.clear()
+        tokens = engine.generate([GenerationRequest(engine.encode("tell me"), max_new_tokens=3)])[0].token_ids
+        assert len(tokens) == 3  # the prefill and two decode steps, each through q_proj's call
+        assert sum(m is layer.self_attn.q_proj for m in fired) == 3
+    finally:
+        handle.remove()
