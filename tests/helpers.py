@@ -92,3 +92,30 @@ def padded_pair(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     return ids, mask
+
+
+def saved_bytes(model, prompt, ids, mask) -> int:
+    """Bytes autograd keeps for the backward pass, weights excluded (they are the model's own memory)."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen, total = set(), 0
+
+    def pack(tensor):
+        nonlocal total
+        key = tensor.untyped_storage().data_ptr()
+        if key not in weights and key not in seen:
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward.label_nll(model, prompt.detach().clone().requires_grad_(), ids, mask, ids)
+    return total
+
+
+def loss_and_grad(model, prompt, ids, mask):
+    """The mean answer-token loss over every unmasked token, and its gradient with respect to `prompt`."""
+    prompt = prompt.detach().clone().requires_grad_()
+    nll, count = forward.label_nll(model, prompt, ids, mask, ids.masked_fill(mask == 0, -100))
+    loss = nll.sum() / count.sum()
+    (grad,) = torch.autograd.grad(loss, prompt)
+    return loss.detach(), grad

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import text_logits, tiny_llama
+from helpers import loss_and_grad, saved_bytes, text_logits, tiny_llama
 
 from softprompt.core import mlp
 from softprompt.core.forward import label_nll
@@ -17,14 +17,6 @@ def stock_copy(model):
         if mlp.is_swiglu(module):
             del module.forward  # the instance attribute set by use_lean_mlp; the class's forward shows again
     return other
-
-
-def loss_and_grad(model, prompt, ids, mask):
-    prompt = prompt.detach().clone().requires_grad_()
-    nll, count = label_nll(model, prompt, ids, mask, ids.masked_fill(mask == 0, -100))
-    loss = nll.sum() / count.sum()
-    (grad,) = torch.autograd.grad(loss, prompt)
-    return loss.detach(), grad
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -44,24 +36,6 @@ def test_lean_mlp_gives_bit_identical_logits_and_gradients(tiny, dtype):
     assert torch.equal(lean_loss, stock_loss)
     assert torch.equal(lean_grad, stock_grad)
     assert lean_grad.abs().sum() > 0
-
-
-def saved_bytes(model, prompt, ids, mask) -> int:
-    """Bytes autograd keeps for the backward pass, weights excluded (they are the model's own memory)."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen, total = set(), 0
-
-    def pack(tensor):
-        nonlocal total
-        key = tensor.untyped_storage().data_ptr()
-        if key not in weights and key not in seen:
-            seen.add(key)
-            total += tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        label_nll(model, prompt.detach().clone().requires_grad_(), ids, mask, ids)
-    return total
 
 
 def test_lean_mlp_keeps_one_intermediate_tensor_less_per_layer(tiny):

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from helpers import text_logits, tiny_llama
+from helpers import loss_and_grad, saved_bytes, text_logits, tiny_llama
 
 from softprompt.core import norm
 from softprompt.core.forward import label_nll
@@ -26,14 +26,6 @@ def _batch(tiny):
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0
     return ids, mask
-
-
-def loss_and_grad(model, prompt, ids, mask):
-    prompt = prompt.detach().clone().requires_grad_()
-    nll, count = label_nll(model, prompt, ids, mask, ids.masked_fill(mask == 0, -100))
-    loss = nll.sum() / count.sum()
-    (grad,) = torch.autograd.grad(loss, prompt)
-    return loss.detach(), grad
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -78,24 +70,6 @@ def test_rms_norm_gradient_agrees_with_fp64_as_well_as_autograds(tiny, dtype):
     stock_err = ((stock_grad.double() - x64.grad).abs().max() / scale).item()
     assert lean_grad.dtype == dtype
     assert lean_err <= max(stock_err, 1e-6 if dtype == torch.float32 else 1e-3)
-
-
-def saved_bytes(model, prompt, ids, mask) -> int:
-    """Bytes autograd keeps for the backward pass, weights excluded (they are the model's own memory)."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen, total = set(), 0
-
-    def pack(tensor):
-        nonlocal total
-        key = tensor.untyped_storage().data_ptr()
-        if key not in weights and key not in seen:
-            seen.add(key)
-            total += tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        label_nll(model, prompt.detach().clone().requires_grad_(), ids, mask, ids)
-    return total
 
 
 def test_lean_norm_keeps_a_bf16_input_instead_of_its_fp32_copy(tiny):
