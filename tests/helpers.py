@@ -15,6 +15,7 @@ from softprompt.core.attention import use_grouped_sdpa
 from softprompt.core.mlp import use_lean_mlp
 from softprompt.core.models import FrozenModel, freeze, load_base
 from softprompt.core.norm import use_lean_norm
+from softprompt.formats.adapter import PEFT_VERSION
 
 # The device the device-parametrised tests run on: cpu here and in CI; scripts/gpu_check.sh sets cuda.
 TEST_DEVICE = os.environ.get("SOFTPROMPT_TEST_DEVICE", "cpu")
@@ -119,3 +120,13 @@ def loss_and_grad(model, prompt, ids, mask):
     loss = nll.sum() / count.sum()
     (grad,) = torch.autograd.grad(loss, prompt)
     return loss.detach(), grad
+
+
+def assert_written_as_peft_writes(ours: dict, peft: dict) -> None:
+    """softprompt's adapter_config.json holds what PEFT writes for the same adapter: the same keys and values, but the
+    base model's path (each run's own) and peft_version, which softprompt stamps with PEFT_VERSION, the release whose
+    format it writes (the installed PEFT may be newer)."""
+    assert set(ours) == set(peft)
+    assert ours["peft_version"] == PEFT_VERSION
+    skip = {"base_model_name_or_path", "peft_version"}
+    assert {k: v for k, v in ours.items() if k not in skip} == {k: v for k, v in peft.items() if k not in skip}
