@@ -305,15 +305,19 @@ def decode_body(
 
 def _call(module, x: torch.Tensor) -> torch.Tensor:
     """module(x) without nn.Module's call machinery where it has no hooks (then the call runs exactly `forward`)."""
-    if module._forward_hooks or module._forward_pre_hooks or _global_hooks():
-        return module(x)
-    return module.forward(x)
+    return module(x) if _hooked(module) else module.forward(x)
 
 
-def _global_hooks() -> bool:
-    """True while a global forward hook is registered (torch.nn.modules.module.register_module_forward_hook)."""
+def _hooked(module) -> bool:
+    """True where calling `module` runs forward hooks: its own, or global ones
+    (torch.nn.modules.module.register_module_forward_hook)."""
     hooks = torch.nn.modules.module
-    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+    )
 
 
 def _qkv(layer, x: torch.Tensor, fused: bool) -> torch.Tensor:
@@ -328,7 +332,7 @@ def _qkv(layer, x: torch.Tensor, fused: bool) -> torch.Tensor:
 def _mlp(layer, x: torch.Tensor, fused: bool) -> torch.Tensor:
     """The layer's MLP on x; a SwiGLU one as down(silu(gate) * up), its gate/up product fused where there is one."""
     mlp = layer.mlp
-    if not is_swiglu(mlp) or mlp._forward_hooks or mlp._forward_pre_hooks:
+    if not is_swiglu(mlp) or _hooked(mlp):  # a hooked MLP runs as its call would
         return _call(mlp, x)
     gate_up = fused_product(layer, "gate_up", x) if fused else None
     if gate_up is None:

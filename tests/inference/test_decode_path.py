@@ -279,5 +279,6 @@ def test_the_decode_path_calls_a_hooked_module_through_its_hooks(monkeypatch):
         tokens = engine.generate([GenerationRequest(engine.encode("tell me"), max_new_tokens=3)])[0].token_ids
         assert len(tokens) == 3  # the prefill and two decode steps, each through q_proj's call
         assert sum(m is layer.self_attn.q_proj for m in fired) == 3
+        assert sum(m is layer.mlp for m in fired) == 3  # the MLP module itself, not only its projections
     finally:
         handle.remove()
