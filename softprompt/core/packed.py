@@ -108,10 +108,9 @@ def use_packed_linears(model: torch.nn.Module) -> int:
 @dataclass
 class HeadGradient:
     """The hidden-state gradient product of an LM head, d W, in bf16 on the CPU from a prepacked W^T (training's
-    fused head loss, core/forward.py `_FusedHeadNLL`)."""
+    fused head loss, core/forward.py `_FusedHeadNLL`). The head keeps it with the weight and version it was made
+    from (`head_gradient`)."""
 
-    source: torch.Tensor
-    version: int
     transposed: torch.Tensor  # W^T in oneDNN's layout
 
     def __call__(self, d_logits: torch.Tensor) -> torch.Tensor:
@@ -153,6 +152,6 @@ def head_gradient(head: torch.nn.Module) -> HeadGradient | None:
         torch.equal(d[:n] @ weight, torch.ops.mkldnn._linear_pointwise(d[:n], transposed, None, "none", [], ""))
         for n in PROBE_HEAD_ROWS
     )
-    product = HeadGradient(weight, weight._version, transposed) if same else None
+    product = HeadGradient(transposed) if same else None
     head._softprompt_head_gradient = (weight, weight._version, product)
     return product
