@@ -248,3 +248,23 @@ def test_a_prefilled_state_that_does_not_match_is_not_taken(engine, dtype):
     for (tokens, logits), (ref_tokens, ref_logits) in zip(got, want):
         assert tokens == ref_tokens
         assert all(torch.equal(a, b) for a, b in zip(logits, ref_logits))
+
+
+def test_prompts_asking_for_different_top_n_score_together_as_alone(engine, dtype):
+    """One forward's LM head runs over all its prompts' rows, per top_n asked: each prompt's values, top entries
+    included, are those it gets alone (bit for bit in bf16)."""
+    rng = random.Random(6)
+    asked = [(None, 0, 12), ("a3", 1, 30), ("a9", 3, 7), (None, 1, 50), ("a3", 0, 3)]
+    prompts = [(adapter, top_n, prompt(engine, rng, words)) for adapter, top_n, words in asked]
+    scorers = [scorer(engine, adapter, ids, top_n) for adapter, top_n, ids in prompts]
+    while not all(advance_together(scorers)):
+        pass
+    for (adapter, top_n, ids), together in zip(prompts, scorers):
+        reference = alone(engine, adapter, ids, top_n)
+        assert [len(e.top) for e in together.result[1:]] == [top_n] * (len(ids) - 1)
+        if dtype != torch.float32:
+            assert fields(together.result) == fields(reference)
+        else:
+            assert [e.logprob for e in together.result[1:]] == pytest.approx(
+                [e.logprob for e in reference[1:]], rel=1e-5, abs=1e-5
+            )
