@@ -42,6 +42,7 @@ from typing import Callable
 
 from softprompt.inference.batch import DecodeBatch, GenerationRequest, TokenEvent
 from softprompt.inference.scoring import PromptScorer, advance_together, share_starts
+from softprompt.runtime import release_openmp_threads
 
 SCORE_TOKENS = 2048  # most prompt tokens one tick scores (several prompts' slices in one forward): bounds how long
 # the decode streams wait between two tokens while prompts are being scored
@@ -213,10 +214,13 @@ class Scheduler:
 
     # ---- the worker thread (server) ------------------------------------------------------------------------
     def start(self) -> None:
+        """Start the worker thread. The starting thread gives its OpenMP threads back first: the worker runs the
+        model from now on, and two OpenMP teams on few cores slow every product (runtime.release_openmp_threads)."""
         with self.cond:
             if self.running:
                 return
             self.running = True
+        release_openmp_threads()
         self.thread = threading.Thread(target=self._loop, name="softprompt-scheduler", daemon=True)
         self.thread.start()
 
