@@ -2,13 +2,16 @@
 
 The task: a multiple-choice task defined here on SST-2 records (`--data`, e.g. ../shared/data/sst2_train.jsonl;
 `--records` of them), the review in the default "Human: ... Assistant: " template, choices " negative" / " positive"
-(+ EOS). lm-eval's `local-completions` model sends each (record, choice) as token ids with `echo` and `logprobs`
-(`--batch-size` prompts per request), which the server scores as prompt-scoring jobs.
+(+ EOS). lm-eval's `local-completions` model sends each (record, choice) as token ids with `echo`, `logprobs` 1 and
+`max_tokens` 1 (`--batch-size` prompts per request), which the server scores as prompt-scoring jobs, and continues
+each by one token (a generation job).
 
-- shared (the default): the scheduler scores up to max_batch prompts' slices in one forward, and prompts that begin
-  alike (a record's two choices) run their common start once (`scheduler.share_starts`);
+- shared (the default): the scheduler scores up to max_batch prompts' slices in one forward, prompts that begin
+  alike (a record's two choices) run their common start once (`scheduler.share_starts`), and each one-token
+  generation continues from its scored prompt instead of running the prompt again (`scheduler.hand_over`);
 - batched: the same without shared starts (`share_starts = False`);
-- one at a time: `score_batch = 1`, no shared starts (how it scored before either).
+- one at a time: `score_batch = 1`, no shared starts, no hand-over: every generation prefills its prompt again (how
+  it ran before any of the three).
 
 All runs use the same app, model and dtype; they alternate `--repeats` times. Reported: seconds per run, records/s,
 the ratios to one at a time, accuracy of each, and whether every per-sample log-likelihood is equal (bf16: bit for
@@ -121,18 +124,19 @@ def main() -> None:
         folder = Path(tmp)
         base.tokenizer.save_pretrained(folder / "tokenizer")
         tasks = write_task(folder, args.data, args.records, base.tokenizer.eos_token)
-        modes = {"one_at_a_time": (1, False), "batched": (16, False), "shared": (16, True)}
+        modes = {"one_at_a_time": (1, False, False), "batched": (16, False, True), "shared": (16, True, True)}
         runs = {name: [] for name in modes}
         outs = {}
         with BackgroundServer(create_app(base, None, max_batch=16, max_queue=256)) as server:
             scheduler = server.app.state.softprompt.scheduler
             for _ in range(args.repeats):
-                for name, (score_batch, share) in modes.items():
-                    scheduler.score_batch, scheduler.share_starts = score_batch, share
+                for name, (score_batch, share, hand_over) in modes.items():
+                    scheduler.score_batch, scheduler.share_starts, scheduler.hand_over = score_batch, share, hand_over
                     seconds, outs[name] = run_lm_eval(server.url, str(folder / "tokenizer"), tasks, args.batch_size)
                     runs[name].append(seconds)
                     print(f"{name:>14}: {seconds:7.1f} s ({args.records / seconds:.1f} records/s)", flush=True)
             shared_tokens = scheduler.stats.score_shared_tokens
+            hand_overs = scheduler.stats.score_hand_overs
     reference = logliks(outs["one_at_a_time"])
     diff = max(
         abs(x - y)
@@ -157,6 +161,7 @@ def main() -> None:
         "same_choices": choices,
         "max_loglik_diff": diff,
         "shared_tokens": shared_tokens,
+        "hand_overs": hand_overs,
         "accuracy": acc,
         "records": args.records,
         "dtype": str(base.dtype),

@@ -18,11 +18,20 @@ results. It is made only when torch is not imported yet (OpenMP reads the variab
 when the user has set none of the wait variables: `OMP_WAIT_POLICY`, `GOMP_SPINCOUNT` or `KMP_BLOCKTIME` in the
 environment always win, and `SOFTPROMPT_OMP_WAIT=keep` leaves OpenMP's default in place whatever the load.
 
+One thread's team at a time (`release_openmp_threads`). GNU OpenMP gives every thread that starts a parallel
+region its own team of worker threads, kept for later, and while it manages more threads than there are cores it
+spins only 100 iterations before sleeping (instead of 300,000), whatever the wait policy. A server loads the model
+on one thread and runs it on its scheduler's worker thread: two teams, so on 2 cores every one of the worker's
+products paid the wake-up of a sleeping thread (prompt scoring ran ~30% slower than the same work on the main
+thread, docs/benchmarks.md). The thread that hands the model to a worker therefore gives its team back.
+
 This module imports nothing from softprompt and nothing heavy: `softprompt/__init__.py` calls it first.
 """
 
 from __future__ import annotations
 
+import ctypes
+import glob
 import os
 import statistics
 import sys
@@ -83,3 +92,42 @@ def configure_openmp_waits(
         environ["OMP_WAIT_POLICY"] = "PASSIVE"
         return "passive"
     return "default"
+
+
+OMP_PAUSE_HARD = 2  # OpenMP 5.0's omp_pause_hard
+
+
+def _openmp_pause():
+    """`omp_pause_resource_all` of the OpenMP library torch runs on (None where it cannot be found)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    folder = os.path.join(os.path.dirname(torch.__file__), "lib")
+    paths = [
+        p for pattern in ("libgomp*", "libiomp*", "libomp*") for p in sorted(glob.glob(os.path.join(folder, pattern)))
+    ]
+    for path in paths + [None]:  # torch's own copy first, else whatever this process has loaded
+        try:
+            fn = getattr(ctypes.CDLL(path), "omp_pause_resource_all", None)
+        except OSError:
+            continue
+        if fn is not None:
+            fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+            return fn
+    return None
+
+
+_PAUSE: list = []  # the function, looked up once
+
+
+def release_openmp_threads() -> bool:
+    """Give back the calling thread's OpenMP worker threads (`omp_pause_resource_all(omp_pause_hard)`), so that the
+    thread that runs the model from now on (a scheduler's worker) has the only team (the module docstring). Its
+    next parallel region, if any, starts a new team. Timing only, never results (the thread count is unchanged).
+    Returns whether they were given back (False: torch not loaded, no such function, or inside a parallel region)."""
+    if not _PAUSE:
+        fn = _openmp_pause()
+        if fn is None:
+            return False
+        _PAUSE.append(fn)
+    return _PAUSE[0](OMP_PAUSE_HARD) == 0

@@ -116,3 +116,35 @@ def test_a_user_policy_reaches_torch_unchanged():
             check=True,
         )
     assert out.stdout.split() == ["None", "None", "ACTIVE"]
+
+
+def test_a_thread_gives_back_its_openmp_team():
+    """A thread that ran a parallel region keeps a team of OpenMP threads; release_openmp_threads ends them (the
+    process has as many OS threads as before), and the thread's next parallel region works as before."""
+    import threading
+
+    import torch
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("counts Linux threads (/proc)")
+    x = torch.randn(512, 512)
+    threads = torch.get_num_threads()
+    counts, results = {}, []
+
+    def work():
+        counts["before"] = len(os.listdir("/proc/self/task"))
+        first = x @ x  # a parallel region: this thread's team starts
+        counts["with team"] = len(os.listdir("/proc/self/task"))
+        results.append(runtime.release_openmp_threads())
+        counts["after"] = len(os.listdir("/proc/self/task"))
+        results.append(torch.equal(x @ x, first))
+
+    torch.set_num_threads(2)  # a team of 2: the thread and one OpenMP thread
+    try:
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert results == [True, True]
+    assert counts["with team"] > counts["before"] == counts["after"]

@@ -67,7 +67,7 @@ from softprompt.inference.detokenize import Detokenizer
 from softprompt.inference.prefix_cache import PrefixCache
 from softprompt.inference.prompt_cache import CachedPrompt, PromptCache, UnknownAdapterError
 from softprompt.inference.sampling import check_params, make_generator, next_tokens, penalised, process_logits
-from softprompt.inference.scoring import TokenLogprobs, token_logprobs
+from softprompt.inference.scoring import Prefilled, TokenLogprobs, token_logprobs
 
 
 @dataclass(eq=False)
@@ -94,6 +94,9 @@ class GenerationRequest:
     logit_bias: dict[int, float] | None = None
     logprobs: int | None = None  # None: none; N >= 0: the chosen token's log-probability and the N most likely tokens
     # (of the raw distribution, before temperature, penalties and logit_bias; scoring.token_logprobs)
+    prefilled: Prefilled | None = None  # the prompt, already run (a scored prompt: echo with logprobs): its keys/values
+    # and last hidden state are taken instead of a prefill when they match (DecodeBatch.add); the same bits in
+    # row-exact mode
 
 
 @dataclass(eq=False)
@@ -273,9 +276,14 @@ class DecodeBatch:
         if self.prefix_cache is not None:
             self.prefix_cache.retain(self.prompt_cache.identities())  # forget adapters removed or replaced since
         events = []
-        for wave in self._waves(requests, prompts):
+        ready = [i for i, (r, ids) in enumerate(zip(requests, prompts)) if self._takes_prefilled(r, ids)]
+        rest = [i for i in range(len(requests)) if i not in set(ready)]
+        waves = [
+            [rest[i] for i in wave] for wave in self._waves([requests[i] for i in rest], [prompts[i] for i in rest])
+        ]
+        for wave in ([ready] if ready else []) + [wave for wave in waves if wave]:
             picked = [requests[i] for i in wave], [prompts[i] for i in wave], [ns[i] for i in wave]
-            kv, mask, logits = self._prefill(*picked)
+            kv, mask, logits = self._handed_over(*picked) if wave is ready else self._prefill(*picked)
             self._merge(kv, mask)
             new_rows = [
                 _Row(
@@ -375,6 +383,44 @@ class DecodeBatch:
         last = torch.tensor([len(r) - 1 for r in runs], device=device)
         logits = self._head(hidden[torch.arange(batch, device=device), last], batch)
         return (*right_align(kv, mask, l_max - torch.tensor([len(r) for r in runs], device=device)), logits)
+
+    def _takes_prefilled(self, request: GenerationRequest, prompt: list[int]) -> bool:
+        """Whether a request's `prefilled` state is what its prefill would compute: the same adapter entry and
+        tokens, run in this batch's mode (row-exact, attention chunks aligned as the prefill's)."""
+        state = request.prefilled
+        if state is None:
+            return False
+        entry = self._entry(request)
+        return (
+            state.owner == (entry.identity if entry is not None else None)
+            and state.ids == prompt
+            and state.exact == self.exact
+            and state.chunk == self.chunk_tokens
+        )
+
+    def _handed_over(self, requests, prompts: list[list[int]], ns: list[int]):
+        """(kv, key mask, last-token logits) of rows whose prompts were run already (`prefilled`): their keys/values
+        right-aligned, their last hidden states through the LM head, their full blocks given to the prefix cache."""
+        states = [r.prefilled for r in requests]
+        width = max(n + len(ids) for n, ids in zip(ns, prompts))
+        like = states[0].kv
+        kv = []
+        for layer, (k0, v0) in enumerate(like):
+            keys = k0.new_zeros(len(states), k0.shape[1], width, k0.shape[3])
+            values = v0.new_zeros(len(states), v0.shape[1], width, v0.shape[3])
+            for b, state in enumerate(states):
+                k, v = state.kv[layer]
+                keys[b, :, width - k.shape[2] :] = k[0]
+                values[b, :, width - v.shape[2] :] = v[0]
+            kv.append((keys, values))
+        mask = torch.zeros(len(states), width, dtype=torch.long, device=self.base.device)
+        for b, (n, ids) in enumerate(zip(ns, prompts)):
+            mask[b, width - n - len(ids) :] = 1
+        for request in requests:
+            request.prefilled = None  # taken: the batch holds its own copy
+        self._store([self._owner(r) for r in requests], prompts, [width - len(ids) for ids in prompts], kv)
+        logits = self._head(torch.cat([state.hidden for state in states]), len(states))
+        return kv, mask, logits
 
     def _waves(self, requests, prompts: list[list[int]]) -> list[list[int]]:
         """Row indices in prefill order. With a prefix cache, a row whose first uncached block an earlier row of

@@ -5,7 +5,10 @@ A `Scheduler` owns a DecodeBatch and two queues: generation jobs waiting for a b
 
 1. runs queued control calls (`run`: the server's adapter add/remove happen here, between steps);
 2. drops cancelled jobs (a row leaves the batch; a waiting job frees its queue place at once);
-3. admits waiting jobs up to `max_batch` live rows, in one batched prefill;
+3. admits waiting jobs up to `max_batch` live rows, in one batched prefill; a generation that continues a prompt
+   being scored (echo with logprobs and max_tokens > 0: `Job.after`) waits for its scoring, then takes the
+   scored prompt's keys/values and last hidden state instead of running the prompt again (`hand_over`; the same
+   bits in row-exact mode, batch.GenerationRequest.prefilled);
 4. runs one slice (SCORE_SLICE tokens) of the first scoring jobs, several prompts in one batched forward (up to
    SCORE_TOKENS tokens), so a large scoring request never stalls the streams; prompts that begin alike (the choices
    of one question) run their common start once first (`scoring.share_starts`);
@@ -39,6 +42,7 @@ from typing import Callable
 
 from softprompt.inference.batch import DecodeBatch, GenerationRequest, TokenEvent
 from softprompt.inference.scoring import PromptScorer, advance_together, share_starts
+from softprompt.runtime import release_openmp_threads
 
 SCORE_TOKENS = 2048  # most prompt tokens one tick scores (several prompts' slices in one forward): bounds how long
 # the decode streams wait between two tokens while prompts are being scored
@@ -66,6 +70,8 @@ class Job:
     finished: bool = False
     tokens: int = 0
     scorer: PromptScorer | None = None
+    after: Job | None = None  # a scoring job of this job's prompt (echo with logprobs): this generation waits for it
+    # and, with `Scheduler.hand_over`, continues from its keys/values instead of running the prompt again
 
 
 @dataclass
@@ -82,6 +88,7 @@ class SchedulerStats:
     prefills: int = 0
     score_slices: int = 0
     score_shared_tokens: int = 0  # prompt tokens not run again: a start shared by prompts scored together
+    score_hand_overs: int = 0  # generations that continued from their scored prompt (no prefill of their own)
     max_live: int = 0
 
 
@@ -102,6 +109,7 @@ class Scheduler:
         self.max_batch, self.max_queue, self.idle_wait = max_batch, max_queue, idle_wait
         self.score_batch = max_batch  # most prompts scored together in one tick (1: one at a time)
         self.share_starts = True  # prompts scored together run a common start once (scoring.share_starts)
+        self.hand_over = True  # a generation after its prompt's scoring continues from it (Job.after)
         self.waiting: collections.deque[Job] = collections.deque()
         self.live: dict[int, Job] = {}  # id(request) -> job
         self.admitting = 0  # jobs taken from `waiting` whose prefill is running (not yet in `live`)
@@ -206,10 +214,13 @@ class Scheduler:
 
     # ---- the worker thread (server) ------------------------------------------------------------------------
     def start(self) -> None:
+        """Start the worker thread. The starting thread gives its OpenMP threads back first: the worker runs the
+        model from now on, and two OpenMP teams on few cores slow every product (runtime.release_openmp_threads)."""
         with self.cond:
             if self.running:
                 return
             self.running = True
+        release_openmp_threads()
         self.thread = threading.Thread(target=self._loop, name="softprompt-scheduler", daemon=True)
         self.thread.start()
 
@@ -250,9 +261,7 @@ class Scheduler:
             cancelled = [job for job in self.live.values() if job.cancelled]
             self.waiting = self._without_cancelled(self.waiting)
             self.scoring = self._without_cancelled(self.scoring)
-            admit = []
-            while self.waiting and len(self.live) + len(admit) + min(len(self.scoring), 1) < self.max_batch:
-                admit.append(self.waiting.popleft())
+            admit = self._admissible()
             self.admitting = len(admit)
         for fn, future in calls:
             try:
@@ -272,6 +281,26 @@ class Scheduler:
         if self.live:
             self._step()
 
+    def _admissible(self) -> list[Job]:
+        """Take the waiting jobs to admit now, in order, up to the free batch slots; with `hand_over`, generations
+        whose prompt is still being scored (`after`) keep their places, and the others take the scored prompt."""
+        free = self.max_batch - len(self.live) - min(len(self.scoring), 1)
+        if free <= 0 or not self.waiting:
+            return []
+        admit, kept = [], collections.deque()
+        while self.waiting and len(admit) < free:
+            job = self.waiting.popleft()
+            if self.hand_over and job.after is not None and not job.after.finished:
+                kept.append(job)
+                continue
+            if self.hand_over and job.after is not None:
+                job.request.prefilled = job.after.scorer.take_prefilled()
+            job.after = None
+            admit.append(job)
+        kept.extend(self.waiting)
+        self.waiting = kept
+        return admit
+
     def _without_cancelled(self, queue: collections.deque[Job]) -> collections.deque[Job]:
         """The queue without its cancelled jobs, which finish at once (freeing their places)."""
         if not any(job.cancelled for job in queue):
@@ -282,6 +311,7 @@ class Scheduler:
         return collections.deque(job for job in queue if not job.cancelled)
 
     def _admit(self, jobs: list[Job]) -> None:
+        handed = [job.request for job in jobs if job.request.prefilled is not None]
         try:
             events = self.batch.add([j.request for j in jobs])
         except Exception:  # noqa: BLE001
@@ -298,6 +328,9 @@ class Scheduler:
             for job in jobs:
                 self.live[id(job.request)] = job
         self.stats.prefills += 1
+        self.stats.score_hand_overs += sum(request.prefilled is None for request in handed)  # the batch took them
+        for request in handed:
+            request.prefilled = None  # one it did not take (a truncated prompt) is let go too
         self.stats.max_live = max(self.stats.max_live, len(self.live))
         self._dispatch(events)
 

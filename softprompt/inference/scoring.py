@@ -36,6 +36,23 @@ class TokenLogprobs:
     top: list[tuple[int, float]] | None
 
 
+@dataclass(eq=False)
+class Prefilled:
+    """A prompt already run through the model: a scored prompt, handed to the generation that continues it
+    (`PromptScorer.hand_overs`), so the decode batch does not run it again (batch.GenerationRequest.prefilled).
+    `owner`: its adapter entry's identity (None: the base model); `kv`: per layer its keys/values
+    [1, kv_heads, n + len(ids), head_dim], the soft prompt's first; `hidden`: its last token's hidden state [1, H],
+    whose logits choose the first new token; `exact`: whether it ran in row-exact mode, with attention in chunks of
+    `chunk` tokens aligned to the prompt's start."""
+
+    owner: int | None
+    ids: list[int]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    hidden: torch.Tensor
+    exact: bool
+    chunk: int = PREFILL_CHUNK
+
+
 def _finite(x: float) -> float:
     return x if x > NEG_INF_LOGPROB else NEG_INF_LOGPROB
 
@@ -75,6 +92,10 @@ class PromptScorer:
         self.result: list[TokenLogprobs] = [TokenLogprobs(self.ids[0], None, None)]
         self.keep = False  # a shared start (share_starts): keep the keys/values and the last hidden state when done
         self.carry: torch.Tensor | None = None  # [1, H] the hidden state before `done`, when it is still unscored
+        # generations that continue this prompt (echo with logprobs and max_tokens > 0): each takes the finished
+        # prompt's keys/values and last hidden state (`take_prefilled`) instead of running the prompt again
+        self.hand_overs = 0
+        self.last_hidden: torch.Tensor | None = None  # [1, H] the last token's, kept for the hand-overs
 
     @property
     def finished(self) -> bool:
@@ -96,6 +117,18 @@ class PromptScorer:
         self.kv, self.done, self.carry = start.kv, len(start.ids), start.carry
         self.result = list(start.result)
 
+    def take_prefilled(self) -> Prefilled | None:
+        """The finished prompt's state for one of its `hand_overs` (None when it is not finished or none is left);
+        the keys/values are let go after the last one."""
+        if not self.finished or self.hand_overs < 1 or self.last_hidden is None:
+            return None
+        state = Prefilled(self.owner, self.ids, self.kv, self.last_hidden, self.exact)
+        self.hand_overs -= 1
+        if not self.hand_overs:
+            self.last_hidden = None
+            self.kv = None if not self.keep else self.kv
+        return state
+
     def _take(self, hidden: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Record one slice's results: its hidden states [len, H] and the row's keys/values so far."""
         start, stop = self.done, self.done + hidden.shape[0]
@@ -107,7 +140,10 @@ class PromptScorer:
         self.done = stop
         if self.keep and self.finished:
             self.carry = hidden[-1:]
-        self.kv = None if self.finished and not self.keep else kv  # free the keys/values at once when done
+        if self.hand_overs and self.finished:
+            self.last_hidden = hidden[-1:]
+        # free the keys/values at once when done, unless a shared start or a generation continues from them
+        self.kv = None if self.finished and not (self.keep or self.hand_overs) else kv
 
     def _score(self, hidden: torch.Tensor, targets: list[int]) -> list[TokenLogprobs]:
         out = []

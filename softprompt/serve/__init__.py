@@ -11,6 +11,7 @@ import os
 import threading
 import time
 
+from softprompt.runtime import release_openmp_threads
 from softprompt.serve.config import ServeConfig
 
 
@@ -58,6 +59,7 @@ class BackgroundServer:
         self.url = ""
 
     def __enter__(self) -> "BackgroundServer":
+        release_openmp_threads()  # the model runs on the server's worker from now on (runtime.py)
         self.thread.start()
         deadline = time.monotonic() + 60
         while not self.server.started:

@@ -43,6 +43,10 @@ async def run_generation(request: Request, state: ServerState, prepared: Prepare
             )
             for p, ids in enumerate(prepared.prompts)
         ]
+        if state.scheduler.hand_over:  # each generation continues from its prompt's scoring (no second prefill)
+            for job, gen in zip(jobs, requests):
+                job.after = scoring[gen.id[0]]
+                job.after.scorer.hand_overs += 1
     _submit(state, scoring + jobs)
 
     def cancel_all():

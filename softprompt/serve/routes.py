@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from softprompt.formats.adapter import NAME_MAX, NAME_PATTERN
+from softprompt.runtime import release_openmp_threads
 from softprompt.serve.body import read_body, validate_body
 from softprompt.serve.errors import RegistryError, as_api_error, model_not_found
 from softprompt.serve.openapi import error_responses, generation_responses, json_body, json_response
@@ -36,11 +37,20 @@ from softprompt.serve.validation import (
 REQUEST_ERRORS = error_responses(400, 401, 403, 404, 413, 415, 421)
 
 
+def _releasing(fn, *args):
+    """fn(*args), then this pool thread gives back any OpenMP threads it started (an adapter's keys/values are
+    computed here): the scheduler's worker keeps the only team (runtime.release_openmp_threads)."""
+    try:
+        return fn(*args)
+    finally:
+        release_openmp_threads()
+
+
 async def in_thread(fn, *args):
     """Run request handling in the thread pool; its client mistakes come back as APIErrors (4xx). The server's
     own failures propagate as they are (the app answers 500 and the log keeps the traceback)."""
     try:
-        return await run_in_threadpool(fn, *args)
+        return await run_in_threadpool(_releasing, fn, *args)
     except Exception as err:
         answer = as_api_error(err)
         if answer.status >= 500:

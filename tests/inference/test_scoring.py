@@ -9,8 +9,10 @@ import torch
 from engine_helpers import base, dtype, random_adapter  # noqa: F401 (fixtures)
 
 from softprompt.core.forward import lm_logits, run_body
+from softprompt.inference.batch import DecodeBatch, GenerationRequest
 from softprompt.inference.engine import Engine
-from softprompt.inference.scoring import SCORE_SLICE, PromptScorer, advance_together
+from softprompt.inference.prefix_cache import PrefixCache
+from softprompt.inference.scoring import SCORE_SLICE, PromptScorer, advance_together, share_starts
 
 WORDS = ["tell", "me", "about", "cats", "a", "long", "story", "why", "sky", "blue", "你好", "2+2=?"]
 
@@ -159,6 +161,107 @@ def test_questions_that_share_an_instruction_run_it_once(engine, dtype):
         pass
     for ids, together in zip(prompts, scorers):
         reference = alone(engine, "a9", ids)
+        if dtype != torch.float32:
+            assert fields(together.result) == fields(reference)
+        else:
+            assert [e.logprob for e in together.result[1:]] == pytest.approx(
+                [e.logprob for e in reference[1:]], rel=1e-5, abs=1e-5
+            )
+
+
+def _decode(engine, requests, steps: int, prefix_cache=None):
+    """Each request's tokens and per-step logits over `steps` decode steps of one DecodeBatch (keep_logits)."""
+    batch = DecodeBatch(engine.base, engine.prompt_cache, keep_logits=True, prefix_cache=prefix_cache)
+    out = {id(r): ([], []) for r in requests}
+    events = batch.add(requests)
+    for _ in range(steps):
+        for event in events:
+            out[id(event.request)][0].append(event.token_id)
+            out[id(event.request)][1].append(event.logits)
+        if not len(batch):
+            break
+        events = batch.step()
+    return [out[id(r)] for r in requests]
+
+
+def test_a_generation_continuing_a_scored_prompt_equals_its_own_prefill(engine, dtype):
+    """A scored prompt's keys/values and last hidden state, handed to the generation that continues it
+    (GenerationRequest.prefilled), give the tokens and logits of the generation's own prefill — bit for bit in
+    bf16 — across slice boundaries, adapters, a one-token prompt, a shared start, and a prefix cache; the prefix
+    cache then holds the same blocks."""
+    rng = random.Random(4)
+    cases = [(None, 3), ("a3", 40), ("a9", 75)]
+    prompts = [(adapter, prompt(engine, rng, words)) for adapter, words in cases]
+    prompts += [("a3", prompts[1][1][:16]), ("a3", prompts[1][1][:17])]  # one block; one token more
+    prompts.append((None, prompts[0][1][:1]))
+    prompts.append(("a9", prompts[2][1][:1] * (SCORE_SLICE + 3)))
+    prompts.append(("a9", prompts[2][1][:40] + prompts[0][1]))  # begins as prompts[2]: shares its start
+    assert any(len(ids) > SCORE_SLICE for _, ids in prompts) and any(len(ids) == 1 for _, ids in prompts)
+    scorers = [scorer(engine, adapter, ids) for adapter, ids in prompts]
+    for s in scorers:
+        s.hand_overs = 1
+    assert share_starts(scorers) > 0
+    while not all(advance_together(scorers)):
+        pass
+
+    def requests(prefilled: bool):
+        return [
+            GenerationRequest(ids, adapter, max_new_tokens=6, prefilled=s.take_prefilled() if prefilled else None)
+            for (adapter, ids), s in zip(prompts, scorers)
+        ]
+
+    handed, caches = requests(True), [PrefixCache(1 << 24), PrefixCache(1 << 24)]
+    assert all(r.prefilled is not None for r in handed) and all(s.kv is None for s in scorers)  # let go after
+    got = _decode(engine, handed, 6, caches[0])
+    assert all(r.prefilled is None for r in handed)  # the batch took them
+    want = _decode(engine, requests(False), 6, caches[1])
+    for (tokens, logits), (ref_tokens, ref_logits) in zip(got, want):
+        assert tokens == ref_tokens
+        if dtype != torch.float32:
+            assert all(torch.equal(a, b) for a, b in zip(logits, ref_logits))
+        else:
+            assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(logits, ref_logits))
+    assert caches[0].stats().blocks == caches[1].stats().blocks > 0
+    for adapter, ids in prompts:
+        owner = engine.prompt_cache.identity(adapter)
+        found = [cache.match(owner, ids + [0]) for cache in caches]  # every full block of the prompt
+        assert (found[0] is None) == (found[1] is None) == (len(ids) < 16)
+        if found[0] is not None and dtype != torch.float32:
+            assert torch.equal(found[0], found[1])
+
+
+def test_a_prefilled_state_that_does_not_match_is_not_taken(engine, dtype):
+    """A prefilled state of other tokens or another adapter is ignored: the request runs its own prefill."""
+    rng = random.Random(5)
+    ids = prompt(engine, rng, 10)
+    s = scorer(engine, "a3", ids)
+    s.hand_overs = 3
+    while not s.advance():
+        pass
+    cases = [
+        GenerationRequest(ids[:-1], "a3", max_new_tokens=3, prefilled=s.take_prefilled()),
+        GenerationRequest(ids, "a9", max_new_tokens=3, prefilled=s.take_prefilled()),
+        GenerationRequest(ids, None, max_new_tokens=3, prefilled=s.take_prefilled()),
+    ]
+    got = _decode(engine, cases, 3)
+    want = _decode(engine, [GenerationRequest(r.prompt_ids, r.adapter, max_new_tokens=3) for r in cases], 3)
+    for (tokens, logits), (ref_tokens, ref_logits) in zip(got, want):
+        assert tokens == ref_tokens
+        assert all(torch.equal(a, b) for a, b in zip(logits, ref_logits))
+
+
+def test_prompts_asking_for_different_top_n_score_together_as_alone(engine, dtype):
+    """One forward's LM head runs over all its prompts' rows, per top_n asked: each prompt's values, top entries
+    included, are those it gets alone (bit for bit in bf16)."""
+    rng = random.Random(6)
+    asked = [(None, 0, 12), ("a3", 1, 30), ("a9", 3, 7), (None, 1, 50), ("a3", 0, 3)]
+    prompts = [(adapter, top_n, prompt(engine, rng, words)) for adapter, top_n, words in asked]
+    scorers = [scorer(engine, adapter, ids, top_n) for adapter, top_n, ids in prompts]
+    while not all(advance_together(scorers)):
+        pass
+    for (adapter, top_n, ids), together in zip(prompts, scorers):
+        reference = alone(engine, adapter, ids, top_n)
+        assert [len(e.top) for e in together.result[1:]] == [top_n] * (len(ids) - 1)
         if dtype != torch.float32:
             assert fields(together.result) == fields(reference)
         else:

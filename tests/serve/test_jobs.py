@@ -14,9 +14,12 @@ import time
 
 import httpx
 import pytest
+import torch
+from helpers import tiny_base
 from serve_helpers import LiveServer, error_of, make_adapter
 
 from softprompt import create_app
+from softprompt.core.models import cpu_has_native_bf16
 from softprompt.core.prompt import SoftPrompt
 from softprompt.data.templates import Template
 from softprompt.formats.adapter import AdapterError, load_adapter, save_adapter
@@ -247,3 +250,27 @@ def test_a_rescan_mid_write_keeps_the_served_version(tiny, folder):
         shutil.rmtree(folder / "a")  # really gone: no longer served
         assert httpx.post(live.url + "/v1/adapters/rescan", timeout=60).json()["removed"] == ["a"]
         assert completion(live.url, **body).status_code == 404
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="bf16 row-exact mode needs a CPU with native bf16")
+def test_a_scored_prompts_completion_continues_from_its_scoring(tmp_path):
+    """Echo with logprobs and max_tokens > 0 (what lm-eval sends): each completion takes its scored prompt's
+    keys/values instead of running the prompt again, and the answer is the one of its own prefill, bit for bit
+    (bf16), with an adapter, n > 1, a prompt of several slices and one shorter than a block."""
+    base = tiny_base()
+    base.model.to(torch.bfloat16)
+    folder = tmp_path / "adapters"
+    make_adapter(base, folder, "a", "human-assistant", 3, seed=1)
+    prompts = [TEXT, "abcdefghij" * 5 + " yes", "abcdefghij" * 5 + " no", "xyz"]
+    body = {"model": "a", "prompt": prompts, "max_tokens": 5, "echo": True, "logprobs": 2, "n": 2, "temperature": 1,
+            "seed": 3}  # fmt: skip
+    answers = {}
+    for hand_over in (False, True):
+        with LiveServer(create_app(base, folder)) as live:
+            live.state.scheduler.hand_over = hand_over
+            r = completion(live.url, **body)
+            assert r.status_code == 200
+            answers[hand_over] = {k: v for k, v in r.json().items() if k not in ("id", "created")}
+            assert live.state.scheduler.snapshot()["score_hand_overs"] == (len(prompts) * 2 if hand_over else 0)
+    assert answers[True] == answers[False]
+    assert all(len(c["logprobs"]["tokens"]) > len(p) for c, p in zip(answers[True]["choices"][::2], prompts))
