@@ -3,7 +3,8 @@
 The reference recipe: PEFT PromptTuning (TEXT init) + Hugging Face Trainer, batch 1 x grad-accum 8, 1 epoch,
 Trainer's defaults (AdamW, LR 5e-5, linear decay, clipping 1.0), the "Human: ... Assistant: " template, max length
 256, fp32 ("recipe"); and the same recipe with Trainer's `bf16=True` (CPU autocast, "recipe_bf16"), the fair peer of
-softprompt's bf16 training. softprompt runs with its own defaults (--dtype auto, length-grouped micro-batches on
+softprompt's bf16 training. softprompt runs with its own defaults on a base loaded with --dtype auto (what auto picks for
+inference: bf16 on a CPU with fast bf16, though `softprompt train --dtype auto` trains in fp32 on a CPU), length-grouped micro-batches on
 its default token budget, once-per-step shared prefix; --runs ...,softprompt_fp32,softprompt_bf16 adds softprompt in
 each dtype explicitly) and the recipe's hyper-parameters (same init text, 13 virtual tokens,
 global batch 8, AdamW 5e-5, linear decay), so the final losses are comparable. Each run is a separate child process

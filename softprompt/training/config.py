@@ -416,7 +416,7 @@ class TrainConfig:
         "process)",
         group=OPTIM,
     )
-    dtype: str = dtype_option()
+    dtype: str = dtype_option(training=True)
     device: str | None = device_option()
     threads: int | None = threads_option()
     skip_bad: bool = option(

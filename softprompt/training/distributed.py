@@ -41,7 +41,7 @@ class ShardedBase:
         )
 
 
-def load_args(shard: bool, processes: int, device: str | None, dtype: str | None) -> dict:
+def load_args(shard: bool, processes: int, device: str | None, dtype: str | torch.dtype | None) -> dict:
     """load_base's device and dtype. A base to be sharded loads into host memory (in the dtype chosen for the
     device it will run on), and `shard_base` then moves only this process's shards to the device."""
     from softprompt.core.models import resolve_device, resolve_dtype

@@ -32,7 +32,15 @@ from typing import Any
 import torch
 
 from softprompt.core import KV_METHODS, forward
-from softprompt.core.models import FrozenModel, activation_checkpointing, describe_parameters, load_base
+from softprompt.core.models import (
+    FrozenModel,
+    activation_checkpointing,
+    describe_parameters,
+    load_base,
+    resolve_device,
+    resolve_dtype,
+    training_dtype,
+)
 from softprompt.core.prompt import ContextPrompt, MultitaskPrompt, build_prompt, multitask_factors
 from softprompt.data import batching
 from softprompt.data.context import Context, encode_context, pick_context
@@ -372,9 +380,15 @@ def _base(config: TrainConfig, accelerator) -> FrozenModel:
     if isinstance(config.model, FrozenModel):
         return config.model
     device = _device(config, accelerator)
-    return load_base(
-        config.model, **distributed.load_args(config.shard_base, accelerator.num_processes, device, config.dtype)
-    )
+    dtype = training_dtype(config.dtype, resolve_device(device))
+    if config.dtype in (None, "auto") and resolve_dtype(None, resolve_device(device)) != dtype:
+        if accelerator.is_main_process:
+            print(
+                "train: --dtype auto trains in float32 on a CPU (bf16 training lost ~1 point on SST-2, "
+                "docs/benchmarks.md); --dtype bfloat16 trains faster",
+                flush=True,
+            )
+    return load_base(config.model, **distributed.load_args(config.shard_base, accelerator.num_processes, device, dtype))
 
 
 def _sized(config: TrainConfig, base: FrozenModel, virtual: int) -> TrainConfig:

@@ -140,3 +140,12 @@ def test_cpu_flags_read_proc_cpuinfo():
         assert flags == frozenset()
         return
     assert ("avx512_bf16" in text.split()) == ("avx512_bf16" in flags)
+
+
+@pytest.mark.parametrize("speedup", [2.1, 0.6, 0.0])
+def test_auto_trains_in_fp32_on_a_cpu_whatever_inference_picks(monkeypatch, speedup):
+    monkeypatch.setattr(models, "cpu_bf16_speedup", lambda: speedup)
+    cpu = torch.device("cpu")
+    assert models.training_dtype("auto", cpu) == models.training_dtype(None, cpu) == torch.float32
+    assert models.training_dtype("bfloat16", cpu) == torch.bfloat16  # an explicit choice wins
+    assert models.training_dtype("float16", cpu) == torch.float16

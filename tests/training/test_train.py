@@ -371,3 +371,20 @@ def test_classification_steps_are_class_balanced(base, tmp_path, monkeypatch):
     train(config(tmp_path / "b", base, data=rows, max_steps=2, balance_classes=False))
     train(config(tmp_path / "c", base, max_steps=2))  # free-form answers: length-grouped steps
     assert len(calls) == 1
+
+
+def test_auto_dtype_trains_a_model_folder_in_fp32_on_a_cpu_where_inference_picks_bf16(
+    tiny_dir, tmp_path, monkeypatch, capsys
+):
+    from softprompt.core import models
+
+    monkeypatch.setattr(models, "cpu_bf16_speedup", lambda: 2.0)  # as on the AMD EPYC, where auto infers in bf16
+    loaded = []
+    real_load = train_module.load_base
+    monkeypatch.setattr(train_module, "load_base", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    train(config(tmp_path / "auto", str(tiny_dir), dtype="auto", max_steps=1))
+    assert loaded[-1].dtype == torch.float32
+    assert "train: --dtype auto trains in float32 on a CPU" in capsys.readouterr().out
+    train(config(tmp_path / "bf16", str(tiny_dir), dtype="bfloat16", max_steps=1))
+    assert loaded[-1].dtype == torch.bfloat16
+    assert "trains in float32" not in capsys.readouterr().out
