@@ -67,7 +67,7 @@ from softprompt.inference.detokenize import Detokenizer
 from softprompt.inference.prefix_cache import PrefixCache
 from softprompt.inference.prompt_cache import CachedPrompt, PromptCache, UnknownAdapterError
 from softprompt.inference.sampling import check_params, make_generator, next_tokens, penalised, process_logits
-from softprompt.inference.scoring import Prefilled, TokenLogprobs, token_logprobs
+from softprompt.inference.scoring import Prefilled, TokenLogprobs, right_aligned_kv, token_logprobs
 
 
 @dataclass(eq=False)
@@ -403,16 +403,7 @@ class DecodeBatch:
         right-aligned, their last hidden states through the LM head, their full blocks given to the prefix cache."""
         states = [r.prefilled for r in requests]
         width = max(n + len(ids) for n, ids in zip(ns, prompts))
-        like = states[0].kv
-        kv = []
-        for layer, (k0, v0) in enumerate(like):
-            keys = k0.new_zeros(len(states), k0.shape[1], width, k0.shape[3])
-            values = v0.new_zeros(len(states), v0.shape[1], width, v0.shape[3])
-            for b, state in enumerate(states):
-                k, v = state.kv[layer]
-                keys[b, :, width - k.shape[2] :] = k[0]
-                values[b, :, width - v.shape[2] :] = v[0]
-            kv.append((keys, values))
+        kv = right_aligned_kv([state.kv for state in states], width)
         mask = torch.zeros(len(states), width, dtype=torch.long, device=self.base.device)
         for b, (n, ids) in enumerate(zip(ns, prompts)):
             mask[b, width - n - len(ids) :] = 1

@@ -286,7 +286,12 @@ def _run_slices(scorers: list[PromptScorer]) -> None:
     embeds = model.get_input_embeddings()(layout.ids)
     with row_exact(chunk=PREFILL_CHUNK) if exact else nullcontext():
         hidden, cache = run_body(
-            model, embeds, layout.mask, layout.positions, cache=make_cache(_front_kv(scorers, width)), use_cache=True
+            model,
+            embeds,
+            layout.mask,
+            layout.positions,
+            cache=make_cache(right_aligned_kv([s.kv for s in scorers], width)),
+            use_cache=True,
         )
     kv = cache_tensors(cache)
     for b, (scorer, length) in enumerate(zip(scorers, lengths)):
@@ -294,18 +299,19 @@ def _run_slices(scorers: list[PromptScorer]) -> None:
         scorer._take(hidden[b, :length], [(k[b : b + 1, :, cols], v[b : b + 1, :, cols]) for k, v in kv])
 
 
-def _front_kv(scorers: list[PromptScorer], width: int):
-    """Per layer (keys, values) [B, kv_heads, width, head_dim]: each row's keys/values so far, right-aligned."""
-    like = next((s.kv for s in scorers if s.kv is not None), None)
+def right_aligned_kv(rows: list[list[tuple[torch.Tensor, torch.Tensor]] | None], width: int):
+    """Per layer (keys, values) [B, kv_heads, width, head_dim] from each row's per-layer keys/values
+    [1, kv_heads, len, head_dim] (None: nothing yet), right-aligned, zeros on the left; None when no row has any."""
+    like = next((row for row in rows if row is not None), None)
     if like is None:
         return None
     out = []
     for layer, (k0, v0) in enumerate(like):
-        keys = k0.new_zeros(len(scorers), k0.shape[1], width, k0.shape[3])
-        values = v0.new_zeros(len(scorers), v0.shape[1], width, v0.shape[3])
-        for b, scorer in enumerate(scorers):
-            if scorer.kv is not None:
-                k, v = scorer.kv[layer]
+        keys = k0.new_zeros(len(rows), k0.shape[1], width, k0.shape[3])
+        values = v0.new_zeros(len(rows), v0.shape[1], width, v0.shape[3])
+        for b, row in enumerate(rows):
+            if row is not None:
+                k, v = row[layer]
                 keys[b, :, width - k.shape[2] :] = k[0]
                 values[b, :, width - v.shape[2] :] = v[0]
         out.append((keys, values))

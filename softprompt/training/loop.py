@@ -380,14 +380,14 @@ def _base(config: TrainConfig, accelerator) -> FrozenModel:
     if isinstance(config.model, FrozenModel):
         return config.model
     device = _device(config, accelerator)
-    dtype = training_dtype(config.dtype, resolve_device(device))
-    if config.dtype in (None, "auto") and resolve_dtype(None, resolve_device(device)) != dtype:
-        if accelerator.is_main_process:
-            print(
-                "train: --dtype auto trains in float32 on a CPU (bf16 training lost ~1 point on SST-2, "
-                "docs/benchmarks.md); --dtype bfloat16 trains faster",
-                flush=True,
-            )
+    target = resolve_device(device)
+    dtype = training_dtype(config.dtype, target)
+    if dtype != resolve_dtype(config.dtype, target) and accelerator.is_main_process:  # only where auto differs
+        print(
+            "train: --dtype auto trains in float32 on a CPU (bf16 training lost ~1 point on SST-2, "
+            "docs/benchmarks.md); --dtype bfloat16 trains faster",
+            flush=True,
+        )
     return load_base(config.model, **distributed.load_args(config.shard_base, accelerator.num_processes, device, dtype))
 
 
