@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import string
 from pathlib import Path
@@ -93,6 +94,16 @@ def padded_pair(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     return ids, mask
+
+
+def stock_copy(model, matches):
+    """A deep copy of `model` whose modules that `matches` run their class's own forward again (the instance
+    forward set by `core.patch.route_forward`, e.g. use_lean_norm / use_lean_mlp, removed)."""
+    other = copy.deepcopy(model)
+    for module in other.modules():
+        if matches(module):
+            del module.forward
+    return other
 
 
 def saved_bytes(model, prompt, ids, mask) -> int:

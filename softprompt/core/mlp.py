@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import SiLUActivation
 
+from softprompt.core.patch import route_forward
+
 SILU_MODULES = (torch.nn.SiLU, SiLUActivation)
 
 
@@ -58,9 +60,4 @@ def is_swiglu(module: torch.nn.Module) -> bool:
 
 def use_lean_mlp(model: torch.nn.Module) -> int:
     """Route every Llama-style gated MLP of `model` through `SiluMul`; returns how many were switched."""
-    count = 0
-    for module in model.modules():
-        if is_swiglu(module):
-            module.forward = _lean_forward.__get__(module)
-            count += 1
-    return count
+    return route_forward(model, is_swiglu, _lean_forward)

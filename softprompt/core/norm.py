@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from softprompt.core.patch import route_forward
+
 try:
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 except ImportError:  # pragma: no cover - transformers without Llama
@@ -67,9 +69,4 @@ def _lean_forward(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def use_lean_norm(model: torch.nn.Module) -> int:
     """Route every Llama-style RMSNorm of `model` through `RmsNorm` when autograd needs it; returns how many."""
-    count = 0
-    for module in model.modules():
-        if is_llama_rms_norm(module):
-            module.forward = _lean_forward.__get__(module)
-            count += 1
-    return count
+    return route_forward(model, is_llama_rms_norm, _lean_forward)

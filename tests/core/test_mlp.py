@@ -4,25 +4,16 @@ import copy
 
 import pytest
 import torch
-from helpers import loss_and_grad, saved_bytes, text_logits, tiny_llama
+from helpers import loss_and_grad, saved_bytes, stock_copy, text_logits, tiny_llama
 
 from softprompt.core import mlp
 from softprompt.core.forward import label_nll
 
 
-def stock_copy(model):
-    """The same weights with transformers' own MLP forward."""
-    other = copy.deepcopy(model)
-    for module in other.modules():
-        if mlp.is_swiglu(module):
-            del module.forward  # the instance attribute set by use_lean_mlp; the class's forward shows again
-    return other
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lean_mlp_gives_bit_identical_logits_and_gradients(tiny, dtype):
     lean = copy.deepcopy(tiny.model).to(dtype)
-    stock = stock_copy(lean)
+    stock = stock_copy(lean, mlp.is_swiglu)
     assert all(not mlp.is_swiglu(m) or "forward" not in vars(m) for m in stock.modules())
     torch.manual_seed(3)
     ids = torch.randint(5, len(tiny.tokenizer), (3, 11))
@@ -39,7 +30,7 @@ def test_lean_mlp_gives_bit_identical_logits_and_gradients(tiny, dtype):
 
 
 def test_lean_mlp_keeps_one_intermediate_tensor_less_per_layer(tiny):
-    lean, stock = tiny.model, stock_copy(tiny.model)
+    lean, stock = tiny.model, stock_copy(tiny.model, mlp.is_swiglu)
     ids = torch.randint(5, len(tiny.tokenizer), (2, 9))
     mask = torch.ones_like(ids)
     prompt = torch.randn(3, tiny.hidden_size) * 0.1
