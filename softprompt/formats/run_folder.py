@@ -16,7 +16,7 @@ tensor is the adapter itself), without a method (prompt tuning), or without some
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from softprompt.formats import checkpoint
 from softprompt.formats.adapter import AdapterMetadata, cpu_fp32, load_adapter, save_adapter
 
 MODULE_KEY = "prompt."  # checkpoint tensors of the trainable module: prompt.<state_dict key>
+ROLLBACK_KEY = "rollback."  # the module's state at the lowest step loss (training/guard.py): rollback.<key>
 BEST = "best"
 
 
@@ -42,12 +43,19 @@ class RunKey:
 @dataclass
 class Progress:
     """The counters a checkpoint carries and a resume restores: the best eval loss and its step, the evaluations
-    without improvement since (for --early-stopping), the tokens trained on."""
+    without improvement since (for --early-stopping), the tokens trained on, and the spike guard's state
+    (training/guard.py): the recent step losses, the lowest step loss and its step, the learning-rate scale, the
+    rollbacks so far."""
 
     best_eval_loss: float | None = None
     best_step: int | None = None
     bad_evals: int = 0
     tokens: int = 0
+    recent_losses: list[float] = field(default_factory=list)
+    low_loss: float | None = None
+    low_step: int | None = None
+    lr_scale: float = 1.0
+    rollbacks: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,7 @@ class SavedStep:
     module_state: dict[str, torch.Tensor]  # the trainable module's state_dict
     optimizer: dict  # the optimiser state's JSON part (checkpoint.optimizer_state)
     tensors: dict[str, torch.Tensor]  # the optimiser state's tensors and the RNG states
+    rollback: dict[str, torch.Tensor] = field(default_factory=dict)  # the module at the lowest step loss
 
 
 class RunFolder:
@@ -94,10 +103,20 @@ class RunFolder:
         """The complete step checkpoints, oldest first."""
         return checkpoint.list_checkpoints(self.path)
 
-    def save_step(self, step: int, epoch: int, prompt: torch.nn.Module, optimizer, progress: Progress) -> Path:
+    def save_step(
+        self,
+        step: int,
+        epoch: int,
+        prompt: torch.nn.Module,
+        optimizer,
+        progress: Progress,
+        rollback: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
         """OUT/checkpoints/step-NNNNNN after `step` optimiser steps (in `epoch`): all a resume needs to carry on
-        bit for bit. Prunes all but the newest `keep`."""
+        bit for bit (`rollback`: the module's state the spike guard would restore). Prunes all but the newest
+        `keep`."""
         module = {MODULE_KEY + k: v.detach().cpu().contiguous() for k, v in prompt.state_dict().items()}
+        module.update({ROLLBACK_KEY + k: v.detach().cpu().contiguous() for k, v in (rollback or {}).items()})
         key = self.key
         state = {**asdict(progress), "records": key.records, "step_records": key.step_records, "seed": key.seed}
         state.update(epoch=epoch, method=key.method)  # trainer_state.json's key order, as older versions wrote it
@@ -134,7 +153,8 @@ class RunFolder:
             progress=Progress(**{k: saved.get(k, v) for k, v in fresh.items()}),
             module_state=module,
             optimizer=saved["optimizer"],
-            tensors={k: v for k, v in tensors.items() if not k.startswith(MODULE_KEY)},
+            tensors={k: v for k, v in tensors.items() if not k.startswith((MODULE_KEY, ROLLBACK_KEY))},
+            rollback={k[len(ROLLBACK_KEY) :]: v for k, v in tensors.items() if k.startswith(ROLLBACK_KEY)},
         )
 
     def resume(self, source: str | Path, prompt: torch.nn.Module, optimizer) -> SavedStep:

@@ -370,6 +370,13 @@ class TrainConfig:
         group=OPTIM,
     )
     max_grad_norm: float | None = option(1.0, "gradient clipping by global norm (0: off)", minimum=0, group=OPTIM)
+    rollback: bool = option(
+        True,
+        "do not roll back loss spikes (by default a step whose loss exceeds the last 8 steps' median m by more "
+        "than max(2 nats, 2m) is not taken: the prompt of the lowest step loss so far is restored and the "
+        "learning rate halved for the rest of the run, with a line saying so; docs/training.md)",
+        group=OPTIM,
+    )
     eval_data: str | list[dict] | None = option(
         None,
         "evaluation records (same formats); the eval loss is computed every --eval-every steps and the best "

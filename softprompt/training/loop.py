@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,7 @@ from softprompt.data.records import DataError, Fields, assign_tasks, load_record
 from softprompt.data.templates import Template
 from softprompt.formats.adapter import FACTOR_KEYS, AdapterError, AdapterMetadata, load_adapter
 from softprompt.formats.run_folder import Progress, RunFolder, RunKey, RunSummary
-from softprompt.training import distributed
+from softprompt.training import distributed, guard
 from softprompt.training.config import TrainConfig, default_batch_tokens, length_cap
 from softprompt.training.metrics import MetricsLogger
 from softprompt.training.optim import build_optimizer, lr_at
@@ -129,6 +130,7 @@ class Run:
     done: int = 0  # steps completed
     epoch: int = 0  # the epoch of the last step's records
     last_loss: float | None = None
+    low_prompt: dict[str, torch.Tensor] | None = None  # the prompt module at progress.low_loss (training/guard.py)
     run_tokens: int = 0  # tokens and seconds of this process's steps in this invocation (not since a resume)
     run_time: float = 0.0
     stopped: str = "completed"
@@ -208,11 +210,11 @@ def _setup(config: TrainConfig) -> Run:
     folder = RunFolder(config.out, base, metadata, key, keep=config.keep_checkpoints)
     if accelerator.is_main_process:
         folder.clean()  # what a run killed while writing left behind
-    progress, start = Progress(), 0
+    progress, start, low_prompt = Progress(), 0, None
     if config.resume:
         saved = folder.resume(config.resume, prompt, optimizer)
         print(f"resuming from {saved.folder} (step {saved.step})", flush=True)
-        progress, start = saved.progress, saved.step
+        progress, start, low_prompt = saved.progress, saved.step, saved.rollback or None
     run = Run(
         config=config,
         accelerator=accelerator,
@@ -234,6 +236,7 @@ def _setup(config: TrainConfig) -> Run:
         progress=progress,
         plans=batching.EpochPlans(data.lengths, step_records, config.seed, data.classes),
         sharded=sharded,
+        low_prompt=low_prompt,
     )
     _start_reporting(run)
     return run
@@ -495,7 +498,7 @@ def _optimiser_step(run: Run, step: int) -> None:
     mine = batching.shard(records, data.lengths, run.accelerator.process_index, run.accelerator.num_processes)
     tick = time.perf_counter()
     for lr_group in optimizer.param_groups:
-        lr_group["lr"] = lr_at(step, run.total, config.peak_lr, run.warmup, config.schedule)
+        lr_group["lr"] = lr_at(step, run.total, config.peak_lr, run.warmup, config.schedule) * run.progress.lr_scale
     nll_sum = _accumulate_gradients(run, mine, label_total)
     params = list(prompt.parameters())
     for param in params:
@@ -512,10 +515,13 @@ def _optimiser_step(run: Run, step: int) -> None:
     scaler.unscale_(optimizer)
     if not math.isfinite(step_loss) or not all(torch.isfinite(p.grad).all() for p in params):
         _stop_on_nan(run, step + 1, step_loss)
-    if config.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-    scaler.step(optimizer)
-    scaler.update()
+    if config.rollback and _spiked(run, step + 1, step_loss):
+        scaler.update()  # the step is not taken: its gradient, computed at the spiking prompt, is dropped
+    else:
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
     optimizer.zero_grad(set_to_none=True)
     if isinstance(prompt, ContextPrompt):  # CPT's projected gradient step: every delta back within its bound
         prompt.project_()
@@ -531,6 +537,35 @@ def _optimiser_step(run: Run, step: int) -> None:
     if run.bar is not None:
         run.bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{run.run_tokens / max(run.run_time, 1e-9):.0f}")
         run.bar.update(1)
+
+
+def _spiked(run: Run, step: int, loss: float) -> bool:
+    """The spike guard (training/guard.py) on 1-based `step`'s loss, measured at the prompt before its update: a
+    spike restores the prompt of the lowest step loss so far and halves the learning rate (True: skip the update);
+    otherwise the loss joins the recent ones and, when it is the lowest yet, this prompt becomes the one restored."""
+    progress = run.progress
+    bound = guard.spike_bound(progress.recent_losses)
+    if bound is not None and loss > bound and run.low_prompt is not None:
+        run.prompt.load_state_dict(run.low_prompt)
+        progress.lr_scale *= 0.5
+        progress.rollbacks += 1
+        message = (
+            f"train: loss spike at step {step} ({loss:.3f}, over {bound:.3f}: the last steps' median "
+            f"{statistics.median(progress.recent_losses):.3f} plus its bound); restored the prompt of step "
+            f"{progress.low_step} (loss {progress.low_loss:.3f}) and halved the learning rate "
+            f"(x{progress.lr_scale:g} from now on); --no-rollback turns this off"
+        )
+        if run.main:
+            (run.bar.write if run.bar is not None else print)(message)
+        run.logger.log(
+            "rollback", step, loss=loss, bound=bound, restored_step=progress.low_step, lr_scale=progress.lr_scale
+        )
+        return True
+    progress.recent_losses = guard.remember(progress.recent_losses, loss)
+    if progress.low_loss is None or loss < progress.low_loss:
+        progress.low_loss, progress.low_step = loss, step
+        run.low_prompt = guard.snapshot(run.prompt)
+    return False
 
 
 def _accumulate_gradients(run: Run, mine: list[int], label_total: int) -> torch.Tensor:
@@ -671,7 +706,7 @@ def _evaluate(run: Run) -> None:
 def _save_checkpoint(run: Run) -> None:
     """OUT/checkpoints/step-NNNNNN from the main process; every process waits for it."""
     if run.main:
-        run.folder.save_step(run.done, run.epoch, run.prompt, run.optimizer, run.progress)
+        run.folder.save_step(run.done, run.epoch, run.prompt, run.optimizer, run.progress, run.low_prompt)
     run.accelerator.wait_for_everyone()
 
 
