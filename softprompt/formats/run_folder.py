@@ -44,8 +44,8 @@ class RunKey:
 class Progress:
     """The counters a checkpoint carries and a resume restores: the best eval loss and its step, the evaluations
     without improvement since (for --early-stopping), the tokens trained on, and the spike guard's state
-    (training/guard.py): the recent step losses, the lowest step loss and its step, the learning-rate scale, the
-    rollbacks so far."""
+    (training/guard.py): the recent step losses, the lowest step loss and its step, the rollbacks so far (each
+    halves the learning rate: `lr_scale`)."""
 
     best_eval_loss: float | None = None
     best_step: int | None = None
@@ -54,8 +54,12 @@ class Progress:
     recent_losses: list[float] = field(default_factory=list)
     low_loss: float | None = None
     low_step: int | None = None
-    lr_scale: float = 1.0
     rollbacks: int = 0
+
+    @property
+    def lr_scale(self) -> float:
+        """The factor on the scheduled learning rate: halved by every rollback."""
+        return 0.5**self.rollbacks
 
 
 @dataclass(frozen=True)

@@ -547,8 +547,7 @@ def _spiked(run: Run, step: int, loss: float) -> bool:
     bound = guard.spike_bound(progress.recent_losses)
     if bound is not None and loss > bound and run.low_prompt is not None:
         run.prompt.load_state_dict(run.low_prompt)
-        progress.lr_scale *= 0.5
-        progress.rollbacks += 1
+        progress.rollbacks += 1  # halves progress.lr_scale
         message = (
             f"train: loss spike at step {step} ({loss:.3f}, over {bound:.3f}: the last steps' median "
             f"{statistics.median(progress.recent_losses):.3f} plus its bound); restored the prompt of step "

@@ -55,7 +55,6 @@ def test_a_step_checkpoint_keeps_the_layout_older_versions_wrote(four_steps):
         "recent_losses",
         "low_loss",
         "low_step",
-        "lr_scale",
         "rollbacks",
         "records",
         "step_records",
