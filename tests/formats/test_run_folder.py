@@ -143,6 +143,20 @@ def test_counters_an_older_checkpoint_lacks_start_fresh(base, four_steps, tmp_pa
     assert folder.read_step(path).progress == Progress()
 
 
+def test_a_checkpoint_that_stored_lr_scale_resumes_with_it_derived_from_the_rollbacks(base, tmp_path):
+    prompt = SoftPrompt.initialise(base, "random", 4)
+    folder = folder_of(base, tmp_path, prompt)
+    optimizer = torch.optim.AdamW(prompt.parameters())
+    path = folder.save_step(3, 0, prompt, optimizer, Progress(rollbacks=2))
+    state = json.loads((path / "trainer_state.json").read_text())
+    assert "lr_scale" not in state
+    state["lr_scale"] = 0.25  # what the first build with the guard wrote beside rollbacks
+    (path / "trainer_state.json").write_text(json.dumps(state))
+    checkpoint.write_manifest(path)
+    progress = folder.read_step(path).progress
+    assert (progress, progress.lr_scale) == (Progress(rollbacks=2), 0.25)
+
+
 def test_resume_restores_an_encoder_and_names_a_missing_tensor(base, tmp_path):
     source = build_prompt(base, "ptuning", "random", 3, seed=1)
     optimizer = torch.optim.AdamW(source.parameters(), lr=0.1)
