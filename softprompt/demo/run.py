@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from softprompt.core.models import FrozenModel, load_base
+from softprompt.core.models import FrozenModel, load_base, resolve_device, training_dtype, training_dtype_note
 from softprompt.demo import task as demo_task
 from softprompt.demo.config import DemoConfig
 from softprompt.evaluation.config import EvalConfig
@@ -43,7 +43,7 @@ def run_demo(config: DemoConfig, *, print_fn=print) -> dict:
     model = config.model
     clock = {"start": time.perf_counter(), "cpu": time.process_time()}
     out = Path(config.out)
-    base = model if isinstance(model, FrozenModel) else load_base(model, dtype=config.dtype)
+    base = model if isinstance(model, FrozenModel) else _load(config, print_fn)
     clock["loaded"] = time.perf_counter()
     task = _write_task(out, config, base, print_fn)
     eval_options = {"choices": demo_task.CHOICES, "batch_size": 16, "template": demo_task.TEMPLATE, "progress": False}
@@ -71,6 +71,16 @@ def run_demo(config: DemoConfig, *, print_fn=print) -> dict:
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print_fn(_closing_lines(out, task, results["seconds"]))
     return results
+
+
+def _load(config: DemoConfig, print_fn) -> FrozenModel:
+    """The base model in the dtype train would train it in: the whole demo (training and both evaluations) runs in
+    it, so `--dtype auto` shows what `softprompt train --dtype auto` gives (fp32 on a CPU)."""
+    device = resolve_device(None)
+    note = training_dtype_note("demo", config.dtype, device)
+    if note is not None:
+        print_fn(note)
+    return load_base(config.model, dtype=training_dtype(config.dtype, device))
 
 
 def _write_task(out: Path, config: DemoConfig, base: FrozenModel, print_fn) -> dict:

@@ -41,6 +41,7 @@ from softprompt.core.models import (
     resolve_device,
     resolve_dtype,
     training_dtype,
+    training_dtype_note,
 )
 from softprompt.core.prompt import ContextPrompt, MultitaskPrompt, build_prompt, multitask_factors
 from softprompt.data import batching
@@ -385,12 +386,9 @@ def _base(config: TrainConfig, accelerator) -> FrozenModel:
     device = _device(config, accelerator)
     target = resolve_device(device)
     dtype = training_dtype(config.dtype, target)
-    if dtype != resolve_dtype(config.dtype, target) and accelerator.is_main_process:  # only where auto differs
-        print(
-            "train: --dtype auto trains in float32 on a CPU (bf16 training lost ~1 point on SST-2, "
-            "docs/benchmarks.md); --dtype bfloat16 trains faster",
-            flush=True,
-        )
+    note = training_dtype_note("train", config.dtype, target)
+    if note is not None and accelerator.is_main_process:  # only where auto differs
+        print(note, flush=True)
     return load_base(config.model, **distributed.load_args(config.shard_base, accelerator.num_processes, device, dtype))
 
 

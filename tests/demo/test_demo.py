@@ -80,6 +80,29 @@ def test_demo_cli(tiny_dir, tmp_path, capsys):
     assert json.loads((out / RESULTS_FILE).read_text())["steps"] == 2
 
 
+def test_auto_dtype_runs_the_demo_in_fp32_on_a_cpu_where_inference_picks_bf16(tiny_dir, tmp_path, monkeypatch):
+    import torch
+
+    from softprompt.core import models
+    from softprompt.demo import run
+
+    monkeypatch.setattr(models, "cpu_bf16_speedup", lambda: 2.0)  # as on the AMD EPYC, where auto infers in bf16
+    loaded, lines = [], []
+    real_load = run.load_base
+    monkeypatch.setattr(run, "load_base", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    options = {"model": str(tiny_dir), "steps": 1, "batch_size": 2, "num_virtual_tokens": 4, "progress": False}
+    run_demo(str(tmp_path / "auto"), dtype="auto", print_fn=lines.append, **options)
+    assert loaded[-1].dtype == torch.float32
+    assert lines[0] == (
+        "demo: --dtype auto trains in float32 on a CPU (bf16 training scored lower on the demo's and SST-2's seeds, "
+        "docs/benchmarks.md); --dtype bfloat16 trains faster"
+    )
+    lines.clear()
+    run_demo(str(tmp_path / "bf16"), dtype="bfloat16", print_fn=lines.append, **options)
+    assert loaded[-1].dtype == torch.bfloat16
+    assert not any("trains in float32" in line for line in lines)
+
+
 @pytest.mark.slow
 def test_real_model_fails_zero_shot_and_demo_runs(default_base, tmp_path):
     """A shortened demo on SmolLM2-135M: the zero-shot model is at chance on the compass game (it cannot know the
