@@ -17,7 +17,7 @@ class DemoConfig:
 
     out: str = option(DEFAULT_OUT, "output folder", metavar="DIR")
     model: str | object | None = model_option()
-    dtype: str = dtype_option()
+    dtype: str = dtype_option(training=True)
     method: str = option(
         "prompt",
         "prompt-learning method to demonstrate: prompt (prompt tuning), prefix (prefix "
