@@ -160,7 +160,7 @@ def device_option() -> Any:
 
 def dtype_option(training: bool = False) -> Any:
     auto = (
-        "auto (bfloat16 on a GPU; float32 on a CPU, where bf16 training measured lower on the demo and SST-2)"
+        "auto (bfloat16 on a GPU; float32 on a CPU, where bf16 training measured lower on the demo)"
         if training
         else "auto (bfloat16 on a GPU, and on a CPU whose bf16 matrix products measure at least 1.2x faster than "
         "float32 at start-up; else float32)"

@@ -194,7 +194,7 @@ def training_dtype_note(verb: str, dtype: str | torch.dtype | None, device: torc
     if training_dtype(dtype, device) == resolve_dtype(dtype, device):
         return None
     return (
-        f"{verb}: --dtype auto trains in float32 on a CPU (bf16 training scored lower on the demo's and SST-2's "
+        f"{verb}: --dtype auto trains in float32 on a CPU (bf16 training scored lower on the demo's "
         "seeds, docs/benchmarks.md); --dtype bfloat16 trains faster"
     )
 

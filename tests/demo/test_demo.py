@@ -94,7 +94,7 @@ def test_auto_dtype_runs_the_demo_in_fp32_on_a_cpu_where_inference_picks_bf16(ti
     run_demo(str(tmp_path / "auto"), dtype="auto", print_fn=lines.append, **options)
     assert loaded[-1].dtype == torch.float32
     assert lines[0] == (
-        "demo: --dtype auto trains in float32 on a CPU (bf16 training scored lower on the demo's and SST-2's seeds, "
+        "demo: --dtype auto trains in float32 on a CPU (bf16 training scored lower on the demo's seeds, "
         "docs/benchmarks.md); --dtype bfloat16 trains faster"
     )
     lines.clear()
