@@ -7,8 +7,9 @@ prompt had left the region where the label words are reachable, and the cosine s
 rate to come back (57.7 % held-out; docs/training.md, "Loss spikes"). A run of the same seed that rounded a few
 operations differently recovered by itself. The guard changes nothing in a run without such a spike.
 
-The state lives in `Progress` (the recent losses, the LR scale, the lowest loss and its step) and, for the prompt at
-that loss, in the checkpoint's `rollback.` tensors, so a resumed run rolls back exactly as an uninterrupted one.
+The state lives in `Progress` (the recent losses, the rollbacks, which give the LR scale, the lowest loss and its
+step) and, for the prompt at that loss, in the checkpoint's `rollback.` tensors, so a resumed run rolls back exactly
+as an uninterrupted one.
 """
 
 from __future__ import annotations
